@@ -1,0 +1,300 @@
+"""Honest measurement: parameter counts, MACs/FLOPs with attention counted, latency, throughput, memory.
+
+Conventions
+-----------
+- ``macs`` are multiply-accumulates (what ViT papers call "FLOPs"); ``flops`` = 2 x MACs, as counted by
+  ``torch.utils.flop_counter.FlopCounterMode``. Tables show both.
+- Attention is always counted: timm modules are switched to their explicit attention path while counting, and
+  the fused ``scaled_dot_product_attention`` kernels that the counter does not know on CPU get a formula.
+- Every timing row records its settings (device, dtype, batch, threads, torch version); comparisons between models
+  are ratios of numbers measured in the same run (``compare_latency``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = [
+    "count_params", "count_used_params", "count_macs", "explicit_attention", "measure_latency",
+    "measure_train_step", "compare_latency", "LatencyResult", "peak_memory_mb",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------------------
+def _unique_params(model: nn.Module) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def count_params(model: nn.Module, include_buffers: Sequence[str] = ()) -> dict[str, int]:
+    """Total and trainable parameter counts (shared tensors counted once).
+
+    ``include_buffers``: names of buffers to add to the total (e.g. frozen position tables that a paper counts).
+    """
+    params = _unique_params(model)
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    bufs = dict(model.named_buffers())
+    extra = sum(bufs[n].numel() for n in include_buffers)
+    return {"total": total + extra, "trainable": trainable}
+
+
+def count_used_params(model: nn.Module, example: Any, forward: Optional[Callable] = None) -> int:
+    """Parameters that receive a gradient from one forward/backward on ``example``.
+
+    A parameter created but never used in ``forward`` (a common artefact of subclassing timm models) is not
+    counted. ``forward(model, example)`` may be given for models whose output needs reducing.
+    """
+    model = model
+    was_training = model.training
+    model.train()
+    params = _unique_params(model)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        out = forward(model, example) if forward else model(example)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        loss = sum(o.float().sum() for o in outs if torch.is_tensor(o))
+        loss.backward()
+        used = 0
+        for p in params:
+            # a used parameter gets a grad tensor even if it happens to be all zeros
+            if p.grad is not None:
+                used += p.numel()
+        return used
+    finally:
+        for p, f in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MACs / FLOPs
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module):
+    """Temporarily switch every timm attention module (anything with ``fused_attn``) to its explicit path."""
+    changed = []
+    for m in model.modules():
+        if hasattr(m, "fused_attn") and isinstance(getattr(m, "fused_attn"), bool):
+            changed.append((m, m.fused_attn))
+            m.fused_attn = False
+    try:
+        yield model
+    finally:
+        for m, v in changed:
+            m.fused_attn = v
+
+
+def _sdpa_flops(q_shape, k_shape, v_shape) -> int:
+    # q: (..., L, E), k: (..., S, E), v: (..., S, Ev) -> 2*L*S*E (q k^T) + 2*L*S*Ev (attn v)
+    batch = math.prod(q_shape[:-2])
+    L, E = q_shape[-2], q_shape[-1]
+    S, Ev = k_shape[-2], v_shape[-1]
+    return 2 * batch * L * S * E + 2 * batch * L * S * Ev
+
+
+def _custom_mapping() -> dict:
+    """Formulas for fused attention ops that some torch versions' FlopCounterMode does not register."""
+    mapping = {}
+    from torch.utils.flop_counter import flop_registry
+
+    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"):
+        op = getattr(torch.ops.aten, name, None)
+        if op is None or op in flop_registry or getattr(op, "default", None) in flop_registry:
+            continue
+
+        def fn(query, key, value, *args, out_shape=None, **kwargs):
+            # FlopCounterMode passes shapes (torch.Size) for tensor arguments
+            return _sdpa_flops(*(getattr(t, "shape", t) for t in (query, key, value)))
+
+        mapping[op] = fn
+    return mapping
+
+
+@torch.no_grad()
+def count_macs(
+    model: nn.Module,
+    example: Any = None,
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 1,
+    per_module: bool = False,
+    depth: int = 2,
+) -> dict[str, Any]:
+    """Count MACs and FLOPs of one forward pass, attention included.
+
+    Returns ``{"macs", "flops", "gmacs", "gflops"}`` for the whole batch (per_module adds a dict of module name ->
+    MACs at ``depth``). ``example`` (a tensor or tuple of tensors) overrides ``input_size``/``batch_size``.
+    """
+    was_training = model.training
+    model.eval()
+    if example is None:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        example = torch.randn(batch_size, *input_size, device=dev)
+    args = example if isinstance(example, tuple) else (example,)
+    counter = FlopCounterMode(display=False, depth=depth, custom_mapping=_custom_mapping())
+    try:
+        with explicit_attention(model), counter:
+            model(*args)
+    finally:
+        model.train(was_training)
+    flops = int(counter.get_total_flops())
+    out = {"macs": flops // 2, "flops": flops, "gmacs": flops / 2e9, "gflops": flops / 1e9}
+    if per_module:
+        out["per_module"] = {k: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device: torch.device) -> Optional[float]:
+    """Peak allocated memory on a CUDA device since the last reset (None on CPU, where torch does not track it)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+@dataclass
+class LatencyResult:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    input_size: tuple
+    threads: int
+    median_ms: float
+    iqr_ms: float
+    mean_ms: float
+    runs: int
+    throughput_img_s: float
+    peak_mem_mb: Optional[float]
+    torch_version: str = field(default_factory=lambda: torch.__version__)
+    cpu: str = field(default_factory=platform.processor)
+    compiled: bool = False
+
+    def as_row(self) -> dict:
+        return asdict(self)
+
+
+def _dtype_name(dtype: Optional[torch.dtype]) -> str:
+    return "fp32" if dtype in (None, torch.float32) else str(dtype).replace("torch.", "")
+
+
+def measure_latency(
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    min_run_time: float = 1.0,
+    threads: Optional[int] = None,
+    name: str = "",
+    warmup: int = 2,
+    compile: bool = False,
+    example: Any = None,
+) -> LatencyResult:
+    """Median and IQR latency of one batched forward with ``torch.utils.benchmark`` (blocked autorange).
+
+    Mirrors the ViTTM benchmark: ``eval()``, ``no_grad``, random input, ``blocked_autorange(min_run_time)``;
+    ``dtype`` (e.g. ``torch.bfloat16``) runs under autocast. Throughput = batch / median.
+    """
+    import torch.utils.benchmark as tbench
+
+    device = torch.device(device)
+    threads = threads or torch.get_num_threads()
+    model = model.to(device).eval()
+    fwd = torch.compile(model) if compile else model
+    x = example if example is not None else torch.randn(batch_size, *input_size, device=device)
+    ctx = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype not in (None, torch.float32) else contextlib.nullcontext
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def run():
+        with torch.no_grad(), ctx():
+            fwd(x)
+
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    timer = tbench.Timer(stmt="run()", globals={"run": run}, num_threads=threads)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    median = m.median * 1e3
+    return LatencyResult(
+        model=name or type(model).__name__, device=str(device), dtype=_dtype_name(dtype), batch_size=batch_size,
+        input_size=tuple(input_size), threads=threads, median_ms=median, iqr_ms=m.iqr * 1e3, mean_ms=m.mean * 1e3,
+        runs=len(m.times), throughput_img_s=batch_size / (median / 1e3), peak_mem_mb=peak_memory_mb(device),
+        compiled=compile,
+    )
+
+
+def measure_train_step(
+    model: nn.Module,
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 32,
+    num_classes: Optional[int] = None,
+    device: str | torch.device = "cpu",
+    steps: int = 5,
+    warmup: int = 2,
+    loss_fn: Optional[Callable] = None,
+) -> dict:
+    """Training-step throughput: forward + backward + optimizer step (SGD), synchronized, median over ``steps``."""
+    device = torch.device(device)
+    model = model.to(device).train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch_size, *input_size, device=device)
+    out = model(x)
+    outs = out if isinstance(out, (tuple, list)) else [out]
+    nc = num_classes or outs[0].shape[-1]
+    y = torch.randint(0, nc, (batch_size,), device=device)
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(x)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        loss = sum(loss_fn(o, y) for o in outs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    return {"device": str(device), "batch_size": batch_size, "step_ms": med * 1e3,
+            "train_img_s": batch_size / med, "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads()}
+
+
+def compare_latency(models: dict[str, nn.Module], baseline: str, **kwargs) -> list[dict]:
+    """Measure every model in one run and add ``speedup_vs_<baseline>`` = baseline median / model median."""
+    rows = [measure_latency(m, name=n, **kwargs).as_row() for n, m in models.items()]
+    base = next(r for r in rows if r["model"] == baseline)["median_ms"]
+    for r in rows:
+        r[f"speedup_vs_{baseline}"] = base / r["median_ms"]
+    return rows

@@ -1,0 +1,632 @@
+"""One training engine for every notebook: ``fit()`` on Lightning Fabric with timm's training components.
+
+- Devices, precision (``32-true``, ``bf16-mixed``, ``16-mixed``) and DDP over GPUs and nodes come from Lightning
+  Fabric (``TrainConfig.accelerator/devices/num_nodes/strategy/precision``).
+- timm supplies the optimizer (``create_optimizer_v2``), the per-step warmup + cosine schedule
+  (``CosineLRScheduler`` / ``StepLRScheduler``), Mixup/CutMix, the losses (label smoothing, soft-target CE, BCE) and the EMA
+  (``ModelEmaV3``).
+- Models may return one logit tensor or several (ViTTM's memory and process heads): every head gets the loss, the
+  losses are summed (``TrainConfig.head_weights`` to weight them), and evaluation reports top-1/top-5 per head for the
+  raw and the EMA model.
+- Hooks (objects with any of ``on_fit_start(fabric, model)``, ``on_epoch_start(epoch, model)``,
+  ``on_batch(batch) -> batch``, ``on_epoch_end(epoch, model, metrics)``, ``state_dict()``, ``load_state_dict(sd)``)
+  carry the papers' needs: ToE's per-epoch stages, SeiT's batch transforms on the device; hook state is saved in
+  checkpoints and restored on resume. Only parameters with ``requires_grad`` are optimized (Learnable Memory).
+- Timing: ``step_time_s`` is the pure step (forward + backward + optimizer step, synchronized); ``wall_time_s`` is
+  end to end (data loading and evaluation included).
+- Checkpoints (``last.ckpt``) hold model, optimizer, scheduler, EMA, hooks, RNG states and history; they load with
+  ``torch.load(weights_only=True)``. :func:`save_weights` / :func:`load_weights` handle ``.safetensors`` and torch files
+  and list missing/unexpected keys on a mismatch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "TrainConfig", "FitResult", "fit", "evaluate", "save_weights", "load_weights", "TrainingDivergedError",
+    "CheckpointMismatchError", "OutOfMemoryError", "RECIPES", "recipe",
+]
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the message has the epoch, step and the last learning rate."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not match the model; the message lists the missing and unexpected keys."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the message suggests what to reduce."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fit()`` needs besides the model and the data. Defaults suit short CPU runs."""
+
+    epochs: int = 10
+    batch_size: int = 128  # per device; informational here (the loaders carry it), recorded in results
+    # optimizer (timm create_optimizer_v2)
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    filter_bias_and_bn: bool = True  # no weight decay on 1-d params (timm); False = decay everything (ViTTM code)
+    # schedule (timm CosineLRScheduler, stepped per optimizer update)
+    sched: str = "cosine"  # cosine | step | none
+    warmup_epochs: float = 1.0  # may be fractional
+    warmup_steps: Optional[int] = None  # overrides warmup_epochs (ViTTM's recipes are in steps)
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    cooldown_epochs: int = 0
+    # regularisation and loss
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+    loss: str = "ce"  # ce | bce (timm BinaryCrossEntropy) ; soft-target CE is used automatically with mixup
+    bce_sum_classes: bool = False
+    head_weights: Optional[Sequence[float]] = None  # weights of several heads' losses (default all 1: summed)
+    clip_grad: Optional[float] = None  # max grad norm
+    grad_accum: int = 1
+    # EMA (timm ModelEmaV3), 0 = off
+    ema_decay: float = 0.0
+    # devices (Lightning Fabric)
+    accelerator: str = "auto"  # cpu | cuda | auto
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | ddp_find_unused_parameters_true | ...
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    compile: bool = False  # torch.compile the model
+    # bookkeeping
+    seed: int = 0
+    max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs)
+    eval_every: int = 1  # evaluate every n epochs (and always after the last)
+    checkpoint_dir: Optional[str] = None  # where last.ckpt goes (None = no checkpoints)
+    resume: bool = False  # continue from checkpoint_dir/last.ckpt when it exists
+    progress: bool = True  # tqdm progress bars (plain text when not in a notebook front end)
+    log_every: int = 0  # print a line every n steps (0 = only per epoch)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.loss not in ("ce", "bce"):
+            raise ValueError(f"loss must be 'ce' or 'bce', got {self.loss!r}")
+        if self.sched not in ("cosine", "step", "none"):
+            raise ValueError(f"sched must be 'cosine', 'step' or 'none', got {self.sched!r}")
+        if self.precision not in ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"):
+            raise ValueError(f"unsupported precision {self.precision!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_accum < 1:
+            raise ValueError("grad_accum must be >= 1")
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "TrainConfig":
+        """Build from a dict of notebook parameters; keys that are not fields are ignored."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in params.items() if k in names}
+        kw.update(overrides)
+        return cls(**kw)
+
+
+#: Paper recipes as TrainConfig keyword sets (per-device batch sizes assume the paper's GPU counts; see notes).
+RECIPES: dict[str, dict[str, Any]] = {
+    # ViTTM README, IN-21k-P pre-training (S and B): 4 x 1024, 300 ep, AdamW 1.5e-4, wd 0.03 on all params
+    "vittm_pt_in21k": dict(epochs=300, batch_size=1024, opt="adamw", lr=1.5e-4, weight_decay=0.03,
+                           filter_bias_and_bn=False, warmup_steps=10_000, warmup_lr=1e-6, min_lr=1e-7, mixup=0.5,
+                           cutmix=0.0, clip_grad=1.0, ema_decay=0.999, precision="bf16-mixed", devices=2, num_nodes=2,
+                           strategy="ddp_find_unused_parameters_true"),
+    "vittm_s_ft_in1k": dict(epochs=300, batch_size=1024, opt="adamw", lr=1.75e-4, weight_decay=0.03,
+                            filter_bias_and_bn=False, warmup_steps=3_000, warmup_lr=1e-6, min_lr=1e-6, mixup=0.5,
+                            cutmix=0.5, loss="bce", bce_sum_classes=True, clip_grad=1.0, ema_decay=0.999,
+                            precision="bf16-mixed", devices=2, num_nodes=2),
+    "vittm_b_ft_in1k": dict(epochs=300, batch_size=1024, opt="adamw", lr=2.5e-5, weight_decay=0.1,
+                            filter_bias_and_bn=False, warmup_steps=3_000, warmup_lr=1e-6, min_lr=1e-7, mixup=0.8,
+                            cutmix=0.8, loss="bce", bce_sum_classes=True, clip_grad=1.0, ema_decay=0.999,
+                            precision="bf16-mixed", devices=2),
+    # DeiT / T2T-ViT ImageNet recipe (batch 512 total; lr 5e-4 x batch/512)
+    "deit_in1k": dict(epochs=300, batch_size=128, opt="adamw", lr=5e-4, weight_decay=0.05, warmup_epochs=5,
+                      warmup_lr=1e-6, min_lr=1e-5, cooldown_epochs=10, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+                      ema_decay=0.99996, devices=4, strategy="ddp"),
+    # ToE official DeiT-S run script: 4 x 256, lr 1e-3
+    "toe_deit_s_in1k": dict(epochs=300, batch_size=256, opt="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=5,
+                            warmup_lr=1e-6, min_lr=1e-5, mixup=0.8, cutmix=1.0, label_smoothing=0.1, devices=4,
+                            strategy="ddp"),
+    # Learnable Memory (ViT transfer): SGD momentum, clip 1.0, linear warmup, batch 512, 20k steps (see notebook)
+    "memory_transfer": dict(opt="sgd", momentum=0.9, lr=0.1, weight_decay=0.0, clip_grad=1.0, warmup_steps=500,
+                            sched="cosine", batch_size=512),
+}
+
+
+def recipe(name: str, **overrides) -> TrainConfig:
+    """A paper recipe (see :data:`RECIPES`) as a TrainConfig, with overrides."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
+    return TrainConfig(**{**RECIPES[name], **overrides})
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    ema: Optional[nn.Module]
+    history: "Any"  # pandas DataFrame, one row per epoch
+    final: dict  # metrics after the last epoch
+    timing: dict  # wall_time_s, step_time_s, steps, step_ms, train_img_s, eval_time_s
+    config: TrainConfig
+    trainable_params: int
+    head_names: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {**self.final, **{k: v for k, v in self.timing.items()}, "trainable_params": self.trainable_params}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+def _as_list(out) -> list[torch.Tensor]:
+    if isinstance(out, (tuple, list)):
+        return [o for o in out if torch.is_tensor(o)]
+    return [out]
+
+
+def head_names_of(model: nn.Module, n: int) -> list[str]:
+    """Names for a model's output heads: ``model.head_names`` if it has them, else head0, head1, ..."""
+    m = getattr(model, "module", model)
+    m = getattr(m, "_orig_mod", m)
+    names = getattr(m, "head_names", None)
+    if names and len(names) == n:
+        return list(names)
+    return ["main"] if n == 1 else [f"head{i}" for i in range(n)]
+
+
+def _is_notebook() -> bool:
+    try:
+        from IPython import get_ipython
+
+        ip = get_ipython()
+        return ip is not None and "IPKernelApp" in ip.config and sys.stdout.isatty() is False and \
+            os.environ.get("PAPERMILL_EXECUTION") is None and os.environ.get("TOKENBOOK_HEADLESS") is None
+    except Exception:
+        return False
+
+
+def _progress(iterable, total, desc, enabled):
+    if not enabled:
+        return iterable
+    if _is_notebook():
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    headless = os.environ.get("TOKENBOOK_HEADLESS") is not None
+    return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=10.0 if headless else 0.5,
+                dynamic_ncols=True, file=sys.stdout if headless else None)
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(tuple(s["python"]) if not isinstance(s["python"], tuple) else s["python"])
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------------------
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """Save a model's state_dict atomically (``.safetensors`` or a torch file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        # safetensors refuses shared storage; clone to be safe
+        save_file({k: v.clone() for k, v in sd.items()}, str(tmp))
+    else:
+        torch.save(sd, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read weights from ``.safetensors`` or a torch file (``weights_only=True``); unwraps common containers."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointMismatchError(f"{path}: cannot be read as a torch checkpoint with weights_only=True ({e})") from e
+    if isinstance(obj, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                return obj[key]
+    return obj
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True,
+                 filter_fn: Optional[Callable[[dict, nn.Module], dict]] = None) -> dict:
+    """Load weights into ``model``; on a mismatch raise :class:`CheckpointMismatchError` listing the keys.
+
+    ``filter_fn(state_dict, model)`` (e.g. a timm ``checkpoint_filter_fn``) converts foreign key names first.
+    Returns ``{"missing": [...], "unexpected": [...]}`` (empty lists after a strict load).
+    """
+    sd = read_state_dict(path)
+    if filter_fn is not None:
+        sd = filter_fn(sd, model)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shape = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if strict and (missing or unexpected or shape):
+        def fmt(keys):
+            return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8})" if len(keys) > 8 else "") if keys else "none"
+
+        raise CheckpointMismatchError(
+            f"{path} does not match {type(model).__name__}: missing keys: {fmt(missing)}; unexpected keys: "
+            f"{fmt(unexpected)}; shape mismatches: "
+            + (", ".join(f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in shape[:5]) or "none"))
+    model.load_state_dict({k: v for k, v in sd.items() if k not in shape}, strict=False)
+    return {"missing": missing, "unexpected": unexpected, "shape_mismatch": shape}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+# ----------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, preprocess: Optional[nn.Module] = None, fabric=None,
+             max_batches: Optional[int] = None, device: Optional[torch.device] = None) -> dict:
+    """Top-1 / top-5 (and CE loss) per output head. Keys: ``top1``/``top5``/``loss`` for one head, else
+    ``top1_<head>`` etc. plus ``top1`` of the first head."""
+    was = model.training
+    model.eval()
+    if device is None:
+        device = fabric.device if fabric is not None else next(model.parameters()).device
+    correct1 = correct5 = None
+    loss_sum = None
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    names = None
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if preprocess is not None:
+            x = preprocess(x)
+        outs = _as_list(model(x))
+        if correct1 is None:
+            n = len(outs)
+            names = head_names_of(model, n)
+            correct1 = torch.zeros(n, device=device, dtype=torch.float64)
+            correct5 = torch.zeros(n, device=device, dtype=torch.float64)
+            loss_sum = torch.zeros(n, device=device, dtype=torch.float64)
+        for h, o in enumerate(outs):
+            o = o.float()
+            k = min(5, o.shape[-1])
+            topk = o.topk(k, dim=-1).indices
+            hit = topk.eq(y[:, None])
+            correct1[h] += hit[:, 0].sum()
+            correct5[h] += hit.any(dim=-1).sum()
+            loss_sum[h] += nn.functional.cross_entropy(o, y, reduction="sum")
+        count += y.numel()
+    model.train(was)
+    if correct1 is None:
+        raise ValueError("evaluation loader is empty")
+    if fabric is not None and fabric.world_size > 1:
+        correct1, correct5, loss_sum, count = (fabric.all_reduce(t, reduce_op="sum")
+                                               for t in (correct1, correct5, loss_sum, count))
+    n = float(count)
+    res = {}
+    for h, name in enumerate(names):
+        sfx = "" if len(names) == 1 else f"_{name}"
+        res[f"top1{sfx}"] = 100.0 * float(correct1[h]) / n
+        res[f"top5{sfx}"] = 100.0 * float(correct5[h]) / n
+        res[f"loss{sfx}"] = float(loss_sum[h]) / n
+    if len(names) > 1:
+        res["top1"] = res[f"top1_{names[0]}"]
+        res["top5"] = res[f"top5_{names[0]}"]
+    res["n"] = int(n)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit
+# ----------------------------------------------------------------------------------------------------------
+def _make_fabric(cfg: TrainConfig):
+    from lightning_fabric import Fabric
+
+    return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                  precision=cfg.precision)
+
+
+def _criterion(cfg: TrainConfig, mixing: bool):
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    if cfg.loss == "bce":
+        return BinaryCrossEntropy(smoothing=cfg.label_smoothing, sum_classes=cfg.bce_sum_classes)
+    if mixing:
+        return SoftTargetCrossEntropy()
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _call_hooks(hooks, name, *args):
+    for h in hooks:
+        fn = getattr(h, name, None)
+        if fn is not None:
+            fn(*args)
+
+
+def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConfig] = None, hooks: Sequence = (),
+        preprocess: Optional[nn.Module] = None, criterion: Optional[Callable] = None, num_classes: Optional[int] = None,
+        fabric=None, desc: str = "train") -> FitResult:
+    """Train ``model`` on ``train_loader`` and evaluate on ``val_loader`` after each epoch (see module doc).
+
+    ``preprocess`` (e.g. ``DataBundle.preprocess``) runs on each batch on the device before hooks and Mixup.
+    ``criterion(outputs, targets)`` replaces the built-in per-head loss. ``num_classes`` is needed for Mixup/BCE
+    (read from the model's ``num_classes`` when not given).
+    """
+    import pandas as pd
+
+    cfg = cfg or TrainConfig()
+    from .repro import seed_everything
+
+    fabric = fabric or _make_fabric(cfg)
+    if fabric.world_size > 1 and not getattr(fabric, "_launched", False):
+        fabric.launch()
+    seed_everything(cfg.seed, rank=fabric.global_rank)
+    hooks = list(hooks)
+    raw_model = model
+    num_classes = num_classes or getattr(model, "num_classes", None)
+
+    from timm.optim import create_optimizer_v2
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    n_trainable = sum(p.numel() for p in {id(p): p for p in trainable}.values())
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
+    # the loader is set up below; with DDP each rank sees len(loader) / world_size batches
+    steps_per_epoch = math.ceil(len(train_loader) / fabric.world_size) if fabric.world_size > 1 else len(train_loader)
+    if getattr(train_loader, "drop_last", False) and fabric.world_size > 1:
+        steps_per_epoch = len(train_loader) // fabric.world_size
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch * cfg.grad_accum)
+    if steps_per_epoch < 1:
+        raise ValueError("the training loader yields no batches (dataset smaller than one batch with drop_last?)")
+    updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
+    scheduler = None
+    warmup_t = int(round(warmup_epochs * updates_per_epoch))
+    decay_t = max(1, (cfg.epochs - cfg.cooldown_epochs) * updates_per_epoch)
+    if cfg.sched == "cosine":
+        from timm.scheduler import CosineLRScheduler
+
+        # per-update cosine to min_lr over the non-cooldown epochs, linear warmup from warmup_lr (timm semantics:
+        # warmup replaces the start of the cosine), then min_lr during the cooldown epochs
+        scheduler = CosineLRScheduler(optimizer, t_initial=decay_t, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
+                                      warmup_t=warmup_t, t_in_epochs=False, cycle_limit=1)
+    elif cfg.sched == "step":
+        from timm.scheduler import StepLRScheduler
+
+        scheduler = StepLRScheduler(optimizer, decay_t=max(1, decay_t // 3), decay_rate=0.1,
+                                    warmup_lr_init=cfg.warmup_lr, warmup_t=warmup_t, t_in_epochs=False)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = fabric.setup(model, optimizer)
+    loaders = fabric.setup_dataloaders(train_loader, *( [val_loader] if val_loader is not None else []))
+    train_dl = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    val_dl = loaders[1] if isinstance(loaders, (list, tuple)) and len(loaders) > 1 else None
+    device = fabric.device
+    if preprocess is not None:
+        preprocess = preprocess.to(device)
+
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        from timm.data import Mixup
+
+        if not num_classes:
+            raise ValueError("Mixup/CutMix need num_classes (pass it or give the model a num_classes attribute)")
+        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                         switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
+                         num_classes=num_classes)
+    loss_fn = _criterion(cfg, mixup_fn is not None)
+
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw_model, decay=cfg.ema_decay, device=device)
+
+    start_epoch, global_step, history = 0, 0, []
+    ckpt_path = Path(cfg.checkpoint_dir) / "last.ckpt" if cfg.checkpoint_dir else None
+    if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("epochs_planned") != cfg.epochs:
+            raise ValueError(f"{ckpt_path} was written for a {state.get('epochs_planned')}-epoch run, this run has "
+                             f"{cfg.epochs} epochs; use a new checkpoint_dir or the same epochs")
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema"):
+            ema.module.load_state_dict(state["ema"])
+        for h, hs in zip(hooks, state.get("hooks", [])):
+            if hs is not None and hasattr(h, "load_state_dict"):
+                h.load_state_dict(hs)
+        _set_rng_state(state["rng"])
+        start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], list(state["history"])
+        fabric.print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    _call_hooks(hooks, "on_fit_start", fabric, raw_model)
+    weights = list(cfg.head_weights) if cfg.head_weights else None
+    t_fit = time.perf_counter()
+    step_time_total = 0.0
+    eval_time_total = 0.0
+    steps_done = 0
+    images_done = 0
+    last_lr = optimizer.param_groups[0]["lr"]
+    head_names: list[str] = []
+    final: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        sampler = getattr(train_dl, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        _call_hooks(hooks, "on_epoch_start", epoch, raw_model)
+        model.train()
+        t_epoch = time.perf_counter()
+        ep_step_time = 0.0
+        loss_sum, loss_n = 0.0, 0
+        it = _progress(train_dl, steps_per_epoch, f"{desc} {epoch + 1}/{cfg.epochs}", cfg.progress and
+                       fabric.is_global_zero)
+        for i, batch in enumerate(it):
+            if i >= steps_per_epoch:
+                break
+            _sync(device)
+            t0 = time.perf_counter()
+            x, y = batch
+            if preprocess is not None:
+                x = preprocess(x)
+            for h in hooks:
+                if hasattr(h, "on_batch"):
+                    x, y = h.on_batch((x, y))
+            target = y
+            if mixup_fn is not None:
+                if x.shape[0] % 2:
+                    x, target = x[:-1], target[:-1]
+                x, target = mixup_fn(x, target)
+            accumulating = (i + 1) % cfg.grad_accum != 0
+            try:
+                with fabric.no_backward_sync(model, enabled=accumulating):
+                    out = model(x)
+                    outs = _as_list(out)
+                    if not head_names:
+                        head_names = head_names_of(raw_model, len(outs))
+                    if criterion is not None:
+                        loss = criterion(out, target)
+                    else:
+                        w = weights or [1.0] * len(outs)
+                        if len(w) != len(outs):
+                            raise ValueError(f"head_weights has {len(w)} entries, the model returns {len(outs)} heads")
+                        loss = sum(wi * loss_fn(o.float(), target) for wi, o in zip(w, outs))
+                    if not torch.isfinite(loss):
+                        raise TrainingDivergedError(
+                            f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} (global step {global_step + 1}); "
+                            f"last learning rate {last_lr:.3g}. Lower lr, add warmup or gradient clipping "
+                            "(clip_grad), or use 32-true precision.")
+                    fabric.backward(loss / cfg.grad_accum)
+                if not accumulating:
+                    if cfg.clip_grad:
+                        fabric.clip_gradients(model, optimizer, max_norm=cfg.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    if scheduler is not None:
+                        scheduler.step_update(num_updates=global_step)
+                    last_lr = optimizer.param_groups[0]["lr"]
+                    if ema is not None:
+                        ema.update(raw_model, step=global_step)
+            except RuntimeError as e:
+                if _is_oom(e) and not isinstance(e, TrainingDivergedError):
+                    raise OutOfMemoryError(f"out of memory at epoch {epoch + 1}, step {i + 1} with batch "
+                                           f"{x.shape[0]} on {device}: reduce batch_size, use bf16-mixed precision or "
+                                           "gradient accumulation (grad_accum)") from e
+                raise
+            _sync(device)
+            dt = time.perf_counter() - t0
+            ep_step_time += dt
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            images_done += x.shape[0]
+            if cfg.log_every and (i + 1) % cfg.log_every == 0:
+                fabric.print(f"epoch {epoch + 1} step {i + 1}: loss {loss_sum / loss_n:.4f} lr {last_lr:.3g}")
+        if hasattr(it, "close"):
+            it.close()
+        steps_done += loss_n
+        step_time_total += ep_step_time
+        train_loss = loss_sum / max(1, loss_n)
+        if fabric.world_size > 1:
+            train_loss = float(fabric.all_reduce(torch.tensor(train_loss, device=device), reduce_op="mean"))
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": last_lr, "steps": loss_n,
+               "step_time_s": ep_step_time, "epoch_time_s": time.perf_counter() - t_epoch}
+        if val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            t_eval = time.perf_counter()
+            metrics = evaluate(model, val_dl, preprocess, fabric)
+            row.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
+            if ema is not None:
+                em = evaluate(ema.module, val_dl, preprocess, fabric)
+                row.update({f"ema_{k}": v for k, v in em.items() if k != "n"})
+            eval_time_total += time.perf_counter() - t_eval
+        row["epoch_time_s"] = time.perf_counter() - t_epoch
+        history.append(row)
+        _call_hooks(hooks, "on_epoch_end", epoch, raw_model, row)
+        if fabric.is_global_zero:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                     if k in ("train_loss", "val_top1", "ema_top1", "lr", "epoch_time_s")}
+            if cfg.progress or cfg.log_every:
+                fabric.print(f"epoch {epoch + 1}/{cfg.epochs} {shown}")
+        if ckpt_path is not None:
+            _save_checkpoint(fabric, ckpt_path, raw_model, optimizer, scheduler, ema, hooks, epoch, global_step,
+                             history, cfg)
+    wall = time.perf_counter() - t_fit
+    final = dict(history[-1]) if history else {}
+    timing = {"wall_time_s": wall, "step_time_s": step_time_total, "eval_time_s": eval_time_total,
+              "steps": steps_done, "step_ms": 1e3 * step_time_total / max(1, steps_done),
+              "train_img_s": images_done / step_time_total if step_time_total else float("nan"),
+              "device": str(device), "world_size": fabric.world_size, "precision": cfg.precision}
+    return FitResult(model=raw_model, ema=ema.module if ema is not None else None, history=pd.DataFrame(history),
+                     final=final, timing=timing, config=cfg, trainable_params=n_trainable, head_names=head_names)
+
+
+def _save_checkpoint(fabric, path: Path, model, optimizer, scheduler, ema, hooks, epoch, global_step, history, cfg):
+    if fabric.is_global_zero:
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "ema": ema.module.state_dict() if ema is not None else None,
+            "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in hooks],
+            "rng": _rng_state(), "epoch": epoch, "global_step": global_step, "history": history,
+            "epochs_planned": cfg.epochs,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    fabric.barrier()
