@@ -1,0 +1,894 @@
+"""ViTTM: "Token Turing Machines are Efficient Vision Models" (Jajal et al., WACV 2025), registered with timm.
+
+Reference: ``../shared/papers/vittm.md`` (official code: github.com/pjjajal/EfficientTTMs, ``models/vittm/*``).
+
+The model keeps two token streams of width ``d``:
+
+- **memory** tokens ``M``: a patch embedding of the image (patch ``memory_ps``) plus a learned position table. They never
+  pass through self-attention or an MLP (unless ``memory_blocks="mlp"``); they change only through the per-layer write.
+- **process** tokens ``P``: a second, separate patch embedding (patch ``process_ps``) plus its own position table. They go
+  through the ``depth`` standard timm ViT ``Block``s.
+
+Layer ``i`` (as in the official forward, including its quirk that the normalized tensors *replace* the streams)::
+
+    M, P = LN_r[i](M), LN_r[i](P)
+    P = fuse_read(read_head[i](source=M, queries=P), P)
+    P = Block[i](P)
+    M, P = LN_w[i](M), LN_w[i](P)
+    M = fuse_write(write_head[i](source=P, queries=M), M)
+    M = memory_block[i](M)
+
+After the last layer ``P = process_norm(P)`` (the memory stream's final norm is Identity, as timm sets it for
+``global_pool="avg"``). There is no class token: each stream is mean-pooled, normalized (``fc_norm`` /
+``fc_norm_process``) and classified by its own zero-initialized linear head. ``forward`` returns
+``(memory_logits, process_logits)``; the official training loss is the sum of the criterion on both, and the official
+code picks its best checkpoints by the memory head's top-1.
+
+Where this implementation differs from the official code (all on purpose, none changes the math of the released
+configuration):
+
+- Parameters the official model creates but never uses in ``forward`` are not created: timm's ``cls_token``,
+  ``pos_embed``, the 16x16 ``patch_embed`` and the ``lin`` heads' ``proj``. ``checkpoint_filter_fn`` drops them from
+  official state dicts, so the used-parameter counts equal the official ones (ViTTM-S 29,262,800; ViTTM-B 111,607,760)
+  and training needs no ``find_unused_parameters``.
+- The ``latent`` process embedder (learned process tokens, not computed from the image) works; in the official code it
+  cannot be constructed (TypeError). The official ``downsample`` embedder, ``dyna`` head and ``conv`` memory block
+  cannot be built in the official code either; they are rejected here with a ValueError.
+- Bad input raises ``ValueError`` naming the fix (patch sizes that do not divide the image, unknown option strings,
+  a ``latent_size_scale`` that does not split across heads, checkpoints that do not match the model).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block
+
+__all__ = [
+    "ViTTM", "LinearAttentionHead", "TokenLearnerHead", "CrossAttentionHead", "LatentAttentionHead",
+    "LatentCrossAttentionHead", "Fusion", "MemoryMlpBlock", "RW_HEAD_TYPES", "FUSION_TYPES", "MEMORY_BLOCK_TYPES",
+    "PROCESS_EMBEDDER_TYPES", "PAPER_CONFIG", "checkpoint_filter_fn", "load_official_checkpoint", "attention_maps",
+    "memory_diagnostics", "ablation_configs", "vittm_loss", "MODEL_NAMES",
+]
+
+RW_HEAD_TYPES = ("lin", "tl", "ca", "la", "lca")
+FUSION_TYPES = ("residual", "erase", "add_erase")
+MEMORY_BLOCK_TYPES = ("none", "mlp")
+PROCESS_EMBEDDER_TYPES = ("patch", "latent")
+
+#: Options that exist in the official code but cannot be constructed there (reference sheet §1.3, §1.7, §1.10).
+_OFFICIAL_BROKEN = {
+    "rw_head_type": {"dyna": "the official 'dyna' head cannot be built (KeyError 'dyna_concat' in the official code)"},
+    "memory_blocks": {"conv": "the official 'conv' memory block cannot be built (TypeError in the official code)"},
+    "process_embedder_type": {
+        "downsample": "the official 'downsample' embedder crashes on the NHWC tokens it receives (unpack error)"},
+}
+
+#: The README / paper architecture flags for both ViTTM-S and ViTTM-B (reference sheet §1.2, §6).
+PAPER_CONFIG: dict[str, Any] = dict(
+    memory_ps=28, process_ps=28, rw_head_type="lin", latent_size_scale=4, fusion_type="residual",
+    memory_blocks="none", process_embedder_type="patch",
+)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value in _OFFICIAL_BROKEN.get(name, {}):
+        raise ValueError(f"{name}={value!r} is not supported: {_OFFICIAL_BROKEN[name][value]}; "
+                         f"choose one of {tuple(choices)}")
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(choices)}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Read / write heads. Call signature of every head: head(source X [B,N,d], queries Y [B,M,d]) -> [B,M,d].
+# Read calls head(M-stream, P-stream); write calls head(P-stream, M-stream).
+# ``attention_map(source, queries)`` returns the explicit mixing weights [B, heads, M, N] (tl: [B, 1, M, N+M]).
+# ----------------------------------------------------------------------------------------------------------------------
+class LinearAttentionHead(nn.Module):
+    """``lin``: linear attention with the feature map ``phi(x) = elu(x) + 1`` (the paper's read/write head).
+
+    ``Q = Y Wq`` and ``K = X Wk`` have width ``c = dim / latent_size_scale``; ``V = X Wv`` keeps width ``dim``. All three
+    are split into ``num_heads`` heads; per head ``out_m = sum_n phi(q_m).phi(k_n) v_n / (sum_n phi(q_m).phi(k_n) + eps)``,
+    computed in the associative order ``phi(Q) (phi(K)^T V)`` so the cost is linear in both token counts. The heads are
+    concatenated back to ``dim``. As in the official code there is no scaling, no LayerNorm and **no output projection**
+    (the official module creates a ``proj`` Linear that ``forward`` never uses; it is not created here).
+    """
+
+    def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 1, qkv_bias: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if dim % latent_size_scale:
+            raise ValueError(f"latent_size_scale={latent_size_scale} does not divide the width {dim}; "
+                             f"use a divisor of {dim} (the README uses 4)")
+        latent = dim // latent_size_scale
+        if latent % num_heads or dim % num_heads:
+            raise ValueError(f"the lin head's Q/K width c = {dim}/{latent_size_scale} = {latent} does not split across "
+                             f"{num_heads} heads; choose latent_size_scale so that (dim / latent_size_scale) % num_heads == 0")
+        self.num_heads, self.latent_dim, self.eps = num_heads, latent, eps
+        self.q = nn.Linear(dim, latent, bias=qkv_bias)
+        self.k = nn.Linear(dim, latent, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def _features(self, source: torch.Tensor, queries: torch.Tensor):
+        B, N, D = source.shape
+        M, h = queries.shape[1], self.num_heads
+        q = F.elu(self.q(queries)).add(1.0).view(B, M, h, -1)
+        k = F.elu(self.k(source)).add(1.0).view(B, N, h, -1)
+        v = self.v(source).view(B, N, h, D // h)
+        return q, k, v
+
+    def forward(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._features(source, queries)
+        kv = torch.einsum("bnhc,bnhe->bhce", k, v)                        # phi(K)^T V per head
+        denom = torch.einsum("bmhc,bhc->bmh", q, k.sum(dim=1)) + self.eps  # phi(q_m) . sum_n phi(k_n)
+        out = torch.einsum("bmhc,bhce->bmhe", q, kv) / denom.unsqueeze(-1)
+        return out.reshape(queries.shape[0], queries.shape[1], -1)
+
+    def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Explicit weights ``A[b, h, m, n] = phi(q_m).phi(k_n) / (sum_n' phi(q_m).phi(k_n') + eps)``; ``forward`` = A V."""
+        q, k, _ = self._features(source, queries)
+        a = torch.einsum("bmhc,bnhc->bhmn", q, k)
+        return a / (a.sum(dim=-1, keepdim=True) + self.eps)
+
+
+class TokenLearnerHead(nn.Module):
+    """``tl``: TokenLearner-style summarization (as in Token Turing Machines).
+
+    ``Z = [X; Y]`` (``N + M`` tokens) -> LayerNorm (eps 1e-5) -> MLP ``dim -> M -> M`` with GELU -> transpose and softmax
+    over the ``N + M`` tokens -> weights ``W [M, N+M]`` -> output ``W Z`` (the un-normalized tokens). The output count
+    and the bottleneck both equal the query-stream token count ``num_out``, fixed at construction (official code).
+    """
+
+    def __init__(self, dim: int, num_out: int):
+        super().__init__()
+        self.num_out = num_out
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, hidden_features=num_out, out_features=num_out, act_layer=nn.GELU)
+
+    def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        if queries.shape[1] != self.num_out:
+            raise ValueError(f"the tl head was built for {self.num_out} output tokens but got {queries.shape[1]}; "
+                             "its MLP is sized by the token count, so build the model at this image size")
+        z = torch.cat([source, queries], dim=1)
+        return self.mlp(self.norm(z)).transpose(1, 2).softmax(dim=-1).unsqueeze(1)  # [B, 1, M, N+M]
+
+    def forward(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        w = self.attention_map(source, queries).squeeze(1)
+        return w @ torch.cat([source, queries], dim=1)
+
+
+class CrossAttentionHead(nn.Module):
+    """``ca``: multi-head softmax cross-attention; q from Y, k/v from X, each a ``dim -> dim`` Linear followed by a
+    LayerNorm over the full width (eps 1e-5); scale ``(dim/heads)^-0.5``; output Linear ``dim -> dim``.
+    ``latent_size_scale`` is ignored, as in the official code."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} does not split across {num_heads} heads")
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.fused_attn = use_fused_attn()
+        self.q, self.k, self.v = (nn.Linear(dim, dim, bias=qkv_bias) for _ in range(3))
+        self.q_norm, self.k_norm, self.v_norm = (nn.LayerNorm(dim, eps=1e-5) for _ in range(3))
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, source: torch.Tensor, queries: torch.Tensor):
+        B, N, D = source.shape
+        M, h = queries.shape[1], self.num_heads
+        q = self.q_norm(self.q(queries)).view(B, M, h, -1).transpose(1, 2)
+        k = self.k_norm(self.k(source)).view(B, N, h, -1).transpose(1, 2)
+        v = self.v_norm(self.v(source)).view(B, N, h, -1).transpose(1, 2)
+        return q, k, v
+
+    def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        q, k, _ = self._qkv(source, queries)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def forward(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(source, queries)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(queries.shape[0], queries.shape[1], -1))
+
+
+class LatentAttentionHead(nn.Module):
+    """``la``: single-head "latent attention" with ``c = dim / latent_size_scale`` latents.
+
+    ``A = softmax_c(MLP_q(LN(Y))) [M, c]``, ``B = softmax_N(MLP_s(LN(X))^T) [c, N]``; each MLP is ``dim -> 64 -> c`` with
+    GELU; the values are the raw source tokens (no projection): output ``A (B X)``; explicit map ``A B [M, N]``."""
+
+    def __init__(self, dim: int, latent_size_scale: int = 1, hidden: int = 64):
+        super().__init__()
+        if dim % latent_size_scale:
+            raise ValueError(f"latent_size_scale={latent_size_scale} does not divide the width {dim}")
+        latent = dim // latent_size_scale
+        self.source_norm, self.query_norm = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
+        self.source_mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)
+        self.query_mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)
+
+    def _factors(self, source: torch.Tensor, queries: torch.Tensor):
+        a = self.query_mlp(self.query_norm(queries)).softmax(dim=-1)                     # [B, M, c]
+        b = self.source_mlp(self.source_norm(source)).transpose(1, 2).softmax(dim=-1)    # [B, c, N]
+        return a, b
+
+    def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        a, b = self._factors(source, queries)
+        return (a @ b).unsqueeze(1)
+
+    def forward(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        a, b = self._factors(source, queries)
+        return a @ (b @ source)
+
+
+class LatentCrossAttentionHead(nn.Module):
+    """``lca``: multi-head latent cross-attention (efficient-attention style).
+
+    ``q = LN_c(Y Wq)``, ``k = LN_c(X Wk)`` of width ``c = dim / latent_size_scale``, ``v = LN_d(X Wv)``; per head, softmax
+    of q over its ``c/h`` features and of k over the N tokens, ``out = q (k^T v)``; heads concatenated, output Linear."""
+
+    def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 1, qkv_bias: bool = True):
+        super().__init__()
+        if dim % latent_size_scale:
+            raise ValueError(f"latent_size_scale={latent_size_scale} does not divide the width {dim}")
+        latent = dim // latent_size_scale
+        if latent % num_heads or dim % num_heads:
+            raise ValueError(f"the lca head's Q/K width c = {latent} does not split across {num_heads} heads; "
+                             "choose latent_size_scale so that (dim / latent_size_scale) % num_heads == 0")
+        self.num_heads = num_heads
+        self.q, self.k = nn.Linear(dim, latent, bias=qkv_bias), nn.Linear(dim, latent, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q_norm, self.k_norm = nn.LayerNorm(latent, eps=1e-5), nn.LayerNorm(latent, eps=1e-5)
+        self.v_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, source: torch.Tensor, queries: torch.Tensor):
+        B, N, _ = source.shape
+        M, h = queries.shape[1], self.num_heads
+        q = self.q_norm(self.q(queries)).view(B, M, h, -1).softmax(dim=-1)   # over each head's features
+        k = self.k_norm(self.k(source)).view(B, N, h, -1).softmax(dim=1)     # over the N tokens
+        v = self.v_norm(self.v(source)).view(B, N, h, -1)
+        return q, k, v
+
+    def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        q, k, _ = self._qkv(source, queries)
+        return torch.einsum("bmhc,bnhc->bhmn", q, k)
+
+    def forward(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(source, queries)
+        kv = torch.einsum("bnhc,bnhe->bhce", k, v)
+        out = torch.einsum("bmhc,bhce->bmhe", q, kv)
+        return self.proj(out.reshape(queries.shape[0], queries.shape[1], -1))
+
+
+def _make_rw_head(kind: str, dim: int, num_heads: int, latent_size_scale: int, num_out: int, qkv_bias: bool) -> nn.Module:
+    if kind == "lin":
+        return LinearAttentionHead(dim, num_heads, latent_size_scale, qkv_bias=qkv_bias)
+    if kind == "tl":
+        return TokenLearnerHead(dim, num_out)
+    if kind == "ca":
+        return CrossAttentionHead(dim, num_heads, qkv_bias=qkv_bias)
+    if kind == "la":
+        return LatentAttentionHead(dim, latent_size_scale)
+    return LatentCrossAttentionHead(dim, num_heads, latent_size_scale, qkv_bias=qkv_bias)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fusion and memory blocks
+# ----------------------------------------------------------------------------------------------------------------------
+class Fusion(nn.Module):
+    """Combine a head's output ``rw`` with the stream it targets.
+
+    ``residual``: ``target + rw`` (paper; "Add"). ``erase``: ``rw`` (overwrite, as in TTM). ``add_erase``: one gate per
+    target token ``g = sigmoid(Linear_{d->T}(mean_tokens(rw)))``, ``(1 - g) target + g rw``; the gate Linear is sized
+    by the target token count ``T`` and shared by all layers (official ``read_fusion`` / ``write_fusion``).
+    """
+
+    def __init__(self, kind: str, dim: int, num_tokens: int):
+        super().__init__()
+        self.kind, self.num_tokens = _check_choice("fusion_type", kind, FUSION_TYPES), num_tokens
+        if kind == "add_erase":
+            self.linear = nn.Linear(dim, num_tokens)
+
+    def forward(self, rw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.kind == "residual":
+            return target + rw
+        if self.kind == "erase":
+            return rw
+        if rw.shape[1] != self.num_tokens:
+            raise ValueError(f"add_erase fusion was built for {self.num_tokens} tokens but got {rw.shape[1]}; its gate "
+                             "is sized by the token count, so build the model at this image size")
+        g = torch.sigmoid(self.linear(rw.mean(dim=1))).unsqueeze(-1)
+        return (1.0 - g) * target + g * rw
+
+
+class MemoryMlpBlock(nn.Module):
+    """``memory_blocks="mlp"``: ``M + MLP(LN(M))`` with hidden ``memory_mlp_ratio * d`` (official 0.5) and GELU."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 0.5, norm_layer: Callable[..., nn.Module] = LayerNorm):
+        super().__init__()
+        self.norm = norm_layer(dim)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------------------------------
+def _grid(img_size: tuple[int, int], patch: int, which: str) -> tuple[int, int]:
+    H, W = img_size
+    if H % patch or W % patch:
+        raise ValueError(f"{which}={patch} does not divide the image size {H}x{W}; choose a patch size that divides "
+                         f"both sides (e.g. one of {[p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]})")
+    return H // patch, W // patch
+
+
+class ViTTM(nn.Module):
+    """Vision Token Turing Machine (see the module docstring for the per-layer computation and the differences).
+
+    Args:
+        img_size: nominal input size; position tables are sized for it and resampled (bicubic, antialias) for others.
+        memory_ps / process_ps: patch sizes of the memory and process embedders (README: 28 / 28).
+        in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias: as in timm's VisionTransformer.
+        rw_head_type: one of ``RW_HEAD_TYPES`` (``lin`` = paper).
+        latent_size_scale: ``r``; Q/K width of lin/lca/la is ``embed_dim / r`` (README: 4; official train default 1).
+        fusion_type: one of ``FUSION_TYPES`` (``residual`` = paper), used for both read and write.
+        memory_blocks: ``"none"`` (or ``""``, the official spelling; paper) or ``"mlp"``.
+        memory_mlp_ratio: hidden ratio of the memory MLP blocks (official 0.5).
+        process_embedder_type: ``"patch"`` (paper) or ``"latent"`` (learned process tokens; fixed in this version).
+        process_tokens: number of latent process tokens (``latent`` only; default ``(img_size / process_ps)^2``).
+        drop_rate: dropout before both classifiers. pos_drop_rate: dropout after the process position embedding.
+        proj_drop_rate, attn_drop_rate, drop_path_rate: passed to the timm Blocks (drop path linearly increasing).
+        global_pool: only ``"avg"`` (the official factory always sets it).
+    """
+
+    def __init__(
+        self,
+        img_size: Union[int, tuple[int, int]] = 224,
+        memory_ps: int = 28,
+        process_ps: int = 28,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        rw_head_type: str = "lin",
+        latent_size_scale: int = 4,
+        fusion_type: str = "residual",
+        memory_blocks: Optional[str] = "none",
+        memory_mlp_ratio: float = 0.5,
+        process_embedder_type: str = "patch",
+        process_tokens: Optional[int] = None,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
+    ):
+        super().__init__()
+        memory_blocks = "none" if memory_blocks in (None, "", "none") else memory_blocks
+        _check_choice("rw_head_type", rw_head_type, RW_HEAD_TYPES)
+        _check_choice("fusion_type", fusion_type, FUSION_TYPES)
+        _check_choice("memory_blocks", memory_blocks, MEMORY_BLOCK_TYPES)
+        _check_choice("process_embedder_type", process_embedder_type, PROCESS_EMBEDDER_TYPES)
+        if global_pool != "avg":
+            raise ValueError(f"global_pool={global_pool!r} is not supported; ViTTM mean-pools each stream ('avg')")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} does not split across num_heads={num_heads}")
+        if latent_size_scale < 1 or embed_dim % latent_size_scale:
+            raise ValueError(f"latent_size_scale={latent_size_scale} must be a positive divisor of embed_dim={embed_dim}")
+        img_size = to_2tuple(img_size)
+        self.img_size = tuple(img_size)
+        self.memory_grid = _grid(self.img_size, memory_ps, "memory_ps")
+        if process_embedder_type == "patch":
+            self.process_grid: Optional[tuple[int, int]] = _grid(self.img_size, process_ps, "process_ps")
+            num_process = self.process_grid[0] * self.process_grid[1]
+            if process_tokens is not None and process_tokens != num_process:
+                raise ValueError(f"process_tokens={process_tokens} only applies to process_embedder_type='latent'; "
+                                 f"with 'patch' the count is (img/process_ps)^2 = {num_process}")
+        else:
+            self.process_grid = _grid(self.img_size, process_ps, "process_ps") if process_tokens is None else None
+            num_process = process_tokens or self.process_grid[0] * self.process_grid[1]
+        self.num_memory_tokens = self.memory_grid[0] * self.memory_grid[1]
+        self.num_process_tokens = num_process
+        self.memory_ps, self.process_ps, self.in_chans = memory_ps, process_ps, in_chans
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_heads, self.depth = num_heads, depth
+        self.rw_head_type, self.fusion_type, self.latent_size_scale = rw_head_type, fusion_type, latent_size_scale
+        self.memory_blocks_type, self.process_embedder_type = memory_blocks, process_embedder_type
+        self.num_prefix_tokens = 0
+        norm_layer = LayerNorm  # timm LayerNorm, eps 1e-6 (official norm_layer)
+
+        embed_kw = dict(img_size=self.img_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False,
+                        output_fmt="NHWC")
+        self.memory_embedder = PatchEmbed(patch_size=memory_ps, **embed_kw)
+        self.memory_pos_embed = nn.Parameter(torch.zeros(1, self.num_memory_tokens, embed_dim))
+        if process_embedder_type == "patch":
+            self.process_embedder = PatchEmbed(patch_size=process_ps, **embed_kw)
+            self.process_pos_embed = nn.Parameter(torch.zeros(1, num_process, embed_dim))
+        else:
+            # learned process tokens; they are free parameters, so a position table would be redundant
+            self.process_latent = nn.Parameter(torch.zeros(1, num_process, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
+            for i in range(depth)])
+        self.read_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
+        self.write_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
+        self.read_head = nn.ModuleList([
+            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, num_process, qkv_bias)
+            for _ in range(depth)])
+        self.write_head = nn.ModuleList([
+            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, self.num_memory_tokens, qkv_bias)
+            for _ in range(depth)])
+        self.read_fusion = Fusion(fusion_type, embed_dim, num_process)
+        self.write_fusion = Fusion(fusion_type, embed_dim, self.num_memory_tokens)
+        self.memory_blocks = nn.ModuleList([
+            MemoryMlpBlock(embed_dim, memory_mlp_ratio, norm_layer) if memory_blocks == "mlp" else nn.Identity()
+            for _ in range(depth)])
+
+        self.norm = nn.Identity()  # memory stream's final norm (Identity under global_pool="avg" in timm)
+        self.process_norm = norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim)
+        self.fc_norm_process = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.process_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- init -----------------------------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Official init: every Linear truncated-normal std 0.02 with zero bias (timm's ``init_weights("")``), LayerNorms
+        (1, 0), memory conv left at PyTorch's default, process conv xavier-uniform with zero bias, position tables (and
+        latent process tokens) truncated-normal 0.02, both classifier heads all zeros."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        trunc_normal_(self.memory_pos_embed, std=0.02)
+        if self.process_embedder_type == "patch":
+            trunc_normal_(self.process_pos_embed, std=0.02)
+            nn.init.xavier_uniform_(self.process_embedder.proj.weight)
+            nn.init.zeros_(self.process_embedder.proj.bias)
+        else:
+            trunc_normal_(self.process_latent, std=0.02)
+        for head in (self.head, self.process_head):
+            if isinstance(head, nn.Linear):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+
+    # -- timm model API -------------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names timm's optimizer factory exempts from weight decay. The official recipe decays *every* parameter
+        (torch AdamW on ``model.parameters()``); use ``filter_bias_and_bn=False`` in timm to reproduce it."""
+        return {"memory_pos_embed", "process_pos_embed", "process_latent"}
+
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.process_head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r} is not supported; ViTTM mean-pools each stream ('avg')")
+        self.num_classes = num_classes
+        dev = self.fc_norm.weight.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        self.process_head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
+        for head in (self.head, self.process_head):
+            if isinstance(head, nn.Linear):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+
+    # -- forward --------------------------------------------------------------------------------------------------------
+    def _embed(self, embedder: PatchEmbed, pos: torch.Tensor, grid: tuple[int, int], x: torch.Tensor, which: str,
+               patch: int) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if H % patch or W % patch:
+            raise ValueError(f"{which}={patch} does not divide the input size {H}x{W}; resize the input to a multiple "
+                             f"of {patch} or build the model with a patch size that divides it")
+        t = embedder(x)  # B, h, w, d
+        B, h, w, d = t.shape
+        if (h, w) != tuple(grid):
+            pos = resample_abs_pos_embed(pos, new_size=(h, w), old_size=grid, num_prefix_tokens=0)
+        return t.reshape(B, h * w, d) + pos
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial (memory, process) streams: patch embedding + position table (resampled for other input sizes)."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
+        mem = self._embed(self.memory_embedder, self.memory_pos_embed, self.memory_grid, x, "memory_ps", self.memory_ps)
+        if self.process_embedder_type == "patch":
+            proc = self._embed(self.process_embedder, self.process_pos_embed, self.process_grid, x, "process_ps",
+                               self.process_ps)
+        else:
+            proc = self.process_latent.expand(x.shape[0], -1, -1)
+        return mem, self.pos_drop(proc)
+
+    def _layer(self, i: int, mem: torch.Tensor, proc: torch.Tensor, record: Optional[dict] = None):
+        mem, proc = self.read_norm[i](mem), self.read_norm[i](proc)
+        read = self.read_head[i](mem, proc)
+        if record is not None:
+            record["read"].append(read)
+            if record["maps"]:
+                record["read_maps"].append(self.read_head[i].attention_map(mem, proc))
+        proc = self.read_fusion(read, proc)
+        proc = self.blocks[i](proc)
+        mem, proc = self.write_norm[i](mem), self.write_norm[i](proc)
+        write = self.write_head[i](proc, mem)
+        if record is not None:
+            record["write"].append(write)
+            record["mem_before_write"].append(mem)
+            if record["maps"]:
+                record["write_maps"].append(self.write_head[i].attention_map(proc, mem))
+        mem = self.write_fusion(write, mem)
+        mem = self.memory_blocks[i](mem)
+        if record is not None:
+            record["memory"].append(mem)
+        return mem, proc
+
+    def _streams(self, x: torch.Tensor, record: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        mem, proc = self.embed(x)
+        if record is not None:
+            record["memory0"] = mem
+        for i in range(self.depth):
+            mem, proc = self._layer(i, mem, proc, record)
+        return self.norm(mem), self.process_norm(proc)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(memory tokens [B, Nm, d], process tokens [B, Np, d])`` after the last layer and final norms."""
+        return self._streams(x)
+
+    def forward_head(self, feats: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False):
+        mem, proc = feats
+        m = self.head_drop(self.fc_norm(mem.mean(dim=1)))
+        p = self.head_drop(self.fc_norm_process(proc.mean(dim=1)))
+        if pre_logits:
+            return m, p
+        return self.head(m), self.process_head(p)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(memory_logits, process_logits)``, memory first (official order)."""
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def trace(self, x: torch.Tensor, maps: bool = True) -> dict[str, Any]:
+        """Run a forward pass and return per-layer internals (for figures and diagnostics).
+
+        Keys: ``logits`` (memory, process), ``memory0`` (initial memory stream), ``memory`` / ``read`` / ``write`` /
+        ``mem_before_write`` (lists over layers of [B, tokens, d]) and, with ``maps``, ``read_maps`` [B, h, Np, Nm] and
+        ``write_maps`` [B, h, Nm, Np] per layer (``tl``: the last dimension also covers the query-stream tokens).
+        """
+        record: dict[str, Any] = dict(maps=maps, read=[], write=[], memory=[], mem_before_write=[], read_maps=[],
+                                      write_maps=[])
+        feats = self._streams(x, record)
+        record["logits"] = self.forward_head(feats)
+        return record
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official checkpoints
+# ----------------------------------------------------------------------------------------------------------------------
+_PREFIXES = ("_orig_mod.", "module.")
+_UNUSED_OFFICIAL = re.compile(r"^(cls_token|pos_embed|patch_embed\..*|(read|write)_head\.\d+\.proj\.(weight|bias))$")
+_HEAD_KEYS = ("head.weight", "head.bias", "process_head.weight", "process_head.bias")
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in _PREFIXES:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    for k in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if k in state_dict and isinstance(state_dict[k], Mapping):
+            return state_dict[k]
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViTTM, allow_head_mismatch: Optional[bool] = None
+                         ) -> dict[str, torch.Tensor]:
+    """Turn an official EfficientTTMs state dict into one that loads **strictly** into ``model``.
+
+    Accepts raw ``model.state_dict()`` files, compiled runs (``_orig_mod.`` prefix), EMA files (torch AveragedModel:
+    ``module.`` prefix plus an ``n_averaged`` entry) and dicts wrapping one of those under ``state_dict``/``model``.
+    Drops what the official model creates but never uses (``cls_token``, ``pos_embed``, ``patch_embed.*``, the lin
+    heads' ``proj``); when ``memory_ps == 16`` the official ``patch_embed`` *is* the memory embedder, so it is renamed if
+    ``memory_embedder.*`` is absent. Position tables of another grid are resampled (bicubic, antialias; square tables).
+
+    Raises ``ValueError`` listing missing keys, unexpected keys and shape mismatches (e.g. a checkpoint of another
+    model size). Classifier shape mismatches are dropped instead when ``allow_head_mismatch`` is True, or when it is
+    None and the model's ``pretrained_cfg['num_classes']`` differs from ``model.num_classes`` (timm then re-initializes
+    the heads itself).
+    """
+    sd = {}
+    for k, v in _unwrap(state_dict).items():
+        if k == "n_averaged":
+            continue
+        sd[_strip_prefixes(k)] = v
+    target = model.state_dict()
+    if "memory_embedder.proj.weight" not in sd and "patch_embed.proj.weight" in sd:
+        sd["memory_embedder.proj.weight"] = sd["patch_embed.proj.weight"]
+        sd["memory_embedder.proj.bias"] = sd["patch_embed.proj.bias"]
+    sd = {k: v for k, v in sd.items() if k in target or not _UNUSED_OFFICIAL.match(k)}
+
+    for name, grid in (("memory_pos_embed", model.memory_grid), ("process_pos_embed", model.process_grid)):
+        if name in sd and name in target and sd[name].shape != target[name].shape and grid is not None:
+            pos = sd[name]
+            n = pos.shape[1]
+            side = math.isqrt(n)
+            if pos.ndim != 3 or side * side != n or pos.shape[-1] != target[name].shape[-1]:
+                continue  # reported as a shape mismatch below
+            sd[name] = resample_abs_pos_embed(pos.float(), new_size=grid, old_size=(side, side),
+                                              num_prefix_tokens=0).to(pos.dtype)
+
+    if allow_head_mismatch is None:
+        cfg_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+        allow_head_mismatch = cfg_classes is not None and cfg_classes != model.num_classes
+    mismatched = []
+    for k, v in list(sd.items()):
+        if k in target and tuple(v.shape) != tuple(target[k].shape):
+            if allow_head_mismatch and k in _HEAD_KEYS:
+                del sd[k]
+            else:
+                mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}")
+    head_dropped = [k for k in _HEAD_KEYS if k in target and k not in sd] if allow_head_mismatch else []
+    missing = [k for k in target if k not in sd and k not in head_dropped]
+    unexpected = [k for k in sd if k not in target]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:12])
+                         + (" ..." if len(mismatched) > 12 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing keys: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected[:20])
+                         + (" ..." if len(unexpected) > 20 else ""))
+        raise ValueError(
+            "checkpoint does not match this ViTTM "
+            f"(d={model.embed_dim}, depth={model.depth}, heads={model.num_heads}, rw={model.rw_head_type}, "
+            f"r={model.latent_size_scale}, fusion={model.fusion_type}, memory_ps={model.memory_ps}, "
+            f"process_ps={model.process_ps}, classes={model.num_classes}): " + " | ".join(parts)
+            + ". Build the model with the checkpoint's configuration (size, patch sizes, head type, latent scale).")
+    return sd
+
+
+def load_official_checkpoint(model: ViTTM, checkpoint: Union[str, Path, Mapping[str, Any]],
+                             allow_head_mismatch: bool = False) -> ViTTM:
+    """Load an official checkpoint (path to ``.pth``/``.pt``/``.safetensors``, or a state dict) into ``model``.
+
+    Everything but (optionally) the classifiers loads strictly; with ``allow_head_mismatch`` classifiers of another
+    class count are left at their (zero) initialization."""
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint)
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            checkpoint = load_file(str(path))
+        else:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    sd = checkpoint_filter_fn(checkpoint, model, allow_head_mismatch=allow_head_mismatch)
+    result = model.load_state_dict(sd, strict=False)
+    bad = [k for k in result.missing_keys if k not in _HEAD_KEYS] + list(result.unexpected_keys)
+    if bad:  # cannot happen after the filter's checks; kept as a guard
+        raise ValueError(f"checkpoint does not match the model: {bad}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers for the notebook
+# ----------------------------------------------------------------------------------------------------------------------
+def vittm_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, criterion: Callable) -> torch.Tensor:
+    """Official training loss: ``criterion(memory_logits, y) + criterion(process_logits, y)`` (equal weights)."""
+    return sum(criterion(o, target) for o in outputs)
+
+
+@torch.no_grad()
+def attention_maps(model: ViTTM, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Explicit read and write maps for a batch.
+
+    Returns ``{"read": {layer: [B, h, Np, Nm]}, "write": {layer: [B, h, Nm, Np]}, "memory_grid", "process_grid",
+    "rw_head_type"}``: ``read[l][b, h, p, m]`` is how much process token ``p`` reads from memory token ``m``;
+    ``write[l][b, h, m, p]`` how much memory token ``m`` is written from process token ``p``. For ``tl`` the last
+    dimension is ``Nm + Np`` (source tokens first, then the query-stream tokens it also summarizes).
+    Grids give the (rows, cols) of each stream at this input size (process grid None for latent process tokens).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        rec = model.trace(x, maps=True)
+    finally:
+        model.train(was_training)
+    layers = list(range(model.depth)) if layers is None else list(layers)
+    for l in layers:
+        if not -model.depth <= l < model.depth:
+            raise ValueError(f"layer {l} out of range for a model with depth {model.depth}")
+    H, W = x.shape[-2:]
+    pgrid = (H // model.process_ps, W // model.process_ps) if model.process_embedder_type == "patch" else None
+    return {"read": {l % model.depth: rec["read_maps"][l] for l in layers},
+            "write": {l % model.depth: rec["write_maps"][l] for l in layers},
+            "memory_grid": (H // model.memory_ps, W // model.memory_ps), "process_grid": pgrid,
+            "rw_head_type": model.rw_head_type}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+
+
+@torch.no_grad()
+def memory_diagnostics(model: ViTTM, x: torch.Tensor):
+    """How the memory stream changes across layers, one row per layer (a pandas DataFrame).
+
+    Columns: ``layer``; ``write_norm`` (mean L2 norm of the write head's output per memory token); ``read_norm`` (same
+    for the read into the process stream); ``write_rel_norm`` (write_norm / norm of the memory it is fused into);
+    ``memory_norm`` (mean token norm after the layer); ``cos_to_initial`` (mean token-wise cosine similarity of the
+    memory after the layer with the initial memory, i.e. embedding + position); ``cos_to_previous`` (with the memory
+    before the layer).
+    """
+    import pandas as pd
+
+    was_training = model.training
+    model.eval()
+    try:
+        rec = model.trace(x, maps=False)
+    finally:
+        model.train(was_training)
+    rows, prev = [], rec["memory0"]
+    for i in range(model.depth):
+        w, mem, before = rec["write"][i], rec["memory"][i], rec["mem_before_write"][i]
+        wn = w.float().norm(dim=-1).mean().item()
+        rows.append(dict(
+            layer=i, write_norm=wn, read_norm=rec["read"][i].float().norm(dim=-1).mean().item(),
+            write_rel_norm=wn / max(before.float().norm(dim=-1).mean().item(), 1e-12),
+            memory_norm=mem.float().norm(dim=-1).mean().item(),
+            cos_to_initial=_cos(mem, rec["memory0"]), cos_to_previous=_cos(mem, prev)))
+        prev = mem
+    return pd.DataFrame(rows)
+
+
+def ablation_configs(study: Optional[str] = None, img_size: int = 28) -> dict[str, Any]:
+    """Model kwargs for the ablations of the issue (apply on top of a small variant, e.g. ``vittm_cpu_m4p4_28``).
+
+    Studies (the official code's ablation space, reference sheet §4.4):
+    ``head_fusion``: every rw head type x fusion type (labels ``"lin+residual"``...);
+    ``latent_scale``: r in {1, 2, 4} with lin;
+    ``patch_sizes``: (memory_ps, process_ps) pairs that divide ``img_size`` (labels ``"m4p4"``...);
+    ``memory_blocks``: none vs mlp.
+    Returns ``{study: {label: kwargs}}`` or, with ``study``, ``{label: kwargs}``.
+    """
+    studies: dict[str, dict[str, dict[str, Any]]] = {
+        "head_fusion": {f"{h}+{f}": dict(rw_head_type=h, fusion_type=f) for h in RW_HEAD_TYPES for f in FUSION_TYPES},
+        "latent_scale": {f"r={r}": dict(rw_head_type="lin", latent_size_scale=r) for r in (1, 2, 4)},
+        "memory_blocks": {m: dict(memory_blocks=m) for m in MEMORY_BLOCK_TYPES},
+    }
+    divisors = [p for p in range(2, img_size) if img_size % p == 0]
+    if len(divisors) < 2:
+        raise ValueError(f"img_size={img_size} has fewer than two patch sizes that divide it; use e.g. 28 or 32")
+    pairs = []
+    for m in divisors:
+        for p in divisors:
+            if p >= m and (img_size // p) >= 2:
+                pairs.append((m, p))
+    studies["patch_sizes"] = {f"m{m}p{p}": dict(memory_ps=m, process_ps=p, img_size=img_size) for m, p in pairs}
+    if study is None:
+        return studies
+    if study not in studies:
+        raise ValueError(f"unknown ablation study {study!r}; choose one of {tuple(studies)}")
+    return studies[study]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------------
+def _cfg(input_size: tuple[int, int, int] = (3, 224, 224), **kwargs) -> dict[str, Any]:
+    return {
+        "url": "", "num_classes": 1000, "input_size": input_size, "pool_size": None, "crop_pct": 0.875,
+        "interpolation": "bicubic", "fixed_input_size": False, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": ("memory_embedder.proj", "process_embedder.proj"),
+        "classifier": ("head", "process_head"), "license": "mit",
+        "paper_ids": "arXiv:2409.07613", "paper_name": "Token Turing Machines are Efficient Vision Models",
+        "origin_url": "https://github.com/pjjajal/EfficientTTMs", **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    # The released ViTTM-B-28 IN-1k weights (README Google-Drive link): load with pretrained_cfg_overlay=dict(file=...).
+    "vittm_base_m28p28_224.official_in1k": _cfg(notes=("Released ViTTM-B-28 (IN-21k-P pretrain, IN-1k fine-tune); "
+                                                       "download manually, pass pretrained_cfg_overlay=dict(file=path)",)),
+    "vittm_small_m28p28_224": _cfg(),
+    "vittm_tiny_m28p28_224": _cfg(),
+    "vittm_small_m16p32_224": _cfg(),
+    "vittm_base_m16p32_224": _cfg(),
+    "vittm_cpu_m4p4_32": _cfg(input_size=(3, 32, 32), num_classes=10, crop_pct=1.0),
+    "vittm_cpu_m4p4_28": _cfg(input_size=(3, 28, 28), num_classes=10, crop_pct=1.0),
+    "vittm_cpu_m2p4_28": _cfg(input_size=(3, 28, 28), num_classes=10, crop_pct=1.0),
+})
+
+
+def _create(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs) -> ViTTM:
+    args = {**PAPER_CONFIG, **defaults, **kwargs}  # every option stays a keyword argument
+    return build_model_with_cfg(ViTTM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+
+
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+#: CPU family: d 128, depth 6, 4 heads (head dim 32); lin with r = 4 gives c = 32 (8 per head), as the paper's d/4.
+_CPU = dict(embed_dim=128, depth=6, num_heads=4)
+
+
+@register_model
+def vittm_small_m28p28_224(pretrained: bool = False, **kwargs) -> ViTTM:
+    """ViTTM-S, README/paper config: memory & process patch 28 at 224 px (64 + 64 tokens), lin, c = d/4, residual."""
+    return _create("vittm_small_m28p28_224", pretrained, dict(_SMALL, memory_ps=28, process_ps=28), **kwargs)
+
+
+@register_model
+def vittm_base_m28p28_224(pretrained: bool = False, **kwargs) -> ViTTM:
+    """ViTTM-B, README/paper config (the released "ViTTM-B-28"): 64 + 64 tokens, lin, c = d/4, residual."""
+    return _create("vittm_base_m28p28_224", pretrained, dict(_BASE, memory_ps=28, process_ps=28), **kwargs)
+
+
+@register_model
+def vittm_tiny_m28p28_224(pretrained: bool = False, **kwargs) -> ViTTM:
+    """ViTTM-Ti (official ``vittm_tiny`` width/depth) in the README's 28/28 setting."""
+    return _create("vittm_tiny_m28p28_224", pretrained, dict(_TINY, memory_ps=28, process_ps=28), **kwargs)
+
+
+@register_model
+def vittm_small_m16p32_224(pretrained: bool = False, **kwargs) -> ViTTM:
+    """ViTTM-S 16/32 (train_lt.py / benchmark.py patch defaults): 196 memory + 49 process tokens, lin, c = d/4."""
+    return _create("vittm_small_m16p32_224", pretrained, dict(_SMALL, memory_ps=16, process_ps=32), **kwargs)
+
+
+@register_model
+def vittm_base_m16p32_224(pretrained: bool = False, **kwargs) -> ViTTM:
+    """ViTTM-B 16/32 ("ViTTM-B-16/32" of the segmentation configs): 196 memory + 49 process tokens, lin, c = d/4."""
+    return _create("vittm_base_m16p32_224", pretrained, dict(_BASE, memory_ps=16, process_ps=32), **kwargs)
+
+
+@register_model
+def vittm_cpu_m4p4_32(pretrained: bool = False, **kwargs) -> ViTTM:
+    """CPU ViTTM at 32 px with patch 4/4: exactly the paper's 64 + 64 tokens (d 128, depth 6, 4 heads)."""
+    return _create("vittm_cpu_m4p4_32", pretrained, dict(_CPU, img_size=32, memory_ps=4, process_ps=4), **kwargs)
+
+
+@register_model
+def vittm_cpu_m4p4_28(pretrained: bool = False, **kwargs) -> ViTTM:
+    """CPU ViTTM at 28 px (Fashion-MNIST) with patch 4/4: 49 + 49 tokens, the 28/28 ratio of equal counts."""
+    return _create("vittm_cpu_m4p4_28", pretrained, dict(_CPU, img_size=28, memory_ps=4, process_ps=4), **kwargs)
+
+
+@register_model
+def vittm_cpu_m2p4_28(pretrained: bool = False, **kwargs) -> ViTTM:
+    """CPU ViTTM at 28 px with patch 2/4: 196 memory + 49 process tokens, exactly the 16/32 variant's counts."""
+    return _create("vittm_cpu_m2p4_28", pretrained, dict(_CPU, img_size=28, memory_ps=2, process_ps=4), **kwargs)
+
+
+MODEL_NAMES = (
+    "vittm_small_m28p28_224", "vittm_base_m28p28_224", "vittm_tiny_m28p28_224", "vittm_small_m16p32_224",
+    "vittm_base_m16p32_224", "vittm_cpu_m4p4_32", "vittm_cpu_m4p4_28", "vittm_cpu_m2p4_28",
+)
