@@ -50,7 +50,7 @@ import copy
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -367,7 +367,9 @@ class TokenSelect(nn.Module):
         return idx
 
     def pairwise_scores(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, N, N) scores (float32, float64 for float64 input) between L2-normalized patch tokens, oriented as the code uses them (max = best).
+        """(B, N, N) scores between L2-normalized patch tokens, oriented as the code uses them (max = best).
+
+        Computed in float32 (float64 for float64 input) with autocast off.
 
         cosine: similarity; as-shipped euclidean/manhattan: the distance itself; corrected: minus the distance.
         """
