@@ -645,3 +645,34 @@ def test_references_validate():
     assert by_id["b32.memory-20.places365.top1"].value == 54.1
     assert sum(r.kind == "paper" for r in refs) == 28
     assert {r.kind for r in refs} <= {"paper", "computed", "third_party"}
+
+
+def test_remove_and_rename_tasks(images):
+    bb = tiny_vit()
+    m = MemoryViT(bb).eval()
+    m.add_task("a", 3, cells=1)
+    m.add_task("b", 3, cells=2, extend=True)
+    randomize_task(m, "a", 1)
+    randomize_task(m, "b", 2)
+    m.rename_task("a", "first")
+    assert m.task_names == ["first", "b"] and m.tasks["b"].reads == ("first",)
+    with pytest.raises(ValueError, match="name taken or invalid"):
+        m.rename_task("b", "first")
+    m.set_outputs("b")
+    with torch.no_grad():
+        with_a = m(images)
+        removed = m.remove_task("first")
+        assert removed.cells == 1 and m.tasks["b"].reads == ()
+        assert not torch.allclose(m(images), with_a)  # b no longer reads the removed task
+        assert torch.equal(m.forward_all(images)[SOURCE], bb(images))
+    m.remove_task("b")
+    assert m.task_names == [] and len(m(images)) == 1  # output selection reset to all heads
+
+
+def test_patch_attention_pooled_head_has_no_source_map(images):
+    bb = tiny_vit(class_token=False, global_pool="avg")
+    m = task_model(bb, "a", 2, seed=1)
+    maps = class_token_patch_attention(m, images)
+    assert set(maps) == {"a"} and maps["a"].shape == (6, 3, 4, 4)
+    mem = memory_attention(m, images)["a"]
+    assert mem.shape == (3, 3, 2) and bool(((mem >= 0) & (mem <= 1)).all())
