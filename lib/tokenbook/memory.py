@@ -20,8 +20,22 @@ The method
   tokens; a task's class token sees the original tokens, itself and its own memory, and in **extension** also the
   class tokens and memories of the tasks it was trained on top of (``reads``); in **concatenation** it does not.
 
-Token layout: ``[original tokens (timm order: cls, registers, patches), task class tokens..., ]`` as queries;
-keys/values are ``[original tokens, task class tokens, memories of every task in task order]``.
+Token layout: queries are ``[original tokens (timm order: cls, registers, patches), task class tokens]``; keys and
+values are ``[original tokens, task class tokens, memories of every task in task order]`` (Fig. 3, Table 1).
+Per task the trainable parameters are ``depth*m*D`` (memory) + ``D`` (class token) + head, i.e.
+``9,216*m + 768 + 769*C`` for ViT-B/32 with ``C`` classes.
+
+Choices the paper leaves open, and differences from the public code
+-------------------------------------------------------------------
+- New class tokens: ``token_init="auto"`` copies the original class token (CENG502 and lucidrains draw std-1
+  normals; ``token_init="normal", token_std=1.0`` reproduces that). Heads start at zero (``head_init="zeros"``;
+  CENG502 uses PyTorch's default ``nn.Linear`` init, ``head_init="default"``).
+- lucidrains gives the new class token no position embedding; we follow the paper's figures (index 0's).
+- A quirk of ``memory_norm="pre"``: the LayerNorm removes each memory cell's mean and scale over channels, so a
+  cell's output depends only on its direction (adding a constant to a cell changes nothing).
+- Training: stochastic depth (``drop_path``) draws its per-sample mask separately for the original-token stream
+  and each task stream in ``impl="exact"``/``"split"`` (one mask for all tokens in ``"joint"``). It is 0 in the
+  usual frozen fine-tuning setting.
 
 Exactness
 ---------
@@ -478,11 +492,6 @@ class MemoryViT(nn.Module):
         return self
 
     # -- masks ------------------------------------------------------------------------------------------------
-    def _layout(self) -> tuple[list[str], list[str]]:
-        token_tasks = [n for n, t in self.tasks.items() if t.has_token]
-        mem_tasks = [n for n, t in self.tasks.items() if t.memory is not None]
-        return token_tasks, mem_tasks
-
     def attention_mask(self, num_input: Optional[int] = None, device: Optional[torch.device] = None) -> torch.Tensor:
         """The full boolean mask (queries: original + task tokens, keys: + memories) used by this model.
 
@@ -598,7 +607,7 @@ class MemoryViT(nn.Module):
         in model order (the nonzero task columns of its Table-1 row)."""
         names = [n for n, t in self.tasks.items() if t.has_token]
         out = []
-        for j, n in enumerate(names):
+        for n in names:
             if self.mask_mode == "cross_task":
                 out.append(list(range(len(names))))
             else:
