@@ -675,3 +675,23 @@ def test_patch_attention_pooled_head_has_no_source_map(images):
     assert set(maps) == {"a"} and maps["a"].shape == (6, 3, 4, 4)
     mem = memory_attention(m, images)["a"]
     assert mem.shape == (3, 3, 2) and bool(((mem >= 0) & (mem <= 1)).all())
+
+
+@pytest.mark.gpu
+def test_exactness_on_cuda():
+    """On a GPU the original-token stream runs the same kernels on the same shapes as the plain backbone."""
+    dev = torch.device("cuda")
+    bb = tiny_vit().to(dev)
+    x = torch.randn(8, 3, IMG, IMG, device=dev)
+    ma, mb = task_model(bb, "a", 2, seed=1), task_model(bb, "b", 3, seed=2)
+    merged = concatenate([ma, mb]).eval()
+    with torch.no_grad():
+        outs = merged.forward_all(x)
+        assert torch.equal(outs[SOURCE], bb(x))
+        torch.testing.assert_close(outs["a"], ma.forward_all(x)["a"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs["b"], mb.forward_all(x)["b"], atol=1e-5, rtol=1e-5)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            half = merged.forward_all(x)
+            ref = bb(x)
+        assert torch.equal(half[SOURCE], ref)
+        assert all(torch.isfinite(v).all() for v in half.values())
