@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import timm
@@ -186,7 +185,8 @@ def test_sincos_table_formula():
     w = torch.tensor([1.0, 1.0 / 100.0])        # 10000 ** (-k / 2), k = 0, 1
     expect = torch.cat([torch.sin(c * w), torch.cos(c * w), torch.sin(r * w), torch.cos(r * w)])
     torch.testing.assert_close(pe[r * 4 + c], expect)
-    torch.testing.assert_close(S.TokenAdapt().reverse_transform[0].en_pos_embedding[0], S.sincos_pos_embed_2d(384, (28, 28)))
+    table = S.TokenAdapt().reverse_transform[0].en_pos_embedding[0]
+    torch.testing.assert_close(table, S.sincos_pos_embed_2d(384, (28, 28)))
 
 
 def test_tokenadapt_shapes_and_loading():
@@ -290,7 +290,8 @@ def test_color_choice_per_batch():
 def test_synonyms_from_codebook_neighbours(tmp_path):
     cb = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0], [0.7, 0.7], [0.1, 0.9]])
     syn = build_synonyms(cb, top=2)
-    assert syn["0"] == [1, 4] and syn["2"] == [5, 4] and all(k not in v for k, v in ((int(k), v) for k, v in syn.items()))
+    assert syn["0"] == [1, 4] and syn["2"] == [5, 4]
+    assert all(int(k) not in v for k, v in syn.items())
     p = save_synonyms(syn, tmp_path / "synonyms.json")
     assert json.loads(p.read_text())["0"] == [1, 4] and load_synonyms(p) == syn
     table, counts = synonym_table({"0": [1, 2, 3, 4, 5, 6], "1": []}, num_codes=7, top=5)

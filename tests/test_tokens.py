@@ -179,7 +179,9 @@ def test_corrupt_files_raise(tmp_path, ids_labels):
     raw2 = bytearray(raw)
     raw2[esc + 1] = 255                                                              # double escape
     paths.data.write_bytes(gzip.compress(bytes(raw2)))
-    with pytest.raises(TokenFormatError, match=f"record {np.searchsorted(np.load(io.BytesIO(gzip.decompress(paths.index.read_bytes()))), esc, side='right') - 1} has two escape bytes"):
+    offsets = np.load(io.BytesIO(gzip.decompress(paths.index.read_bytes())))
+    record = int(np.searchsorted(offsets, esc, side="right") - 1)
+    with pytest.raises(TokenFormatError, match=f"record {record} has two escape bytes in a row at byte offsets {esc}-"):
         read_token_file(paths)
     paths.data.write_bytes(good)
     paths.labels.write_text("1\n2\n")

@@ -318,7 +318,8 @@ class ColorChoice(nn.Module):
                  noise_scale: float = 1.0, noise_std: float = 1.0, eps: float = 0.0) -> None:
         super().__init__()
         if noise_prob < 0 or coloradapt_prob < 0 or noise_prob + coloradapt_prob > 1 + 1e-9:
-            raise ValueError(f"noise_prob + coloradapt_prob must be within [0, 1], got {noise_prob} + {coloradapt_prob}")
+            raise ValueError(f"noise_prob + coloradapt_prob must be within [0, 1], got {noise_prob} + "
+                             f"{coloradapt_prob}")
         self.noise_prob, self.coloradapt_prob = noise_prob, coloradapt_prob
         self.noise = EmbeddingNoise(subset, noise_scale, noise_std)
         self.coloradapt = ColorAdapt(subset, eps)
@@ -550,7 +551,8 @@ class TokenBatchAugment:
                 coloradapt: bool = True, **kw: Any) -> "TokenBatchAugment":
         """Forging Tokens: noise 0.75 / ColorAdapt 0.25 per batch (``coloradapt=False``: noise on every batch) and,
         when ``tokenadapt`` is given, the TokenAdapt half."""
-        probs = {"noise_prob": 0.75, "coloradapt_prob": 0.25} if coloradapt else {"noise_prob": 1.0, "coloradapt_prob": 0.0}
+        probs = ({"noise_prob": 0.75, "coloradapt_prob": 0.25} if coloradapt
+                 else {"noise_prob": 1.0, "coloradapt_prob": 0.0})
         return cls(codebook, num_classes, crop, tokenadapt=tokenadapt, **{**probs, **kw})
 
     tokenadapt_preset = forging
@@ -583,7 +585,9 @@ class TokenBatchAugment:
             raise ValueError(f"batch size {b} must be even for CutMix; use drop_last=True and an even batch size")
         if ids.shape[-1] < self.crop:
             raise ValueError(f"id grid {tuple(ids.shape[-2:])} is smaller than the crop {self.crop}")
-        cb = self.codebook.to(ids.device)
+        if self.codebook.device != ids.device:
+            self.codebook = self.codebook.to(ids.device)
+        cb = self.codebook
         x = embed_ids(ids, cb)
         labels = labels.to(ids.device)
         if self.color_before_crop:

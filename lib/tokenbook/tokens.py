@@ -89,7 +89,10 @@ class TokenFilePaths:
 
 
 def token_file_paths(root: PathLike, name: str = "imagenet1k", split: str = "train") -> TokenFilePaths:
-    """Paths in the release's naming: ``{name}-{split}-token.data.bin.gz``, ``...index.npy.gz``, ``{name}-{split}-label.txt``."""
+    """Paths in the release's naming.
+
+    ``{name}-{split}-token.data.bin.gz``, ``{name}-{split}-token.index.npy.gz``, ``{name}-{split}-label.txt``.
+    """
     root = Path(root)
     data = root / f"{name}-{split}-token.data.bin.gz"
     return TokenFilePaths(data=data, index=_index_path_for(data), labels=root / f"{name}-{split}-label.txt")
@@ -223,7 +226,8 @@ def _gunzip(path: Path) -> bytes:
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zlib.error) as e:
-        raise TokenFormatError(f"{path}: corrupt or truncated gzip stream ({e}); re-write or re-download the file") from e
+        raise TokenFormatError(f"{path}: corrupt or truncated gzip stream ({e}); re-write or re-download the "
+                               "file") from e
 
 
 def _grid_of(tokens: int, grid: Optional[tuple[int, int]]) -> tuple[int, int]:
@@ -590,8 +594,8 @@ def save_tokenizer(model: VQTokenizer, path: PathLike) -> Path:
     """Save config + weights (a plain dict, loadable with ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": dict(model.config), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}},
-               path)
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": dict(model.config), "state_dict": sd}, path)
     return path
 
 

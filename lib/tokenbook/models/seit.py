@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
@@ -443,7 +442,8 @@ class TokenAdapt(nn.Module):
         """g + quantization: argmax ids (B, m, m) (the official code returns their one-hot; gather = one-hot @ E)."""
         return self.forward_logits(x).argmax(dim=1)
 
-    def forward(self, x: torch.Tensor, augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """ids of ``g(augment(f(x)))``; ``augment`` must output 2 x out_grid (default: centre crop)."""
         f = self.forward_conversion(x)
         if augment is None:
