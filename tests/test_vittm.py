@@ -18,8 +18,6 @@ import tokenbook.models.vittm as V
 from tokenbook import references
 from tokenbook.bench import count_macs, count_used_params
 
-torch.set_num_threads(2)
-
 # a small configuration used by most behavioural tests
 SMALL = dict(img_size=28, memory_ps=4, process_ps=7, embed_dim=32, depth=2, num_heads=4, num_classes=5,
              latent_size_scale=2)
@@ -164,7 +162,8 @@ def test_registered_names_and_cfgs():
     assert cfg["input_size"] == (3, 224, 224) and cfg["classifier"] == ("head", "process_head")
     assert cfg["mean"] == timm.data.IMAGENET_DEFAULT_MEAN and cfg["std"] == timm.data.IMAGENET_DEFAULT_STD
     # paper config: 28/28, lin, c = d/4, residual; 64 + 64 tokens
-    assert (b.memory_ps, b.process_ps, b.rw_head_type, b.fusion_type, b.latent_size_scale) == (28, 28, "lin", "residual", 4)
+    assert (b.memory_ps, b.process_ps, b.rw_head_type, b.fusion_type, b.latent_size_scale) == (
+        28, 28, "lin", "residual", 4)
     assert (b.num_memory_tokens, b.num_process_tokens, b.embed_dim, b.num_heads, b.depth) == (64, 64, 768, 12, 12)
     assert b.read_head[0].latent_dim == 192
     s = meta_model("vittm_small_m28p28_224")
@@ -176,6 +175,10 @@ def test_registered_names_and_cfgs():
     assert [(m.num_memory_tokens, m.num_process_tokens) for m in (
         meta_model("vittm_cpu_m4p4_32"), meta_model("vittm_cpu_m4p4_28"), meta_model("vittm_cpu_m2p4_28"))] == [
         (64, 64), (49, 49), (196, 49)]
+    # CPU variants: same width/depth/normalization as the lead's small ViT baseline
+    cpu, vit = meta_model("vittm_cpu_m4p4_28"), meta_model("vit_fm_small_p4_28")
+    assert (cpu.embed_dim, cpu.depth, cpu.num_heads) == (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads)
+    assert cpu.pretrained_cfg["mean"] == vit.pretrained_cfg["mean"] and cpu.num_classes == 10
     # every option is a keyword argument of the registered names
     m = meta_model("vittm_cpu_m4p4_28", rw_head_type="ca", fusion_type="erase", memory_blocks="mlp", num_classes=3)
     assert isinstance(m.read_head[0], V.CrossAttentionHead) and m.fusion_type == "erase" and m.num_classes == 3
@@ -325,7 +328,8 @@ def test_ablation_configs_build():
     assert set(studies) == {"head_fusion", "latent_scale", "patch_sizes", "memory_blocks"}
     assert len(studies["head_fusion"]) == 15
     assert [v["latent_size_scale"] for v in studies["latent_scale"].values()] == [1, 2, 4]
-    assert {"m4p4", "m2p4", "m4p7", "m7p7"} <= set(studies["patch_sizes"])
+    assert list(studies["patch_sizes"]) == ["m2p2", "m2p4", "m2p7", "m4p4", "m4p7", "m7p7"]
+    assert set(V.ablation_configs("patch_sizes", img_size=32)) == {"m2p2", "m2p4", "m2p8", "m4p4", "m4p8", "m8p8"}
     x = torch.randn(1, 3, 28, 28)
     for study in ("head_fusion", "latent_scale", "memory_blocks"):
         for label, kw in studies[study].items():
@@ -449,23 +453,36 @@ def test_official_weights_give_official_outputs(wrap):
 
 
 def test_timm_create_model_pretrained_from_local_file(tmp_path):
-    sd = official_state_dict(128, 6, 32, 49, 49, 4, 4, num_classes=10)
+    sd = official_state_dict(128, 2, 32, 49, 49, 4, 4, num_classes=10)
     path = tmp_path / "best_ema.pth"
     torch.save(ema(sd), path)
-    m = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    torch.testing.assert_close(m.read_head[3].k.weight, sd["read_head.3.k.weight"])
+    m = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, depth=2, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.testing.assert_close(m.read_head[1].k.weight, sd["read_head.1.k.weight"])
     torch.testing.assert_close(m.head.weight, sd["head.weight"])
     # another class count: timm re-initializes both heads, everything else still loads
-    m2 = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, num_classes=3,
+    m2 = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, num_classes=3, depth=2,
                            pretrained_cfg_overlay=dict(file=str(path)))
     assert m2.head.weight.shape == (3, 128) and torch.count_nonzero(m2.process_head.weight) == 0
-    torch.testing.assert_close(m2.blocks[5].mlp.fc2.weight, sd["blocks.5.mlp.fc2.weight"])
+    torch.testing.assert_close(m2.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
     # other image size: position tables are resampled (7x7 -> 8x8), the rest loads unchanged
-    m3 = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, img_size=32,
+    m3 = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, img_size=32, depth=2,
                            pretrained_cfg_overlay=dict(file=str(path)))
     expected = timm.layers.resample_abs_pos_embed(sd["memory_pos_embed"], (8, 8), (7, 7), num_prefix_tokens=0)
     torch.testing.assert_close(m3.memory_pos_embed.data, expected)
     assert m3(torch.randn(1, 3, 32, 32))[0].shape == (1, 10)
+
+
+def test_grad_checkpointing_matches():
+    m = nonzero_heads(small_model())
+    x = torch.randn(2, 3, 28, 28)
+    ref = m(x)
+    g_ref = torch.autograd.grad(sum(o.sum() for o in ref), m.memory_embedder.proj.weight)[0]
+    m.set_grad_checkpointing(True)
+    out = m(x)
+    g = torch.autograd.grad(sum(o.sum() for o in out), m.memory_embedder.proj.weight)[0]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(g, g_ref)
 
 
 def test_position_tables_resample_at_runtime():
@@ -516,7 +533,8 @@ def test_checkpoint_of_another_size_is_a_clear_error():
     with pytest.raises(ValueError, match=r"missing keys: blocks\.6\.norm1\.weight"):
         V.checkpoint_filter_fn(sd6, shared_meta_model("vittm_small_m28p28_224"))
     # another head type: unexpected keys are listed
-    with pytest.raises(ValueError, match=r"missing keys: read_head\.0\.norm\.weight.*unexpected keys: write_head\.0\.q\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys: read_head\.0\.norm\.weight.*unexpected keys: write_head\.0\.q\.weight"):
         V.checkpoint_filter_fn(sd, meta_model("vittm_small_m28p28_224", rw_head_type="tl"))
     # another class count without asking for head adaptation
     sd_cls = official_state_dict(384, 12, 96, 64, 64, 28, 28, num_classes=10450, device="meta")

@@ -4,10 +4,11 @@ Reference: ``../shared/papers/vittm.md`` (official code: github.com/pjjajal/Effi
 
 The model keeps two token streams of width ``d``:
 
-- **memory** tokens ``M``: a patch embedding of the image (patch ``memory_ps``) plus a learned position table. They never
-  pass through self-attention or an MLP (unless ``memory_blocks="mlp"``); they change only through the per-layer write.
-- **process** tokens ``P``: a second, separate patch embedding (patch ``process_ps``) plus its own position table. They go
-  through the ``depth`` standard timm ViT ``Block``s.
+- **memory** tokens ``M``: a patch embedding of the image (patch ``memory_ps``) plus a learned position table.
+  They never pass through self-attention or an MLP (unless ``memory_blocks="mlp"``); they change only through the
+  per-layer write.
+- **process** tokens ``P``: a second, separate patch embedding (patch ``process_ps``) plus its own position table.
+  They go through the ``depth`` standard timm ViT ``Block``s.
 
 Layer ``i`` (as in the official forward, including its quirk that the normalized tensors *replace* the streams)::
 
@@ -47,10 +48,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
+
+from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = [
     "ViTTM", "LinearAttentionHead", "TokenLearnerHead", "CrossAttentionHead", "LatentAttentionHead",
@@ -96,11 +100,12 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
 class LinearAttentionHead(nn.Module):
     """``lin``: linear attention with the feature map ``phi(x) = elu(x) + 1`` (the paper's read/write head).
 
-    ``Q = Y Wq`` and ``K = X Wk`` have width ``c = dim / latent_size_scale``; ``V = X Wv`` keeps width ``dim``. All three
-    are split into ``num_heads`` heads; per head ``out_m = sum_n phi(q_m).phi(k_n) v_n / (sum_n phi(q_m).phi(k_n) + eps)``,
-    computed in the associative order ``phi(Q) (phi(K)^T V)`` so the cost is linear in both token counts. The heads are
-    concatenated back to ``dim``. As in the official code there is no scaling, no LayerNorm and **no output projection**
-    (the official module creates a ``proj`` Linear that ``forward`` never uses; it is not created here).
+    ``Q = Y Wq`` and ``K = X Wk`` have width ``c = dim / latent_size_scale``; ``V = X Wv`` keeps width ``dim``. All
+    three are split into ``num_heads`` heads; per head
+    ``out_m = sum_n phi(q_m).phi(k_n) v_n / (sum_n phi(q_m).phi(k_n) + eps)``, computed in the associative order
+    ``phi(Q) (phi(K)^T V)`` so the cost is linear in both token counts. The heads are concatenated back to ``dim``.
+    As in the official code there is no scaling, no LayerNorm and **no output projection** (the official module
+    creates a ``proj`` Linear that ``forward`` never uses; it is not created here).
     """
 
     def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 1, qkv_bias: bool = True, eps: float = 1e-6):
@@ -111,7 +116,8 @@ class LinearAttentionHead(nn.Module):
         latent = dim // latent_size_scale
         if latent % num_heads or dim % num_heads:
             raise ValueError(f"the lin head's Q/K width c = {dim}/{latent_size_scale} = {latent} does not split across "
-                             f"{num_heads} heads; choose latent_size_scale so that (dim / latent_size_scale) % num_heads == 0")
+                             f"{num_heads} heads; choose latent_size_scale so that "
+                             "(dim / latent_size_scale) % num_heads == 0")
         self.num_heads, self.latent_dim, self.eps = num_heads, latent, eps
         self.q = nn.Linear(dim, latent, bias=qkv_bias)
         self.k = nn.Linear(dim, latent, bias=qkv_bias)
@@ -133,7 +139,9 @@ class LinearAttentionHead(nn.Module):
         return out.reshape(queries.shape[0], queries.shape[1], -1)
 
     def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Explicit weights ``A[b, h, m, n] = phi(q_m).phi(k_n) / (sum_n' phi(q_m).phi(k_n') + eps)``; ``forward`` = A V."""
+        """Explicit weights ``A[b, h, m, n] = phi(q_m).phi(k_n) / (sum_n' phi(q_m).phi(k_n') + eps)``.
+
+        ``forward`` equals ``A V`` (per head, heads concatenated)."""
         q, k, _ = self._features(source, queries)
         a = torch.einsum("bmhc,bnhc->bhmn", q, k)
         return a / (a.sum(dim=-1, keepdim=True) + self.eps)
@@ -142,9 +150,10 @@ class LinearAttentionHead(nn.Module):
 class TokenLearnerHead(nn.Module):
     """``tl``: TokenLearner-style summarization (as in Token Turing Machines).
 
-    ``Z = [X; Y]`` (``N + M`` tokens) -> LayerNorm (eps 1e-5) -> MLP ``dim -> M -> M`` with GELU -> transpose and softmax
-    over the ``N + M`` tokens -> weights ``W [M, N+M]`` -> output ``W Z`` (the un-normalized tokens). The output count
-    and the bottleneck both equal the query-stream token count ``num_out``, fixed at construction (official code).
+    ``Z = [X; Y]`` (``N + M`` tokens) -> LayerNorm (eps 1e-5) -> MLP ``dim -> M -> M`` with GELU -> transpose and
+    softmax over the ``N + M`` tokens -> weights ``W [M, N+M]`` -> output ``W Z`` (the un-normalized tokens). The
+    output count and the bottleneck both equal the query-stream token count ``num_out``, fixed at construction
+    (official code).
     """
 
     def __init__(self, dim: int, num_out: int):
@@ -204,8 +213,9 @@ class CrossAttentionHead(nn.Module):
 class LatentAttentionHead(nn.Module):
     """``la``: single-head "latent attention" with ``c = dim / latent_size_scale`` latents.
 
-    ``A = softmax_c(MLP_q(LN(Y))) [M, c]``, ``B = softmax_N(MLP_s(LN(X))^T) [c, N]``; each MLP is ``dim -> 64 -> c`` with
-    GELU; the values are the raw source tokens (no projection): output ``A (B X)``; explicit map ``A B [M, N]``."""
+    ``A = softmax_c(MLP_q(LN(Y))) [M, c]``, ``B = softmax_N(MLP_s(LN(X))^T) [c, N]``; each MLP is
+    ``dim -> 64 -> c`` with GELU; the values are the raw source tokens (no projection): output ``A (B X)``; explicit
+    map ``A B [M, N]``."""
 
     def __init__(self, dim: int, latent_size_scale: int = 1, hidden: int = 64):
         super().__init__()
@@ -233,8 +243,9 @@ class LatentAttentionHead(nn.Module):
 class LatentCrossAttentionHead(nn.Module):
     """``lca``: multi-head latent cross-attention (efficient-attention style).
 
-    ``q = LN_c(Y Wq)``, ``k = LN_c(X Wk)`` of width ``c = dim / latent_size_scale``, ``v = LN_d(X Wv)``; per head, softmax
-    of q over its ``c/h`` features and of k over the N tokens, ``out = q (k^T v)``; heads concatenated, output Linear."""
+    ``q = LN_c(Y Wq)``, ``k = LN_c(X Wk)`` of width ``c = dim / latent_size_scale``, ``v = LN_d(X Wv)``; per head,
+    softmax of q over its ``c/h`` features and of k over the N tokens, ``out = q (k^T v)``; heads concatenated, output
+    Linear."""
 
     def __init__(self, dim: int, num_heads: int, latent_size_scale: int = 1, qkv_bias: bool = True):
         super().__init__()
@@ -270,7 +281,8 @@ class LatentCrossAttentionHead(nn.Module):
         return self.proj(out.reshape(queries.shape[0], queries.shape[1], -1))
 
 
-def _make_rw_head(kind: str, dim: int, num_heads: int, latent_size_scale: int, num_out: int, qkv_bias: bool) -> nn.Module:
+def _make_rw_head(kind: str, dim: int, num_heads: int, latent_size_scale: int, num_out: int,
+                  qkv_bias: bool) -> nn.Module:
     if kind == "lin":
         return LinearAttentionHead(dim, num_heads, latent_size_scale, qkv_bias=qkv_bias)
     if kind == "tl":
@@ -329,8 +341,9 @@ class MemoryMlpBlock(nn.Module):
 def _grid(img_size: tuple[int, int], patch: int, which: str) -> tuple[int, int]:
     H, W = img_size
     if H % patch or W % patch:
+        options = [p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]
         raise ValueError(f"{which}={patch} does not divide the image size {H}x{W}; choose a patch size that divides "
-                         f"both sides (e.g. one of {[p for p in range(1, min(H, W) + 1) if H % p == 0 and W % p == 0]})")
+                         f"both sides (one of {options})")
     return H // patch, W // patch
 
 
@@ -390,7 +403,8 @@ class ViTTM(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} does not split across num_heads={num_heads}")
         if latent_size_scale < 1 or embed_dim % latent_size_scale:
-            raise ValueError(f"latent_size_scale={latent_size_scale} must be a positive divisor of embed_dim={embed_dim}")
+            raise ValueError(f"latent_size_scale={latent_size_scale} must be a positive divisor of "
+                             f"embed_dim={embed_dim}")
         img_size = to_2tuple(img_size)
         self.img_size = tuple(img_size)
         self.memory_grid = _grid(self.img_size, memory_ps, "memory_ps")
@@ -412,6 +426,7 @@ class ViTTM(nn.Module):
         self.rw_head_type, self.fusion_type, self.latent_size_scale = rw_head_type, fusion_type, latent_size_scale
         self.memory_blocks_type, self.process_embedder_type = memory_blocks, process_embedder_type
         self.num_prefix_tokens = 0
+        self.grad_checkpointing = False
         norm_layer = LayerNorm  # timm LayerNorm, eps 1e-6 (official norm_layer)
 
         embed_kw = dict(img_size=self.img_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False,
@@ -454,11 +469,11 @@ class ViTTM(nn.Module):
         self.process_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
 
-    # -- init -----------------------------------------------------------------------------------------------------------
+    # -- init ----------------------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Official init: every Linear truncated-normal std 0.02 with zero bias (timm's ``init_weights("")``), LayerNorms
-        (1, 0), memory conv left at PyTorch's default, process conv xavier-uniform with zero bias, position tables (and
-        latent process tokens) truncated-normal 0.02, both classifier heads all zeros."""
+        """Official init: every Linear truncated-normal std 0.02 with zero bias (timm's ``init_weights("")``),
+        LayerNorms (1, 0), memory conv left at PyTorch's default, process conv xavier-uniform with zero bias, position
+        tables (and latent process tokens) truncated-normal 0.02, both classifier heads all zeros."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)
@@ -476,12 +491,17 @@ class ViTTM(nn.Module):
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
 
-    # -- timm model API -------------------------------------------------------------------------------------------------
+    # -- timm model API ------------------------------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Names timm's optimizer factory exempts from weight decay. The official recipe decays *every* parameter
         (torch AdamW on ``model.parameters()``); use ``filter_bias_and_bn=False`` in timm to reproduce it."""
         return {"memory_pos_embed", "process_pos_embed", "process_latent"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each layer (read, block, write, memory block) in backward to save memory while training."""
+        self.grad_checkpointing = enable
 
     def get_classifier(self) -> tuple[nn.Module, nn.Module]:
         return self.head, self.process_head
@@ -498,7 +518,7 @@ class ViTTM(nn.Module):
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
 
-    # -- forward --------------------------------------------------------------------------------------------------------
+    # -- forward -------------------------------------------------------------------------------------------------------
     def _embed(self, embedder: PatchEmbed, pos: torch.Tensor, grid: tuple[int, int], x: torch.Tensor, which: str,
                patch: int) -> torch.Tensor:
         H, W = x.shape[-2:]
@@ -550,7 +570,10 @@ class ViTTM(nn.Module):
         if record is not None:
             record["memory0"] = mem
         for i in range(self.depth):
-            mem, proc = self._layer(i, mem, proc, record)
+            if self.grad_checkpointing and record is None and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                mem, proc = checkpoint(self._layer, i, mem, proc, use_reentrant=False)
+            else:
+                mem, proc = self._layer(i, mem, proc, record)
         return self.norm(mem), self.process_norm(proc)
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,8 +639,9 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViTTM, allow_head
     Accepts raw ``model.state_dict()`` files, compiled runs (``_orig_mod.`` prefix), EMA files (torch AveragedModel:
     ``module.`` prefix plus an ``n_averaged`` entry) and dicts wrapping one of those under ``state_dict``/``model``.
     Drops what the official model creates but never uses (``cls_token``, ``pos_embed``, ``patch_embed.*``, the lin
-    heads' ``proj``); when ``memory_ps == 16`` the official ``patch_embed`` *is* the memory embedder, so it is renamed if
-    ``memory_embedder.*`` is absent. Position tables of another grid are resampled (bicubic, antialias; square tables).
+    heads' ``proj``); when ``memory_ps == 16`` the official ``patch_embed`` *is* the memory embedder, so it is renamed
+    if ``memory_embedder.*`` is absent. Position tables of another grid are resampled (bicubic, antialias; square
+    tables).
 
     Raises ``ValueError`` listing missing keys, unexpected keys and shape mismatches (e.g. a checkpoint of another
     model size). Classifier shape mismatches are dropped instead when ``allow_head_mismatch`` is True, or when it is
@@ -664,7 +688,8 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: ViTTM, allow_head
             parts.append(f"{len(mismatched)} shape mismatches: " + "; ".join(mismatched[:12])
                          + (" ..." if len(mismatched) > 12 else ""))
         if missing:
-            parts.append(f"{len(missing)} missing keys: " + ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else ""))
+            parts.append(f"{len(missing)} missing keys: " + ", ".join(missing[:20])
+                         + (" ..." if len(missing) > 20 else ""))
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys: " + ", ".join(unexpected[:20])
                          + (" ..." if len(unexpected) > 20 else ""))
@@ -775,7 +800,9 @@ def ablation_configs(study: Optional[str] = None, img_size: int = 28) -> dict[st
     Studies (the official code's ablation space, reference sheet §4.4):
     ``head_fusion``: every rw head type x fusion type (labels ``"lin+residual"``...);
     ``latent_scale``: r in {1, 2, 4} with lin;
-    ``patch_sizes``: (memory_ps, process_ps) pairs that divide ``img_size`` (labels ``"m4p4"``...);
+    ``patch_sizes``: (memory_ps, process_ps) pairs that divide ``img_size``, memory patch <= process patch (the
+    official settings never have fewer memory than process tokens) and at least a 4x4 process grid (labels
+    ``"m4p4"``...; at 28 px: m2p2, m2p4, m2p7, m4p4, m4p7, m7p7);
     ``memory_blocks``: none vs mlp.
     Returns ``{study: {label: kwargs}}`` or, with ``study``, ``{label: kwargs}``.
     """
@@ -790,7 +817,7 @@ def ablation_configs(study: Optional[str] = None, img_size: int = 28) -> dict[st
     pairs = []
     for m in divisors:
         for p in divisors:
-            if p >= m and (img_size // p) >= 2:
+            if p >= m and (img_size // p) >= 4:
                 pairs.append((m, p))
     studies["patch_sizes"] = {f"m{m}p{p}": dict(memory_ps=m, process_ps=p, img_size=img_size) for m, p in pairs}
     if study is None:
@@ -814,17 +841,22 @@ def _cfg(input_size: tuple[int, int, int] = (3, 224, 224), **kwargs) -> dict[str
     }
 
 
+_FM = dict(num_classes=10, crop_pct=1.0, interpolation="bilinear", mean=(FASHION_MNIST_MEAN,) * 3,
+           std=(FASHION_MNIST_STD,) * 3)
+
 default_cfgs = generate_default_cfgs({
     # The released ViTTM-B-28 IN-1k weights (README Google-Drive link): load with pretrained_cfg_overlay=dict(file=...).
-    "vittm_base_m28p28_224.official_in1k": _cfg(notes=("Released ViTTM-B-28 (IN-21k-P pretrain, IN-1k fine-tune); "
-                                                       "download manually, pass pretrained_cfg_overlay=dict(file=path)",)),
+    "vittm_base_m28p28_224.official_in1k": _cfg(notes=(
+        "Released ViTTM-B-28 (IN-21k-P pretrain, IN-1k fine-tune); download manually, pass "
+        "pretrained_cfg_overlay=dict(file=path)",)),
     "vittm_small_m28p28_224": _cfg(),
     "vittm_tiny_m28p28_224": _cfg(),
     "vittm_small_m16p32_224": _cfg(),
     "vittm_base_m16p32_224": _cfg(),
-    "vittm_cpu_m4p4_32": _cfg(input_size=(3, 32, 32), num_classes=10, crop_pct=1.0),
-    "vittm_cpu_m4p4_28": _cfg(input_size=(3, 28, 28), num_classes=10, crop_pct=1.0),
-    "vittm_cpu_m2p4_28": _cfg(input_size=(3, 28, 28), num_classes=10, crop_pct=1.0),
+    # CPU variants for the default data (Fashion-MNIST as 3 channels, the same cfg as tokenbook.models.vit_small)
+    "vittm_cpu_m4p4_32": _cfg(input_size=(3, 32, 32), **_FM),
+    "vittm_cpu_m4p4_28": _cfg(input_size=(3, 28, 28), **_FM),
+    "vittm_cpu_m2p4_28": _cfg(input_size=(3, 28, 28), **_FM),
 })
 
 
@@ -836,7 +868,8 @@ def _create(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs) 
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12)
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
-#: CPU family: d 128, depth 6, 4 heads (head dim 32); lin with r = 4 gives c = 32 (8 per head), as the paper's d/4.
+#: CPU family: d 128, depth 6, 4 heads (head dim 32), the width/depth of the ``vit_fm_small_p4_*`` baselines of
+#: ``tokenbook.models.vit_small``; lin with r = 4 gives c = 32 (8 per head), the paper's d/4.
 _CPU = dict(embed_dim=128, depth=6, num_heads=4)
 
 
