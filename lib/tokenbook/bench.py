@@ -298,3 +298,52 @@ def compare_latency(models: dict[str, nn.Module], baseline: str, **kwargs) -> li
     for r in rows:
         r[f"speedup_vs_{baseline}"] = base / r["median_ms"]
     return rows
+
+
+def efficiency_table(
+    models: dict[str, nn.Module],
+    input_size: Sequence[int] = (3, 224, 224),
+    latency: bool = True,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    min_run_time: float = 1.0,
+    used_params: bool = False,
+    baseline: Optional[str] = None,
+    forward: Optional[Callable] = None,
+):
+    """One row per model: params (total, used), MACs/FLOPs with attention, latency and throughput, settings.
+
+    All models are measured in this one call, so ``speedup_vs_<baseline>`` and ``macs_ratio_vs_<baseline>`` are
+    ratios from the same run. ``latency=False`` skips timing (counts only).
+    """
+    import pandas as pd
+
+    rows = []
+    for name, m in models.items():
+        m = m.eval()
+        row = {"model": name, "img_size": input_size[-1]}
+        pc = count_params(m)
+        row["params_m"] = pc["total"] / 1e6
+        if used_params:
+            ex = torch.randn(2, *input_size)
+            row["used_params_m"] = count_used_params(m, ex, forward) / 1e6
+            m.eval()
+        mc = count_macs(m, input_size=input_size)
+        row["gmacs"], row["gflops"] = mc["gmacs"], mc["gflops"]
+        if latency:
+            lr = measure_latency(m, input_size=input_size, batch_size=batch_size, device=device, dtype=dtype,
+                                 min_run_time=min_run_time, name=name)
+            row.update({"latency_ms": lr.median_ms, "latency_iqr_ms": lr.iqr_ms, "throughput_img_s": lr.throughput_img_s,
+                        "batch": lr.batch_size, "device": lr.device, "dtype": lr.dtype, "threads": lr.threads,
+                        "runs": lr.runs, "peak_mem_mb": lr.peak_mem_mb})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if baseline is not None:
+        if baseline not in models:
+            raise ValueError(f"baseline {baseline!r} is not among the models {list(models)}")
+        b = df.set_index("model").loc[baseline]
+        df[f"macs_ratio_vs_{baseline}"] = b["gmacs"] / df["gmacs"]
+        if latency:
+            df[f"speedup_vs_{baseline}"] = b["latency_ms"] / df["latency_ms"]
+    return df

@@ -505,7 +505,12 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
     last_lr = optimizer.param_groups[0]["lr"]
     head_names: list[str] = []
     final: dict = {}
+    # data order is a function of (loader seed, epoch) so that a resumed run sees the same batches
+    gen = getattr(train_loader, "generator", None)
+    gen_base = gen.initial_seed() if gen is not None else None
     for epoch in range(start_epoch, cfg.epochs):
+        if gen is not None:
+            gen.manual_seed(gen_base + 1_000_003 * epoch)
         sampler = getattr(train_dl, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)

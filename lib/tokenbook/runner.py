@@ -1,0 +1,355 @@
+"""Batch runner behind ``./run_all.sh``: every notebook through papermill under a profile, then reports.
+
+``python -m tokenbook.runner [--profile cpu] [--only NAME ...] [-p key value ...] [--timeout MIN] [--results DIR]``
+
+For each ``notebooks/NN_name.ipynb`` (in order):
+
+1. parameters come from ``notebooks/params/<name>/<profile>.yaml`` plus ``-p`` overrides (typed like the parameters
+   cell's annotations); unknown or mistyped names and missing profiles are refused before anything runs;
+2. papermill executes it in a child process with an explicit kernel, the repository root as working directory,
+   logged output (``log.txt``) and a per-notebook time limit, writing into a staging folder;
+3. on success the staged folder replaces ``results/<name>/<profile>/`` atomically (an HTML report is rendered with
+   nbconvert); on failure the previous results stay untouched and the executed notebook with the error goes to
+   ``results/<name>/<profile>-failed/``. Other notebooks still run;
+4. at the end a summary (notebook, status, minutes) is printed, ``results/README.md`` and ``results/index.html`` are
+   regenerated, and the exit status is non-zero if any notebook failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .results import atomic_write, check_param_type, repo_root
+
+PROFILES = ("smoke", "cpu", "gpu", "full")
+RESERVED = ("profile", "results_root")
+DEFAULT_TIMEOUT_MIN = {"smoke": 5, "cpu": 20, "gpu": 240, "full": 10_000}
+
+
+class RunnerError(ValueError):
+    """Bad runner input (unknown notebook, profile or parameter)."""
+
+
+def list_notebooks(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def coerce(value: str):
+    """Type a ``-p`` value: true/false/none, int, float, else string (YAML scalars)."""
+    v = yaml.safe_load(value)
+    return v if isinstance(v, (int, float, bool, str)) or v is None else value
+
+
+def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> dict:
+    """The parameters for one notebook run, validated against its ``parameters`` cell."""
+    from .results import notebook_parameters
+
+    nb = root / "notebooks" / f"{name}.ipynb"
+    specs = notebook_parameters(name, nb)
+    pdir = root / "notebooks" / "params" / name
+    pfile = pdir / f"{profile}.yaml"
+    if not pfile.is_file():
+        have = sorted(p.stem for p in pdir.glob("*.yaml")) if pdir.is_dir() else []
+        raise RunnerError(f"{name}: profile {profile!r} does not exist (no {pfile.relative_to(root)}); "
+                          f"available profiles: {', '.join(have) or 'none'}")
+    try:
+        params = yaml.safe_load(pfile.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RunnerError(f"{pfile}: invalid YAML ({e})") from e
+    if not isinstance(params, dict):
+        raise RunnerError(f"{pfile}: must be a mapping of parameter names to values")
+    params = {**params, **overrides}
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        import difflib
+
+        hints = [f"{u} (did you mean {difflib.get_close_matches(u, specs, 1)[0]!r}?)"
+                 if difflib.get_close_matches(u, specs, 1) else u for u in unknown]
+        raise RunnerError(f"{name}: unknown parameter(s) {', '.join(hints)}; the notebook's parameters are: "
+                          f"{', '.join(sorted(specs))}")
+    for k, v in params.items():
+        try:
+            params[k] = check_param_type(k, v, specs[k]["type"])
+        except TypeError as e:
+            raise RunnerError(f"{name} ({pfile.name} or -p): {e}") from e
+    missing = [r for r in RESERVED if r not in specs]
+    if missing:
+        raise RunnerError(f"{name}: parameters cell lacks {missing}")
+    return params
+
+
+def _kernel_name() -> str:
+    """The kernel papermill uses: this interpreter's ipykernel (the venv's)."""
+    from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
+
+    return NATIVE_KERNEL_NAME
+
+
+def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir: Path, timeout_min: float) -> dict:
+    """Execute one notebook; returns its status record."""
+    stage_root = results_dir / ".staging" / f"{name}-{profile}-{os.getpid()}"
+    shutil.rmtree(stage_root, ignore_errors=True)
+    stage = stage_root / name / profile
+    stage.mkdir(parents=True)
+    out_nb = stage / f"{name}.ipynb"
+    pfile = stage / "parameters.yaml"
+    params = {**params, "profile": profile, "results_root": str(stage_root)}
+    pfile.write_text(yaml.safe_dump(params, sort_keys=True))
+    cmd = [sys.executable, "-m", "papermill", str(root / "notebooks" / f"{name}.ipynb"), str(out_nb),
+           "-f", str(pfile), "-k", _kernel_name(), "--cwd", str(root), "--log-output", "--no-progress-bar",
+           "--request-save-on-cell-execute", "--autosave-cell-every", "20"]
+    env = {**os.environ, "PYTHONHASHSEED": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "TOKENBOOK_HEADLESS": "1",
+           "TOKENBOOK_ROOT": str(root), "TOKENBOOK_PROFILE": profile, "MPLBACKEND": "Agg",
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    t0 = time.time()
+    status, detail = "failed", ""
+    with open(stage / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_min * 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc, status, detail = -9, "timeout", f"exceeded the {timeout_min:g} min limit"
+    minutes = (time.time() - t0) / 60
+    if status != "timeout":
+        if rc == 0:
+            status = "ok"
+        else:
+            status = "failed"
+            detail = _error_summary(out_nb, stage / "log.txt", rc)
+    record = {"notebook": name, "profile": profile, "status": status, "minutes": round(minutes, 2),
+              "detail": detail, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    atomic_write(stage / "status.json", json.dumps(record, indent=2))
+    if out_nb.is_file():
+        _render_html(out_nb)
+    final = results_dir / name / profile
+    if status == "ok":
+        _swap_in(stage, final)
+        failed = results_dir / name / f"{profile}-failed"
+        shutil.rmtree(failed, ignore_errors=True)
+    else:
+        _swap_in(stage, results_dir / name / f"{profile}-failed")
+        if final.is_dir():  # keep the previous good results, but record that the latest run failed
+            atomic_write(final / "last_failure.json", json.dumps(record, indent=2))
+    shutil.rmtree(stage_root, ignore_errors=True)
+    try:
+        (results_dir / ".staging").rmdir()
+    except OSError:
+        pass
+    return record
+
+
+def _swap_in(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _error_summary(nb_path: Path, log_path: Path, rc: int) -> str:
+    if rc == 138:
+        return "the kernel died (exit 138): most likely out of memory"
+    try:
+        import nbformat
+
+        nb = nbformat.read(str(nb_path), as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "error":
+                    return f"{out.get('ename')}: {out.get('evalue')}"[:500]
+    except Exception:
+        pass
+    try:
+        tail = log_path.read_text().strip().splitlines()[-3:]
+        return " | ".join(tail)[:500]
+    except OSError:
+        return f"exit code {rc}"
+
+
+def _render_html(nb_path: Path) -> Optional[Path]:
+    """HTML report of an executed notebook (code hidden, outputs and images embedded)."""
+    try:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        nb = nbformat.read(str(nb_path), as_version=4)
+        exporter = HTMLExporter(template_name="lab")
+        exporter.exclude_input = True
+        exporter.exclude_input_prompt = True
+        exporter.exclude_output_prompt = True
+        body, _ = exporter.from_notebook_node(nb)
+        return atomic_write(nb_path.with_suffix(".html"), body)
+    except Exception as e:  # a report that cannot render must not fail the run
+        print(f"warning: HTML report for {nb_path.name} failed: {e}", file=sys.stderr)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# results/README.md and index.html
+# ----------------------------------------------------------------------------------------------------------
+def write_index(results_dir: Path, root: Path) -> None:
+    """Regenerate results/README.md and results/index.html from what is on disk (all profiles but smoke)."""
+    lines = ["# Results", "",
+             "Generated by `./run_all.sh` (do not edit by hand). Paper values carry their source; `n/a` means the paper",
+             "does not state the number. CPU timings are from a 2-core CPU and are not comparable to the papers' GPUs.",
+             ""]
+    summary = ["| notebook | profile | status | minutes | finished (UTC) |", "|---|---|---|---|---|"]
+    sections = []
+    html_parts = []
+    for name in list_notebooks(root):
+        nb_dir = results_dir / name
+        if not nb_dir.is_dir():
+            continue
+        for pdir in sorted(p for p in nb_dir.iterdir() if p.is_dir() and not p.name.endswith((".old",))):
+            profile = pdir.name
+            if profile.startswith("smoke"):
+                continue
+            st = _read_json(pdir / "status.json")
+            meta = _read_json(pdir / "meta.json")
+            status = st.get("status", "?")
+            minutes = st.get("minutes", "?")
+            summary.append(f"| [{name}](#{name}-{profile}) | {profile} | {status} | {minutes} | "
+                           f"{st.get('finished_utc', '')} |")
+            rel = pdir.relative_to(results_dir)
+            sec = [f"## {name} ({profile})", "", f"<a id=\"{name}-{profile}\"></a>", "",
+                   f"Status: **{status}**, {minutes} min. Report: [{name}.html]({rel}/{name}.html), executed notebook: "
+                   f"[{name}.ipynb]({rel}/{name}.ipynb)."]
+            if st.get("detail"):
+                sec.append(f"\nError: `{st['detail']}`")
+            lf = _read_json(pdir / "last_failure.json")
+            if lf:
+                sec.append(f"\nThe latest run of this notebook failed ({lf.get('detail')}); these are the previous "
+                           "results.")
+            git = meta.get("git", {})
+            if git:
+                sec.append(f"\nCommit `{(git.get('commit') or '?')[:10]}`{' (dirty)' if git.get('dirty') else ''}, "
+                           f"seed {meta.get('seed')}, device {meta.get('device', {}).get('gpu') or meta.get('device', {}).get('cpu')}.")
+            for t in meta.get("tables", []):
+                md = pdir / t["md"]
+                if md.is_file():
+                    sec += ["", f"### {t['name']}", "", md.read_text().strip()]
+            for f in meta.get("figures", []):
+                sec += ["", f"![{f['name']}]({rel}/{f['png']})" + (f"  \n*{f['caption']}*" if f.get("caption") else "")]
+            sections += sec + [""]
+            html_parts.append(f"<li><a href=\"{rel}/{name}.html\">{name} ({profile})</a>: {status}, {minutes} min</li>")
+    text = "\n".join(lines + summary + [""] + sections)
+    atomic_write(results_dir / "README.md", text)
+    html = ("<!doctype html><html><head><meta charset='utf-8'><title>tokenbook results</title></head><body>"
+            "<h1>tokenbook results</h1><p>Rendered notebook reports (code hidden). Tables and figures: "
+            "<a href='README.md'>README.md</a>.</p><ul>" + "".join(html_parts) + "</ul></body></html>")
+    atomic_write(results_dir / "index.html", html)
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default=None, help=f"one of {PROFILES} (default: gpu if CUDA is available, else cpu)")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only this notebook (name with or without the NN_ prefix); repeatable")
+    ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="override a parameter for every selected notebook that has it")
+    ap.add_argument("--timeout", type=float, default=None, help="per-notebook time limit in minutes")
+    ap.add_argument("--results", default=None, help="results folder (default: <repo>/results)")
+    ap.add_argument("--list", action="store_true", help="list notebooks and their profiles, then exit")
+    args = ap.parse_args(argv)
+
+    root = repo_root()
+    notebooks = list_notebooks(root)
+    if not notebooks:
+        print(f"no notebooks found under {root / 'notebooks'}", file=sys.stderr)
+        return 2
+    if args.list:
+        for n in notebooks:
+            profs = sorted(p.stem for p in (root / "notebooks" / "params" / n).glob("*.yaml"))
+            print(f"{n}: {', '.join(profs)}")
+        return 0
+    profile = args.profile
+    if profile is None:
+        import torch
+
+        profile = "gpu" if torch.cuda.is_available() else "cpu"
+    if profile not in PROFILES:
+        print(f"error: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}", file=sys.stderr)
+        return 2
+    selected = notebooks
+    if args.only:
+        selected = []
+        for o in args.only:
+            match = [n for n in notebooks if n == o or n.split("_", 1)[1] == o]
+            if not match:
+                print(f"error: no notebook {o!r}; available: {', '.join(notebooks)}", file=sys.stderr)
+                return 2
+            selected += [m for m in match if m not in selected]
+    overrides_raw = {k: coerce(v) for k, v in args.param}
+    results_dir = Path(args.results).resolve() if args.results else root / "results"
+    timeout = args.timeout or DEFAULT_TIMEOUT_MIN[profile]
+
+    # validate everything before running anything
+    plans = []
+    errors = []
+    for n in selected:
+        from .results import notebook_parameters
+
+        try:
+            specs = notebook_parameters(n, root / "notebooks" / f"{n}.ipynb")
+            ov = {k: v for k, v in overrides_raw.items() if k in specs}
+            plans.append((n, resolve_parameters(root, n, profile, ov)))
+        except (RunnerError, ValueError, FileNotFoundError) as e:
+            errors.append(str(e))
+    unused = [k for k in overrides_raw if not any(k in p for _, p in plans)] if plans else []
+    if unused and not errors:
+        errors.append(f"-p {', '.join(unused)}: no selected notebook has such a parameter")
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    print(f"tokenbook: running {len(plans)} notebook(s) with profile '{profile}' (limit {timeout:g} min each); "
+          f"results in {results_dir}", flush=True)
+    records = []
+    for n, params in plans:
+        print(f"--> {n} ...", flush=True)
+        rec = run_notebook(root, n, profile, params, results_dir, timeout)
+        records.append(rec)
+        print(f"<-- {n}: {rec['status']} in {rec['minutes']:.2f} min" + (f" ({rec['detail']})" if rec["detail"] else ""),
+              flush=True)
+    write_index(results_dir, root)
+    print("\nsummary")
+    print(f"{'notebook':28s} {'status':8s} {'minutes':>8s}")
+    for r in records:
+        print(f"{r['notebook']:28s} {r['status']:8s} {r['minutes']:8.2f}")
+    total = sum(r["minutes"] for r in records)
+    print(f"{'total':28s} {'':8s} {total:8.2f}")
+    failed = [r for r in records if r["status"] != "ok"]
+    if failed:
+        print(f"\n{len(failed)} notebook(s) failed; their executed notebooks are in results/<name>/{profile}-failed/",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

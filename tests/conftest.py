@@ -1,0 +1,42 @@
+"""Shared test set-up: offline hub, markers, small data fixtures in the real formats."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TOKENBOOK_HEADLESS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    run_slow = os.environ.get("TOKENBOOK_SLOW") == "1" or "slow" in (config.getoption("-m") or "")
+    has_gpu = torch.cuda.is_available()
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set TOKENBOOK_SLOW=1 or -m slow"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def idx_dir(tmp_path_factory) -> Path:
+    """Fashion-MNIST-format IDX files (synthetic, 200 train / 100 test)."""
+    from tokenbook.data import write_idx_fixture
+
+    return write_idx_fixture(tmp_path_factory.mktemp("idx"), n_train=200, n_test=100)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("TOKENBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -1,0 +1,288 @@
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from tokenbook import repro
+from tokenbook.train import (CheckpointMismatchError, TrainConfig, TrainingDivergedError, evaluate, fit, load_weights,
+                             recipe, save_weights)
+
+
+def _easy_data(n=256, classes=4, seed=0, shift=2.0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    x[torch.arange(n), y % 3, :, y // 3] += shift  # class-dependent bright column
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def _loaders(bs=32, seed=0, n=256):
+    ds = _easy_data(n)
+    tl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True,
+                                     generator=repro.loader_generator(seed))
+    vl = torch.utils.data.DataLoader(_easy_data(128, seed=1), batch_size=64)
+    return tl, vl
+
+
+def _tiny_vit(classes=4, seed=0):
+    repro.seed_everything(seed)
+    return timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=classes)
+
+
+CFG = dict(epochs=3, lr=3e-3, warmup_epochs=0.5, progress=False, accelerator="cpu")
+
+
+def test_fit_learns_and_reports():
+    tl, vl = _loaders()
+    r = fit(_tiny_vit(), tl, vl, TrainConfig(**CFG))
+    h = r.history
+    assert list(h["epoch"]) == [1, 2, 3]
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+    assert r.final["val_top1"] > 60  # chance is 25
+    assert r.timing["step_time_s"] > 0 and r.timing["wall_time_s"] >= r.timing["step_time_s"]
+    assert r.timing["steps"] == 3 * 8
+    # per-step cosine schedule reaches min_lr at the end
+    assert h["lr"].iloc[-1] == pytest.approx(1e-6, abs=1e-6)
+
+
+def test_warmup_in_steps_and_cosine_per_step():
+    tl, vl = _loaders()
+    seen = []
+
+    class Spy:
+        def on_batch(self, batch):
+            return batch
+
+        def on_epoch_end(self, epoch, model, metrics):
+            seen.append(metrics["lr"])
+
+    cfg = TrainConfig(**{**CFG, "epochs": 2, "warmup_steps": 4, "warmup_lr": 1e-5, "min_lr": 1e-4})
+    fit(_tiny_vit(), tl, None, cfg, hooks=[Spy()])
+    # after 8 of 16 updates: cosine at t=8 of 16 -> midway between lr and min_lr
+    assert seen[0] == pytest.approx(1e-4 + 0.5 * (3e-3 - 1e-4), rel=1e-6)
+
+
+class TwoHeads(nn.Module):
+    head_names = ("memory", "process")
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        self.b = nn.Sequential(nn.Flatten(), nn.Linear(192, 4))
+        self.num_classes = 4
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_multi_head_loss_is_summed_and_reported_per_head():
+    tl, vl = _loaders()
+    m = TwoHeads()
+    r = fit(m, tl, vl, TrainConfig(**CFG))
+    for k in ("val_top1_memory", "val_top1_process", "val_top5_memory"):
+        assert k in r.final
+    assert r.final["val_top1"] == r.final["val_top1_memory"]
+    # summed loss: at init both heads are ~log(4), so the first logged loss is about twice that
+    m2 = TwoHeads()
+    x, y = next(iter(tl))
+    with torch.no_grad():
+        a, b = m2(x)
+        expect = nn.functional.cross_entropy(a, y) + nn.functional.cross_entropy(b, y)
+    assert expect > 2.0  # two heads' losses
+
+
+def test_hooks_called_in_order_with_state():
+    tl, vl = _loaders()
+    calls = []
+
+    class Hook:
+        def __init__(self):
+            self.n = 0
+
+        def on_fit_start(self, fabric, model):
+            calls.append("start")
+
+        def on_epoch_start(self, epoch, model):
+            calls.append(f"epoch{epoch}")
+
+        def on_batch(self, batch):
+            self.n += 1
+            x, y = batch
+            return x * 0 + x, y
+
+        def on_epoch_end(self, epoch, model, metrics):
+            calls.append(f"end{epoch}:{'val_top1' in metrics}")
+
+        def state_dict(self):
+            return {"n": self.n}
+
+    h = Hook()
+    fit(_tiny_vit(), tl, vl, TrainConfig(**{**CFG, "epochs": 2}), hooks=[h])
+    assert calls == ["start", "epoch0", "end0:True", "epoch1", "end1:True"]
+    assert h.n == 16
+
+
+def test_only_trainable_parameters_change():
+    tl, vl = _loaders()
+    m = _tiny_vit()
+    for n, p in m.named_parameters():
+        p.requires_grad_(n.startswith("head"))
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    r = fit(m, tl, None, TrainConfig(**{**CFG, "epochs": 1}))
+    assert r.trainable_params == sum(p.numel() for n, p in m.named_parameters() if n.startswith("head"))
+    for n, p in m.named_parameters():
+        same = torch.equal(before[n], p.detach())
+        assert same != n.startswith("head"), n
+
+
+def test_mixup_bce_ema_clip_run():
+    tl, vl = _loaders()
+    cfg = TrainConfig(**{**CFG, "epochs": 1, "mixup": 0.8, "cutmix": 1.0, "loss": "bce", "ema_decay": 0.9,
+                         "clip_grad": 1.0, "label_smoothing": 0.1})
+    r = fit(_tiny_vit(), tl, vl, cfg)
+    assert r.ema is not None and "ema_top1" in r.final and math.isfinite(r.final["train_loss"])
+
+
+def test_nan_loss_stops_with_step_and_lr():
+    tl, _ = _loaders()
+
+    class Bad(nn.Module):
+        num_classes = 4
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(192, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.lin(x.flatten(1))
+            return out * float("nan") if self.calls == 2 else out
+
+    with pytest.raises(TrainingDivergedError, match=r"step 2 .*last learning rate"):
+        fit(Bad(), tl, None, TrainConfig(**CFG))
+
+
+def test_checkpoint_resume_matches_uninterrupted(tmp_path):
+    tl, vl = _loaders()
+    full = fit(_tiny_vit(), tl, vl, TrainConfig(**{**CFG, "epochs": 3, "ema_decay": 0.9}))
+
+    class StopAfter:
+        def on_epoch_end(self, epoch, model, metrics):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    ck = str(tmp_path / "ck")
+    tl, vl = _loaders()
+    with pytest.raises(KeyboardInterrupt):
+        fit(_tiny_vit(), tl, vl, TrainConfig(**{**CFG, "epochs": 3, "ema_decay": 0.9, "checkpoint_dir": ck}),
+            hooks=[StopAfter()])
+    # only epoch 0 was checkpointed (the interrupt happened in epoch 1's end hook, before its checkpoint)
+    state = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert state["epoch"] == 0
+    tl, vl = _loaders()
+    resumed = fit(_tiny_vit(seed=123), tl, vl,
+                  TrainConfig(**{**CFG, "epochs": 3, "ema_decay": 0.9, "checkpoint_dir": ck, "resume": True}))
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert list(resumed.history["epoch"]) == [1, 2, 3]
+
+
+def test_resume_refuses_other_epoch_count(tmp_path):
+    tl, vl = _loaders()
+    ck = str(tmp_path / "ck")
+    fit(_tiny_vit(), tl, None, TrainConfig(**{**CFG, "epochs": 1, "checkpoint_dir": ck}))
+    with pytest.raises(ValueError, match="epoch"):
+        fit(_tiny_vit(), tl, None, TrainConfig(**{**CFG, "epochs": 2, "checkpoint_dir": ck, "resume": True}))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_weights_round_trip_and_mismatch(tmp_path, suffix):
+    m = _tiny_vit()
+    p = save_weights(m, tmp_path / f"w{suffix}")
+    m2 = _tiny_vit(seed=5)
+    assert load_weights(m2, p) == {"missing": [], "unexpected": [], "shape_mismatch": []}
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+    other = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                              num_classes=7)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_weights(other, p)
+    msg = str(e.value)
+    assert "missing keys: blocks.2" in msg and "head.weight" in msg
+
+
+def test_evaluate_counts_top5():
+    tl, vl = _loaders()
+    m = _tiny_vit(classes=10)
+    r = evaluate(m, vl)
+    assert 0 <= r["top1"] <= r["top5"] <= 100 and r["n"] == 128
+
+
+def test_same_seed_same_history():
+    def run():
+        tl, vl = _loaders(seed=7)
+        return fit(_tiny_vit(seed=7), tl, vl, TrainConfig(**{**CFG, "epochs": 2, "seed": 7})).history
+
+    a, b = run(), run()
+    cols = [c for c in a.columns if "time" not in c]
+    assert a[cols].equals(b[cols])
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="hinge")
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="recipe"):
+        recipe("nope")
+    assert recipe("deit_in1k").mixup == 0.8
+
+
+DDP_SCRIPT = textwrap.dedent('''
+    import json, sys, torch, timm
+    from lightning_fabric import Fabric
+    from tokenbook import repro
+    from tokenbook.train import TrainConfig, fit
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+    fabric.launch()
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(128) % 4
+    x = torch.randn(128, 3, 8, 8, generator=g)
+    x[torch.arange(128), y % 3, :, y // 3] += 2.0
+    ds = torch.utils.data.TensorDataset(x, y)
+    tl = torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True, drop_last=True)
+    vl = torch.utils.data.DataLoader(ds, batch_size=32)
+    repro.seed_everything(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                          num_classes=4)
+    r = fit(m, tl, vl, TrainConfig(epochs=2, lr=3e-3, progress=False), fabric=fabric)
+    w = sum(p.double().sum().item() for p in r.model.parameters())
+    print("RESULT", json.dumps({"rank": fabric.global_rank, "world": fabric.world_size, "w": w,
+                                "steps": r.timing["steps"], "n": r.final.get("val_top1")}), flush=True)
+''')
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    rows = [json.loads(l.split("RESULT ", 1)[1]) for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in rows) == [0, 1] and all(r["world"] == 2 for r in rows)
+    # 128 samples / 2 ranks / batch 16 = 4 steps per epoch per rank; weights stay in sync across ranks
+    assert all(r["steps"] == 8 for r in rows)
+    assert rows[0]["w"] == pytest.approx(rows[1]["w"], rel=1e-9)
+    assert rows[0]["n"] == rows[1]["n"]  # metrics are all-reduced
