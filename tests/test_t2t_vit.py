@@ -104,7 +104,6 @@ def official_state_dict(keys: dict[str, tuple[int, ...]], seed: int = 0) -> dict
     (224, [(56, 56), (28, 28), (14, 14)]),
     (384, [(96, 96), (48, 48), (24, 24)]),
     (200, [(50, 50), (25, 25), (13, 13)]),   # not a multiple of 16: official code assumes 12x12 and fails
-    (230, [(57, 57), (29, 29), (15, 15)]),
     ((224, 160), [(56, 40), (28, 20), (14, 10)]),
 ])
 def test_soft_split_grids_and_t2t_shapes(size, grids):
@@ -157,19 +156,20 @@ def test_full_model_forward_at_200_px_and_non_square():
 
 def test_wrong_input_size_names_the_fix_and_dynamic_size_adapts_table():
     torch.manual_seed(0)
-    m = timm.create_model("t2t_vit_tiny_fmnist").eval()
+    m = timm.create_model("t2t_vit_tiny_fmnist", depth=2).eval()
     with pytest.raises(ValueError, match="dynamic_img_size=True"):
         m(torch.randn(1, 1, 32, 32))
     with pytest.raises(ValueError, match="in_chans=3"):
         m(torch.randn(1, 3, 28, 28))
     for mode in ("interpolate", "regenerate"):
-        d = timm.create_model("t2t_vit_tiny_fmnist", dynamic_img_size=True, pos_embed_mode=mode).eval()
+        d = timm.create_model("t2t_vit_tiny_fmnist", dynamic_img_size=True, pos_embed_mode=mode, depth=2).eval()
         d.load_state_dict(m.state_dict())
         assert torch.equal(d(torch.ones(1, 1, 28, 28)), m(torch.ones(1, 1, 28, 28)))
         table = d._pos_embed_for((8, 8), torch.empty(0))
         assert table.shape == (1, 65, 128)
         if mode == "regenerate":  # same table as a model built at 32 px
-            assert torch.equal(table, timm.create_model("t2t_vit_tiny_fmnist", img_size=32).pos_embed.data)
+            built32 = timm.create_model("t2t_vit_tiny_fmnist", img_size=32, depth=1)
+            assert torch.equal(table, built32.pos_embed.data)
         else:  # bicubic on the 7x7 grid, class entry kept
             grid = d.pos_embed[:, 1:].reshape(1, 7, 7, 128).permute(0, 3, 1, 2)
             ref = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
@@ -332,13 +332,13 @@ def test_transformer_t2t_layer_matches_formula():
 
 def test_performer_dropout_is_hard_coded_and_active_in_training():
     torch.manual_seed(0)
-    m = timm.create_model("t2t_vit_tiny_fmnist", drop_rate=0.0, drop_path_rate=0.0)
+    m = timm.create_model("t2t_vit_tiny_fmnist", drop_rate=0.0, drop_path_rate=0.0, depth=1)
     x = torch.randn(2, 1, 28, 28)
     m.train()
     assert not torch.equal(m(x), m(x))
     m.eval()
     assert torch.equal(m(x), m(x))
-    m = timm.create_model("t2t_vit_tiny_fmnist", performer_dropout=0.0).train()
+    m = timm.create_model("t2t_vit_tiny_fmnist", performer_dropout=0.0, depth=1).train()
     assert torch.equal(m(x), m(x))
 
 
@@ -400,7 +400,8 @@ def test_384_checkpoint_and_224_weights_at_other_sizes(tmp_path):
     path = _save(tmp_path, {"state_dict_ema": sd224}, "224.pth")
     m = timm.create_model("t2t_vit_14", pretrained=True, pretrained_cfg_overlay=dict(file=path), img_size=384, depth=2)
     grid = sd224["pos_embed"][:, 1:].reshape(1, 14, 14, 384).permute(0, 3, 1, 2)
-    ref = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 576, 384)
+    ref = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(1, 576, 384)
     assert torch.allclose(m.pos_embed[:, 1:], ref, atol=1e-6)
     assert torch.equal(m.pos_embed[:, :1], sd224["pos_embed"][:, :1])
     assert torch.equal(m.blocks[1].mlp.fc1.weight, sd224["blocks.1.mlp.fc1.weight"])
@@ -424,8 +425,9 @@ def test_mismatched_checkpoints_list_the_keys(tmp_path):
                                          r"\['blocks.7.norm1.weight'\]"):
         t2t.checkpoint_filter_fn(bad, timm.create_model("t2t_vit_7", device="meta"))
     path = _save(tmp_path, {"state_dict_ema": sd})
-    with pytest.raises(ValueError, match=r"shape mismatches \['cls_token: checkpoint \(1, 1, 256\) vs model \(1, 1, 384\)'"):
-        timm.create_model("t2t_vit_14", pretrained=True, pretrained_cfg_overlay=dict(file=path))
+    with pytest.raises(ValueError, match=r"shape mismatches \['cls_token: checkpoint \(1, 1, 256\) vs model "
+                                         r"\(1, 1, 384\)'"):
+        timm.create_model("t2t_vit_14", pretrained=True, pretrained_cfg_overlay=dict(file=path), depth=7)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -566,3 +568,23 @@ def test_references_file_validates():
     for name, (total, *_rest, gmacs) in OFFICIAL.items():
         assert by[(name, "params")].value == total and by[(name, "gmacs")].value == gmacs
     assert {r.kind for r in refs} <= {"paper", "official_code", "official_code_measured", "third_party"}
+
+
+def test_timm_plumbing_checkpointing_and_vit_features():
+    torch.manual_seed(0)
+    m = timm.create_model("t2t_vit_tiny_fmnist", depth=2, performer_dropout=0.0).train()
+    x = torch.randn(2, 1, 28, 28)
+    ref = m(x)
+    m.set_grad_checkpointing(True)
+    out = m(x)
+    out.sum().backward()
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert m.tokens_to_token.attention1.kqv.weight.grad is not None and m.tokens_to_token.attention1.w.grad is None
+    feats = m.forward_features(x)
+    assert feats.shape == (2, 50, 128)
+    assert torch.allclose(m.forward_head(feats), ref, atol=1e-6)
+    assert m.forward_head(feats, pre_logits=True).shape == (2, 128)
+    m.reset_classifier(3, global_pool="avg")
+    assert m(x).shape == (2, 3)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, in_chans=1)
+    assert t2t.vit_patch_features(vit, torch.randn(1, 1, 32, 32)).shape == (1, 192, 8, 8)

@@ -178,7 +178,8 @@ def sinusoid_table(n_position: int, dim: int, device: Any = None, dtype: torch.d
     ``PE[pos, j] = sin(pos / 10000^(2*(j//2)/dim))`` for even j, ``cos(...)`` for odd j (computed in float64)."""
     pos = torch.arange(n_position, dtype=torch.float64, device=device)[:, None]
     j = torch.arange(dim, dtype=torch.float64, device=device)
-    angle = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64, device=device), 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    base = torch.tensor(10000.0, dtype=torch.float64, device=device)
+    angle = pos / torch.pow(base, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
     table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
     return table.to(dtype).unsqueeze(0)
 
@@ -387,8 +388,10 @@ class T2TModule(nn.Module):
                 setattr(self, f"soft_split{i}", nn.Unfold(kernel_size=k, stride=s, padding=p))
             for i in range(1, n):
                 dim = (in_chans if i == 1 else token_dim) * self.soft_split[i - 1][0] ** 2
-                layer = (TokenPerformer(dim, token_dim, kernel_ratio, performer_dropout, performer_fp32)
-                         if tokens_type == "performer" else TokenTransformer(dim, token_dim, num_heads=1, mlp_ratio=1.0))
+                if tokens_type == "performer":
+                    layer = TokenPerformer(dim, token_dim, kernel_ratio, performer_dropout, performer_fp32)
+                else:
+                    layer = TokenTransformer(dim, token_dim, num_heads=1, mlp_ratio=1.0)
                 setattr(self, f"attention{i}", layer)
             self.project = nn.Linear((in_chans if n == 1 else token_dim) * self.soft_split[-1][0] ** 2, embed_dim)
         elif tokens_type == "convolution":
@@ -508,7 +511,8 @@ class SEAttention(Attention):
         self.se_layer.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(inplace=True),
                                          nn.Linear(dim // reduction, dim, bias=False), nn.Sigmoid())
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = _attend(q, k, v, self.scale, self.fused_attn, self.attn_drop, self.training)
@@ -550,7 +554,8 @@ class GhostAttention(nn.Module):
         return (self._ghost(self.q, self.cheap_operation_q, x), self._ghost(self.k, self.cheap_operation_k, x),
                 self._ghost(self.v, self.cheap_operation_v, x))
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv_heads(x)
         y = _attend(q, k, v, self.scale, self.fused_attn, self.attn_drop, self.training)
@@ -590,7 +595,8 @@ class DenseBlock(Block):
         super().__init__(dim, **kwargs)
         self.dense_linear = nn.Linear(dim, growth_rate)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         return torch.cat([x, self.dense_linear(super().forward(x))], dim=2)
 
 
@@ -615,7 +621,8 @@ class T2TViT(nn.Module):
     Args (beyond the usual timm ones):
         tokens_type: 'performer' | 'transformer' | 'convolution' | 'none' (see ``T2TModule``).
         token_dim: width of the T2T layers (64).
-        soft_split: (kernel, stride, padding) per soft split (``OFFICIAL_SOFT_SPLIT``; ``FMNIST_SOFT_SPLIT`` for 28/32px).
+        soft_split: (kernel, stride, padding) per soft split (``OFFICIAL_SOFT_SPLIT``; ``FMNIST_SOFT_SPLIT`` at 28/32
+            px).
         block_type: 'standard' | 'se' (T2T-ViT-SE) | 'ghost' (T2T-ViT-Ghost).
         kernel_ratio, performer_dropout, performer_fp32: performer options (0.5, 0.1 hard-coded officially, fp32 fix).
         conv_act: activation between convs of tokens_type='convolution'.
@@ -724,7 +731,8 @@ class T2TViT(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^cls_token|pos_embed|tokens_to_token", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^cls_token|pos_embed|tokens_to_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
