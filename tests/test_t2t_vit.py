@@ -588,3 +588,11 @@ def test_timm_plumbing_checkpointing_and_vit_features():
     assert m(x).shape == (2, 3)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, in_chans=1)
     assert t2t.vit_patch_features(vit, torch.randn(1, 1, 32, 32)).shape == (1, 192, 8, 8)
+
+
+def test_model_cast_to_bf16_runs():
+    torch.manual_seed(0)
+    m = timm.create_model("t2t_vit_tiny_fmnist", depth=1).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        out = m(torch.randn(2, 1, 28, 28, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -272,6 +272,7 @@ class TokenPerformer(nn.Module):
         if self.fp32:
             with _no_autocast(x.device.type):
                 y = self._linear_attention(q.float(), k.float(), v.float())
+            y = y.to(v.dtype)  # back to the activation dtype (a bf16 model, or what autocast would cast to anyway)
         else:
             y = self._linear_attention(q, k, v)
         return v + self.dp(self.proj(y))
