@@ -40,3 +40,34 @@ def idx_dir(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TOKENBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+_SMOKE_CACHE: dict = {}
+
+
+@pytest.fixture(scope="session")
+def smoke_results(tmp_path_factory):
+    """``smoke_results(name) -> (record, folder)``: run notebook ``name`` once per session through the runner with the
+    smoke profile (into a temporary results folder) and return its status record and output folder."""
+    import json
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.mktemp("smoke_results")
+
+    def run(name: str):
+        if name not in _SMOKE_CACHE:
+            out = subprocess.run([sys.executable, "-m", "tokenbook.runner", "--profile", "smoke", "--only", name,
+                                  "--results", str(base)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                                 env={**os.environ, "TOKENBOOK_ROOT": str(ROOT)})
+            folder = base / name / "smoke"
+            status = folder / "status.json"
+            if not status.is_file():
+                failed = base / name / "smoke-failed"
+                log = (failed / "log.txt").read_text()[-4000:] if (failed / "log.txt").is_file() else ""
+                raise AssertionError(f"{name} smoke run failed (rc {out.returncode}):\n{out.stdout[-2000:]}\n"
+                                     f"{out.stderr[-2000:]}\n{log}")
+            _SMOKE_CACHE[name] = (json.loads(status.read_text()), folder)
+        return _SMOKE_CACHE[name]
+
+    return run
