@@ -308,20 +308,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     timeout = args.timeout or DEFAULT_TIMEOUT_MIN[profile]
 
     # validate everything before running anything
+    from .results import notebook_parameters
+
     plans = []
     errors = []
+    known: set[str] = set()
     for n in selected:
-        from .results import notebook_parameters
-
         try:
             specs = notebook_parameters(n, root / "notebooks" / f"{n}.ipynb")
+            known |= set(specs)
             ov = {k: v for k, v in overrides_raw.items() if k in specs}
             plans.append((n, resolve_parameters(root, n, profile, ov)))
         except (RunnerError, ValueError, FileNotFoundError) as e:
             errors.append(str(e))
-    unused = [k for k in overrides_raw if not any(k in p for _, p in plans)] if plans else []
-    if unused and not errors:
-        errors.append(f"-p {', '.join(unused)}: no selected notebook has such a parameter")
+    for k in overrides_raw:
+        if k not in known and not errors:
+            import difflib
+
+            close = difflib.get_close_matches(k, sorted(known), 1)
+            errors.append(f"-p {k}: no selected notebook has such a parameter"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     if errors:
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
