@@ -196,27 +196,18 @@ def head_names_of(model: nn.Module, n: int) -> list[str]:
     return ["main"] if n == 1 else [f"head{i}" for i in range(n)]
 
 
-def _is_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-
-        ip = get_ipython()
-        return ip is not None and "IPKernelApp" in ip.config and sys.stdout.isatty() is False and \
-            os.environ.get("PAPERMILL_EXECUTION") is None and os.environ.get("TOKENBOOK_HEADLESS") is None
-    except Exception:
-        return False
-
-
 def _progress(iterable, total, desc, enabled):
+    """tqdm: widget bars in an interactive notebook (tqdm.auto), plain text at a low rate when run headlessly by
+    papermill/run_all.sh (``TOKENBOOK_HEADLESS`` is set there), none when disabled."""
     if not enabled:
         return iterable
-    if _is_notebook():
-        from tqdm.auto import tqdm
-    else:
+    if os.environ.get("TOKENBOOK_HEADLESS"):
         from tqdm import tqdm
-    headless = os.environ.get("TOKENBOOK_HEADLESS") is not None
-    return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=10.0 if headless else 0.5,
-                dynamic_ncols=True, file=sys.stdout if headless else None)
+
+        return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=15.0, file=sys.stdout, ascii=True)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, mininterval=0.5, dynamic_ncols=True)
 
 
 def _is_oom(e: BaseException) -> bool:
