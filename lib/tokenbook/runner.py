@@ -121,6 +121,11 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc, status, detail = -9, "timeout", f"exceeded the {timeout_min:g} min limit"
+        except BaseException:  # Ctrl-C or a kill of the runner: take the notebook's kernel down with it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            shutil.rmtree(stage_root, ignore_errors=True)
+            raise
     minutes = (time.time() - t0) / 60
     if status != "timeout":
         if rc == 0:
@@ -358,4 +363,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup above on kill as well
     sys.exit(main())
