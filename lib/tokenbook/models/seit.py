@@ -197,6 +197,7 @@ default_cfgs = generate_default_cfgs({
     "deit_tiny_token_32.untrained": _cfg(),
     "deit_small_token_4.untrained": _cfg(input_size=(4, 28, 28), mean=(0.0,) * 4, std=(1.0,) * 4),
     "deit_base_token_4.untrained": _cfg(input_size=(4, 28, 28), mean=(0.0,) * 4, std=(1.0,) * 4),
+    "deit_fm_micro_token_32.untrained": _cfg(**_FM),
     "deit_fm_nano_token_32.untrained": _cfg(**_FM),
     "deit_fm_tiny_token_32.untrained": _cfg(**_FM),
 })
@@ -242,6 +243,13 @@ def deit_base_token_4(pretrained: bool = False, **kwargs: Any) -> TokenViT:
 
 
 @register_model
+def deit_fm_micro_token_32(pretrained: bool = False, **kwargs: Any) -> TokenViT:
+    """Default-data variant (ours) for CPU budgets: as ``deit_fm_nano_token_32`` with D 64, 6 blocks, 4 heads (the
+    width/depth/heads of the pixel baseline ``vit_fm_tiny_p4_28``)."""
+    return _create("deit_fm_micro_token_32", pretrained, **{**_args(64, 6, 4, img_size=12, num_classes=10), **kwargs})
+
+
+@register_model
 def deit_fm_nano_token_32(pretrained: bool = False, **kwargs: Any) -> TokenViT:
     """Default-data variant (ours): 14x14 token grid centre/random-cropped to 12 (12/14 ~ SeiT's 28/32) -> 6x6 = 36
     tokens; D 128, 6 blocks, 4 heads, 10 classes."""
@@ -256,7 +264,7 @@ def deit_fm_tiny_token_32(pretrained: bool = False, **kwargs: Any) -> TokenViT:
 
 #: registered names
 TOKEN_MODELS = ("deit_tiny_token_32", "deit_small_token_32", "deit_base_token_32", "deit_small_token_4",
-                "deit_base_token_4", "deit_fm_nano_token_32", "deit_fm_tiny_token_32")
+                "deit_base_token_4", "deit_fm_micro_token_32", "deit_fm_nano_token_32", "deit_fm_tiny_token_32")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,731 @@
+"""SeiT / TokenAdapt experiments behind ``notebooks/04_seit_tokenadapt.ipynb``: token data, ablation runs, tables,
+figures and the ImageNet token-release recipe.
+
+The notebook is a thin driver; everything it runs lives here (reference sheet ``../shared/papers/seit_tokenadapt.md``):
+
+- :func:`build_default_tokens` trains the small VQ tokenizer (:class:`tokenbook.tokens.VQTokenizer`) on the default
+  data, tokenizes train/val, **writes them in SeiT's on-disk format** and reads them back, so the classifiers train
+  on what the reader decodes; it also writes ``codebook.ckpt`` and the synonym JSON as the release names them.
+  :func:`load_release_tokens` reads the real ImageNet-1k token release through the same readers.
+- :func:`storage_table` / :func:`storage_vs_paper`: bytes per image for pixels, PNG, JPEG and tokens, next to the
+  paper's ImageNet figures.
+- :func:`run_variant` / :func:`run_ablation`: the paper's ImageNet-100 ablation (SeiT, + TokenAdapt, + ColorAdapt,
+  + both) plus a pixel ViT, all with ``tokenbook.train.fit`` and the same budget; :func:`ablation_vs_paper` puts the
+  paper's numbers (third-party summary) beside ours.
+- Figures: :func:`plot_reconstructions`, :func:`plot_augmentations` (pixel vs token-space augmentation through f/g,
+  decoded), :func:`plot_synonyms`, :func:`plot_storage`.
+- :func:`train_config` builds the ``TrainConfig`` of a variant from the notebook parameters (the ``full`` profile
+  is SeiT's recipe: AdamW lr 1.5e-3, wd 0.1, 300 epochs, 8 x 128, warmup 5 / 30, EMA 0.99996, DDP).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import tokens as T
+from .token_aug import (
+    TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
+    sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
+)
+
+__all__ = [
+    "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",
+    "storage_table", "storage_vs_paper", "token_loaders", "make_hook", "train_config", "fit_launched",
+    "run_variant", "run_ablation", "ablation_vs_paper", "accuracy_vs_storage", "plot_reconstructions",
+    "plot_augmentations", "plot_synonyms", "plot_storage", "parse_variants", "write_tiny_release",
+    "build_tokenadapt", "train_default_tokenadapt", "release_storage_table", "paper_models_table",
+]
+
+#: ablation variants: name -> (input, ColorAdapt, TokenAdapt)
+VARIANTS = {
+    "pixel": ("pixels", False, False),
+    "seit": ("tokens", False, False),
+    "seit_ca": ("tokens", True, False),
+    "seit_ta": ("tokens", False, True),
+    "seit_ta_ca": ("tokens", True, True),
+}
+#: our variant -> the row label of the paper's tables (``tokenbook/references/seit.yaml``)
+PAPER_LABELS = {
+    "pixel": "Full pixels",
+    "seit": "SeiT",
+    "seit_ca": "SeiT + ColorAdapt",
+    "seit_ta": "SeiT + TokenAdapt",
+    "seit_ta_ca": "SeiT + TokenAdapt + ColorAdapt",
+}
+
+PathLike = Union[str, os.PathLike]
+
+
+def parse_variants(spec: str) -> list[str]:
+    """``"pixel,seit,seit_ta"`` -> list, checked against :data:`VARIANTS`."""
+    out = [v.strip() for v in spec.split(",") if v.strip()]
+    bad = [v for v in out if v not in VARIANTS]
+    if bad or not out:
+        raise ValueError(f"unknown variants {bad or spec!r}; choose from {', '.join(VARIANTS)}")
+    return out
+
+
+def cache_dir(*parts: str) -> Path:
+    """``$TOKENBOOK_CACHE`` (else ``~/.cache/tokenbook``) / parts."""
+    root = Path(os.environ.get("TOKENBOOK_CACHE") or Path.home() / ".cache" / "tokenbook")
+    return root.joinpath(*parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token data
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class TokenData:
+    """Token sets read back from SeiT-format files, with what the classifiers and figures need."""
+
+    train: T.TokenSet
+    val: T.TokenSet
+    codebook: torch.Tensor  # raw rows (K, D), as the classifier sees them
+    synonyms: dict
+    num_classes: int
+    source: str
+    root: Path
+    tokenizer: Optional[T.VQTokenizer] = None
+    tokenizer_history: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)  # name -> path of every file written / read
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.train.grid
+
+    def describe(self) -> dict:
+        return {"source": self.source, "train_records": len(self.train), "val_records": len(self.val),
+                "grid": f"{self.grid[0]}x{self.grid[1]}", "codebook": f"{self.codebook.shape[0]}x{self.codebook.shape[1]}",
+                "max_id": int(max(np.max(self.train.ids), np.max(self.val.ids))), "num_classes": self.num_classes,
+                "root": str(self.root)}
+
+
+def _images_uint8(ds, n: Optional[int] = None) -> torch.Tensor:
+    """(N, C, H, W) uint8 images of an ImageDataset (grey stays 1 channel)."""
+    return ds.images_tensor(n)
+
+
+def build_default_tokens(
+    bundle: Any,
+    root: PathLike,
+    name: str = "fmnist",
+    downsample: int = 2,
+    codebook_size: int = 391,
+    code_dim: int = 32,
+    hidden: int = 32,
+    steps: int = 200,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    synonym_top: int = 5,
+    device: str = "cpu",
+) -> TokenData:
+    """Train the VQ tokenizer on ``bundle.train``, write train/val in SeiT's format under ``root`` and read them back.
+
+    Files (release naming): ``{name}-{split}-token.data.bin.gz``, ``...index.npy.gz``, ``{name}-{split}-label.txt``,
+    ``codebook.ckpt`` (raw rows, 391 x 32 by default), ``codebook-synonyms.json`` (top-``synonym_top`` cosine
+    neighbours; how the release built its list is unknown), ``tokenizer.pt``. The files are rewritten on every call.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    imgs_tr = _images_uint8(bundle.train)
+    imgs_va = _images_uint8(bundle.val)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tok = T.VQTokenizer(in_chans=imgs_tr.shape[1], image_size=imgs_tr.shape[-1], downsample=downsample,
+                        codebook_size=codebook_size, code_dim=code_dim, hidden=hidden)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs_tr), batch_size=batch_size,
+                                         shuffle=True, drop_last=len(imgs_tr) >= batch_size, generator=g)
+    hist = T.train_tokenizer(tok, loader, steps=steps, lr=lr, device=device, log_every=max(1, steps // 10))
+    tok = tok.cpu().eval()
+    files = {}
+    for split, imgs, labels in (("train", imgs_tr, bundle.train.labels), ("val", imgs_va, bundle.val.labels)):
+        ids = T.tokenize_images(tok, imgs).numpy().astype(np.uint16)
+        p = T.write_token_file(T.token_file_paths(root, name, split), ids, labels)
+        files.update({f"{split}_data": p.data, f"{split}_index": p.index, f"{split}_labels": p.labels})
+    cb = tok.export_codebook()
+    files["codebook"] = T.save_codebook(cb, root / "codebook.ckpt")
+    syn = build_synonyms(cb, top=synonym_top)
+    files["synonyms"] = save_synonyms(syn, root / "codebook-synonyms.json")
+    files["tokenizer"] = T.save_tokenizer(tok, root / "tokenizer.pt")
+    train = T.read_token_file(T.token_file_paths(root, name, "train"))
+    val = T.read_token_file(T.token_file_paths(root, name, "val"))
+    return TokenData(train=train, val=val, codebook=T.load_codebook(files["codebook"]),
+                     synonyms=load_synonyms(files["synonyms"]), num_classes=bundle.num_classes,
+                     source=f"VQ tokenizer trained here on {bundle.source}", root=root, tokenizer=tok,
+                     tokenizer_history=hist, files=files)
+
+
+def _subset(ts: T.TokenSet, n: int, seed: int) -> T.TokenSet:
+    if not n or n >= len(ts):
+        return ts
+    idx = np.sort(np.random.RandomState(seed).permutation(len(ts))[:n])
+    return T.TokenSet(ids=np.asarray(ts.ids[idx]), labels=None if ts.labels is None else ts.labels[idx],
+                      paths=ts.paths)
+
+
+def load_release_tokens(
+    root: PathLike,
+    name: str = "imagenet1k",
+    train_subset: int = 0,
+    val_subset: int = 0,
+    seed: int = 0,
+    synonym_top: int = 5,
+    cache: bool = True,
+) -> TokenData:
+    """Read the ImageNet-1k token release (``IMNET1K-tokens.tar`` unpacked in ``root``) with the same readers.
+
+    Needs ``{name}-{train,val}-token.data.bin.gz`` (+ index, labels) and ``codebook.ckpt``; the synonym file is
+    ``codebook-synonyms.json`` or ``synonyms.json`` (both names occur), built from codebook neighbours when absent.
+    ``cache`` keeps a memory-mapped ``uint16`` copy of the decoded ids under :func:`cache_dir`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"token release folder {root} does not exist (unpack IMNET1K-tokens.tar there)")
+    cb_path = root / "codebook.ckpt"
+    if not cb_path.is_file():
+        raise FileNotFoundError(f"{cb_path} is missing: the release ships the codebook as codebook.ckpt")
+    cb = T.load_codebook(cb_path)
+    sets = {}
+    for split in ("train", "val"):
+        kw = {"cache_path": cache_dir("seit", "release", f"{name}-{split}.u16.npy")} if cache else {}
+        sets[split] = T.read_release_split(root, split, name, **kw)
+    syn_path = next((root / n for n in ("codebook-synonyms.json", "synonyms.json") if (root / n).is_file()), None)
+    syn = load_synonyms(syn_path) if syn_path else build_synonyms(cb, top=synonym_top)
+    labels = np.concatenate([sets["train"].labels, sets["val"].labels])
+    files = {"codebook": cb_path, **({"synonyms": syn_path} if syn_path else {})}
+    for split in ("train", "val"):
+        p = sets[split].paths
+        files.update({f"{split}_data": p.data, f"{split}_index": p.index, f"{split}_labels": p.labels})
+    return TokenData(train=_subset(sets["train"], train_subset, seed), val=_subset(sets["val"], val_subset, seed + 1),
+                     codebook=cb, synonyms=syn, num_classes=int(labels.max()) + 1,
+                     source=f"token release {root}", root=root, files=files)
+
+
+def write_tiny_release(root: PathLike, n_train: int = 8, n_val: int = 4, num_classes: int = 4, grid: int = 32,
+                       codebook_size: int = 391, code_dim: int = 32, seed: int = 0) -> Path:
+    """A tiny token release in the official layout (random ids incl. ids >= 255, codebook.ckpt, synonyms.json)."""
+    root = Path(root)
+    rng = np.random.RandomState(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = rng.randint(0, codebook_size, size=(n, grid, grid)).astype(np.uint16)
+        ids[0, 0, 0] = codebook_size - 1
+        T.write_token_file(T.token_file_paths(root, "imagenet1k", split), ids, np.arange(n) % num_classes)
+    cb = torch.from_numpy(rng.randn(codebook_size, code_dim).astype(np.float32))
+    T.save_codebook(cb, root / "codebook.ckpt")
+    save_synonyms(build_synonyms(cb, top=5), root / "synonyms.json")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage
+# ----------------------------------------------------------------------------------------------------------
+def storage_table(images: torch.Tensor, data: TokenData, jpeg_qualities: Sequence[int] = (95, 75, 50, 25, 5)):
+    """Bytes per image of the same images as raw pixels, PNG, JPEG and tokens (plus the real token files' size per
+    training image). ``images`` must be the images whose tokens are ``data.val`` (the first ``len(images)``)."""
+    import pandas as pd
+
+    n = images.shape[0]
+    rows = T.storage_report(images, np.asarray(data.val.ids[:n]), jpeg_qualities=jpeg_qualities,
+                            codebook_size=int(data.codebook.shape[0]))
+    p = data.train.paths
+    if p is not None:
+        sizes = p.sizes()
+        per = sum(sizes.values()) / len(data.train)
+        raw = rows[0]["bytes_per_image"]
+        png = next(r for r in rows if r["format"] == "PNG")["bytes_per_image"]
+        rows.append({"format": "tokens (train split files on disk)", "bytes_per_image": per,
+                     "total_bytes": float(sum(sizes.values())), "n_images": len(data.train),
+                     "pct_of_raw": 100 * per / raw, "pct_of_png": 100 * per / png})
+    df = pd.DataFrame(rows)
+    df.insert(1, "grid", [f"{data.grid[0]}x{data.grid[1]}" if r.startswith("tokens") else "" for r in df["format"]])
+    return df
+
+
+def storage_vs_paper(storage: Any, jpeg_quality: int = 95):
+    """Tokens vs JPEG (the paper's "<1% of JPEG storage") and ImageNet GB, via ``paper_vs_ours``.
+
+    Ours: gzip'd token stream + index per image over JPEG at ``jpeg_quality`` per image, in %. The ImageNet storage
+    rows (GB) are the paper's only (third-party summary); ``ours`` is n/a there.
+    """
+    import pandas as pd
+
+    from .results import paper_vs_ours
+
+    s = storage.set_index("format")["bytes_per_image"]
+    tok = float(s["tokens (gzip stream + gzip index)"])
+    jpg = float(s[f"JPEG q{jpeg_quality}"])
+    ours = pd.DataFrame([
+        {"model": "SeiT", "storage_pct_of_jpeg": 100 * tok / jpg, "storage_gb": None},
+        {"model": "Full pixels (JPEG)", "storage_pct_of_jpeg": None, "storage_gb": None},
+        {"model": "JPEG quality 5", "storage_pct_of_jpeg": 100 * float(s["JPEG q5"]) / jpg
+         if "JPEG q5" in s else None, "storage_gb": None},
+    ])
+    df = paper_vs_ours(ours, "seit", metrics=["storage_pct_of_jpeg", "storage_gb"])
+    return df[df["paper"].notna() | df["ours"].notna()].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------
+def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = True, synonym_prob: float = 0.25,
+                  swap_prob: float = 0.25, num_workers: int = 0, eval_batch_size: Optional[int] = None):
+    """Train loader (Token-EDA per sample, shuffled, drop_last) and ordered val loader over the token sets."""
+    from .repro import loader_generator, worker_init_fn
+
+    k = int(data.codebook.shape[0])
+    eda_t = TokenEDA(data.synonyms, synonym_prob=synonym_prob, swap_prob=swap_prob, num_codes=k) if eda else None
+    common = dict(num_workers=num_workers, worker_init_fn=worker_init_fn if num_workers else None,
+                  persistent_workers=num_workers > 0)
+    train = torch.utils.data.DataLoader(T.TokenDataset(data.train, eda_t), batch_size=batch_size, shuffle=True,
+                                        drop_last=True, generator=loader_generator(seed), **common)
+    val = torch.utils.data.DataLoader(T.TokenDataset(data.val), batch_size=eval_batch_size or 2 * batch_size,
+                                      shuffle=False, **common)
+    return train, val
+
+
+def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int, tokenadapt: Optional[nn.Module],
+              rrc_scale_min: float = 0.08, per_sample: bool = True,
+              coloradapt_eps: float = 1e-5) -> TokenBatchAugment:
+    """The batch hook of a token variant: SeiT (Emb-Noise on half of every batch) or Forging Tokens (noise 0.75 /
+    ColorAdapt 0.25 per batch; ``noise 1 / ColorAdapt 0`` without ColorAdapt), with the TokenAdapt half if asked.
+
+    ``coloradapt_eps``: the official ColorAdapt divides by the std without an epsilon; on the default data a map
+    (or the partner's) is often a single code (black background), whose zero std gives NaN, so we add 1e-5.
+    """
+    kind, ca, ta = VARIANTS[variant]
+    if kind != "tokens":
+        raise ValueError(f"{variant} is not a token variant")
+    kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps)
+    if not ca and not ta:
+        return TokenBatchAugment.seit(codebook, num_classes, crop, **kw)
+    if ta and tokenadapt is None:
+        raise ValueError(f"{variant} needs a TokenAdapt module (train_tokenadapt or load_tokenadapt)")
+    return TokenBatchAugment.forging(codebook, num_classes, crop, tokenadapt=tokenadapt if ta else None,
+                                     coloradapt=ca, **kw)
+
+
+_CFG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "ema_decay",
+             "max_steps_per_epoch", "accelerator", "devices", "num_nodes", "strategy", "precision", "seed",
+             "clip_grad")
+
+
+def train_config(params: dict, variant: str, **overrides: Any):
+    """``TrainConfig`` of a variant from notebook parameters.
+
+    Token variants: ``mixup = cutmix = label_smoothing = 0`` (the batch hook mixes and returns smoothed soft
+    targets); TokenAdapt variants take ``ta_warmup_epochs`` (30 in the official TokenAdapt code). The pixel variant
+    uses CutMix 1.0 and ``label_smoothing`` like the token variants' hook. ``max_steps_per_epoch`` 0 means None.
+    """
+    from .train import TrainConfig
+
+    kw = {k: params[k] for k in _CFG_KEYS if k in params}
+    if not kw.get("max_steps_per_epoch"):
+        kw["max_steps_per_epoch"] = None
+    if kw.get("clip_grad") in (0, 0.0):
+        kw["clip_grad"] = None
+    kind, _, ta = VARIANTS[variant]
+    if kind == "tokens":
+        kw.update(mixup=0.0, cutmix=0.0, label_smoothing=0.0)
+        if ta and params.get("ta_warmup_epochs") is not None:
+            kw["warmup_epochs"] = float(params["ta_warmup_epochs"])
+    else:
+        kw.update(mixup=0.0, cutmix=float(params.get("pixel_cutmix", 1.0)),
+                  label_smoothing=float(params.get("label_smoothing", 0.1)))
+    kw.update(progress=False)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def fit_launched(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any, **kw: Any):
+    """``tokenbook.train.fit``, launching worker processes first for fork/spawn strategies (``ddp_notebook``,
+    ``ddp_spawn``: the only multi-device strategies a Jupyter kernel can start). ``ddp`` with several devices must
+    be started by ``torchrun`` (Fabric then finds its processes already running) or it re-launches ``sys.argv``."""
+    from .train import _make_fabric, fit
+
+    if str(cfg.strategy).startswith(("ddp_notebook", "ddp_fork", "ddp_spawn")):
+        fabric = _make_fabric(cfg)
+        if fabric.world_size > 1:
+            return fabric.launch(lambda f: fit(model, train_loader, val_loader, cfg, fabric=f, **kw))
+    return fit(model, train_loader, val_loader, cfg, **kw)
+
+
+def _model_row(variant: str, model: nn.Module, res: Any, input_size: tuple, storage_bpi: float) -> dict:
+    from .bench import count_macs, count_params
+
+    macs = count_macs(model, input_size=input_size)
+    f = res.final
+    return {"variant": variant, "model": PAPER_LABELS[variant], "input": VARIANTS[variant][0],
+            "input_shape": "x".join(str(s) for s in input_size), "storage_bytes_per_image": storage_bpi,
+            "top1": f.get("val_top1"), "top5": f.get("val_top5"), "ema_top1": f.get("ema_top1"),
+            "params_m": count_params(model)["total"] / 1e6, "gmacs": macs["gmacs"], "gflops": macs["gflops"],
+            "epochs": int(res.config.epochs), "steps": int(res.timing["steps"]),
+            "train_wall_s": res.timing["wall_time_s"], "step_ms": res.timing["step_ms"],
+            "train_img_s": res.timing["train_img_s"]}
+
+
+def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bundle: Any = None,
+                tokenadapt: Optional[nn.Module] = None, storage_bpi: Optional[float] = None, **cfg_overrides: Any):
+    """Train one variant with ``fit`` and return ``(summary row, FitResult)``.
+
+    ``params``: notebook parameters (``seed``, ``token_model``, ``pixel_model``, ``crop``, ``drop_path``,
+    ``rrc_scale_min``, ``ta_per_sample``, ``token_eda``, and the :func:`train_config` keys). Pixel variant: the
+    pixel ViT on ``bundle`` (uint8 batches + ``bundle.preprocess``). Token variants: the token ViT with the codebook
+    attached (evaluation on centre-cropped ids), Token-EDA in the dataset and the variant's batch hook.
+    """
+    import timm
+
+    from . import data as D
+    from .repro import seed_everything
+
+    seed = int(params.get("seed", 0))
+    cfg = train_config(params, variant, **cfg_overrides)
+    kind = VARIANTS[variant][0]
+    seed_everything(seed)
+    dp = float(params.get("drop_path", 0.0))
+    if kind == "pixels":
+        if bundle is None:
+            raise ValueError("the pixel variant needs the image bundle")
+        model = timm.create_model(params["pixel_model"], num_classes=bundle.num_classes,
+                                  img_size=bundle.config.img_size, drop_path_rate=dp)
+        tl, vl = D.make_loaders(bundle, cfg.batch_size, num_workers=int(params.get("num_workers", 0)), seed=seed)
+        res = fit_launched(model, tl, vl, cfg, preprocess=bundle.preprocess, desc=variant)
+        size = (bundle.config.channels, bundle.config.img_size, bundle.config.img_size)
+    else:
+        if data is None:
+            raise ValueError(f"{variant} needs token data")
+        crop = int(params["crop"])
+        model = timm.create_model(params["token_model"], num_classes=data.num_classes, img_size=crop,
+                                  in_chans=int(data.codebook.shape[1]), drop_path_rate=dp)
+        model.set_codebook(data.codebook)
+        tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(params.get("token_eda", True)),
+                               num_workers=int(params.get("num_workers", 0)))
+        hook = make_hook(variant, data.codebook, data.num_classes, crop, tokenadapt,
+                         float(params.get("rrc_scale_min", 0.08)), bool(params.get("ta_per_sample", True)))
+        res = fit_launched(model, tl, vl, cfg, hooks=[hook], num_classes=data.num_classes, desc=variant)
+        size = (int(data.codebook.shape[1]), crop, crop)
+    model = res.model.cpu()
+    return _model_row(variant, model, res, size, float("nan") if storage_bpi is None else storage_bpi), res
+
+
+def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData], bundle: Any = None,
+                 tokenadapt: Optional[nn.Module] = None, storage: Any = None,
+                 callback: Optional[Callable[[dict], None]] = None):
+    """Run every variant in order with the same parameters; returns ``(summary DataFrame, {variant: history})``.
+
+    ``storage`` (from :func:`storage_table`) gives the bytes per image of each input: PNG for pixels (lossless, per
+    image), the gzip'd token stream + index for tokens. ``gain_vs_seit_pts`` = top-1 minus the SeiT row's top-1.
+    """
+    import pandas as pd
+
+    bpi = {}
+    if storage is not None:
+        s = storage.set_index("format")["bytes_per_image"]
+        bpi = {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}
+    rows, hist = [], {}
+    for v in variants:
+        row, res = run_variant(v, params, data, bundle, tokenadapt, bpi.get(VARIANTS[v][0]))
+        rows.append(row)
+        hist[v] = res.history
+        if callback:
+            callback(row)
+    df = pd.DataFrame(rows)
+    base = df.loc[df["variant"] == "seit", "top1"]
+    df["gain_vs_seit_pts"] = df["top1"] - float(base.iloc[0]) if len(base) else float("nan")
+    return df, hist
+
+
+def ablation_vs_paper(summary: Any):
+    """Long paper-vs-ours table: our top-1 and gain over SeiT on the default data, the paper's ImageNet-100 ablation
+    (ViT-S, Table C) and ImageNet-1k (ViT-B, 1.4 GB, Tables A/B) numbers and gains, with their sources.
+
+    Top-1 values on different datasets are never subtracted: each metric row is either ours (paper n/a) or the
+    paper's (ours n/a); only ``gain_vs_seit_pts`` has both, and its ``diff`` is ours minus the paper's gain.
+    """
+    from .results import paper_vs_ours
+
+    ours = summary[["model", "top1", "gain_vs_seit_pts"]].copy()
+    ours["top1_in100"] = None
+    ours["top1_in1k"] = None
+    ours["top1_in1k_1.4GB"] = None
+    df = paper_vs_ours(ours, "seit", metrics=["top1", "gain_vs_seit_pts", "top1_in100", "top1_in1k",
+                                              "top1_in1k_1.4GB"])
+    return df[df["paper"].notna() | df["ours"].notna()].reset_index(drop=True)
+
+
+def accuracy_vs_storage(summary: Any):
+    """Wide table, one row per variant: ours (top-1, gain, bytes per image) beside the paper's ImageNet numbers and
+    their source kind. Paper values not in the references are ``None`` (shown n/a)."""
+    import pandas as pd
+
+    from . import references
+
+    refs = {(r.model, r.metric): r for r in references.load("seit")}
+
+    def ref(model: str, metric: str):
+        r = refs.get((model, metric))
+        return (r.value, f"{r.kind}: {r.source}") if r else (None, "n/a")
+
+    rows = []
+    for _, s in summary.iterrows():
+        m = s["model"]
+        in100, src100 = ref(m, "top1_in100")
+        in1k, src1k = ref(m, "top1_in1k_1.4GB")
+        if in1k is None:
+            in1k, src1k = ref(m, "top1_in1k")
+        gain, srcg = ref(m, "gain_vs_seit_pts")
+        rows.append({"model": m, "input": s["input"], "ours_bytes_per_image": s["storage_bytes_per_image"],
+                     "ours_top1": s["top1"], "ours_gain_vs_seit_pts": s["gain_vs_seit_pts"],
+                     "paper_gain_vs_seit_pts": gain, "gain_diff_pts": (s["gain_vs_seit_pts"] - gain)
+                     if gain is not None and s["gain_vs_seit_pts"] == s["gain_vs_seit_pts"] else None,
+                     "paper_top1_in100_vit_s": in100, "paper_top1_in1k_vit_b": in1k,
+                     "paper_source": "; ".join(sorted({x for x in (src100, src1k, srcg) if x != "n/a"})) or "n/a"})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+def _show(ax, img: torch.Tensor, title: str = "") -> None:
+    a = img.detach().float().cpu()
+    a = a[0] if a.shape[0] == 1 else a.permute(1, 2, 0)
+    ax.imshow(a.clamp(0, 1).numpy(), cmap="gray" if a.ndim == 2 else None, vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def _u8(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+@torch.no_grad()
+def plot_reconstructions(tokenizer: T.VQTokenizer, images: torch.Tensor, labels: Optional[Sequence[str]] = None):
+    """Rows: original, decoded from tokens, the id grid (colour = id), |error|; one column per image."""
+    import matplotlib.pyplot as plt
+
+    x = _u8(images)
+    ids = T.tokenize_images(tokenizer, x)
+    rec = T.decode_tokens(tokenizer, ids)
+    n = x.shape[0]
+    fig, axes = plt.subplots(4, n, figsize=(1.5 * n, 6.2), squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], x[i], labels[i] if labels else "")
+        _show(axes[1, i], rec[i])
+        axes[2, i].imshow(ids[i].numpy(), cmap="tab20b", vmin=0, vmax=tokenizer.codebook_size - 1)
+        axes[2, i].set_xticks([])
+        axes[2, i].set_yticks([])
+        _show(axes[3, i], (rec[i] - x[i]).abs())
+    for r, t in enumerate(["original", "decoded tokens", "token ids", "|error|"]):
+        axes[r, 0].set_ylabel(t, fontsize=8)
+    fig.suptitle(f"VQ tokenizer: {ids.shape[-2]}x{ids.shape[-1]} ids per image, codebook "
+                 f"{tokenizer.codebook_size}x{tokenizer.code_dim}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def plot_augmentations(tokenizer: T.VQTokenizer, tokenadapt: nn.Module, codebook: torch.Tensor,
+                       images: torch.Tensor, seed: int = 0, per_sample: bool = True):
+    """The same spatial augmentation in pixel space and in token space through f/g, all decoded to images.
+
+    Columns: original; its tokens decoded; pixel augmentation A(x); tokens of A(x) decoded (TokenAdapt's training
+    target); g(A(f(E[T]))) decoded (token-space augmentation); Emb-Noise and ColorAdapt (partner = reversed batch)
+    on the embedding map, decoded through the nearest code.
+    """
+    import matplotlib.pyplot as plt
+
+    from .token_aug import EmbeddingNoise
+
+    gen = torch.Generator().manual_seed(seed)
+    x = _u8(images)
+    ids = T.tokenize_images(tokenizer, x)
+    g_in, m = tokenadapt.in_grid, tokenadapt.out_grid
+    ds = x.shape[-1] // g_in
+    sp = sample_spatial_params(x.shape[0], 2 * g_in, 2 * g_in, per_sample=per_sample, generator=gen)
+    xa = apply_spatial(x, sp, m * ds).clamp(0, 1)
+    ta_target = T.decode_tokens(tokenizer, tokenizer.encode(xa))
+    tokenadapt.eval()
+    emb = embed_ids(ids, codebook)
+    f = tokenadapt.forward_conversion(emb)
+    new_ids = tokenadapt.forward_inversion(apply_spatial(f, sp, 2 * m))
+    ta_out = T.decode_tokens(tokenizer, new_ids)
+
+    def decode_map(e: torch.Tensor) -> torch.Tensor:  # nearest code by cosine, as the tokenizer's lookup
+        cbn = F.normalize(codebook, dim=-1)
+        nid = torch.argmax(F.normalize(e.permute(0, 2, 3, 1), dim=-1) @ cbn.t(), dim=-1)
+        return T.decode_tokens(tokenizer, nid)
+
+    noise = decode_map(EmbeddingNoise(prob=1.0)(emb, gen))
+    ca = decode_map(color_adapt(emb, eps=1e-6))
+    cols = [("original", x), ("tokens, decoded", T.decode_tokens(tokenizer, ids)), ("pixel aug A(x)", xa),
+            ("tokens of A(x)\n(TA target)", ta_target), ("g(A(f(tokens)))\ndecoded", ta_out),
+            ("Emb-Noise\ndecoded", noise), ("ColorAdapt\ndecoded", ca)]
+    n = x.shape[0]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.5 * n + 0.5), squeeze=False)
+    for c, (title, imgs) in enumerate(cols):
+        for r in range(n):
+            _show(axes[r, c], imgs[r], title if r == 0 else "")
+    agree = float((new_ids == tokenizer.encode(xa)).float().mean())
+    fig.suptitle(f"pixel vs token-space augmentation (same flip/affine/crop); f/g token agreement with the target "
+                 f"{100 * agree:.0f}%", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def plot_synonyms(tokenizer: T.VQTokenizer, synonyms: dict, images: torch.Tensor, probs: Sequence[float] = (0.25, 0.5, 1.0),
+                  seed: int = 0):
+    """Token-EDA decoded: synonym replacement at several per-token probabilities (top-5 neighbours) and a block
+    swap, next to the tokens' own decoding."""
+    import matplotlib.pyplot as plt
+
+    gen = torch.Generator().manual_seed(seed)
+    x = _u8(images)
+    ids = T.tokenize_images(tokenizer, x)
+    k = tokenizer.codebook_size
+    cols = [("original", x), ("tokens, decoded", T.decode_tokens(tokenizer, ids))]
+    for p in probs:
+        rep = ReplaceSynonym(synonyms, top=5, prob=p, num_codes=k)
+        cols.append((f"synonyms p={p:g}", T.decode_tokens(tokenizer, torch.stack([rep(i, gen) for i in ids]))))
+    swap = SwapCode(scale=(0.2, 0.25))
+    cols.append(("block swap", T.decode_tokens(tokenizer, torch.stack([swap(i, gen) for i in ids]))))
+    n = x.shape[0]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.5 * n + 0.4), squeeze=False)
+    for c, (title, imgs) in enumerate(cols):
+        for r in range(n):
+            _show(axes[r, c], imgs[r], title if r == 0 else "")
+    fig.suptitle("Token-EDA on the id grid, decoded (synonyms = 5 nearest codes by cosine)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_storage(storage: Any, summary: Any = None):
+    """Bytes per image of each format (log scale), the paper's ImageNet storage (GB), and, with ``summary``, our
+    top-1 against bytes per image."""
+    import matplotlib.pyplot as plt
+
+    from . import references
+
+    refs = [r for r in references.load("seit") if r.metric == "storage_gb"]
+    ncol = 3 if summary is not None else 2
+    fig, axes = plt.subplots(1, ncol, figsize=(4.6 * ncol, 3.6))
+    s = storage[~storage["format"].str.contains("entropy")]
+    colors = ["tab:orange" if f.startswith("tokens") else "tab:blue" for f in s["format"]]
+    axes[0].barh(s["format"], s["bytes_per_image"], color=colors)
+    axes[0].set_xscale("log")
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("bytes per image (log)")
+    axes[0].set_title("ours: default data", fontsize=9)
+    axes[0].tick_params(axis="y", labelsize=7)
+    axes[1].barh([r.model for r in refs], [r.value for r in refs],
+                 color=["tab:orange" if "SeiT" in r.model else "tab:blue" for r in refs])
+    axes[1].set_xscale("log")
+    axes[1].invert_yaxis()
+    axes[1].set_xlabel("GB, ImageNet-1k train (log)")
+    axes[1].set_title("paper (third-party summary)", fontsize=9)
+    axes[1].tick_params(axis="y", labelsize=7)
+    if summary is not None:
+        ax = axes[2]
+        for _, r in summary.iterrows():
+            ax.scatter(r["storage_bytes_per_image"], r["top1"], color="tab:blue" if r["input"] == "pixels"
+                       else "tab:orange")
+            ax.annotate(r["variant"], (r["storage_bytes_per_image"], r["top1"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per training image (log)")
+        ax.set_ylabel("val top-1 (%)")
+        ax.set_title("ours: accuracy vs storage", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def build_tokenadapt(data: TokenData, crop: int, dim: int = 384, heads: int = 6, dim_head: int = 64,
+                     depth: int = 1) -> nn.Module:
+    """A :class:`tokenbook.models.seit.TokenAdapt` for this token data: in grid = the token grid, out grid = the
+    classifier crop (official: 32 -> 28), codebook size and code dim from the codebook."""
+    from .models.seit import TokenAdapt
+
+    if data.grid[0] != data.grid[1]:
+        raise ValueError(f"TokenAdapt needs a square token grid, got {data.grid}")
+    return TokenAdapt(code_dim=int(data.codebook.shape[1]), codebook_size=int(data.codebook.shape[0]),
+                      in_grid=data.grid[0], out_grid=crop, dim=dim, depth=depth, heads=heads, dim_head=dim_head)
+
+
+def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int = 150, batch_size: int = 64,
+                             lr: float = 1e-3, dim: int = 384, heads: int = 6, dim_head: int = 64, seed: int = 0,
+                             per_sample: bool = True, mix_prob: float = 0.0):
+    """Train f/g on the default data's pixels with :func:`tokenbook.models.seit.train_tokenadapt` (CE of g's code
+    logits against the tokens of the pixel-augmented image); returns ``(TokenAdapt, history DataFrame)``."""
+    import pandas as pd
+
+    from .models.seit import train_tokenadapt
+
+    if data.tokenizer is None:
+        raise ValueError("training TokenAdapt needs the tokenizer (and pixels); for the release load tokenadapt.ckpt")
+    torch.manual_seed(seed)
+    ta = build_tokenadapt(data, crop, dim, heads, dim_head)
+    imgs = _images_uint8(bundle.train)
+    g = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs), batch_size=batch_size, shuffle=True,
+                                         drop_last=True, generator=g)
+    hist = train_tokenadapt(ta, data.tokenizer, loader, steps=steps, lr=lr, codebook=data.codebook,
+                            per_sample=per_sample, mix_prob=mix_prob, log_every=max(1, steps // 10),
+                            generator=torch.Generator().manual_seed(seed + 1))
+    return ta.eval(), pd.DataFrame(hist)
+
+
+def release_storage_table(data: TokenData):
+    """Storage of token files read from disk (no pixels at hand): bytes per record of each split's files, and of
+    the decoded ``uint16`` ids held in memory."""
+    import pandas as pd
+
+    rows = []
+    for split, ts in (("train", data.train), ("val", data.val)):
+        if ts.paths is None:
+            continue
+        sizes = ts.paths.sizes()
+        total = float(sum(sizes.values()))
+        records = int(np.load(io.BytesIO(T._gunzip(ts.paths.index))).size - 1)
+        rows.append({"format": f"tokens ({split} files on disk)", "grid": f"{ts.grid[0]}x{ts.grid[1]}",
+                     "bytes_per_image": total / max(records, 1), "total_bytes": total, "n_images": records})
+        rows.append({"format": f"tokens ({split}, decoded uint16)", "grid": f"{ts.grid[0]}x{ts.grid[1]}",
+                     "bytes_per_image": 2.0 * ts.grid[0] * ts.grid[1], "total_bytes": 2.0 * ts.grid[0] * ts.grid[1]
+                     * records, "n_images": records})
+    return pd.DataFrame(rows)
+
+
+def paper_models_table(names: Sequence[str], num_classes: int = 1000):
+    """Params, MACs and FLOPs (attention counted) of the paper's token ViTs and their pixel counterparts, one forward
+    of one image at the official input (tokens: 32x28x28, pixels: 3x224x224); ``num_patches`` / ``input_side`` are
+    checked against the official code via ``paper_vs_ours``."""
+    import pandas as pd
+    import timm
+
+    from .bench import count_macs, count_params
+    from .models.seit import TOKEN_MODELS
+    from .results import paper_vs_ours
+
+    rows = []
+    for n in names:
+        m = timm.create_model(n, num_classes=num_classes).eval()
+        token = n in TOKEN_MODELS
+        size = (m.in_chans, m.token_img_size, m.token_img_size) if token else (3, 224, 224)
+        mc = count_macs(m, input_size=size)
+        rows.append({"model": n, "input": "tokens" if token else "pixels", "input_shape": "x".join(map(str, size)),
+                     "input_side": size[-1] if token else None, "num_patches": m.patch_embed.num_patches,
+                     "params_m": count_params(m)["total"] / 1e6, "gmacs": mc["gmacs"], "gflops": mc["gflops"]})
+        del m
+    ours = pd.DataFrame(rows)
+    return ours, paper_vs_ours(ours, "seit", metrics=["input_side", "num_patches"])

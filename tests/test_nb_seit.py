@@ -1,0 +1,211 @@
+"""Notebook 04_seit_tokenadapt: its smoke results, the experiment helpers (tokenbook.seit_runs) and the full recipe
+run for one step on a tiny token release written by the writer."""
+from __future__ import annotations
+
+import ast
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+import tokenbook.models  # noqa: F401  (registers the token ViTs)
+from tokenbook import seit_runs as R
+from tokenbook import tokens as T
+from tokenbook.models import seit as S
+from tokenbook.results import notebook_parameters
+from tokenbook.runner import resolve_parameters
+
+from conftest import ROOT
+
+NB = "04_seit_tokenadapt"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _params(profile: str, **overrides) -> dict:
+    """The notebook's defaults + a profile + overrides, as papermill would inject them."""
+    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
+    params = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
+    params.update(resolve_parameters(ROOT, NB, profile, {}))
+    params.update(overrides)
+    return params
+
+
+# ------------------------------------------------------------------------------------------------ smoke results
+@pytest.mark.notebook
+def test_smoke_tables_show_ours_beside_the_paper(smoke_results):
+    record, folder = smoke_results(NB)
+    assert record["status"] == "ok"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert {f["name"] for f in meta["figures"]} >= {"decoded_tokens", "pixel_vs_token_aug", "synonym_replacements",
+                                                    "storage", "training_curves"}
+
+    desc = pd.read_csv(folder / "token_data.csv").iloc[0]
+    assert desc["grid"] == "14x14" and desc["codebook"] == "391x32" and desc["train_records"] == 256
+
+    st = pd.read_csv(folder / "storage.csv").set_index("format")
+    assert st.loc["raw pixels (uint8)", "bytes_per_image"] == 784
+    assert st.loc["tokens (escape-coded, no gzip)", "bytes_per_image"] >= 196    # one byte per id, two above 254
+    assert st.loc["tokens (entropy bound, uniform)", "bytes_per_image"] == pytest.approx(196 * math.log2(391) / 8)
+    for fmt in ("PNG", "JPEG q95", "JPEG q5", "tokens (gzip stream + gzip index)", "tokens (train split files on disk)"):
+        assert st.loc[fmt, "bytes_per_image"] > 0
+    sp = pd.read_csv(folder / "storage_vs_paper.csv")
+    seit = sp[(sp.model == "SeiT") & (sp.metric == "storage_pct_of_jpeg")].iloc[0]
+    assert seit["paper"] == 1 and seit["paper_source"].endswith("[paper]") and seit["ours"] > 0
+    gb = sp[sp.metric == "storage_gb"].set_index("model")["paper"]
+    assert gb["SeiT"] == 1.4 and gb["Full pixels (JPEG)"] == 140
+
+    ab = pd.read_csv(folder / "ablation.csv")
+    assert ab["variant"].tolist() == ["pixel", "seit", "seit_ca", "seit_ta", "seit_ta_ca"]
+    assert ab["top1"].between(0, 100).all() and (ab["gmacs"] > 0).all()
+    assert np.allclose(ab["gflops"], 2 * ab["gmacs"])
+    assert (ab["steps"] == 2).all()
+    tok_bytes = ab.loc[ab.input == "tokens", "storage_bytes_per_image"]
+    assert (tok_bytes < ab.loc[ab.input == "pixels", "storage_bytes_per_image"].iloc[0]).all()
+    assert ab.loc[ab.variant == "seit", "gain_vs_seit_pts"].iloc[0] == 0
+
+    wide = pd.read_csv(folder / "accuracy_vs_storage.csv").set_index("model")
+    assert wide.loc["SeiT", "paper_top1_in100_vit_s"] == 77.3 and wide.loc["SeiT", "paper_top1_in1k_vit_b"] == 74.0
+    both = wide.loc["SeiT + TokenAdapt + ColorAdapt"]
+    assert both["paper_top1_in100_vit_s"] == 81.4 and both["paper_top1_in1k_vit_b"] == 75.5
+    assert both["paper_gain_vs_seit_pts"] == 4.1
+    assert both["gain_diff_pts"] == pytest.approx(both["ours_gain_vs_seit_pts"] - 4.1)
+    assert wide.loc["Full pixels", "paper_top1_in1k_vit_b"] == 81.8
+    assert math.isnan(wide.loc["Full pixels", "paper_top1_in100_vit_s"])       # unknown: n/a, never invented
+    assert "third_party" in wide.loc["SeiT", "paper_source"]
+
+    long = pd.read_csv(folder / "ablation_vs_paper.csv")
+    ours_top1 = long[long.metric == "top1"]
+    assert len(ours_top1) == 5 and ours_top1["paper"].isna().all() and ours_top1["diff"].isna().all()
+    paper_rows = long[long.paper.notna()]
+    assert paper_rows["paper_source"].str.contains(r"\[(?:third_party|computed)\]").all()
+    in100 = paper_rows[paper_rows.metric == "top1_in100"]
+    assert in100["ours"].isna().all() and sorted(in100["paper"]) == [77.3, 78.3, 80.4, 81.4]
+    assert "n/a" in (folder / "ablation_vs_paper.md").read_text()
+
+    rec = pd.read_csv(folder / "recipe.csv").set_index("variant")
+    assert rec.loc["pixel", "cutmix"] == 1.0 and rec.loc["pixel", "label_smoothing"] == 0.1
+    assert (rec.loc[["seit", "seit_ta_ca"], ["mixup", "cutmix", "label_smoothing"]] == 0).all().all()
+
+    q = pd.read_csv(folder / "tokenizer_quality.csv").iloc[0]
+    assert q["mse"] >= 0 and q["codebook_size"] == 391
+    ta = pd.read_csv(folder / "tokenadapt.csv").iloc[0]
+    assert ta["in_grid"] == 14 and ta["out_grid"] == 12 and 0 <= ta["final_token_acc"] <= 1
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def test_default_tokens_are_written_in_seit_format_and_read_back(idx_dir, tmp_path):
+    from tokenbook import data
+
+    bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), train_subset=40, val_subset=20))
+    td = R.build_default_tokens(bundle, tmp_path / "tok", steps=2, batch_size=16, hidden=8, codebook_size=300)
+    names = {p.name for p in (tmp_path / "tok").iterdir()}
+    assert {"fmnist-train-token.data.bin.gz", "fmnist-train-token.index.npy.gz", "fmnist-train-label.txt",
+            "fmnist-val-token.data.bin.gz", "codebook.ckpt", "codebook-synonyms.json", "tokenizer.pt"} <= names
+    ids = T.tokenize_images(td.tokenizer, bundle.train.images_tensor()).numpy()
+    assert np.array_equal(np.asarray(td.train.ids), ids) and td.train.grid == (14, 14)
+    assert np.array_equal(td.train.labels, bundle.train.labels) and len(td.val) == 20
+    assert td.codebook.shape == (300, 32) and len(td.synonyms) == 300 and len(td.synonyms["0"]) == 5
+    # the same files through the release reader path
+    again = T.read_token_file(T.token_file_paths(tmp_path / "tok", "fmnist", "train"))
+    assert np.array_equal(np.asarray(again.ids), ids)
+
+
+def test_release_reader_finds_codebook_and_synonyms(tmp_path):
+    root = R.write_tiny_release(tmp_path / "rel", n_train=6, n_val=3, num_classes=3)
+    td = R.load_release_tokens(root, cache=False)
+    assert td.grid == (32, 32) and td.codebook.shape == (391, 32) and td.num_classes == 3
+    assert int(np.max(td.train.ids)) == 390                                      # escape-coded ids survive
+    assert td.files["synonyms"].name == "synonyms.json"
+    sub = R.load_release_tokens(root, train_subset=4, cache=False)
+    assert len(sub.train) == 4
+    st = R.release_storage_table(td)
+    assert st.loc[st.format == "tokens (train files on disk)", "n_images"].iloc[0] == 6
+    (root / "codebook.ckpt").unlink()
+    with pytest.raises(FileNotFoundError, match="codebook.ckpt"):
+        R.load_release_tokens(root, cache=False)
+
+
+def test_train_config_and_hooks_per_variant():
+    p = _params("cpu")
+    assert R.train_config(p, "pixel").cutmix == 1.0 and R.train_config(p, "pixel").label_smoothing == 0.1
+    for v in ("seit", "seit_ca", "seit_ta", "seit_ta_ca"):
+        c = R.train_config(p, v)
+        assert (c.mixup, c.cutmix, c.label_smoothing) == (0.0, 0.0, 0.0)
+    assert R.parse_variants(" seit ,pixel") == ["seit", "pixel"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        R.parse_variants("seit,foo")
+    cb = torch.randn(391, 32)
+    ta = S.TokenAdapt(in_grid=14, out_grid=12, dim=32, heads=2, dim_head=16)
+    assert R.make_hook("seit", cb, 10, 12, None).tokenadapt is None
+    assert R.make_hook("seit", cb, 10, 12, None).color.coloradapt_prob == 0
+    assert R.make_hook("seit_ca", cb, 10, 12, None).color.coloradapt_prob == 0.25
+    assert R.make_hook("seit_ta", cb, 10, 12, ta).tokenadapt is ta
+    assert R.make_hook("seit_ta", cb, 10, 12, ta).color.coloradapt_prob == 0
+    with pytest.raises(ValueError, match="TokenAdapt"):
+        R.make_hook("seit_ta_ca", cb, 10, 12, None)
+    # a batch of single-code maps (black backgrounds) stays finite with the hook's ColorAdapt epsilon
+    hook = R.make_hook("seit_ca", cb, 10, 12, None)
+    hook.color.noise_prob, hook.color.coloradapt_prob = 0.0, 1.0
+    x, t = hook(torch.zeros(8, 14, 14, dtype=torch.long), torch.arange(8) % 10)
+    assert torch.isfinite(x).all() and x.shape == (8, 32, 12, 12)
+
+
+def test_paper_tables_never_subtract_accuracies_of_different_data():
+    summary = pd.DataFrame([{"variant": v, "model": R.PAPER_LABELS[v], "input": R.VARIANTS[v][0],
+                             "storage_bytes_per_image": 10.0, "top1": 80.0 + i, "gain_vs_seit_pts": i - 1.0}
+                            for i, v in enumerate(R.VARIANTS)])
+    long = R.ablation_vs_paper(summary)
+    assert long.loc[long.metric != "gain_vs_seit_pts", "diff"].isna().all()
+    gain = long[(long.metric == "gain_vs_seit_pts") & (long.model == "SeiT + TokenAdapt")].iloc[0]
+    assert gain["paper"] == 3.1 and gain["diff"] == pytest.approx(2.0 - 3.1)
+    assert not (long.paper.isna() & long.ours.isna()).any()
+    wide = R.accuracy_vs_storage(summary).set_index("model")
+    assert math.isnan(wide.loc["SeiT", "paper_gain_vs_seit_pts"])
+
+
+# ------------------------------------------------------------------------------------------------ full recipe
+def test_full_profile_is_seits_recipe():
+    p = _params("full")
+    assert p["token_source"].startswith("release:") and p["tokenadapt_ckpt"].endswith("tokenadapt.ckpt")
+    assert p["token_model"] == "deit_base_token_32" and p["crop"] == 28
+    assert p["batch_size"] * p["devices"] == 1024 and p["lr"] == pytest.approx(7.5e-4 * 1024 / 512)
+    assert (p["epochs"], p["weight_decay"], p["min_lr"], p["drop_path"]) == (300, 0.1, 1e-5, 0.1)
+    assert p["ema_decay"] == 0.99996 and p["precision"] == "bf16-mixed" and p["strategy"].startswith("ddp")
+    assert R.parse_variants(p["variants"]) == ["seit", "seit_ta_ca"]
+    seit, ta = R.train_config(p, "seit"), R.train_config(p, "seit_ta_ca")
+    assert seit.warmup_epochs == 5 and ta.warmup_epochs == 30
+    assert (seit.opt, seit.lr, seit.weight_decay, seit.epochs, seit.devices) == ("adamw", 1.5e-3, 0.1, 300, 8)
+    m = timm.create_model(p["token_model"], num_classes=1000, img_size=p["crop"], drop_path_rate=p["drop_path"],
+                          device="meta")
+    assert m.patch_embed.num_patches == 196 and m.in_chans == 32
+
+
+def test_full_recipe_runs_one_step_on_a_tiny_token_release(tmp_path):
+    """The full profile's hyper-parameters on a tiny release (ids written by the writer) with an official-size
+    TokenAdapt checkpoint; only the model width (ViT-Ti instead of ViT-B, same 32x28x28 input), the step count and
+    the device settings (one CPU process, no loader workers) are overridden."""
+    root = R.write_tiny_release(tmp_path / "rel", n_train=8, n_val=4, num_classes=4)
+    torch.save({"model": S.TokenAdapt().state_dict()}, tmp_path / "tokenadapt.ckpt")   # official sizes
+    p = _params("full", token_source=f"release:{root}", tokenadapt_ckpt=str(tmp_path / "tokenadapt.ckpt"),
+                token_model="deit_tiny_token_32", epochs=1, max_steps_per_epoch=1, batch_size=4, devices=1,
+                strategy="auto", accelerator="cpu", precision="32-true", num_workers=0)
+    td = R.load_release_tokens(p["token_source"].split(":", 1)[1], cache=False)
+    ta = S.load_tokenadapt(p["tokenadapt_ckpt"])
+    assert (ta.in_grid, ta.out_grid, ta.codebook_size) == (32, 28, 391)
+    for v in R.parse_variants(p["variants"]):
+        row, res = R.run_variant(v, p, td, None, ta)
+        assert row["steps"] == 1 and row["input_shape"] == "32x28x28" and 0 <= row["top1"] <= 100
+        assert res.config.warmup_epochs == (30 if v == "seit_ta_ca" else 5) and res.config.ema_decay == 0.99996
+        assert math.isfinite(res.history["train_loss"].iloc[0]) and "ema_top1" in res.history
