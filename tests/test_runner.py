@@ -10,7 +10,7 @@ import pytest
 PARAMS = '''profile: str = "cpu"  # run profile
 results_root: str = "results"  # results folder
 seed: int = 0  # seed
-mode: str = "ok"  # ok, fail or sleep
+mode: str = "ok"  # ok, fail, die or sleep
 value: float = 1.5  # a number written to the table'''
 
 BODY = '''import time
@@ -19,13 +19,16 @@ from tokenbook.results import RunContext
 ctx = RunContext.from_notebook(NAME, globals())
 if mode == "fail":
     raise RuntimeError("deliberate failure")
+if mode == "die":  # what the kernel sees when the OOM killer strikes
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
 if mode == "sleep":
     time.sleep(60)
 ctx.save_table("numbers", pd.DataFrame({"model": ["x"], "value": [value]}))
 ctx.finish()'''
 
 
-def _make_root(tmp_path, names=("00_good", "01_bad")):
+def _make_root(tmp_path, names=("00_good", "01_bad", "02_dies")):
     root = tmp_path / "wb"
     (root / "notebooks").mkdir(parents=True)
     (root / "run_all.sh").write_text("#!/bin/sh\n")
@@ -38,7 +41,8 @@ def _make_root(tmp_path, names=("00_good", "01_bad")):
         pdir = root / "notebooks" / "params" / n
         pdir.mkdir(parents=True)
         for prof in ("smoke", "cpu"):
-            (pdir / f"{prof}.yaml").write_text("mode: ok\n" if n != "01_bad" else "mode: fail\n")
+            mode = {"01_bad": "fail", "02_dies": "die"}.get(n, "ok")
+            (pdir / f"{prof}.yaml").write_text(f"mode: {mode}\n")
     return root
 
 
@@ -84,6 +88,8 @@ def test_failure_is_isolated_and_previous_results_kept(tmp_path):
     nb = nbformat.read(str(failed / "01_bad.ipynb"), as_version=4)
     assert any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert not (res / "01_bad" / "cpu").exists()
+    died = json.loads((res / "02_dies" / "cpu-failed" / "status.json").read_text())
+    assert died["status"] == "failed" and died["detail"]
     index = (res / "README.md").read_text()
     assert "00_good" in index and "failed" in index and (res / "index.html").is_file()
 
