@@ -366,6 +366,9 @@ class ViTTM(nn.Module):
         global_pool: only ``"avg"`` (the official factory always sets it).
     """
 
+    #: names of the two outputs (``tokenbook.train`` reports ``val_top1_memory`` / ``val_top1_process``)
+    head_names = ("memory", "process")
+
     def __init__(
         self,
         img_size: Union[int, tuple[int, int]] = 224,

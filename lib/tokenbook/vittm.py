@@ -1,0 +1,606 @@
+"""ViTTM experiments for ``notebooks/01_vittm.ipynb``: efficiency table, small-scale training, ablations, figures.
+
+The model family lives in :mod:`tokenbook.models.vittm`; this module holds what the notebook runs with it, so that the
+notebook stays a thin driver:
+
+- :func:`efficiency_table`: ViT-S/16, ViT-B/16, ViTTM-S, ViTTM-B and the 16/32 variants at 224 px: parameters (total and
+  used in ``forward``, counted on the meta device), MACs/FLOPs with attention counted, latency the way the official
+  ``benchmark.py`` measures it (fp32, ``eval``, ``no_grad``, random input, median of ``torch.utils.benchmark``
+  blocked autorange; batch 128 on a GPU, a smaller batch on a CPU), throughput.
+- :func:`headline_ratios` and :func:`compare_with_references`: our numbers next to the paper's (abstract) and the
+  numbers measured from the official code, kept in separate columns; unknown values are ``n/a``.
+- :func:`train_models`: several models trained with the same engine, data and budget; one summary row each with the
+  top-1 of both ViTTM heads.
+- :func:`run_ablation` / :func:`plot_ablation`: the issue's ablations (head x fusion, latent scale, patch sizes,
+  memory blocks) as short training runs, identical configurations trained once.
+- :func:`plot_read_write_maps`, :func:`plot_head_maps`, :func:`plot_memory_diagnostics`: the figures.
+- :func:`make_train_config`, :func:`recipe_table`, :data:`OFFICIAL_PITFALLS`: the paper-scale recipes and the official
+  code's pitfalls with how this implementation avoids them.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import replace
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from . import bench, references
+from .models import vittm as V
+from .repro import seed_everything
+from .results import NA
+from .train import RECIPES, TrainConfig, fit, recipe
+
+__all__ = [
+    "EFFICIENCY_MODELS", "OFFICIAL_PITFALLS", "efficiency_table", "headline_ratios", "compare_with_references",
+    "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
+    "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table", "REFERENCE_ALIASES",
+    "pretrain_then_finetune",
+]
+
+#: Efficiency-table rows: label (as in the reference file) -> (timm name, kwargs).
+EFFICIENCY_MODELS: dict[str, tuple[str, dict]] = {
+    "ViT-S/16": ("vit_small_patch16_224", {}),
+    "ViT-B/16": ("vit_base_patch16_224", {}),
+    "ViTTM-S": ("vittm_small_m28p28_224", {}),
+    "ViTTM-B": ("vittm_base_m28p28_224", {}),
+    "ViTTM-S 16/32": ("vittm_small_m16p32_224", {}),
+    "ViTTM-B 16/32": ("vittm_base_m16p32_224", {}),
+}
+
+#: Our row label -> other labels the reference file uses for the same model (the abstract says only "ViT-B").
+REFERENCE_ALIASES: dict[str, tuple[str, ...]] = {"ViT-B/16": ("ViT-B",), "ViT-S/16": ("ViT-S",)}
+
+# metrics whose difference to a reference is meaningful (same definition); latency/throughput depend on the machine
+_COMPARABLE = ("top1", "params_total", "params_used", "gmacs", "gmacs_ratio_vit_b_over_vittm_b",
+               "flops_ratio_vit_b_over_vittm_b", "memory_tokens", "process_tokens", "latency_speedup_vs_vit_b",
+               "latency_reduction_vs_vit_b")
+
+
+def create(name: str, meta: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for the workbook's names (registers them first); ``meta`` builds on the meta device."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the families)
+
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **kwargs)
+
+
+def _tokens(model: nn.Module, img_size: int) -> tuple[Any, Any]:
+    if isinstance(model, V.ViTTM):
+        return model.num_memory_tokens, model.num_process_tokens
+    return None, getattr(getattr(model, "patch_embed", None), "num_patches", None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Efficiency
+# ----------------------------------------------------------------------------------------------------------------------
+def efficiency_table(labels: Optional[Sequence[str]] = None, img_size: int = 224, latency: bool = True,
+                     batch_size: int = 128, device: str = "cpu", min_run_time: float = 8.0, warmup: int = 1,
+                     models: Optional[Mapping[str, tuple[str, dict]]] = None) -> pd.DataFrame:
+    """One row per model: token counts, ``params_total`` / ``params_used`` (meta device, so free), ``gmacs`` /
+    ``gflops`` (attention counted, batch 1), and with ``latency`` the median / IQR of one batched fp32 forward
+    (official ``benchmark.py`` method), throughput and the settings. Models are measured one after the other in this
+    call, so ratios between rows come from the same run."""
+    models = dict(models or EFFICIENCY_MODELS)
+    labels = list(labels) if labels is not None else list(models)
+    unknown = [l for l in labels if l not in models]
+    if unknown:
+        raise ValueError(f"unknown efficiency models {unknown}; choose from {list(models)}")
+    rows = []
+    for label in labels:
+        name, kw = models[label]
+        m = create(name, meta=True, **kw)
+        mem, proc = _tokens(m, img_size)
+        ex = torch.empty(1, 3, img_size, img_size, device="meta")
+        row = {"model": label, "timm_name": name, "img_size": img_size, "memory_tokens": mem, "process_tokens": proc,
+               "params_total": bench.count_params(m)["total"], "params_used": bench.count_used_params(m, ex)}
+        mc = bench.count_macs(m, input_size=(3, img_size, img_size))
+        row.update(gmacs=mc["gmacs"], gflops=mc["gflops"])
+        del m
+        if latency:
+            seed_everything(0)
+            real = create(name, **kw)
+            r = bench.measure_latency(real, input_size=(3, img_size, img_size), batch_size=batch_size, device=device,
+                                      min_run_time=min_run_time, warmup=warmup, name=label)
+            row.update(latency_ms=r.median_ms, latency_iqr_ms=r.iqr_ms, throughput_img_s=r.throughput_img_s,
+                       batch=r.batch_size, device=r.device, dtype=r.dtype, threads=r.threads, runs=r.runs,
+                       peak_mem_mb=r.peak_mem_mb)
+            del real
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def headline_ratios(eff: pd.DataFrame, pairs: Sequence[tuple[str, str]] = (
+        ("ViT-B/16", "ViTTM-B"), ("ViT-B/16", "ViTTM-B 16/32"), ("ViT-S/16", "ViTTM-S"),
+        ("ViT-S/16", "ViTTM-S 16/32"))) -> pd.DataFrame:
+    """The abstract's headline as ratios from one run: GMACs and latency of ViT over ViTTM, and the latency reduction
+    in %. One row per (pair, metric) with the paper's value where the abstract states one (ViT-B vs ViTTM-B only),
+    the official-code value where one was measured, ours and the difference."""
+    refs = references.load("vittm")
+
+    def ref(model, metric, kinds):
+        for r in refs:
+            if r.model == model and r.metric == metric and _ref_group(r) in kinds:
+                return r
+        return None
+
+    e = eff.set_index("model")
+    rows = []
+    for vit, ttm in pairs:
+        if vit not in e.index or ttm not in e.index:
+            continue
+        ours = {"gmacs_ratio": e.at[vit, "gmacs"] / e.at[ttm, "gmacs"]}
+        if "latency_ms" in e.columns and pd.notna(e.at[ttm, "latency_ms"]):
+            ours["latency_speedup"] = e.at[vit, "latency_ms"] / e.at[ttm, "latency_ms"]
+            ours["latency_reduction_pct"] = 100.0 * (1.0 - e.at[ttm, "latency_ms"] / e.at[vit, "latency_ms"])
+        headline = vit == "ViT-B/16" and ttm == "ViTTM-B"
+        spec = {
+            "gmacs_ratio": ("flops_ratio_vit_b_over_vittm_b", "gmacs_ratio_vit_b_over_vittm_b", "x"),
+            "latency_speedup": ("latency_speedup_vs_vit_b", None, "x"),
+            "latency_reduction_pct": ("latency_reduction_vs_vit_b", None, "%"),
+        }
+        for metric, (paper_metric, official_metric, unit) in spec.items():
+            p = ref("ViTTM-B", paper_metric, ("paper",)) if headline else None
+            o = ref("ViTTM-B", official_metric, ("official",)) if headline and official_metric else None
+            v = ours.get(metric)
+            rows.append({
+                "pair": f"{vit} / {ttm}", "metric": metric, "unit": unit,
+                "paper": p.value if p else None, "paper_source": f"{p.source} [{p.kind}]" if p else NA,
+                "official_code": o.value if o else None, "official_source": f"{o.source} [{o.kind}]" if o else NA,
+                "ours": v, "diff_vs_paper": (v - p.value) if (p and v is not None) else None,
+                "pass": p.passes(v) if (p and v is not None) else None,
+            })
+    return pd.DataFrame(rows)
+
+
+def _ref_group(r: references.Reference) -> str:
+    """'paper' for what the paper states (and arithmetic on it), 'official' for official-code numbers."""
+    if r.kind == "paper" or (r.kind == "computed" and "abstract" in r.source):
+        return "paper"
+    if r.kind in ("official_code", "official_code_measured", "computed"):
+        return "official"
+    return "other"
+
+
+def compare_with_references(ours: pd.DataFrame, metrics: Sequence[str], model_col: str = "model") -> pd.DataFrame:
+    """Long table, one row per (model, metric): the paper's value and source (``paper`` column: only what the paper
+    states; else ``n/a``), the value measured from the official code and its source (``official_code``), ours, the
+    difference to the paper's value, else to the official one, and pass/fail where the reference has a tolerance.
+    Differences are left out for machine-dependent metrics (latency, throughput): the paper's hardware and batch are
+    unknown."""
+    refs = references.load("vittm")
+    rows = []
+    for _, row in ours.iterrows():
+        model = row[model_col]
+        names = (model, *REFERENCE_ALIASES.get(model, ()))
+        for m in metrics:
+            if m not in row.index:
+                continue
+            v = row[m]
+            v = None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+            found = {"paper": None, "official": None}
+            for r in refs:
+                if r.model in names and r.metric == m and found.get(_ref_group(r), 1) is None:
+                    found[_ref_group(r)] = r
+            p, o = found["paper"], found["official"]
+            base = p or o
+            comparable = m in _COMPARABLE and base is not None and v is not None
+            diff = (float(v) - base.value) if comparable else None
+            rows.append({
+                "model": model, "metric": m, "unit": (base.unit if base else ""),
+                "paper": p.value if p else None, "paper_source": f"{p.source} [{p.kind}]" if p else NA,
+                "official_code": o.value if o else None, "official_source": f"{o.source} [{o.kind}]" if o else NA,
+                "ours": v, "diff": diff,
+                "rel_diff_pct": 100.0 * diff / base.value if diff is not None and base.value else None,
+                "pass": (base.passes(float(v)) if comparable and not (m == "params_total" and model.startswith("ViTTM"))
+                         else None),
+                "note": base.note if base else "",
+            })
+    return pd.DataFrame(rows)
+
+
+def small_scale_vs_paper(summary: pd.DataFrame, vittm: str, vit: str) -> pd.DataFrame:
+    """The small-scale run against the paper's claims, as differences between the two models (absolute numbers on
+    another dataset and size are not comparable): top-1 of ViTTM (headline memory head, and the process head) minus
+    ViT (paper: 82.9 - 81.0 = +1.9 points for B on IN-1k, abstract), ViT over ViTTM GMACs (paper: 2.4x) and ViT over
+    ViTTM latency (paper: 529.5 / 234.1 = 2.26x)."""
+    s = summary.set_index("model")
+    t, b = s.loc[vittm], s.loc[vit]
+    refs = {r.id: r for r in references.load("vittm")}
+    p_top1 = refs["vittm_b.in1k.top1"].value - refs["vit_b.in1k.top1"].value
+    rows = [
+        ("top1 ViTTM memory head - ViT", float(t["top1_memory"]) - float(b["top1"]), round(p_top1, 2),
+         "abstract: 82.9 - 81.0 (ViTTM-B vs ViT-B, IN-1k; head not stated)"),
+        ("top1 ViTTM process head - ViT", float(t["top1_process"]) - float(b["top1"]), None, NA),
+        ("GMACs ViT / ViTTM", float(b["gmacs"]) / float(t["gmacs"]), refs["vittm_b.flops_ratio"].value,
+         "abstract: 2.4x fewer FLOPs (B at 224 px)"),
+    ]
+    if "latency_ms" in s.columns:
+        rows.append(("latency ViT / ViTTM", float(b["latency_ms"]) / float(t["latency_ms"]),
+                     refs["vittm_b.latency_speedup"].value, "abstract: 529.5 ms / 234.1 ms (B; hardware not stated)"))
+    return pd.DataFrame([{"quantity": q, "ours": o, "paper": p, "diff": (o - p) if p is not None else None,
+                          "paper_source": src, "scale": f"ours: {vittm} vs {vit} on the notebook's data"}
+                         for q, o, p, src in rows])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+def _headline(final: dict, is_vittm: bool) -> tuple[Optional[float], Optional[float], float]:
+    if is_vittm:
+        return final.get("val_top1_memory"), final.get("val_top1_process"), final.get("val_top1_memory")
+    return None, None, final.get("val_top1")
+
+
+def train_models(models: Mapping[str, tuple[str, dict]], train_loader, val_loader, cfg: TrainConfig, bundle,
+                 seed: int = 0, latency: bool = True, latency_batch: int = 64, latency_device: str = "cpu",
+                 min_run_time: float = 1.0, initial: Optional[Mapping[str, nn.Module]] = None
+                 ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame], dict[str, nn.Module]]:
+    """Train each ``label -> (timm name, kwargs)`` with the same engine, data, config and seed.
+
+    Returns ``(summary, histories, trained models)``. The summary has one row per model: token counts, parameters,
+    GMACs (attention counted), ``top1_memory`` / ``top1_process`` (ViTTM heads; n/a for a ViT), ``top1`` (the headline:
+    the ViTTM memory head, see the notebook; the only head of a ViT), EMA top-1 when EMA is on, train wall time, step
+    time and, with ``latency``, the median inference latency at ``latency_batch`` measured right after training.
+    ``initial`` maps labels to models to continue from (e.g. :func:`pretrain_then_finetune`) instead of new ones.
+    """
+    img = bundle.config.img_size
+    rows, hist, trained = [], {}, {}
+    for label, (name, kw) in models.items():
+        seed_everything(seed)
+        model = initial[label] if initial and label in initial else create(name, num_classes=bundle.num_classes, **kw)
+        res = fit(model, train_loader, val_loader, cfg, preprocess=bundle.preprocess, desc=label)
+        is_ttm = isinstance(model, V.ViTTM)
+        mem, proc, top1 = _headline(res.final, is_ttm)
+        ntok = _tokens(model, img)
+        row = {"model": label, "timm_name": name, "memory_tokens": ntok[0], "process_tokens": ntok[1],
+               "params_total": bench.count_params(model)["total"],
+               "gmacs": bench.count_macs(copy.deepcopy(model).cpu(), input_size=(3, img, img))["gmacs"],
+               "top1": top1, "headline_head": "memory" if is_ttm else "cls",
+               "top1_memory": mem, "top1_process": proc,
+               "ema_top1": res.final.get("ema_top1_memory" if is_ttm else "ema_top1"),
+               "epochs": cfg.epochs, "steps": res.timing["steps"], "train_wall_s": res.timing["wall_time_s"],
+               "step_ms": res.timing["step_ms"], "train_img_s": res.timing["train_img_s"],
+               "device": res.timing["device"]}
+        if latency:
+            lat = bench.measure_latency(res.model, input_size=(3, img, img), batch_size=latency_batch,
+                                        device=latency_device, min_run_time=min_run_time, name=label)
+            row.update(latency_ms=lat.median_ms, latency_batch=latency_batch, throughput_img_s=lat.throughput_img_s)
+        rows.append(row)
+        hist[label], trained[label] = res.history, res.model
+    return pd.DataFrame(rows), hist, trained
+
+
+def pretrain_then_finetune(name: str, model_kwargs: dict, pretrain_bundle, pretrain_cfg: TrainConfig,
+                           finetune_bundle, batch_size: int, num_workers: int = 0, seed: int = 0) -> nn.Module:
+    """The README's two-stage recipe: train ``name`` on the pre-training data (IN-21k-P, 10450 classes), then replace
+    both classifiers (zero-initialized, as the official ``--replace-head``) for the fine-tuning classes. Returns the
+    model, ready for the fine-tuning run."""
+    from .data import make_loaders
+
+    seed_everything(seed)
+    model = create(name, num_classes=pretrain_bundle.num_classes, **model_kwargs)
+    tl, vl = make_loaders(pretrain_bundle, batch_size, num_workers=num_workers, seed=seed)
+    fit(model, tl, vl, pretrain_cfg, preprocess=pretrain_bundle.preprocess, desc=f"{name} pretrain")
+    model.reset_classifier(finetune_bundle.num_classes)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ablations
+# ----------------------------------------------------------------------------------------------------------------------
+#: The paper's (README's) choice in each study, for marking it in tables and plots.
+#: For patch sizes: equal memory and process counts (README 28/28); m4p4 gives 49 + 49 tokens at 28 px, 64 + 64 at 32.
+PAPER_CHOICE = {"head_fusion": "lin+residual", "latent_scale": "r=4", "memory_blocks": "none", "patch_sizes": "m4p4"}
+
+
+def _config_key(model: nn.Module) -> tuple:
+    return (model.embed_dim, model.depth, model.num_heads, model.rw_head_type, model.fusion_type,
+            model.latent_size_scale, model.memory_blocks_type, model.memory_ps, model.process_ps, model.img_size)
+
+
+def run_ablation(study: str, base_model: str, base_kwargs: dict, train_loader, val_loader, cfg: TrainConfig, bundle,
+                 labels: Optional[Iterable[str]] = None, seed: int = 0, cache: Optional[dict] = None) -> pd.DataFrame:
+    """Train one short run per setting of ``study`` (see :func:`tokenbook.models.vittm.ablation_configs`) on top of
+    ``base_model`` + ``base_kwargs``; ``labels`` picks a subset (in the study's order). Configurations that resolve
+    to the same model (e.g. lin+residual and r=4 on the paper's base) are trained once when a shared ``cache`` dict
+    is passed. One row per setting: the options, token counts, parameters, GMACs, top-1 of both heads, train time,
+    whether it is the paper's choice and whether the result came from the cache."""
+    configs = V.ablation_configs(study, img_size=bundle.config.img_size)
+    if labels is not None:
+        wanted = [l.strip() for l in labels if l.strip()]
+        bad = [l for l in wanted if l not in configs]
+        if bad:
+            raise ValueError(f"unknown labels {bad} for ablation {study!r}; choose from {list(configs)}")
+        configs = {l: configs[l] for l in configs if l in wanted}
+    cache = {} if cache is None else cache
+    img = bundle.config.img_size
+    rows = []
+    for label, kw in configs.items():
+        args = {**base_kwargs, **kw, "num_classes": bundle.num_classes}
+        seed_everything(seed)
+        model = create(base_model, **args)
+        key = _config_key(model)
+        cached = key in cache
+        if not cached:
+            res = fit(model, train_loader, val_loader, replace(cfg, progress=False), preprocess=bundle.preprocess,
+                      desc=f"{study} {label}")
+            cache[key] = {"top1_memory": res.final.get("val_top1_memory"),
+                          "top1_process": res.final.get("val_top1_process"),
+                          "train_loss": res.final.get("train_loss"), "train_wall_s": res.timing["wall_time_s"],
+                          "step_ms": res.timing["step_ms"]}
+        r = cache[key]
+        paper_choice = PAPER_CHOICE.get(study) == label
+        rows.append({"study": study, "setting": label, "rw_head_type": model.rw_head_type,
+                     "fusion_type": model.fusion_type, "latent_size_scale": model.latent_size_scale,
+                     "memory_blocks": model.memory_blocks_type, "memory_ps": model.memory_ps,
+                     "process_ps": model.process_ps, "memory_tokens": model.num_memory_tokens,
+                     "process_tokens": model.num_process_tokens, "params_total": bench.count_params(model)["total"],
+                     "gmacs": bench.count_macs(model, input_size=(3, img, img))["gmacs"], **r,
+                     "paper_choice": bool(paper_choice), "paper_top1": None,
+                     "paper_source": "n/a: the paper's ablation tables are not in the public sources (reference §4.4)",
+                     "reused": cached})
+    return pd.DataFrame(rows)
+
+
+def plot_ablation(df: pd.DataFrame, title: str = ""):
+    """Bars: top-1 of the memory and process heads per setting (the paper's choice marked with *), GMACs as a line
+    on the right axis."""
+    import matplotlib.pyplot as plt
+
+    n = len(df)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.55 * n + 2.5), 3.4))
+    x = np.arange(n)
+    w = 0.38
+    ax.bar(x - w / 2, df["top1_memory"].astype(float), w, label="memory head")
+    ax.bar(x + w / 2, df["top1_process"].astype(float), w, label="process head")
+    vals = pd.concat([df["top1_memory"], df["top1_process"]]).astype(float)
+    lo = max(0.0, float(vals.min()) - 5.0) if len(vals) else 0.0
+    ax.set_ylim(lo, min(100.0, float(vals.max()) + 3.0) if len(vals) else 100.0)
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_xticks(x, [f"{s}*" if c else s for s, c in zip(df["setting"], df["paper_choice"])],
+                  rotation=45 if n > 5 else 0, ha="right" if n > 5 else "center", fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(x, df["gmacs"].astype(float) * 1e3, "k.--", label="MMACs")
+    ax2.set_ylabel("MMACs per image")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or f"ablation: {df['study'].iloc[0] if n else ''} (* = paper's choice)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------------
+def _center(grid: tuple[int, int]) -> int:
+    return (grid[0] // 2) * grid[1] + grid[1] // 2
+
+
+def _mark(ax, index: int, grid: tuple[int, int], img_hw: tuple[int, int], color: str = "cyan") -> None:
+    import matplotlib.patches as patches
+
+    r, c = divmod(index, grid[1])
+    ph, pw = img_hw[0] / grid[0], img_hw[1] / grid[1]
+    ax.add_patch(patches.Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor=color, lw=1.2))
+
+
+def plot_read_write_maps(model: V.ViTTM, x: torch.Tensor, layers: Sequence[int], images: Sequence[np.ndarray],
+                         row_titles: Optional[Sequence[str]] = None, process_token: Optional[int] = None,
+                         memory_token: Optional[int] = None):
+    """Per image (rows) and chosen layer (column pairs): **read** = which memory tokens the marked process token reads
+    from (its read weights over the memory grid, mean over heads); **write** = which process tokens the marked memory
+    token is written from (its write weights over the process grid). The marked token is the grid centre by default.
+    ``images`` are the display versions of ``x`` (``viz.to_display``)."""
+    import matplotlib.pyplot as plt
+
+    from .viz import overlay
+
+    maps = V.attention_maps(model, x, layers)
+    mg, pg = maps["memory_grid"], maps["process_grid"]
+    if pg is None:
+        raise ValueError("read/write maps over the image need patch process tokens (process_embedder_type='patch')")
+    p_tok = _center(pg) if process_token is None else process_token
+    m_tok = _center(mg) if memory_token is None else memory_token
+    nm, npr = mg[0] * mg[1], pg[0] * pg[1]
+    cols = 1 + 2 * len(maps["read"])
+    fig, axes = plt.subplots(len(images), cols, figsize=(1.7 * cols, 1.8 * len(images)), squeeze=False)
+    for b, img in enumerate(images):
+        hw = img.shape[:2]
+        axes[b, 0].imshow(img, cmap="gray" if img.ndim == 2 else None)
+        axes[b, 0].set_xticks([])
+        axes[b, 0].set_yticks([])
+        if row_titles:
+            axes[b, 0].set_ylabel(row_titles[b], fontsize=8)
+        for j, l in enumerate(maps["read"]):
+            rd = maps["read"][l][b, :, p_tok, :nm].float().mean(0).reshape(mg)
+            wr = maps["write"][l][b, :, m_tok, :npr].float().mean(0).reshape(pg)
+            ax_r, ax_w = axes[b, 1 + 2 * j], axes[b, 2 + 2 * j]
+            overlay(ax_r, img, rd)
+            _mark(ax_r, p_tok, pg, hw)
+            overlay(ax_w, img, wr)
+            _mark(ax_w, m_tok, mg, hw, color="lime")
+            if b == 0:
+                ax_r.set_title(f"L{l} read\nP-token <- memory", fontsize=7)
+                ax_w.set_title(f"L{l} write\nM-token <- process", fontsize=7)
+    axes[0, 0].set_title("image", fontsize=8)
+    fig.suptitle(f"{maps['rw_head_type']} read/write maps (cyan: the reading process token, "
+                 "lime: the written memory token)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_head_maps(model: V.ViTTM, x: torch.Tensor, layer: int, image: np.ndarray,
+                   process_token: Optional[int] = None, memory_token: Optional[int] = None):
+    """One image, one layer: per head (columns) the read map of the marked process token (top row) and the write map
+    of the marked memory token (bottom row)."""
+    import matplotlib.pyplot as plt
+
+    from .viz import overlay
+
+    maps = V.attention_maps(model, x[:1], [layer])
+    mg, pg = maps["memory_grid"], maps["process_grid"]
+    l = layer % model.depth
+    rd, wr = maps["read"][l][0], maps["write"][l][0]
+    p_tok = _center(pg) if process_token is None else process_token
+    m_tok = _center(mg) if memory_token is None else memory_token
+    heads = rd.shape[0]
+    fig, axes = plt.subplots(2, heads, figsize=(1.7 * heads, 3.6), squeeze=False)
+    for h in range(heads):
+        overlay(axes[0, h], image, rd[h, p_tok, :mg[0] * mg[1]].float().reshape(mg))
+        _mark(axes[0, h], p_tok, pg, image.shape[:2])
+        overlay(axes[1, h], image, wr[h, m_tok, :pg[0] * pg[1]].float().reshape(pg))
+        _mark(axes[1, h], m_tok, mg, image.shape[:2], color="lime")
+        axes[0, h].set_title(f"head {h}", fontsize=8)
+    axes[0, 0].set_ylabel("read", fontsize=8)
+    axes[1, 0].set_ylabel("write", fontsize=8)
+    fig.suptitle(f"layer {l}: per-head read (top) and write (bottom) maps", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory_diagnostics(diag: pd.DataFrame, title: str = ""):
+    """Two panels over layers: (a) norms of the writes and reads and the write relative to the memory it is added
+    to; (b) cosine similarity of the memory with the initial memory and with the previous layer's memory."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    for c in ("write_norm", "read_norm", "memory_norm"):
+        a.plot(diag["layer"], diag[c], marker="o", ms=3, label=c)
+    a2 = a.twinx()
+    a2.plot(diag["layer"], diag["write_rel_norm"], "k--", marker="x", ms=3, label="write_rel_norm (right)")
+    a.set_xlabel("layer")
+    a.set_ylabel("mean token L2 norm")
+    a2.set_ylabel("write / memory norm")
+    h1, l1 = a.get_legend_handles_labels()
+    h2, l2 = a2.get_legend_handles_labels()
+    a.legend(h1 + h2, l1 + l2, fontsize=7)
+    for c in ("cos_to_initial", "cos_to_previous"):
+        b.plot(diag["layer"], diag[c], marker="o", ms=3, label=c)
+    b.set_xlabel("layer")
+    b.set_ylabel("cosine similarity")
+    b.legend(fontsize=7)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "memory stream across layers", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Recipes and pitfalls
+# ----------------------------------------------------------------------------------------------------------------------
+#: Notebook parameters that override a recipe when they are set (0 or empty keeps the recipe's value).
+_RECIPE_OVERRIDES = ("epochs", "devices", "num_nodes", "max_steps_per_epoch", "accelerator", "precision")
+
+
+def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overrides) -> TrainConfig:
+    """The notebook's training config. With ``recipe_name`` (a :data:`tokenbook.train.RECIPES` key, e.g.
+    ``vittm_b_ft_in1k``) the paper recipe is used and only these notebook parameters override it when set (non-zero /
+    non-empty / not 'auto' / not '32-true'): epochs, devices, num_nodes, max_steps_per_epoch, accelerator, precision;
+    the seed always
+    comes from the notebook. A DDP strategy becomes ``auto`` on a single device and plain ``ddp`` otherwise (no
+    unused parameters to look for). Without a recipe every TrainConfig field is read from ``params``. ``overrides``
+    win."""
+    if recipe_name:
+        if recipe_name not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe_name!r}; ViTTM recipes: "
+                             f"{sorted(k for k in RECIPES if k.startswith('vittm'))}")
+        kw = {k: params[k] for k in _RECIPE_OVERRIDES if params.get(k) not in (None, 0, "", "auto")
+              and not (k == "precision" and params[k] in ("32-true", "32"))}
+        kw["seed"] = params.get("seed", 0)
+        kw["progress"] = params.get("progress", True)
+        cfg = recipe(recipe_name, **{**kw, **overrides})
+        world = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+        if cfg.strategy.startswith("ddp") and "strategy" not in overrides:
+            # one process: no DDP (Fabric would otherwise wait for a launcher); several: plain DDP, because no
+            # parameter is left unused here (the official find_unused_parameters only covered its unused tensors)
+            cfg = replace(cfg, strategy="auto" if world == 1 else "ddp")
+        return cfg
+    p = dict(params)
+    for k in ("max_steps_per_epoch", "warmup_steps"):
+        if p.get(k) == 0:
+            p[k] = None
+    return TrainConfig.from_params(p, **overrides)
+
+
+def recipe_table() -> pd.DataFrame:
+    """The README's pre-training and fine-tuning hyper-parameters as this workbook runs them: one row per setting,
+    one column per stage (``tokenbook.train.RECIPES['vittm_*']``, data presets, architecture flags)."""
+    from .data import PRESETS
+
+    stages = {"IN-21k-P pretrain (S, B)": ("vittm_pt_in21k", "vittm_pt", 0.0),
+              "IN-1k fine-tune ViTTM-S": ("vittm_s_ft_in1k", "vittm_s_ft", 0.1),
+              "IN-1k fine-tune ViTTM-B": ("vittm_b_ft_in1k", "vittm_b_ft", 0.2)}
+    keys = ("epochs", "batch_size", "devices", "num_nodes", "opt", "lr", "weight_decay", "filter_bias_and_bn",
+            "warmup_steps", "warmup_lr", "min_lr", "clip_grad", "mixup", "cutmix", "loss", "bce_sum_classes",
+            "ema_decay", "precision", "strategy")
+    cols = {}
+    for stage, (rname, preset, dpr) in stages.items():
+        cfg = recipe(rname)
+        col = {k: getattr(cfg, k) for k in keys}
+        col["effective_batch"] = cfg.batch_size * (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+        pr = PRESETS[preset]
+        col.update(recipe=rname, preset=preset, auto_augment=pr.get("auto_augment"), random_erasing=pr.get("re_prob"),
+                   rrc_scale=str(pr.get("scale")), drop_path_rate=dpr, img_size=224,
+                   architecture=", ".join(f"{k}={v}" for k, v in V.PAPER_CONFIG.items()))
+        cols[stage] = col
+    df = pd.DataFrame(cols)
+    df.index.name = "setting"
+    return df.reset_index().astype(str)
+
+
+#: The official code's pitfalls (reference sheet §1.3, §1.7, §1.10, §1.11, §4.3, §5, §6) and what this workbook does.
+OFFICIAL_PITFALLS: list[dict[str, str]] = [
+    {"pitfall": "--process-embedded-type is ignored (the model reads process_embedder_type)",
+     "effect": "the flag silently has no effect; 'patch' is always used",
+     "here": "one keyword, process_embedder_type, checked against ('patch', 'latent'); unknown values raise"},
+    {"pitfall": "process embedders 'downsample' and 'latent' crash",
+     "effect": "unpack error / TypeError at construction",
+     "here": "'latent' works (learned process tokens); 'downsample' raises a ValueError that says why"},
+    {"pitfall": "rw head 'dyna' and memory block 'conv' crash", "effect": "KeyError / TypeError at construction",
+     "here": "rejected with a ValueError naming the supported options"},
+    {"pitfall": "--no-pretrained is inverted: timm hub weights load by default",
+     "effect": "needs internet; blocks start from IN-21k->1k ViT weights unless the flag is given",
+     "here": "models start from random init; pretrained weights only when asked (pretrained_cfg_overlay file)"},
+    {"pitfall": "Shampoo imports are commented out", "effect": "--optimizer shampoo fails",
+     "here": "not offered; the paper's models used AdamW (train.RECIPES vittm_*)"},
+    {"pitfall": "README fine-tune does not load the IN-21k checkpoint; --checkpoint-profile ...-ls2 vs "
+                "--latent-size-scale 4",
+     "effect": "the two-stage recipe is not reproducible from the README alone",
+     "here": "pretrain_then_finetune: same model object, both heads replaced (zero init) for the fine-tune classes; "
+             "r = 4 throughout"},
+    {"pitfall": "checkpoints of --compile runs carry _orig_mod. and the load is non-strict",
+     "effect": "a fine-tune may silently start from random weights",
+     "here": "checkpoint_filter_fn strips _orig_mod./module., drops n_averaged and loads strictly (clear error)"},
+    {"pitfall": "parameters never used in forward (cls_token, pos_embed, 16x16 patch_embed, lin proj)",
+     "effect": "+14.9M (B) / +3.9M (S) in parameter counts; DDP needs find_unused_parameters",
+     "here": "not created; used = total = 111,607,760 (B) / 29,262,800 (S); filter drops them from official files; "
+             "plain DDP (make_train_config)"},
+    {"pitfall": "weight decay on every parameter (norms, biases, position tables)",
+     "effect": "differs from timm/DeiT practice; easy to lose when porting",
+     "here": "kept on purpose: RECIPES vittm_* set filter_bias_and_bn=False"},
+    {"pitfall": "segmentation normalizes with mean = std = 127.5, classification with ImageNet mean/std",
+     "effect": "backbone sees other input statistics in segmentation",
+     "here": "classification only in this workbook; pretrained_cfg records ImageNet mean/std"},
+    {"pitfall": "fvcore does not count fused attention (benchmark.py FLOPs)",
+     "effect": "official GMACs omit the blocks' attention matmuls (ViT-B 16.87 vs 17.58)",
+     "here": "tokenbook.bench counts attention; both official numbers are shown for comparison"},
+]
+
+
+def pitfalls_table() -> pd.DataFrame:
+    """:data:`OFFICIAL_PITFALLS` as a table."""
+    return pd.DataFrame(OFFICIAL_PITFALLS)

@@ -1,0 +1,229 @@
+"""Notebook 01_vittm: the smoke run's tables (paper vs official code vs ours, n/a where unknown, sensible numbers),
+the experiment helpers of ``tokenbook.vittm``, and the ``full`` profile's recipes on a tiny ImageNet-style folder."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tokenbook import data
+from tokenbook import vittm as X
+from tokenbook.models import vittm as V
+from tokenbook.runner import resolve_parameters
+
+from conftest import ROOT
+
+NB = "01_vittm"
+
+
+def _isna(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v == "n/a"
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_results):
+    record, folder = smoke_results(NB)
+    assert record["status"] == "ok", record
+    return folder
+
+
+def read(folder, name) -> pd.DataFrame:
+    return pd.read_csv(folder / f"{name}.csv")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# smoke run content
+# ----------------------------------------------------------------------------------------------------------------------
+def test_efficiency_tables(smoke):
+    eff = read(smoke, "efficiency").set_index("model")
+    assert {"ViT-B/16", "ViTTM-B"} <= set(eff.index)
+    b = eff.loc["ViTTM-B"]
+    assert b["params_used"] == b["params_total"] == 111_607_760
+    assert (b["memory_tokens"], b["process_tokens"]) == (64, 64)
+    assert b["gmacs"] == pytest.approx(7.141, abs=1e-3) and b["gflops"] == pytest.approx(2 * b["gmacs"])
+    assert eff.loc["ViT-B/16", "params_total"] == 86_567_656
+
+    cmp = read(smoke, "efficiency_vs_references")
+    # the paper column holds only what the abstract states: nothing about params, MACs or token counts
+    assert cmp["paper"].isna().all()
+    row = cmp[(cmp.model == "ViTTM-B") & (cmp.metric == "params_used")].iloc[0]
+    assert row["official_code"] == row["ours"] == 111_607_760 and bool(row["pass"])
+    assert "official code" in row["official_source"] and "official_code_measured" in row["official_source"]
+    tot = cmp[(cmp.model == "ViTTM-B") & (cmp.metric == "params_total")].iloc[0]
+    assert tot["diff"] == -14_916_864 and _isna(tot["pass"]) and "never used" in tot["note"]
+    g = cmp[(cmp.model == "ViTTM-B") & (cmp.metric == "gmacs")].iloc[0]
+    assert g["official_code"] == 7.159 and bool(g["pass"]) and abs(g["rel_diff_pct"]) < 1
+    vit_used = cmp[(cmp.model == "ViT-B/16") & (cmp.metric == "params_used")].iloc[0]
+    assert _isna(vit_used["official_code"]) and vit_used["official_source"] == "n/a"
+
+    ratios = read(smoke, "headline_ratios")
+    r = ratios[(ratios.pair == "ViT-B/16 / ViTTM-B") & (ratios.metric == "gmacs_ratio")].iloc[0]
+    assert r["paper"] == 2.4 and "abstract" in r["paper_source"] and r["official_code"] == 2.46
+    assert r["ours"] == pytest.approx(2.4596, abs=1e-3) and bool(r["pass"])
+    lat = ratios[(ratios.pair == "ViT-B/16 / ViTTM-B") & (ratios.metric == "latency_speedup")].iloc[0]
+    assert lat["paper"] == 2.26 and _isna(lat["ours"])  # smoke measures no latency
+    assert ratios[ratios.pair != "ViT-B/16 / ViTTM-B"].empty  # the smoke table has only the B models
+
+
+def test_small_scale_tables(smoke):
+    params = profile_params("smoke")
+    s = read(smoke, "small_scale").set_index("model")
+    ttm, vit = s.loc[params["model_name"]], s.loc[params["vit_name"]]
+    assert ttm["headline_head"] == "memory" and ttm["top1"] == ttm["top1_memory"]
+    assert 0 <= ttm["top1_process"] <= 100 and 0 <= vit["top1"] <= 100
+    assert _isna(vit["top1_memory"]) and _isna(vit["top1_process"]) and _isna(ttm["memory_tokens"]) is False
+    assert (ttm["memory_tokens"], ttm["process_tokens"]) == (49, 49)
+    assert ttm["steps"] == vit["steps"] == params["max_steps_per_epoch"]  # same budget
+    cmp = read(smoke, "small_scale_vs_paper").set_index("quantity")
+    assert cmp.loc["top1 ViTTM memory head - ViT", "paper"] == pytest.approx(1.9)
+    assert cmp.loc["top1 ViTTM memory head - ViT", "ours"] == pytest.approx(ttm["top1"] - vit["top1"])
+    assert _isna(cmp.loc["top1 ViTTM process head - ViT", "paper"])
+    assert cmp.loc["GMACs ViT / ViTTM", "ours"] == pytest.approx(vit["gmacs"] / ttm["gmacs"])
+    hist = read(smoke, "memory_diagnostics")
+    assert len(hist) == 6 and {"write_norm", "cos_to_initial", "cos_to_previous"} <= set(hist.columns)
+    assert hist["cos_to_initial"].between(-1, 1).all()
+
+
+def test_ablation_tables(smoke):
+    params = profile_params("smoke")
+    seen_models = set()
+    for study in ("head_fusion", "latent_scale", "patch_sizes", "memory_blocks"):
+        df = read(smoke, f"ablation_{study}")
+        assert len(df) >= 2 and (df["study"] == study).all()
+        assert df["paper_top1"].isna().all() and df["paper_source"].str.startswith("n/a").all()
+        assert df["paper_choice"].sum() == 1
+        assert (df["gmacs"] > 0).all() and df["top1_memory"].between(0, 100).all()
+        assert (smoke / f"ablation_{study}.png").stat().st_size > 1000
+        seen_models.update(df.loc[~df["reused"], "setting"])
+    hf = read(smoke, "ablation_head_fusion")
+    assert set(hf["setting"]) == {f"{h}+{f}" for h in params["ablation_heads"].split(",")
+                                  for f in params["ablation_fusions"].split(",")}
+    # the paper's configuration appears in several studies but is trained once
+    ls = read(smoke, "ablation_latent_scale").set_index("setting")
+    assert bool(ls.loc["r=4", "reused"]) and ls.loc["r=4", "top1_memory"] == hf.set_index("setting").loc[
+        "lin+residual", "top1_memory"]
+    ps = read(smoke, "ablation_patch_sizes").set_index("setting")
+    assert ps.loc["m2p4", "memory_tokens"] == 196 and ps.loc["m2p4", "process_tokens"] == 49
+
+
+def test_recipe_pitfall_tables_and_figures(smoke):
+    rt = read(smoke, "recipes").set_index("setting")
+    assert rt.loc["lr"].astype(float).tolist() == [1.5e-4, 1.75e-4, 2.5e-5]
+    assert rt.loc["effective_batch"].astype(int).tolist() == [4096, 4096, 2048]
+    assert read(smoke, "official_pitfalls").shape[0] >= 10
+    for fig in ("read_write_maps", "memory_diagnostics", "head_maps", "training_curves"):
+        assert (smoke / f"{fig}.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# helpers (no notebook run)
+# ----------------------------------------------------------------------------------------------------------------------
+def test_compare_with_references_separates_paper_and_official():
+    ours = pd.DataFrame([{"model": "ViTTM-B", "latency_ms": 10.0, "gmacs": 7.14, "top1": 80.0},
+                         {"model": "ViTTM-S", "latency_ms": 5.0, "gmacs": 1.87, "top1": 75.0}])
+    df = X.compare_with_references(ours, ["latency_ms", "gmacs", "top1"]).set_index(["model", "metric"])
+    lat = df.loc[("ViTTM-B", "latency_ms")]
+    assert lat["paper"] == 234.1 and "abstract" in lat["paper_source"] and _isna(lat["diff"])  # other hardware
+    assert df.loc[("ViTTM-B", "top1"), "paper"] == 82.9 and df.loc[("ViTTM-B", "top1"), "diff"] == pytest.approx(-2.9)
+    assert _isna(df.loc[("ViTTM-B", "gmacs"), "paper"]) and df.loc[("ViTTM-B", "gmacs"), "official_code"] == 7.159
+    for m in ("latency_ms", "top1"):  # nothing is known about ViTTM-S from the paper
+        assert _isna(df.loc[("ViTTM-S", m), "paper"]) and df.loc[("ViTTM-S", m), "paper_source"] == "n/a"
+
+
+def test_efficiency_table_rejects_unknown_rows_and_ablation_unknown_labels():
+    with pytest.raises(ValueError, match="unknown efficiency models"):
+        X.efficiency_table(["ViT-H/14"], latency=False)
+    bundle = data.DataBundle(train=None, val=None, num_classes=10, class_names=[], mean=(0.5,), std=(0.5,),
+                             config=data.DataConfig(img_size=28), source="")
+    with pytest.raises(ValueError, match="unknown labels"):
+        X.run_ablation("head_fusion", "vittm_cpu_m4p4_28", {}, None, None, None, bundle, labels=["lin+sum"])
+
+
+def profile_params(profile: str, **over) -> dict:
+    """The notebook's defaults with the profile's values on top (what papermill runs with)."""
+    import ast
+
+    from tokenbook.results import notebook_parameters
+
+    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
+    defaults = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
+    return {**defaults, **resolve_parameters(ROOT, NB, profile, over), "profile": profile}
+
+
+def _full_params(**over):
+    return profile_params("full", **over)
+
+
+def test_full_profile_recipes_are_the_readme_values():
+    params = _full_params()
+    assert params["recipe"] == "vittm_b_ft_in1k" and params["model_name"] == "vittm_base_m28p28_224"
+    b = X.make_train_config(params, params["recipe"])
+    assert (b.epochs, b.batch_size, b.devices, b.num_nodes) == (300, 1024, 2, 1)
+    assert (b.opt, b.lr, b.weight_decay, b.filter_bias_and_bn) == ("adamw", 2.5e-5, 0.1, False)
+    assert (b.warmup_steps, b.warmup_lr, b.min_lr, b.clip_grad) == (3000, 1e-6, 1e-7, 1.0)
+    assert (b.mixup, b.cutmix, b.loss, b.bce_sum_classes) == (0.8, 0.8, "bce", True)
+    assert (b.ema_decay, b.precision, b.seed) == (0.999, "bf16-mixed", params["seed"])
+    s = X.make_train_config(params, "vittm_s_ft_in1k")
+    assert (s.lr, s.weight_decay, s.min_lr, s.mixup, s.cutmix, s.devices * s.num_nodes * s.batch_size) == (
+        1.75e-4, 0.03, 1e-6, 0.5, 0.5, 4096)
+    pt = X.make_train_config(params, params["pretrain_recipe"])
+    assert (pt.lr, pt.weight_decay, pt.warmup_steps, pt.min_lr, pt.mixup, pt.cutmix, pt.loss) == (
+        1.5e-4, 0.03, 10_000, 1e-7, 0.5, 0.0, "ce")
+    assert pt.devices * pt.num_nodes * pt.batch_size == 4096 and pt.strategy == "ddp"  # nothing unused to find
+    assert X.make_train_config(params, params["pretrain_recipe"], devices=1, num_nodes=1).strategy == "auto"
+    assert data.PRESETS[params["preset"]]["auto_augment"] == "rand-n3-m20"
+    assert data.PRESETS[params["pretrain_preset"]]["auto_augment"] == "rand-n2-m15"
+    assert params["drop_path_rate"] == 0.2 and params["img_size"] == 224 and params["latency_batch"] == 128
+    # notebook values override a recipe only when set
+    o = X.make_train_config({**params, "epochs": 2, "devices": 1, "precision": "32-true"}, params["recipe"])
+    assert (o.epochs, o.devices, o.precision) == (2, 1, "bf16-mixed")
+    with pytest.raises(ValueError, match="unknown recipe"):
+        X.make_train_config(params, "vittm_xl")
+
+
+def test_full_profile_pipeline_runs_one_step_on_a_fake_imagenet_folder(tmp_path):
+    """Pre-training (recipe vittm_pt_in21k) then fine-tuning (vittm_b_ft_in1k: BCE, Mixup/CutMix, EMA, RandAugment,
+    random erasing, bf16-mixed) through the engine, one step each on tiny ImageNet-style folders, with the full
+    profile's model at depth 1 (widths, patch sizes and token counts as ViTTM-B)."""
+    params = _full_params()
+    pt_root = data.write_folder_fixture(tmp_path / "in21k", classes=("a", "b", "c", "d"), per_class=2, size=230)
+    ft_root = data.write_folder_fixture(tmp_path / "in1k", classes=("cat", "dog", "fish"), per_class=2, size=230)
+    pt_bundle = data.load_data(data.DataConfig(dataset=f"folder:{pt_root}", img_size=params["img_size"],
+                                               preset=params["pretrain_preset"]))
+    ft_bundle = data.load_data(data.DataConfig(dataset=f"folder:{ft_root}", img_size=params["img_size"],
+                                               preset=params["preset"]))
+    assert ft_bundle.train[0][0].shape == (3, 224, 224)
+    local = dict(devices=1, num_nodes=1, accelerator="cpu", max_steps_per_epoch=1, epochs=1, progress=False)
+    pt_cfg = X.make_train_config(params, params["pretrain_recipe"], **local)
+    ft_cfg = X.make_train_config(params, params["recipe"], **local)
+    kw = dict(depth=1, drop_path_rate=params["drop_path_rate"])
+    model = X.pretrain_then_finetune(params["model_name"], kw, pt_bundle, pt_cfg, ft_bundle, batch_size=2)
+    assert isinstance(model, V.ViTTM) and model.num_classes == 3 and model.head.weight.abs().sum() == 0
+    before = model.memory_embedder.proj.weight.detach().clone()
+    tl, vl = data.make_loaders(ft_bundle, 2, seed=0)
+    summary, hist, trained = X.train_models({"ViTTM-B (depth 1)": (params["model_name"], kw)}, tl, vl, ft_cfg,
+                                            ft_bundle, latency=False, initial={"ViTTM-B (depth 1)": model})
+    row = summary.iloc[0]
+    assert row["steps"] == 1 and row["headline_head"] == "memory" and 0 <= row["top1"] <= 100
+    assert not _isna(row["ema_top1"])  # EMA 0.999 evaluated
+    assert trained["ViTTM-B (depth 1)"] is model and not torch.equal(before, model.memory_embedder.proj.weight)
+
+
+def test_profiles_keep_the_paper_configuration():
+    for profile in ("smoke", "cpu", "gpu"):
+        p = profile_params(profile)
+        m = X.create(p["model_name"], meta=True, img_size=p["img_size"],
+                     **({"embed_dim": p["embed_dim"]} if p["embed_dim"] else {}))
+        v = X.create(p["vit_name"], meta=True, img_size=p["img_size"])
+        assert (m.embed_dim, m.depth, m.num_heads) == (v.embed_dim, len(v.blocks), v.blocks[0].attn.num_heads)
+        assert (m.rw_head_type, m.fusion_type, m.latent_size_scale, m.memory_blocks_type) == (
+            "lin", "residual", 4, "none")
+        assert m.num_memory_tokens == m.num_process_tokens
+    gpu = profile_params("gpu")
+    assert gpu["latency_batch"] == 128 and gpu["latency_min_run_time"] == 8.0  # the official benchmark settings
+    assert X.create(gpu["model_name"], meta=True).num_process_tokens == 64  # the paper's 64 + 64 tokens at 32 px
+    with open(ROOT / "notebooks" / "params" / NB / "full.yaml") as f:
+        assert yaml.safe_load(f)["dataset"].startswith("folder:")
