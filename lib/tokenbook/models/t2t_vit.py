@@ -75,7 +75,7 @@ __all__ = [
     "SEAttention", "GhostAttention", "GhostMlp", "DenseBlock", "Transition",
     "sinusoid_table", "soft_split_grids", "soft_split_receptive_fields", "token_receptive_field",
     "t2t_token_features", "vit_patch_features", "t2t_attention_maps", "backbone_attention_maps",
-    "fmnist_ablations", "checkpoint_filter_fn", "load_official_checkpoint",
+    "fmnist_ablations", "imagenet_ablations", "checkpoint_filter_fn", "load_official_checkpoint",
 ]
 
 SoftSplit = tuple[int, int, int]  # (kernel, stride, padding)
@@ -1123,25 +1123,53 @@ def t2t_vit_sw_tiny_fmnist(pretrained: bool = False, **kwargs: Any) -> T2TViT:
 # ----------------------------------------------------------------------------------------------------------
 # Notebook helpers
 # ----------------------------------------------------------------------------------------------------------
-def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 10) -> dict[str, tuple[str, dict]]:
+def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 10, embed_dim: Optional[int] = None,
+                     depth: Optional[int] = None, num_heads: Optional[int] = None) -> dict[str, tuple[str, dict]]:
     """The paper's ablations at Fashion-MNIST scale: variant -> (registry name, kwargs for ``timm.create_model``).
 
     - ``t2t_performer`` (the T2T-ViT, deep-narrow 128x8), ``t2t_transformer``, ``t2t_convolution``,
       ``no_t2t`` (plain ViT, 4 px patches, same backbone): Table 7's T2T-module ablation;
     - ``deep_narrow`` (128 wide, 8 deep) vs ``shallow_wide`` (256 wide, 2 deep; identical block parameter count):
       Table 7's d384-14 vs d768-4 comparison.
+    ``embed_dim`` / ``depth`` / ``num_heads`` replace the deep-narrow backbone (e.g. 64 x 8 for short CPU runs); the
+    shallow-wide partner is then ``2 * embed_dim`` wide, ``depth // 4`` deep with ``2 * num_heads`` heads, which keeps
+    the block weight matrices' parameter count equal (``D^2 * depth`` constant).
     All work at 28 and 32 px (``FMNIST_SOFT_SPLIT``).
     """
     if img_size < 8:
         raise ValueError(f"img_size {img_size} is too small for FMNIST_SOFT_SPLIT; use 28 or 32")
     common = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    base = OFFICIAL_CONFIGS["t2t_vit_tiny_fmnist"]
+    d, L, h = embed_dim or base["embed_dim"], depth or base["depth"], num_heads or base["num_heads"]
+    if d % h:
+        raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")
+    if L % 4:
+        raise ValueError(f"depth {L} must be a multiple of 4 (the shallow-wide partner has depth // 4 blocks)")
+    dn = dict(common) if (embed_dim, depth, num_heads) == (None, None, None) else dict(
+        common, embed_dim=d, depth=L, num_heads=h)
+    sw = dict(common) if (embed_dim, depth, num_heads) == (None, None, None) else dict(
+        common, embed_dim=2 * d, depth=L // 4, num_heads=2 * h)
     return {
-        "t2t_performer": ("t2t_vit_tiny_fmnist", dict(common)),
-        "t2t_transformer": ("t2t_vit_t_tiny_fmnist", dict(common)),
-        "t2t_convolution": ("t2t_vit_c_tiny_fmnist", dict(common)),
-        "no_t2t": ("t2t_vit_tiny_fmnist_wo_t2t", dict(common)),
-        "deep_narrow": ("t2t_vit_tiny_fmnist", dict(common)),
-        "shallow_wide": ("t2t_vit_sw_tiny_fmnist", dict(common)),
+        "t2t_performer": ("t2t_vit_tiny_fmnist", dict(dn)),
+        "t2t_transformer": ("t2t_vit_t_tiny_fmnist", dict(dn)),
+        "t2t_convolution": ("t2t_vit_c_tiny_fmnist", dict(dn)),
+        "no_t2t": ("t2t_vit_tiny_fmnist_wo_t2t", dict(dn)),
+        "deep_narrow": ("t2t_vit_tiny_fmnist", dict(dn)),
+        "shallow_wide": ("t2t_vit_sw_tiny_fmnist", dict(sw)),
+    }
+
+
+def imagenet_ablations(img_size: int = 224, in_chans: int = 3, num_classes: int = 1000) -> dict[str, tuple[str, dict]]:
+    """The same variants as :func:`fmnist_ablations` at the paper's scale (Table 7): T2T-ViT-14 (performer),
+    T2T-ViT_t-14, T2T-ViT_c-14, T2T-ViT-14 w/o T2T, and deep-narrow T2T-ViT-14 vs shallow-wide T2T-ViT-d768-4."""
+    common = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    return {
+        "t2t_performer": ("t2t_vit_14", dict(common)),
+        "t2t_transformer": ("t2t_vit_t_14", dict(common)),
+        "t2t_convolution": ("t2t_vit_c_14", dict(common)),
+        "no_t2t": ("t2t_vit_14_wo_t2t", dict(common)),
+        "deep_narrow": ("t2t_vit_14", dict(common)),
+        "shallow_wide": ("t2t_vit_14_wide", dict(common)),
     }
 
 

@@ -1,0 +1,661 @@
+"""T2T-ViT notebook support (``notebooks/02_t2t_vit.ipynb``): paper-table views, small-scale experiments, figures
+and the paper's training recipes. The models live in :mod:`tokenbook.models.t2t_vit`.
+
+- **Tables 1-7**: :func:`variant_table` counts parameters and MACs (attention counted) of every registered variant,
+  the paper's reference ViTs and, optionally, timm's versions of the CNN rows; models are built on the ``meta`` device,
+  so counting the 64M-parameter models costs about a second each and no memory. :func:`paper_tables_view` lays
+  those numbers out as the paper's Tables 1-7 (paper columns with their source next to ours).
+- **From scratch at small scale**: :func:`train_variants` trains each variant of
+  :func:`~tokenbook.models.t2t_vit.fmnist_ablations` (or ``imagenet_ablations``) with one shared budget and seed and
+  measures MACs and time; :func:`ablation_table` puts the result beside the paper's Table 7 deltas.
+- **Figures**: :func:`plot_feature_rows` (Figure 2 style: token features as images), :func:`plot_receptive_fields`
+  (soft-split windows), :func:`attention_panels` (T2T-layer and backbone attention for ``viz.plot_maps``).
+- **Recipes**: :func:`imagenet_recipe` (AdamW, lr by model size at batch 512, 300 + 10 cooldown epochs, Mixup 0.8 /
+  CutMix 1.0, label smoothing 0.1, EMA 0.99996; data preset ``deit``; drop path 0.1) and :func:`transfer_recipe`
+  (Table 5: CIFAR-10/100, SGD, 60 epochs) with :class:`TransferLrHook`, :class:`PadCropFlipHook` and
+  :func:`prepare_for_transfer` for what the training engine does not do itself (0.01x learning rate on the
+  pretrained part, frozen class token and final norm, the official pad-28 random crop).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .models import t2t_vit as tv
+
+__all__ = [
+    "PAPER_NAMES", "REFERENCE_VITS", "CNN_TIMM", "PAPER_TABLE_ROWS", "TABLE7_PAPER", "build_reference",
+    "variant_table", "paper_tables_view", "TrainedVariants", "train_variants", "ablation_table", "plot_feature_rows",
+    "top_channels", "plot_receptive_fields", "attention_panels", "IMAGENET_RECIPE", "IMAGENET_LR_WD",
+    "IMAGENET_DATA", "IMAGENET_MODEL_KWARGS", "imagenet_recipe", "TRANSFER_RECIPE", "TRANSFER_DATA",
+    "transfer_recipe", "TransferLrHook", "PadCropFlipHook", "prepare_for_transfer", "recipe_table",
+]
+
+PAPER = "t2t_vit"
+
+#: registry name -> (paper name, paper tables the row appears in)
+PAPER_NAMES: dict[str, tuple[str, str]] = {
+    "t2t_vit_7": ("T2T-ViT-7", "1, 4"),
+    "t2t_vit_10": ("T2T-ViT-10", "README"),
+    "t2t_vit_12": ("T2T-ViT-12", "1, 4"),
+    "t2t_vit_14": ("T2T-ViT-14", "1, 2, 3, 5, 6, 7"),
+    "t2t_vit_19": ("T2T-ViT-19", "1, 3, 5"),
+    "t2t_vit_24": ("T2T-ViT-24", "1, 2, 3"),
+    "t2t_vit_t_14": ("T2T-ViT_t-14", "1, 3, 7"),
+    "t2t_vit_t_19": ("T2T-ViT_t-19", "3, 7"),
+    "t2t_vit_t_24": ("T2T-ViT_t-24", "3, 7"),
+    "t2t_vit_14_resnext": ("T2T-ViT-ResNeXt", "6"),
+    "t2t_vit_14_wide": ("T2T-ViT-Wide / d768-4", "6, 7"),
+    "t2t_vit_14_se": ("T2T-ViT-SE", "6"),
+    "t2t_vit_dense": ("T2T-ViT-Dense", "6"),
+    "t2t_vit_16_ghost": ("T2T-ViT-Ghost", "6"),
+    "t2t_vit_14_wo_t2t": ("T2T-ViT-14 w/o T2T", "7"),
+    "t2t_vit_c_14": ("T2T-ViT_c-14", "7"),
+    "t2t_vit_14@384": ("T2T-ViT-14 at 384 px", "2"),
+    "t2t_vit_t_14@384": ("T2T-ViT_t-14 at 384 px", "-"),
+}
+
+#: the paper's reference ViTs: row label -> (timm model name or None, kwargs). The paper's "ViT-S/16" is the early
+#: timm ``vit_small_patch16_224`` (768 wide, 8 deep, 8 heads, MLP 2304, no qkv bias; 48.6M), not DeiT-S.
+REFERENCE_VITS: dict[str, tuple[Optional[str], dict]] = {
+    "ViT-S/16": (None, dict(patch_size=16, embed_dim=768, depth=8, num_heads=8, mlp_ratio=3.0, qkv_bias=False)),
+    "ViT-B/16": ("vit_base_patch16_224", {}),
+    "ViT-L/16": ("vit_large_patch16_224", {}),
+    "DeiT-small": ("deit_small_patch16_224", {}),
+}
+
+#: CNN rows of Tables 3, 4, 6 for which timm has the same architecture: row label -> (timm name, input size)
+CNN_TIMM: dict[str, tuple[str, int]] = {
+    "ResNet50": ("resnet50", 224), "ResNet101": ("resnet101", 224), "ResNet152": ("resnet152", 224),
+    "MobileNetV2-1.0x*": ("mobilenetv2_100", 224), "MobileNetV2-1.4x*": ("mobilenetv2_140", 224),
+    "MobileNetV3": ("mobilenetv3_large_100", 224), "VGG11": ("vgg11", 224), "Inception-v3": ("inception_v3", 299),
+    "DenseNet201*": ("densenet201", 224), "SENet50*": ("seresnet50", 224), "ResNeXt50*": ("resnext50_32x4d", 224),
+}
+
+#: the paper's Tables 1-7 as rows: (table, row label as printed, model key in our results / the references file,
+#: metric suffix used by the references file for this table's printing, e.g. "_table7")
+PAPER_TABLE_ROWS: list[tuple[str, str, str, str]] = [
+    ("1", "ViT-S/16", "ViT-S/16", ""), ("1", "ViT-B/16", "ViT-B/16", ""), ("1", "ViT-L/16", "ViT-L/16", ""),
+    ("1", "T2T-ViT-14", "t2t_vit_14", ""), ("1", "T2T-ViT-19", "t2t_vit_19", ""),
+    ("1", "T2T-ViT-24", "t2t_vit_24", ""), ("1", "T2T-ViT_t-14", "t2t_vit_t_14", ""),
+    ("1", "T2T-ViT-7", "t2t_vit_7", "_table1"), ("1", "T2T-ViT-12", "t2t_vit_12", "_table1"),
+    ("2", "ViT-S/16", "ViT-S/16", ""), ("2", "DeiT-small", "DeiT-small", ""),
+    ("2", "DeiT-small-Distilled", "DeiT-small-Distilled", ""), ("2", "T2T-ViT-14", "t2t_vit_14", ""),
+    ("2", "T2T-ViT-14 (384)", "t2t_vit_14@384", ""), ("2", "ViT-B/16", "ViT-B/16", "_table2"),
+    ("2", "ViT-L/16", "ViT-L/16", ""), ("2", "T2T-ViT-24", "t2t_vit_24", ""),
+    ("3", "ResNet50", "ResNet50", ""), ("3", "ResNet50*", "ResNet50*", ""), ("3", "T2T-ViT-14", "t2t_vit_14", ""),
+    ("3", "T2T-ViT_t-14", "t2t_vit_t_14", ""), ("3", "ResNet101", "ResNet101", ""),
+    ("3", "ResNet101*", "ResNet101*", ""), ("3", "T2T-ViT-19", "t2t_vit_19", ""),
+    ("3", "T2T-ViT_t-19", "t2t_vit_t_19", ""), ("3", "ResNet152", "ResNet152", ""),
+    ("3", "ResNet152*", "ResNet152*", ""), ("3", "T2T-ViT-24", "t2t_vit_24", ""),
+    ("3", "T2T-ViT_t-24", "t2t_vit_t_24", ""),
+    ("4", "MobileNetV1 1.0x*", "MobileNetV1-1.0x*", ""), ("4", "T2T-ViT-7", "t2t_vit_7", ""),
+    ("4", "T2T-ViT-7-Distilled", "T2T-ViT-7-Distilled", ""), ("4", "MobileNetV2 1.0x*", "MobileNetV2-1.0x*", ""),
+    ("4", "MobileNetV2 1.4x*", "MobileNetV2-1.4x*", ""), ("4", "MobileNetV3", "MobileNetV3", ""),
+    ("4", "T2T-ViT-12", "t2t_vit_12", ""), ("4", "T2T-ViT-12-Distilled", "T2T-ViT-12-Distilled", ""),
+    ("4", "T2T-ViT-10 (README)", "t2t_vit_10", ""),
+    ("5", "ViT/S-16", "ViT-S/16", ""), ("5", "T2T-ViT-14", "t2t_vit_14", ""),
+    ("5", "T2T-ViT-19", "t2t_vit_19", "_table5"),
+    ("6", "AlexNet", "AlexNet", ""), ("6", "VGG11", "VGG11", ""), ("6", "Inception v3", "Inception-v3", ""),
+    ("6", "ResNet50*", "ResNet50*", ""), ("6", "Wide-ResNet18x1.5*", "Wide-ResNet18x1.5*", ""),
+    ("6", "DenseNet201*", "DenseNet201*", ""), ("6", "SENet50*", "SENet50*", ""),
+    ("6", "ResNeXt50*", "ResNeXt50*", ""), ("6", "ResNet50-Ghost*", "ResNet50-Ghost*", ""),
+    ("6", "ViT-S/16", "ViT-S/16", ""), ("6", "ViT-DN", "ViT-DN", ""), ("6", "ViT-SW", "ViT-SW", ""),
+    ("6", "ViT-Dense", "ViT-Dense", ""), ("6", "ViT-SE", "ViT-SE", ""), ("6", "ViT-ResNeXt", "ViT-ResNeXt", ""),
+    ("6", "ViT-Ghost", "ViT-Ghost", ""), ("6", "T2T-ViT-14", "t2t_vit_14", ""),
+    ("6", "T2T-ViT-Wide", "t2t_vit_14_wide", ""), ("6", "T2T-ViT-Dense", "t2t_vit_dense", ""),
+    ("6", "T2T-ViT-SE", "t2t_vit_14_se", ""), ("6", "T2T-ViT-ResNeXt", "t2t_vit_14_resnext", ""),
+    ("6", "T2T-ViT-Ghost", "t2t_vit_16_ghost", ""),
+    ("7", "T2T-ViT-14 w/o T2T", "t2t_vit_14_wo_t2t", ""), ("7", "T2T-ViT-14 (performer)", "t2t_vit_14", ""),
+    ("7", "T2T-ViT_t-14 (transformer)", "t2t_vit_t_14", ""), ("7", "T2T-ViT_c-14 (convolution)", "t2t_vit_c_14", ""),
+    ("7", "T2T-ViT-d768-4 (shallow-wide)", "t2t_vit_14_wide", "_table7"),
+    ("7", "T2T-ViT-19", "t2t_vit_19", ""), ("7", "T2T-ViT_t-19", "t2t_vit_t_19", ""),
+    ("7", "T2T-ViT-24", "t2t_vit_24", ""), ("7", "T2T-ViT_t-24", "t2t_vit_t_24", ""),
+]
+
+#: Table 7 (ImageNet, T2T-ViT-14 scale) for each small-scale variant: variant -> (paper model key, metric suffix,
+#: baseline variant). Deltas are taken against the baseline variant, as the paper's table does.
+TABLE7_PAPER: dict[str, tuple[str, str, str]] = {
+    "t2t_performer": ("t2t_vit_14", "", "t2t_performer"),
+    "t2t_transformer": ("t2t_vit_t_14", "", "t2t_performer"),
+    "t2t_convolution": ("t2t_vit_c_14", "", "t2t_performer"),
+    "no_t2t": ("t2t_vit_14_wo_t2t", "", "t2t_performer"),
+    "deep_narrow": ("t2t_vit_14", "", "deep_narrow"),
+    "shallow_wide": ("t2t_vit_14_wide", "_table7", "deep_narrow"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables 1-7: parameters and MACs
+# ----------------------------------------------------------------------------------------------------------
+def build_reference(label: str, img_size: int = 224, device: Any = "meta", **kwargs: Any) -> nn.Module:
+    """One of :data:`REFERENCE_VITS` (e.g. ``"ViT-S/16"``, the paper's 48.6M model) or :data:`CNN_TIMM`."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    with torch.device(device):
+        if label in REFERENCE_VITS:
+            name, kw = REFERENCE_VITS[label]
+            if name is None:
+                return VisionTransformer(img_size=img_size, **{**kw, **kwargs})
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        if label in CNN_TIMM:
+            return timm.create_model(CNN_TIMM[label][0], **kwargs)
+    raise ValueError(f"unknown reference model {label!r}; use one of {sorted(REFERENCE_VITS) + sorted(CNN_TIMM)}")
+
+
+def _split_size(name: str, img_size: int) -> tuple[str, int]:
+    if "@" in name:
+        base, size = name.split("@", 1)
+        return base, int(size)
+    return name, img_size
+
+
+def variant_table(names: Sequence[str], img_size: int = 224, references: Sequence[str] = (),
+                  cnns: Sequence[str] = (), device: Any = "meta") -> "Any":
+    """Params and MACs (attention counted; FLOPs = 2 MACs) of T2T-ViT registry names (``name@384`` for another
+    input size), paper reference ViTs (:data:`REFERENCE_VITS`) and CNN rows (:data:`CNN_TIMM`), one row each.
+
+    Columns: model, paper_name, paper_tables, family, tokens_type, embed_dim, depth, num_heads, mlp_hidden,
+    img_size, tokens (patch tokens into the backbone), params (all, incl. the frozen tables, as the paper counts),
+    params_trainable, params_m, t2t_params, gmacs (= macs_g), gflops, t2t_gmacs. Built on ``device`` (``meta``: no
+    memory, no weights; counts and MACs are exact because they depend on shapes only).
+    """
+    import pandas as pd
+    import timm
+
+    from . import bench
+
+    rows = []
+    for full in names:
+        name, size = _split_size(full, img_size)
+        if name not in tv.OFFICIAL_CONFIGS:
+            raise ValueError(f"{name!r} is not a T2T-ViT registry name; use one of {sorted(tv.OFFICIAL_CONFIGS)}")
+        with torch.device(device):
+            m = timm.create_model(name, img_size=size)
+        cfg = tv.OFFICIAL_CONFIGS[name]
+        pc = bench.count_params(m)
+        mc = bench.count_macs(m, input_size=(m.tokens_to_token.in_chans, size, size))
+        t2t_mc = bench.count_macs(m.tokens_to_token, input_size=(m.tokens_to_token.in_chans, size, size))
+        hidden = (int(cfg["embed_dim"] * cfg["mlp_ratio"]) if "block_config" not in cfg
+                  else f"{cfg['embed_dim']}-{m.num_features} wide")
+        rows.append(dict(
+            model=full, paper_name=PAPER_NAMES.get(full, (full, ""))[0], paper_tables=PAPER_NAMES.get(full, ("", "-"))[1],
+            family="T2T-ViT", tokens_type=cfg["tokens_type"], embed_dim=cfg["embed_dim"],
+            depth=cfg["depth"] if "block_config" not in cfg else sum(cfg["block_config"]),
+            num_heads=cfg["num_heads"], mlp_hidden=str(hidden), img_size=size,
+            tokens=m.tokens_to_token.num_patches, params=pc["total"], params_trainable=pc["trainable"],
+            params_m=pc["total"] / 1e6, t2t_params=sum(p.numel() for p in m.tokens_to_token.parameters()),
+            gmacs=mc["gmacs"], macs_g=mc["gmacs"], gflops=mc["gflops"], t2t_gmacs=t2t_mc["gmacs"]))
+    for label in list(references) + list(cnns):
+        size = CNN_TIMM[label][1] if label in CNN_TIMM else img_size
+        m = build_reference(label, img_size=size, device=device)
+        pc = bench.count_params(m)
+        mc = bench.count_macs(m, input_size=(3, size, size))
+        is_vit = label in REFERENCE_VITS
+        rows.append(dict(
+            model=label, paper_name=label, paper_tables="1, 2, 5, 6" if label == "ViT-S/16" else "",
+            family="ViT" if is_vit else "CNN (timm " + CNN_TIMM[label][0] + ")",
+            tokens_type="hard split 16 px" if is_vit else "-",
+            embed_dim=getattr(m, "embed_dim", None), depth=len(m.blocks) if is_vit else None,
+            num_heads=m.blocks[0].attn.num_heads if is_vit else None,
+            mlp_hidden=str(m.blocks[0].mlp.fc1.out_features) if is_vit else "-", img_size=size,
+            tokens=m.patch_embed.num_patches if is_vit else None, params=pc["total"],
+            params_trainable=pc["trainable"], params_m=pc["total"] / 1e6, t2t_params=None, gmacs=mc["gmacs"],
+            macs_g=mc["gmacs"], gflops=mc["gflops"], t2t_gmacs=None))
+    return pd.DataFrame(rows)
+
+
+@functools.lru_cache(maxsize=1)
+def _refs() -> dict:
+    from . import references
+
+    out: dict = {}
+    for r in references.load(PAPER):
+        out.setdefault((r.model, r.metric), r)
+    return out
+
+
+def _ref(model: str, metric: str):
+    """The paper/official reference for (model, metric) or None (the references file is parsed once)."""
+    return _refs().get((model, metric))
+
+
+def paper_tables_view(measured: "Any", tables: Optional[Sequence[str]] = None) -> "Any":
+    """The paper's Tables 1-7 (:data:`PAPER_TABLE_ROWS`) with paper params / MACs / ImageNet top-1 (as printed in
+    that table, with the source) beside our params / MACs from ``measured`` (a :func:`variant_table`) and the
+    difference. ``n/a`` where the paper prints no value or we did not build the model; ImageNet top-1 is the
+    paper's only (reproducing it needs ImageNet training, which only the ``full`` profile configures)."""
+    import pandas as pd
+
+    from .results import NA
+
+    by_model = {r["model"]: r for r in measured.to_dict("records")}
+    rows = []
+    for table, label, key, suffix in PAPER_TABLE_ROWS:
+        if tables is not None and table not in tables:
+            continue
+        ours = by_model.get(key)
+        row: dict[str, Any] = {"table": table, "row": label, "model": key}
+        sources: list[str] = []
+        for metric, col in (("params_m", "params_m"), ("macs_g", "gmacs")):
+            ref = _ref(key, metric + suffix) or _ref(key, metric)
+            paper = ref.value if ref is not None else None
+            mine = ours[col] if ours is not None else None
+            row[f"paper_{metric}"] = paper if paper is not None else NA
+            row[f"ours_{metric}"] = round(mine, 3) if mine is not None else NA
+            row[f"diff_{metric}"] = round(mine - paper, 3) if (paper is not None and mine is not None) else NA
+            if ref is not None:
+                sources.append(f"{metric.split('_')[0]}: {ref.source} [{ref.kind}]")
+        ref = _ref(key, "top1" + suffix) or _ref(key, "top1")
+        row["paper_in1k_top1"] = ref.value if ref is not None else NA
+        row["ours_in1k_top1"] = NA
+        if ref is not None:
+            sources.append(f"top1: {ref.source} [{ref.kind}]")
+        row["paper_source"] = "; ".join(sources) or NA
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From scratch at small scale
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainedVariants:
+    """What :func:`train_variants` returns: one summary row per variant, histories and the trained models."""
+
+    summary: "Any"
+    histories: dict = field(default_factory=dict)
+    models: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+
+
+def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
+                   seed: int = 0, num_workers: int = 0, model_kwargs: Optional[dict] = None,
+                   hooks_factory: Optional[Callable[[], Sequence]] = None, log: Callable = print) -> TrainedVariants:
+    """Train ``variants[k]`` for each ``k`` in ``keys`` with one budget (``cfg``) and one seed; same data order.
+
+    ``variants`` maps a key to (registry name, kwargs) as :func:`~tokenbook.models.t2t_vit.fmnist_ablations` does.
+    Keys naming the same model and kwargs are trained once (``deep_narrow`` = ``t2t_performer``). Each model is
+    built right after ``seed_everything(seed)``, so a variant's init does not depend on which ran before. The summary
+    has top-1 (and EMA top-1 when ``cfg.ema_decay``), params, MACs/FLOPs at the data's input size and the times
+    measured by ``fit``: ``train_wall_s`` (end to end), ``train_step_s`` (forward + backward + optimizer step),
+    ``step_ms`` per step. Times of variants trained in the same call are comparable (same machine and run).
+    """
+    import pandas as pd
+    import timm
+
+    from . import bench, data, repro
+    from .train import fit
+
+    unknown = [k for k in keys if k not in variants]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(variants)}")
+    chans, size = bundle.config.channels, bundle.config.img_size
+    out = TrainedVariants(summary=None)
+    done: dict[tuple, str] = {}
+    rows = []
+    for key in keys:
+        name, kw = variants[key]
+        kw = {**kw, **(model_kwargs or {}), "num_classes": bundle.num_classes, "img_size": size, "in_chans": chans}
+        sig = (name, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        if sig in done:  # same model as an earlier key: reuse its run
+            first = done[sig]
+            out.histories[key], out.models[key], out.results[key] = (out.histories[first], out.models[first],
+                                                                     out.results[first])
+            rows.append({**next(r for r in rows if r["variant"] == first), "variant": key, "same_run_as": first})
+            continue
+        repro.seed_everything(seed)
+        model = timm.create_model(name, **kw)
+        train_loader, val_loader = data.make_loaders(bundle, batch_size, num_workers=num_workers, seed=seed)
+        res = fit(model, train_loader, val_loader, cfg, hooks=list(hooks_factory()) if hooks_factory else [],
+                  preprocess=bundle.preprocess, desc=key)
+        model = res.model
+        pc = bench.count_params(model)
+        mc = bench.count_macs(model.cpu() if next(model.parameters()).is_cuda else model,
+                              input_size=(chans, size, size))
+        row = dict(variant=key, model=name, embed_dim=getattr(model, "embed_dim", None),
+                   depth=len(getattr(model, "blocks", [])), top1=res.final.get("val_top1"),
+                   top5=res.final.get("val_top5"), ema_top1=res.final.get("ema_top1"), params=pc["total"],
+                   params_m=pc["total"] / 1e6, mmacs=mc["gmacs"] * 1e3, gmacs=mc["gmacs"], gflops=mc["gflops"],
+                   epochs=cfg.epochs, train_images=len(bundle.train), train_wall_s=res.timing["wall_time_s"],
+                   train_step_s=res.timing["step_time_s"], step_ms=res.timing["step_ms"],
+                   train_img_s=res.timing["train_img_s"], device=res.timing["device"], same_run_as="")
+        rows.append(row)
+        done[sig] = key
+        out.histories[key], out.models[key], out.results[key] = res.history, model, res
+        log(f"{key:16s} {name:28s} top1 {row['top1']:.2f}  {row['mmacs']:.1f} MMACs  {row['train_wall_s']:.1f} s")
+    out.summary = pd.DataFrame(rows)
+    return out
+
+
+def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
+    """Small-scale results beside the paper's Table 7 (ImageNet, T2T-ViT-14 scale).
+
+    One row per variant in ``summary`` (:func:`train_variants`): the paper's model, top-1, its delta to the
+    baseline variant (``TABLE7_PAPER``), params, MACs and MACs ratio to the baseline, with the source; ours: the
+    same quantities measured in this run; ``same_direction`` says whether our delta has the paper's sign (``n/a``
+    for the baselines and when a value is missing). Accuracies of different datasets are not comparable, only
+    the directions of the deltas and the cost ratios are.
+    """
+    import pandas as pd
+
+    from .results import NA
+
+    ours = summary.set_index("variant")
+    rows = []
+    for key in summary["variant"]:
+        if key not in TABLE7_PAPER:
+            continue
+        pmodel, suffix, base = TABLE7_PAPER[key]
+        bmodel, bsuffix, _ = TABLE7_PAPER[base]
+
+        def pv(model, metric_, sfx):
+            r = _ref(model, metric_ + sfx) or _ref(model, metric_)
+            return r
+
+        r_top, b_top = pv(pmodel, "top1", suffix), pv(bmodel, "top1", bsuffix)
+        r_mac, b_mac = pv(pmodel, "macs_g", suffix), pv(bmodel, "macs_g", bsuffix)
+        r_par = pv(pmodel, "params_m", suffix)
+        p_top = r_top.value if r_top else None
+        p_delta = p_top - b_top.value if (r_top and b_top) else None
+        o_top = ours.loc[key, metric]
+        o_delta = o_top - ours.loc[base, metric] if base in ours.index else None
+        is_base = key == base
+        same = NA if (is_base or p_delta is None or o_delta is None) else bool(np.sign(p_delta) == np.sign(o_delta))
+        rows.append({
+            "variant": key, "baseline": base, "paper_model": PAPER_NAMES.get(pmodel, (pmodel,))[0],
+            "paper_top1": p_top if p_top is not None else NA,
+            "paper_delta_top1": round(p_delta, 2) if p_delta is not None else NA,
+            "paper_params_m": r_par.value if r_par else NA, "paper_macs_g": r_mac.value if r_mac else NA,
+            "paper_macs_ratio": round(r_mac.value / b_mac.value, 3) if (r_mac and b_mac) else NA,
+            "paper_source": "; ".join(sorted({f"{r.source} [{r.kind}]" for r in (r_top, r_mac, r_par) if r})) or NA,
+            "ours_model": ours.loc[key, "model"], f"ours_{metric}": round(float(o_top), 2),
+            f"ours_delta_{metric}": round(float(o_delta), 2) if o_delta is not None else NA,
+            "ours_params_m": round(float(ours.loc[key, "params_m"]), 4),
+            "ours_mmacs": round(float(ours.loc[key, "mmacs"]), 2),
+            "ours_macs_ratio": round(float(ours.loc[key, "gmacs"] / ours.loc[base, "gmacs"]), 3)
+            if base in ours.index else NA,
+            "ours_step_ms": round(float(ours.loc[key, "step_ms"]), 1),
+            "ours_time_ratio": round(float(ours.loc[key, "step_ms"] / ours.loc[base, "step_ms"]), 3)
+            if base in ours.index else NA,
+            "same_direction": same,
+        })
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------
+def top_channels(features: torch.Tensor, n: int) -> list[int]:
+    """Indices of the ``n`` channels of ``features`` (C, h, w) with the largest spatial variance (the most
+    structured maps; a deterministic pick for the Figure 2-style panels)."""
+    var = features.float().flatten(1).var(dim=1)
+    return var.argsort(descending=True)[:n].tolist()
+
+
+def plot_feature_rows(image: np.ndarray, rows: dict[str, torch.Tensor], n_channels: int = 8, title: str = "",
+                      size: float = 1.25):
+    """Figure 2 style: the input image, then one row per feature tensor (C, h, w) showing ``n_channels`` channels
+    (largest spatial variance first) as images, each min-max normalized. Features are token features reshaped to
+    their grid, not attention maps (as in the paper)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), n_channels + 1, figsize=(size * (n_channels + 1), size * len(rows) + 0.4),
+                             squeeze=False)
+    for r, (label, feats) in enumerate(rows.items()):
+        feats = feats.detach().float().cpu()
+        axes[r, 0].imshow(image, cmap="gray" if image.ndim == 2 else None)
+        axes[r, 0].set_ylabel(label, fontsize=7)
+        chans = top_channels(feats, n_channels)
+        for c in range(n_channels):
+            ax = axes[r, c + 1]
+            if c < len(chans):
+                f = feats[chans[c]]
+                ax.imshow(((f - f.min()) / (f.max() - f.min() + 1e-12)).numpy(), cmap="viridis")
+                ax.set_title(f"ch {chans[c]} ({feats.shape[-2]}x{feats.shape[-1]})", fontsize=6)
+            else:
+                ax.axis("off")
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_receptive_fields(image: np.ndarray, soft_split: Sequence[tuple[int, int, int]] = tv.OFFICIAL_SOFT_SPLIT,
+                          tokens_per_stage: int = 3, title: str = "", size: float = 2.6):
+    """One panel per soft split: the pixel windows of ``tokens_per_stage`` neighbouring tokens in the middle row
+    (their overlap is the paper's soft split), plus a table line with kernel / stride / receptive field / jump."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    h, w = image.shape[:2]
+    grids = tv.soft_split_grids((h, w), soft_split)
+    infos = tv.soft_split_receptive_fields(soft_split)
+    colors = ["#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3"]
+    fig, axes = plt.subplots(1, len(grids), figsize=(size * len(grids), size + 0.5), squeeze=False)
+    for i, ((gh, gw), info) in enumerate(zip(grids, infos)):
+        ax = axes[0, i]
+        ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+        row = gh // 2
+        start = max(0, gw // 2 - tokens_per_stage // 2)
+        for j, col in enumerate(range(start, min(gw, start + tokens_per_stage))):
+            r0 = info["offset"] + row * info["jump"]
+            c0 = info["offset"] + col * info["jump"]
+            ax.add_patch(Rectangle((c0 - 0.5, r0 - 0.5), info["rf"], info["rf"], fill=False, lw=1.5,
+                                   ec=colors[j % len(colors)]))
+        ax.set_xlim(-0.5, w - 0.5)
+        ax.set_ylim(h - 0.5, -0.5)
+        ax.set_title(f"after SS{i}: {gh}x{gw} tokens\nk{info['kernel']} s{info['stride']} p{info['padding']}, "
+                     f"rf {info['rf']} px, jump {info['jump']} px", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def attention_panels(model: nn.Module, x: torch.Tensor) -> tuple[list[list[torch.Tensor]], list[str]]:
+    """Per image: attention of the centre query token in each T2T layer (as a map over that layer's token grid),
+    then the backbone's class-token attention in the first and last block (mean over heads) and the attention
+    rollout. Returns (maps per image, column titles) for :func:`tokenbook.viz.plot_maps`."""
+    from . import viz
+
+    t2t = tv._t2t(model)
+    size = tuple(x.shape[-2:])
+    grids = tv.soft_split_grids(size, t2t.soft_split)
+    cols, per_layer = [], []
+    for i, (name, att) in enumerate(tv.t2t_attention_maps(model, x).items()):
+        gh, gw = grids[i]
+        q = (gh // 2) * gw + gw // 2
+        per_layer.append(att[:, q, :].reshape(-1, gh, gw).float().cpu())
+        cols.append(f"T2T layer {i + 1}\ncentre token {gh}x{gw}")
+    maps = tv.backbone_attention_maps(model, x)
+    gh, gw = t2t.grid_for(size)
+    first = maps[0][:, :, 0, 1:].mean(1).reshape(-1, gh, gw).float().cpu()
+    last = maps[-1][:, :, 0, 1:].mean(1).reshape(-1, gh, gw).float().cpu()
+    roll = viz.attention_rollout(maps)[:, 0, 1:].reshape(-1, gh, gw).float().cpu()
+    cols += ["block 1\ncls attention", f"block {len(maps)}\ncls attention", "rollout"]
+    out = [[*(p[b] for p in per_layer), first[b], last[b], roll[b]] for b in range(x.shape[0])]
+    return out, cols
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------------------
+#: ImageNet recipe of the official repo (main.py + README, reference sheet section 5); batch 512 in total
+IMAGENET_RECIPE: dict[str, Any] = dict(
+    epochs=310, cooldown_epochs=10, batch_size=512, opt="adamw", weight_decay=0.05, filter_bias_and_bn=True,
+    sched="cosine", warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, mixup=0.8, cutmix=1.0, mixup_prob=1.0,
+    mixup_switch_prob=0.5, label_smoothing=0.1, ema_decay=0.99996, clip_grad=None, precision="bf16-mixed")
+#: (lr, weight decay) by model size at total batch 512 (README; issue #25)
+IMAGENET_LR_WD: dict[str, tuple[float, float]] = {
+    "t2t_vit_7": (1e-3, 0.03), "t2t_vit_10": (1e-3, 0.03), "t2t_vit_12": (1e-3, 0.03),
+    "t2t_vit_14": (5e-4, 0.05), "t2t_vit_t_14": (5e-4, 0.05), "t2t_vit_19": (5e-4, 0.065),
+    "t2t_vit_t_19": (5e-4, 0.065), "t2t_vit_24": (5e-4, 0.065), "t2t_vit_t_24": (5e-4, 0.065),
+}
+#: the recipe's per-sample augmentation (tokenbook.data preset 'deit': RandomResizedCrop 0.08-1, flip,
+#: RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25 pixel mode) at 224 px, RGB
+IMAGENET_DATA: dict[str, Any] = dict(img_size=224, channels=3, preset="deit")
+#: model keyword arguments of the recipe: stochastic depth 0.1 (linear), dropout 0
+IMAGENET_MODEL_KWARGS: dict[str, Any] = dict(drop_path_rate=0.1, drop_rate=0.0)
+
+
+def _size_key(model_name: str) -> str:
+    name = model_name.split("@")[0]
+    if name in IMAGENET_LR_WD:
+        return name
+    for key in ("t2t_vit_14", "t2t_vit_16"):  # Table 6/7 variants of the 14-size model
+        if name.startswith(key) or name in ("t2t_vit_dense", "t2t_vit_c_14"):
+            return "t2t_vit_14"
+    raise ValueError(f"no ImageNet recipe for {model_name!r}; known sizes: {sorted(IMAGENET_LR_WD)} and the "
+                     f"14-size Table 6/7 variants")
+
+
+def imagenet_recipe(model_name: str = "t2t_vit_14", **overrides: Any):
+    """The paper's ImageNet recipe as a ``TrainConfig`` for ``model_name``: lr and weight decay by model size at
+    batch 512 (1e-3 / 0.03 for 7/10/12, 5e-4 / 0.05 for 14 and its Table 6/7 variants, 5e-4 / 0.065 for 19/24),
+    310 epochs = 300 cosine + 10 cooldown at min lr 1e-5, 10 warmup epochs from 1e-6, Mixup 0.8 / CutMix 1.0,
+    label smoothing 0.1, EMA 0.99996. Data: :data:`IMAGENET_DATA`; model: :data:`IMAGENET_MODEL_KWARGS`.
+
+    Deviation: the official scheduler steps per epoch; ``fit`` steps the same cosine per update (smoother, same
+    endpoints)."""
+    from .train import TrainConfig
+
+    lr, wd = IMAGENET_LR_WD[_size_key(model_name)]
+    return TrainConfig(**{**IMAGENET_RECIPE, "lr": lr, "weight_decay": wd, **overrides})
+
+
+#: Table 5 transfer recipe (transfer_learning.py + README): SGD momentum 0.9, lr 0.05 (head; 0.01x on the rest),
+#: weight decay 5e-4 on all parameters, batch 64, 60 epochs, cosine to 2e-4, plain cross-entropy.
+#: weight_decay is 0 here because TransferLrHook applies the official L2 term with the per-group scale.
+TRANSFER_RECIPE: dict[str, Any] = dict(
+    epochs=60, batch_size=64, opt="sgd", momentum=0.9, lr=0.05, weight_decay=0.0, filter_bias_and_bn=False,
+    sched="cosine", warmup_epochs=0, warmup_lr=0.05, min_lr=2e-4, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
+    ema_decay=0.0)
+#: CIFAR at 224 px; mean/std of CIFAR as the official script; augmentation = PadCropFlipHook(padding=28)
+TRANSFER_DATA: dict[str, dict[str, Any]] = {
+    "cifar10": dict(dataset="hf:uoft-cs/cifar10", img_size=224, channels=3, preset="none",
+                    mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": dict(dataset="hf:uoft-cs/cifar100", img_size=224, channels=3, preset="none",
+                     mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+}
+TRANSFER_BACKBONE_LR_SCALE = 0.01
+TRANSFER_WEIGHT_DECAY = 5e-4
+
+
+def transfer_recipe(dataset: str = "cifar10", **overrides: Any):
+    """Table 5's fine-tuning recipe as a ``TrainConfig`` (see :data:`TRANSFER_RECIPE`); use it with
+    ``hooks=[TransferLrHook(), PadCropFlipHook()]`` after :func:`prepare_for_transfer`, and the data of
+    ``TRANSFER_DATA[dataset]``. Deviation: the cosine is stepped per update instead of per epoch."""
+    from .train import TrainConfig
+
+    if dataset not in TRANSFER_DATA:
+        raise ValueError(f"unknown transfer dataset {dataset!r}; use one of {sorted(TRANSFER_DATA)}")
+    return TrainConfig(**{**TRANSFER_RECIPE, **overrides})
+
+
+def prepare_for_transfer(model: nn.Module, num_classes: int) -> nn.Module:
+    """As the official transfer script: a new head for ``num_classes`` and the class token and final norm frozen
+    (they are in none of its optimizer's parameter groups)."""
+    model.reset_classifier(num_classes)
+    for name, p in model.named_parameters():
+        if name == "cls_token" or name.startswith("norm."):
+            p.requires_grad_(False)
+    return model
+
+
+class TransferLrHook:
+    """Training hook giving the pretrained part ``backbone_lr_scale`` times the learning rate of the head, with the
+    official SGD L2 weight decay, through gradient hooks: grad <- scale * (grad + weight_decay * p).
+
+    With SGD(momentum, weight_decay=0) this is exactly the official two-group SGD (lr x 0.01 on the T2T module and
+    blocks, lr on the head, weight decay 5e-4 on both). Single device, ``grad_accum=1``, no fp16 loss scaling (the
+    decay term would otherwise be added per micro-batch or scaled)."""
+
+    def __init__(self, backbone_lr_scale: float = TRANSFER_BACKBONE_LR_SCALE,
+                 weight_decay: float = TRANSFER_WEIGHT_DECAY, head_prefix: str = "head.") -> None:
+        self.scale, self.weight_decay, self.head_prefix = backbone_lr_scale, weight_decay, head_prefix
+        self.handles: list = []
+        self.scales: dict[str, float] = {}
+
+    def on_fit_start(self, fabric, model: nn.Module) -> None:
+        self.remove()
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            s = 1.0 if name.startswith(self.head_prefix) else self.scale
+            self.scales[name] = s
+            self.handles.append(p.register_hook(
+                lambda g, p=p, s=s, wd=self.weight_decay: s * (g + wd * p.detach().to(g.dtype))))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class PadCropFlipHook:
+    """The official CIFAR augmentation on batches on the device: zero-pad by ``padding`` pixels (zero after
+    normalization, i.e. the mean colour; the official pads black before normalizing), random crop back to the
+    input size, horizontal flip with probability 0.5. Seeded; applies in training batches only."""
+
+    def __init__(self, padding: int = 28, flip: float = 0.5, seed: int = 0) -> None:
+        self.padding, self.flip = padding, flip
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def on_batch(self, batch):
+        x, y = batch[0], batch[1]
+        b, _, h, w = x.shape
+        p = self.padding
+        xp = torch.nn.functional.pad(x, (p, p, p, p))
+        oy = torch.randint(0, 2 * p + 1, (b,), generator=self.gen).tolist()
+        ox = torch.randint(0, 2 * p + 1, (b,), generator=self.gen).tolist()
+        flips = (torch.rand(b, generator=self.gen) < self.flip).tolist()
+        out = torch.stack([xp[i, :, oy[i]:oy[i] + h, ox[i]:ox[i] + w] for i in range(b)])
+        idx = [i for i, f in enumerate(flips) if f]
+        if idx:
+            out[idx] = out[idx].flip(-1)
+        return (out, y, *batch[2:])
+
+    def state_dict(self) -> dict:
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.gen.set_state(sd["gen"])
+
+
+def recipe_table(model_name: str = "t2t_vit_14", transfer_dataset: str = "cifar10") -> "Any":
+    """The two recipes side by side as (recipe, setting, value, source) rows, for the notebook."""
+    import pandas as pd
+
+    im = imagenet_recipe(model_name)
+    tr = transfer_recipe(transfer_dataset)
+    src_im = "reference sheet section 5 (main.py defaults + README commands; paper section 4.1)"
+    src_tr = "reference sheet section 5 (transfer_learning.py + README; paper Table 5)"
+    rows = [("imagenet", k, getattr(im, k), src_im) for k in (
+        "epochs", "cooldown_epochs", "batch_size", "opt", "lr", "weight_decay", "warmup_epochs", "warmup_lr",
+        "min_lr", "mixup", "cutmix", "label_smoothing", "ema_decay", "precision")]
+    rows += [("imagenet", f"data.{k}", str(v), src_im) for k, v in IMAGENET_DATA.items()]
+    rows += [("imagenet", f"model.{k}", v, src_im) for k, v in IMAGENET_MODEL_KWARGS.items()]
+    rows += [("imagenet", "augmentation", "RRC 0.08-1, flip, rand-m9-mstd0.5-inc1, random erasing 0.25", src_im)]
+    rows += [(f"transfer_{transfer_dataset}", k, getattr(tr, k), src_tr) for k in (
+        "epochs", "batch_size", "opt", "momentum", "lr", "min_lr", "sched", "label_smoothing")]
+    rows += [(f"transfer_{transfer_dataset}", "backbone_lr_scale", TRANSFER_BACKBONE_LR_SCALE, src_tr),
+             (f"transfer_{transfer_dataset}", "weight_decay (all params, SGD L2)", TRANSFER_WEIGHT_DECAY, src_tr),
+             (f"transfer_{transfer_dataset}", "frozen", "cls_token, norm", src_tr),
+             (f"transfer_{transfer_dataset}", "augmentation", "resize 224, pad 28 + random crop, flip", src_tr)]
+    rows += [(f"transfer_{transfer_dataset}", f"data.{k}", str(v), src_tr)
+             for k, v in TRANSFER_DATA[transfer_dataset].items()]
+    return pd.DataFrame(rows, columns=["recipe", "setting", "value", "source"]).astype({"value": str})

@@ -1,0 +1,332 @@
+"""T2T-ViT notebook (02_t2t_vit): the smoke run's tables, the library functions it uses (tokenbook.t2t) and the
+recipes: the ``full`` profile equals the paper's ImageNet recipe and runs a step on a fake ImageNet-style folder;
+the Table 5 transfer recipe and its hooks reproduce the official two-group SGD."""
+import copy
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+
+matplotlib.use("Agg")
+
+import tokenbook.models  # noqa: F401  (registers the models)
+from tokenbook import data, t2t
+from tokenbook.models import t2t_vit as tv
+from tokenbook.runner import resolve_parameters
+from tokenbook.train import TrainConfig, fit
+
+from conftest import ROOT
+
+NB = "02_t2t_vit"
+
+
+def _params(profile: str) -> dict:
+    """The notebook's parameters under ``profile``: the parameters cell's defaults updated by the profile file."""
+    import ast
+
+    from tokenbook.results import notebook_parameters
+
+    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
+    return {**{k: ast.literal_eval(v["default"]) for k, v in specs.items()}, **resolve_parameters(ROOT, NB, profile, {})}
+
+
+def _na(v) -> bool:
+    return v == "n/a" or (isinstance(v, float) and math.isnan(v))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# smoke run of the notebook
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.notebook
+def test_smoke_tables_have_paper_and_ours(smoke_results):
+    record, folder = smoke_results(NB)
+    assert record["status"] == "ok", record
+    var = pd.read_csv(folder / "variants.csv").set_index("model")
+    assert {"t2t_vit_7", "t2t_vit_14", "t2t_vit_t_14", "DeiT-small"} <= set(var.index)
+    assert var.loc["t2t_vit_7", "params"] == 4_310_222 and var.loc["t2t_vit_14", "params"] == 21_545_550
+    assert var.loc["t2t_vit_t_14", "params"] == 21_541_070
+    assert abs(var.loc["t2t_vit_14", "gmacs"] / 4.783 - 1) < 0.01
+    assert abs(var.loc["t2t_vit_14", "gflops"] - 2 * var.loc["t2t_vit_14", "gmacs"]) < 1e-9
+    assert var.loc["t2t_vit_t_14", "t2t_gmacs"] > 5 * var.loc["t2t_vit_14", "t2t_gmacs"]  # full attention on 3136
+
+    cmp = pd.read_csv(folder / "variants_vs_paper.csv")
+    row = cmp[(cmp.model == "t2t_vit_14") & (cmp.metric == "params_m")].iloc[0]
+    assert row["paper"] == 21.5 and bool(row["pass"]) and "Table" in row["paper_source"]
+    exact = cmp[(cmp.metric == "params") & cmp.model.str.startswith("t2t_vit")]
+    assert len(exact) == 3 and exact["pass"].astype(bool).all() and (exact["diff"] == 0).all()
+    macs = cmp[(cmp.metric == "gmacs") & cmp.model.str.startswith("t2t_vit")]
+    assert macs["pass"].astype(bool).all() and "official_code_measured" in macs["paper_source"].iloc[0]
+    deit = cmp[(cmp.model == "DeiT-small") & (cmp.metric == "params")]
+    assert _na(deit["paper"].iloc[0]) and _na(deit["paper_source"].iloc[0])  # no paper value: n/a, not invented
+
+    tab = pd.read_csv(folder / "paper_tables.csv", keep_default_na=False)
+    assert set(tab["table"].astype(str)) == {"1", "2", "3", "4", "5", "6", "7"}
+    assert (tab["ours_in1k_top1"] == "n/a").all()  # ImageNet top-1 is the paper's only
+    r = tab[(tab.table.astype(str) == "7") & (tab.model == "t2t_vit_14_wo_t2t")].iloc[0]
+    assert float(r["paper_in1k_top1"]) == 79.5 and r["ours_params_m"] == "n/a" and "Table 7" in r["paper_source"]
+    r = tab[(tab.table.astype(str) == "2") & (tab.model == "t2t_vit_14")].iloc[0]
+    assert float(r["paper_in1k_top1"]) == 81.5 and abs(float(r["diff_params_m"])) < 0.05
+    r = tab[(tab.table.astype(str) == "6") & (tab.model == "ViT-DN")].iloc[0]
+    assert float(r["paper_in1k_top1"]) == 79.0 and r["ours_macs_g"] == "n/a"
+
+
+@pytest.mark.notebook
+def test_smoke_training_ablations_figures(smoke_results):
+    _, folder = smoke_results(NB)
+    runs = pd.read_csv(folder / "training_runs.csv", keep_default_na=False).set_index("variant")
+    assert list(runs.index) == ["t2t_performer", "no_t2t", "t2t_transformer", "t2t_convolution", "deep_narrow",
+                                "shallow_wide"]
+    assert runs.loc["deep_narrow", "same_run_as"] == "t2t_performer"
+    assert runs["top1"].astype(float).between(0, 100).all() and (runs["step_ms"].astype(float) > 0).all()
+    assert runs.loc["t2t_performer", "embed_dim"] == 32 and runs.loc["shallow_wide", "embed_dim"] == 64
+    assert runs.loc["shallow_wide", "depth"] == 1 and runs.loc["t2t_performer", "depth"] == 4
+    assert float(runs.loc["t2t_performer", "mmacs"]) > float(runs.loc["no_t2t", "mmacs"])
+
+    abl = pd.read_csv(folder / "ablations.csv", keep_default_na=False).set_index("variant")
+    assert abl.loc["no_t2t", "paper_top1"] == 79.5 and abl.loc["no_t2t", "paper_delta_top1"] == -2.0
+    assert abl.loc["t2t_transformer", "paper_delta_top1"] == 0.2
+    assert abl.loc["shallow_wide", "paper_top1"] == 78.8 and abl.loc["shallow_wide", "baseline"] == "deep_narrow"
+    assert abl.loc["t2t_performer", "same_direction"] == "n/a"
+    assert set(abl.loc[["no_t2t", "t2t_convolution"], "same_direction"]) <= {"True", "False"}
+    assert "Table 7" in abl.loc["t2t_convolution", "paper_source"]
+    main = pd.read_csv(folder / "t2t_vs_vit.csv")
+    assert list(main["variant"]) == ["t2t_performer", "no_t2t"] and list(main["paper_top1"]) == [81.5, 79.5]
+
+    rf = pd.read_csv(folder / "receptive_fields.csv")
+    assert list(rf[rf.splits == "official"]["rf"]) == [7, 15, 31]
+    rec = pd.read_csv(folder / "recipes.csv")
+    assert {"imagenet", "transfer_cifar10"} == set(rec["recipe"])
+    for png in ("features_vit_vs_t2t", "receptive_fields_small", "receptive_fields_official", "attention_maps",
+                "training_curves"):
+        assert (folder / f"{png}.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# library functions behind the notebook
+# ----------------------------------------------------------------------------------------------------------
+def test_variant_table_on_meta_and_reference_vits():
+    df = t2t.variant_table(["t2t_vit_7", "t2t_vit_14@384", "t2t_vit_dense"], references=["ViT-S/16"],
+                           cnns=["ResNet50"]).set_index("model")
+    assert df.loc["t2t_vit_7", "params"] == 4_310_222 and df.loc["t2t_vit_7", "params_trainable"] == 4_255_694
+    assert df.loc["t2t_vit_7", "t2t_params"] == 317_670 and df.loc["t2t_vit_7", "tokens"] == 196
+    assert df.loc["t2t_vit_14@384", "params"] == 21_691_470 and df.loc["t2t_vit_14@384", "tokens"] == 576
+    assert abs(df.loc["t2t_vit_14@384", "gmacs"] / 16.370 - 1) < 0.01
+    assert df.loc["t2t_vit_dense", "params"] == 23_647_062 and df.loc["t2t_vit_dense", "depth"] == 19
+    # the paper's ViT-S/16 is 768 wide and 8 deep (48.6M), not DeiT-S
+    assert (df.loc["ViT-S/16", "embed_dim"], df.loc["ViT-S/16", "depth"]) == (768, 8)
+    assert abs(df.loc["ViT-S/16", "params_m"] - 48.6) < 0.2 and abs(df.loc["ViT-S/16", "gmacs"] - 10.1) < 0.3
+    assert abs(df.loc["ResNet50", "params_m"] - 25.5) < 0.1
+    with pytest.raises(ValueError, match="not a T2T-ViT registry name"):
+        t2t.variant_table(["vit_base_patch16_224"])
+    with pytest.raises(ValueError, match="unknown reference model"):
+        t2t.build_reference("ViT-XL")
+
+
+def test_paper_tables_view_marks_unknown_as_na():
+    measured = pd.DataFrame([dict(model="t2t_vit_14", params_m=21.54555, gmacs=4.7835)])
+    view = t2t.paper_tables_view(measured, tables=["7"])
+    assert list(view["table"].unique()) == ["7"]
+    r = view[view.model == "t2t_vit_14"].iloc[0]
+    assert r["paper_params_m"] == 21.5 and r["ours_params_m"] == 21.546 and r["diff_params_m"] == 0.046
+    assert r["ours_in1k_top1"] == "n/a"
+    wide = view[view.model == "t2t_vit_14_wide"].iloc[0]  # Table 7 prints d768-4 as 78.8 / 25.0M / 5.4G
+    assert (wide["paper_in1k_top1"], wide["paper_params_m"], wide["paper_macs_g"]) == (78.8, 25.0, 5.4)
+    assert wide["ours_params_m"] == "n/a" and wide["diff_macs_g"] == "n/a"
+
+
+def test_ablation_table_directions():
+    keys = ["t2t_performer", "no_t2t", "t2t_transformer", "deep_narrow", "shallow_wide"]
+    summary = pd.DataFrame(dict(variant=keys, model=["a", "b", "c", "a", "d"], top1=[80.0, 81.0, 80.5, 80.0, 70.0],
+                                params_m=[1.0] * 5, mmacs=[10.0, 8.0, 12.0, 10.0, 9.0],
+                                gmacs=[0.010, 0.008, 0.012, 0.010, 0.009], step_ms=[10.0, 5.0, 20.0, 10.0, 8.0]))
+    abl = t2t.ablation_table(summary).set_index("variant")
+    assert abl.loc["no_t2t", "same_direction"] is False  # paper: w/o T2T is 2.0 worse; here it is better
+    assert abl.loc["t2t_transformer", "same_direction"] is True
+    assert abl.loc["shallow_wide", "same_direction"] is True and abl.loc["shallow_wide", "ours_delta_top1"] == -10.0
+    assert abl.loc["no_t2t", "ours_macs_ratio"] == 0.8 and abl.loc["no_t2t", "ours_time_ratio"] == 0.5
+    assert abl.loc["t2t_transformer", "paper_macs_ratio"] == round(6.1 / 4.8, 3)
+    assert abl.loc["t2t_performer", "same_direction"] == "n/a"
+
+
+def test_fmnist_ablations_backbone_override():
+    v = tv.fmnist_ablations(28, 1, 10, embed_dim=64, depth=8, num_heads=2)
+    assert v["t2t_performer"][1]["embed_dim"] == 64 and v["no_t2t"][1]["depth"] == 8
+    assert (v["shallow_wide"][1]["embed_dim"], v["shallow_wide"][1]["depth"], v["shallow_wide"][1]["num_heads"]) \
+        == (128, 2, 4)
+    dn = timm.create_model(v["deep_narrow"][0], **v["deep_narrow"][1])
+    sw = timm.create_model(v["shallow_wide"][0], **v["shallow_wide"][1])
+    mats = [sum(p.numel() for p in m.blocks.parameters() if p.ndim == 2) for m in (dn, sw)]
+    assert mats[0] == mats[1] == 8 * 8 * 64 ** 2
+    assert tv.fmnist_ablations()["t2t_performer"][1] == dict(img_size=28, in_chans=1, num_classes=10)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        tv.fmnist_ablations(embed_dim=64, depth=6, num_heads=2)
+    with pytest.raises(ValueError, match="not divisible"):
+        tv.fmnist_ablations(embed_dim=60, depth=8, num_heads=8)
+    im = tv.imagenet_ablations()
+    assert [im[k][0] for k in ("t2t_performer", "t2t_transformer", "t2t_convolution", "no_t2t", "shallow_wide")] \
+        == ["t2t_vit_14", "t2t_vit_t_14", "t2t_vit_c_14", "t2t_vit_14_wo_t2t", "t2t_vit_14_wide"]
+
+
+def test_figure_helpers():
+    torch.manual_seed(0)
+    v = tv.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    model = timm.create_model(v["t2t_performer"][0], **v["t2t_performer"][1]).eval()
+    x = torch.randn(2, 1, 28, 28)
+    maps, cols = t2t.attention_panels(model, x)
+    assert len(maps) == 2 and len(cols) == 5
+    assert [tuple(m.shape) for m in maps[0]] == [(14, 14), (7, 7), (7, 7), (7, 7), (7, 7)]
+    assert 0.5 < float(maps[0][2].sum()) < 1.0  # class-token attention over the patches (its self-attention left out)
+    feats = tv.t2t_token_features(model, x[:1])
+    fig = t2t.plot_feature_rows(np.zeros((28, 28)), {k: f[0] for k, f in feats.items()}, n_channels=3)
+    assert len(fig.axes) == len(feats) * 4
+    fig = t2t.plot_receptive_fields(np.zeros((224, 224)), tv.OFFICIAL_SOFT_SPLIT)
+    assert len(fig.axes) == 3 and "rf 31 px" in fig.axes[2].get_title()
+    f = torch.zeros(4, 3, 3)
+    f[2, 0, 0] = 5.0
+    f[1, 1, 1] = 1.0
+    assert t2t.top_channels(f, 2) == [2, 1]
+
+
+def test_train_variants_reuses_identical_runs_and_same_init(idx_dir):
+    bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=64,
+                                            val_subset=32))
+    v = tv.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=1, progress=False, accelerator="cpu")
+    out = t2t.train_variants(v, bundle, cfg, ["t2t_performer", "deep_narrow", "no_t2t"], batch_size=16,
+                             log=lambda *a: None)
+    s = out.summary.set_index("variant")
+    assert s.loc["deep_narrow", "same_run_as"] == "t2t_performer" and out.models["deep_narrow"] is out.models[
+        "t2t_performer"]
+    assert s.loc["t2t_performer", "params"] > s.loc["no_t2t", "params"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        t2t.train_variants(v, bundle, cfg, ["t2t_lstm"], batch_size=16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# recipes
+# ----------------------------------------------------------------------------------------------------------
+def test_imagenet_recipe_by_model_size():
+    r14 = t2t.imagenet_recipe("t2t_vit_14")
+    assert (r14.lr, r14.weight_decay, r14.epochs, r14.cooldown_epochs, r14.warmup_epochs) == (5e-4, 0.05, 310, 10, 10)
+    assert (r14.mixup, r14.cutmix, r14.label_smoothing, r14.ema_decay, r14.batch_size) == (0.8, 1.0, 0.1, 0.99996,
+                                                                                            512)
+    assert (r14.opt, r14.min_lr, r14.warmup_lr) == ("adamw", 1e-5, 1e-6)
+    assert (t2t.imagenet_recipe("t2t_vit_7").lr, t2t.imagenet_recipe("t2t_vit_7").weight_decay) == (1e-3, 0.03)
+    assert t2t.imagenet_recipe("t2t_vit_t_24").weight_decay == 0.065
+    assert t2t.imagenet_recipe("t2t_vit_14_wide").lr == 5e-4 and t2t.imagenet_recipe("t2t_vit_dense").lr == 5e-4
+    assert t2t.imagenet_recipe("t2t_vit_14", epochs=3).epochs == 3
+    with pytest.raises(ValueError, match="no ImageNet recipe"):
+        t2t.imagenet_recipe("t2t_vit_tiny_fmnist")
+    assert data.PRESETS[t2t.IMAGENET_DATA["preset"]]["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    assert data.PRESETS[t2t.IMAGENET_DATA["preset"]]["re_prob"] == 0.25
+    assert t2t.IMAGENET_MODEL_KWARGS["drop_path_rate"] == 0.1
+
+
+def test_full_profile_is_the_imagenet_recipe():
+    p = _params("full")
+    model = tv.imagenet_ablations()[p["train_variants"].split(",")[0]][0] if p["scale"] == "imagenet" else None
+    assert model == "t2t_vit_14"
+    ref = t2t.imagenet_recipe(model)
+    for k in ("epochs", "cooldown_epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
+              "mixup", "cutmix", "label_smoothing", "ema_decay", "precision"):
+        assert p[k] == getattr(ref, k), k
+    for k, v in t2t.IMAGENET_DATA.items():
+        assert p[k] == v, k
+    assert p["drop_path_rate"] == t2t.IMAGENET_MODEL_KWARGS["drop_path_rate"]
+    assert p["dataset"].startswith(("folder:", "hf:")) and p["train_subset"] == 0
+    gpu = _params("gpu")
+    assert gpu["train_subset"] == 0 and gpu["img_size"] == 32
+
+
+def test_full_profile_runs_one_step_on_a_fake_imagenet_folder(tmp_path):
+    p = _params("full")
+    root = data.write_folder_fixture(tmp_path / "imagenet", per_class=4, size=40)
+    dcfg = data.DataConfig(dataset=f"folder:{root}", img_size=64, channels=p["channels"], preset=p["preset"])
+    bundle = data.load_data(dcfg)
+    x, _ = bundle.train[0]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32  # per-sample deit transform (RandAugment, erasing)
+    cfg = TrainConfig.from_params(p, epochs=1, cooldown_epochs=0, max_steps_per_epoch=1, precision="32-true",
+                                  accelerator="cpu", progress=False)
+    assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.ema_decay) == (0.8, 1.0, 0.1, 0.99996)
+    variants = tv.imagenet_ablations(img_size=64, in_chans=3, num_classes=bundle.num_classes)
+    out = t2t.train_variants(variants, bundle, cfg, ["t2t_performer"], batch_size=4,
+                             model_kwargs={"drop_path_rate": p["drop_path_rate"], "depth": 2},
+                             log=lambda *a: None)
+    res = out.results["t2t_performer"]
+    assert math.isfinite(res.history["train_loss"].iloc[-1]) and res.ema is not None
+    blocks = out.models["t2t_performer"].blocks  # stochastic depth linear over the blocks: 0 ... 0.1
+    assert isinstance(blocks[0].drop_path1, torch.nn.Identity) and abs(blocks[1].drop_path1.drop_prob - 0.1) < 1e-6
+
+
+def test_transfer_recipe_values_and_preparation():
+    r = t2t.transfer_recipe("cifar100")
+    assert (r.opt, r.lr, r.momentum, r.epochs, r.batch_size, r.min_lr) == ("sgd", 0.05, 0.9, 60, 64, 2e-4)
+    assert r.weight_decay == 0.0 and r.mixup == 0 and r.label_smoothing == 0  # decay applied by TransferLrHook
+    assert t2t.TRANSFER_DATA["cifar10"]["img_size"] == 224
+    with pytest.raises(ValueError, match="unknown transfer dataset"):
+        t2t.transfer_recipe("svhn")
+    model = timm.create_model("t2t_vit_7", img_size=32)
+    t2t.prepare_for_transfer(model, 10)
+    assert model.head.out_features == 10
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {"cls_token", "norm.weight", "norm.bias", "pos_embed", "tokens_to_token.attention1.w",
+                      "tokens_to_token.attention2.w"}
+
+
+def test_transfer_lr_hook_equals_official_two_group_sgd():
+    torch.manual_seed(0)
+    base = t2t.prepare_for_transfer(timm.create_model("t2t_vit_7", img_size=32, depth=1, performer_dropout=0.0), 5)
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    lr, wd = 0.05, 5e-4
+    hook = t2t.TransferLrHook(backbone_lr_scale=0.01, weight_decay=wd)
+    hook.on_fit_start(None, a)
+    opt_a = torch.optim.SGD([p for p in a.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    head = [p for n, p in b.named_parameters() if p.requires_grad and n.startswith("head.")]
+    rest = [p for n, p in b.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    opt_b = torch.optim.SGD([{"params": rest, "lr": lr * 0.01}, {"params": head, "lr": lr}], lr=lr, momentum=0.9,
+                            weight_decay=wd)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for _ in range(3):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6), n
+    assert hook.scales["head.weight"] == 1.0 and hook.scales["blocks.0.attn.qkv.weight"] == 0.01
+    hook.remove()
+    assert not hook.handles
+
+
+def test_pad_crop_flip_hook():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = torch.tensor([1, 2])
+    same = t2t.PadCropFlipHook(padding=0, flip=0.0).on_batch((x, y))
+    assert torch.equal(same[0], x) and torch.equal(same[1], y)
+    flipped = t2t.PadCropFlipHook(padding=0, flip=1.0).on_batch((x, y))[0]
+    assert torch.equal(flipped, x.flip(-1))
+    h1, h2 = t2t.PadCropFlipHook(padding=2, seed=3), t2t.PadCropFlipHook(padding=2, seed=3)
+    o1, o2 = h1.on_batch((x, y))[0], h2.on_batch((x, y))[0]
+    assert o1.shape == x.shape and torch.equal(o1, o2)
+    sd = h1.state_dict()
+    n1 = h1.on_batch((x, y))[0]
+    h1.load_state_dict(sd)
+    assert torch.equal(h1.on_batch((x, y))[0], n1)
+
+
+def test_transfer_recipe_runs_on_fake_cifar(tmp_path):
+    root = data.write_hub_fixture(tmp_path / "cifar", n_train=16, n_val=8, num_classes=4, size=32)
+    spec = {**t2t.TRANSFER_DATA["cifar10"], "dataset": f"hf:{root}", "img_size": 32}
+    bundle = data.load_data(data.DataConfig(**spec))
+    model = t2t.prepare_for_transfer(timm.create_model("t2t_vit_7", img_size=32, depth=1), bundle.num_classes)
+    cfg = t2t.transfer_recipe("cifar10", epochs=1, max_steps_per_epoch=2, accelerator="cpu", progress=False)
+    train_loader, val_loader = data.make_loaders(bundle, 4, seed=0)
+    cls_before = model.cls_token.detach().clone()
+    res = fit(model, train_loader, val_loader, cfg, hooks=[t2t.TransferLrHook(), t2t.PadCropFlipHook(padding=4)],
+              preprocess=bundle.preprocess)
+    assert math.isfinite(res.history["train_loss"].iloc[-1]) and 0 <= res.final["val_top1"] <= 100
+    assert torch.equal(res.model.cls_token.detach(), cls_before)  # frozen as in the official script
