@@ -38,7 +38,8 @@ from .train import RECIPES, TrainConfig, fit, recipe
 __all__ = [
     "EFFICIENCY_MODELS", "OFFICIAL_PITFALLS", "efficiency_table", "headline_ratios", "compare_with_references",
     "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
-    "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table", "REFERENCE_ALIASES",
+    "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table",
+    "REFERENCE_ALIASES",
     "pretrain_then_finetune",
 ]
 
@@ -562,7 +563,8 @@ def recipe_table() -> pd.DataFrame:
     return df.reset_index().astype(str)
 
 
-#: The official code's pitfalls (reference sheet §1.3, §1.7, §1.10, §1.11, §4.3, §5, §6) and what this workbook does.
+#: The official code's pitfalls (reference sheet §1.3, §1.7, §1.10, §1.11, §4.3, §5, §6) and what this workbook
+#: does about each.
 OFFICIAL_PITFALLS: list[dict[str, str]] = [
     {"pitfall": "--process-embedded-type is ignored (the model reads process_embedder_type)",
      "effect": "the flag silently has no effect; 'patch' is always used",
