@@ -1,0 +1,489 @@
+"""Notebook helpers for ``03_toe`` (ToE, Token Expansion): schedule/compute tables, the with/without-ToE training
+comparison, overhead tables, figures. The method itself lives in :mod:`tokenbook.toe`.
+
+- :func:`schedule_tables` / :func:`efficienttrain_table`: kept tokens and MACs per stage for DeiT-T/S/B (and LV-ViT-S)
+  under the official configurations, epoch-weighted savings (sheet sections 1.4 and 3.3).
+- :func:`headline_comparison`: our computed or measured speed-ups next to the paper's "about 1.3x".
+- :func:`toe_config` / :func:`train_config`: notebook parameters -> ``TokenSelect`` arguments (stage boundaries scaled
+  to the run's epochs) and a :class:`~tokenbook.train.TrainConfig`.
+- :func:`train_pair`: the same model trained with and without ToE from the same seed (same init, same data order),
+  ToE stages switched by :class:`~tokenbook.toe.ToEStageHook`, evaluation always full-token.
+- :func:`run_summary`, :func:`speedup_table`, :func:`stage_step_table`, :func:`overhead_table`: the measured numbers.
+- :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from . import toe
+from .results import NA
+
+__all__ = [
+    "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
+    "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
+    "stage_step_table", "overhead_table", "expected_step_speedup", "plot_token_selection", "plot_keep_schedule",
+    "verdict",
+]
+
+MODEL_LABELS = {"deit_tiny": "DeiT-T", "deit_small": "DeiT-S", "deit_base": "DeiT-B", "lvvit_small": "LV-ViT-S"}
+#: official configuration name -> the run script it comes from (sheet section 2)
+CONFIG_SOURCES = {"deit_small": "ToE/deit/run/imagenet_small_run1.sh", "lvvit_small": "ToE/lvvit/run/imagenet_small_run1.sh",
+                  "efficienttrain": "ToE/EfficientTrain/run/imagenet_small_run1.sh"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters
+# ----------------------------------------------------------------------------------------------------------
+def parse_list(text: str | Sequence, typ: type = float) -> list:
+    """``"0, 100, 200"`` (or a sequence) -> ``[0, 100, 200]`` typed with ``typ``; clear error on bad input."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        out = [typ(float(s)) if typ is int else typ(s) for s in (str(i).strip() for i in items) if s]
+    except ValueError as e:
+        raise ValueError(f"cannot read {text!r} as a comma-separated list of {typ.__name__}") from e
+    if not out:
+        raise ValueError(f"empty list {text!r}")
+    return out
+
+
+def rates_label(keep_rate: Sequence[float]) -> str:
+    """``(0.5, 0.75, 1.0)`` -> ``"0.5/0.75/1.0"`` (the labels of the references file)."""
+    return "/".join(str(float(r)) for r in keep_rate)
+
+
+def toe_config(params: dict, epochs: Optional[int] = None) -> dict[str, Any]:
+    """``TokenSelect`` keyword arguments from notebook parameters.
+
+    ``expansion_step`` is given in epochs of an ``official_epochs`` run (``"0,100,200"`` of 300) and scaled to
+    ``epochs`` (default ``params["epochs"]``) with :func:`tokenbook.toe.scale_expansion_step`; equal epochs keep it.
+    """
+    epochs = int(params["epochs"] if epochs is None else epochs)
+    steps = parse_list(params["expansion_step"], int)
+    official = int(params.get("official_epochs", epochs))
+    if official != epochs:
+        steps = toe.scale_expansion_step(steps, epochs, official)
+    cfg = dict(expansion_step=steps, keep_rate=parse_list(params["keep_rate"], float),
+               initialization_keep_rate=float(params["initialization_keep_rate"]),
+               expansion_multiple_stage=int(params["expansion_multiple_stage"]),
+               distance=str(params.get("distance", "cosine")), seed_stride=str(params.get("seed_stride", "official")))
+    toe.TokenSelect(**cfg)  # validates
+    return cfg
+
+
+def train_config(params: dict, **overrides: Any):
+    """A :class:`~tokenbook.train.TrainConfig` from notebook parameters (0 means off for ``clip_grad`` and
+    ``max_steps_per_epoch``)."""
+    from .train import TrainConfig
+
+    kw = dict(params)
+    for k in ("clip_grad", "max_steps_per_epoch"):
+        if k in kw and not kw[k]:
+            kw[k] = None
+    kw.setdefault("progress", False)
+    return TrainConfig.from_params(kw, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedule and compute (analytic, sheet 1.4 and 3.3)
+# ----------------------------------------------------------------------------------------------------------
+def _cfg(name: str) -> dict[str, Any]:
+    c = dict(toe.OFFICIAL_CONFIGS[name])
+    c.pop("distance", None)
+    return c
+
+
+def schedule_tables(models: Sequence[str] = ("deit_tiny", "deit_small", "deit_base"),
+                    configs: Sequence[str] = ("deit_small", "efficienttrain", "lvvit_small"),
+                    extra: Sequence[tuple[str, str]] = (("lvvit_small", "lvvit_small"),),
+                    num_patches: int = 196) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Kept tokens and forward MACs per stage for every (model, official configuration), 224 px (N = 196).
+
+    Returns ``(stages, summary)``. ``stages``: one row per stage (epochs, seeds, sub-steps, kept patches, sequence
+    length after the insertion point, merged tokens, block GMACs, whole-model GMACs and GFLOPs, MACs relative to
+    full). ``summary``: one row per (model, configuration) with the columns the references use
+    (``kept_patches_stage{s}``, ``block_gmacs_stage{s}``, ``epoch_avg_saving``) plus whole-model values.
+    Blocks only is the sheet's convention; the whole model adds patch embedding and head.
+    """
+    pairs = [(m, c) for m in models for c in configs] + [p for p in extra if p not in [(m, c) for m in models
+                                                                                     for c in configs]]
+    srows, wrows = [], []
+    for model, cname in pairs:
+        cfg = _cfg(cname)
+        epochs = cfg.pop("epochs")
+        dims = toe.ViTDims.preset(model)
+        rows = toe.toe_stage_macs(dims=dims, num_patches=num_patches, total_epochs=epochs, **cfg)
+        full_block = max(r["block_macs"] for r in rows)
+        label = f"{MODEL_LABELS[model]} ToE {rates_label(cfg['keep_rate'])}"
+        wide = {"model": label, "config": cname, "source": CONFIG_SOURCES[cname], "r0": cfg["initialization_keep_rate"],
+                "k": cfg["expansion_multiple_stage"]}
+        for r in rows:
+            srows.append({
+                "model": label, "config": cname, "stage": r["stage"], "epochs": f"{r['first_epoch']}-{r['last_epoch']}",
+                "n_epochs": r["epochs"], "active": r["active"], "seeds": r["seeds"] if r["active"] else NA,
+                "substeps": "+".join(str(a) for a in r["substeps"]) if r["active"] else NA,
+                "kept_patches": r["kept_patches"], "seq_len": r["seq_len"], "merged": r["merged"],
+                "block_gmacs": r["block_macs"] / 1e9, "gmacs": r["macs"] / 1e9, "gflops": 2 * r["macs"] / 1e9,
+                "rel_block_macs": r["block_macs"] / full_block})
+            wide[f"kept_patches_stage{r['stage']}"] = r["kept_patches"]
+            wide[f"block_gmacs_stage{r['stage']}"] = r["block_macs"] / 1e9
+            wide[f"gmacs_stage{r['stage']}"] = r["macs"] / 1e9
+        blocks = toe.epoch_weighted_saving(rows, "block_macs")
+        whole = toe.epoch_weighted_saving(rows, "macs")
+        wide.update(avg_block_gmacs=blocks["average"] / 1e9, epoch_avg_saving=blocks["saving"],
+                    avg_gflops=2 * whole["average"] / 1e9, epoch_avg_saving_whole_model=whole["saving"])
+        wrows.append(wide)
+    return pd.DataFrame(srows), pd.DataFrame(wrows)
+
+
+def efficienttrain_table(models: Sequence[str] = ("deit_tiny", "deit_small")) -> pd.DataFrame:
+    """EfficientTrain (ET) alone, ET + ToE and ToE on top of ET: epoch-weighted block-MAC savings vs. full-token
+    224 px training (sheet 3.3), rows labelled as in the references file."""
+    cfg = {k: v for k, v in _cfg("efficienttrain").items() if k in ("keep_rate", "initialization_keep_rate")}
+    rows = []
+    for m in models:
+        dims, lab = toe.ViTDims.preset(m), MODEL_LABELS[m]
+        full = toe.segment_weighted_macs(dims, [(300, 224, 0)], **cfg)["average"]
+        plain = toe.segment_weighted_macs(dims, [(180, 160, 0), (60, 192, 0), (60, 224, 0)], **cfg)["average"]
+        both = toe.segment_weighted_macs(dims, toe.EFFICIENTTRAIN_SEGMENTS, **cfg)["average"]
+        rows.append({"model": f"{lab} EfficientTrain", "avg_block_gmacs": plain / 1e9, "epoch_avg_saving": full / plain,
+                     "saving_vs_efficienttrain": None})
+        rows.append({"model": f"{lab} EfficientTrain+ToE", "avg_block_gmacs": both / 1e9,
+                     "epoch_avg_saving": full / both, "saving_vs_efficienttrain": plain / both})
+    return pd.DataFrame(rows)
+
+
+def reference_comparison(ours: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """``paper_vs_ours`` against the ToE references plus a ``reference_kind`` column: ``computed`` values are the
+    reference sheet's arithmetic from the official code (the paper's tables are not available), ``paper`` values are
+    quoted from the paper."""
+    from .results import paper_vs_ours
+
+    out = paper_vs_ours(ours, "toe", metrics=[m for m in metrics if m in ours.columns])
+    out["reference_kind"] = [s[s.rfind("[") + 1:-1] if isinstance(s, str) and s.endswith("]") else NA
+                             for s in out["paper_source"]]
+    return out
+
+
+def headline_comparison(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Our speed-ups next to the paper's "about 1.3x" (``paper_vs_ours`` on model ``ToE``, metric
+    ``train_speedup``). ``rows``: ``{"what": description, "train_speedup": value}``."""
+    from .results import paper_vs_ours
+
+    ours = pd.DataFrame([{"model": "ToE", **r} for r in rows])
+    return paper_vs_ours(ours, "toe", metrics=["train_speedup"], label_col="what")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training with and without ToE
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ToERun:
+    """One training run: label, the fit result, and for the ToE run its stage hook and TokenSelect."""
+    label: str
+    result: Any
+    hook: Optional[toe.ToEStageHook] = None
+    token_select: Optional[toe.TokenSelect] = None
+
+
+def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any, **kw: Any):
+    """``fit``; for several devices with a fork/spawn strategy (``ddp_notebook``, ``ddp_spawn``: what a Jupyter kernel
+    can start) the workers are launched here and the trained weights come back as bytes. ``ddp`` with several
+    devices must be started by ``torchrun``."""
+    from .train import FitResult, _make_fabric, fit
+
+    if str(cfg.strategy).startswith(("ddp_notebook", "ddp_fork", "ddp_spawn")):
+        fabric = _make_fabric(cfg)
+        if fabric.world_size > 1:
+            def worker(f: Any) -> dict:
+                res = fit(model, train_loader, val_loader, cfg, fabric=f, **kw)
+
+                def pack(m: Optional[nn.Module]) -> Optional[bytes]:
+                    if m is None:
+                        return None
+                    buf = io.BytesIO()
+                    torch.save({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, buf)
+                    return buf.getvalue()
+
+                return {"model": pack(res.model), "ema": pack(res.ema), "history": res.history, "final": res.final,
+                        "timing": res.timing, "trainable_params": res.trainable_params, "head_names": res.head_names}
+
+            out = fabric.launch(worker)
+            model.load_state_dict(torch.load(io.BytesIO(out["model"]), weights_only=True))
+            ema = None
+            if out["ema"] is not None:
+                ema = copy.deepcopy(model)
+                ema.load_state_dict(torch.load(io.BytesIO(out["ema"]), weights_only=True))
+            return FitResult(model=model, ema=ema, history=out["history"], final=out["final"], timing=out["timing"],
+                             config=cfg, trainable_params=out["trainable_params"], head_names=out["head_names"])
+    return fit(model, train_loader, val_loader, cfg, **kw)
+
+
+def build_model(model_name: str, seed: int, toe_kwargs: Optional[dict] = None, block_index: int = 0,
+                **model_kwargs: Any) -> nn.Module:
+    """``timm.create_model`` right after seeding (identical initial weights for both runs), ToE attached if given."""
+    import timm
+
+    from . import models as _models  # noqa: F401  (registers the workbook's models)
+    from .repro import seed_everything
+
+    seed_everything(seed)
+    model = timm.create_model(model_name, **model_kwargs)
+    if toe_kwargs is not None:
+        toe.attach_token_select(model, block_index=block_index, **toe_kwargs)
+    return model
+
+
+def train_pair(model_name: str, train_loader: Any, val_loader: Any, cfg: Any, toe_kwargs: dict, *,
+               preprocess: Optional[nn.Module] = None, block_index: int = 0, run_baseline: bool = True,
+               model_kwargs: Optional[dict] = None) -> dict[str, ToERun]:
+    """Train ``model_name`` without (``"full-token"``) and with ToE (``"ToE"``), one after the other in this process.
+
+    Both runs start from the same seeded initialization (``cfg.seed``) and see the same batches (the engine seeds the
+    data order per epoch); ToE's stage follows the epoch through :class:`~tokenbook.toe.ToEStageHook`, and evaluation
+    is full-token (ToE is off in ``eval()`` and in the EMA copy). Returns ``{label: ToERun}``.
+    """
+    model_kwargs = dict(model_kwargs or {})
+    runs: dict[str, ToERun] = {}
+    if run_baseline:
+        m = build_model(model_name, cfg.seed, None, block_index, **model_kwargs)
+        runs["full-token"] = ToERun("full-token", _fit(m, train_loader, val_loader, cfg, preprocess=preprocess,
+                                                          desc="full-token"))
+    m = build_model(model_name, cfg.seed, toe_kwargs, block_index, **model_kwargs)
+    hook = toe.ToEStageHook()
+    res = _fit(m, train_loader, val_loader, cfg, hooks=[hook], preprocess=preprocess, desc="ToE")
+    if not hook.history:  # the epochs ran in worker processes: rebuild the per-epoch stages
+        ts0 = toe.find_token_selects(m)[0]
+        for e in range(cfg.epochs):
+            s = toe.stage_for_epoch(ts0.expansion_step, e)
+            hook.history.append((e, s, ts0.keep_rate[s - 1] if ts0.stage_active(s) else 1.0))
+    runs["ToE"] = ToERun("ToE", res, hook, toe.find_token_selects(m)[0])
+    return runs
+
+
+def run_summary(runs: dict[str, ToERun]) -> pd.DataFrame:
+    """One row per run: final full-token top-1/top-5, losses, step time, training wall time (evaluation excluded),
+    evaluation time and end-to-end wall time, all measured in this process."""
+    rows = []
+    for label, run in runs.items():
+        f, t = run.result.final, run.result.timing
+        rows.append({"run": label, "epochs": run.result.config.epochs, "steps": t["steps"],
+                     "top1": f.get("val_top1"), "top5": f.get("val_top5"), "ema_top1": f.get("ema_top1"),
+                     "final_train_loss": f.get("train_loss"), "step_time_s": t["step_time_s"], "step_ms": t["step_ms"],
+                     "train_wall_s": t["wall_time_s"] - t["eval_time_s"], "eval_time_s": t["eval_time_s"],
+                     "wall_time_s": t["wall_time_s"], "train_img_s": t["train_img_s"], "device": t["device"]})
+    return pd.DataFrame(rows)
+
+
+def speedup_table(summary: pd.DataFrame, target_speedup: float = 1.2, max_top1_drop: float = 0.5) -> pd.DataFrame:
+    """Ratios full-token / ToE measured in the same run, the top-1 difference, and whether the issue's target
+    (speed-up >= ``target_speedup`` at <= ``max_top1_drop`` points lost) is met for each time measure."""
+    s = summary.set_index("run")
+    if not {"full-token", "ToE"} <= set(s.index):
+        return pd.DataFrame(columns=["measure", "full_token", "toe", "speedup", "top1_diff", "target_met"])
+    full, t = s.loc["full-token"], s.loc["ToE"]
+    diff = None if pd.isna(full["top1"]) or pd.isna(t["top1"]) else float(t["top1"] - full["top1"])
+    rows = []
+    for measure, col in (("step time (forward+backward+update, paper's convention)", "step_time_s"),
+                         ("training wall time (data loading included, evaluation excluded)", "train_wall_s"),
+                         ("end-to-end wall time (evaluation included)", "wall_time_s")):
+        sp = float(full[col] / t[col]) if t[col] else None
+        rows.append({"measure": measure, "full_token_s": float(full[col]), "toe_s": float(t[col]), "speedup": sp,
+                     "top1_full": float(full["top1"]), "top1_toe": float(t["top1"]), "top1_diff": diff,
+                     "target": f">= {target_speedup}x at <= {max_top1_drop} pt lost",
+                     "target_met": bool(sp is not None and diff is not None and sp >= target_speedup
+                                        and diff >= -max_top1_drop)})
+    return pd.DataFrame(rows)
+
+
+def stage_step_table(runs: dict[str, ToERun], macs_rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per ToE stage of the run: epochs, kept tokens, analytic MAC ratio, and the measured ms per step of both runs
+    (from the per-epoch step times) with their ratio."""
+    toe_run = runs["ToE"]
+    hist_t = toe_run.result.history.set_index("epoch")
+    hist_f = runs["full-token"].result.history.set_index("epoch") if "full-token" in runs else None
+    full_macs = max(r["macs"] for r in macs_rows)
+    rows = []
+    for r in macs_rows:
+        epochs = [e for e, s, _ in toe_run.hook.history if s == r["stage"]]
+        if not epochs:
+            continue
+        ep1 = [e + 1 for e in epochs]  # history epochs are 1-based
+
+        def ms(h: Optional[pd.DataFrame]) -> Optional[float]:
+            if h is None:
+                return None
+            sub = h.loc[[e for e in ep1 if e in h.index]]
+            return 1e3 * float(sub["step_time_s"].sum()) / max(1, int(sub["steps"].sum()))
+
+        mf, mt = ms(hist_f), ms(hist_t)
+        rows.append({"stage": r["stage"], "epochs": ",".join(str(e) for e in ep1), "active": r["active"],
+                     "kept_patches": r["kept_patches"], "seq_len": r["seq_len"], "gmacs": r["macs"] / 1e9,
+                     "mac_ratio_full_over_stage": full_macs / r["macs"], "ms_per_step_full": mf, "ms_per_step_toe": mt,
+                     "measured_ratio": (mf / mt) if mf and mt else None})
+    return pd.DataFrame(rows)
+
+
+def overhead_table(model: nn.Module, stages: Optional[Sequence[int]] = None, batch_size: int = 128, steps: int = 5,
+                   warmup: int = 2, device: str = "cpu", input_size: Optional[Sequence[int]] = None) -> pd.DataFrame:
+    """:func:`tokenbook.toe.measure_token_select_overhead` for every active stage (interleaved timing of full-token,
+    ToE and a truncation to the same token count, in one run): step times, selection share, speed-up per stage."""
+    ts = toe.find_token_selects(model)[0]
+    stages = [s for s in (stages or range(1, ts.num_stages + 1)) if ts.stage_active(s)]
+    rows = []
+    for s in stages:
+        r = toe.measure_token_select_overhead(model, input_size=input_size, batch_size=batch_size, steps=steps,
+                                              warmup=warmup, device=device, stage=s)
+        rows.append({"stage": s, "keep_rate": ts.keep_rate[s - 1], **{k: v for k, v in r.items() if k != "stage"}})
+    return pd.DataFrame(rows)
+
+
+def expected_step_speedup(overhead: pd.DataFrame, stage_epochs: dict[int, int]) -> Optional[float]:
+    """Epoch-weighted step-time speed-up from the interleaved per-stage timings: full / mean over epochs of the
+    stage's ToE step time (inactive stages count as full-token). ``stage_epochs``: stage -> epochs in it."""
+    if overhead.empty:
+        return None
+    full = float(overhead["step_ms_full"].median())
+    per = dict(zip(overhead["stage"], overhead["step_ms_toe"]))
+    total = sum(stage_epochs.values())
+    avg = sum(n * per.get(s, full) for s, n in stage_epochs.items()) / total
+    return full / avg
+
+
+def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving: Optional[float] = None) -> str:
+    """A short markdown paragraph stating what this run measured, written from the numbers."""
+    if speedups.empty:
+        return "Only the ToE run was trained (run_baseline is False): no speed-up measured."
+    step = speedups.iloc[0]
+    wall = speedups.iloc[1]
+    e2e = speedups.iloc[2]
+    met = bool(wall["target_met"])
+    parts = [f"**Measured in this run**: step-time speed-up {step['speedup']:.2f}x, training wall-clock "
+             f"{wall['speedup']:.2f}x (end to end with evaluation {e2e['speedup']:.2f}x); full-token top-1 "
+             f"{step['top1_full']:.2f} vs. {step['top1_toe']:.2f} with ToE ({step['top1_diff']:+.2f} pt)."]
+    if mac_saving is not None:
+        parts.append(f"The analytic epoch-average MAC saving of this run's schedule is {mac_saving:.2f}x")
+        if expected is not None:
+            parts[-1] += f", and the interleaved per-stage timings predict {expected:.2f}x for the step time."
+        else:
+            parts[-1] += "."
+    parts.append("Target (>= 1.2x wall-clock at <= 0.5 pt lost): **" + ("met" if met else "not met") + "** here.")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------------------
+def _show(ax, img) -> None:
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, extent=(0, 1, 1, 0), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_token_selection(model: nn.Module, images: torch.Tensor, display: Sequence[Any],
+                         stages: Sequence[int] = (1, 2), row_titles: Optional[Sequence[str]] = None, size: float = 1.9):
+    """For each image (row) and each stage: which patches were seeds (green) and which were added in each greedy
+    sub-step (colour = sub-step), merged patches grey; and where each merged patch went (colour = the kept
+    token it was averaged into, white dots = kept tokens, lines = merged patch -> its kept token).
+
+    ``images``: the preprocessed batch for the model; ``display``: the same images for ``imshow``.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib import colormaps
+
+    traces = {s: toe.trace_token_selection(model, images, stage=s) for s in stages}
+    B = images.shape[0]
+    fig, axes = plt.subplots(B, 1 + 2 * len(stages), figsize=(size * (1 + 2 * len(stages)), size * B), squeeze=False)
+    n_sub = max(len(tr.steps) for tr in traces.values()) or 1
+    sub_cmap = colormaps["plasma"]
+    group_cmap = colormaps["tab20"]
+    for b in range(B):
+        _show(axes[b, 0], display[b])
+        if row_titles:
+            axes[b, 0].set_ylabel(row_titles[b], fontsize=8)
+        for j, s in enumerate(stages):
+            tr = traces[s]
+            if tr.grid_size is None:
+                raise ValueError("the model's patch grid is unknown; cannot draw the selection")
+            gh, gw = tr.grid_size
+            step = tr.as_grid(tr.step_map())[b].numpy()
+            rgba = np.zeros((gh, gw, 4))
+            rgba[step == 0] = (0.0, 0.9, 0.2, 0.85)
+            for k in range(1, n_sub + 1):
+                rgba[step == k] = (*sub_cmap(0.1 + 0.8 * (k - 1) / max(1, n_sub - 1))[:3], 0.7)
+            rgba[step == -1] = (0.6, 0.6, 0.6, 0.25)
+            ax = axes[b, 1 + 2 * j]
+            _show(ax, display[b])
+            ax.imshow(rgba, extent=(0, 1, 1, 0), interpolation="nearest")
+            owner = tr.owner_map()[b]
+            kept = tr.kept[b].tolist()
+            rank = {p: i for i, p in enumerate(sorted(kept))}
+            grp = np.zeros((gh, gw, 4))
+            for pos in range(tr.num_patches):
+                o = int(owner[pos])
+                grp[pos // gw, pos % gw] = (*group_cmap(rank[o] % 20)[:3], 0.65 if o == pos else 0.45)
+            ax2 = axes[b, 2 + 2 * j]
+            _show(ax2, display[b])
+            ax2.imshow(grp, extent=(0, 1, 1, 0), interpolation="nearest")
+
+            def centre(p: int) -> tuple[float, float]:
+                return ((p % gw) + 0.5) / gw, ((p // gw) + 0.5) / gh
+
+            for src, dst in zip(tr.merged[b].tolist(), tr.merged_into[b].tolist()):
+                (x0, y0), (x1, y1) = centre(src), centre(dst)
+                ax2.plot([x0, x1], [y0, y1], color="white", lw=0.5, alpha=0.7)
+            kx, ky = zip(*(centre(p) for p in kept))
+            ax2.scatter(kx, ky, s=6, c="white", edgecolors="black", linewidths=0.3, zorder=3)
+            ax2.set_xlim(0, 1)
+            ax2.set_ylim(1, 0)
+            if b == 0:
+                ax.set_title(f"stage {s}: seeds (green),\nsub-steps 1-{len(tr.steps)} (dark->light)", fontsize=7)
+                ax2.set_title(f"stage {s}: {tr.kept.shape[1]} kept,\n{tr.merged.shape[1]} merged -> owner", fontsize=7)
+    axes[0, 0].set_title("image", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_keep_schedule(run_cfg: dict, run_epochs: int, num_patches: int, official: str = "deit_small",
+                       official_patches: int = 196, dims: Optional[toe.ViTDims] = None):
+    """Kept-token fraction per epoch (step plot) for the official schedule (300 epochs, DeiT-S) and for this run
+    (stages scaled to its epochs), with the relative MACs of each stage."""
+    import matplotlib.pyplot as plt
+
+    cfg_off = _cfg(official)
+    off_epochs = cfg_off.pop("epochs")
+    panels = [(f"official {MODEL_LABELS.get(official, official)} script ({off_epochs} epochs, N={official_patches})",
+               cfg_off, off_epochs, official_patches, toe.ViTDims.preset(official)),
+              (f"this run ({run_epochs} epochs, N={num_patches})",
+               {k: run_cfg[k] for k in ("expansion_step", "keep_rate", "initialization_keep_rate",
+                                         "expansion_multiple_stage")}, run_epochs, num_patches, dims)]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.0), squeeze=False)
+    for ax, (title, cfg, epochs, n, d) in zip(axes[0], panels):
+        rows = toe.toe_schedule(n, total_epochs=epochs, **cfg)
+        xs, kept = [], []
+        for e in range(epochs):
+            s = toe.stage_for_epoch(cfg["expansion_step"], e)
+            row = next(r for r in rows if r["stage"] == s)
+            xs.append(e)
+            kept.append(row["kept_patches"] / n)
+        ax.step(xs + [epochs], kept + [kept[-1]], where="post", label="kept patch tokens / N")
+        if d is not None:
+            mrows = toe.toe_stage_macs(dims=d, num_patches=n, total_epochs=epochs, **cfg)
+            full = max(r["block_macs"] for r in mrows)
+            rel = [next(r for r in mrows if r["stage"] == toe.stage_for_epoch(cfg["expansion_step"], e))["block_macs"]
+                   / full for e in range(epochs)]
+            ax.step(xs + [epochs], rel + [rel[-1]], where="post", ls="--", label="block MACs / full")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
