@@ -350,12 +350,36 @@ def fit_launched(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any,
     """``tokenbook.train.fit``, launching worker processes first for fork/spawn strategies (``ddp_notebook``,
     ``ddp_spawn``: the only multi-device strategies a Jupyter kernel can start). ``ddp`` with several devices must
     be started by ``torchrun`` (Fabric then finds its processes already running) or it re-launches ``sys.argv``."""
-    from .train import _make_fabric, fit
+    import copy
+
+    from .train import FitResult, _make_fabric, fit
 
     if str(cfg.strategy).startswith(("ddp_notebook", "ddp_fork", "ddp_spawn")):
         fabric = _make_fabric(cfg)
         if fabric.world_size > 1:
-            return fabric.launch(lambda f: fit(model, train_loader, val_loader, cfg, fabric=f, **kw))
+            def worker(f: Any) -> dict:
+                res = fit(model, train_loader, val_loader, cfg, fabric=f, **kw)
+
+                def pack(m: Optional[nn.Module]) -> Optional[bytes]:
+                    if m is None:
+                        return None
+                    buf = io.BytesIO()
+                    torch.save({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, buf)
+                    return buf.getvalue()
+
+                # tensors shared through the result queue die with the worker: return bytes and plain data
+                return {"model": pack(res.model), "ema": pack(res.ema), "history": res.history, "final": res.final,
+                        "timing": res.timing, "trainable_params": res.trainable_params,
+                        "head_names": res.head_names}
+
+            out = fabric.launch(worker)
+            model.load_state_dict(torch.load(io.BytesIO(out["model"]), weights_only=True))
+            ema = None
+            if out["ema"] is not None:
+                ema = copy.deepcopy(model)
+                ema.load_state_dict(torch.load(io.BytesIO(out["ema"]), weights_only=True))
+            return FitResult(model=model, ema=ema, history=out["history"], final=out["final"], timing=out["timing"],
+                             config=cfg, trainable_params=out["trainable_params"], head_names=out["head_names"])
     return fit(model, train_loader, val_loader, cfg, **kw)
 
 
@@ -611,7 +635,7 @@ def plot_synonyms(tokenizer: T.VQTokenizer, synonyms: dict, images: torch.Tensor
 
 
 def plot_storage(storage: Any, summary: Any = None):
-    """Bytes per image of each format (log scale), the paper's ImageNet storage (GB), and, with ``summary``, our
+    """Bytes per image of each format, the paper's ImageNet storage (GB, log scale), and, with ``summary``, our
     top-1 against bytes per image."""
     import matplotlib.pyplot as plt
 
@@ -623,9 +647,8 @@ def plot_storage(storage: Any, summary: Any = None):
     s = storage[~storage["format"].str.contains("entropy")]
     colors = ["tab:orange" if f.startswith("tokens") else "tab:blue" for f in s["format"]]
     axes[0].barh(s["format"], s["bytes_per_image"], color=colors)
-    axes[0].set_xscale("log")
     axes[0].invert_yaxis()
-    axes[0].set_xlabel("bytes per image (log)")
+    axes[0].set_xlabel("bytes per image")
     axes[0].set_title("ours: default data", fontsize=9)
     axes[0].tick_params(axis="y", labelsize=7)
     axes[1].barh([r.model for r in refs], [r.value for r in refs],
@@ -642,8 +665,8 @@ def plot_storage(storage: Any, summary: Any = None):
                        else "tab:orange")
             ax.annotate(r["variant"], (r["storage_bytes_per_image"], r["top1"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes per training image (log)")
+        ax.set_xlim(0, 1.15 * float(summary["storage_bytes_per_image"].max()))
+        ax.set_xlabel("bytes per training image")
         ax.set_ylabel("val top-1 (%)")
         ax.set_title("ours: accuracy vs storage", fontsize=9)
         ax.grid(alpha=0.3)
