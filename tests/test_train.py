@@ -237,6 +237,13 @@ def test_same_seed_same_history():
     assert a[cols].equals(b[cols])
 
 
+def test_reused_loader_gives_the_same_run():
+    tl, vl = _loaders(seed=3)
+    a = fit(_tiny_vit(seed=3), tl, None, TrainConfig(**{**CFG, "epochs": 2}))
+    b = fit(_tiny_vit(seed=3), tl, None, TrainConfig(**{**CFG, "epochs": 2}))
+    assert a.history["train_loss"].tolist() == b.history["train_loss"].tolist()
+
+
 def test_bad_config():
     with pytest.raises(ValueError, match="loss"):
         TrainConfig(loss="hinge")

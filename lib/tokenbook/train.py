@@ -497,8 +497,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
     head_names: list[str] = []
     final: dict = {}
     # data order is a function of (loader seed, epoch) so that a resumed run sees the same batches
+    # (the base seed is remembered on the loader, so reusing one loader for several fit() calls is reproducible too)
     gen = getattr(train_loader, "generator", None)
-    gen_base = gen.initial_seed() if gen is not None else None
+    gen_base = None
+    if gen is not None:
+        gen_base = getattr(train_loader, "_tokenbook_base_seed", None)
+        if gen_base is None:
+            gen_base = gen.initial_seed()
+            train_loader._tokenbook_base_seed = gen_base
     for epoch in range(start_epoch, cfg.epochs):
         if gen is not None:
             gen.manual_seed(gen_base + 1_000_003 * epoch)
