@@ -356,8 +356,13 @@ def expected_step_speedup(overhead: pd.DataFrame, stage_epochs: dict[int, int]) 
     return full / avg
 
 
-def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving: Optional[float] = None) -> str:
-    """A short markdown paragraph stating what this run measured, written from the numbers."""
+def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving: Optional[float] = None,
+            per_stage: Optional[pd.DataFrame] = None) -> str:
+    """A short markdown paragraph stating what this run measured, written from the numbers.
+
+    ``per_stage`` (:func:`stage_step_table`): its full-token stage does the same work in both runs, so its measured
+    ratio (ideally 1.0) shows how much the machine's speed drifted between the two sequential runs.
+    """
     if speedups.empty:
         return "Only the ToE run was trained (run_baseline is False): no speed-up measured."
     step = speedups.iloc[0]
@@ -373,6 +378,12 @@ def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving
             parts[-1] += f", and the interleaved per-stage timings predict {expected:.2f}x for the step time."
         else:
             parts[-1] += "."
+    if per_stage is not None and not per_stage.empty:
+        same = per_stage[~per_stage["active"].astype(bool)]["measured_ratio"].dropna()
+        if len(same):
+            parts.append(f"In the final full-token stage both runs do identical work; the measured ratio there is "
+                         f"{float(same.iloc[0]):.2f} (1.00 on a steady machine), a direct read of the machine-load "
+                         f"drift between the two sequential runs, which the sequential wall-clock ratios also carry.")
     parts.append("Target (>= 1.2x wall-clock at <= 0.5 pt lost): **" + ("met" if met else "not met") + "** here.")
     return " ".join(parts)
 
