@@ -347,40 +347,10 @@ def train_config(params: dict, variant: str, **overrides: Any):
 
 
 def fit_launched(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any, **kw: Any):
-    """``tokenbook.train.fit``, launching worker processes first for fork/spawn strategies (``ddp_notebook``,
-    ``ddp_spawn``: the only multi-device strategies a Jupyter kernel can start). ``ddp`` with several devices must
-    be started by ``torchrun`` (Fabric then finds its processes already running) or it re-launches ``sys.argv``."""
-    import copy
+    """:func:`tokenbook.train.fit_launched` (kept here under its old name for the notebook)."""
+    from .train import fit_launched as _fit_launched
 
-    from .train import FitResult, _make_fabric, fit
-
-    if str(cfg.strategy).startswith(("ddp_notebook", "ddp_fork", "ddp_spawn")):
-        fabric = _make_fabric(cfg)
-        if fabric.world_size > 1:
-            def worker(f: Any) -> dict:
-                res = fit(model, train_loader, val_loader, cfg, fabric=f, **kw)
-
-                def pack(m: Optional[nn.Module]) -> Optional[bytes]:
-                    if m is None:
-                        return None
-                    buf = io.BytesIO()
-                    torch.save({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, buf)
-                    return buf.getvalue()
-
-                # tensors shared through the result queue die with the worker: return bytes and plain data
-                return {"model": pack(res.model), "ema": pack(res.ema), "history": res.history, "final": res.final,
-                        "timing": res.timing, "trainable_params": res.trainable_params,
-                        "head_names": res.head_names}
-
-            out = fabric.launch(worker)
-            model.load_state_dict(torch.load(io.BytesIO(out["model"]), weights_only=True))
-            ema = None
-            if out["ema"] is not None:
-                ema = copy.deepcopy(model)
-                ema.load_state_dict(torch.load(io.BytesIO(out["ema"]), weights_only=True))
-            return FitResult(model=model, ema=ema, history=out["history"], final=out["final"], timing=out["timing"],
-                             config=cfg, trainable_params=out["trainable_params"], head_names=out["head_names"])
-    return fit(model, train_loader, val_loader, cfg, **kw)
+    return _fit_launched(model, train_loader, val_loader, cfg, **kw)
 
 
 def _model_row(variant: str, model: nn.Module, res: Any, input_size: tuple, storage_bpi: float) -> dict:

@@ -13,8 +13,6 @@ comparison, overhead tables, figures. The method itself lives in :mod:`tokenbook
 """
 from __future__ import annotations
 
-import copy
-import io
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -193,36 +191,10 @@ class ToERun:
 
 
 def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any, **kw: Any):
-    """``fit``; for several devices with a fork/spawn strategy (``ddp_notebook``, ``ddp_spawn``: what a Jupyter kernel
-    can start) the workers are launched here and the trained weights come back as bytes. ``ddp`` with several
-    devices must be started by ``torchrun``."""
-    from .train import FitResult, _make_fabric, fit
+    """:func:`tokenbook.train.fit_launched`: ``fit``, with worker launch for ``ddp_notebook``/``ddp_spawn``."""
+    from .train import fit_launched
 
-    if str(cfg.strategy).startswith(("ddp_notebook", "ddp_fork", "ddp_spawn")):
-        fabric = _make_fabric(cfg)
-        if fabric.world_size > 1:
-            def worker(f: Any) -> dict:
-                res = fit(model, train_loader, val_loader, cfg, fabric=f, **kw)
-
-                def pack(m: Optional[nn.Module]) -> Optional[bytes]:
-                    if m is None:
-                        return None
-                    buf = io.BytesIO()
-                    torch.save({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, buf)
-                    return buf.getvalue()
-
-                return {"model": pack(res.model), "ema": pack(res.ema), "history": res.history, "final": res.final,
-                        "timing": res.timing, "trainable_params": res.trainable_params, "head_names": res.head_names}
-
-            out = fabric.launch(worker)
-            model.load_state_dict(torch.load(io.BytesIO(out["model"]), weights_only=True))
-            ema = None
-            if out["ema"] is not None:
-                ema = copy.deepcopy(model)
-                ema.load_state_dict(torch.load(io.BytesIO(out["ema"]), weights_only=True))
-            return FitResult(model=model, ema=ema, history=out["history"], final=out["final"], timing=out["timing"],
-                             config=cfg, trainable_params=out["trainable_params"], head_names=out["head_names"])
-    return fit(model, train_loader, val_loader, cfg, **kw)
+    return fit_launched(model, train_loader, val_loader, cfg, **kw)
 
 
 def build_model(model_name: str, seed: int, toe_kwargs: Optional[dict] = None, block_index: int = 0,

@@ -20,16 +20,15 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ import torch.nn as nn
 
 __all__ = [
     "TrainConfig", "FitResult", "fit", "evaluate", "save_weights", "load_weights", "TrainingDivergedError",
-    "CheckpointMismatchError", "OutOfMemoryError", "RECIPES", "recipe",
+    "CheckpointMismatchError", "OutOfMemoryError", "RECIPES", "recipe", "fit_launched",
 ]
 
 
@@ -615,6 +614,45 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
               "device": str(device), "world_size": fabric.world_size, "precision": cfg.precision}
     return FitResult(model=raw_model, ema=ema.module if ema is not None else None, history=pd.DataFrame(history),
                      final=final, timing=timing, config=cfg, trainable_params=n_trainable, head_names=head_names)
+
+
+def fit_launched(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConfig] = None, **kw) -> FitResult:
+    """``fit()``, launching the worker processes first for the fork/spawn strategies (``ddp_notebook``,
+    ``ddp_fork``, ``ddp_spawn``): the only multi-device strategies a Jupyter kernel can start. The trained weights
+    (and EMA) come back to this process as bytes; the returned model is the caller's, updated in place.
+
+    Plain ``ddp`` with several devices is started by ``torchrun`` / ``fabric run`` from a script (Fabric then finds
+    its processes already running); single-device runs are a plain ``fit()``.
+    """
+    import io
+
+    cfg = cfg or TrainConfig()
+    if str(cfg.strategy).startswith(("ddp_notebook", "ddp_fork", "ddp_spawn")):
+        fabric = _make_fabric(cfg)
+        if fabric.world_size > 1:
+            def worker(f) -> dict:
+                res = fit(model, train_loader, val_loader, cfg, fabric=f, **kw)
+
+                def pack(m: Optional[nn.Module]) -> Optional[bytes]:
+                    if m is None:
+                        return None
+                    buf = io.BytesIO()
+                    torch.save({k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, buf)
+                    return buf.getvalue()
+
+                # tensors shared through the result queue die with the worker: return bytes and plain data
+                return {"model": pack(res.model), "ema": pack(res.ema), "history": res.history, "final": res.final,
+                        "timing": res.timing, "trainable_params": res.trainable_params, "head_names": res.head_names}
+
+            out = fabric.launch(worker)
+            model.load_state_dict(torch.load(io.BytesIO(out["model"]), weights_only=True))
+            ema = None
+            if out["ema"] is not None:
+                ema = copy.deepcopy(model)
+                ema.load_state_dict(torch.load(io.BytesIO(out["ema"]), weights_only=True))
+            return FitResult(model=model, ema=ema, history=out["history"], final=out["final"], timing=out["timing"],
+                             config=cfg, trainable_params=out["trainable_params"], head_names=out["head_names"])
+    return fit(model, train_loader, val_loader, cfg, **kw)
 
 
 def _save_checkpoint(fabric, path: Path, model, optimizer, scheduler, ema, hooks, epoch, global_step, history, cfg):
