@@ -40,6 +40,7 @@ def test_reference_schema_errors(tmp_path, monkeypatch):
             return self.root / name
 
     monkeypatch.setattr(references.resources, "files", lambda _: Files(pkg))
+    references.load.cache_clear()
     with pytest.raises(references.ReferenceError, match="value must be a number"):
         references.load("bad")
     with pytest.raises(references.ReferenceError, match="kind 'blog'"):

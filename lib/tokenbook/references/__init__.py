@@ -30,6 +30,7 @@ Schema of one file::
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -76,7 +77,14 @@ def available() -> list[str]:
 
 
 def load(paper: str) -> list[Reference]:
-    """Load and validate ``<paper>.yaml``; raise ``ReferenceError`` naming the file and entry on bad data."""
+    """Load and validate ``<paper>.yaml``; raise ``ReferenceError`` naming the file and entry on bad data.
+
+    Parsed files are cached (entries are immutable); ``load.cache_clear()`` forgets them."""
+    return list(_load(paper))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(paper: str) -> tuple[Reference, ...]:
     names = available()
     if paper not in names:
         raise ReferenceError(f"no reference file {paper!r}; available: {', '.join(names) or 'none'}")
@@ -110,7 +118,10 @@ def load(paper: str) -> list[Reference]:
             kind=str(e["kind"]), tolerance=e.get("tolerance"), rel_tolerance=e.get("rel_tolerance"),
             note=str(e.get("note", "")),
         ))
-    return out
+    return tuple(out)
+
+
+load.cache_clear = _load.cache_clear  # type: ignore[attr-defined]
 
 
 def lookup(paper: str, model: str, metric: str) -> Optional[Reference]:
