@@ -148,6 +148,18 @@ class RunContext:
         self._t: dict[str, float] = {}
         self._write_meta(status="running")
 
+    @property
+    def where(self) -> str:
+        """The output folder for display: relative to the repository root, and the final location when the runner
+        writes through a staging folder."""
+        display = os.environ.get("TOKENBOOK_RESULTS_DISPLAY")
+        if display:
+            return f"{display}/{self.notebook}/{self.profile}"
+        try:
+            return str(self.out_dir.resolve().relative_to(repo_root()))
+        except ValueError:
+            return str(self.out_dir)
+
     # -- construction from a notebook ------------------------------------------------------------------------
     @classmethod
     def from_notebook(cls, notebook: str, namespace: dict, notebook_path: Optional[str | Path] = None) -> "RunContext":
@@ -211,6 +223,7 @@ class RunContext:
             self._status = status
         meta = {
             "notebook": self.notebook, "profile": self.profile, "status": getattr(self, "_status", "running"),
+            "results_dir": self.where,
             "started_utc": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(),
             "elapsed_s": time.time() - self.started, "seed": self.seed, "parameters": self.params,
             "timings_s": self.timings, "tables": list(self.tables.values()), "figures": list(self.figures.values()),

@@ -103,14 +103,18 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
     stage.mkdir(parents=True)
     out_nb = stage / f"{name}.ipynb"
     pfile = stage / "parameters.yaml"
-    params = {**params, "profile": profile, "results_root": str(stage_root)}
+    params = {**params, "profile": profile, "results_root": _rel(stage_root, root)}
     pfile.write_text(yaml.safe_dump(params, sort_keys=True))
-    cmd = [sys.executable, "-m", "papermill", str(root / "notebooks" / f"{name}.ipynb"), str(out_nb),
-           "-f", str(pfile), "-k", _kernel_name(), "--cwd", str(root), "--log-output", "--no-progress-bar",
+    # paths relative to the repository root (papermill runs there): no machine paths end up in the reports
+    cmd = [sys.executable, "-m", "papermill", f"notebooks/{name}.ipynb", _rel(out_nb, root),
+           "-f", _rel(pfile, root), "-k", _kernel_name(), "--cwd", ".", "--log-output", "--no-progress-bar",
            "--request-save-on-cell-execute", "--autosave-cell-every", "20"]
     env = {**os.environ, "PYTHONHASHSEED": "0", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "TOKENBOOK_HEADLESS": "1",
            "TOKENBOOK_ROOT": str(root), "TOKENBOOK_PROFILE": profile, "MPLBACKEND": "Agg",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           # where the results will be once swapped in (RunContext.where shows this instead of the staging folder)
+           "TOKENBOOK_RESULTS_DISPLAY": _rel(results_dir, root),
+           "PYTHONWARNINGS": "ignore:IProgress not found"}
     t0 = time.time()
     status, detail = "failed", ""
     with open(stage / "log.txt", "w") as log:
@@ -153,6 +157,14 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
     except OSError:
         pass
     return record
+
+
+def _rel(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` when it is inside it, else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
 
 
 def _swap_in(src: Path, dst: Path) -> None:
