@@ -183,3 +183,30 @@ def test_real_default_data_if_installed():
     b = load_data(DataConfig(data_dir=where, train_subset=100, val_subset=50))
     assert data.read_idx(Path(where) / "train-images-idx3-ubyte.gz").shape == (60000, 28, 28)
     assert b.num_classes == 10 and len(b.train) == 100
+
+
+def test_fashion_mnist_hub_layout_converts_to_the_idx_layout(tmp_path, monkeypatch):
+    """The hub copy (zalando-datasets/fashion_mnist: PIL 'image' + ClassLabel 'label') goes through the same
+    converter as when it is downloaded; here from a local copy in the hub's parquet layout."""
+    import datasets
+    from PIL import Image
+
+    root = tmp_path / "fm_hub" / "data"
+    root.mkdir(parents=True)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=data.FASHION_MNIST_CLASSES)})
+    rng = np.random.RandomState(0)
+    arrays = {}
+    for split, n in (("train", 20), ("test", 10)):
+        x = rng.randint(0, 255, size=(n, 28, 28)).astype(np.uint8)
+        arrays[split] = x
+        ds = datasets.Dataset.from_dict({"image": [Image.fromarray(a) for a in x], "label": [i % 10 for i in range(n)]},
+                                        features=feats)
+        ds.to_parquet(str(root / f"{split}-00000-of-00001.parquet"))
+    dd = datasets.load_dataset(str(root.parent))
+    conv = data._fmnist_hub_to_arrays(dd)
+    monkeypatch.setattr(data, "find_fashion_mnist", lambda *a, **k: "hub:local")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: dd)
+    b = load_data(DataConfig(img_size=28))
+    assert b.source == "local" and len(b.train) == 20 and b.class_names == data.FASHION_MNIST_CLASSES
+    assert np.array_equal(b.train.raw(3)[0].numpy(), arrays["train"][3])
+    assert conv["train"].features["label"].names == data.FASHION_MNIST_CLASSES

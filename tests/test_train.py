@@ -293,3 +293,10 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert all(r["steps"] == 8 for r in rows)
     assert rows[0]["w"] == pytest.approx(rows[1]["w"], rel=1e-9)
     assert rows[0]["n"] == rows[1]["n"]  # metrics are all-reduced
+
+
+def test_bf16_mixed_precision_on_cpu():
+    tl, vl = _loaders()
+    r = fit(_tiny_vit(), tl, vl, TrainConfig(**{**CFG, "epochs": 1, "precision": "bf16-mixed"}))
+    assert r.timing["precision"] == "bf16-mixed" and math.isfinite(r.final["train_loss"])
+    assert next(r.model.parameters()).dtype == torch.float32  # master weights stay fp32
