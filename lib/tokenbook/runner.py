@@ -263,6 +263,14 @@ def write_index(results_dir: Path, root: Path) -> None:
                 sec += ["", f"![{f['name']}]({rel}/{f['png']})" + (f"  \n*{f['caption']}*" if f.get("caption") else "")]
             sections += sec + [""]
             html_parts.append(f"<li><a href=\"{rel}/{name}.html\">{name} ({profile})</a>: {status}, {minutes} min</li>")
+    totals: dict[str, float] = {}
+    for row in summary[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        try:
+            totals[cells[1]] = totals.get(cells[1], 0.0) + float(cells[3])
+        except (ValueError, IndexError):
+            pass
+    summary += [f"| **total** | {p} |  | {m:.2f} |  |" for p, m in sorted(totals.items())]
     text = "\n".join(lines + summary + [""] + sections)
     atomic_write(results_dir / "README.md", text)
     html = ("<!doctype html><html><head><meta charset='utf-8'><title>tokenbook results</title></head><body>"
