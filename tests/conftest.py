@@ -37,6 +37,17 @@ def idx_dir(tmp_path_factory) -> Path:
     return write_idx_fixture(tmp_path_factory.mktemp("idx"), n_train=200, n_test=100)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests on tiny tensors (faster than two on a shared 2-core machine); restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TOKENBOOK_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -24,13 +24,7 @@ from conftest import ROOT
 NB = "04_seit_tokenadapt"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is faster on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(profile: str, **overrides) -> dict:

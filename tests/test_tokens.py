@@ -11,13 +11,7 @@ import torch
 import torch.nn.functional as F
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared 2-core machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from tokenbook.tokens import (
     MAX_TOKEN_ID, TokenDataset, TokenFormatError, VQTokenizer, decode_stream, decode_tokens, encode_ids,

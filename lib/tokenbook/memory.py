@@ -947,6 +947,18 @@ def _key_columns(model: MemoryViT, L0: int) -> tuple[dict[str, int], dict[str, t
     return tok, mem
 
 
+def _recorded_forward(model: MemoryViT, images: torch.Tensor):
+    """One eval-mode forward with attention recording; returns (per-layer records, original-token output)."""
+    was = model.training
+    model.eval()
+    try:
+        with record_attention(model) as rec:
+            x_o, _ = model.forward_features(images)
+    finally:
+        model.train(was)
+    return rec, x_o
+
+
 @torch.no_grad()
 def memory_attention(model: MemoryViT, images: torch.Tensor, reduce: str = "mean") -> dict[str, torch.Tensor]:
     """Attention from each task's class token to each of its own memory cells, per layer and head.
@@ -955,13 +967,7 @@ def memory_attention(model: MemoryViT, images: torch.Tensor, reduce: str = "mean
     ``(B, depth, heads, cells)`` (``reduce="none"``). Tasks without memory are left out.
     """
     _check_option("reduce", reduce, ("mean", "none"))
-    was = model.training
-    model.eval()
-    try:
-        with record_attention(model) as rec:
-            x_o, _ = model.forward_features(images)
-    finally:
-        model.train(was)
+    rec, x_o = _recorded_forward(model, images)
     L0 = x_o.shape[1]
     _, mem = _key_columns(model, L0)
     rows = {n: j for j, n in enumerate(n for n, t in model.tasks.items() if t.has_token)}
@@ -982,13 +988,7 @@ def class_token_patch_attention(model: MemoryViT, images: torch.Tensor, layer: i
     task and memory tokens).
     """
     bb = model.backbone
-    was = model.training
-    model.eval()
-    try:
-        with record_attention(model) as rec:
-            x_o, _ = model.forward_features(images)
-    finally:
-        model.train(was)
+    rec, x_o = _recorded_forward(model, images)
     r = rec[layer]
     L0 = x_o.shape[1]
     npt = bb.num_prefix_tokens
@@ -1459,8 +1459,6 @@ def paper_finetune_table() -> "Any":
 def finetune_side_by_side(results) -> "Any":
     """Ours (one column per task, their mean and the mean gain over head-only) next to the paper's ViT-B/32 table
     (per dataset, mean, mean gain over head-only) for every method we ran; n/a where the paper has no value."""
-    import pandas as pd
-
     ours = results.pivot_table(index="method", columns="task", values="top1", sort=False)
     tasks = list(dict.fromkeys(results["task"]))
     ours = ours[tasks]
