@@ -11,10 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenbook import bench, references
-from tokenbook.memory import (
-    FINETUNE_MODES, SOURCE, MemoryViT, build_attention_mask, class_group_indices, class_token_patch_attention,
-    concatenate, create_memory_vit, finetune_model, make_task_datasets, memory_attention, memory_task_params,
-    naive_concatenate, record_attention, set_trainable, table1_mask, task_parameter_count,
+from tokenbook.data.tasks import class_group_indices, make_task_datasets
+from tokenbook.models.memory import (
+    FINETUNE_MODES, SOURCE, MemoryViT, build_attention_mask, class_token_patch_attention, concatenate,
+    create_memory_vit, finetune_model, memory_attention, memory_task_params, naive_concatenate, record_attention,
+    set_trainable, table1_mask, task_parameter_count,
 )
 
 IMG = 32
@@ -400,7 +401,7 @@ def test_vit_b32_task_parameters(cells, classes, total):
     assert counts["head"] == 768 * classes + classes
     assert counts["total"] == total == memory_task_params(12, 768, cells, classes)
     assert bench.count_params(m)["trainable"] == total
-    ref = {r.id: r.value for r in references.load("learnable_memory")}
+    ref = {r.id: r.value for r in references.load("memory")}
     if (cells, classes) in ((1, 100), (10, 100)):
         assert ref[f"b32.memory-{cells}.c100.task_params"] == total
 
@@ -637,7 +638,7 @@ def test_class_group_splits():
 
 
 def test_references_validate():
-    refs = references.load("learnable_memory")
+    refs = references.load("memory")
     by_id = {r.id: r for r in refs}
     assert by_id["b32.memory-1.sun397.top1"].value == 77.0
     assert by_id["b32.full.cifar100.top1"].value == 91.8

@@ -1,4 +1,4 @@
-"""SeiT token ViTs, TokenAdapt f/g and the token-space augmentations (tokenbook.models.seit, tokenbook.token_aug)."""
+"""SeiT token ViTs, TokenAdapt f/g and the token-space augmentations (tokenbook.models.seit, tokenbook.methods.token_aug)."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from tokenbook import references
 from tokenbook.bench import count_macs, count_params
 from tokenbook.models import seit as S
-from tokenbook.token_aug import (
+from tokenbook.methods.token_aug import (
     ColorAdapt, ColorChoice, EmbeddingNoise, FSpaceAugment, ReplaceSynonym, SpatialParams, SwapCode, TokenBatchAugment,
     TokenEDA, apply_spatial, build_synonyms, center_crop, color_adapt, embed_ids, load_synonyms, random_resized_crop,
-    rrc_params, sample_spatial_params, save_synonyms, synonym_table,
+    rrc_params, sample_spatial_params, save_synonyms, synonym_table, train_tokenadapt,
 )
-from tokenbook.tokens import VQTokenizer
+from tokenbook.data.tokens import VQTokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -226,13 +226,13 @@ def test_train_tokenadapt_reduces_loss():
     tok = VQTokenizer(in_chans=1, downsample=2, codebook_size=40, hidden=8)
     ta = S.TokenAdapt(codebook_size=40, in_grid=14, out_grid=12, dim=32, heads=2, dim_head=16)
     imgs = torch.rand(8, 1, 28, 28)
-    hist = S.train_tokenadapt(ta, tok, [imgs], steps=6, lr=3e-3, log_every=5, mix_prob=0.5,
+    hist = train_tokenadapt(ta, tok, [imgs], steps=6, lr=3e-3, log_every=5, mix_prob=0.5,
                               generator=torch.Generator().manual_seed(0))
     assert [h["step"] for h in hist] == [1, 5, 6]
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert not ta.training and ta.conversion_function[0].weight.requires_grad
     with pytest.raises(ValueError, match="codebook"):
-        S.train_tokenadapt(ta, tok, [imgs], steps=1, codebook=torch.randn(391, 32))
+        train_tokenadapt(ta, tok, [imgs], steps=1, codebook=torch.randn(391, 32))
 
 
 # ------------------------------------------------------------------------------------------------ ColorAdapt / noise

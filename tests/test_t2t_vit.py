@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenbook.models.t2t_vit as t2t
+from tokenbook.experiments import t2t_vit as t2t_exp
 from tokenbook.bench import count_macs
 from tokenbook.references import load
 
@@ -497,7 +498,7 @@ def test_feature_and_attention_helpers():
     x = torch.randn(2, 1, 28, 28)
     for name in ("t2t_vit_tiny_fmnist", "t2t_vit_t_tiny_fmnist"):
         m = timm.create_model(name).train()
-        feats = t2t.t2t_token_features(m, x)
+        feats = t2t_exp.t2t_token_features(m, x)
         assert m.training
         assert feats["soft_split0"].shape == (2, 25, 14, 14) and feats["attention1"].shape == (2, 32, 14, 14)
         assert feats["project"].shape == (2, 128, 7, 7)
@@ -505,21 +506,21 @@ def test_feature_and_attention_helpers():
             m.eval()
             tokens = m.tokens_to_token(x)
         assert torch.allclose(feats["project"].flatten(2).transpose(1, 2), tokens, atol=1e-6)
-        maps = t2t.t2t_attention_maps(m, x)
+        maps = t2t_exp.t2t_attention_maps(m, x)
         assert maps["attention1"].shape == (2, 196, 196) and maps["attention2"].shape == (2, 49, 49)
         assert torch.allclose(maps["attention2"].sum(-1), torch.ones(2, 49), atol=1e-4)
-        bb = t2t.backbone_attention_maps(m, x)
+        bb = t2t_exp.backbone_attention_maps(m, x)
         assert len(bb) == 8 and bb[0].shape == (2, 4, 50, 50)
         assert torch.allclose(bb[-1].sum(-1), torch.ones(2, 4, 50), atol=1e-4)
     vit = timm.create_model("t2t_vit_tiny_fmnist_wo_t2t")
-    assert t2t.vit_patch_features(vit, x).shape == (2, 128, 7, 7)
+    assert t2t_exp.vit_patch_features(vit, x).shape == (2, 128, 7, 7)
     ghost = timm.create_model("t2t_vit_16_ghost", img_size=64, depth=2)
-    assert [a.shape for a in t2t.backbone_attention_maps(ghost, torch.randn(1, 3, 64, 64))] == [(1, 6, 17, 17)] * 2
+    assert [a.shape for a in t2t_exp.backbone_attention_maps(ghost, torch.randn(1, 3, 64, 64))] == [(1, 6, 17, 17)] * 2
 
 
 @pytest.mark.parametrize("size", [28, 32])
 def test_fmnist_ablations_build_and_run(size):
-    variants = t2t.fmnist_ablations(img_size=size)
+    variants = t2t_exp.fmnist_ablations(img_size=size)
     assert set(variants) == {"t2t_performer", "t2t_transformer", "t2t_convolution", "no_t2t", "deep_narrow",
                              "shallow_wide"}
     x = torch.randn(2, 1, size, size)
@@ -587,7 +588,7 @@ def test_timm_plumbing_checkpointing_and_vit_features():
     m.reset_classifier(3, global_pool="avg")
     assert m(x).shape == (2, 3)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=1, in_chans=1)
-    assert t2t.vit_patch_features(vit, torch.randn(1, 1, 32, 32)).shape == (1, 192, 8, 8)
+    assert t2t_exp.vit_patch_features(vit, torch.randn(1, 1, 32, 32)).shape == (1, 192, 8, 8)
 
 
 def test_model_cast_to_bf16_runs():

@@ -1,4 +1,4 @@
-"""Tests of tokenbook.toe (ToE token expansion); reference sheet ../shared/papers/toe.md."""
+"""Tests of tokenbook.methods.toe (ToE token expansion); reference sheet ../shared/papers/toe.md."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from timm.models import VisionTransformer
 from timm.utils import ModelEmaV3
 
-import tokenbook.toe as toe
+import tokenbook.methods.toe as toe
+from tokenbook.experiments.toe import measure_token_select_overhead, trace_token_selection
+from tokenbook.models.toe import official_state_dict
 from tokenbook.bench import count_macs
 
 
@@ -467,7 +469,7 @@ def test_trace_token_selection():
     ts = toe.attach_token_select(model, expansion_step=(0, 2, 4), keep_rate=(0.5, 0.75, 1.0))
     x = torch.randn(3, 3, 32, 32)
     model.train()
-    tr = toe.trace_token_selection(model, x, stage=2)
+    tr = trace_token_selection(model, x, stage=2)
     assert model.training and ts._trace is None and ts.expansion_stage == 0
     assert tr.grid_size == (8, 8) and tr.num_patches == 64
     assert tr.seeds.tolist() == list(range(0, 64, 4))
@@ -487,7 +489,7 @@ def test_trace_token_selection():
             members = (owner[b] == pos).nonzero().flatten()
             torch.testing.assert_close(out[b, 1 + j], h[b, 1 + members].mean(0))
     assert tr.as_grid(sm).shape == (3, 8, 8)
-    off = toe.trace_token_selection(model, x, stage=3)
+    off = trace_token_selection(model, x, stage=3)
     assert not off.active and off.kept.shape == (3, 64) and (off.step_map() == 0).all()
 
 
@@ -495,13 +497,13 @@ def test_measure_overhead_structure():
     model = tiny_vit()
     toe.attach_token_select(model, expansion_step=(0, 2), keep_rate=(0.5, 1.0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    res = toe.measure_token_select_overhead(model, batch_size=4, steps=2, warmup=1)
+    res = measure_token_select_overhead(model, batch_size=4, steps=2, warmup=1)
     assert res["stage"] == 1 and res["overhead_ms"] == pytest.approx(res["step_ms_toe"] - res["step_ms_truncated"])
     assert res["overhead_share"] == pytest.approx(res["overhead_ms"] / res["step_ms_toe"])
     assert min(res["step_ms_full"], res["step_ms_toe"], res["step_ms_truncated"], res["select_forward_ms"]) > 0
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # lr 0: weights untouched
     with pytest.raises(ValueError, match="not an active"):
-        toe.measure_token_select_overhead(model, stage=2)
+        measure_token_select_overhead(model, stage=2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -531,10 +533,10 @@ def test_official_state_dict_with_args_namespace(tmp_path):
     sd = {"w": torch.ones(2)}
     path = tmp_path / "ckpt.pth"
     torch.save({"model": sd, "model_ema": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1e-3), "epoch": 3}, path)
-    assert torch.equal(toe.official_state_dict(str(path))["w"], torch.ones(2))
-    assert torch.equal(toe.official_state_dict(str(path), use_ema=True)["w"], torch.zeros(2))
+    assert torch.equal(official_state_dict(str(path))["w"], torch.ones(2))
+    assert torch.equal(official_state_dict(str(path), use_ema=True)["w"], torch.zeros(2))
     with pytest.raises(ValueError, match="model_ema"):
-        toe.official_state_dict({"model": sd}, use_ema=True)
+        official_state_dict({"model": sd}, use_ema=True)
 
 
 def test_references_validate():

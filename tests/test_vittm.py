@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import tokenbook.models.vittm as V
 from tokenbook import references
+from tokenbook.experiments import vittm as X
 from tokenbook.bench import count_macs, count_used_params
 
 # a small configuration used by most behavioural tests
@@ -299,7 +300,7 @@ def test_other_heads_equal_their_explicit_maps(head_type):
 def test_attention_maps_helper_and_memory_diagnostics():
     m = nonzero_heads(small_model())
     x = torch.randn(2, 3, 28, 28)
-    maps = V.attention_maps(m, x)
+    maps = X.attention_maps(m, x)
     assert maps["memory_grid"] == (7, 7) and maps["process_grid"] == (4, 4)
     assert sorted(maps["read"]) == [0, 1]
     assert maps["read"][1].shape == (2, 4, 16, 49) and maps["write"][0].shape == (2, 4, 49, 16)
@@ -310,10 +311,10 @@ def test_attention_maps_helper_and_memory_diagnostics():
     v = head.v(mem_in).view(2, 49, 4, 8).transpose(1, 2)
     torch.testing.assert_close((maps["read"][1] @ v).transpose(1, 2).reshape(2, 16, 32), rec["read"][1],
                                rtol=1e-4, atol=1e-5)
-    assert sorted(V.attention_maps(m, x, layers=[-1])["write"]) == [1]
+    assert sorted(X.attention_maps(m, x, layers=[-1])["write"]) == [1]
     with pytest.raises(ValueError, match="out of range"):
-        V.attention_maps(m, x, layers=[5])
-    df = V.memory_diagnostics(m, x)
+        X.attention_maps(m, x, layers=[5])
+    df = X.memory_diagnostics(m, x)
     assert list(df.layer) == [0, 1]
     assert {"write_norm", "read_norm", "write_rel_norm", "memory_norm", "cos_to_initial", "cos_to_previous"} <= set(df)
     assert (df.write_norm > 0).all() and df.cos_to_initial.between(-1, 1).all()
@@ -324,12 +325,12 @@ def test_attention_maps_helper_and_memory_diagnostics():
 
 
 def test_ablation_configs_build():
-    studies = V.ablation_configs()
+    studies = X.ablation_configs()
     assert set(studies) == {"head_fusion", "latent_scale", "patch_sizes", "memory_blocks"}
     assert len(studies["head_fusion"]) == 15
     assert [v["latent_size_scale"] for v in studies["latent_scale"].values()] == [1, 2, 4]
     assert list(studies["patch_sizes"]) == ["m2p2", "m2p4", "m2p7", "m4p4", "m4p7", "m7p7"]
-    assert set(V.ablation_configs("patch_sizes", img_size=32)) == {"m2p2", "m2p4", "m2p8", "m4p4", "m4p8", "m8p8"}
+    assert set(X.ablation_configs("patch_sizes", img_size=32)) == {"m2p2", "m2p4", "m2p8", "m4p4", "m4p8", "m8p8"}
     x = torch.randn(1, 3, 28, 28)
     for study in ("head_fusion", "latent_scale", "memory_blocks"):
         for label, kw in studies[study].items():
@@ -339,7 +340,7 @@ def test_ablation_configs_build():
         m = timm.create_model("vittm_cpu_m4p4_28", depth=1, **kw)
         assert m(x)[0].shape == (1, 10), label
     with pytest.raises(ValueError, match="unknown ablation study"):
-        V.ablation_configs("nope")
+        X.ablation_configs("nope")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """tokenbook: a reproducibility workbook for token-centric vision transformers.
 
-Library modules (import what you need; nothing heavy is imported here):
+Layout (one rule for every paper; nothing heavy is imported here):
 
-- ``tokenbook.data``       datasets (Fashion-MNIST default, image folders, hub ids), transforms, loaders
-- ``tokenbook.train``      one ``fit()`` for every notebook (Lightning Fabric + timm)
-- ``tokenbook.bench``      parameter counts, MACs/FLOPs (attention included), latency, throughput, memory
-- ``tokenbook.results``    atomic tables + metadata, paper-vs-ours joins
-- ``tokenbook.references`` paper numbers as data
-- ``tokenbook.repro``      seeding and determinism
-- ``tokenbook.viz``        attention maps, rollout, curves
-- ``tokenbook.models``     timm-registered model families of the papers
+- shared core, which never imports the paper code below:
+  ``tokenbook.data`` (datasets, transforms, loaders; ``data.tokens`` SeiT token files and the VQ tokenizer,
+  ``data.tasks`` per-task splits), ``tokenbook.train`` (one ``fit()``), ``tokenbook.bench`` (params, MACs/FLOPs with
+  attention, latency, throughput), ``tokenbook.results`` (atomic tables + metadata, paper-vs-ours),
+  ``tokenbook.references`` (paper numbers as data), ``tokenbook.repro`` (seeding), ``tokenbook.viz`` (attention
+  maps, curves), ``tokenbook.runner`` (the papermill batch runner);
+- ``tokenbook.models.<family>``: architectures, timm registration, pretrained cfgs, checkpoint filters;
+- ``tokenbook.methods``: methods that attach to any timm model (ToE's token selection, token-space augmentations);
+- ``tokenbook.experiments.<stem>``: what notebook ``NN_<stem>`` calls.
 """
 
 __version__ = "0.1.0"

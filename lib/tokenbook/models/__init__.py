@@ -12,6 +12,7 @@ MODEL_FAMILIES = {
     "t2t_vit": "T2T-ViT: tokens-to-token ViTs, all official names and Table 6/7 variants (t2t_vit_*)",
     "toe": "DeiT-T/S/B with ToE token expansion attached (toe_deit_*_patch16_224)",
     "seit": "SeiT token ViTs (deit_*_token_32, deit_fm_*_token_32) and TokenAdapt f/g",
+    "memory": "Learnable Memory: MemoryViT for any timm ViT (a wrapper; no registered names)",
 }
 
 for _name in list(MODEL_FAMILIES):

@@ -37,6 +37,12 @@ configuration):
   cannot be built in the official code either; they are rejected here with a ValueError.
 - Bad input raises ``ValueError`` naming the fix (patch sizes that do not divide the image, unknown option strings,
   a ``latent_size_scale`` that does not split across heads, checkpoints that do not match the model).
+
+Read/write maps, memory diagnostics and the ablation settings of the notebook ``01_vittm`` are in
+:mod:`tokenbook.experiments.vittm`.
+
+Size: about 840 lines, a little over the 800-line guide: one architecture with five read/write heads, three
+fusions and two memory-block kinds, its checkpoint filter and eight registered variants.
 """
 from __future__ import annotations
 
@@ -59,8 +65,8 @@ from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 __all__ = [
     "ViTTM", "LinearAttentionHead", "TokenLearnerHead", "CrossAttentionHead", "LatentAttentionHead",
     "LatentCrossAttentionHead", "Fusion", "MemoryMlpBlock", "RW_HEAD_TYPES", "FUSION_TYPES", "MEMORY_BLOCK_TYPES",
-    "PROCESS_EMBEDDER_TYPES", "PAPER_CONFIG", "checkpoint_filter_fn", "load_official_checkpoint", "attention_maps",
-    "memory_diagnostics", "ablation_configs", "vittm_loss", "MODEL_NAMES",
+    "PROCESS_EMBEDDER_TYPES", "PAPER_CONFIG", "checkpoint_filter_fn", "load_official_checkpoint", "vittm_loss",
+    "MODEL_NAMES",
 ]
 
 RW_HEAD_TYPES = ("lin", "tl", "ca", "la", "lca")
@@ -735,99 +741,6 @@ def vittm_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, criterion:
 
 
 @torch.no_grad()
-def attention_maps(model: ViTTM, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> dict[str, Any]:
-    """Explicit read and write maps for a batch.
-
-    Returns ``{"read": {layer: [B, h, Np, Nm]}, "write": {layer: [B, h, Nm, Np]}, "memory_grid", "process_grid",
-    "rw_head_type"}``: ``read[l][b, h, p, m]`` is how much process token ``p`` reads from memory token ``m``;
-    ``write[l][b, h, m, p]`` how much memory token ``m`` is written from process token ``p``. For ``tl`` the last
-    dimension is ``Nm + Np`` (source tokens first, then the query-stream tokens it also summarizes).
-    Grids give the (rows, cols) of each stream at this input size (process grid None for latent process tokens).
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        rec = model.trace(x, maps=True)
-    finally:
-        model.train(was_training)
-    layers = list(range(model.depth)) if layers is None else list(layers)
-    for l in layers:
-        if not -model.depth <= l < model.depth:
-            raise ValueError(f"layer {l} out of range for a model with depth {model.depth}")
-    H, W = x.shape[-2:]
-    pgrid = (H // model.process_ps, W // model.process_ps) if model.process_embedder_type == "patch" else None
-    return {"read": {l % model.depth: rec["read_maps"][l] for l in layers},
-            "write": {l % model.depth: rec["write_maps"][l] for l in layers},
-            "memory_grid": (H // model.memory_ps, W // model.memory_ps), "process_grid": pgrid,
-            "rw_head_type": model.rw_head_type}
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
-
-
-@torch.no_grad()
-def memory_diagnostics(model: ViTTM, x: torch.Tensor):
-    """How the memory stream changes across layers, one row per layer (a pandas DataFrame).
-
-    Columns: ``layer``; ``write_norm`` (mean L2 norm of the write head's output per memory token); ``read_norm`` (same
-    for the read into the process stream); ``write_rel_norm`` (write_norm / norm of the memory it is fused into);
-    ``memory_norm`` (mean token norm after the layer); ``cos_to_initial`` (mean token-wise cosine similarity of the
-    memory after the layer with the initial memory, i.e. embedding + position); ``cos_to_previous`` (with the memory
-    before the layer).
-    """
-    import pandas as pd
-
-    was_training = model.training
-    model.eval()
-    try:
-        rec = model.trace(x, maps=False)
-    finally:
-        model.train(was_training)
-    rows, prev = [], rec["memory0"]
-    for i in range(model.depth):
-        w, mem, before = rec["write"][i], rec["memory"][i], rec["mem_before_write"][i]
-        wn = w.float().norm(dim=-1).mean().item()
-        rows.append(dict(
-            layer=i, write_norm=wn, read_norm=rec["read"][i].float().norm(dim=-1).mean().item(),
-            write_rel_norm=wn / max(before.float().norm(dim=-1).mean().item(), 1e-12),
-            memory_norm=mem.float().norm(dim=-1).mean().item(),
-            cos_to_initial=_cos(mem, rec["memory0"]), cos_to_previous=_cos(mem, prev)))
-        prev = mem
-    return pd.DataFrame(rows)
-
-
-def ablation_configs(study: Optional[str] = None, img_size: int = 28) -> dict[str, Any]:
-    """Model kwargs for the ablations of the issue (apply on top of a small variant, e.g. ``vittm_cpu_m4p4_28``).
-
-    Studies (the official code's ablation space, reference sheet §4.4):
-    ``head_fusion``: every rw head type x fusion type (labels ``"lin+residual"``...);
-    ``latent_scale``: r in {1, 2, 4} with lin;
-    ``patch_sizes``: (memory_ps, process_ps) pairs that divide ``img_size``, memory patch <= process patch (the
-    official settings never have fewer memory than process tokens) and at least a 4x4 process grid (labels
-    ``"m4p4"``...; at 28 px: m2p2, m2p4, m2p7, m4p4, m4p7, m7p7);
-    ``memory_blocks``: none vs mlp.
-    Returns ``{study: {label: kwargs}}`` or, with ``study``, ``{label: kwargs}``.
-    """
-    studies: dict[str, dict[str, dict[str, Any]]] = {
-        "head_fusion": {f"{h}+{f}": dict(rw_head_type=h, fusion_type=f) for h in RW_HEAD_TYPES for f in FUSION_TYPES},
-        "latent_scale": {f"r={r}": dict(rw_head_type="lin", latent_size_scale=r) for r in (1, 2, 4)},
-        "memory_blocks": {m: dict(memory_blocks=m) for m in MEMORY_BLOCK_TYPES},
-    }
-    divisors = [p for p in range(2, img_size) if img_size % p == 0]
-    if len(divisors) < 2:
-        raise ValueError(f"img_size={img_size} has fewer than two patch sizes that divide it; use e.g. 28 or 32")
-    pairs = []
-    for m in divisors:
-        for p in divisors:
-            if p >= m and (img_size // p) >= 4:
-                pairs.append((m, p))
-    studies["patch_sizes"] = {f"m{m}p{p}": dict(memory_ps=m, process_ps=p, img_size=img_size) for m, p in pairs}
-    if study is None:
-        return studies
-    if study not in studies:
-        raise ValueError(f"unknown ablation study {study!r}; choose one of {tuple(studies)}")
-    return studies[study]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

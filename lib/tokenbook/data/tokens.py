@@ -367,8 +367,8 @@ def read_release_split(root: PathLike, split: str = "train", name: str = "imagen
 class TokenDataset(torch.utils.data.Dataset):
     """Map-style dataset over a :class:`TokenSet`: returns ``(ids LongTensor (H, W), label)``.
 
-    ``transform`` is applied to the id grid (e.g. :class:`tokenbook.token_aug.TokenEDA`), as the official dataset
-    does before one-hot; the codebook lookup and the crops run on the batch (:mod:`tokenbook.token_aug`).
+    ``transform`` is applied to the id grid (e.g. :class:`tokenbook.methods.token_aug.TokenEDA`), as the official dataset
+    does before one-hot; the codebook lookup and the crops run on the batch (:mod:`tokenbook.methods.token_aug`).
     """
 
     def __init__(self, tokens: TokenSet, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):

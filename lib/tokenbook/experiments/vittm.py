@@ -28,14 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from . import bench, references
-from .models import vittm as V
-from .repro import seed_everything
-from .results import NA
-from .train import RECIPES, TrainConfig, fit, recipe
+from tokenbook import bench, references
+from tokenbook.models import vittm as V
+from tokenbook.repro import seed_everything
+from tokenbook.results import NA
+from tokenbook.train import RECIPES, TrainConfig, fit, recipe
 
 __all__ = [
+    "attention_maps", "memory_diagnostics", "ablation_configs",
     "EFFICIENCY_MODELS", "OFFICIAL_PITFALLS", "efficiency_table", "headline_ratios", "compare_with_references",
     "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
     "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table",
@@ -287,7 +289,7 @@ def pretrain_then_finetune(name: str, model_kwargs: dict, pretrain_bundle, pretr
     """The README's two-stage recipe: train ``name`` on the pre-training data (IN-21k-P, 10450 classes), then replace
     both classifiers (zero-initialized, as the official ``--replace-head``) for the fine-tuning classes. Returns the
     model, ready for the fine-tuning run."""
-    from .data import make_loaders
+    from tokenbook.data import make_loaders
 
     seed_everything(seed)
     model = create(name, num_classes=pretrain_bundle.num_classes, **model_kwargs)
@@ -312,12 +314,12 @@ def _config_key(model: nn.Module) -> tuple:
 
 def run_ablation(study: str, base_model: str, base_kwargs: dict, train_loader, val_loader, cfg: TrainConfig, bundle,
                  labels: Optional[Iterable[str]] = None, seed: int = 0, cache: Optional[dict] = None) -> pd.DataFrame:
-    """Train one short run per setting of ``study`` (see :func:`tokenbook.models.vittm.ablation_configs`) on top of
+    """Train one short run per setting of ``study`` (see :func:`ablation_configs`) on top of
     ``base_model`` + ``base_kwargs``; ``labels`` picks a subset (in the study's order). Configurations that resolve
     to the same model (e.g. lin+residual and r=4 on the paper's base) are trained once when a shared ``cache`` dict
     is passed. One row per setting: the options, token counts, parameters, GMACs, top-1 of both heads, train time,
     whether it is the paper's choice and whether the result came from the cache."""
-    configs = V.ablation_configs(study, img_size=bundle.config.img_size)
+    configs = ablation_configs(study, img_size=bundle.config.img_size)
     if labels is not None:
         wanted = [l.strip() for l in labels if l.strip()]
         bad = [l for l in wanted if l not in configs]
@@ -407,9 +409,9 @@ def plot_read_write_maps(model: V.ViTTM, x: torch.Tensor, layers: Sequence[int],
     ``images`` are the display versions of ``x`` (``viz.to_display``)."""
     import matplotlib.pyplot as plt
 
-    from .viz import overlay
+    from tokenbook.viz import overlay
 
-    maps = V.attention_maps(model, x, layers)
+    maps = attention_maps(model, x, layers)
     mg, pg = maps["memory_grid"], maps["process_grid"]
     if pg is None:
         raise ValueError("read/write maps over the image need patch process tokens (process_embedder_type='patch')")
@@ -449,9 +451,9 @@ def plot_head_maps(model: V.ViTTM, x: torch.Tensor, layer: int, image: np.ndarra
     of the marked memory token (bottom row)."""
     import matplotlib.pyplot as plt
 
-    from .viz import overlay
+    from tokenbook.viz import overlay
 
-    maps = V.attention_maps(model, x[:1], [layer])
+    maps = attention_maps(model, x[:1], [layer])
     mg, pg = maps["memory_grid"], maps["process_grid"]
     l = layer % model.depth
     rd, wr = maps["read"][l][0], maps["write"][l][0]
@@ -540,7 +542,7 @@ def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overri
 def recipe_table() -> pd.DataFrame:
     """The README's pre-training and fine-tuning hyper-parameters as this workbook runs them: one row per setting,
     one column per stage (``tokenbook.train.RECIPES['vittm_*']``, data presets, architecture flags)."""
-    from .data import PRESETS
+    from tokenbook.data import PRESETS
 
     stages = {"IN-21k-P pretrain (S, B)": ("vittm_pt_in21k", "vittm_pt", 0.0),
               "IN-1k fine-tune ViTTM-S": ("vittm_s_ft_in1k", "vittm_s_ft", 0.1),
@@ -606,3 +608,101 @@ OFFICIAL_PITFALLS: list[dict[str, str]] = [
 def pitfalls_table() -> pd.DataFrame:
     """:data:`OFFICIAL_PITFALLS` as a table."""
     return pd.DataFrame(OFFICIAL_PITFALLS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Read/write maps, memory diagnostics and the ablation settings
+# ----------------------------------------------------------------------------------------------------------
+def attention_maps(model: V.ViTTM, x: torch.Tensor, layers: Optional[Sequence[int]] = None) -> dict[str, Any]:
+    """Explicit read and write maps for a batch.
+
+    Returns ``{"read": {layer: [B, h, Np, Nm]}, "write": {layer: [B, h, Nm, Np]}, "memory_grid", "process_grid",
+    "rw_head_type"}``: ``read[l][b, h, p, m]`` is how much process token ``p`` reads from memory token ``m``;
+    ``write[l][b, h, m, p]`` how much memory token ``m`` is written from process token ``p``. For ``tl`` the last
+    dimension is ``Nm + Np`` (source tokens first, then the query-stream tokens it also summarizes).
+    Grids give the (rows, cols) of each stream at this input size (process grid None for latent process tokens).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        rec = model.trace(x, maps=True)
+    finally:
+        model.train(was_training)
+    layers = list(range(model.depth)) if layers is None else list(layers)
+    for l in layers:
+        if not -model.depth <= l < model.depth:
+            raise ValueError(f"layer {l} out of range for a model with depth {model.depth}")
+    H, W = x.shape[-2:]
+    pgrid = (H // model.process_ps, W // model.process_ps) if model.process_embedder_type == "patch" else None
+    return {"read": {l % model.depth: rec["read_maps"][l] for l in layers},
+            "write": {l % model.depth: rec["write_maps"][l] for l in layers},
+            "memory_grid": (H // model.memory_ps, W // model.memory_ps), "process_grid": pgrid,
+            "rw_head_type": model.rw_head_type}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+
+
+@torch.no_grad()
+def memory_diagnostics(model: V.ViTTM, x: torch.Tensor):
+    """How the memory stream changes across layers, one row per layer (a pandas DataFrame).
+
+    Columns: ``layer``; ``write_norm`` (mean L2 norm of the write head's output per memory token); ``read_norm`` (same
+    for the read into the process stream); ``write_rel_norm`` (write_norm / norm of the memory it is fused into);
+    ``memory_norm`` (mean token norm after the layer); ``cos_to_initial`` (mean token-wise cosine similarity of the
+    memory after the layer with the initial memory, i.e. embedding + position); ``cos_to_previous`` (with the memory
+    before the layer).
+    """
+    import pandas as pd
+
+    was_training = model.training
+    model.eval()
+    try:
+        rec = model.trace(x, maps=False)
+    finally:
+        model.train(was_training)
+    rows, prev = [], rec["memory0"]
+    for i in range(model.depth):
+        w, mem, before = rec["write"][i], rec["memory"][i], rec["mem_before_write"][i]
+        wn = w.float().norm(dim=-1).mean().item()
+        rows.append(dict(
+            layer=i, write_norm=wn, read_norm=rec["read"][i].float().norm(dim=-1).mean().item(),
+            write_rel_norm=wn / max(before.float().norm(dim=-1).mean().item(), 1e-12),
+            memory_norm=mem.float().norm(dim=-1).mean().item(),
+            cos_to_initial=_cos(mem, rec["memory0"]), cos_to_previous=_cos(mem, prev)))
+        prev = mem
+    return pd.DataFrame(rows)
+
+
+def ablation_configs(study: Optional[str] = None, img_size: int = 28) -> dict[str, Any]:
+    """Model kwargs for the ablations of the issue (apply on top of a small variant, e.g. ``vittm_cpu_m4p4_28``).
+
+    Studies (the official code's ablation space, reference sheet §4.4):
+    ``head_fusion``: every rw head type x fusion type (labels ``"lin+residual"``...);
+    ``latent_scale``: r in {1, 2, 4} with lin;
+    ``patch_sizes``: (memory_ps, process_ps) pairs that divide ``img_size``, memory patch <= process patch (the
+    official settings never have fewer memory than process tokens) and at least a 4x4 process grid (labels
+    ``"m4p4"``...; at 28 px: m2p2, m2p4, m2p7, m4p4, m4p7, m7p7);
+    ``memory_blocks``: none vs mlp.
+    Returns ``{study: {label: kwargs}}`` or, with ``study``, ``{label: kwargs}``.
+    """
+    studies: dict[str, dict[str, dict[str, Any]]] = {
+        "head_fusion": {f"{h}+{f}": dict(rw_head_type=h, fusion_type=f) for h in V.RW_HEAD_TYPES for f in V.FUSION_TYPES},
+        "latent_scale": {f"r={r}": dict(rw_head_type="lin", latent_size_scale=r) for r in (1, 2, 4)},
+        "memory_blocks": {m: dict(memory_blocks=m) for m in V.MEMORY_BLOCK_TYPES},
+    }
+    divisors = [p for p in range(2, img_size) if img_size % p == 0]
+    if len(divisors) < 2:
+        raise ValueError(f"img_size={img_size} has fewer than two patch sizes that divide it; use e.g. 28 or 32")
+    pairs = []
+    for m in divisors:
+        for p in divisors:
+            if p >= m and (img_size // p) >= 4:
+                pairs.append((m, p))
+    studies["patch_sizes"] = {f"m{m}p{p}": dict(memory_ps=m, process_ps=p, img_size=img_size) for m, p in pairs}
+    if study is None:
+        return studies
+    if study not in studies:
+        raise ValueError(f"unknown ablation study {study!r}; choose one of {tuple(studies)}")
+    return studies[study]

@@ -1,5 +1,9 @@
 """Notebook helpers for ``03_toe`` (ToE, Token Expansion): schedule/compute tables, the with/without-ToE training
-comparison, overhead tables, figures. The method itself lives in :mod:`tokenbook.toe`.
+comparison, overhead tables, figures. The method itself lives in :mod:`tokenbook.methods.toe`, the
+registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
+
+- :func:`trace_token_selection` / :class:`SelectionTrace`: which patches one forward selected, added and merged.
+- :func:`measure_token_select_overhead`: interleaved timing of a stage step with and without the selection.
 
 - :func:`schedule_tables` / :func:`efficienttrain_table`: kept tokens and MACs per stage for DeiT-T/S/B (and LV-ViT-S)
   under the official configurations, epoch-weighted savings (sheet sections 1.4 and 3.3).
@@ -7,12 +11,15 @@ comparison, overhead tables, figures. The method itself lives in :mod:`tokenbook
 - :func:`toe_config` / :func:`train_config`: notebook parameters -> ``TokenSelect`` arguments (stage boundaries scaled
   to the run's epochs) and a :class:`~tokenbook.train.TrainConfig`.
 - :func:`train_pair`: the same model trained with and without ToE from the same seed (same init, same data order),
-  ToE stages switched by :class:`~tokenbook.toe.ToEStageHook`, evaluation always full-token.
+  ToE stages switched by :class:`~tokenbook.methods.toe.ToEStageHook`, evaluation always full-token.
 - :func:`run_summary`, :func:`speedup_table`, :func:`stage_step_table`, :func:`overhead_table`: the measured numbers.
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
 """
 from __future__ import annotations
 
+import contextlib
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -20,10 +27,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import toe
-from .results import NA
+from tokenbook.methods import toe
+from tokenbook.methods.toe import _forced_stage, find_token_selects
+from tokenbook.results import NA
 
 __all__ = [
+    "SelectionTrace", "trace_token_selection", "measure_token_select_overhead",
     "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
     "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
     "stage_step_table", "overhead_table", "expected_step_speedup", "plot_token_selection", "plot_keep_schedule",
@@ -60,7 +69,7 @@ def toe_config(params: dict, epochs: Optional[int] = None) -> dict[str, Any]:
     """``TokenSelect`` keyword arguments from notebook parameters.
 
     ``expansion_step`` is given in epochs of an ``official_epochs`` run (``"0,100,200"`` of 300) and scaled to
-    ``epochs`` (default ``params["epochs"]``) with :func:`tokenbook.toe.scale_expansion_step`; equal epochs keep it.
+    ``epochs`` (default ``params["epochs"]``) with :func:`tokenbook.methods.toe.scale_expansion_step`; equal epochs keep it.
     """
     epochs = int(params["epochs"] if epochs is None else epochs)
     steps = parse_list(params["expansion_step"], int)
@@ -78,7 +87,7 @@ def toe_config(params: dict, epochs: Optional[int] = None) -> dict[str, Any]:
 def train_config(params: dict, **overrides: Any):
     """A :class:`~tokenbook.train.TrainConfig` from notebook parameters (0 means off for ``clip_grad`` and
     ``max_steps_per_epoch``)."""
-    from .train import TrainConfig
+    from tokenbook.train import TrainConfig
 
     kw = dict(params)
     for k in ("clip_grad", "max_steps_per_epoch"):
@@ -161,7 +170,7 @@ def reference_comparison(ours: pd.DataFrame, metrics: Sequence[str]) -> pd.DataF
     """``paper_vs_ours`` against the ToE references plus a ``reference_kind`` column: ``computed`` values are the
     reference sheet's arithmetic from the official code (the paper's tables are not available), ``paper`` values are
     quoted from the paper."""
-    from .results import paper_vs_ours
+    from tokenbook.results import paper_vs_ours
 
     out = paper_vs_ours(ours, "toe", metrics=[m for m in metrics if m in ours.columns])
     out["reference_kind"] = [s[s.rfind("[") + 1:-1] if isinstance(s, str) and s.endswith("]") else NA
@@ -172,7 +181,7 @@ def reference_comparison(ours: pd.DataFrame, metrics: Sequence[str]) -> pd.DataF
 def headline_comparison(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """Our speed-ups next to the paper's "about 1.3x" (``paper_vs_ours`` on model ``ToE``, metric
     ``train_speedup``). ``rows``: ``{"what": description, "train_speedup": value}``."""
-    from .results import paper_vs_ours
+    from tokenbook.results import paper_vs_ours
 
     ours = pd.DataFrame([{"model": "ToE", **r} for r in rows])
     return paper_vs_ours(ours, "toe", metrics=["train_speedup"], label_col="what")
@@ -192,7 +201,7 @@ class ToERun:
 
 def _fit(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any, **kw: Any):
     """:func:`tokenbook.train.fit_launched`: ``fit``, with worker launch for ``ddp_notebook``/``ddp_spawn``."""
-    from .train import fit_launched
+    from tokenbook.train import fit_launched
 
     return fit_launched(model, train_loader, val_loader, cfg, **kw)
 
@@ -202,8 +211,8 @@ def build_model(model_name: str, seed: int, toe_kwargs: Optional[dict] = None, b
     """``timm.create_model`` right after seeding (identical initial weights for both runs), ToE attached if given."""
     import timm
 
-    from . import models as _models  # noqa: F401  (registers the workbook's models)
-    from .repro import seed_everything
+    from tokenbook import models as _models  # noqa: F401  (registers the workbook's models)
+    from tokenbook.repro import seed_everything
 
     seed_everything(seed)
     model = timm.create_model(model_name, **model_kwargs)
@@ -218,7 +227,7 @@ def train_pair(model_name: str, train_loader: Any, val_loader: Any, cfg: Any, to
     """Train ``model_name`` without (``"full-token"``) and with ToE (``"ToE"``), one after the other in this process.
 
     Both runs start from the same seeded initialization (``cfg.seed``) and see the same batches (the engine seeds the
-    data order per epoch); ToE's stage follows the epoch through :class:`~tokenbook.toe.ToEStageHook`, and evaluation
+    data order per epoch); ToE's stage follows the epoch through :class:`~tokenbook.methods.toe.ToEStageHook`, and evaluation
     is full-token (ToE is off in ``eval()`` and in the EMA copy). Returns ``{label: ToERun}``.
     """
     model_kwargs = dict(model_kwargs or {})
@@ -304,13 +313,13 @@ def stage_step_table(runs: dict[str, ToERun], macs_rows: Sequence[dict[str, Any]
 
 def overhead_table(model: nn.Module, stages: Optional[Sequence[int]] = None, batch_size: int = 128, steps: int = 5,
                    warmup: int = 2, device: str = "cpu", input_size: Optional[Sequence[int]] = None) -> pd.DataFrame:
-    """:func:`tokenbook.toe.measure_token_select_overhead` for every active stage (interleaved timing of full-token,
+    """:func:`measure_token_select_overhead` for every active stage (interleaved timing of full-token,
     ToE and a truncation to the same token count, in one run): step times, selection share, speed-up per stage."""
     ts = toe.find_token_selects(model)[0]
     stages = [s for s in (stages or range(1, ts.num_stages + 1)) if ts.stage_active(s)]
     rows = []
     for s in stages:
-        r = toe.measure_token_select_overhead(model, input_size=input_size, batch_size=batch_size, steps=steps,
+        r = measure_token_select_overhead(model, input_size=input_size, batch_size=batch_size, steps=steps,
                                               warmup=warmup, device=device, stage=s)
         rows.append({"stage": s, "keep_rate": ts.keep_rate[s - 1], **{k: v for k, v in r.items() if k != "stage"}})
     return pd.DataFrame(rows)
@@ -381,7 +390,7 @@ def plot_token_selection(model: nn.Module, images: torch.Tensor, display: Sequen
     import numpy as np
     from matplotlib import colormaps
 
-    traces = {s: toe.trace_token_selection(model, images, stage=s) for s in stages}
+    traces = {s: trace_token_selection(model, images, stage=s) for s in stages}
     B = images.shape[0]
     fig, axes = plt.subplots(B, 1 + 2 * len(stages), figsize=(size * (1 + 2 * len(stages)), size * B), squeeze=False)
     n_sub = max(len(tr.steps) for tr in traces.values()) or 1
@@ -470,3 +479,182 @@ def plot_keep_schedule(run_cfg: dict, run_epochs: int, num_patches: int, officia
     axes[0, 0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Visualization trace
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class SelectionTrace:
+    """Which patches were seeds, which were added at each sub-step, where each merged patch went (one batch).
+
+    Positions are patch indices in raster order (prefix tokens excluded); ``grid_size`` (rows, cols) reshapes maps.
+    ``steps[j]`` (B, a_j) are the patches added in sub-step ``j + 1`` (stage ``step_stage[j]``); ``kept`` (B, n)
+    in output order; ``merged`` (B, R) the patches merged away and ``merged_into`` (B, R) the patch position of the
+    kept token each one was averaged into.
+    """
+    stage: int
+    num_patches: int
+    grid_size: Optional[tuple[int, int]]
+    seeds: torch.Tensor
+    steps: list[torch.Tensor]
+    step_stage: list[int]
+    kept: torch.Tensor
+    merged: torch.Tensor
+    merged_into: torch.Tensor
+    active: bool = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.kept.shape[0]
+
+    def step_map(self) -> torch.Tensor:
+        """(B, N): 0 = seed, j >= 1 = added in sub-step j, -1 = merged away (all 0 when ToE was inactive)."""
+        out = torch.full((self.batch_size, self.num_patches), -1, dtype=torch.long)
+        out[:, self.seeds] = 0
+        for j, s in enumerate(self.steps, start=1):
+            out.scatter_(1, s, j)
+        return out
+
+    def owner_map(self) -> torch.Tensor:
+        """(B, N): the patch position of the kept token that represents each patch (itself when kept)."""
+        out = torch.arange(self.num_patches).repeat(self.batch_size, 1)
+        if self.merged.shape[1]:
+            out.scatter_(1, self.merged, self.merged_into)
+        return out
+
+    def as_grid(self, m: torch.Tensor) -> torch.Tensor:
+        """Reshape a (B, N) map to (B, rows, cols)."""
+        if self.grid_size is None:
+            raise ValueError("grid size unknown; reshape the (B, N) map yourself")
+        return m.view(m.shape[0], *self.grid_size)
+
+
+@torch.no_grad()
+def trace_token_selection(model: nn.Module, images: torch.Tensor, stage: Optional[int] = None) -> SelectionTrace:
+    """Run ``model`` on ``images`` (eval mode, no grad) with ToE forced to ``stage`` (default: the current stage, or
+    1 when that is 0) and record the selection of the batch. The model's state is restored afterwards."""
+    found = find_token_selects(model)
+    if not found:
+        raise ValueError("no TokenSelect in the model; call tokenbook.methods.toe.attach_token_select(model) first")
+    ts = found[0]
+    stage = stage if stage is not None else (ts.expansion_stage or 1)
+    if not 0 <= stage <= ts.num_stages:
+        raise ValueError(f"stage must be in [0, {ts.num_stages}], got {stage}")
+    was_training = model.training
+    ts._trace = []
+    model.eval()
+    try:
+        with _forced_stage(ts, stage):
+            model(images)
+    finally:
+        rec, ts._trace = ts._trace, None
+        model.train(was_training)
+    grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") else None
+    if not rec:  # inactive stage: every patch kept, nothing selected
+        n = grid[0] * grid[1] if grid else 0
+        B = images.shape[0]
+        kept = torch.arange(n).repeat(B, 1)
+        return SelectionTrace(stage, n, grid, torch.arange(n), [], [], kept, kept[:, :0], kept[:, :0], active=False)
+    r = rec[0]
+    plan = ts.plan(r["num_patches"], stage)
+    step_stage = [t + 1 for t, s in enumerate(plan.substeps) for a in s if a > 0]
+    n_patches = r["num_patches"]
+    if grid is not None and grid[0] * grid[1] != n_patches:
+        grid = None
+    kept, rest, target = r["kept"].cpu(), r["rest"].cpu(), r["target"].cpu()
+    merged_into = kept.gather(1, target) if rest.shape[1] else rest
+    return SelectionTrace(stage=stage, num_patches=n_patches, grid_size=grid, seeds=r["chunks"][0].cpu(),
+                          steps=[c.cpu() for c in r["chunks"][1:]], step_stage=step_stage, kept=kept, merged=rest,
+                          merged_into=merged_into, active=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Overhead measurement
+# ----------------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_token_select_overhead(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 32,
+                                  steps: int = 5, warmup: int = 2, device: str | torch.device = "cpu",
+                                  stage: Optional[int] = None) -> dict[str, Any]:
+    """Share of a training step (forward + backward + SGD step with lr 0) spent in the ToE selection.
+
+    Three variants are timed interleaved in the same run (median over ``steps``): ``full`` (ToE off),
+    ``toe`` (real selection at ``stage``, default the current stage or 1) and ``truncated`` (the same kept token
+    count without any selection work). ``overhead_ms = toe - truncated`` (selection forward and backward, merge
+    included) and ``overhead_share = overhead_ms / toe``; ``select_forward_ms`` times the selection alone on a
+    captured block output. ``speedup_vs_full = full / toe``. The model's weights and modes are left unchanged.
+    """
+    device = torch.device(device)
+    found = find_token_selects(model)
+    if not found:
+        raise ValueError("no TokenSelect in the model; call tokenbook.methods.toe.attach_token_select(model) first")
+    ts = found[0]
+    stage = stage if stage is not None else (ts.expansion_stage or 1)
+    if not ts.stage_active(stage):
+        raise ValueError(f"stage {stage} is not an active ToE stage; nothing to measure")
+    if input_size is None:
+        input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    was_training = model.training
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)
+    x = torch.randn(batch_size, *input_size, device=device)
+    captured: dict[str, torch.Tensor] = {}
+
+    def step(mode: str) -> float:
+        ctx = contextlib.nullcontext() if mode == "full" else _forced_stage(ts, stage, truncate=mode == "truncated")
+        if mode == "full":
+            saved = ts.sparse_inference
+            ts.sparse_inference = False
+        try:
+            _sync(device)
+            t0 = time.perf_counter()
+            with ctx:
+                out = model(x)
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            loss = sum(o.float().mean() for o in outs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(device)
+            return time.perf_counter() - t0
+        finally:
+            if mode == "full":
+                ts.sparse_inference = saved
+
+    def grab(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        captured["x"] = output.detach()
+
+    blk = model.blocks[getattr(ts, "block_index", 0)]
+    handle = blk.register_forward_hook(grab)
+    times: dict[str, list[float]] = {"full": [], "toe": [], "truncated": []}
+    try:
+        for i in range(warmup + steps):
+            for mode in times:
+                t = step(mode)
+                if i >= warmup:
+                    times[mode].append(t)
+    finally:
+        handle.remove()
+        opt.zero_grad(set_to_none=True)
+        model.train(was_training)
+    sel = []
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            ts.select(captured["x"], stage)
+            _sync(device)
+            if i >= warmup:
+                sel.append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    over = med["toe"] - med["truncated"]
+    return {"device": str(device), "batch_size": batch_size, "stage": stage, "step_ms_full": med["full"],
+            "step_ms_toe": med["toe"], "step_ms_truncated": med["truncated"],
+            "select_forward_ms": statistics.median(sel) * 1e3, "overhead_ms": over,
+            "overhead_share": over / med["toe"], "speedup_vs_full": med["full"] / med["toe"],
+            "threads": torch.get_num_threads()}

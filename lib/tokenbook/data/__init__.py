@@ -534,7 +534,7 @@ def load_data(cfg: Optional[DataConfig] = None, **kwargs) -> DataBundle:
 def make_loaders(bundle: DataBundle, batch_size: int, num_workers: int = 0, seed: int = 0,
                  eval_batch_size: Optional[int] = None, drop_last: bool = True):
     """Seeded train loader (shuffled, ``drop_last``) and an ordered validation loader."""
-    from .repro import loader_generator, worker_init_fn
+    from tokenbook.repro import loader_generator, worker_init_fn
 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

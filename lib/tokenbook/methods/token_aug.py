@@ -27,17 +27,20 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+if TYPE_CHECKING:  # annotations only: methods never import the models at run time
+    from tokenbook.models.seit import TokenAdapt
+
 __all__ = [
     "build_synonyms", "save_synonyms", "load_synonyms", "synonym_table", "ReplaceSynonym", "SwapCode", "TokenEDA",
     "embed_ids", "rrc_params", "random_resized_crop", "center_crop", "random_crop", "EmbeddingNoise", "color_adapt",
     "ColorAdapt", "ColorChoice", "AffineOp", "SpatialParams", "sample_spatial_params", "apply_spatial",
-    "FSpaceAugment", "TokenBatchAugment",
+    "FSpaceAugment", "TokenBatchAugment", "train_tokenadapt",
 ]
 
 
@@ -472,7 +475,7 @@ class FSpaceAugment(nn.Module):
 class TokenBatchAugment:
     """Batch-level token augmentation as a ``tokenbook.train.fit`` hook: ``on_batch((ids, labels)) -> (x, targets)``.
 
-    Input: ids (B, G, G) integer (from :class:`tokenbook.tokens.TokenDataset`, Token-EDA already applied) and class
+    Input: ids (B, G, G) integer (from :class:`tokenbook.data.tokens.TokenDataset`, Token-EDA already applied) and class
     labels (B,). Output: embedding maps (B, D, crop, crop) and soft targets (B, num_classes) (timm Mixup with label
     smoothing; the engine's loss must accept soft targets, e.g. ``SoftTargetCrossEntropy``). Eval batches are not
     touched: when the model handed to ``on_fit_start`` is in eval mode the batch is returned unchanged (token ViTs
@@ -618,3 +621,102 @@ class TokenBatchAugment:
         ids, labels = batch[0], batch[1]
         x, t = self(ids, labels)
         return (x, t, *batch[2:]) if isinstance(batch, (tuple, list)) else (x, t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TokenAdapt training (the objective of sheet 2.3; the official training code is not released)
+# ----------------------------------------------------------------------------------------------------------
+def train_tokenadapt(
+    tokenadapt: TokenAdapt,
+    tokenizer: nn.Module,
+    data: Iterable,
+    steps: int = 500,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    codebook: Optional[torch.Tensor] = None,
+    per_sample: bool = True,
+    mix_prob: float = 0.0,
+    device: Union[str, torch.device] = "cpu",
+    log_every: int = 50,
+    generator: Optional[torch.Generator] = None,
+    callback: Optional[Callable[[dict], None]] = None,
+) -> list[dict]:
+    """Train f and g jointly: cross-entropy of g's code logits against the tokens of the pixel-augmented image.
+
+    Per step, for images x (B, C, H, W) in [0, 1]: T = tokenizer(x) on the G x G grid; one set of spatial params A
+    (:func:`tokenbook.methods.token_aug.sample_spatial_params`, flip / affine / RRC, per sample or batch-level) is applied to
+    the pixels (output ``out_grid * (H / G)`` px, re-tokenized to the m x m targets T_A) and to ``f(E[T])`` (output
+    2m); loss = CE(g(A(f(E[T]))), T_A). With ``mix_prob`` > 0, a batch is additionally Mixup'd (p 0.5) or CutMix'd
+    with the reversed batch in both spaces with the same lambda / box, the target being the tokens of the mixed
+    image (our choice: what g sees at classifier time). ``codebook`` defaults to the tokenizer's raw rows.
+    ``tokenizer`` needs ``encode(images) -> ids``, ``export_codebook()`` and ``downsample`` (see
+    :class:`tokenbook.data.tokens.VQTokenizer`). Rows: step, loss, token_acc (argmax == target).
+    """
+
+    device = torch.device(device)
+    tokenadapt.to(device).train().set_trainable(True)
+    tokenizer.to(device).eval()
+    cb = (codebook if codebook is not None else tokenizer.export_codebook()).to(device).float()
+    if cb.shape != (tokenadapt.codebook_size, tokenadapt.code_dim):
+        raise ValueError(f"codebook {tuple(cb.shape)} does not match TokenAdapt ({tokenadapt.codebook_size}, "
+                         f"{tokenadapt.code_dim})")
+    params = [p for p in tokenadapt.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    m, g = tokenadapt.out_grid, tokenadapt.in_grid
+    hist: list[dict] = []
+    it = iter(data)
+    for step in range(1, steps + 1):
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(data)
+            batch = next(it)
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()).to(device)
+        ds = x.shape[-1] // g
+        if x.shape[-1] != g * ds or ds * g != x.shape[-2]:
+            raise ValueError(f"images {tuple(x.shape[-2:])} do not tokenize to TokenAdapt's {g}x{g} input grid")
+        with torch.no_grad():
+            ids = tokenizer.encode(x)
+            if tuple(ids.shape[-2:]) != (g, g):
+                raise ValueError(f"tokenizer gives a {tuple(ids.shape[-2:])} grid, TokenAdapt expects {g}x{g}")
+            sp = sample_spatial_params(x.shape[0], 2 * g, 2 * g, per_sample=per_sample, generator=generator)
+            xa = apply_spatial(x, sp, m * ds)
+            fmix = None
+            if mix_prob > 0 and float(torch.rand((), generator=generator)) < mix_prob:
+                lam = float(torch.distributions.Beta(1.0, 1.0).sample())
+                if float(torch.rand((), generator=generator)) < 0.5:
+                    fmix = ("mixup", lam)
+                    xa = lam * xa + (1 - lam) * xa.flip(0)
+                else:
+                    ch = math.sqrt(1 - lam)
+                    cy, cx = float(torch.rand((), generator=generator)), float(torch.rand((), generator=generator))
+                    box = (max(cy - ch / 2, 0.0), min(cy + ch / 2, 1.0), max(cx - ch / 2, 0.0), min(cx + ch / 2, 1.0))
+                    fmix = ("cutmix", box)
+                    xa = _paste(xa, box)
+            target = tokenizer.encode(xa.clamp(0, 1))
+        f = tokenadapt.forward_conversion(embed_ids(ids, cb))
+        fa = apply_spatial(f, sp, 2 * m)
+        if fmix is not None:
+            fa = fmix[1] * fa + (1 - fmix[1]) * fa.flip(0) if fmix[0] == "mixup" else _paste(fa, fmix[1])
+        logits = tokenadapt.forward_logits(fa)
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == 1 or step == steps:
+            row = {"step": step, "loss": loss.item(), "token_acc": float((logits.argmax(1) == target).float().mean())}
+            hist.append(row)
+            if callback:
+                callback(row)
+    tokenadapt.eval()
+    return hist
+
+
+def _paste(x: torch.Tensor, box: tuple[float, float, float, float]) -> torch.Tensor:
+    """CutMix with the reversed batch inside a fractional box (y0, y1, x0, x1)."""
+    h, w = x.shape[-2:]
+    y0, y1, x0, x1 = int(round(box[0] * h)), int(round(box[1] * h)), int(round(box[2] * w)), int(round(box[3] * w))
+    out = x.clone()
+    out[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+    return out

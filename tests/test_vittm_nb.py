@@ -1,5 +1,5 @@
 """Notebook 01_vittm: the smoke run's tables (paper vs official code vs ours, n/a where unknown, sensible numbers),
-the experiment helpers of ``tokenbook.vittm``, and the ``full`` profile's recipes on a tiny ImageNet-style folder."""
+the experiment helpers of ``tokenbook.experiments.vittm``, and the ``full`` profile's recipes on a tiny ImageNet-style folder."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from tokenbook import data
-from tokenbook import vittm as X
+from tokenbook.experiments import vittm as X
 from tokenbook.models import vittm as V
 from tokenbook.runner import resolve_parameters
 

@@ -1,4 +1,4 @@
-"""SeiT token file format, VQ tokenizer and storage accounting (tokenbook.tokens)."""
+"""SeiT token file format, VQ tokenizer and storage accounting (tokenbook.data.tokens)."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from tokenbook.tokens import (
+from tokenbook.data.tokens import (
     MAX_TOKEN_ID, TokenDataset, TokenFormatError, VQTokenizer, decode_stream, decode_tokens, encode_ids,
     load_codebook, load_tokenizer, read_release_split, read_token_file, reconstruction_error, save_codebook,
     save_tokenizer, storage_report, token_file_paths, tokenize_dataset, tokenize_images, train_tokenizer,

@@ -1,4 +1,4 @@
-"""T2T-ViT notebook (02_t2t_vit): the smoke run's tables, the library functions it uses (tokenbook.t2t) and the
+"""T2T-ViT notebook (02_t2t_vit): the smoke run's tables, the library functions it uses (tokenbook.experiments.t2t_vit) and the
 recipes: the ``full`` profile equals the paper's ImageNet recipe and runs a step on a fake ImageNet-style folder;
 the Table 5 transfer recipe and its hooks reproduce the official two-group SGD."""
 import copy
@@ -14,7 +14,8 @@ import torch
 matplotlib.use("Agg")
 
 import tokenbook.models  # noqa: F401  (registers the models)
-from tokenbook import data, t2t
+from tokenbook import data
+from tokenbook.experiments import t2t_vit as t2t
 from tokenbook.models import t2t_vit as tv
 from tokenbook.runner import resolve_parameters
 from tokenbook.train import TrainConfig, fit
@@ -153,7 +154,7 @@ def test_ablation_table_directions():
 
 
 def test_fmnist_ablations_backbone_override():
-    v = tv.fmnist_ablations(28, 1, 10, embed_dim=64, depth=8, num_heads=2)
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=64, depth=8, num_heads=2)
     assert v["t2t_performer"][1]["embed_dim"] == 64 and v["no_t2t"][1]["depth"] == 8
     assert (v["shallow_wide"][1]["embed_dim"], v["shallow_wide"][1]["depth"], v["shallow_wide"][1]["num_heads"]) \
         == (128, 2, 4)
@@ -161,26 +162,26 @@ def test_fmnist_ablations_backbone_override():
     sw = timm.create_model(v["shallow_wide"][0], **v["shallow_wide"][1])
     mats = [sum(p.numel() for p in m.blocks.parameters() if p.ndim == 2) for m in (dn, sw)]
     assert mats[0] == mats[1] == 8 * 8 * 64 ** 2
-    assert tv.fmnist_ablations()["t2t_performer"][1] == dict(img_size=28, in_chans=1, num_classes=10)
+    assert t2t.fmnist_ablations()["t2t_performer"][1] == dict(img_size=28, in_chans=1, num_classes=10)
     with pytest.raises(ValueError, match="multiple of 4"):
-        tv.fmnist_ablations(embed_dim=64, depth=6, num_heads=2)
+        t2t.fmnist_ablations(embed_dim=64, depth=6, num_heads=2)
     with pytest.raises(ValueError, match="not divisible"):
-        tv.fmnist_ablations(embed_dim=60, depth=8, num_heads=8)
-    im = tv.imagenet_ablations()
+        t2t.fmnist_ablations(embed_dim=60, depth=8, num_heads=8)
+    im = t2t.imagenet_ablations()
     assert [im[k][0] for k in ("t2t_performer", "t2t_transformer", "t2t_convolution", "no_t2t", "shallow_wide")] \
         == ["t2t_vit_14", "t2t_vit_t_14", "t2t_vit_c_14", "t2t_vit_14_wo_t2t", "t2t_vit_14_wide"]
 
 
 def test_figure_helpers():
     torch.manual_seed(0)
-    v = tv.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
     model = timm.create_model(v["t2t_performer"][0], **v["t2t_performer"][1]).eval()
     x = torch.randn(2, 1, 28, 28)
     maps, cols = t2t.attention_panels(model, x)
     assert len(maps) == 2 and len(cols) == 5
     assert [tuple(m.shape) for m in maps[0]] == [(14, 14), (7, 7), (7, 7), (7, 7), (7, 7)]
     assert 0.5 < float(maps[0][2].sum()) < 1.0  # class-token attention over the patches (its self-attention left out)
-    feats = tv.t2t_token_features(model, x[:1])
+    feats = t2t.t2t_token_features(model, x[:1])
     fig = t2t.plot_feature_rows(np.zeros((28, 28)), {k: f[0] for k, f in feats.items()}, n_channels=3)
     assert len(fig.axes) == len(feats) * 4
     fig = t2t.plot_receptive_fields(np.zeros((224, 224)), tv.OFFICIAL_SOFT_SPLIT)
@@ -194,7 +195,7 @@ def test_figure_helpers():
 def test_train_variants_reuses_identical_runs_and_same_init(idx_dir):
     bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=64,
                                             val_subset=32))
-    v = tv.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
     cfg = TrainConfig(epochs=1, max_steps_per_epoch=1, progress=False, accelerator="cpu")
     out = t2t.train_variants(v, bundle, cfg, ["t2t_performer", "deep_narrow", "no_t2t"], batch_size=16,
                              log=lambda *a: None)
@@ -228,7 +229,7 @@ def test_imagenet_recipe_by_model_size():
 
 def test_full_profile_is_the_imagenet_recipe():
     p = _params("full")
-    model = tv.imagenet_ablations()[p["train_variants"].split(",")[0]][0] if p["scale"] == "imagenet" else None
+    model = t2t.imagenet_ablations()[p["train_variants"].split(",")[0]][0] if p["scale"] == "imagenet" else None
     assert model == "t2t_vit_14"
     ref = t2t.imagenet_recipe(model)
     for k in ("epochs", "cooldown_epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
@@ -252,7 +253,7 @@ def test_full_profile_runs_one_step_on_a_fake_imagenet_folder(tmp_path):
     cfg = TrainConfig.from_params(p, epochs=1, cooldown_epochs=0, max_steps_per_epoch=1, precision="32-true",
                                   accelerator="cpu", progress=False)
     assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.ema_decay) == (0.8, 1.0, 0.1, 0.99996)
-    variants = tv.imagenet_ablations(img_size=64, in_chans=3, num_classes=bundle.num_classes)
+    variants = t2t.imagenet_ablations(img_size=64, in_chans=3, num_classes=bundle.num_classes)
     out = t2t.train_variants(variants, bundle, cfg, ["t2t_performer"], batch_size=4,
                              model_kwargs={"drop_path_rate": p["drop_path_rate"], "depth": 2},
                              log=lambda *a: None)

@@ -1,9 +1,9 @@
-"""SeiT / TokenAdapt experiments behind ``notebooks/04_seit_tokenadapt.ipynb``: token data, ablation runs, tables,
+"""SeiT / TokenAdapt experiments behind ``notebooks/04_seit.ipynb``: token data, ablation runs, tables,
 figures and the ImageNet token-release recipe.
 
 The notebook is a thin driver; everything it runs lives here (reference sheet ``../shared/papers/seit_tokenadapt.md``):
 
-- :func:`build_default_tokens` trains the small VQ tokenizer (:class:`tokenbook.tokens.VQTokenizer`) on the default
+- :func:`build_default_tokens` trains the small VQ tokenizer (:class:`tokenbook.data.tokens.VQTokenizer`) on the default
   data, tokenizes train/val, **writes them in SeiT's on-disk format** and reads them back, so the classifiers train
   on what the reader decodes; it also writes ``codebook.ckpt`` and the synonym JSON as the release names them.
   :func:`load_release_tokens` reads the real ImageNet-1k token release through the same readers.
@@ -20,7 +20,6 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
 from __future__ import annotations
 
 import io
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import tokens as T
-from .token_aug import (
+from tokenbook.data import tokens as T
+from tokenbook.methods.token_aug import (
     TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
     sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
 )
@@ -259,7 +258,7 @@ def storage_vs_paper(storage: Any, jpeg_quality: int = 95):
     """
     import pandas as pd
 
-    from .results import paper_vs_ours
+    from tokenbook.results import paper_vs_ours
 
     s = storage.set_index("format")["bytes_per_image"]
     tok = float(s["tokens (gzip stream + gzip index)"])
@@ -280,7 +279,7 @@ def storage_vs_paper(storage: Any, jpeg_quality: int = 95):
 def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = True, synonym_prob: float = 0.25,
                   swap_prob: float = 0.25, num_workers: int = 0, eval_batch_size: Optional[int] = None):
     """Train loader (Token-EDA per sample, shuffled, drop_last) and ordered val loader over the token sets."""
-    from .repro import loader_generator, worker_init_fn
+    from tokenbook.repro import loader_generator, worker_init_fn
 
     k = int(data.codebook.shape[0])
     eda_t = TokenEDA(data.synonyms, synonym_prob=synonym_prob, swap_prob=swap_prob, num_codes=k) if eda else None
@@ -326,7 +325,7 @@ def train_config(params: dict, variant: str, **overrides: Any):
     targets); TokenAdapt variants take ``ta_warmup_epochs`` (30 in the official TokenAdapt code). The pixel variant
     uses CutMix 1.0 and ``label_smoothing`` like the token variants' hook. ``max_steps_per_epoch`` 0 means None.
     """
-    from .train import TrainConfig
+    from tokenbook.train import TrainConfig
 
     kw = {k: params[k] for k in _CFG_KEYS if k in params}
     if not kw.get("max_steps_per_epoch"):
@@ -348,13 +347,13 @@ def train_config(params: dict, variant: str, **overrides: Any):
 
 def fit_launched(model: nn.Module, train_loader: Any, val_loader: Any, cfg: Any, **kw: Any):
     """:func:`tokenbook.train.fit_launched` (kept here under its old name for the notebook)."""
-    from .train import fit_launched as _fit_launched
+    from tokenbook.train import fit_launched as _fit_launched
 
     return _fit_launched(model, train_loader, val_loader, cfg, **kw)
 
 
 def _model_row(variant: str, model: nn.Module, res: Any, input_size: tuple, storage_bpi: float) -> dict:
-    from .bench import count_macs, count_params
+    from tokenbook.bench import count_macs, count_params
 
     macs = count_macs(model, input_size=input_size)
     f = res.final
@@ -378,8 +377,8 @@ def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bu
     """
     import timm
 
-    from . import data as D
-    from .repro import seed_everything
+    from tokenbook import data as D
+    from tokenbook.repro import seed_everything
 
     seed = int(params.get("seed", 0))
     cfg = train_config(params, variant, **cfg_overrides)
@@ -445,7 +444,7 @@ def ablation_vs_paper(summary: Any):
     Top-1 values on different datasets are never subtracted: each metric row is either ours (paper n/a) or the
     paper's (ours n/a); only ``gain_vs_seit_pts`` has both, and its ``diff`` is ours minus the paper's gain.
     """
-    from .results import paper_vs_ours
+    from tokenbook.results import paper_vs_ours
 
     ours = summary[["model", "top1", "gain_vs_seit_pts"]].copy()
     ours["top1_in100"] = None
@@ -461,7 +460,7 @@ def accuracy_vs_storage(summary: Any):
     their source kind. Paper values not in the references are ``None`` (shown n/a)."""
     import pandas as pd
 
-    from . import references
+    from tokenbook import references
 
     refs = {(r.model, r.metric): r for r in references.load("seit")}
 
@@ -539,7 +538,7 @@ def plot_augmentations(tokenizer: T.VQTokenizer, tokenadapt: nn.Module, codebook
     """
     import matplotlib.pyplot as plt
 
-    from .token_aug import EmbeddingNoise
+    from tokenbook.methods.token_aug import EmbeddingNoise
 
     gen = torch.Generator().manual_seed(seed)
     x = _u8(images)
@@ -609,7 +608,7 @@ def plot_storage(storage: Any, summary: Any = None):
     top-1 against bytes per image."""
     import matplotlib.pyplot as plt
 
-    from . import references
+    from tokenbook import references
 
     refs = [r for r in references.load("seit") if r.metric == "storage_gb"]
     ncol = 3 if summary is not None else 2
@@ -648,7 +647,7 @@ def build_tokenadapt(data: TokenData, crop: int, dim: int = 384, heads: int = 6,
                      depth: int = 1) -> nn.Module:
     """A :class:`tokenbook.models.seit.TokenAdapt` for this token data: in grid = the token grid, out grid = the
     classifier crop (official: 32 -> 28), codebook size and code dim from the codebook."""
-    from .models.seit import TokenAdapt
+    from tokenbook.models.seit import TokenAdapt
 
     if data.grid[0] != data.grid[1]:
         raise ValueError(f"TokenAdapt needs a square token grid, got {data.grid}")
@@ -659,11 +658,11 @@ def build_tokenadapt(data: TokenData, crop: int, dim: int = 384, heads: int = 6,
 def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int = 150, batch_size: int = 64,
                              lr: float = 1e-3, dim: int = 384, heads: int = 6, dim_head: int = 64, seed: int = 0,
                              per_sample: bool = True, mix_prob: float = 0.0):
-    """Train f/g on the default data's pixels with :func:`tokenbook.models.seit.train_tokenadapt` (CE of g's code
+    """Train f/g on the default data's pixels with :func:`tokenbook.methods.token_aug.train_tokenadapt` (CE of g's code
     logits against the tokens of the pixel-augmented image); returns ``(TokenAdapt, history DataFrame)``."""
     import pandas as pd
 
-    from .models.seit import train_tokenadapt
+    from tokenbook.methods.token_aug import train_tokenadapt
 
     if data.tokenizer is None:
         raise ValueError("training TokenAdapt needs the tokenizer (and pixels); for the release load tokenadapt.ckpt")
@@ -706,9 +705,9 @@ def paper_models_table(names: Sequence[str], num_classes: int = 1000):
     import pandas as pd
     import timm
 
-    from .bench import count_macs, count_params
-    from .models.seit import TOKEN_MODELS
-    from .results import paper_vs_ours
+    from tokenbook.bench import count_macs, count_params
+    from tokenbook.models.seit import TOKEN_MODELS
+    from tokenbook.results import paper_vs_ours
 
     rows = []
     for n in names:

@@ -1,4 +1,4 @@
-"""Notebook 05_learnable_memory: its smoke tables (content, paper values with sources, n/a where unknown, exactness),
+"""Notebook 05_memory: its smoke tables (content, paper values with sources, n/a where unknown, exactness),
 its experiment functions in tokenbook.memory, and the `full` profile's recipe on a tiny fake ImageNet-style folder."""
 import math
 
@@ -9,13 +9,14 @@ import timm
 import torch
 
 import tokenbook.models  # noqa: F401  (registers the small ViTs)
-from tokenbook import data, memory
+from tokenbook import data
+from tokenbook.experiments import memory
 from tokenbook.results import notebook_parameters
 from tokenbook.runner import resolve_parameters
 
 from conftest import ROOT
 
-NB = "05_learnable_memory"
+NB = "05_memory"
 
 
 def profile_params(profile: str) -> dict:

@@ -48,23 +48,19 @@ import bisect
 import contextlib
 import copy
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
 __all__ = [
     "DISTANCES", "SEED_STRIDES", "OFFICIAL_CONFIGS", "EFFICIENTTRAIN_SEGMENTS",
     "TokenSelect", "StagePlan", "seed_positions", "stage_for_epoch", "token_plan", "toe_schedule",
     "attach_token_select", "detach_token_select", "find_token_selects", "ToEStageHook", "scale_expansion_step",
     "ViTDims", "vit_block_macs", "toe_stage_macs", "epoch_weighted_saving", "segment_weighted_macs",
-    "SelectionTrace", "trace_token_selection", "restore_positions", "measure_token_select_overhead",
-    "official_state_dict",
+    "restore_positions",
 ]
 
 #: distance names -> (metric, sign). "as shipped" variants keep the official max/ascending/argmax on the raw distance.
@@ -552,7 +548,7 @@ class ToEStageHook:
         if model is not None:
             found = find_token_selects(model)
             if not found:
-                raise ValueError("no TokenSelect in the model; call tokenbook.toe.attach_token_select(model) first")
+                raise ValueError("no TokenSelect in the model; call tokenbook.methods.toe.attach_token_select(model) first")
             self._modules = found
         return self._modules
 
@@ -769,269 +765,3 @@ def segment_weighted_macs(dims: ViTDims, segments: Iterable[tuple[int, int, int]
         acc += epochs * (blocks if key == "block_macs" else whole)
         total += epochs
     return {"average": acc / total, "epochs": total}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Visualization trace
-# ----------------------------------------------------------------------------------------------------------
-@dataclass
-class SelectionTrace:
-    """Which patches were seeds, which were added at each sub-step, where each merged patch went (one batch).
-
-    Positions are patch indices in raster order (prefix tokens excluded); ``grid_size`` (rows, cols) reshapes maps.
-    ``steps[j]`` (B, a_j) are the patches added in sub-step ``j + 1`` (stage ``step_stage[j]``); ``kept`` (B, n)
-    in output order; ``merged`` (B, R) the patches merged away and ``merged_into`` (B, R) the patch position of the
-    kept token each one was averaged into.
-    """
-    stage: int
-    num_patches: int
-    grid_size: Optional[tuple[int, int]]
-    seeds: torch.Tensor
-    steps: list[torch.Tensor]
-    step_stage: list[int]
-    kept: torch.Tensor
-    merged: torch.Tensor
-    merged_into: torch.Tensor
-    active: bool = True
-
-    @property
-    def batch_size(self) -> int:
-        return self.kept.shape[0]
-
-    def step_map(self) -> torch.Tensor:
-        """(B, N): 0 = seed, j >= 1 = added in sub-step j, -1 = merged away (all 0 when ToE was inactive)."""
-        out = torch.full((self.batch_size, self.num_patches), -1, dtype=torch.long)
-        out[:, self.seeds] = 0
-        for j, s in enumerate(self.steps, start=1):
-            out.scatter_(1, s, j)
-        return out
-
-    def owner_map(self) -> torch.Tensor:
-        """(B, N): the patch position of the kept token that represents each patch (itself when kept)."""
-        out = torch.arange(self.num_patches).repeat(self.batch_size, 1)
-        if self.merged.shape[1]:
-            out.scatter_(1, self.merged, self.merged_into)
-        return out
-
-    def as_grid(self, m: torch.Tensor) -> torch.Tensor:
-        """Reshape a (B, N) map to (B, rows, cols)."""
-        if self.grid_size is None:
-            raise ValueError("grid size unknown; reshape the (B, N) map yourself")
-        return m.view(m.shape[0], *self.grid_size)
-
-
-@torch.no_grad()
-def trace_token_selection(model: nn.Module, images: torch.Tensor, stage: Optional[int] = None) -> SelectionTrace:
-    """Run ``model`` on ``images`` (eval mode, no grad) with ToE forced to ``stage`` (default: the current stage, or
-    1 when that is 0) and record the selection of the batch. The model's state is restored afterwards."""
-    found = find_token_selects(model)
-    if not found:
-        raise ValueError("no TokenSelect in the model; call tokenbook.toe.attach_token_select(model) first")
-    ts = found[0]
-    stage = stage if stage is not None else (ts.expansion_stage or 1)
-    if not 0 <= stage <= ts.num_stages:
-        raise ValueError(f"stage must be in [0, {ts.num_stages}], got {stage}")
-    was_training = model.training
-    ts._trace = []
-    model.eval()
-    try:
-        with _forced_stage(ts, stage):
-            model(images)
-    finally:
-        rec, ts._trace = ts._trace, None
-        model.train(was_training)
-    grid = tuple(model.patch_embed.grid_size) if hasattr(model, "patch_embed") else None
-    if not rec:  # inactive stage: every patch kept, nothing selected
-        n = grid[0] * grid[1] if grid else 0
-        B = images.shape[0]
-        kept = torch.arange(n).repeat(B, 1)
-        return SelectionTrace(stage, n, grid, torch.arange(n), [], [], kept, kept[:, :0], kept[:, :0], active=False)
-    r = rec[0]
-    plan = ts.plan(r["num_patches"], stage)
-    step_stage = [t + 1 for t, s in enumerate(plan.substeps) for a in s if a > 0]
-    n_patches = r["num_patches"]
-    if grid is not None and grid[0] * grid[1] != n_patches:
-        grid = None
-    kept, rest, target = r["kept"].cpu(), r["rest"].cpu(), r["target"].cpu()
-    merged_into = kept.gather(1, target) if rest.shape[1] else rest
-    return SelectionTrace(stage=stage, num_patches=n_patches, grid_size=grid, seeds=r["chunks"][0].cpu(),
-                          steps=[c.cpu() for c in r["chunks"][1:]], step_stage=step_stage, kept=kept, merged=rest,
-                          merged_into=merged_into, active=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Overhead measurement
-# ----------------------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure_token_select_overhead(model: nn.Module, input_size: Optional[Sequence[int]] = None, batch_size: int = 32,
-                                  steps: int = 5, warmup: int = 2, device: str | torch.device = "cpu",
-                                  stage: Optional[int] = None) -> dict[str, Any]:
-    """Share of a training step (forward + backward + SGD step with lr 0) spent in the ToE selection.
-
-    Three variants are timed interleaved in the same run (median over ``steps``): ``full`` (ToE off),
-    ``toe`` (real selection at ``stage``, default the current stage or 1) and ``truncated`` (the same kept token
-    count without any selection work). ``overhead_ms = toe - truncated`` (selection forward and backward, merge
-    included) and ``overhead_share = overhead_ms / toe``; ``select_forward_ms`` times the selection alone on a
-    captured block output. ``speedup_vs_full = full / toe``. The model's weights and modes are left unchanged.
-    """
-    device = torch.device(device)
-    found = find_token_selects(model)
-    if not found:
-        raise ValueError("no TokenSelect in the model; call tokenbook.toe.attach_token_select(model) first")
-    ts = found[0]
-    stage = stage if stage is not None else (ts.expansion_stage or 1)
-    if not ts.stage_active(stage):
-        raise ValueError(f"stage {stage} is not an active ToE stage; nothing to measure")
-    if input_size is None:
-        input_size = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
-    was_training = model.training
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.0)
-    x = torch.randn(batch_size, *input_size, device=device)
-    captured: dict[str, torch.Tensor] = {}
-
-    def step(mode: str) -> float:
-        ctx = contextlib.nullcontext() if mode == "full" else _forced_stage(ts, stage, truncate=mode == "truncated")
-        if mode == "full":
-            saved = ts.sparse_inference
-            ts.sparse_inference = False
-        try:
-            _sync(device)
-            t0 = time.perf_counter()
-            with ctx:
-                out = model(x)
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            loss = sum(o.float().mean() for o in outs)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            _sync(device)
-            return time.perf_counter() - t0
-        finally:
-            if mode == "full":
-                ts.sparse_inference = saved
-
-    def grab(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        captured["x"] = output.detach()
-
-    blk = model.blocks[getattr(ts, "block_index", 0)]
-    handle = blk.register_forward_hook(grab)
-    times: dict[str, list[float]] = {"full": [], "toe": [], "truncated": []}
-    try:
-        for i in range(warmup + steps):
-            for mode in times:
-                t = step(mode)
-                if i >= warmup:
-                    times[mode].append(t)
-    finally:
-        handle.remove()
-        opt.zero_grad(set_to_none=True)
-        model.train(was_training)
-    sel = []
-    with torch.no_grad():
-        for i in range(warmup + steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            ts.select(captured["x"], stage)
-            _sync(device)
-            if i >= warmup:
-                sel.append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    over = med["toe"] - med["truncated"]
-    return {"device": str(device), "batch_size": batch_size, "stage": stage, "step_ms_full": med["full"],
-            "step_ms_toe": med["toe"], "step_ms_truncated": med["truncated"],
-            "select_forward_ms": statistics.median(sel) * 1e3, "overhead_ms": over,
-            "overhead_share": over / med["toe"], "speedup_vs_full": med["full"] / med["toe"],
-            "threads": torch.get_num_threads()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Official checkpoints and timm registration
-# ----------------------------------------------------------------------------------------------------------
-def official_state_dict(checkpoint: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """The model state dict of an official ToE (DeiT ``main.py``) checkpoint: a path or the loaded dict.
-
-    The official checkpoint is ``{'model', 'optimizer', 'lr_scheduler', 'epoch', 'model_ema', 'scaler', 'args'}``;
-    ``args`` is an ``argparse.Namespace``, which ``torch.load(weights_only=True)`` refuses, so it is allow-listed
-    here. ``use_ema`` picks ``model_ema``. ToE adds no parameters: the result is a plain DeiT state dict.
-    """
-    if not isinstance(checkpoint, dict):
-        import argparse
-
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    key = "model_ema" if use_ema else "model"
-    if key in checkpoint and isinstance(checkpoint[key], dict):
-        return dict(checkpoint[key])
-    if use_ema:
-        raise ValueError(f"checkpoint has no 'model_ema' entry (keys: {sorted(checkpoint)})")
-    if all(torch.is_tensor(v) for v in checkpoint.values()):
-        return dict(checkpoint)
-    raise ValueError(f"checkpoint has no 'model' entry and is not a state dict (keys: {sorted(checkpoint)})")
-
-
-def _toe_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """timm ``pretrained_filter_fn``: official checkpoint -> timm keys, then an exact key check (ValueError)."""
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    out = checkpoint_filter_fn(official_state_dict(state_dict), model)
-    want = set(model.state_dict())
-    missing, unexpected = sorted(want - set(out)), sorted(set(out) - want)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint does not match {type(model).__name__}: missing keys {missing}, "
-                         f"unexpected keys {unexpected}")
-    return out
-
-
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
-                interpolation="bicubic", fixed_input_size=True, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                first_conv="patch_embed.proj", classifier="head", **kwargs)
-
-
-default_cfgs = generate_default_cfgs({
-    "toe_deit_tiny_patch16_224.untrained": _cfg(),
-    "toe_deit_small_patch16_224.untrained": _cfg(),
-    "toe_deit_base_patch16_224.untrained": _cfg(),
-})
-
-_DEIT_ARGS = {"tiny": dict(embed_dim=192, depth=12, num_heads=3), "small": dict(embed_dim=384, depth=12, num_heads=6),
-              "base": dict(embed_dim=768, depth=12, num_heads=12)}
-
-
-def _create_toe_deit(size: str, pretrained: bool, toe: Optional[dict], block_index: int,
-                     **kwargs: Any) -> VisionTransformer:
-    variant = f"toe_deit_{size}_patch16_224"
-    model = build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=_toe_filter_fn,
-                                 **dict(dict(patch_size=16, **_DEIT_ARGS[size]), **kwargs))
-    if toe is None:
-        toe = {k: v for k, v in OFFICIAL_CONFIGS["deit_small"].items() if k != "epochs"}
-    attach_token_select(model, block_index=block_index, **toe)
-    return model
-
-
-@register_model
-def toe_deit_tiny_patch16_224(pretrained: bool = False, toe: Optional[dict] = None, block_index: int = 0,
-                              **kwargs: Any) -> VisionTransformer:
-    """DeiT-T with ToE after ``blocks[block_index]``; ``toe`` = TokenSelect arguments (default: official DeiT-S
-    script). An official checkpoint loads with ``pretrained=True, pretrained_cfg_overlay=dict(file=path)``."""
-    return _create_toe_deit("tiny", pretrained, toe, block_index, **kwargs)
-
-
-@register_model
-def toe_deit_small_patch16_224(pretrained: bool = False, toe: Optional[dict] = None, block_index: int = 0,
-                               **kwargs: Any) -> VisionTransformer:
-    """DeiT-S with ToE (official run-script configuration by default); see :func:`toe_deit_tiny_patch16_224`."""
-    return _create_toe_deit("small", pretrained, toe, block_index, **kwargs)
-
-
-@register_model
-def toe_deit_base_patch16_224(pretrained: bool = False, toe: Optional[dict] = None, block_index: int = 0,
-                              **kwargs: Any) -> VisionTransformer:
-    """DeiT-B with ToE (DeiT-S run-script configuration by default); see :func:`toe_deit_tiny_patch16_224`."""
-    return _create_toe_deit("base", pretrained, toe, block_index, **kwargs)

@@ -6,7 +6,7 @@ and the paper's training recipes. The models live in :mod:`tokenbook.models.t2t_
   so counting the 64M-parameter models costs about a second each and no memory. :func:`paper_tables_view` lays
   those numbers out as the paper's Tables 1-7 (paper columns with their source next to ours).
 - **From scratch at small scale**: :func:`train_variants` trains each variant of
-  :func:`~tokenbook.models.t2t_vit.fmnist_ablations` (or ``imagenet_ablations``) with one shared budget and seed and
+  :func:`fmnist_ablations` (or ``imagenet_ablations``) with one shared budget and seed and
   measures MACs and time; :func:`ablation_table` puts the result beside the paper's Table 7 deltas.
 - **Figures**: :func:`plot_feature_rows` (Figure 2 style: token features as images), :func:`plot_receptive_fields`
   (soft-split windows), :func:`attention_panels` (T2T-layer and backbone attention for ``viz.plot_maps``).
@@ -19,7 +19,6 @@ and the paper's training recipes. The models live in :mod:`tokenbook.models.t2t_
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .models import t2t_vit as tv
+from tokenbook.models import t2t_vit as tv
 
 __all__ = [
     "PAPER_NAMES", "REFERENCE_VITS", "CNN_TIMM", "PAPER_TABLE_ROWS", "TABLE7_PAPER", "build_reference",
@@ -35,6 +34,8 @@ __all__ = [
     "top_channels", "plot_receptive_fields", "attention_panels", "IMAGENET_RECIPE", "IMAGENET_LR_WD",
     "IMAGENET_DATA", "IMAGENET_MODEL_KWARGS", "imagenet_recipe", "TRANSFER_RECIPE", "TRANSFER_DATA",
     "transfer_recipe", "TransferLrHook", "PadCropFlipHook", "prepare_for_transfer", "recipe_table",
+    "fmnist_ablations", "imagenet_ablations", "t2t_token_features", "vit_patch_features", "t2t_attention_maps",
+    "backbone_attention_maps",
 ]
 
 PAPER = "t2t_vit"
@@ -170,7 +171,7 @@ def variant_table(names: Sequence[str], img_size: int = 224, references: Sequenc
     import pandas as pd
     import timm
 
-    from . import bench
+    from tokenbook import bench
 
     rows = []
     for full in names:
@@ -214,7 +215,7 @@ def variant_table(names: Sequence[str], img_size: int = 224, references: Sequenc
 
 @functools.lru_cache(maxsize=1)
 def _refs() -> dict:
-    from . import references
+    from tokenbook import references
 
     out: dict = {}
     for r in references.load(PAPER):
@@ -234,7 +235,7 @@ def paper_tables_view(measured: "Any", tables: Optional[Sequence[str]] = None) -
     paper's only (reproducing it needs ImageNet training, which only the ``full`` profile configures)."""
     import pandas as pd
 
-    from .results import NA
+    from tokenbook.results import NA
 
     by_model = {r["model"]: r for r in measured.to_dict("records")}
     rows = []
@@ -281,7 +282,7 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
                    hooks_factory: Optional[Callable[[], Sequence]] = None, log: Callable = print) -> TrainedVariants:
     """Train ``variants[k]`` for each ``k`` in ``keys`` with one budget (``cfg``) and one seed; same data order.
 
-    ``variants`` maps a key to (registry name, kwargs) as :func:`~tokenbook.models.t2t_vit.fmnist_ablations` does.
+    ``variants`` maps a key to (registry name, kwargs) as :func:`fmnist_ablations` does.
     Keys naming the same model and kwargs are trained once (``deep_narrow`` = ``t2t_performer``). Each model is
     built right after ``seed_everything(seed)``, so a variant's init does not depend on which ran before. The summary
     has top-1 (and EMA top-1 when ``cfg.ema_decay``), params, MACs/FLOPs at the data's input size and the times
@@ -291,8 +292,8 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
     import pandas as pd
     import timm
 
-    from . import bench, data, repro
-    from .train import fit
+    from tokenbook import bench, data, repro
+    from tokenbook.train import fit
 
     unknown = [k for k in keys if k not in variants]
     if unknown:
@@ -346,7 +347,7 @@ def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
     """
     import pandas as pd
 
-    from .results import NA
+    from tokenbook.results import NA
 
     ours = summary.set_index("variant")
     rows = []
@@ -470,18 +471,18 @@ def attention_panels(model: nn.Module, x: torch.Tensor) -> tuple[list[list[torch
     """Per image: attention of the centre query token in each T2T layer (as a map over that layer's token grid),
     then the backbone's class-token attention in the first and last block (mean over heads) and the attention
     rollout. Returns (maps per image, column titles) for :func:`tokenbook.viz.plot_maps`."""
-    from . import viz
+    from tokenbook import viz
 
-    t2t = tv._t2t(model)
+    t2t = _t2t(model)
     size = tuple(x.shape[-2:])
     grids = tv.soft_split_grids(size, t2t.soft_split)
     cols, per_layer = [], []
-    for i, (name, att) in enumerate(tv.t2t_attention_maps(model, x).items()):
+    for i, (name, att) in enumerate(t2t_attention_maps(model, x).items()):
         gh, gw = grids[i]
         q = (gh // 2) * gw + gw // 2
         per_layer.append(att[:, q, :].reshape(-1, gh, gw).float().cpu())
         cols.append(f"T2T layer {i + 1}\ncentre token {gh}x{gw}")
-    maps = tv.backbone_attention_maps(model, x)
+    maps = backbone_attention_maps(model, x)
     gh, gw = t2t.grid_for(size)
     first = maps[0][:, :, 0, 1:].mean(1).reshape(-1, gh, gw).float().cpu()
     last = maps[-1][:, :, 0, 1:].mean(1).reshape(-1, gh, gw).float().cpu()
@@ -531,7 +532,7 @@ def imagenet_recipe(model_name: str = "t2t_vit_14", **overrides: Any):
 
     Deviation: the official scheduler steps per epoch; ``fit`` steps the same cosine per update (smoother, same
     endpoints)."""
-    from .train import TrainConfig
+    from tokenbook.train import TrainConfig
 
     lr, wd = IMAGENET_LR_WD[_size_key(model_name)]
     return TrainConfig(**{**IMAGENET_RECIPE, "lr": lr, "weight_decay": wd, **overrides})
@@ -559,7 +560,7 @@ def transfer_recipe(dataset: str = "cifar10", **overrides: Any):
     """Table 5's fine-tuning recipe as a ``TrainConfig`` (see :data:`TRANSFER_RECIPE`); use it with
     ``hooks=[TransferLrHook(), PadCropFlipHook()]`` after :func:`prepare_for_transfer`, and the data of
     ``TRANSFER_DATA[dataset]``. Deviation: the cosine is stepped per update instead of per epoch."""
-    from .train import TrainConfig
+    from tokenbook.train import TrainConfig
 
     if dataset not in TRANSFER_DATA:
         raise ValueError(f"unknown transfer dataset {dataset!r}; use one of {sorted(TRANSFER_DATA)}")
@@ -659,3 +660,128 @@ def recipe_table(model_name: str = "t2t_vit_14", transfer_dataset: str = "cifar1
     rows += [(f"transfer_{transfer_dataset}", f"data.{k}", str(v), src_tr)
              for k, v in TRANSFER_DATA[transfer_dataset].items()]
     return pd.DataFrame(rows, columns=["recipe", "setting", "value", "source"]).astype({"value": str})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's ablation sets, T2T features and attention read-outs
+# ----------------------------------------------------------------------------------------------------------
+def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 10, embed_dim: Optional[int] = None,
+                     depth: Optional[int] = None, num_heads: Optional[int] = None) -> dict[str, tuple[str, dict]]:
+    """The paper's ablations at Fashion-MNIST scale: variant -> (registry name, kwargs for ``timm.create_model``).
+
+    - ``t2t_performer`` (the T2T-ViT, deep-narrow 128x8), ``t2t_transformer``, ``t2t_convolution``,
+      ``no_t2t`` (plain ViT, 4 px patches, same backbone): Table 7's T2T-module ablation;
+    - ``deep_narrow`` (128 wide, 8 deep) vs ``shallow_wide`` (256 wide, 2 deep; identical block parameter count):
+      Table 7's d384-14 vs d768-4 comparison.
+    ``embed_dim`` / ``depth`` / ``num_heads`` replace the deep-narrow backbone (e.g. 64 x 8 for short CPU runs); the
+    shallow-wide partner is then ``2 * embed_dim`` wide, ``depth // 4`` deep with ``2 * num_heads`` heads, which keeps
+    the block weight matrices' parameter count equal (``D^2 * depth`` constant).
+    All work at 28 and 32 px (``FMNIST_SOFT_SPLIT``).
+    """
+    if img_size < 8:
+        raise ValueError(f"img_size {img_size} is too small for FMNIST_SOFT_SPLIT; use 28 or 32")
+    common = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    base = tv.OFFICIAL_CONFIGS["t2t_vit_tiny_fmnist"]
+    d, L, h = embed_dim or base["embed_dim"], depth or base["depth"], num_heads or base["num_heads"]
+    if d % h:
+        raise ValueError(f"embed_dim {d} is not divisible by num_heads {h}")
+    if L % 4:
+        raise ValueError(f"depth {L} must be a multiple of 4 (the shallow-wide partner has depth // 4 blocks)")
+    dn = dict(common) if (embed_dim, depth, num_heads) == (None, None, None) else dict(
+        common, embed_dim=d, depth=L, num_heads=h)
+    sw = dict(common) if (embed_dim, depth, num_heads) == (None, None, None) else dict(
+        common, embed_dim=2 * d, depth=L // 4, num_heads=2 * h)
+    return {
+        "t2t_performer": ("t2t_vit_tiny_fmnist", dict(dn)),
+        "t2t_transformer": ("t2t_vit_t_tiny_fmnist", dict(dn)),
+        "t2t_convolution": ("t2t_vit_c_tiny_fmnist", dict(dn)),
+        "no_t2t": ("t2t_vit_tiny_fmnist_wo_t2t", dict(dn)),
+        "deep_narrow": ("t2t_vit_tiny_fmnist", dict(dn)),
+        "shallow_wide": ("t2t_vit_sw_tiny_fmnist", dict(sw)),
+    }
+
+
+def imagenet_ablations(img_size: int = 224, in_chans: int = 3, num_classes: int = 1000) -> dict[str, tuple[str, dict]]:
+    """The same variants as :func:`fmnist_ablations` at the paper's scale (Table 7): T2T-ViT-14 (performer),
+    T2T-ViT_t-14, T2T-ViT_c-14, T2T-ViT-14 w/o T2T, and deep-narrow T2T-ViT-14 vs shallow-wide T2T-ViT-d768-4."""
+    common = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    return {
+        "t2t_performer": ("t2t_vit_14", dict(common)),
+        "t2t_transformer": ("t2t_vit_t_14", dict(common)),
+        "t2t_convolution": ("t2t_vit_c_14", dict(common)),
+        "no_t2t": ("t2t_vit_14_wo_t2t", dict(common)),
+        "deep_narrow": ("t2t_vit_14", dict(common)),
+        "shallow_wide": ("t2t_vit_14_wide", dict(common)),
+    }
+
+
+def _t2t(model: nn.Module) -> tv.T2TModule:
+    t2t = getattr(model, "tokens_to_token", model)
+    if not isinstance(t2t, tv.T2TModule):
+        raise ValueError(f"{type(model).__name__} has no T2T module; pass a T2TViT or a T2TModule")
+    return t2t
+
+
+@torch.no_grad()
+def t2t_token_features(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-stage features of the T2T module as images (B, C, h, w), for the paper's Figure 2-style visualization:
+    ``soft_split0`` (3*7*7 channels in unfold order), ``attention1`` (64 channels), ``soft_split1``,
+    ``attention2``, ``soft_split2``, ``project`` (embed_dim channels = the tokens entering the backbone)."""
+    was = model.training
+    model.eval()
+    try:
+        return _t2t(model).forward_stages(x)
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
+def vit_patch_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch-embedding features (B, D, h, w) of a timm ViT (``patch_embed.proj``), or of a T2T-ViT with
+    tokens_type 'none'; the ViT side of Figure 2."""
+    if hasattr(model, "patch_embed"):
+        return model.patch_embed.proj(x)
+    t2t = _t2t(model)
+    if t2t.tokens_type != "none":
+        raise ValueError("model has T2T layers; use t2t_token_features for it")
+    return t2t.project(x)
+
+
+@torch.no_grad()
+def t2t_attention_maps(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attention (B, T, T) of each T2T layer; for the performer the implicit normalized kernel matrix."""
+    was = model.training
+    model.eval()
+    try:
+        return _t2t(model).attention_maps(x)
+    finally:
+        model.train(was)
+
+
+def _attn_probs(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(attn, tv.GhostAttention):
+        q, k, _ = attn.qkv_heads(x)
+    else:
+        b, n, _ = x.shape
+        q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+@torch.no_grad()
+def backbone_attention_maps(model: tv.T2TViT, x: torch.Tensor) -> list[torch.Tensor]:
+    """Attention probabilities (B, heads, 1 + h*w, 1 + h*w) of every backbone block (token 0 = class token)."""
+    maps: list[torch.Tensor] = []
+    hooks = []
+    for blk in model.blocks:
+        if hasattr(blk, "attn"):
+            hooks.append(blk.attn.register_forward_pre_hook(lambda m, args: maps.append(_attn_probs(m, args[0]))))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return maps

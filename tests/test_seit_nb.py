@@ -1,4 +1,4 @@
-"""Notebook 04_seit_tokenadapt: its smoke results, the experiment helpers (tokenbook.seit_runs) and the full recipe
+"""Notebook 04_seit: its smoke results, the experiment helpers (tokenbook.experiments.seit) and the full recipe
 run for one step on a tiny token release written by the writer."""
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import timm
 import torch
 
 import tokenbook.models  # noqa: F401  (registers the token ViTs)
-from tokenbook import seit_runs as R
-from tokenbook import tokens as T
+from tokenbook.experiments import seit as R
+from tokenbook.data import tokens as T
 from tokenbook.models import seit as S
 from tokenbook.results import notebook_parameters
 from tokenbook.runner import resolve_parameters
 
 from conftest import ROOT
 
-NB = "04_seit_tokenadapt"
+NB = "04_seit"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

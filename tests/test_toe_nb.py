@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from tokenbook import data, toe, toe_runs
+from tokenbook import data
+from tokenbook.experiments import toe as toe_runs
+from tokenbook.methods import toe
 from tokenbook.results import notebook_parameters
 from tokenbook.runner import resolve_parameters
 from tokenbook.train import RECIPES

@@ -1,0 +1,805 @@
+"""Experiments of the notebook ``05_memory`` (Learnable Memory, CVPR 2022): target tasks (Fashion-MNIST class
+groups, scikit-learn digits, real datasets), the fine-tuning table beside the paper's, the paper's step budget as
+epochs, concatenation and extension studies, parameter accounting and figures.
+
+The model itself (``MemoryViT``, masks, fine-tuning modes, concatenation) is :mod:`tokenbook.models.memory`; task
+splits and the digits data are :mod:`tokenbook.data.tasks`.
+
+Public API: ``__all__`` (the notebook's functions, then the model and task-data names re-exported for it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tokenbook.data.tasks import ArrayImageDataset, class_group_indices, digits_data, make_task_datasets
+from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_option, build_attention_mask,
+                                     class_token_patch_attention, concatenate, create_memory_vit, finetune_model,
+                                     memory_attention, memory_task_params, naive_concatenate, set_trainable,
+                                     table1_mask, task_parameter_count, trainable_parameter_names)
+
+__all__ = [
+    "PAPER_DATASETS", "method_label", "parse_methods", "TargetTask", "paper_dataset_for", "load_target_tasks",
+    "backbone_norm", "load_backbone", "steps_to_epochs", "FINETUNE_CONFIG_KEYS", "finetune_train_config",
+    "finetune_config", "FinetuneRun", "run_finetune_table", "paper_finetune_table", "finetune_side_by_side",
+    "finetune_vs_paper", "parameter_table", "collect_logits", "concatenation_study", "naive_merge_vs_paper",
+    "train_extension", "extension_study", "merged_efficiency", "recipe_table", "PUBLIC_TRAIN_SIZES",
+    "paper_schedule_examples", "plot_accuracy_vs_cells", "plot_memory_attention", "plot_masks",
+    "patch_attention_figure", "findings_markdown",
+    # re-exported for the notebook (one import): the model API and the task data
+    "MemoryViT", "create_memory_vit", "finetune_model", "set_trainable", "concatenate", "naive_concatenate",
+    "build_attention_mask", "table1_mask", "task_parameter_count", "memory_task_params", "trainable_parameter_names",
+    "memory_attention", "class_token_patch_attention", "SOURCE", "FINETUNE_MODES", "ArrayImageDataset",
+    "digits_data", "class_group_indices", "make_task_datasets",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+#: our method labels, as in the reference file's model names ("ViT-B/32 <method>")
+PAPER_DATASETS = ("SUN-397", "iNaturalist", "CIFAR-100", "Places-365")
+PAPER_BACKBONE = "ViT-B/32"
+_PAPER_SOURCE = "main fine-tuning table (results_from_paper.png, via the CENG502 repo images)"
+
+
+def method_label(mode: str, cells: int = 0) -> str:
+    """``"full"``, ``"head"``, ``"head+cls"`` or ``"memory-<m>"`` (the reference file's naming)."""
+    _check_option("fine-tuning mode", mode, FINETUNE_MODES)
+    return f"memory-{cells}" if mode == "memory" else mode
+
+
+def parse_methods(text: str) -> list[tuple[str, int]]:
+    """``"full,head,head+cls,memory-1,memory-5"`` -> ``[("full", 0), ..., ("memory", 5)]``."""
+    out = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if item.startswith("memory-"):
+            try:
+                cells = int(item.split("-", 1)[1])
+            except ValueError:
+                raise ValueError(f"bad method {item!r}: memory needs a cell count, e.g. memory-5") from None
+            if cells < 1:
+                raise ValueError(f"bad method {item!r}: cells must be >= 1")
+            out.append(("memory", cells))
+        elif item in ("full", "head", "head+cls"):
+            out.append((item, 0))
+        else:
+            raise ValueError(f"unknown method {item!r}; use full, head, head+cls or memory-<m>")
+    if not out:
+        raise ValueError("no methods given")
+    labels = [method_label(*m) for m in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"a method is listed twice: {labels}")
+    return out
+
+
+@dataclass
+class TargetTask:
+    """One target task of the fine-tuning table: a name (a valid task name), its data and the paper dataset it
+    stands for (None when the paper has no such dataset)."""
+
+    name: str
+    spec: str
+    bundle: Any
+    paper_dataset: Optional[str] = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.bundle.num_classes
+
+    def describe(self) -> dict:
+        return {"task": self.name, "spec": self.spec, "source": self.bundle.source, "classes": self.num_classes,
+                "class_names": ", ".join(self.bundle.class_names[:10]) + (" ..." if self.num_classes > 10 else ""),
+                "train_images": len(self.bundle.train), "val_images": len(self.bundle.val),
+                "paper_dataset": self.paper_dataset}
+
+
+def paper_dataset_for(name: str) -> Optional[str]:
+    """The paper dataset a task name stands for (``cifar100`` -> ``CIFAR-100``, ``places365`` -> ``Places-365``,
+    ``sun397`` -> ``SUN-397``, ``inat...`` -> ``iNaturalist``), else None."""
+    n = name.lower().replace("-", "").replace("_", "")
+    if "cifar100" in n:
+        return "CIFAR-100"
+    if "places" in n:
+        return "Places-365"
+    if "sun397" in n or n.startswith("sun"):
+        return "SUN-397"
+    if "inat" in n or "inaturalist" in n:
+        return "iNaturalist"
+    return None
+
+
+def _task_name(spec: str) -> str:
+    import re
+
+    kind, _, arg = spec.partition(":")
+    if kind == "fm":
+        return "fm_" + "_".join(c.strip() for c in arg.split(","))
+    if kind == "digits":
+        return "digits"
+    tail = arg.rstrip("/").split("/")[-1] or arg
+    name = re.sub(r"[^0-9a-zA-Z_]", "_", tail).strip("_").lower()
+    return name or kind
+
+
+def load_target_tasks(spec: str, img_size: int, channels: int = 3, train_subset: Optional[int] = None,
+                      val_subset: Optional[int] = None, preset: str = "none", mean: Optional[Sequence[float]] = None,
+                      std: Optional[Sequence[float]] = None, data_dir: Optional[str] = None, seed: int = 0,
+                      cache_dir: Optional[str] = None) -> list[TargetTask]:
+    """Target tasks from ``spec``: items separated by ``;``:
+
+    - ``fm:4,5,6``: Fashion-MNIST classes 4, 5, 6 (labels remapped to 0..2), class-balanced subsets;
+    - ``digits``: scikit-learn's 8x8 digits resized to ``img_size`` (another image source);
+    - ``folder:<path>`` / ``hf:<id or path>``: a real dataset (``tokenbook.data``), e.g. the paper's CIFAR-100,
+      Places-365, SUN-397, iNaturalist in ImageNet folder layout. The task's paper dataset is read from its name.
+
+    ``mean``/``std`` default to each source's statistics; pass the backbone's (``backbone_norm``) so every task is
+    normalised the way the pre-trained model expects.
+    """
+    from tokenbook.data import DataConfig, load_data
+
+    items = [s.strip() for s in spec.split(";") if s.strip()]
+    if not items:
+        raise ValueError("no target tasks given; e.g. 'fm:4,5,6;fm:7,8,9;digits'")
+    tasks, names = [], set()
+    for item in items:
+        kind, _, arg = item.partition(":")
+        if kind == "fm":
+            try:
+                classes = [int(c) for c in arg.split(",") if c.strip()]
+            except ValueError:
+                raise ValueError(f"bad task {item!r}: fm:<comma-separated class ids>, e.g. fm:4,5,6") from None
+            if not classes:
+                raise ValueError(f"bad task {item!r}: no classes")
+            bundle = load_data(DataConfig(dataset="fashion_mnist", data_dir=data_dir, img_size=img_size,
+                                          channels=channels, train_subset=train_subset, val_subset=val_subset,
+                                          classes=classes, preset=preset, subset_seed=seed, mean=mean, std=std,
+                                          cache_dir=cache_dir))
+        elif kind == "digits":
+            bundle = digits_data(img_size, channels, train_size=train_subset,
+                                 val_size=min(val_subset or 597, 897), mean=mean, std=std, seed=seed)
+        elif kind in ("folder", "hf"):
+            bundle = load_data(DataConfig(dataset=item, img_size=img_size, channels=channels, train_subset=train_subset,
+                                          val_subset=val_subset, preset=preset, subset_seed=seed, mean=mean, std=std,
+                                          cache_dir=cache_dir))
+        else:
+            raise ValueError(f"unknown target task {item!r}; use fm:<classes>, digits, folder:<path> or hf:<id>")
+        name = _task_name(item)
+        if name in names or name == SOURCE:
+            raise ValueError(f"two target tasks are both named {name!r}; give the datasets distinct folder names")
+        names.add(name)
+        tasks.append(TargetTask(name, item, bundle, paper_dataset_for(name)))
+    return tasks
+
+
+def backbone_norm(backbone: nn.Module, channels: int = 3) -> tuple[tuple, tuple]:
+    """Mean and std the backbone was trained with (its timm ``pretrained_cfg``), e.g. 0.5/0.5 for the AugReg
+    ImageNet-21k ViT-B/32 (CENG502 fed it un-normalised images: one of the reproduction pitfalls)."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        raise ValueError(f"{type(backbone).__name__} has no pretrained_cfg mean/std; pass them explicitly")
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if channels == 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return mean, std
+
+
+def load_backbone(model_name: str, num_classes: int, img_size: Optional[int] = None, patch_size: int = 0,
+                  checkpoint_file: str = "", checkpoint_num_classes: Optional[int] = None,
+                  **model_kwargs: Any) -> nn.Module:
+    """The backbone to adapt: ``timm.create_model(model_name, ...)``, from ``checkpoint_file`` when given (timm's
+    loader and checkpoint filter: big_vision/ViT ``.npz`` or timm ``.pth``/``.safetensors``). ``num_classes`` is the
+    size of the backbone's own (source) head; other keywords go to ``timm.create_model``."""
+    import timm
+
+    from tokenbook import models  # noqa: F401  (registers the workbook's small ViTs)
+
+    kw: dict[str, Any] = {"num_classes": num_classes, **model_kwargs}
+    if img_size:
+        kw["img_size"] = img_size
+    if patch_size:
+        kw["patch_size"] = patch_size
+    if checkpoint_file:
+        from pathlib import Path
+
+        if not Path(checkpoint_file).is_file():
+            raise FileNotFoundError(f"backbone checkpoint {checkpoint_file} does not exist (for the paper: the "
+                                    "ImageNet-21k ViT-B/32, e.g. big_vision's augreg B/32 .npz)")
+        overlay = {"file": str(checkpoint_file)}
+        if checkpoint_num_classes is not None:
+            overlay["num_classes"] = checkpoint_num_classes
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    return timm.create_model(model_name, **kw)
+
+
+def steps_to_epochs(total_steps: int, n_train: int, batch_size: int, drop_last: bool = True,
+                    world_size: int = 1) -> dict[str, int]:
+    """Turn a step budget (the paper: 20,000 steps at batch 512) into ``fit`` epochs for a dataset of ``n_train``
+    images: ``epochs`` = ceil(steps / steps per epoch) and ``max_steps_per_epoch`` = ceil(steps / epochs), so that
+    ``epochs * max_steps_per_epoch`` is the budget rounded up by less than one step per epoch.
+    ``batch_size`` is the global batch (split over ``world_size`` devices)."""
+    if total_steps < 1 or n_train < 1 or batch_size < 1:
+        raise ValueError(f"total_steps, n_train and batch_size must be >= 1, got {total_steps}, {n_train}, "
+                         f"{batch_size}")
+    per_epoch = n_train // batch_size if drop_last else math.ceil(n_train / batch_size)
+    if per_epoch < 1:
+        raise ValueError(f"{n_train} training images make no full batch of {batch_size}")
+    epochs = math.ceil(total_steps / per_epoch)
+    cap = math.ceil(total_steps / epochs)
+    return {"steps_per_epoch": per_epoch, "epochs": epochs, "max_steps_per_epoch": cap, "total_steps": epochs * cap,
+            "per_device_batch": batch_size // world_size, "images_seen": epochs * cap * batch_size}
+
+
+#: notebook parameters that set the fine-tuning ``TrainConfig`` (same names as its fields)
+FINETUNE_CONFIG_KEYS = ("epochs", "batch_size", "opt", "lr", "momentum", "weight_decay", "clip_grad", "warmup_steps",
+                        "sched", "min_lr", "accelerator", "precision", "seed")
+
+
+def finetune_train_config(params: dict, **overrides: Any):
+    """The fine-tuning ``TrainConfig`` from the notebook's parameters (``FINETUNE_CONFIG_KEYS``): the paper's style
+    of recipe (SGD with momentum, gradient clipping, linear warm-up from 0, cosine decay), evaluation only after the
+    last epoch, no progress bars. ``clip_grad`` 0 turns clipping off."""
+    from tokenbook.train import TrainConfig
+
+    missing = [k for k in FINETUNE_CONFIG_KEYS if k not in params]
+    if missing:
+        raise ValueError(f"fine-tuning parameters missing: {missing}")
+    kw = {k: params[k] for k in FINETUNE_CONFIG_KEYS}
+    kw["clip_grad"] = kw["clip_grad"] or None
+    kw.update(warmup_lr=0.0, eval_every=kw["epochs"], progress=False)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def finetune_config(cfg, mode: str, n_train: int, train_steps: int = 0, full_lr: float = 0.0):
+    """The ``TrainConfig`` of one fine-tuning run: ``cfg`` with the step budget turned into epochs
+    (``train_steps`` > 0) and ``full_lr`` for full fine-tuning (0 keeps ``cfg.lr``)."""
+    import dataclasses
+
+    _check_option("fine-tuning mode", mode, FINETUNE_MODES)
+    kw: dict[str, Any] = {}
+    if train_steps:
+        s = steps_to_epochs(train_steps, n_train, cfg.batch_size)
+        kw.update(epochs=s["epochs"], max_steps_per_epoch=s["max_steps_per_epoch"], eval_every=s["epochs"])
+    if mode == "full" and full_lr:
+        kw["lr"] = full_lr
+    return dataclasses.replace(cfg, **kw)
+
+
+@dataclass
+class FinetuneRun:
+    """Output of :func:`run_finetune_table`: one row per (task, method), the trained models (None for ``full``
+    unless kept) and the training histories."""
+
+    results: Any  # DataFrame
+    models: dict
+    histories: dict
+
+
+def run_finetune_table(backbone: nn.Module, tasks: Sequence[TargetTask], methods: Sequence[tuple[str, int]], cfg,
+                       train_steps: int = 0, full_lr: float = 0.0, seed: int = 0, memory_norm: str = "pre",
+                       impl: str = "exact", num_workers: int = 0, keep_full: bool = False, macs: bool = True,
+                       verbose: bool = True) -> FinetuneRun:
+    """The paper's main table at any scale: adapt ``backbone`` to every task with every method.
+
+    Each run re-seeds with ``seed`` before building the task (memory and class token inits), trains with
+    :func:`tokenbook.train.fit` (only the method's parameters are trainable; ``full`` works on a copy, so the shared
+    backbone stays frozen and unchanged) and records top-1, trainable parameters, per-task parameters, MACs
+    (attention counted) and timing.
+    """
+    import pandas as pd
+
+    from tokenbook import bench
+    from tokenbook.data import make_loaders
+    from tokenbook.repro import seed_everything
+    from tokenbook.train import fit
+
+    rows, models, histories = [], {}, {}
+    for task in tasks:
+        for mode, cells in methods:
+            label = method_label(mode, cells)
+            # fresh loaders per run: fit() re-seeds the loader's generator per epoch from its current seed, so a
+            # shared loader would give a run a data order that depends on the runs before it
+            train_loader, val_loader = make_loaders(task.bundle, cfg.batch_size, num_workers=num_workers, seed=seed)
+            seed_everything(seed)
+            model = finetune_model(backbone, mode, task.num_classes, cells=cells, task=task.name,
+                                   memory_norm=memory_norm, impl=impl)
+            tcfg = finetune_config(cfg, mode, len(task.bundle.train), train_steps, full_lr)
+            res = fit(model, train_loader, val_loader, tcfg, preprocess=task.bundle.preprocess,
+                      desc=f"{task.name} {label}")
+            counts = bench.count_params(model)
+            row = {"task": task.name, "method": label, "mode": mode, "cells": cells,
+                   "top1": res.final.get("val_top1"), "trainable_params": counts["trainable"],
+                   "task_params": (counts["trainable"] if mode == "full"
+                                   else task_parameter_count(model, task.name)["total"]),
+                   "epochs": tcfg.epochs, "steps": res.timing["steps"], "lr": tcfg.lr,
+                   "train_images": len(task.bundle.train), "val_images": len(task.bundle.val),
+                   "train_s": res.timing["wall_time_s"], "step_ms": res.timing["step_ms"],
+                   "paper_dataset": task.paper_dataset}
+            if macs:
+                x = next(iter(val_loader))[0][:1].to(next(model.parameters()).device)
+                mc = bench.count_macs(model, example=task.bundle.preprocess.to(x.device)(x))
+                row.update(gmacs=mc["gmacs"], gflops=mc["gflops"])
+            rows.append(row)
+            histories[(task.name, label)] = res.history
+            models[(task.name, label)] = model if (mode != "full" or keep_full) else None
+            if verbose:
+                print(f"{task.name:>12} {label:>10}: top-1 {row['top1']:.2f}%  trainable {row['trainable_params']:,}"
+                      f"  {row['train_s']:.1f} s")
+    return FinetuneRun(pd.DataFrame(rows), models, histories)
+
+
+def _paper_refs() -> list:
+    from tokenbook import references
+
+    return references.load("memory")
+
+
+def paper_finetune_table() -> "Any":
+    """The paper's ViT-B/32 table (rows: methods, columns: the four datasets), with its source."""
+    import pandas as pd
+
+    refs = [r for r in _paper_refs() if r.kind == "paper" and r.model.startswith(PAPER_BACKBONE + " ")]
+    rows = {}
+    for r in refs:
+        method = r.model[len(PAPER_BACKBONE) + 1:]
+        rows.setdefault(method, {"method": method})[r.metric.replace("top1 ", "")] = r.value
+    df = pd.DataFrame(list(rows.values()))
+    df["paper_source"] = _PAPER_SOURCE + " [paper]"
+    return df[["method", *PAPER_DATASETS, "paper_source"]]
+
+
+def finetune_side_by_side(results) -> "Any":
+    """Ours (one column per task, their mean and the mean gain over head-only) next to the paper's ViT-B/32 table
+    (per dataset, mean, mean gain over head-only) for every method we ran; n/a where the paper has no value."""
+    ours = results.pivot_table(index="method", columns="task", values="top1", sort=False)
+    tasks = list(dict.fromkeys(results["task"]))
+    ours = ours[tasks]
+    ours.columns = [f"ours {t}" for t in tasks]
+    ours["ours mean"] = ours.mean(axis=1)
+    head_mean = ours["ours mean"].get("head")
+    ours["ours gain vs head"] = ours["ours mean"] - head_mean if head_mean is not None else float("nan")
+    params = results.groupby("method", sort=False)["task_params"].mean().rename("ours task params (mean)")
+    paper = paper_finetune_table().set_index("method")
+    paper_cols = {d: f"paper {d}" for d in PAPER_DATASETS}
+    paper = paper.rename(columns=paper_cols)
+    paper["paper mean"] = paper[list(paper_cols.values())].mean(axis=1)
+    paper["paper gain vs head"] = paper["paper mean"] - paper.loc["head", "paper mean"]
+    out = ours.join(params).join(paper, how="left").reset_index().rename(columns={"index": "method"})
+    out["diff gain vs head"] = out["ours gain vs head"] - out["paper gain vs head"]
+    out["paper_source"] = out["paper_source"].fillna("n/a")
+    return out
+
+
+def _number(v) -> Optional[float]:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def finetune_vs_paper(results) -> "Any":
+    """Long table (paper, source, ours, diff) per (task, method): the paper value when the task is one of the
+    paper's datasets (``full`` profile), else n/a; plus per method the mean gain over head-only fine-tuning, the
+    scale-free comparison (paper: mean over its four datasets, computed from its table; ours: mean over our tasks)."""
+    import pandas as pd
+
+    refs = {(r.model, r.metric): r for r in _paper_refs()}
+    rows = []
+    for _, r in results.iterrows():
+        key = (f"{PAPER_BACKBONE} {r['method']}", f"top1 {r['paper_dataset']}")
+        ref = refs.get(key) if r["paper_dataset"] else None
+        v = ref.value if ref is not None else None
+        rows.append({"task": r["task"], "method": r["method"], "metric": "top1", "paper": v,
+                     "paper_dataset": r["paper_dataset"] or "n/a", "ours": r["top1"],
+                     "diff": (r["top1"] - v) if v is not None else None,
+                     "paper_source": f"{ref.source} [{ref.kind}]" if ref is not None else "n/a"})
+    side = finetune_side_by_side(results)
+    for _, r in side.iterrows():
+        p, o = _number(r.get("paper gain vs head")), _number(r.get("ours gain vs head"))
+        rows.append({"task": "mean over tasks", "method": r["method"], "metric": "gain vs head (points)",
+                     "paper": p, "paper_dataset": "mean of " + ", ".join(PAPER_DATASETS) if p is not None else "n/a",
+                     "ours": o, "diff": (o - p) if (p is not None and o is not None) else None,
+                     "paper_source": (f"computed from the {_PAPER_SOURCE} [computed]" if p is not None else "n/a")})
+    return pd.DataFrame(rows)
+
+
+def parameter_table(num_classes: int = 100, cells: Sequence[int] = (1, 5, 10, 20)) -> "Any":
+    """Trainable parameters per method for ViT-B/32 with a ``num_classes`` head (built on the meta device: no
+    memory, no weights), with the analytic per-task count ``9,216*m + 768 + 769*C``."""
+    import pandas as pd
+    import timm
+
+    from tokenbook import bench
+
+    bb = timm.create_model("vit_base_patch32_224", device="meta")
+    rows = []
+    for mode, m in [("full", 0), ("head", 0), ("head+cls", 0), *[("memory", c) for c in cells]]:
+        model = finetune_model(bb, mode, num_classes, cells=m, task="t")
+        trainable = bench.count_params(model)["trainable"]
+        task = trainable if mode == "full" else task_parameter_count(model, "t")["total"]
+        formula = None if mode == "full" else memory_task_params(12, 768, m, num_classes, class_token=mode != "head")
+        rows.append({"model": f"{PAPER_BACKBONE} {method_label(mode, m)}", "method": method_label(mode, m),
+                     f"trainable params C={num_classes}": trainable, f"task params C={num_classes}": task,
+                     "formula": formula,
+                     "pct of backbone": 100.0 * trainable / sum(p.numel() for p in bb.parameters())})
+    return pd.DataFrame(rows)
+
+
+# -- concatenation studies ----------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_logits(model: nn.Module, output: str, loader, preprocess: Optional[nn.Module] = None,
+                   max_batches: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of one head (``output``: ``"source"`` or a task name; for a plain timm model pass ``"source"``) over
+    a loader, and the labels, on the CPU in float32."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    outs, ys = [], []
+    try:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x = x.to(dev)
+            if preprocess is not None:
+                x = preprocess.to(dev)(x)
+            o = model.forward_all(x)[output] if isinstance(model, MemoryViT) else model(x)
+            outs.append(o.float().cpu())
+            ys.append(torch.as_tensor(y))
+    finally:
+        model.train(was)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def _top1(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * float((logits.argmax(-1) == y).float().mean())
+
+
+def _val_loader(bundle, batch_size: int):
+    return torch.utils.data.DataLoader(bundle.val, batch_size=batch_size, shuffle=False)
+
+
+def concatenation_study(backbone: nn.Module, models: Sequence[MemoryViT], tasks: Sequence[TargetTask],
+                        source_bundle=None, batch_size: int = 256, max_batches: Optional[int] = None) -> dict:
+    """Non-destructive fine-tuning and exact concatenation, measured on the validation sets.
+
+    ``models[i]`` is task ``tasks[i]``'s stand-alone model (same frozen ``backbone``). Returns DataFrames:
+
+    - ``"non_destructive"``: the source head after merging the first k task models (k = 0..T): its accuracy on
+      the source task (when ``source_bundle`` is given) and the max |difference| of its logits from the plain
+      backbone's (0.0 = bit-identical);
+    - ``"merged_vs_separate"``: per task, the stand-alone and the merged model's accuracy, the max |difference|
+      of their logits, and whether every prediction is the same;
+    - ``"naive_merge"``: merges of the first k models without the Table-1 mask (``"no mask"``: every token sees
+      every task token and memory, as in the paper's Sec. 4.4; ``"tasks see each other"``: only the task rows
+      unmasked, the source kept intact), per task the accuracy in the merge vs stand-alone, and the source head.
+    """
+    import pandas as pd
+
+    if len(models) != len(tasks):
+        raise ValueError(f"{len(models)} models for {len(tasks)} tasks")
+    loaders = {t.name: _val_loader(t.bundle, batch_size) for t in tasks}
+    alone = {t.name: collect_logits(m, t.name, loaders[t.name], t.bundle.preprocess, max_batches)
+             for t, m in zip(tasks, models)}
+    src_loader = _val_loader(source_bundle, batch_size) if source_bundle is not None else None
+    probe = src_loader or loaders[tasks[0].name]
+    probe_pre = (source_bundle or tasks[0].bundle).preprocess
+    base = MemoryViT(backbone, freeze_backbone=False)
+    ref_src, ref_y = collect_logits(base, SOURCE, probe, probe_pre, max_batches)
+    plain_src, _ = collect_logits(backbone, SOURCE, probe, probe_pre, max_batches)
+
+    nd_rows = [{"tasks_merged": 0, "tasks": "(backbone alone)",
+                "source_top1": _top1(plain_src, ref_y) if source_bundle is not None else None,
+                "source_max_abs_diff": float((ref_src - plain_src).abs().max()),
+                "source_predictions_same_pct": 100.0 * float((ref_src.argmax(-1) == plain_src.argmax(-1))
+                                                             .float().mean())}]
+    merged = None
+    for k in range(1, len(models) + 1):
+        merged = concatenate(models[:k])
+        src, _ = collect_logits(merged, SOURCE, probe, probe_pre, max_batches)
+        nd_rows.append({"tasks_merged": k, "tasks": ", ".join(t.name for t in tasks[:k]),
+                        "source_top1": _top1(src, ref_y) if source_bundle is not None else None,
+                        "source_max_abs_diff": float((src - plain_src).abs().max()),
+                        "source_predictions_same_pct": 100.0 * float((src.argmax(-1) == plain_src.argmax(-1))
+                                                                     .float().mean())})
+    mv_rows = []
+    for t in tasks:
+        lo, y = alone[t.name]
+        lm, _ = collect_logits(merged, t.name, loaders[t.name], t.bundle.preprocess, max_batches)
+        mv_rows.append({"task": t.name, "standalone_top1": _top1(lo, y), "merged_top1": _top1(lm, y),
+                        "diff_top1": _top1(lm, y) - _top1(lo, y), "max_abs_logit_diff": float((lm - lo).abs().max()),
+                        "same_predictions": bool((lm.argmax(-1) == lo.argmax(-1)).all()),
+                        "merged_tasks": len(tasks)})
+    nv_rows = []
+    for variant, protect in (("no mask", False), ("tasks see each other", True)):
+        for k in range(1, len(models) + 1):
+            nm = naive_concatenate(models[:k], protect_source=protect)
+            row = {"variant": variant, "tasks_merged": k}
+            src, _ = collect_logits(nm, SOURCE, probe, probe_pre, max_batches)
+            row["source_max_abs_diff"] = float((src - plain_src).abs().max())
+            row["source_top1"] = _top1(src, ref_y) if source_bundle is not None else None
+            accs = []
+            for t in tasks[:k]:
+                lm, y = collect_logits(nm, t.name, loaders[t.name], t.bundle.preprocess, max_batches)
+                row[f"top1 {t.name}"] = _top1(lm, y)
+                accs.append(_top1(lm, y) - _top1(*alone[t.name]))
+            row["first_task_top1"] = row[f"top1 {tasks[0].name}"]
+            row["first_task_standalone_top1"] = _top1(*alone[tasks[0].name])
+            row["mean_change_vs_standalone"] = float(np.mean(accs))
+            nv_rows.append(row)
+    return {"non_destructive": pd.DataFrame(nd_rows), "merged_vs_separate": pd.DataFrame(mv_rows),
+            "naive_merge": pd.DataFrame(nv_rows), "merged_model": merged}
+
+
+def naive_merge_vs_paper(naive) -> "Any":
+    """The naive-merge decay next to the secondary source's numbers (first task's accuracy as tasks are added,
+    absolute and as a fraction of the un-merged accuracy): the only comparable quantity across scales is the
+    retained fraction."""
+    import pandas as pd
+
+    refs = [r for r in _paper_refs() if r.model.startswith("naive merge")]
+    base = refs[0].value if refs else None
+    ours = naive[naive["variant"] == "no mask"].reset_index(drop=True)
+    rows = []
+    for k in range(max(len(refs), len(ours))):
+        r = refs[k] if k < len(refs) else None
+        o = ours.iloc[k] if k < len(ours) else None
+        p_ret = 100.0 * r.value / base if r is not None else None
+        o_ret = 100.0 * o["first_task_top1"] / o["first_task_standalone_top1"] if o is not None else None
+        rows.append({"tasks_merged": k + 1, "paper_model": r.model if r is not None else "n/a",
+                     "paper_top1_first_task": r.value if r is not None else None,
+                     "ours_top1_first_task": o["first_task_top1"] if o is not None else None,
+                     "paper_retained_pct": p_ret, "ours_retained_pct": o_ret,
+                     "diff_retained_pct": (o_ret - p_ret) if (p_ret is not None and o_ret is not None) else None,
+                     "paper_source": f"{r.source} [{r.kind}]" if r is not None else "n/a"})
+    return pd.DataFrame(rows)
+
+
+def train_extension(backbone: nn.Module, base_model: MemoryViT, base_task: str, task: TargetTask, cells: int, cfg,
+                    seed: int = 0, train_steps: int = 0, num_workers: int = 0):
+    """Model *extension*: task ``task`` trained on top of ``base_task`` (loaded from ``base_model``, frozen) with
+    the starred cells of Table 1 open (it reads the earlier task's class token and memory). Returns
+    ``(model, FitResult)``; the model computes source, ``base_task`` and ``task``."""
+    from tokenbook.data import make_loaders
+    from tokenbook.repro import seed_everything
+    from tokenbook.train import fit
+
+    seed_everything(seed)
+    model = MemoryViT(backbone, memory_norm=base_model.memory_norm, impl=base_model.impl)
+    model.load_task(base_task, base_model.task_state_dict(base_task))
+    model.add_task(task.name, task.num_classes, cells=cells, extend=True)
+    set_trainable(model, "memory", task.name)
+    model.set_outputs(task.name)
+    train_loader, val_loader = make_loaders(task.bundle, cfg.batch_size, num_workers=num_workers, seed=seed)
+    tcfg = finetune_config(cfg, "memory", len(task.bundle.train), train_steps)
+    res = fit(model, train_loader, val_loader, tcfg, preprocess=task.bundle.preprocess, desc=f"{task.name} extension")
+    return model.set_outputs(None), res
+
+
+def extension_study(backbone: nn.Module, ext_model: MemoryViT, base_model: MemoryViT, new_model: MemoryViT,
+                    base_task: TargetTask, new_task: TargetTask, batch_size: int = 256) -> "Any":
+    """Extension vs concatenation for two tasks: accuracies of both tasks in the extended model, in the
+    concatenation of the stand-alone models and stand-alone, and the max |logit difference| from stand-alone."""
+    import pandas as pd
+
+    concat = concatenate([base_model, new_model])
+    rows = []
+    for t, alone_model in ((base_task, base_model), (new_task, new_model)):
+        loader = _val_loader(t.bundle, batch_size)
+        lo, y = collect_logits(alone_model, t.name, loader, t.bundle.preprocess)
+        le, _ = collect_logits(ext_model, t.name, loader, t.bundle.preprocess)
+        lc, _ = collect_logits(concat, t.name, loader, t.bundle.preprocess)
+        rows.append({"task": t.name, "role": "earlier task" if t is base_task else "later task",
+                     "reads": ", ".join(ext_model.tasks[t.name].reads) or "-",
+                     "standalone_top1": _top1(lo, y), "concatenation_top1": _top1(lc, y),
+                     "extension_top1": _top1(le, y), "extension_minus_standalone": _top1(le, y) - _top1(lo, y),
+                     "concat_max_abs_diff": float((lc - lo).abs().max()),
+                     "extension_max_abs_diff": float((le - lo).abs().max())})
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def merged_efficiency(models: Sequence[MemoryViT], example: torch.Tensor, latency: bool = True,
+                      min_run_time: float = 0.5) -> "Any":
+    """One concatenated model vs running the stand-alone task models one after another: MACs (attention counted)
+    and, optionally, latency measured in this run on ``example``."""
+    import pandas as pd
+
+    from tokenbook import bench
+
+    merged = concatenate(models)
+    sep_macs = sum(bench.count_macs(m.set_outputs(None), example=example)["macs"] for m in models)
+    mrg_macs = bench.count_macs(merged, example=example)["macs"]
+    rows = [{"setting": f"{len(models)} separate models", "forward_passes": len(models), "gmacs": sep_macs / 1e9,
+             "gflops": 2 * sep_macs / 1e9},
+            {"setting": "concatenated model", "forward_passes": 1, "gmacs": mrg_macs / 1e9,
+             "gflops": 2 * mrg_macs / 1e9}]
+    if latency:
+        dev = next(merged.parameters()).device
+        x = example.to(dev)
+        sep = sum(bench.measure_latency(m, example=x, min_run_time=min_run_time, device=dev).median_ms for m in models)
+        mrg = bench.measure_latency(merged, example=x, min_run_time=min_run_time, device=dev).median_ms
+        rows[0]["latency_ms"], rows[1]["latency_ms"] = sep, mrg
+    df = pd.DataFrame(rows)
+    df["macs_ratio_vs_separate"] = df["gmacs"] / df["gmacs"].iloc[0]
+    if latency:
+        df["latency_ratio_vs_separate"] = df["latency_ms"] / df["latency_ms"].iloc[0]
+    df["batch"] = example.shape[0]
+    return df
+
+
+def recipe_table(tasks: Sequence[TargetTask], cfg, train_steps: int = 0, full_lr: float = 0.0) -> "Any":
+    """The schedule each task gets in this run: optimiser, lr, momentum, clipping, warm-up, batch, epochs and
+    steps (from the step budget when ``train_steps`` > 0)."""
+    import pandas as pd
+
+    rows = []
+    for t in tasks:
+        c = finetune_config(cfg, "memory", len(t.bundle.train), train_steps)
+        steps = c.epochs * (min(len(t.bundle.train) // c.batch_size, c.max_steps_per_epoch or 10**12))
+        rows.append({"task": t.name, "train_images": len(t.bundle.train), "opt": c.opt, "lr": c.lr,
+                     "lr_full": full_lr or c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay,
+                     "clip_grad": c.clip_grad, "warmup_steps": c.warmup_steps, "sched": c.sched, "batch": c.batch_size,
+                     "epochs": c.epochs, "max_steps_per_epoch": c.max_steps_per_epoch, "total_steps": steps})
+    return pd.DataFrame(rows)
+
+
+#: public training-set sizes (dataset documentation, not the paper) for the paper-scale schedule examples;
+#: SUN-397's split is not stated by the paper (reference sheet 7.3), so it has no entry
+PUBLIC_TRAIN_SIZES = {"CIFAR-100": 50_000, "iNaturalist 2017": 579_184, "Places-365-Standard": 1_803_460}
+
+
+def paper_schedule_examples(total_steps: int = 20_000, batch_size: int = 512) -> "Any":
+    """What 20k steps at batch 512 mean in epochs for the paper's datasets with a public training-set size."""
+    import pandas as pd
+
+    rows = [{"dataset": d, "train_images": n, **steps_to_epochs(total_steps, n, batch_size)}
+            for d, n in PUBLIC_TRAIN_SIZES.items()]
+    rows.append({"dataset": "SUN-397", "train_images": None})
+    df = pd.DataFrame(rows)
+    return df.astype({c: "Int64" for c in df.columns if c != "dataset"})
+
+
+# -- figures --------------------------------------------------------------------------------------------------
+def plot_accuracy_vs_cells(results, title: str = ""):
+    """Top-1 vs memory cells per task (0 cells = head + class token), with full and head-only as dashed lines."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(results["task"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        d = results[results["task"] == t]
+        pts = d[d["mode"].isin(["head+cls", "memory"])].sort_values("cells")
+        ax.plot(pts["cells"], pts["top1"], marker="o", label="memory (0 = head+cls)")
+        for mode, style in (("full", "--"), ("head", ":")):
+            v = d.loc[d["mode"] == mode, "top1"]
+            if len(v):
+                ax.axhline(float(v.iloc[0]), ls=style, color="gray" if mode == "head" else "k", label=mode)
+        ax.set_title(t, fontsize=9)
+        ax.set_xlabel("memory cells per layer")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("val top-1 (%)")
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory_attention(att: dict[str, torch.Tensor], title: str = ""):
+    """Heat maps (layer x head) of the attention mass each task's class token puts on its own memory cells
+    (``memory_attention`` output, summed over cells)."""
+    import matplotlib.pyplot as plt
+
+    names = list(att)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names) + 0.8, 2.9), squeeze=False)
+    vmax = max(float(a.sum(-1).max()) for a in att.values()) if att else 1.0
+    im = None
+    for ax, n in zip(axes[0], names):
+        a = att[n].sum(-1).cpu().numpy()  # (depth, heads)
+        im = ax.imshow(a, vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(a):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < vmax / 2 else "k")
+        ax.set_title(f"{n} ({att[n].shape[-1]} cells)", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_xticks(range(a.shape[1]))
+        ax.set_yticks(range(a.shape[0]))
+    axes[0, 0].set_ylabel("layer")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="attention on own memory")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_masks(num_input: int, cells: Sequence[int], num_prefix: int = 1, title: str = ""):
+    """The paper's Table 1 drawn for ``len(cells)`` tasks: concatenation and extension side by side (white =
+    attends), with the token groups labelled (INP, CLS, C_t, M_t)."""
+    import matplotlib.pyplot as plt
+
+    T = len(cells)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, kind in zip(axes, ("concatenation", "extension")):
+        m = table1_mask(num_input, cells, kind).numpy()
+        ax.imshow(m, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        # group boundaries
+        col_groups = [("CLS", 0, num_prefix), ("INP", num_prefix, num_input)]
+        col_groups += [(f"C{t + 1}", num_input + t, num_input + t + 1) for t in range(T)]
+        off = num_input + T
+        for t, c in enumerate(cells):
+            col_groups.append((f"M{t + 1}", off, off + c))
+            off += c
+        for _, a, b in col_groups:
+            ax.axvline(b - 0.5, color="tab:red", lw=0.6)
+        for _, a, b in col_groups[:2 + T]:
+            ax.axhline(b - 0.5, color="tab:red", lw=0.6)
+        ax.set_xticks([(a + b - 1) / 2 for _, a, b in col_groups])
+        ax.set_xticklabels([g for g, _, _ in col_groups], fontsize=7)
+        ax.set_yticks([(a + b - 1) / 2 for _, a, b in col_groups[:2 + T]])
+        ax.set_yticklabels([g for g, _, _ in col_groups[:2 + T]], fontsize=7)
+        ax.set_title(f"{kind}: queries (rows) x keys (columns)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def patch_attention_figure(model: MemoryViT, tasks: Sequence[TargetTask], per_task: int = 2, source_bundle=None,
+                           layer: int = -1, title: str = ""):
+    """Class-token -> patch attention (mean over heads, at ``layer``) of the source class token and every task's
+    class token in one (merged) model, on ``per_task`` validation images of each task (and of the source task)."""
+    from tokenbook import viz
+
+    groups = ([("source", source_bundle)] if source_bundle is not None else []) + [(t.name, t.bundle) for t in tasks]
+    images, maps, titles = [], [], []
+    dev = next(model.parameters()).device
+    for gname, b in groups:
+        x = torch.stack([b.val[i][0] for i in range(min(per_task, len(b.val)))]).to(dev)
+        xb = b.preprocess.to(dev)(x)
+        att = class_token_patch_attention(model, xb, layer=layer)
+        for i in range(xb.shape[0]):
+            images.append(viz.to_display(xb[i].cpu(), b.mean, b.std))
+            maps.append([att[k][i].mean(0).cpu() for k in att])
+            titles.append(f"{gname}: {b.class_names[int(b.val[i][1])]}"[:22])
+    cols = [f"{k} cls" for k in class_token_patch_attention(model, xb[:1], layer=layer)]
+    return viz.plot_maps(images, maps, row_titles=titles, col_titles=cols, suptitle=title)
+
+
+def findings_markdown(results, study: dict, extension=None) -> str:
+    """A short, number-backed summary of this run for the notebook (what was measured, not what the paper claims)."""
+    side = finetune_side_by_side(results).set_index("method")
+    lines = []
+    gains = side["ours gain vs head"].dropna()
+    if len(gains):
+        order = ", ".join(f"{m} {g:+.1f}" for m, g in gains.sort_values(ascending=False).items())
+        lines.append(f"- Mean top-1 gain over head-only fine-tuning, per method (points): {order}.")
+        mem = [m for m in gains.index if m.startswith("memory-")]
+        if mem and "head+cls" in gains:
+            best = max(mem, key=lambda m: gains[m])
+            pg = side["paper gain vs head"]
+            paper_delta = pg.get(best, float("nan")) - pg.get("head+cls", float("nan"))
+            paper_txt = (f"paper, mean of its four datasets: {paper_delta:+.1f}" if not math.isnan(paper_delta)
+                         else "the paper has no such column")
+            lines.append(f"- Best memory size {best}: {gains[best] - gains['head+cls']:+.1f} points vs head + class "
+                         f"token ({paper_txt}).")
+    nd, mv, nv = study["non_destructive"], study["merged_vs_separate"], study["naive_merge"]
+    lines.append(f"- Source head after merging up to {int(nd['tasks_merged'].max())} tasks: max |logit difference| "
+                 f"{nd['source_max_abs_diff'].max():.3g}; merged vs stand-alone tasks: max |logit difference| "
+                 f"{mv['max_abs_logit_diff'].max():.3g}, identical predictions: {bool(mv['same_predictions'].all())}.")
+    nm = nv[nv["variant"] == "no mask"]
+    if len(nm):
+        last = nm.iloc[-1]
+        lines.append(f"- Naive merge without the mask, {int(last['tasks_merged'])} tasks: first task "
+                     f"{last['first_task_standalone_top1']:.1f}% -> {last['first_task_top1']:.1f}%, mean change "
+                     f"{last['mean_change_vs_standalone']:+.1f} points; source max |logit difference| "
+                     f"{last['source_max_abs_diff']:.3g}.")
+    if extension is not None and len(extension) == 2:
+        e = extension.set_index("role")
+        lines.append(f"- Extension: the later task {e.loc['later task', 'task']} reads the earlier one and reaches "
+                     f"{e.loc['later task', 'extension_top1']:.1f}% vs {e.loc['later task', 'standalone_top1']:.1f}% "
+                     f"stand-alone; the earlier task is unchanged (max |logit difference| "
+                     f"{e.loc['earlier task', 'extension_max_abs_diff']:.3g}).")
+    return "\n".join(lines)

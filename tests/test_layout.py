@@ -1,0 +1,129 @@
+"""The package layout rule (issue 10): one stem per notebook everywhere, a shared core that never imports the paper
+code, paper code split into models/ (architectures), methods/ (attach to any timm model) and experiments/ (what one
+notebook calls), and no oversized modules. Checked statically from the source tree (no imports executed)."""
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "lib" / "tokenbook"
+#: the shared core: may import each other, never models/, methods/ or experiments/
+CORE = ("data", "train", "bench", "results", "references", "repro", "viz", "runner")
+PAPER_PACKAGES = ("models", "methods", "experiments")
+MAX_LINES = 1200
+GUIDE_LINES = 820  # "about 800 lines": over this a module states its reason ("Size:") in its docstring
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every tokenbook module a file imports, at any depth (function-level imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    mod = _module_name(path)
+    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "tokenbook")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "tokenbook":
+                continue
+            out.add(target)
+            out.update(f"{target}.{a.name}" for a in node.names)  # `from tokenbook import models`
+    return out
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _stems() -> dict[str, str]:
+    """notebook name -> stem, e.g. '03_toe' -> 'toe'."""
+    return {p.stem: p.stem.split("_", 1)[1] for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))}
+
+
+def _is_paper_module(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 1 and parts[1] in PAPER_PACKAGES
+
+
+@pytest.mark.parametrize("path", [p for p in _sources() if _module_name(p).split(".")[1:2] and
+                                  _module_name(p).split(".")[1] in CORE], ids=lambda p: str(p.relative_to(PKG)))
+def test_core_never_imports_paper_code(path):
+    bad = sorted(i for i in _imports(path) if _is_paper_module(i))
+    assert not bad, f"{path.relative_to(ROOT)} is shared core and must not import {bad}"
+
+
+def test_import_graph_checker_sees_violations(tmp_path):
+    """The checker itself: a core-like file importing models/ (absolute, relative, function-level) is caught."""
+    fake = PKG / "data" / "_probe_for_test.py"
+    src = "def f():\n    from ..models import vittm\n    import tokenbook.experiments.toe\n"
+    try:
+        fake.write_text(src)
+        found = {i for i in _imports(fake) if _is_paper_module(i)}
+    finally:
+        fake.unlink()
+    assert {"tokenbook.models", "tokenbook.experiments.toe"} <= found
+
+
+def test_models_and_methods_never_import_experiments():
+    for path in _sources():
+        top = _module_name(path).split(".")[1:2]
+        if top and top[0] in ("models", "methods"):
+            bad = sorted(i for i in _imports(path) if i.startswith("tokenbook.experiments"))
+            assert not bad, f"{path.relative_to(ROOT)} must not import experiments: {bad}"
+
+
+def test_one_stem_per_notebook_everywhere():
+    stems = _stems()
+    assert set(stems.values()) == {"baselines", "vittm", "t2t_vit", "toe", "seit", "memory"}
+    for nb, stem in stems.items():
+        assert (PKG / "experiments" / f"{stem}.py").is_file(), f"no tokenbook/experiments/{stem}.py for {nb}"
+        assert (PKG / "references" / f"{stem}.yaml").is_file(), f"no references/{stem}.yaml for {nb}"
+        assert (ROOT / "notebooks" / "params" / nb).is_dir(), f"no notebooks/params/{nb}/"
+        assert list((ROOT / "tests").glob(f"test_{stem}*.py")) or stem == "baselines", f"no tests/test_{stem}*.py"
+    # every results folder belongs to a notebook
+    for d in (ROOT / "results").iterdir():
+        if d.is_dir() and re.match(r"\d\d_", d.name):
+            assert d.name in stems, f"results/{d.name} matches no notebook"
+    # every experiments module belongs to a notebook, and nothing is left at the old places
+    exp = {p.stem for p in (PKG / "experiments").glob("*.py") if p.stem != "__init__"}
+    assert exp == set(stems.values())
+    assert not list(PKG.glob("*_runs.py"))
+    for old in ("toe", "memory", "vittm", "t2t", "tokens", "token_aug"):
+        assert not (PKG / f"{old}.py").exists(), f"tokenbook/{old}.py should have moved"
+
+
+def test_every_notebook_imports_its_experiments_module_the_same_way():
+    for nb, stem in _stems().items():
+        cells = json.loads((ROOT / "notebooks" / f"{nb}.ipynb").read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert f"from tokenbook.experiments import {stem} as exp\n" in code, nb
+        assert not re.search(r"RunContext\.from_notebook\(\"(?!" + nb + r"\")", code), nb
+
+
+def test_no_module_is_oversized():
+    for path in _sources():
+        n = len(path.read_text().splitlines())
+        assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (> {MAX_LINES})"
+        if n > GUIDE_LINES:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            assert re.search(r"\bSize:", doc), (f"{path.relative_to(ROOT)} has {n} lines (> {GUIDE_LINES}) "
+                                                 "and no 'Size:' reason in its docstring")
