@@ -7,6 +7,13 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/env.sh"
 cd "$TOKENBOOK_ROOT"
+# the report tests open the results site in Debian's Chromium (skipped with a message where it cannot be installed)
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "tokenbook: installing Debian's chromium for the browser test of the reports" >&2
+    (apt-get install -y -qq chromium >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }) \
+        || echo "tokenbook: could not install chromium; the browser test will be skipped" >&2
+fi
 export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MPLBACKEND=Agg
 set +e
 "$PY" -m pytest "$@"

@@ -12,6 +12,7 @@ Conventions
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import platform
 import time
@@ -21,6 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+
+# torch.utils.benchmark imports torch.utils.cpp_extension, which logs "No CUDA runtime is found" on a CUDA build of
+# torch without a GPU. It does not affect timing and is noise in every report; real errors still show.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = [
     "count_params", "count_used_params", "count_macs", "explicit_attention", "measure_latency",

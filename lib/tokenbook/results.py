@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 
 __all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "repo_root",
-           "to_markdown", "NA"]
+           "to_markdown", "NA", "format_value", "formatted", "style_table", "show_table", "display_path", "swap_in"]
 
 NA = "n/a"
+#: where a notebook run outside the runner writes (git-ignored): results/<notebook>/interactive/
+INTERACTIVE_FOLDER = "interactive"
 PACKAGES = ("torch", "torchvision", "timm", "datasets", "lightning_fabric", "numpy", "pandas", "matplotlib",
             "papermill", "nbconvert", "tokenbook")
 
@@ -64,6 +67,21 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
     return path
 
 
+def swap_in(src: Path, dst: Path) -> None:
+    """Replace the folder ``dst`` by ``src`` (a finished staging folder) with renames only: readers see the old
+    complete folder or the new complete one, never a half-written mix."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def git_info(root: Optional[Path] = None) -> dict:
     root = root or repo_root()
     try:
@@ -78,6 +96,26 @@ def git_info(root: Optional[Path] = None) -> dict:
     return {"commit": commit, "dirty": dirty}
 
 
+def _cpu_model() -> dict:
+    """CPU model name and the SIMD instruction sets that decide float kernels (float results differ across CPUs)."""
+    out: dict[str, Any] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip()
+        if key == "model name" and "cpu_model" not in out:
+            out["cpu_model"] = val.strip()
+        elif key in ("flags", "Features") and "cpu_isa" not in out:
+            flags = set(val.split())
+            wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile",
+                      "asimd", "sve", "bf16")
+            out["cpu_isa"] = [f for f in wanted if f in flags]
+    return out
+
+
 def environment_info() -> dict:
     """Versions, device and thread settings for the metadata."""
     from importlib import metadata
@@ -90,7 +128,7 @@ def environment_info() -> dict:
             versions[p] = metadata.version(p.replace("_", "-"))
         except metadata.PackageNotFoundError:
             versions[p] = None
-    dev = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+    dev = {"cpu": platform.processor() or platform.machine(), **_cpu_model(), "cpu_count": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         dev["gpu"] = torch.cuda.get_device_name(0)
@@ -100,23 +138,149 @@ def environment_info() -> dict:
     return {"versions": versions, "device": dev, "platform": platform.platform()}
 
 
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and v != v):
+#: columns shown as a check mark / cross (a tolerance test against the paper)
+PASS_COLUMNS = ("pass",)
+#: columns whose text is long (sources, notes): wrapped in reports, never cut
+WRAP_HINTS = ("source", "note", "notes", "detail", "why", "what", "reason", "statement", "caption", "setting")
+
+
+def _missing(v: Any) -> bool:
+    if v is None:
+        return True
+    try:
+        return bool(pd.isna(v)) if not isinstance(v, (list, tuple, dict, set)) else False
+    except (TypeError, ValueError):
+        return False
+
+
+def format_value(v: Any, column: str = "") -> str:
+    """How a table cell is shown to people (reports, notebooks, results/README.md; CSVs keep raw values).
+
+    - missing (None, NaN, NA) -> ``n/a``, the project's one word for "not stated / not measured";
+    - ``pass`` columns: True/False -> ``✓`` / ``✗``;
+    - integers and integral floats >= 1,000 -> thousands separators (``22,050,660``), never scientific notation;
+    - other floats -> 4 significant digits (``0.1235``, ``76.85``), large ones without decimals (``12,346``).
+    """
+    if _missing(v):
         return NA
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10000:
-        return f"{v:,}"
+    if column in PASS_COLUMNS and isinstance(v, (bool, np.bool_)):
+        return "✓" if v else "✗"
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if v != v:
+            return NA
+        if v in (float("inf"), float("-inf")):
+            return "∞" if v > 0 else "-∞"
+        if abs(v) >= 1e4 or (v.is_integer() and abs(v) >= 1000):
+            return f"{v:,.0f}"
+        if v.is_integer():
+            return f"{int(v)}"
+        if abs(v) < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:.4g}"
     return str(v)
 
 
-def to_markdown(df: pd.DataFrame, caption: str = "") -> str:
-    """Markdown for a table: missing values shown as ``n/a``, numbers with 4 significant digits."""
+def formatted(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``df`` with every cell as the text :func:`format_value` shows."""
     shown = df.copy()
     for c in shown.columns:
-        shown[c] = [_fmt(v) for v in shown[c]]
-    text = shown.to_markdown(index=False)
+        shown[c] = [format_value(v, str(c)) for v in df[c]]
+    return shown
+
+
+def to_markdown(df: pd.DataFrame, caption: str = "") -> str:
+    """Markdown for a table, formatted as in the reports (:func:`format_value`), caption above."""
+    text = formatted(df).to_markdown(index=False)
     return (f"{caption}\n\n" if caption else "") + text + "\n"
+
+
+_TABLE_CSS = [
+    {"selector": "", "props": "border-collapse: collapse; font-size: 0.85em; margin: 0.4em 0 1.2em 0;"},
+    {"selector": "caption", "props": "caption-side: top; text-align: left; font-weight: 600; padding: 0 0 0.4em 0; "
+                                     "color: #333; max-width: 70em;"},
+    {"selector": "th", "props": "text-align: left; padding: 3px 8px; border-bottom: 1px solid #999; "
+                                "background: #f4f4f4; white-space: normal; vertical-align: bottom;"},
+    {"selector": "td", "props": "padding: 3px 8px; border-bottom: 1px solid #e4e4e4; vertical-align: top;"},
+]
+
+
+def style_table(df: pd.DataFrame, caption: str = ""):
+    """The one display form of a table for people (pandas ``Styler``): no index column, the caption above,
+    cells formatted by :func:`format_value` (``n/a`` for missing values, thousands separators, 4 significant
+    digits), ``pass`` as a green ✓ / red ✗, numbers right-aligned, long text (sources, notes) wrapped, never cut."""
+    df = df.reset_index(drop=True)
+    st = df.style.hide(axis="index")
+    st = st.format({c: (lambda v, _c=str(c): format_value(v, _c)) for c in df.columns})
+    if caption:
+        st = st.set_caption(caption)
+    st = st.set_table_styles(_TABLE_CSS)
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    if numeric:
+        st = st.set_properties(subset=numeric, **{"text-align": "right", "white-space": "nowrap"})
+    text = [c for c in df.columns if c not in numeric]
+    if text:
+        st = st.set_properties(subset=text, **{"text-align": "left"})
+    wrap = [c for c in df.columns if any(h in str(c).lower() for h in WRAP_HINTS)]
+    if wrap:
+        st = st.set_properties(subset=wrap, **{"white-space": "normal", "min-width": "12em", "max-width": "36em",
+                                               "overflow-wrap": "anywhere"})
+    for c in df.columns:
+        if str(c) in PASS_COLUMNS:
+            st = st.map(lambda v: ("color: #1a7f37; font-weight: 700;" if v is True or v is np.True_ else
+                                   "color: #cf222e; font-weight: 700;" if v is False or v is np.False_ else ""),
+                        subset=[c])
+    return st
+
+
+def _in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def show_table(df: Any, caption: str = "") -> None:
+    """Display ``df`` in the notebook as :func:`style_table` formats it (outside a kernel: print its Markdown).
+    A Series or a dict is shown as a one-row table; anything else is passed to IPython's ``display``."""
+    if isinstance(df, pd.Series):
+        df = df.to_frame().T if df.name is None else df.to_frame()
+    elif isinstance(df, dict):
+        df = pd.DataFrame([df])
+    if not isinstance(df, pd.DataFrame):
+        if _in_kernel():
+            from IPython.display import display
+
+            display(df)
+        else:
+            print(df)
+        return
+    if _in_kernel():
+        from IPython.display import display
+
+        display(style_table(df, caption))
+    else:
+        print(to_markdown(df, caption))
+
+
+def display_path(path: Any, root: Optional[Path] = None) -> str:
+    """A path as reports show it: relative to the repository root, else under ``~``, never the machine's absolute
+    path of a home folder."""
+    p = Path(path).expanduser()
+    try:
+        return str(p.resolve().relative_to((root or repo_root()).resolve()))
+    except ValueError:
+        pass
+    try:
+        return "~/" + str(p.resolve().relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(p)
 
 
 def save_table(df: pd.DataFrame, name: str, out_dir: Path, caption: str = "") -> dict:
@@ -131,14 +295,29 @@ class RunContext:
     """One notebook run: its parameters, output folder and metadata."""
 
     def __init__(self, notebook: str, profile: str, params: dict, results_root: str | Path = "results",
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, folder: Optional[str] = None, stage: bool = False):
+        """Results go to ``<results_root>/<notebook>/<folder>/`` (``folder`` defaults to the profile). With
+        ``stage=True`` they are written to ``<results_root>/.staging/...`` first and swapped in by :meth:`finish`
+        (what the runner does for every run), so an unfinished or failed run never touches earlier results."""
         if not notebook or "/" in notebook:
             raise ValueError(f"bad notebook name {notebook!r}")
         self.notebook, self.profile, self.params = notebook, profile, dict(params)
         root = Path(results_root)
         if not root.is_absolute():
             root = repo_root() / root
-        self.out_dir = root / notebook / profile
+        self.folder = folder or profile
+        if not self.folder or "/" in self.folder:
+            raise ValueError(f"bad results folder {self.folder!r}")
+        self.final_dir = root / notebook / self.folder
+        self._stage_root: Optional[Path] = None
+        if stage:
+            import shutil
+
+            self._stage_root = root / ".staging" / f"{notebook}-{self.folder}-{os.getpid()}"
+            shutil.rmtree(self._stage_root, ignore_errors=True)
+            self.out_dir = self._stage_root / notebook / self.folder
+        else:
+            self.out_dir = self.final_dir
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed if seed is not None else params.get("seed")
         self.started = time.time()
@@ -147,6 +326,7 @@ class RunContext:
         self.figures: dict[str, dict] = {}
         self.notes: dict[str, Any] = {}
         self._t: dict[str, float] = {}
+        self._captions: dict[int, str] = {}
         self._write_meta(status="running")
 
     @property
@@ -155,11 +335,8 @@ class RunContext:
         writes through a staging folder."""
         display = os.environ.get("TOKENBOOK_RESULTS_DISPLAY")
         if display:
-            return f"{display}/{self.notebook}/{self.profile}"
-        try:
-            return str(self.out_dir.resolve().relative_to(repo_root()))
-        except ValueError:
-            return str(self.out_dir)
+            return f"{display}/{self.notebook}/{self.folder}"
+        return display_path(self.final_dir)
 
     # -- construction from a notebook ------------------------------------------------------------------------
     @classmethod
@@ -174,15 +351,33 @@ class RunContext:
             params[name] = check_param_type(name, namespace[name], spec["type"])
         if "profile" not in params or "results_root" not in params:
             raise ValueError(f"{notebook}: the parameters cell must define 'profile' and 'results_root'")
-        return cls(notebook, params["profile"], params, params["results_root"], params.get("seed"))
+        if os.environ.get("TOKENBOOK_HEADLESS") == "1":  # the runner: it stages and swaps in itself
+            return cls(notebook, params["profile"], params, params["results_root"], params.get("seed"))
+        # run outside the runner (JupyterLab, nbclient, papermill by hand): a git-ignored scratch folder, staged,
+        # so that exploring never rewrites the committed results; TOKENBOOK_RESULTS_FOLDER names another folder
+        folder = os.environ.get("TOKENBOOK_RESULTS_FOLDER") or INTERACTIVE_FOLDER
+        return cls(notebook, params["profile"], params, params["results_root"], params.get("seed"), folder=folder,
+                   stage=True)
 
     # -- writing ---------------------------------------------------------------------------------------------
-    def save_table(self, name: str, df: pd.DataFrame, caption: str = "") -> pd.DataFrame:
+    def save_table(self, name: str, df: pd.DataFrame, caption: str = "", headline: bool = False) -> pd.DataFrame:
+        """Write ``<name>.csv`` (raw values) and ``<name>.md`` (formatted); ``headline=True`` puts the table's
+        rows in the results site's headline table. :meth:`show` displays it later with this caption."""
         self.tables[name] = save_table(df, name, self.out_dir, caption)
+        if headline:
+            self.tables[name]["headline"] = True
+        self._captions[id(df)] = caption
         self._write_meta()
         return df
 
+    def show(self, *tables: pd.DataFrame, caption: Optional[str] = None) -> None:
+        """Display tables for people (:func:`style_table`), each with the caption it was saved with."""
+        for df in tables:
+            show_table(df, self._captions.get(id(df), "") if caption is None else caption)
+
     def save_figure(self, name: str, fig, caption: str = "", dpi: int = 110) -> Path:
+        """Write ``<name>.png`` and, in a notebook kernel, show that same PNG inline with its caption (and close the
+        figure, so it is not drawn twice): the executed notebook and its HTML report carry every saved figure."""
         import io
 
         buf = io.BytesIO()
@@ -190,6 +385,14 @@ class RunContext:
         path = atomic_write(self.out_dir / f"{name}.png", buf.getvalue())
         self.figures[name] = {"name": name, "png": path.name, "caption": caption}
         self._write_meta()
+        if _in_kernel():
+            import matplotlib.pyplot as plt
+            from IPython.display import Image, Markdown, display
+
+            display(Image(data=buf.getvalue(), format="png"))
+            if caption:
+                display(Markdown(f"*Figure ({name}): {caption}*"))
+            plt.close(fig)
         return path
 
     def note(self, key: str, value: Any) -> None:
@@ -214,8 +417,19 @@ class RunContext:
         return RunContext._Timer(self, name)
 
     def finish(self) -> dict:
-        """Mark the run complete in meta.json and return the metadata."""
-        return self._write_meta(status="completed")
+        """Mark the run complete in meta.json, swap a staged run into place, and return the metadata."""
+        meta = self._write_meta(status="completed")
+        if self._stage_root is not None:
+            import shutil
+
+            swap_in(self.out_dir, self.final_dir)
+            shutil.rmtree(self._stage_root, ignore_errors=True)
+            try:
+                self._stage_root.parent.rmdir()
+            except OSError:
+                pass
+            self.out_dir, self._stage_root = self.final_dir, None
+        return meta
 
     def _write_meta(self, status: Optional[str] = None) -> dict:
         from .repro import repro_settings
@@ -224,7 +438,7 @@ class RunContext:
             self._status = status
         meta = {
             "notebook": self.notebook, "profile": self.profile, "status": getattr(self, "_status", "running"),
-            "results_dir": self.where,
+            "results_dir": self.where, "folder": self.folder,
             "started_utc": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(),
             "elapsed_s": time.time() - self.started, "seed": self.seed, "parameters": self.params,
             "timings_s": self.timings, "tables": list(self.tables.values()), "figures": list(self.figures.values()),

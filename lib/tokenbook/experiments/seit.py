@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenbook.data import tokens as T
+from tokenbook.results import display_path
 from tokenbook.methods.token_aug import (
     TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
     sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
@@ -105,7 +106,7 @@ class TokenData:
         return {"source": self.source, "train_records": len(self.train), "val_records": len(self.val),
                 "grid": f"{self.grid[0]}x{self.grid[1]}", "codebook": f"{self.codebook.shape[0]}x{self.codebook.shape[1]}",
                 "max_id": int(max(np.max(self.train.ids), np.max(self.val.ids))), "num_classes": self.num_classes,
-                "root": str(self.root)}
+                "root": display_path(self.root)}
 
 
 def _images_uint8(ds, n: Optional[int] = None) -> torch.Tensor:
@@ -207,7 +208,7 @@ def load_release_tokens(
         files.update({f"{split}_data": p.data, f"{split}_index": p.index, f"{split}_labels": p.labels})
     return TokenData(train=_subset(sets["train"], train_subset, seed), val=_subset(sets["val"], val_subset, seed + 1),
                      codebook=cb, synonyms=syn, num_classes=int(labels.max()) + 1,
-                     source=f"token release {root}", root=root, files=files)
+                     source=f"token release {display_path(root)}", root=root, files=files)
 
 
 def write_tiny_release(root: PathLike, n_train: int = 8, n_val: int = 4, num_classes: int = 4, grid: int = 32,
