@@ -47,7 +47,8 @@ def meta(name: str, **kw) -> torch.nn.Module:
 
 
 def n_params(m: torch.nn.Module, trainable: bool = False) -> int:
-    return sum(p.numel() for p in m.parameters() if p.requires_grad or not trainable)
+    """Parameters as the paper / official code count them: the frozen tables (buffers here) are in the total."""
+    return t2t.param_counts(m)["trainable" if trainable else "total"]
 
 
 def official_t2t_keys(tokens_type: str, d: int) -> dict[str, tuple[int, ...]]:
@@ -249,8 +250,11 @@ def test_dense_widths_drop_path_quirk_and_classifier():
 def test_frozen_tables_and_weight_decay_exclusions():
     torch.manual_seed(0)
     m = timm.create_model("t2t_vit_tiny_fmnist")
-    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
-    assert frozen == {"pos_embed", "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
+    # the fixed tables are persistent buffers (official state-dict keys), not frozen parameters
+    assert all(p.requires_grad for p in m.parameters())
+    tables = {"pos_embed", "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
+    assert set(t2t.frozen_tables(m)) == tables
+    assert tables <= set(dict(m.named_buffers())) and tables <= set(m.state_dict())
     assert m.no_weight_decay() == {"cls_token"}
     pe = m.pos_embed[0]
     assert torch.equal(pe[0, 0::2], torch.zeros(64)) and torch.equal(pe[0, 1::2], torch.ones(64))

@@ -274,8 +274,7 @@ def test_transfer_recipe_values_and_preparation():
     t2t.prepare_for_transfer(model, 10)
     assert model.head.out_features == 10
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {"cls_token", "norm.weight", "norm.bias", "pos_embed", "tokens_to_token.attention1.w",
-                      "tokens_to_token.attention2.w"}
+    assert frozen == {"cls_token", "norm.weight", "norm.bias"}  # the fixed tables are buffers, never trained
 
 
 def test_transfer_lr_hook_equals_official_two_group_sgd():

@@ -181,7 +181,7 @@ def variant_table(names: Sequence[str], img_size: int = 224, references: Sequenc
         with torch.device(device):
             m = timm.create_model(name, img_size=size)
         cfg = tv.OFFICIAL_CONFIGS[name]
-        pc = bench.count_params(m)
+        pc = tv.param_counts(m)  # + the frozen tables (buffers here, parameters officially), as the paper counts
         mc = bench.count_macs(m, input_size=(m.tokens_to_token.in_chans, size, size))
         t2t_mc = bench.count_macs(m.tokens_to_token, input_size=(m.tokens_to_token.in_chans, size, size))
         hidden = (int(cfg["embed_dim"] * cfg["mlp_ratio"]) if "block_config" not in cfg
@@ -192,7 +192,7 @@ def variant_table(names: Sequence[str], img_size: int = 224, references: Sequenc
             depth=cfg["depth"] if "block_config" not in cfg else sum(cfg["block_config"]),
             num_heads=cfg["num_heads"], mlp_hidden=str(hidden), img_size=size,
             tokens=m.tokens_to_token.num_patches, params=pc["total"], params_trainable=pc["trainable"],
-            params_m=pc["total"] / 1e6, t2t_params=sum(p.numel() for p in m.tokens_to_token.parameters()),
+            params_m=pc["total"] / 1e6, t2t_params=tv.param_counts(m.tokens_to_token)["total"],
             gmacs=mc["gmacs"], macs_g=mc["gmacs"], gflops=mc["gflops"], t2t_gmacs=t2t_mc["gmacs"]))
     for label in list(references) + list(cnns):
         size = CNN_TIMM[label][1] if label in CNN_TIMM else img_size
@@ -318,7 +318,7 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
         res = fit(model, train_loader, val_loader, cfg, hooks=list(hooks_factory()) if hooks_factory else [],
                   preprocess=bundle.preprocess, desc=key)
         model = res.model
-        pc = bench.count_params(model)
+        pc = tv.param_counts(model)  # T2T-ViT: + frozen tables as the paper counts; other models: count_params
         mc = bench.count_macs(model.cpu() if next(model.parameters()).is_cuda else model,
                               input_size=(chans, size, size))
         row = dict(variant=key, model=name, embed_dim=getattr(model, "embed_dim", None),

@@ -108,6 +108,12 @@ class TokenViT(VisionTransformer):
                              f"{self.token_img_size}) or integer ids (B, H, W), got {tuple(x.shape)}")
         return super().forward_features(x, *args, **kwargs)
 
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates``; also accepts integer ids when a codebook is attached."""
+        if not x.dtype.is_floating_point:
+            x = self.embed_ids(x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
 
 _TOKENADAPT_PREFIXES = ("conversion_function.", "reverse_transform.")
 
@@ -204,7 +210,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenViT:
-    return build_model_with_cfg(TokenViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # features_only=True: timm's FeatureGetterNet over forward_intermediates (default: the last 3 blocks)
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(TokenViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _args(embed_dim: int, depth: int, heads: int, in_chans: int = 32, img_size: int = 28, **kw: Any) -> dict:

@@ -11,13 +11,14 @@ What the official code computes (and this module reproduces by default)
   ``project = Linear(64*9 -> D)``. Unfold's feature order is channel-major (``c*k*k + i*k + j``).
 - **Performer T2T layer** (``tokens_type='performer'``): ``kqv`` Linear with bias split in the order k | q | v,
   ``m = token_dim * kernel_ratio = 32`` fixed orthogonal random features ``w`` (rows of norm sqrt(m), a frozen
-  ``nn.Parameter`` stored in the state dict), feature map ``phi(x) = exp(w x - |x|^2 / 2) / sqrt(m)``, linear
+  ``nn.Parameter`` officially; a persistent buffer here, see below), feature map
+  ``phi(x) = exp(w x - |x|^2 / 2) / sqrt(m)``, linear
   attention with epsilon 1e-8, residual through v, and two **hard-coded** dropouts of 0.1.
 - **Transformer T2T layer** (``tokens_type='transformer'``): one head, qkv without bias, scale
   ``(input width)^-1/2`` (147^-1/2, 576^-1/2; not 64^-1/2), residual through v, MLP ratio 1.
 - **Backbone**: pre-norm timm ``Block`` with qkv without bias, ``nn.LayerNorm`` eps 1e-5, a frozen 1-D sinusoid
-  position table (a ``requires_grad=False`` parameter, counted in the parameter totals as the paper does), class
-  token head. Stochastic depth linear over the blocks.
+  position table (a ``requires_grad=False`` parameter officially, counted in the parameter totals as the paper
+  does), class token head. Stochastic depth linear over the blocks.
 
 Where we differ (all documented, options where behaviour changes)
 ----------------------------------------------------------------
@@ -43,8 +44,16 @@ Where we differ (all documented, options where behaviour changes)
 - **No T2T** (``tokens_type='none'``, Table 7 "T2T-ViT-14 w/o T2T"): the paper does not describe it in the
   available text; we use a ViT hard split (``Conv2d`` with kernel = stride = product of the soft-split strides,
   16 at 224 px), i.e. the plain ViT with the same backbone.
+- **Fixed tables as buffers**: ``pos_embed`` and the performers' ``w`` are persistent buffers, not frozen
+  parameters (timm expects every parameter to get a gradient). The state-dict keys are the official ones, so
+  released checkpoints still load strictly; the paper's / official parameter totals include them:
+  :func:`param_counts` (``total`` = parameters + :func:`frozen_tables`) gives T2T-ViT-14 21,545,550 as the paper.
+  ``model.parameters()`` alone is 79,744 smaller for T2T-ViT-14 (197 x 384 table + 2 x 32 x 64 features).
 - ``forward_features`` returns the normalized token sequence (timm convention); the official one returns the class
-  token only. ``forward`` outputs are identical.
+  token only. ``forward`` outputs are identical. timm's ``forward_intermediates`` / ``prune_intermediate_layers`` /
+  ``feature_info`` (so ``features_only=True`` works, on the final token grid, reduction = product of the soft-split
+  strides) are added; ``pretrained_cfg['first_conv']`` is the first layer with weights on the pixels
+  (:data:`FIRST_CONV`), ``pool_size`` is None as for timm's ViTs (the features are a token sequence).
 - ``T2TViTDense.reset_classifier`` uses the final width (the official one uses the start width, a bug).
 
 Table 6 variants: ``t2t_vit_14_se`` (SE gate after the attention projection), ``t2t_vit_16_ghost`` (ghost q/k/v and
@@ -56,9 +65,10 @@ MLP with depthwise 1x1 "cheap" convs), ``t2t_vit_dense`` (dense connections, gro
 The paper's ablation sets and the feature / attention read-outs of the notebook ``02_t2t_vit`` are in
 :mod:`tokenbook.experiments.t2t_vit`.
 
-Size: about 1,100 lines, over the project's 800-line guide on purpose: one architecture family (the T2T module in
-four token types, the backbone, the four Table-6 block variants) with 19 registered models and one checkpoint filter;
-all variants share the constructor and the key layout the filter relies on.
+Size: about 1,150 lines, over the project's 800-line guide on purpose: one architecture family (the T2T module in
+four token types, the backbone with timm's feature API) with 22 registered models and one checkpoint filter; all
+variants share the constructor and the key layout the filter relies on. The Table-6 block variants live in
+:mod:`tokenbook.models._t2t_vit_blocks` (re-exported here).
 """
 from __future__ import annotations
 
@@ -69,18 +79,20 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, resample_abs_pos_embed, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models.vision_transformer import Attention, Block
+from timm.models._features import feature_take_indices
+from timm.models.vision_transformer import Block
+
+from ._t2t_vit_blocks import DenseBlock, GhostAttention, GhostMlp, SEAttention, Transition, _attend
 
 __all__ = [
     "OFFICIAL_SOFT_SPLIT", "FMNIST_SOFT_SPLIT", "TOKENS_TYPES", "OFFICIAL_CONFIGS",
     "TokenPerformer", "TokenTransformer", "T2TModule", "T2TViT", "T2TViTDense",
     "SEAttention", "GhostAttention", "GhostMlp", "DenseBlock", "Transition",
     "sinusoid_table", "soft_split_grids", "soft_split_receptive_fields", "token_receptive_field",
-    "checkpoint_filter_fn", "load_official_checkpoint",
+    "checkpoint_filter_fn", "load_official_checkpoint", "frozen_tables", "param_counts",
 ]
 
 SoftSplit = tuple[int, int, int]  # (kernel, stride, padding)
@@ -199,16 +211,6 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool, attn_drop: nn.Dropout,
-            training: bool) -> torch.Tensor:
-    """softmax(scale q k^T) v with optional fused SDPA (the explicit path is what FLOP counters see)."""
-    if fused:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=attn_drop.p if training else 0.0, scale=scale)
-    attn = (q * scale) @ k.transpose(-2, -1)
-    attn = attn_drop(attn.softmax(dim=-1))
-    return attn @ v
-
-
 # ----------------------------------------------------------------------------------------------------------
 # T2T layers
 # ----------------------------------------------------------------------------------------------------------
@@ -238,7 +240,9 @@ class TokenPerformer(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(in_dim)
         self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, in_dim), nn.Dropout(dropout))
-        self.w = nn.Parameter(torch.empty(self.m, in_dim), requires_grad=False)
+        # fixed random features: a persistent buffer (official key ``w`` in the state dict; the official code keeps a
+        # frozen parameter and counts it, see ``frozen_tables``)
+        self.register_buffer("w", torch.empty(self.m, in_dim), persistent=True)
         self.reset_random_features()
 
     @torch.no_grad()
@@ -413,6 +417,12 @@ class T2TModule(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     @property
+    def reduction(self) -> int:
+        """Total stride of the module in pixels (product of the soft-split strides; 16 officially, 4 for
+        ``FMNIST_SOFT_SPLIT``): one final token per ``reduction x reduction`` pixels."""
+        return math.prod(s for _, s, _ in self.soft_split)
+
+    @property
     def num_layers(self) -> int:
         """Number of T2T layers (2 officially; 0 for convolution / none)."""
         return len(self.soft_split) - 1 if self.tokens_type in ("performer", "transformer") else 0
@@ -502,127 +512,11 @@ class T2TModule(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Backbone variants of Table 6
-# ----------------------------------------------------------------------------------------------------------
-class SEAttention(Attention):
-    """timm ``Attention`` plus the official SE gate after the output projection (``t2t_vit_se.py``):
-    mean over tokens -> Linear(D, D/16, no bias) -> ReLU -> Linear(D/16, D, no bias) -> sigmoid -> channel scale.
-    Keys ``se_layer.fc.0.weight``, ``se_layer.fc.2.weight``."""
-
-    def __init__(self, dim: int, num_heads: int = 8, reduction: int = 16, **kwargs: Any) -> None:
-        super().__init__(dim, num_heads=num_heads, **kwargs)
-        if dim // reduction < 1:
-            raise ValueError(f"SE reduction {reduction} is larger than the width {dim}")
-        self.se_layer = nn.Module()
-        self.se_layer.fc = nn.Sequential(nn.Linear(dim, dim // reduction, bias=False), nn.ReLU(inplace=True),
-                                         nn.Linear(dim // reduction, dim, bias=False), nn.Sigmoid())
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        y = _attend(q, k, v, self.scale, self.fused_attn, self.attn_drop, self.training)
-        y = self.proj(y.transpose(1, 2).reshape(b, n, self.attn_dim))
-        y = y * self.se_layer.fc(y.mean(dim=1)).unsqueeze(1)
-        return self.proj_drop(y)
-
-
-class GhostAttention(nn.Module):
-    """Ghost attention (official ``Attention_ghost``): q, k, v = Linear(D, D/2) each plus a depthwise 1x1 Conv1d
-    "cheap operation" producing the other half (concatenated), then standard multi-head attention and ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, **_: Any) -> None:
-        super().__init__()
-        if dim % num_heads or dim % 2:
-            raise ValueError(f"ghost attention needs an even width divisible by num_heads, got {dim}/{num_heads}")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = use_fused_attn()
-        half = dim // 2
-        self.q = nn.Linear(dim, half, bias=qkv_bias)
-        self.k = nn.Linear(dim, half, bias=qkv_bias)
-        self.v = nn.Linear(dim, half, bias=qkv_bias)
-        self.cheap_operation_q = nn.Conv1d(half, half, kernel_size=1, groups=half, bias=False)
-        self.cheap_operation_k = nn.Conv1d(half, half, kernel_size=1, groups=half, bias=False)
-        self.cheap_operation_v = nn.Conv1d(half, half, kernel_size=1, groups=half, bias=False)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def _ghost(self, lin: nn.Linear, cheap: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        y = lin(x)
-        y = torch.cat((y, cheap(y.transpose(1, 2)).transpose(1, 2)), dim=2)
-        return y.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-
-    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (self._ghost(self.q, self.cheap_operation_q, x), self._ghost(self.k, self.cheap_operation_k, x),
-                self._ghost(self.v, self.cheap_operation_v, x))
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv_heads(x)
-        y = _attend(q, k, v, self.scale, self.fused_attn, self.attn_drop, self.training)
-        return self.proj_drop(self.proj(y.transpose(1, 2).reshape(b, n, c)))
-
-
-class GhostMlp(nn.Module):
-    """Ghost MLP (official ``Mlp_ghost``): fc1 D->D, GELU; two depthwise 1x1 Conv1d cheap ops on it, each GELU;
-    concatenation to 3D; fc2 3D->D. Requires mlp_ratio 3 (the official code breaks otherwise)."""
-
-    def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
-                 act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0, **_: Any) -> None:
-        super().__init__()
-        hidden_features = hidden_features or in_features
-        out_features = out_features or in_features
-        if hidden_features != 3 * in_features:
-            raise ValueError(f"ghost MLP needs mlp_ratio 3 (hidden {3 * in_features}), got hidden {hidden_features}")
-        self.fc1 = nn.Linear(in_features, in_features)
-        self.act = act_layer()
-        self.fc2 = nn.Linear(hidden_features, out_features)
-        self.drop = nn.Dropout(drop)
-        self.cheap_operation2 = nn.Conv1d(in_features, in_features, kernel_size=1, groups=in_features, bias=False)
-        self.cheap_operation3 = nn.Conv1d(in_features, in_features, kernel_size=1, groups=in_features, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.act(self.fc1(x))
-        x2 = self.act(self.cheap_operation2(x1.transpose(1, 2)).transpose(1, 2))
-        x3 = self.act(self.cheap_operation3(x1.transpose(1, 2)).transpose(1, 2))
-        return self.drop(self.fc2(self.drop(torch.cat((x1, x2, x3), dim=2))))
-
-
-class DenseBlock(Block):
-    """Dense block (official ``t2t_vit_dense.Block``): a standard block at the current width w, then
-    ``dense_linear`` Linear(w -> growth_rate) and concatenation to the input (width w + growth_rate)."""
-
-    def __init__(self, dim: int, growth_rate: int, **kwargs: Any) -> None:
-        super().__init__(dim, **kwargs)
-        self.dense_linear = nn.Linear(dim, growth_rate)
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        return torch.cat([x, self.dense_linear(super().forward(x))], dim=2)
-
-
-class Transition(nn.Module):
-    """Between dense stages: Linear(w -> w/2) + GELU (official ``Transition``, key ``linear``)."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__()
-        self.act = nn.GELU()
-        self.linear = nn.Linear(in_features, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.linear(x))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------------------
 class T2TViT(nn.Module):
-    """T2T-ViT: T2T module + class token + frozen sinusoid table + pre-norm ViT blocks + class-token head.
+    """T2T-ViT: T2T module + class token + fixed sinusoid table (a persistent buffer) + pre-norm ViT blocks +
+    class-token head.
 
     Args (beyond the usual timm ones):
         tokens_type: 'performer' | 'transformer' | 'convolution' | 'none' (see ``T2TModule``).
@@ -677,6 +571,7 @@ class T2TViT(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
@@ -692,14 +587,19 @@ class T2TViT(nn.Module):
                 performer_dropout=performer_dropout, performer_fp32=performer_fp32, conv_act=conv_act)
             self.grid_size = self.tokens_to_token.grid_size
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-            self.pos_embed = nn.Parameter(sinusoid_table(self.tokens_to_token.num_patches + 1, embed_dim),
-                                          requires_grad=False)
+            # fixed sinusoid table: a persistent buffer (official key ``pos_embed``; counted by ``frozen_tables``)
+            self.register_buffer("pos_embed", sinusoid_table(self.tokens_to_token.num_patches + 1, embed_dim),
+                                 persistent=True)
             self.pos_drop = nn.Dropout(p=drop_rate)
             self._build_blocks(embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                                qkv_bias=qkv_bias, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                                drop_path_rate=drop_path_rate, block_type=block_type)
             self.norm = LayerNorm5(self.num_features)
             self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # one entry per element of ``blocks`` (timm ViT convention: module, channels, pixel stride)
+        r = self.tokens_to_token.reduction
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=c, reduction=r)
+                             for i, c in enumerate(self._block_widths)]
         self.init_weights()
         if dtype is not None:
             self.to(dtype)
@@ -716,6 +616,7 @@ class T2TViT(nn.Module):
             Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=LayerNorm5, **extra)
             for i in range(depth)])
+        self._block_widths = [embed_dim] * depth  # output width of each element of ``blocks``
 
     # -- init / timm plumbing ---------------------------------------------------------------------------
     def init_weights(self) -> None:
@@ -754,7 +655,7 @@ class T2TViT(nn.Module):
                 raise ValueError(f"unknown global_pool {global_pool!r}; use one of {GLOBAL_POOLS}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        dev = self.norm.weight.device
+        dev = self.cls_token.device
         self.head = nn.Linear(self.num_features, num_classes, device=dev) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
@@ -790,6 +691,79 @@ class T2TViT(nn.Module):
                 x = blk(x)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Outputs of elements of ``blocks`` as timm's ``VisionTransformer.forward_intermediates``.
+
+        ``indices``: an int n takes the last n, a sequence takes those indices, None all. ``output_fmt``: 'NCHW'
+        (patch tokens as a (B, C, h, w) map on the final token grid) or 'NLC' (B, h*w, C); the class token is split
+        off (returned beside each intermediate with ``return_prefix_tokens``). ``norm`` applies the final norm to
+        the intermediates. Returns ``(forward_features output, intermediates)``, or the list only with
+        ``intermediates_only``. ``T2TViTDense``: widths differ per element (see ``feature_info``); ``norm=True``
+        only applies to elements of the final width and raises ValueError for others.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        if norm:
+            bad = [i for i in take_indices if self.feature_info[i]["num_chs"] != self.norm_width]
+            if bad:
+                raise ValueError(f"norm=True: the final norm is {self.norm_width} wide but blocks {bad} output "
+                                 f"{[self.feature_info[i]['num_chs'] for i in bad]} channels (T2TViTDense widths "
+                                 f"grow per block); use norm=False for those indices")
+        b, _, height, width = x.shape
+        gh, gw = self.tokens_to_token.grid_for((height, width))
+        x = self.forward_tokens(x)
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting() and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        p = self.num_prefix_tokens
+        prefix_tokens = [y[:, :p] for y in intermediates]
+        intermediates = [y[:, p:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    @property
+    def norm_width(self) -> int:
+        """Width of the final norm (``num_features`` unless the model was pruned)."""
+        return self.norm.normalized_shape[0] if isinstance(self.norm, nn.LayerNorm) else self.num_features
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the elements of ``blocks`` after the last of ``indices`` (and the norm / head); returns the kept
+        indices (timm convention, used by ``features_only=True``)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        kept_width = self.feature_info[max_index]["num_chs"]
+        if not prune_norm and kept_width != self.norm_width:
+            raise ValueError(f"pruning after block {max_index} leaves width {kept_width} but the final norm is "
+                             f"{self.norm_width} wide (T2TViTDense); use prune_norm=True (features_only with "
+                             f"norm=False)")
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
         return x if pre_logits else self.head(x)
@@ -805,6 +779,12 @@ class T2TViTDense(T2TViT):
 
     ``drop_path_mode='official'`` reproduces the official quirk: rates ``linspace(0, drop_path_rate, 12)`` indexed by
     the *stage* (the constructor's unused ``depth`` default is 12); ``'per_block'`` spreads them over all blocks.
+
+    timm features: ``feature_info`` has one entry per element of ``blocks`` with its output width (dense blocks and
+    transitions: 192, 256, 320, 160, ... for the official model), so ``features_only=True`` maps have different
+    channels per index. ``forward_intermediates(norm=True)`` applies only to elements of the final width and
+    ``prune_intermediate_layers`` needs ``prune_norm=True`` when the kept width is not the final norm's (ValueError
+    otherwise; ``features_only`` with the default ``norm=False`` always works).
     """
 
     def __init__(self, growth_rate: int = 64, block_config: Sequence[int] = (3, 6, 6, 4),
@@ -826,6 +806,7 @@ class T2TViTDense(T2TViT):
         else:
             rates = [x.item() for x in torch.linspace(0, drop_path_rate, total, device="cpu")]
         self.blocks = nn.ModuleList()
+        widths: list[int] = []  # output width of each element of ``blocks`` (dense blocks and transitions)
         width, b = embed_dim, 0
         for stage, n in enumerate(config):
             for _ in range(n):
@@ -837,10 +818,13 @@ class T2TViTDense(T2TViT):
                                               drop_path=dp, norm_layer=LayerNorm5))
                 width += growth
                 b += 1
+                widths.append(width)
             if stage != len(config) - 1:
                 self.blocks.append(Transition(width, width // 2))
                 width //= 2
+                widths.append(width)
         self.num_features = self.head_hidden_size = width
+        self._block_widths = widths
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -897,6 +881,33 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: T2TViT) -> dict[str,
     return out
 
 
+def frozen_tables(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_buffers()``) of the fixed tables the paper and the official code count as
+    parameters: every T2T-ViT ``pos_embed`` (sinusoid table) and every performer's random features ``w``.
+
+    The official code holds them as ``requires_grad=False`` parameters; here they are persistent buffers (same
+    state-dict keys, so official checkpoints load strictly; no parameter without a gradient, as timm expects). Works
+    on any module (a whole model, ``model.tokens_to_token``, a block); empty for models without them.
+    """
+    names = []
+    for prefix, m in model.named_modules():
+        pre = prefix + "." if prefix else ""
+        if isinstance(m, T2TViT):
+            names.append(pre + "pos_embed")
+        elif isinstance(m, TokenPerformer):
+            names.append(pre + "w")
+    return names
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts as the paper / official code report them: ``total`` = parameters + :func:`frozen_tables`
+    (e.g. T2T-ViT-14 21,545,550), ``trainable`` = parameters only (21,465,806). Any module; for models without
+    frozen tables this is ``bench.count_params``."""
+    from tokenbook.bench import count_params
+
+    return count_params(model, include_buffers=frozen_tables(model))
+
+
 def load_official_checkpoint(model: T2TViT, checkpoint: Union[str, dict], weights_only: bool = True) -> T2TViT:
     """Load an official checkpoint (path or dict) into ``model`` strictly, through ``checkpoint_filter_fn``.
 
@@ -913,11 +924,19 @@ def load_official_checkpoint(model: T2TViT, checkpoint: Union[str, dict], weight
 # ----------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------
+#: the first layer with weights that sees the pixels, per tokens_type (timm ``first_conv``): the first T2T
+#: layer's qkv projection of the unfolded 7x7 patches (after its LayerNorm), the first conv, or the hard-split conv
+FIRST_CONV = {"performer": "tokens_to_token.attention1.kqv", "transformer": "tokens_to_token.attention1.attn.qkv",
+              "convolution": "tokens_to_token.soft_split0", "none": "tokens_to_token.project"}
+
+
 def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # pool_size None: timm's convention for ViTs (forward_features is a (B, 1 + h*w, D) token sequence, no map)
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
         "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD, "classifier": "head", "license": "bsd-3-clause-clear", **kwargs,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": FIRST_CONV["performer"], "classifier": "head",
+        "license": "bsd-3-clause-clear", **kwargs,
     }
 
 
@@ -927,8 +946,9 @@ def _released(file: str, top1: float, **kwargs: Any) -> dict[str, Any]:
 
 
 def _fmnist_cfg(**kwargs: Any) -> dict[str, Any]:
+    # ours, untrained: the project's licence
     return _cfg(num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, interpolation="bilinear",
-                mean=(0.2860,), std=(0.3530,), license=None, **kwargs)
+                mean=(0.2860,), std=(0.3530,), license="mit", **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -939,20 +959,20 @@ default_cfgs = generate_default_cfgs({
     "t2t_vit_14.in1k_384": _released("83.3_T2T_ViT_14.pth.tar", 83.3, input_size=(3, 384, 384)),
     "t2t_vit_19.in1k": _released("81.9_T2T_ViT_19.pth.tar", 81.9),
     "t2t_vit_24.in1k": _released("82.3_T2T_ViT_24.pth.tar", 82.3),
-    "t2t_vit_t_14.in1k": _released("81.7_T2T_ViTt_14.pth.tar", 81.7),
-    "t2t_vit_t_19.in1k": _released("82.4_T2T_ViTt_19.pth.tar", 82.4),
-    "t2t_vit_t_24.in1k": _released("82.6_T2T_ViTt_24.pth.tar", 82.6),
+    "t2t_vit_t_14.in1k": _released("81.7_T2T_ViTt_14.pth.tar", 81.7, first_conv=FIRST_CONV["transformer"]),
+    "t2t_vit_t_19.in1k": _released("82.4_T2T_ViTt_19.pth.tar", 82.4, first_conv=FIRST_CONV["transformer"]),
+    "t2t_vit_t_24.in1k": _released("82.6_T2T_ViTt_24.pth.tar", 82.6, first_conv=FIRST_CONV["transformer"]),
     "t2t_vit_14_resnext": _cfg(),
     "t2t_vit_14_wide": _cfg(),
     "t2t_vit_14_se": _cfg(),
     "t2t_vit_dense": _cfg(),
     "t2t_vit_16_ghost": _cfg(),
-    "t2t_vit_14_wo_t2t": _cfg(),
-    "t2t_vit_c_14": _cfg(),
+    "t2t_vit_14_wo_t2t": _cfg(first_conv=FIRST_CONV["none"]),
+    "t2t_vit_c_14": _cfg(first_conv=FIRST_CONV["convolution"]),
     "t2t_vit_tiny_fmnist": _fmnist_cfg(),
-    "t2t_vit_t_tiny_fmnist": _fmnist_cfg(),
-    "t2t_vit_c_tiny_fmnist": _fmnist_cfg(),
-    "t2t_vit_tiny_fmnist_wo_t2t": _fmnist_cfg(),
+    "t2t_vit_t_tiny_fmnist": _fmnist_cfg(first_conv=FIRST_CONV["transformer"]),
+    "t2t_vit_c_tiny_fmnist": _fmnist_cfg(first_conv=FIRST_CONV["convolution"]),
+    "t2t_vit_tiny_fmnist_wo_t2t": _fmnist_cfg(first_conv=FIRST_CONV["none"]),
     "t2t_vit_sw_tiny_fmnist": _fmnist_cfg(),
 })
 
@@ -995,7 +1015,10 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> T2TViT:
     args = dict(OFFICIAL_CONFIGS[variant])
     args.update(kwargs)
     cls = T2TViTDense if variant == "t2t_vit_dense" else T2TViT
-    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+    # features_only=True: timm's FeatureGetterNet over forward_intermediates (as timm's ViTs; default last 3 blocks)
+    out_indices = args.pop("out_indices", 3)
+    return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 @register_model

@@ -27,8 +27,11 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> VisionTransformer:
+    # features_only=True: timm's FeatureGetterNet over forward_intermediates, as timm's own ViTs (default: the last
+    # 3 blocks; timm's generic default assumes 12 blocks)
+    out_indices = kwargs.pop("out_indices", 3)
     return build_model_with_cfg(VisionTransformer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 def _args(img_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs):
