@@ -18,6 +18,7 @@ import tokenbook.models.vittm as V
 from tokenbook import references
 from tokenbook.experiments import vittm as X
 from tokenbook.bench import count_macs, count_used_params
+from tokenbook.train import TrainConfig, all_heads, evaluate, fit
 
 # a small configuration used by most behavioural tests
 SMALL = dict(img_size=28, memory_ps=4, process_ps=7, embed_dim=32, depth=2, num_heads=4, num_classes=5,
@@ -238,6 +239,59 @@ def test_gradients_reach_both_streams_from_each_head():
     assert torch.allclose(V.vittm_loss((mem_logits, proc_logits), y, ce), ce(mem_logits, y) + ce(proc_logits, y))
 
 
+@pytest.mark.parametrize("eval_head", ["memory", "process"])
+def test_eval_returns_one_tensor_and_both_heads_on_request(eval_head):
+    """timm's two-head convention (distilled DeiT): one tensor in eval(), both heads in training or on request."""
+    m = nonzero_heads(small_model(eval_head=eval_head))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        both = m(x)  # training mode: both heads, memory first
+        mem_tok, proc_tok = m.forward_features(x)
+        assert isinstance(both, tuple) and len(both) == 2
+        m.eval()
+        out = m(x)
+        assert torch.is_tensor(out) and out.shape == (2, 5)
+        torch.testing.assert_close(out, both[V.ViTTM.head_names.index(eval_head)])
+        feats = m.forward_features(x)
+        assert torch.is_tensor(feats)
+        torch.testing.assert_close(feats, mem_tok if eval_head == "memory" else proc_tok)
+        torch.testing.assert_close(m.forward_head(feats), out)
+        pre = m.forward_head(feats, pre_logits=True)
+        assert torch.is_tensor(pre) and pre.shape == (2, 32)
+        # the (memory, process) pair given to forward_head in eval gives the eval head too
+        torch.testing.assert_close(m.forward_head((mem_tok, proc_tok)), out)
+        m.set_all_heads(True)
+        again = m(x)
+        assert isinstance(again, tuple) and all(torch.allclose(a, b) for a, b in zip(again, both))
+        assert isinstance(m.forward_features(x), tuple)
+        assert [t.shape for t in m.forward_head(m.forward_features(x), pre_logits=True)] == [(2, 32), (2, 32)]
+        m.set_all_heads(False)
+        assert torch.is_tensor(m(x))
+        # trace keeps both heads in every mode
+        assert len(m.trace(x, maps=False)["logits"]) == 2
+    with pytest.raises(ValueError, match="unknown eval_head 'mean'"):
+        small_model(eval_head="mean")
+
+
+def test_train_evaluate_and_fit_report_both_heads():
+    """fit()/evaluate() ask for all heads through the return_all_heads protocol and restore it afterwards."""
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 3, 28, 28, generator=g), torch.arange(16) % 5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    m = nonzero_heads(small_model(depth=1)).eval()
+    res = evaluate(m, loader)
+    assert {"top1_memory", "top1_process", "top5_memory", "loss_process"} <= set(res)
+    assert res["top1"] == res["top1_memory"] and not m.return_all_heads and not m.training
+    with torch.no_grad():
+        logits = m(ds.tensors[0])
+    assert res["top1_memory"] == pytest.approx(100.0 * (logits.argmax(-1) == ds.tensors[1]).float().mean().item())
+    r = fit(small_model(depth=1), loader, loader, TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0, progress=False,
+                                                               accelerator="cpu"))
+    assert r.head_names == ["memory", "process"]
+    assert {"val_top1_memory", "val_top1_process"} <= set(r.final)
+    assert not r.model.return_all_heads
+
+
 def test_streams_are_renormalized_before_read_and_write():
     """The normalized tensors replace the streams (official quirk): the memory fed to layer 1 is write-normalized, so
     the read in layer 1 sees LN_r(LN_w(M) + write)."""
@@ -393,8 +447,13 @@ def layernorm_elements(d, depth, n_mem, n_proc):
     ("vittm_base_m16p32_224", (768, 12, 12, 192, 196, 49, 16, 32), 7.140, 7.096),
 ])
 def test_macs_exact_and_equal_to_official_fvcore(name, args, fvcore_explicit, fvcore_fused):
-    macs = count_macs(shared_meta_model(name), input_size=(3, 224, 224))["macs"]
+    m = shared_meta_model(name)
+    with all_heads(m):  # the official forward (and its fvcore count) computes both heads
+        macs = count_macs(m, input_size=(3, 224, 224))["macs"]
     assert macs == expected_macs(*args)
+    # eval() computes only the memory head: one classifier (d x classes) less; the restored switch is off again
+    assert not m.return_all_heads
+    assert count_macs(m, input_size=(3, 224, 224))["macs"] == macs - args[0] * 1000
     # The reference's fvcore numbers also count LayerNorms (5 per element with affine), which FlopCounterMode does not;
     # adding them reproduces the official numbers to the 3 decimals the reference gives, with attention counted
     # (TIMM_FUSED_ATTN=0) and without the block attention matmuls (fvcore's default: fused attention not counted).
@@ -406,7 +465,8 @@ def test_macs_exact_and_equal_to_official_fvcore(name, args, fvcore_explicit, fv
 
 def test_macs_ratio_vs_vit_b():
     vitb = count_macs(meta_model("vit_base_patch16_224"), input_size=(3, 224, 224))["gmacs"]
-    vittm_b = count_macs(shared_meta_model("vittm_base_m28p28_224"), input_size=(3, 224, 224))["gmacs"]
+    with all_heads(shared_meta_model("vittm_base_m28p28_224")) as m:
+        vittm_b = count_macs(m, input_size=(3, 224, 224))["gmacs"]
     assert vittm_b == pytest.approx(7.141060608, abs=1e-9)
     # reference: 17.583 / 7.159 = 2.46x with attention counted (abstract: "2.4x fewer FLOPs")
     assert vitb / vittm_b == pytest.approx(2.46, abs=0.01)
@@ -444,6 +504,7 @@ def test_official_weights_give_official_outputs(wrap):
     sd = official_state_dict(32, 2, 8, 49, 16, 4, 7, num_classes=5)
     m = V.ViTTM(**cfg).eval()
     V.load_official_checkpoint(m, wrap(sd))
+    m.set_all_heads(True)  # eval() returns only the memory head unless asked for both
     x = torch.randn(3, 3, 28, 28)
     with torch.no_grad():
         ours = m(x)

@@ -21,9 +21,19 @@ Layer ``i`` (as in the official forward, including its quirk that the normalized
 
 After the last layer ``P = process_norm(P)`` (the memory stream's final norm is Identity, as timm sets it for
 ``global_pool="avg"``). There is no class token: each stream is mean-pooled, normalized (``fc_norm`` /
-``fc_norm_process``) and classified by its own zero-initialized linear head. ``forward`` returns
-``(memory_logits, process_logits)``; the official training loss is the sum of the criterion on both, and the official
-code picks its best checkpoints by the memory head's top-1.
+``fc_norm_process``) and classified by its own zero-initialized linear head. The official training loss is the sum
+of the criterion on both heads, and the official training script (``train_lt.py``) picks its best checkpoints
+(``best_performing.pth``, ``best_ema.pth``) by the memory head's top-1.
+
+Outputs follow timm's convention for two-head models (distilled DeiT):
+
+- ``eval()``: **one tensor**, the ``eval_head`` (default ``"memory"``, the official checkpoint-selection head, so
+  timm's validation of a released checkpoint measures the head it was selected by; ``eval_head="process"`` picks
+  the other). ``forward_features`` then returns that stream's tokens ``[B, N, d]`` and ``forward_head`` its logits
+  (``pre_logits=True``: its pooled, normalized features ``[B, d]``).
+- training mode, or ``set_all_heads(True)`` (attribute ``return_all_heads``): both, memory first:
+  ``forward`` -> ``(memory_logits, process_logits)``, ``forward_features`` -> ``(memory tokens, process tokens)``.
+  ``tokenbook.train.fit`` / ``evaluate`` use this switch to report both heads.
 
 Where this implementation differs from the official code (all on purpose, none changes the math of the released
 configuration):
@@ -370,6 +380,9 @@ class ViTTM(nn.Module):
         drop_rate: dropout before both classifiers. pos_drop_rate: dropout after the process position embedding.
         proj_drop_rate, attn_drop_rate, drop_path_rate: passed to the timm Blocks (drop path linearly increasing).
         global_pool: only ``"avg"`` (the official factory always sets it).
+        eval_head: the head ``forward`` returns in ``eval()``: ``"memory"`` (default; the official training script
+            selects its best checkpoints by the memory head's top-1) or ``"process"``. ``set_all_heads(True)`` makes
+            ``eval()`` return both, as training always does.
     """
 
     #: names of the two outputs (``tokenbook.train`` reports ``val_top1_memory`` / ``val_top1_process``)
@@ -400,6 +413,7 @@ class ViTTM(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        eval_head: str = "memory",
     ):
         super().__init__()
         memory_blocks = "none" if memory_blocks in (None, "", "none") else memory_blocks
@@ -407,6 +421,8 @@ class ViTTM(nn.Module):
         _check_choice("fusion_type", fusion_type, FUSION_TYPES)
         _check_choice("memory_blocks", memory_blocks, MEMORY_BLOCK_TYPES)
         _check_choice("process_embedder_type", process_embedder_type, PROCESS_EMBEDDER_TYPES)
+        if eval_head not in self.head_names:
+            raise ValueError(f"unknown eval_head {eval_head!r}; choose one of {self.head_names}")
         if global_pool != "avg":
             raise ValueError(f"global_pool={global_pool!r} is not supported; ViTTM mean-pools each stream ('avg')")
         if embed_dim % num_heads:
@@ -436,6 +452,9 @@ class ViTTM(nn.Module):
         self.memory_blocks_type, self.process_embedder_type = memory_blocks, process_embedder_type
         self.num_prefix_tokens = 0
         self.grad_checkpointing = False
+        self.eval_head = eval_head
+        #: multi-head protocol of ``tokenbook.train``: True makes ``eval()`` return both heads (see set_all_heads)
+        self.return_all_heads = False
         norm_layer = LayerNorm  # timm LayerNorm, eps 1e-6 (official norm_layer)
 
         embed_kw = dict(img_size=self.img_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False,
@@ -506,6 +525,12 @@ class ViTTM(nn.Module):
         """Names timm's optimizer factory exempts from weight decay. The official recipe decays *every* parameter
         (torch AdamW on ``model.parameters()``); use ``filter_bias_and_bn=False`` in timm to reproduce it."""
         return {"memory_pos_embed", "process_pos_embed", "process_latent"}
+
+    @torch.jit.ignore
+    def set_all_heads(self, enable: bool = True) -> None:
+        """Return both heads' outputs ``(memory, process)`` also in ``eval()`` (cf. timm's
+        ``set_distilled_training``; training mode always returns both, for the official summed loss)."""
+        self.return_all_heads = enable
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -585,34 +610,62 @@ class ViTTM(nn.Module):
                 mem, proc = self._layer(i, mem, proc, record)
         return self.norm(mem), self.process_norm(proc)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(memory tokens [B, Nm, d], process tokens [B, Np, d])`` after the last layer and final norms."""
-        return self._streams(x)
+    def _all_heads_mode(self) -> bool:
+        return self.training or self.return_all_heads
 
-    def forward_head(self, feats: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False):
-        mem, proc = feats
-        m = self.head_drop(self.fc_norm(mem.mean(dim=1)))
-        p = self.head_drop(self.fc_norm_process(proc.mean(dim=1)))
+    def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Token features after the last layer and the final norms.
+
+        In ``eval()`` (timm convention) one tensor: the tokens of the ``eval_head`` stream (default the memory tokens
+        ``[B, Nm, d]``; ``eval_head="process"``: the process tokens ``[B, Np, d]``). In training, or after
+        ``set_all_heads(True)``: ``(memory tokens, process tokens)``."""
+        mem, proc = self._streams(x)
+        if self._all_heads_mode():
+            return mem, proc
+        return mem if self.eval_head == "memory" else proc
+
+    def _pool(self, tokens: torch.Tensor, which: str) -> torch.Tensor:
+        norm = self.fc_norm if which == "memory" else self.fc_norm_process
+        return self.head_drop(norm(tokens.mean(dim=1)))
+
+    def _both_heads(self, mem: torch.Tensor, proc: torch.Tensor, pre_logits: bool = False):
+        m, p = self._pool(mem, "memory"), self._pool(proc, "process")
         if pre_logits:
             return m, p
         return self.head(m), self.process_head(p)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(memory_logits, process_logits)``, memory first (official order)."""
+    def forward_head(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], pre_logits: bool = False):
+        """Logits (or, with ``pre_logits``, the pooled and normalized features) from ``forward_features``' output.
+
+        ``x`` may be the ``(memory, process)`` pair: both heads are returned in training or with
+        ``set_all_heads(True)``, else only the ``eval_head`` one. A single tensor is taken as the ``eval_head``
+        stream's tokens and gives that head's output."""
+        if isinstance(x, (tuple, list)):
+            mem, proc = x
+            if self._all_heads_mode():
+                return self._both_heads(mem, proc, pre_logits)
+            x = mem if self.eval_head == "memory" else proc
+        head = self.head if self.eval_head == "memory" else self.process_head
+        pooled = self._pool(x, self.eval_head)
+        return pooled if pre_logits else head(pooled)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``eval()``: the ``eval_head`` logits (default memory, the official checkpoint-selection head).
+        Training or ``set_all_heads(True)``: ``(memory_logits, process_logits)``, memory first (official order)."""
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
     def trace(self, x: torch.Tensor, maps: bool = True) -> dict[str, Any]:
         """Run a forward pass and return per-layer internals (for figures and diagnostics).
 
-        Keys: ``logits`` (memory, process), ``memory0`` (initial memory stream), ``memory`` / ``read`` / ``write`` /
+        Keys: ``logits`` (memory, process; both heads in every mode), ``memory0`` (initial memory stream), ``memory`` / ``read`` / ``write`` /
         ``mem_before_write`` (lists over layers of [B, tokens, d]) and, with ``maps``, ``read_maps`` [B, h, Np, Nm] and
         ``write_maps`` [B, h, Nm, Np] per layer (``tl``: the last dimension also covers the query-stream tokens).
         """
         record: dict[str, Any] = dict(maps=maps, read=[], write=[], memory=[], mem_before_write=[], read_maps=[],
                                       write_maps=[])
-        feats = self._streams(x, record)
-        record["logits"] = self.forward_head(feats)
+        mem, proc = self._streams(x, record)
+        record["logits"] = self._both_heads(mem, proc)
         return record
 
 
