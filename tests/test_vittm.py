@@ -547,6 +547,94 @@ def test_grad_checkpointing_matches():
     torch.testing.assert_close(g, g_ref)
 
 
+def test_forward_intermediates_process_tokens_after_each_layer():
+    m = nonzero_heads(small_model(depth=3)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        feats = m.forward_intermediates(x, intermediates_only=True)
+        assert [f.shape for f in feats] == [(2, 32, 4, 4)] * 3  # NCHW on the 4x4 process grid
+        # the process stream after each layer, step by step
+        mem, proc = m.embed(x)
+        for i in range(3):
+            mem, proc = m._layer(i, mem, proc)
+            torch.testing.assert_close(feats[i], proc.reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
+        final, inter = m.forward_intermediates(x, indices=[-1], norm=True, output_fmt="NLC")
+        torch.testing.assert_close(final, m.forward_features(x))  # the eval head's tokens (memory)
+        m.set_all_heads(True)
+        feats_all = m.forward_features(x)
+        m.set_all_heads(False)
+        torch.testing.assert_close(inter[0], feats_all[1])  # normalized last process tokens
+        assert len(m.forward_intermediates(x, indices=2, intermediates_only=True)) == 2  # the last two
+        early = m.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], feats[0])
+        memf = m.forward_intermediates(x, indices=[1], stream="memory", intermediates_only=True)
+        assert memf[0].shape == (2, 32, 7, 7)
+    with pytest.raises(ValueError, match="equal memory and process grids"):
+        m.forward_intermediates(x, stream="both")
+    with pytest.raises(ValueError, match="output_fmt"):
+        m.forward_intermediates(x, output_fmt="NHWC")
+    eq = small_model(process_ps=4)
+    both = eq.forward_intermediates(x, indices=[0], stream="both", intermediates_only=True)
+    assert both[0].shape == (2, 64, 7, 7)  # process and memory channels (official segmentation backbone, 28/28)
+
+
+def test_prune_intermediate_layers():
+    m = nonzero_heads(small_model(depth=3)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        kept = m.prune_intermediate_layers([0, 1])
+        assert kept == [0, 1] and m.depth == 2
+        assert len(m.blocks) == len(m.read_head) == len(m.write_head) == len(m.read_norm) == 2
+        assert len(m.write_norm) == len(m.memory_blocks) == len(m.feature_info) == 2
+        out = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b)
+        assert m.num_classes == 0 and m(x).shape == (2, 32)  # classifiers and pooling norms pruned
+
+
+def test_timm_features_only_and_feature_info():
+    m = timm.create_model("vittm_cpu_m4p4_28", features_only=True, out_indices=(1, 3), depth=4, embed_dim=32)
+    assert m.feature_info.channels() == [32, 32] and m.feature_info.reduction() == [4, 4]
+    assert m.feature_info.module_name() == ["blocks.1", "blocks.3"]
+    with torch.no_grad():
+        feats = m(torch.randn(2, 3, 28, 28))
+    assert [f.shape for f in feats] == [(2, 32, 7, 7)] * 2
+    assert len(m.model.blocks) == 4  # pruned after the last wanted layer (here the last)
+    full = timm.create_model("vittm_cpu_m4p4_28", depth=4, embed_dim=32)
+    assert [d["module"] for d in full.feature_info] == [f"blocks.{i}" for i in range(4)]
+    assert all(d["num_chs"] == 32 and d["reduction"] == 4 for d in full.feature_info)
+
+
+def test_timm_model_api_group_matcher_classifier_no_weight_decay():
+    from timm.models._manipulate import group_parameters
+
+    m = small_model(depth=3, fusion_type="add_erase", memory_blocks="mlp")
+    groups = group_parameters(m, m.group_matcher())
+    names = [n for ns in groups.values() for n in ns]
+    assert sorted(names) == sorted(n for n, _ in m.named_parameters())
+    ordered = [groups[k] for k in sorted(groups)]
+    assert ordered[0] == [n for n, _ in m.named_parameters() if n.startswith(("memory_embedder", "memory_pos",
+                                                                               "process_embedder", "process_pos"))]
+    assert len(ordered) == 5  # stem, layers 0-2, classifiers
+    shared = {"read_fusion", "write_fusion", "process_norm"}  # join the last layer (timm's MATCH_PREV_GROUP)
+    for i in range(3):  # one group per layer: block, read/write head and norm, memory block
+        layer = [n for n in ordered[1 + i] if n.split(".")[0] not in shared]
+        assert {n.split(".")[0] for n in layer} == {"blocks", "read_head", "write_head", "read_norm", "write_norm",
+                                                    "memory_blocks"}
+        assert all(n.split(".")[1] == str(i) for n in layer)
+    assert {n.split(".")[0] for n in ordered[3]} >= shared
+    assert {n.split(".")[0] for n in ordered[4]} == {"fc_norm", "head", "process_head", "fc_norm_process"}
+    assert m.group_matcher(coarse=True) == m.group_matcher()
+    assert m.get_classifier() == (m.head, m.process_head)
+    assert {"memory_pos_embed", "process_pos_embed"} <= m.no_weight_decay()
+    m.reset_classifier(3)
+    assert m.head.weight.shape == m.process_head.weight.shape == (3, 32) and m.num_classes == 3
+    assert torch.count_nonzero(m.head.weight) == 0  # official zero init
+    m.reset_classifier(0)
+    assert isinstance(m.head, torch.nn.Identity) and m.eval()(torch.randn(1, 3, 28, 28)).shape == (1, 32)
+
+
 def test_position_tables_resample_at_runtime():
     m = small_model()
     out = m.forward_features(torch.randn(1, 3, 56, 56))

@@ -495,6 +495,8 @@ class ViTTM(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.process_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        #: timm feature metadata: the process tokens after each layer (see ``forward_intermediates``)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=process_ps) for i in range(depth)]
         self.init_weights()
 
     # -- init ----------------------------------------------------------------------------------------------------------
@@ -537,6 +539,19 @@ class ViTTM(nn.Module):
         """Recompute each layer (read, block, write, memory block) in backward to save memory while training."""
         self.grad_checkpointing = enable
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise lr decay (as timm's ViT): the stem (embedders, position tables,
+        latent process tokens), then one group per layer ``i`` (block, read/write heads and norms, memory block);
+        what all layers share or what follows the last one (the add_erase fusion gates, ``process_norm``) joins the
+        last layer's group (timm's ``MATCH_PREV_GROUP``, as timm's ViT does with its final norm); the pooling norms and
+        classifiers stay unmatched (timm puts them last). ``coarse`` is accepted for the timm signature."""
+        return dict(
+            stem=r"^(?:memory_embedder|process_embedder|memory_pos_embed|process_pos_embed|process_latent)",
+            blocks=[(r"^(?:blocks|read_head|write_head|read_norm|write_norm|memory_blocks)\.(\d+)", None),
+                    (r"^(?:read_fusion|write_fusion|process_norm)", (99999,))],
+        )
+
     def get_classifier(self) -> tuple[nn.Module, nn.Module]:
         return self.head, self.process_head
 
@@ -544,7 +559,7 @@ class ViTTM(nn.Module):
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool={global_pool!r} is not supported; ViTTM mean-pools each stream ('avg')")
         self.num_classes = num_classes
-        dev = self.fc_norm.weight.device
+        dev = self.memory_pos_embed.device
         self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
         self.process_head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
         for head in (self.head, self.process_head):
@@ -653,6 +668,84 @@ class ViTTM(nn.Module):
         """``eval()``: the ``eval_head`` logits (default memory, the official checkpoint-selection head).
         Training or ``set_all_heads(True)``: ``(memory_logits, process_logits)``, memory first (official order)."""
         return self.forward_head(self.forward_features(x))
+
+    # -- timm feature extraction ---------------------------------------------------------------------------------
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stream: str = "process",
+    ):
+        """Features after the layers in ``indices`` (timm's ViT API; ``timm.create_model(..., features_only=True)``).
+
+        Intermediates are the **process tokens** after each layer (after its write, i.e. the stream the next layer
+        reads with), as the official segmentation backbone takes them; ``norm`` applies ``process_norm`` to them.
+        ``stream="memory"`` gives the memory tokens instead; ``stream="both"`` concatenates process and memory
+        channels (``2 d``; needs equal grids, as the official segmentation backbone does for 28/28).
+        ``indices``: None = all layers, an int = the last n, a sequence = those (negative from the end).
+        ``output_fmt``: ``"NCHW"`` (``[B, C, H/patch, W/patch]``) or ``"NLC"`` (``[B, tokens, C]``).
+        Returns the list, or with ``intermediates_only=False`` ``(forward_features output, list)``.
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if stream not in ("process", "memory", "both"):
+            raise ValueError(f"stream must be 'process', 'memory' or 'both', got {stream!r}")
+        take, max_index = feature_take_indices(self.depth, indices)
+        H, W = x.shape[-2:]
+        mgrid = (H // self.memory_ps, W // self.memory_ps)
+        pgrid = (H // self.process_ps, W // self.process_ps) if self.process_embedder_type == "patch" else None
+        if output_fmt == "NCHW" and stream != "memory" and pgrid is None:
+            raise ValueError("NCHW process features need patch process tokens; use output_fmt='NLC' with "
+                             "process_embedder_type='latent'")
+        if stream == "both" and pgrid != mgrid:
+            raise ValueError(f"stream='both' needs equal memory and process grids, got {mgrid} and {pgrid}; "
+                             "use stream='process' or 'memory'")
+        mem, proc = self.embed(x)
+        out = []
+        last = max_index if stop_early else self.depth - 1
+        for i in range(last + 1):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                mem, proc = checkpoint(self._layer, i, mem, proc, use_reentrant=False)
+            else:
+                mem, proc = self._layer(i, mem, proc)
+            if i in take:
+                p = self.process_norm(proc) if norm else proc
+                m = self.norm(mem) if norm else mem
+                out.append(p if stream == "process" else m if stream == "memory" else torch.cat([p, m], dim=-1))
+        if output_fmt == "NCHW":
+            grid = mgrid if stream == "memory" else pgrid
+            out = [t.reshape(t.shape[0], *grid, t.shape[-1]).permute(0, 3, 1, 2).contiguous() for t in out]
+        if intermediates_only:
+            return out
+        mem, proc = self.norm(mem), self.process_norm(proc)
+        if self._all_heads_mode():
+            return (mem, proc), out
+        return (mem if self.eval_head == "memory" else proc), out
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers after the last one ``indices`` needs (timm's ViT API); ``prune_norm`` drops
+        ``process_norm``, ``prune_head`` both pooling norms and classifiers. Returns the kept indices."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(self.depth, indices)
+        keep = max_index + 1
+        for name in ("blocks", "read_head", "write_head", "read_norm", "write_norm", "memory_blocks"):
+            setattr(self, name, getattr(self, name)[:keep])
+        self.depth = keep
+        self.feature_info = self.feature_info[:keep]
+        if prune_norm:
+            self.process_norm = nn.Identity()
+        if prune_head:
+            self.fc_norm, self.fc_norm_process = nn.Identity(), nn.Identity()
+            self.reset_classifier(0)
+        return take
 
     @torch.no_grad()
     def trace(self, x: torch.Tensor, maps: bool = True) -> dict[str, Any]:
@@ -830,8 +923,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs) -> ViTTM:
+    out_indices = kwargs.pop("out_indices", 3)
     args = {**PAPER_CONFIG, **defaults, **kwargs}  # every option stays a keyword argument
-    return build_model_with_cfg(ViTTM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+    return build_model_with_cfg(ViTTM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
