@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections import OrderedDict
 
 import pytest
@@ -94,6 +95,71 @@ def official_state_dict(d: int, depth: int, latent: int, mem_tokens: int, proc_t
             fan_in = s[-1] if len(s) > 1 else 1
             sd[k] = torch.randn(s, generator=g) * (0.5 / math.sqrt(fan_in) if len(s) > 1 else 0.05)
     return sd
+
+
+def official_option_shapes(d: int, depth: int, heads: int, latent: int, mem_tokens: int, proc_tokens: int,
+                           rw: str, fusion: str, mem_blocks: str, mem_ratio: float = 0.5) -> list[tuple[str, tuple]]:
+    """Official key names and shapes of the option-dependent modules, written from the official module tree
+    (``models/vittm/rw_heads.py``, ``fusion.py``, ``memblocks.py``; reference sheet §1.7-1.10), not from our model:
+    the per-layer read/write heads (``read_head`` sized by the process tokens, ``write_head`` by the memory tokens for
+    ``tl``), the add_erase gates and the mlp memory blocks."""
+    def head(p, n_out):
+        if rw == "lin":  # LinearAttention: q, k (d -> c), v (d -> d), unused proj
+            return [(f"{p}.q.weight", (latent, d)), (f"{p}.q.bias", (latent,)), (f"{p}.k.weight", (latent, d)),
+                    (f"{p}.k.bias", (latent,)), (f"{p}.v.weight", (d, d)), (f"{p}.v.bias", (d,)),
+                    (f"{p}.proj.weight", (d, d)), (f"{p}.proj.bias", (d,))]
+        if rw == "tl":  # TokenLearner: mlp d -> T -> T (bottleneck = output count), norm over d
+            return [(f"{p}.mlp.fc1.weight", (n_out, d)), (f"{p}.mlp.fc1.bias", (n_out,)),
+                    (f"{p}.mlp.fc2.weight", (n_out, n_out)), (f"{p}.mlp.fc2.bias", (n_out,)),
+                    (f"{p}.norm.weight", (d,)), (f"{p}.norm.bias", (d,))]
+        if rw in ("ca", "lca"):  # CrossAttention (c = d) / LatentCrossAttention: q, q_norm, k, k_norm, v, v_norm, proj
+            c = d if rw == "ca" else latent
+            return [(f"{p}.q.weight", (c, d)), (f"{p}.q.bias", (c,)), (f"{p}.q_norm.weight", (c,)),
+                    (f"{p}.q_norm.bias", (c,)), (f"{p}.k.weight", (c, d)), (f"{p}.k.bias", (c,)),
+                    (f"{p}.k_norm.weight", (c,)), (f"{p}.k_norm.bias", (c,)), (f"{p}.v.weight", (d, d)),
+                    (f"{p}.v.bias", (d,)), (f"{p}.v_norm.weight", (d,)), (f"{p}.v_norm.bias", (d,)),
+                    (f"{p}.proj.weight", (d, d)), (f"{p}.proj.bias", (d,))]
+        assert rw == "la"  # LatentAttention: mlp (source) and mlp2 (queries) d -> 64 -> c, norm, norm_q
+        return [(f"{p}.{m}.{k}", s) for m in ("mlp", "mlp2") for k, s in (
+            ("fc1.weight", (64, d)), ("fc1.bias", (64,)), ("fc2.weight", (latent, 64)), ("fc2.bias", (latent,)))] + [
+            (f"{p}.{n}.{k}", (d,)) for n in ("norm", "norm_q") for k in ("weight", "bias")]
+
+    shapes = []
+    if mem_blocks == "mlp":  # MemMlpBlock: norm, mlp d -> ratio d -> d
+        hid = int(d * mem_ratio)
+        for i in range(depth):
+            shapes += [(f"mem_blocks.{i}.norm.weight", (d,)), (f"mem_blocks.{i}.norm.bias", (d,)),
+                       (f"mem_blocks.{i}.mlp.fc1.weight", (hid, d)), (f"mem_blocks.{i}.mlp.fc1.bias", (hid,)),
+                       (f"mem_blocks.{i}.mlp.fc2.weight", (d, hid)), (f"mem_blocks.{i}.mlp.fc2.bias", (d,))]
+    for which, n_out in (("write_head", mem_tokens), ("read_head", proc_tokens)):
+        for i in range(depth):
+            shapes += head(f"{which}.{i}", n_out)
+    if fusion == "add_erase":  # AddEraseFusion: linear d -> target token count
+        shapes += [("read_fusion.linear.weight", (proc_tokens, d)), ("read_fusion.linear.bias", (proc_tokens,)),
+                   ("write_fusion.linear.weight", (mem_tokens, d)), ("write_fusion.linear.bias", (mem_tokens,))]
+    return shapes
+
+
+def official_format(model: V.ViTTM, shapes: list[tuple[str, tuple]]) -> "OrderedDict[str, torch.Tensor]":
+    """``model``'s weights as an official checkpoint: every key of the official model (``shapes`` for the options,
+    the fixed part from :func:`official_state_dict`), our tensors under those names, the tensors the official model
+    has but never uses (cls_token, pos_embed, 16x16 patch_embed, lin proj) filled with noise. Fails if a name or
+    shape of ours differs from the official one."""
+    d, depth = model.embed_dim, model.depth
+    fixed = official_state_dict(d, depth, 1, model.num_memory_tokens, model.num_process_tokens, model.memory_ps,
+                                model.process_ps, num_classes=model.num_classes)
+    fixed = [(k, tuple(v.shape)) for k, v in fixed.items() if not k.startswith(("read_head.", "write_head."))]
+    ours = model.state_dict()
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for k, shape in fixed + shapes:
+        if k in ours:
+            assert tuple(ours[k].shape) == shape, (k, tuple(ours[k].shape), shape)
+            out[k] = ours[k].clone()
+        else:
+            assert re.match(r"^(cls_token|pos_embed|patch_embed\..*|(read|write)_head\.\d+\.proj\..*)$", k), k
+            out[k] = torch.randn(shape)
+    assert set(ours) <= set(out), sorted(set(ours) - set(out))
+    return out
 
 
 def compiled(sd):
@@ -212,8 +278,8 @@ def test_memory_blocks_and_latent_embedder(kw):
     assert proc.shape == (2, kw.get("process_tokens", 16), 32)
     assert count_used_params(m, x) == sum(p.numel() for p in m.parameters())
     if kw.get("memory_blocks") == "mlp":
-        assert isinstance(m.memory_blocks[0], V.MemoryMlpBlock)
-        assert m.memory_blocks[0].mlp.fc1.out_features == 16  # hidden 0.5 d
+        assert isinstance(m.mem_blocks[0], V.MemoryMlpBlock)
+        assert m.mem_blocks[0].mlp.fc1.out_features == 16  # hidden 0.5 d
     if kw.get("process_embedder_type") == "latent":
         assert not hasattr(m, "process_embedder") and m.process_latent.shape == (1, m.num_process_tokens, 32)
         # learned process tokens do not depend on the image, memory does
@@ -534,6 +600,79 @@ def test_timm_create_model_pretrained_from_local_file(tmp_path):
     assert m3(torch.randn(1, 3, 32, 32))[0].shape == (1, 10)
 
 
+@pytest.mark.parametrize("mem_blocks", ["none", "mlp"])
+@pytest.mark.parametrize("fusion", V.FUSION_TYPES)
+@pytest.mark.parametrize("rw", V.RW_HEAD_TYPES)
+def test_every_option_loads_from_official_format_strictly(rw, fusion, mem_blocks, tmp_path):
+    """Each head x fusion x memory-block option: our weights under the official names and shapes (with the official
+    unused tensors, EMA-wrapped) load strictly through timm's pretrained path and give the same outputs."""
+    kw = dict(embed_dim=32, depth=2, num_heads=4, latent_size_scale=2, rw_head_type=rw, fusion_type=fusion,
+              memory_blocks=mem_blocks, num_classes=10, img_size=28, memory_ps=4, process_ps=7)
+    torch.manual_seed(0)
+    src = nonzero_heads(timm.create_model("vittm_cpu_m4p4_28", **kw)).eval()
+    with torch.no_grad():  # non-trivial norms, gates and memory blocks
+        for n, p in src.named_parameters():
+            if "norm" in n or "fusion" in n or "mem_blocks" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    shapes = official_option_shapes(32, 2, 4, 16, 49, 16, rw, fusion, mem_blocks)
+    sd = official_format(src, shapes)
+    path = tmp_path / "best_ema.pth"
+    torch.save(ema(sd), path)
+    dst = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                            **kw).eval()
+    x = torch.randn(2, 3, 28, 28)
+    src.set_all_heads(True)
+    dst.set_all_heads(True)
+    with torch.no_grad():
+        for a, b in zip(src(x), dst(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # strict: a missing official tensor is an error naming it
+    key = shapes[0][0]
+    del sd[key]
+    with pytest.raises(ValueError, match=re.escape(f"missing keys: {key}")):
+        V.checkpoint_filter_fn(sd, dst)
+
+
+def test_official_names_of_la_and_memory_blocks():
+    la = V.LatentAttentionHead(32, latent_size_scale=2)
+    assert sorted({k.split(".")[0] for k in la.state_dict()}) == ["mlp", "mlp2", "norm", "norm_q"]
+    m = small_model(memory_blocks="mlp")
+    assert any(k.startswith("mem_blocks.0.mlp.fc1") for k in m.state_dict())
+    assert not any(k.startswith("memory_blocks") for k in m.state_dict())
+    assert m.mem_blocks[0].norm.eps == 1e-5  # official nn.LayerNorm default, not the blocks' 1e-6
+    # la: norm/mlp act on the source tokens, norm_q/mlp2 on the queries (official forward)
+    torch.manual_seed(0)
+    src, qry = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        a = la.mlp2(la.norm_q(qry)).softmax(-1)
+        b = la.mlp(la.norm(src)).transpose(1, 2).softmax(-1)
+        torch.testing.assert_close(la(src, qry), a @ (b @ src))
+
+
+def test_train_mode_dropout_matches_official():
+    x = torch.randn(2, 3, 28, 28)
+    # pos_drop applies to both streams (official _pos_embed)
+    m = small_model(pos_drop_rate=0.5)
+    mem, proc = m.embed(x)
+    assert (mem == 0).float().mean() > 0.3 and (proc == 0).float().mean() > 0.3
+    m.eval()
+    mem, proc = m.embed(x)
+    assert (mem == 0).float().mean() < 0.01
+    # mlp memory blocks drop with proj_drop_rate (official MemMlpBlock(drop=proj_drop_rate))
+    m = small_model(memory_blocks="mlp", proj_drop_rate=0.25)
+    blk = m.mem_blocks[0]
+    assert blk.mlp.drop1.p == blk.mlp.drop2.p == 0.25
+    t = torch.randn(2, 49, 32)
+    assert not torch.equal(blk(t), blk(t))
+    blk.eval()
+    assert torch.equal(blk(t), blk(t))
+    # tl heads' MLP drops with drop_rate (official TokenLearner(drop=drop_rate)); la / ca / lca / lin have none
+    m = small_model(rw_head_type="tl", drop_rate=0.1)
+    assert m.read_head[0].mlp.drop1.p == m.write_head[1].mlp.drop2.p == 0.1
+    la = small_model(rw_head_type="la", drop_rate=0.1)
+    assert la.read_head[0].mlp.drop1.p == la.read_head[0].mlp2.drop2.p == 0.0
+
+
 def test_grad_checkpointing_matches():
     m = nonzero_heads(small_model())
     x = torch.randn(2, 3, 28, 28)
@@ -586,7 +725,7 @@ def test_prune_intermediate_layers():
         kept = m.prune_intermediate_layers([0, 1])
         assert kept == [0, 1] and m.depth == 2
         assert len(m.blocks) == len(m.read_head) == len(m.write_head) == len(m.read_norm) == 2
-        assert len(m.write_norm) == len(m.memory_blocks) == len(m.feature_info) == 2
+        assert len(m.write_norm) == len(m.mem_blocks) == len(m.feature_info) == 2
         out = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
         for a, b in zip(out, ref):
             torch.testing.assert_close(a, b)
@@ -621,7 +760,7 @@ def test_timm_model_api_group_matcher_classifier_no_weight_decay():
     for i in range(3):  # one group per layer: block, read/write head and norm, memory block
         layer = [n for n in ordered[1 + i] if n.split(".")[0] not in shared]
         assert {n.split(".")[0] for n in layer} == {"blocks", "read_head", "write_head", "read_norm", "write_norm",
-                                                    "memory_blocks"}
+                                                    "mem_blocks"}
         assert all(n.split(".")[1] == str(i) for n in layer)
     assert {n.split(".")[0] for n in ordered[3]} >= shared
     assert {n.split(".")[0] for n in ordered[4]} == {"fc_norm", "head", "process_head", "fc_norm_process"}
@@ -659,6 +798,8 @@ def test_bad_input_errors():
         small_model(fusion_type="add")
     with pytest.raises(ValueError, match="'conv' is not supported"):
         small_model(memory_blocks="conv")
+    with pytest.raises(ValueError, match="'downsample' is not supported"):
+        small_model(process_embedder_type="downsample")
     with pytest.raises(ValueError, match="unknown process_embedder_type"):
         small_model(process_embedder_type="pixels")
     with pytest.raises(ValueError, match="latent_size_scale=3 must be a positive divisor"):

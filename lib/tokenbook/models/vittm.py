@@ -35,6 +35,17 @@ Outputs follow timm's convention for two-head models (distilled DeiT):
   ``forward`` -> ``(memory_logits, process_logits)``, ``forward_features`` -> ``(memory tokens, process tokens)``.
   ``tokenbook.train.fit`` / ``evaluate`` use this switch to report both heads.
 
+Feature extraction follows timm's ViT: ``forward_intermediates`` returns the **process tokens** after each layer (the
+stream the blocks process, as the official segmentation backbone takes them; ``stream="memory"`` / ``"both"`` on
+request), ``feature_info`` describes them (``num_chs`` d, ``reduction`` process_ps), ``prune_intermediate_layers``
+drops later layers and ``timm.create_model(name, features_only=True, out_indices=...)`` wraps the model in timm's
+``FeatureGetterNet``. ``group_matcher`` groups the stem, one group per layer and the classifiers.
+
+Module and parameter names are the official ones (including ``la``'s ``norm``/``norm_q``/``mlp``/``mlp2`` and
+``mem_blocks``), and so are the LayerNorm epsilons and the train-mode dropouts (``pos_drop`` on both streams,
+``proj_drop_rate`` in the memory MLP blocks, ``drop_rate`` in the ``tl`` heads' MLPs), so official checkpoints of
+every head, fusion and memory-block option load strictly and compute the same function.
+
 Where this implementation differs from the official code (all on purpose, none changes the math of the released
 configuration):
 
@@ -51,8 +62,8 @@ configuration):
 Read/write maps, memory diagnostics and the ablation settings of the notebook ``01_vittm`` are in
 :mod:`tokenbook.experiments.vittm`.
 
-Size: about 840 lines, a little over the 800-line guide: one architecture with five read/write heads, three
-fusions and two memory-block kinds, its checkpoint filter and eight registered variants.
+Size: about 1000 lines, over the 800-line guide: one architecture with five read/write heads, three fusions and two
+memory-block kinds, timm's two-head and feature-extraction APIs, its checkpoint filter and eight registered variants.
 """
 from __future__ import annotations
 
@@ -169,14 +180,15 @@ class TokenLearnerHead(nn.Module):
     ``Z = [X; Y]`` (``N + M`` tokens) -> LayerNorm (eps 1e-5) -> MLP ``dim -> M -> M`` with GELU -> transpose and
     softmax over the ``N + M`` tokens -> weights ``W [M, N+M]`` -> output ``W Z`` (the un-normalized tokens). The
     output count and the bottleneck both equal the query-stream token count ``num_out``, fixed at construction
-    (official code).
+    (official code). ``drop``: dropout after both MLP layers (timm ``Mlp``); the official model passes its
+    ``drop_rate``.
     """
 
-    def __init__(self, dim: int, num_out: int):
+    def __init__(self, dim: int, num_out: int, drop: float = 0.0):
         super().__init__()
         self.num_out = num_out
         self.norm = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = Mlp(dim, hidden_features=num_out, out_features=num_out, act_layer=nn.GELU)
+        self.mlp = Mlp(dim, hidden_features=num_out, out_features=num_out, act_layer=nn.GELU, drop=drop)
 
     def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         if queries.shape[1] != self.num_out:
@@ -229,22 +241,23 @@ class CrossAttentionHead(nn.Module):
 class LatentAttentionHead(nn.Module):
     """``la``: single-head "latent attention" with ``c = dim / latent_size_scale`` latents.
 
-    ``A = softmax_c(MLP_q(LN(Y))) [M, c]``, ``B = softmax_N(MLP_s(LN(X))^T) [c, N]``; each MLP is
+    ``A = softmax_c(mlp2(norm_q(Y))) [M, c]``, ``B = softmax_N(mlp(norm(X))^T) [c, N]``; each MLP is
     ``dim -> 64 -> c`` with GELU; the values are the raw source tokens (no projection): output ``A (B X)``; explicit
-    map ``A B [M, N]``."""
+    map ``A B [M, N]``. Module names are the official ones (``norm``/``mlp`` for the source, ``norm_q``/``mlp2``
+    for the queries), so official checkpoints load unchanged."""
 
     def __init__(self, dim: int, latent_size_scale: int = 1, hidden: int = 64):
         super().__init__()
         if dim % latent_size_scale:
             raise ValueError(f"latent_size_scale={latent_size_scale} does not divide the width {dim}")
         latent = dim // latent_size_scale
-        self.source_norm, self.query_norm = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
-        self.source_mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)
-        self.query_mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)
+        self.norm, self.norm_q = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)   # source tokens
+        self.mlp2 = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)  # query tokens
 
     def _factors(self, source: torch.Tensor, queries: torch.Tensor):
-        a = self.query_mlp(self.query_norm(queries)).softmax(dim=-1)                     # [B, M, c]
-        b = self.source_mlp(self.source_norm(source)).transpose(1, 2).softmax(dim=-1)    # [B, c, N]
+        a = self.mlp2(self.norm_q(queries)).softmax(dim=-1)                  # [B, M, c]
+        b = self.mlp(self.norm(source)).transpose(1, 2).softmax(dim=-1)      # [B, c, N]
         return a, b
 
     def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -298,11 +311,11 @@ class LatentCrossAttentionHead(nn.Module):
 
 
 def _make_rw_head(kind: str, dim: int, num_heads: int, latent_size_scale: int, num_out: int,
-                  qkv_bias: bool) -> nn.Module:
+                  qkv_bias: bool, drop: float = 0.0) -> nn.Module:
     if kind == "lin":
         return LinearAttentionHead(dim, num_heads, latent_size_scale, qkv_bias=qkv_bias)
     if kind == "tl":
-        return TokenLearnerHead(dim, num_out)
+        return TokenLearnerHead(dim, num_out, drop=drop)
     if kind == "ca":
         return CrossAttentionHead(dim, num_heads, qkv_bias=qkv_bias)
     if kind == "la":
@@ -340,12 +353,15 @@ class Fusion(nn.Module):
 
 
 class MemoryMlpBlock(nn.Module):
-    """``memory_blocks="mlp"``: ``M + MLP(LN(M))`` with hidden ``memory_mlp_ratio * d`` (official 0.5) and GELU."""
+    """``memory_blocks="mlp"``: ``M + MLP(LN(M))`` with hidden ``memory_mlp_ratio * d`` (official 0.5) and GELU.
 
-    def __init__(self, dim: int, mlp_ratio: float = 0.5, norm_layer: Callable[..., nn.Module] = LayerNorm):
+    As the official ``MemMlpBlock``: ``nn.LayerNorm`` with its default eps 1e-5 (not the blocks' 1e-6) and dropout
+    ``drop`` after both MLP layers (the official model passes its ``proj_drop_rate``)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 0.5, drop: float = 0.0):
         super().__init__()
-        self.norm = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
@@ -377,8 +393,10 @@ class ViTTM(nn.Module):
         memory_mlp_ratio: hidden ratio of the memory MLP blocks (official 0.5).
         process_embedder_type: ``"patch"`` (paper) or ``"latent"`` (learned process tokens; fixed in this version).
         process_tokens: number of latent process tokens (``latent`` only; default ``(img_size / process_ps)^2``).
-        drop_rate: dropout before both classifiers. pos_drop_rate: dropout after the process position embedding.
-        proj_drop_rate, attn_drop_rate, drop_path_rate: passed to the timm Blocks (drop path linearly increasing).
+        drop_rate: dropout before both classifiers and in the ``tl`` heads' MLPs (official). pos_drop_rate: dropout
+            after the position embeddings of both streams (official ``_pos_embed``).
+        proj_drop_rate, attn_drop_rate, drop_path_rate: passed to the timm Blocks (drop path linearly increasing);
+            ``proj_drop_rate`` also drops in the ``mlp`` memory blocks (official).
         global_pool: only ``"avg"`` (the official factory always sets it).
         eval_head: the head ``forward`` returns in ``eval()``: ``"memory"`` (default; the official training script
             selects its best checkpoints by the memory head's top-1) or ``"process"``. ``set_all_heads(True)`` makes
@@ -477,15 +495,16 @@ class ViTTM(nn.Module):
         self.read_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
         self.write_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
         self.read_head = nn.ModuleList([
-            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, num_process, qkv_bias)
+            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, num_process, qkv_bias, drop_rate)
             for _ in range(depth)])
         self.write_head = nn.ModuleList([
-            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, self.num_memory_tokens, qkv_bias)
+            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, self.num_memory_tokens, qkv_bias,
+                          drop_rate)
             for _ in range(depth)])
         self.read_fusion = Fusion(fusion_type, embed_dim, num_process)
         self.write_fusion = Fusion(fusion_type, embed_dim, self.num_memory_tokens)
-        self.memory_blocks = nn.ModuleList([
-            MemoryMlpBlock(embed_dim, memory_mlp_ratio, norm_layer) if memory_blocks == "mlp" else nn.Identity()
+        self.mem_blocks = nn.ModuleList([  # official name (state dict keys mem_blocks.{i}.*)
+            MemoryMlpBlock(embed_dim, memory_mlp_ratio, proj_drop_rate) if memory_blocks == "mlp" else nn.Identity()
             for _ in range(depth)])
 
         self.norm = nn.Identity()  # memory stream's final norm (Identity under global_pool="avg" in timm)
@@ -548,7 +567,7 @@ class ViTTM(nn.Module):
         classifiers stay unmatched (timm puts them last). ``coarse`` is accepted for the timm signature."""
         return dict(
             stem=r"^(?:memory_embedder|process_embedder|memory_pos_embed|process_pos_embed|process_latent)",
-            blocks=[(r"^(?:blocks|read_head|write_head|read_norm|write_norm|memory_blocks)\.(\d+)", None),
+            blocks=[(r"^(?:blocks|read_head|write_head|read_norm|write_norm|mem_blocks)\.(\d+)", None),
                     (r"^(?:read_fusion|write_fusion|process_norm)", (99999,))],
         )
 
@@ -590,7 +609,7 @@ class ViTTM(nn.Module):
                                self.process_ps)
         else:
             proc = self.process_latent.expand(x.shape[0], -1, -1)
-        return mem, self.pos_drop(proc)
+        return self.pos_drop(mem), self.pos_drop(proc)  # official: pos_drop on both streams
 
     def _layer(self, i: int, mem: torch.Tensor, proc: torch.Tensor, record: Optional[dict] = None):
         mem, proc = self.read_norm[i](mem), self.read_norm[i](proc)
@@ -609,7 +628,7 @@ class ViTTM(nn.Module):
             if record["maps"]:
                 record["write_maps"].append(self.write_head[i].attention_map(proc, mem))
         mem = self.write_fusion(write, mem)
-        mem = self.memory_blocks[i](mem)
+        mem = self.mem_blocks[i](mem)
         if record is not None:
             record["memory"].append(mem)
         return mem, proc
@@ -736,7 +755,7 @@ class ViTTM(nn.Module):
 
         take, max_index = feature_take_indices(self.depth, indices)
         keep = max_index + 1
-        for name in ("blocks", "read_head", "write_head", "read_norm", "write_norm", "memory_blocks"):
+        for name in ("blocks", "read_head", "write_head", "read_norm", "write_norm", "mem_blocks"):
             setattr(self, name, getattr(self, name)[:keep])
         self.depth = keep
         self.feature_info = self.feature_info[:keep]
@@ -884,9 +903,6 @@ def load_official_checkpoint(model: ViTTM, checkpoint: Union[str, Path, Mapping[
 def vittm_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, criterion: Callable) -> torch.Tensor:
     """Official training loss: ``criterion(memory_logits, y) + criterion(process_logits, y)`` (equal weights)."""
     return sum(criterion(o, target) for o in outputs)
-
-
-@torch.no_grad()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
