@@ -649,16 +649,19 @@ def test_official_names_of_la_and_memory_blocks():
         torch.testing.assert_close(la(src, qry), a @ (b @ src))
 
 
-def test_train_mode_dropout_matches_official():
+def test_pos_drop_applies_to_both_streams():
+    """Official ``_pos_embed`` ends with ``pos_drop`` and is called for the memory and the process stream."""
     x = torch.randn(2, 3, 28, 28)
-    # pos_drop applies to both streams (official _pos_embed)
     m = small_model(pos_drop_rate=0.5)
     mem, proc = m.embed(x)
     assert (mem == 0).float().mean() > 0.3 and (proc == 0).float().mean() > 0.3
     m.eval()
     mem, proc = m.embed(x)
     assert (mem == 0).float().mean() < 0.01
-    # mlp memory blocks drop with proj_drop_rate (official MemMlpBlock(drop=proj_drop_rate))
+
+
+def test_memory_mlp_block_drops_with_proj_drop_rate():
+    """Official ``MemMlpBlock(embed_dim, hidden, drop=proj_drop_rate)``: timm Mlp dropout after both layers."""
     m = small_model(memory_blocks="mlp", proj_drop_rate=0.25)
     blk = m.mem_blocks[0]
     assert blk.mlp.drop1.p == blk.mlp.drop2.p == 0.25
@@ -666,7 +669,10 @@ def test_train_mode_dropout_matches_official():
     assert not torch.equal(blk(t), blk(t))
     blk.eval()
     assert torch.equal(blk(t), blk(t))
-    # tl heads' MLP drops with drop_rate (official TokenLearner(drop=drop_rate)); la / ca / lca / lin have none
+
+
+def test_tl_head_mlp_drops_with_drop_rate():
+    """Official ``TokenLearner(..., drop=drop_rate)``; the official la heads get no dropout (ca/lca/lin have none)."""
     m = small_model(rw_head_type="tl", drop_rate=0.1)
     assert m.read_head[0].mlp.drop1.p == m.write_head[1].mlp.drop2.p == 0.1
     la = small_model(rw_head_type="la", drop_rate=0.1)
