@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections import OrderedDict
 
 import pytest
@@ -18,6 +19,7 @@ import tokenbook.models.vittm as V
 from tokenbook import references
 from tokenbook.experiments import vittm as X
 from tokenbook.bench import count_macs, count_used_params
+from tokenbook.train import TrainConfig, all_heads, evaluate, fit
 
 # a small configuration used by most behavioural tests
 SMALL = dict(img_size=28, memory_ps=4, process_ps=7, embed_dim=32, depth=2, num_heads=4, num_classes=5,
@@ -93,6 +95,71 @@ def official_state_dict(d: int, depth: int, latent: int, mem_tokens: int, proc_t
             fan_in = s[-1] if len(s) > 1 else 1
             sd[k] = torch.randn(s, generator=g) * (0.5 / math.sqrt(fan_in) if len(s) > 1 else 0.05)
     return sd
+
+
+def official_option_shapes(d: int, depth: int, heads: int, latent: int, mem_tokens: int, proc_tokens: int,
+                           rw: str, fusion: str, mem_blocks: str, mem_ratio: float = 0.5) -> list[tuple[str, tuple]]:
+    """Official key names and shapes of the option-dependent modules, written from the official module tree
+    (``models/vittm/rw_heads.py``, ``fusion.py``, ``memblocks.py``; reference sheet §1.7-1.10), not from our model:
+    the per-layer read/write heads (``read_head`` sized by the process tokens, ``write_head`` by the memory tokens for
+    ``tl``), the add_erase gates and the mlp memory blocks."""
+    def head(p, n_out):
+        if rw == "lin":  # LinearAttention: q, k (d -> c), v (d -> d), unused proj
+            return [(f"{p}.q.weight", (latent, d)), (f"{p}.q.bias", (latent,)), (f"{p}.k.weight", (latent, d)),
+                    (f"{p}.k.bias", (latent,)), (f"{p}.v.weight", (d, d)), (f"{p}.v.bias", (d,)),
+                    (f"{p}.proj.weight", (d, d)), (f"{p}.proj.bias", (d,))]
+        if rw == "tl":  # TokenLearner: mlp d -> T -> T (bottleneck = output count), norm over d
+            return [(f"{p}.mlp.fc1.weight", (n_out, d)), (f"{p}.mlp.fc1.bias", (n_out,)),
+                    (f"{p}.mlp.fc2.weight", (n_out, n_out)), (f"{p}.mlp.fc2.bias", (n_out,)),
+                    (f"{p}.norm.weight", (d,)), (f"{p}.norm.bias", (d,))]
+        if rw in ("ca", "lca"):  # CrossAttention (c = d) / LatentCrossAttention: q, q_norm, k, k_norm, v, v_norm, proj
+            c = d if rw == "ca" else latent
+            return [(f"{p}.q.weight", (c, d)), (f"{p}.q.bias", (c,)), (f"{p}.q_norm.weight", (c,)),
+                    (f"{p}.q_norm.bias", (c,)), (f"{p}.k.weight", (c, d)), (f"{p}.k.bias", (c,)),
+                    (f"{p}.k_norm.weight", (c,)), (f"{p}.k_norm.bias", (c,)), (f"{p}.v.weight", (d, d)),
+                    (f"{p}.v.bias", (d,)), (f"{p}.v_norm.weight", (d,)), (f"{p}.v_norm.bias", (d,)),
+                    (f"{p}.proj.weight", (d, d)), (f"{p}.proj.bias", (d,))]
+        assert rw == "la"  # LatentAttention: mlp (source) and mlp2 (queries) d -> 64 -> c, norm, norm_q
+        return [(f"{p}.{m}.{k}", s) for m in ("mlp", "mlp2") for k, s in (
+            ("fc1.weight", (64, d)), ("fc1.bias", (64,)), ("fc2.weight", (latent, 64)), ("fc2.bias", (latent,)))] + [
+            (f"{p}.{n}.{k}", (d,)) for n in ("norm", "norm_q") for k in ("weight", "bias")]
+
+    shapes = []
+    if mem_blocks == "mlp":  # MemMlpBlock: norm, mlp d -> ratio d -> d
+        hid = int(d * mem_ratio)
+        for i in range(depth):
+            shapes += [(f"mem_blocks.{i}.norm.weight", (d,)), (f"mem_blocks.{i}.norm.bias", (d,)),
+                       (f"mem_blocks.{i}.mlp.fc1.weight", (hid, d)), (f"mem_blocks.{i}.mlp.fc1.bias", (hid,)),
+                       (f"mem_blocks.{i}.mlp.fc2.weight", (d, hid)), (f"mem_blocks.{i}.mlp.fc2.bias", (d,))]
+    for which, n_out in (("write_head", mem_tokens), ("read_head", proc_tokens)):
+        for i in range(depth):
+            shapes += head(f"{which}.{i}", n_out)
+    if fusion == "add_erase":  # AddEraseFusion: linear d -> target token count
+        shapes += [("read_fusion.linear.weight", (proc_tokens, d)), ("read_fusion.linear.bias", (proc_tokens,)),
+                   ("write_fusion.linear.weight", (mem_tokens, d)), ("write_fusion.linear.bias", (mem_tokens,))]
+    return shapes
+
+
+def official_format(model: V.ViTTM, shapes: list[tuple[str, tuple]]) -> "OrderedDict[str, torch.Tensor]":
+    """``model``'s weights as an official checkpoint: every key of the official model (``shapes`` for the options,
+    the fixed part from :func:`official_state_dict`), our tensors under those names, the tensors the official model
+    has but never uses (cls_token, pos_embed, 16x16 patch_embed, lin proj) filled with noise. Fails if a name or
+    shape of ours differs from the official one."""
+    d, depth = model.embed_dim, model.depth
+    fixed = official_state_dict(d, depth, 1, model.num_memory_tokens, model.num_process_tokens, model.memory_ps,
+                                model.process_ps, num_classes=model.num_classes)
+    fixed = [(k, tuple(v.shape)) for k, v in fixed.items() if not k.startswith(("read_head.", "write_head."))]
+    ours = model.state_dict()
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for k, shape in fixed + shapes:
+        if k in ours:
+            assert tuple(ours[k].shape) == shape, (k, tuple(ours[k].shape), shape)
+            out[k] = ours[k].clone()
+        else:
+            assert re.match(r"^(cls_token|pos_embed|patch_embed\..*|(read|write)_head\.\d+\.proj\..*)$", k), k
+            out[k] = torch.randn(shape)
+    assert set(ours) <= set(out), sorted(set(ours) - set(out))
+    return out
 
 
 def compiled(sd):
@@ -211,8 +278,8 @@ def test_memory_blocks_and_latent_embedder(kw):
     assert proc.shape == (2, kw.get("process_tokens", 16), 32)
     assert count_used_params(m, x) == sum(p.numel() for p in m.parameters())
     if kw.get("memory_blocks") == "mlp":
-        assert isinstance(m.memory_blocks[0], V.MemoryMlpBlock)
-        assert m.memory_blocks[0].mlp.fc1.out_features == 16  # hidden 0.5 d
+        assert isinstance(m.mem_blocks[0], V.MemoryMlpBlock)
+        assert m.mem_blocks[0].mlp.fc1.out_features == 16  # hidden 0.5 d
     if kw.get("process_embedder_type") == "latent":
         assert not hasattr(m, "process_embedder") and m.process_latent.shape == (1, m.num_process_tokens, 32)
         # learned process tokens do not depend on the image, memory does
@@ -236,6 +303,59 @@ def test_gradients_reach_both_streams_from_each_head():
     y = torch.tensor([0, 3])
     ce = torch.nn.CrossEntropyLoss()
     assert torch.allclose(V.vittm_loss((mem_logits, proc_logits), y, ce), ce(mem_logits, y) + ce(proc_logits, y))
+
+
+@pytest.mark.parametrize("eval_head", ["memory", "process"])
+def test_eval_returns_one_tensor_and_both_heads_on_request(eval_head):
+    """timm's two-head convention (distilled DeiT): one tensor in eval(), both heads in training or on request."""
+    m = nonzero_heads(small_model(eval_head=eval_head))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        both = m(x)  # training mode: both heads, memory first
+        mem_tok, proc_tok = m.forward_features(x)
+        assert isinstance(both, tuple) and len(both) == 2
+        m.eval()
+        out = m(x)
+        assert torch.is_tensor(out) and out.shape == (2, 5)
+        torch.testing.assert_close(out, both[V.ViTTM.head_names.index(eval_head)])
+        feats = m.forward_features(x)
+        assert torch.is_tensor(feats)
+        torch.testing.assert_close(feats, mem_tok if eval_head == "memory" else proc_tok)
+        torch.testing.assert_close(m.forward_head(feats), out)
+        pre = m.forward_head(feats, pre_logits=True)
+        assert torch.is_tensor(pre) and pre.shape == (2, 32)
+        # the (memory, process) pair given to forward_head in eval gives the eval head too
+        torch.testing.assert_close(m.forward_head((mem_tok, proc_tok)), out)
+        m.set_all_heads(True)
+        again = m(x)
+        assert isinstance(again, tuple) and all(torch.allclose(a, b) for a, b in zip(again, both))
+        assert isinstance(m.forward_features(x), tuple)
+        assert [t.shape for t in m.forward_head(m.forward_features(x), pre_logits=True)] == [(2, 32), (2, 32)]
+        m.set_all_heads(False)
+        assert torch.is_tensor(m(x))
+        # trace keeps both heads in every mode
+        assert len(m.trace(x, maps=False)["logits"]) == 2
+    with pytest.raises(ValueError, match="unknown eval_head 'mean'"):
+        small_model(eval_head="mean")
+
+
+def test_train_evaluate_and_fit_report_both_heads():
+    """fit()/evaluate() ask for all heads through the return_all_heads protocol and restore it afterwards."""
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(16, 3, 28, 28, generator=g), torch.arange(16) % 5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    m = nonzero_heads(small_model(depth=1)).eval()
+    res = evaluate(m, loader)
+    assert {"top1_memory", "top1_process", "top5_memory", "loss_process"} <= set(res)
+    assert res["top1"] == res["top1_memory"] and not m.return_all_heads and not m.training
+    with torch.no_grad():
+        logits = m(ds.tensors[0])
+    assert res["top1_memory"] == pytest.approx(100.0 * (logits.argmax(-1) == ds.tensors[1]).float().mean().item())
+    r = fit(small_model(depth=1), loader, loader, TrainConfig(epochs=1, lr=1e-3, warmup_epochs=0, progress=False,
+                                                               accelerator="cpu"))
+    assert r.head_names == ["memory", "process"]
+    assert {"val_top1_memory", "val_top1_process"} <= set(r.final)
+    assert not r.model.return_all_heads
 
 
 def test_streams_are_renormalized_before_read_and_write():
@@ -393,8 +513,13 @@ def layernorm_elements(d, depth, n_mem, n_proc):
     ("vittm_base_m16p32_224", (768, 12, 12, 192, 196, 49, 16, 32), 7.140, 7.096),
 ])
 def test_macs_exact_and_equal_to_official_fvcore(name, args, fvcore_explicit, fvcore_fused):
-    macs = count_macs(shared_meta_model(name), input_size=(3, 224, 224))["macs"]
+    m = shared_meta_model(name)
+    with all_heads(m):  # the official forward (and its fvcore count) computes both heads
+        macs = count_macs(m, input_size=(3, 224, 224))["macs"]
     assert macs == expected_macs(*args)
+    # eval() computes only the memory head: one classifier (d x classes) less; the restored switch is off again
+    assert not m.return_all_heads
+    assert count_macs(m, input_size=(3, 224, 224))["macs"] == macs - args[0] * 1000
     # The reference's fvcore numbers also count LayerNorms (5 per element with affine), which FlopCounterMode does not;
     # adding them reproduces the official numbers to the 3 decimals the reference gives, with attention counted
     # (TIMM_FUSED_ATTN=0) and without the block attention matmuls (fvcore's default: fused attention not counted).
@@ -406,7 +531,8 @@ def test_macs_exact_and_equal_to_official_fvcore(name, args, fvcore_explicit, fv
 
 def test_macs_ratio_vs_vit_b():
     vitb = count_macs(meta_model("vit_base_patch16_224"), input_size=(3, 224, 224))["gmacs"]
-    vittm_b = count_macs(shared_meta_model("vittm_base_m28p28_224"), input_size=(3, 224, 224))["gmacs"]
+    with all_heads(shared_meta_model("vittm_base_m28p28_224")) as m:
+        vittm_b = count_macs(m, input_size=(3, 224, 224))["gmacs"]
     assert vittm_b == pytest.approx(7.141060608, abs=1e-9)
     # reference: 17.583 / 7.159 = 2.46x with attention counted (abstract: "2.4x fewer FLOPs")
     assert vitb / vittm_b == pytest.approx(2.46, abs=0.01)
@@ -444,6 +570,7 @@ def test_official_weights_give_official_outputs(wrap):
     sd = official_state_dict(32, 2, 8, 49, 16, 4, 7, num_classes=5)
     m = V.ViTTM(**cfg).eval()
     V.load_official_checkpoint(m, wrap(sd))
+    m.set_all_heads(True)  # eval() returns only the memory head unless asked for both
     x = torch.randn(3, 3, 28, 28)
     with torch.no_grad():
         ours = m(x)
@@ -473,6 +600,85 @@ def test_timm_create_model_pretrained_from_local_file(tmp_path):
     assert m3(torch.randn(1, 3, 32, 32))[0].shape == (1, 10)
 
 
+@pytest.mark.parametrize("mem_blocks", ["none", "mlp"])
+@pytest.mark.parametrize("fusion", V.FUSION_TYPES)
+@pytest.mark.parametrize("rw", V.RW_HEAD_TYPES)
+def test_every_option_loads_from_official_format_strictly(rw, fusion, mem_blocks, tmp_path):
+    """Each head x fusion x memory-block option: our weights under the official names and shapes (with the official
+    unused tensors, EMA-wrapped) load strictly through timm's pretrained path and give the same outputs."""
+    kw = dict(embed_dim=32, depth=2, num_heads=4, latent_size_scale=2, rw_head_type=rw, fusion_type=fusion,
+              memory_blocks=mem_blocks, num_classes=10, img_size=28, memory_ps=4, process_ps=7)
+    torch.manual_seed(0)
+    src = nonzero_heads(timm.create_model("vittm_cpu_m4p4_28", **kw)).eval()
+    with torch.no_grad():  # non-trivial norms, gates and memory blocks
+        for n, p in src.named_parameters():
+            if "norm" in n or "fusion" in n or "mem_blocks" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    shapes = official_option_shapes(32, 2, 4, 16, 49, 16, rw, fusion, mem_blocks)
+    sd = official_format(src, shapes)
+    path = tmp_path / "best_ema.pth"
+    torch.save(ema(sd), path)
+    dst = timm.create_model("vittm_cpu_m4p4_28", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                            **kw).eval()
+    x = torch.randn(2, 3, 28, 28)
+    src.set_all_heads(True)
+    dst.set_all_heads(True)
+    with torch.no_grad():
+        for a, b in zip(src(x), dst(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # strict: a missing official tensor is an error naming it
+    key = shapes[0][0]
+    del sd[key]
+    with pytest.raises(ValueError, match=re.escape(f"missing keys: {key}")):
+        V.checkpoint_filter_fn(sd, dst)
+
+
+def test_official_names_of_la_and_memory_blocks():
+    la = V.LatentAttentionHead(32, latent_size_scale=2)
+    assert sorted({k.split(".")[0] for k in la.state_dict()}) == ["mlp", "mlp2", "norm", "norm_q"]
+    m = small_model(memory_blocks="mlp")
+    assert any(k.startswith("mem_blocks.0.mlp.fc1") for k in m.state_dict())
+    assert not any(k.startswith("memory_blocks") for k in m.state_dict())
+    assert m.mem_blocks[0].norm.eps == 1e-5  # official nn.LayerNorm default, not the blocks' 1e-6
+    # la: norm/mlp act on the source tokens, norm_q/mlp2 on the queries (official forward)
+    torch.manual_seed(0)
+    src, qry = torch.randn(2, 9, 32), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        a = la.mlp2(la.norm_q(qry)).softmax(-1)
+        b = la.mlp(la.norm(src)).transpose(1, 2).softmax(-1)
+        torch.testing.assert_close(la(src, qry), a @ (b @ src))
+
+
+def test_pos_drop_applies_to_both_streams():
+    """Official ``_pos_embed`` ends with ``pos_drop`` and is called for the memory and the process stream."""
+    x = torch.randn(2, 3, 28, 28)
+    m = small_model(pos_drop_rate=0.5)
+    mem, proc = m.embed(x)
+    assert (mem == 0).float().mean() > 0.3 and (proc == 0).float().mean() > 0.3
+    m.eval()
+    mem, proc = m.embed(x)
+    assert (mem == 0).float().mean() < 0.01
+
+
+def test_memory_mlp_block_drops_with_proj_drop_rate():
+    """Official ``MemMlpBlock(embed_dim, hidden, drop=proj_drop_rate)``: timm Mlp dropout after both layers."""
+    m = small_model(memory_blocks="mlp", proj_drop_rate=0.25)
+    blk = m.mem_blocks[0]
+    assert blk.mlp.drop1.p == blk.mlp.drop2.p == 0.25
+    t = torch.randn(2, 49, 32)
+    assert not torch.equal(blk(t), blk(t))
+    blk.eval()
+    assert torch.equal(blk(t), blk(t))
+
+
+def test_tl_head_mlp_drops_with_drop_rate():
+    """Official ``TokenLearner(..., drop=drop_rate)``; the official la heads get no dropout (ca/lca/lin have none)."""
+    m = small_model(rw_head_type="tl", drop_rate=0.1)
+    assert m.read_head[0].mlp.drop1.p == m.write_head[1].mlp.drop2.p == 0.1
+    la = small_model(rw_head_type="la", drop_rate=0.1)
+    assert la.read_head[0].mlp.drop1.p == la.read_head[0].mlp2.drop2.p == 0.0
+
+
 def test_grad_checkpointing_matches():
     m = nonzero_heads(small_model())
     x = torch.randn(2, 3, 28, 28)
@@ -484,6 +690,94 @@ def test_grad_checkpointing_matches():
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_forward_intermediates_process_tokens_after_each_layer():
+    m = nonzero_heads(small_model(depth=3)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        feats = m.forward_intermediates(x, intermediates_only=True)
+        assert [f.shape for f in feats] == [(2, 32, 4, 4)] * 3  # NCHW on the 4x4 process grid
+        # the process stream after each layer, step by step
+        mem, proc = m.embed(x)
+        for i in range(3):
+            mem, proc = m._layer(i, mem, proc)
+            torch.testing.assert_close(feats[i], proc.reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
+        final, inter = m.forward_intermediates(x, indices=[-1], norm=True, output_fmt="NLC")
+        torch.testing.assert_close(final, m.forward_features(x))  # the eval head's tokens (memory)
+        m.set_all_heads(True)
+        feats_all = m.forward_features(x)
+        m.set_all_heads(False)
+        torch.testing.assert_close(inter[0], feats_all[1])  # normalized last process tokens
+        assert len(m.forward_intermediates(x, indices=2, intermediates_only=True)) == 2  # the last two
+        early = m.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[0], feats[0])
+        memf = m.forward_intermediates(x, indices=[1], stream="memory", intermediates_only=True)
+        assert memf[0].shape == (2, 32, 7, 7)
+    with pytest.raises(ValueError, match="equal memory and process grids"):
+        m.forward_intermediates(x, stream="both")
+    with pytest.raises(ValueError, match="output_fmt"):
+        m.forward_intermediates(x, output_fmt="NHWC")
+    eq = small_model(process_ps=4)
+    both = eq.forward_intermediates(x, indices=[0], stream="both", intermediates_only=True)
+    assert both[0].shape == (2, 64, 7, 7)  # process and memory channels (official segmentation backbone, 28/28)
+
+
+def test_prune_intermediate_layers():
+    m = nonzero_heads(small_model(depth=3)).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        kept = m.prune_intermediate_layers([0, 1])
+        assert kept == [0, 1] and m.depth == 2
+        assert len(m.blocks) == len(m.read_head) == len(m.write_head) == len(m.read_norm) == 2
+        assert len(m.write_norm) == len(m.mem_blocks) == len(m.feature_info) == 2
+        out = m.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b)
+        assert m.num_classes == 0 and m(x).shape == (2, 32)  # classifiers and pooling norms pruned
+
+
+def test_timm_features_only_and_feature_info():
+    m = timm.create_model("vittm_cpu_m4p4_28", features_only=True, out_indices=(1, 3), depth=4, embed_dim=32)
+    assert m.feature_info.channels() == [32, 32] and m.feature_info.reduction() == [4, 4]
+    assert m.feature_info.module_name() == ["blocks.1", "blocks.3"]
+    with torch.no_grad():
+        feats = m(torch.randn(2, 3, 28, 28))
+    assert [f.shape for f in feats] == [(2, 32, 7, 7)] * 2
+    assert len(m.model.blocks) == 4  # pruned after the last wanted layer (here the last)
+    full = timm.create_model("vittm_cpu_m4p4_28", depth=4, embed_dim=32)
+    assert [d["module"] for d in full.feature_info] == [f"blocks.{i}" for i in range(4)]
+    assert all(d["num_chs"] == 32 and d["reduction"] == 4 for d in full.feature_info)
+
+
+def test_timm_model_api_group_matcher_classifier_no_weight_decay():
+    from timm.models._manipulate import group_parameters
+
+    m = small_model(depth=3, fusion_type="add_erase", memory_blocks="mlp")
+    groups = group_parameters(m, m.group_matcher())
+    names = [n for ns in groups.values() for n in ns]
+    assert sorted(names) == sorted(n for n, _ in m.named_parameters())
+    ordered = [groups[k] for k in sorted(groups)]
+    assert ordered[0] == [n for n, _ in m.named_parameters() if n.startswith(("memory_embedder", "memory_pos",
+                                                                               "process_embedder", "process_pos"))]
+    assert len(ordered) == 5  # stem, layers 0-2, classifiers
+    shared = {"read_fusion", "write_fusion", "process_norm"}  # join the last layer (timm's MATCH_PREV_GROUP)
+    for i in range(3):  # one group per layer: block, read/write head and norm, memory block
+        layer = [n for n in ordered[1 + i] if n.split(".")[0] not in shared]
+        assert {n.split(".")[0] for n in layer} == {"blocks", "read_head", "write_head", "read_norm", "write_norm",
+                                                    "mem_blocks"}
+        assert all(n.split(".")[1] == str(i) for n in layer)
+    assert {n.split(".")[0] for n in ordered[3]} >= shared
+    assert {n.split(".")[0] for n in ordered[4]} == {"fc_norm", "head", "process_head", "fc_norm_process"}
+    assert m.group_matcher(coarse=True) == m.group_matcher()
+    assert m.get_classifier() == (m.head, m.process_head)
+    assert {"memory_pos_embed", "process_pos_embed"} <= m.no_weight_decay()
+    m.reset_classifier(3)
+    assert m.head.weight.shape == m.process_head.weight.shape == (3, 32) and m.num_classes == 3
+    assert torch.count_nonzero(m.head.weight) == 0  # official zero init
+    m.reset_classifier(0)
+    assert isinstance(m.head, torch.nn.Identity) and m.eval()(torch.randn(1, 3, 28, 28)).shape == (1, 32)
 
 
 def test_position_tables_resample_at_runtime():
@@ -510,6 +804,8 @@ def test_bad_input_errors():
         small_model(fusion_type="add")
     with pytest.raises(ValueError, match="'conv' is not supported"):
         small_model(memory_blocks="conv")
+    with pytest.raises(ValueError, match="'downsample' is not supported"):
+        small_model(process_embedder_type="downsample")
     with pytest.raises(ValueError, match="unknown process_embedder_type"):
         small_model(process_embedder_type="pixels")
     with pytest.raises(ValueError, match="latent_size_scale=3 must be a positive divisor"):

@@ -7,7 +7,8 @@
   (``ModelEmaV3``).
 - Models may return one logit tensor or several (ViTTM's memory and process heads): every head gets the loss, the
   losses are summed (``TrainConfig.head_weights`` to weight them), and evaluation reports top-1/top-5 per head for the
-  raw and the EMA model.
+  raw and the EMA model. Models that return one tensor in ``eval()`` but have several heads ask for all of them
+  through the :class:`all_heads` protocol (a boolean ``return_all_heads`` attribute).
 - Hooks (objects with any of ``on_fit_start(fabric, model)``, ``on_epoch_start(epoch, model)``,
   ``on_batch(batch) -> batch``, ``on_epoch_end(epoch, model, metrics)``, ``state_dict()``, ``load_state_dict(sd)``)
   carry the papers' needs: ToE's per-epoch stages, SeiT's batch transforms on the device; hook state is saved in
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 __all__ = [
     "TrainConfig", "FitResult", "fit", "evaluate", "save_weights", "load_weights", "TrainingDivergedError",
-    "CheckpointMismatchError", "OutOfMemoryError", "RECIPES", "recipe", "fit_launched",
+    "CheckpointMismatchError", "OutOfMemoryError", "RECIPES", "recipe", "fit_launched", "all_heads",
 ]
 
 
@@ -185,6 +186,29 @@ def _as_list(out) -> list[torch.Tensor]:
     return [out]
 
 
+class all_heads:
+    """Multi-head protocol (duck-typed): a model with a boolean attribute ``return_all_heads`` returns one tensor
+    from ``forward`` in ``eval()`` (timm's convention for two-head models, e.g. ViTTM) and all of its heads (a tuple,
+    in ``head_names`` order) while the attribute is True. ``with all_heads(model):`` sets it to True (on the model
+    inside Fabric/DDP/compile wrappers) and restores it afterwards; ``fit()`` and ``evaluate()`` run inside it, so
+    every head gets its loss and its metrics. Models without the attribute are left as they are."""
+
+    def __init__(self, model: nn.Module):
+        m = getattr(model, "module", model)
+        self.model = getattr(m, "_orig_mod", m)
+        self.prev = getattr(self.model, "return_all_heads", None)
+
+    def __enter__(self):
+        if isinstance(self.prev, bool):
+            self.model.return_all_heads = True
+        return self.model
+
+    def __exit__(self, *exc):
+        if isinstance(self.prev, bool):
+            self.model.return_all_heads = self.prev
+        return False
+
+
 def head_names_of(model: nn.Module, n: int) -> list[str]:
     """Names for a model's output heads: ``model.head_names`` if it has them, else head0, head1, ..."""
     m = getattr(model, "module", model)
@@ -319,7 +343,8 @@ def evaluate(model: nn.Module, loader, preprocess: Optional[nn.Module] = None, f
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if preprocess is not None:
             x = preprocess(x)
-        outs = _as_list(model(x))
+        with all_heads(model):
+            outs = _as_list(model(x))
         if correct1 is None:
             n = len(outs)
             names = head_names_of(model, n)
@@ -535,7 +560,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
                 x, target = mixup_fn(x, target)
             accumulating = (i + 1) % cfg.grad_accum != 0
             try:
-                with fabric.no_backward_sync(model, enabled=accumulating):
+                with fabric.no_backward_sync(model, enabled=accumulating), all_heads(raw_model):
                     out = model(x)
                     outs = _as_list(out)
                     if not head_names:

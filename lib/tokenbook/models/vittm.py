@@ -21,9 +21,30 @@ Layer ``i`` (as in the official forward, including its quirk that the normalized
 
 After the last layer ``P = process_norm(P)`` (the memory stream's final norm is Identity, as timm sets it for
 ``global_pool="avg"``). There is no class token: each stream is mean-pooled, normalized (``fc_norm`` /
-``fc_norm_process``) and classified by its own zero-initialized linear head. ``forward`` returns
-``(memory_logits, process_logits)``; the official training loss is the sum of the criterion on both, and the official
-code picks its best checkpoints by the memory head's top-1.
+``fc_norm_process``) and classified by its own zero-initialized linear head. The official training loss is the sum
+of the criterion on both heads, and the official training script (``train_lt.py``) picks its best checkpoints
+(``best_performing.pth``, ``best_ema.pth``) by the memory head's top-1.
+
+Outputs follow timm's convention for two-head models (distilled DeiT):
+
+- ``eval()``: **one tensor**, the ``eval_head`` (default ``"memory"``, the official checkpoint-selection head, so
+  timm's validation of a released checkpoint measures the head it was selected by; ``eval_head="process"`` picks
+  the other). ``forward_features`` then returns that stream's tokens ``[B, N, d]`` and ``forward_head`` its logits
+  (``pre_logits=True``: its pooled, normalized features ``[B, d]``).
+- training mode, or ``set_all_heads(True)`` (attribute ``return_all_heads``): both, memory first:
+  ``forward`` -> ``(memory_logits, process_logits)``, ``forward_features`` -> ``(memory tokens, process tokens)``.
+  ``tokenbook.train.fit`` / ``evaluate`` use this switch to report both heads.
+
+Feature extraction follows timm's ViT: ``forward_intermediates`` returns the **process tokens** after each layer (the
+stream the blocks process, as the official segmentation backbone takes them; ``stream="memory"`` / ``"both"`` on
+request), ``feature_info`` describes them (``num_chs`` d, ``reduction`` process_ps), ``prune_intermediate_layers``
+drops later layers and ``timm.create_model(name, features_only=True, out_indices=...)`` wraps the model in timm's
+``FeatureGetterNet``. ``group_matcher`` groups the stem, one group per layer and the classifiers.
+
+Module and parameter names are the official ones (including ``la``'s ``norm``/``norm_q``/``mlp``/``mlp2`` and
+``mem_blocks``), and so are the LayerNorm epsilons and the train-mode dropouts (``pos_drop`` on both streams,
+``proj_drop_rate`` in the memory MLP blocks, ``drop_rate`` in the ``tl`` heads' MLPs), so official checkpoints of
+every head, fusion and memory-block option load strictly and compute the same function.
 
 Where this implementation differs from the official code (all on purpose, none changes the math of the released
 configuration):
@@ -41,8 +62,8 @@ configuration):
 Read/write maps, memory diagnostics and the ablation settings of the notebook ``01_vittm`` are in
 :mod:`tokenbook.experiments.vittm`.
 
-Size: about 840 lines, a little over the 800-line guide: one architecture with five read/write heads, three
-fusions and two memory-block kinds, its checkpoint filter and eight registered variants.
+Size: about 1000 lines, over the 800-line guide: one architecture with five read/write heads, three fusions and two
+memory-block kinds, timm's two-head and feature-extraction APIs, its checkpoint filter and eight registered variants.
 """
 from __future__ import annotations
 
@@ -159,14 +180,15 @@ class TokenLearnerHead(nn.Module):
     ``Z = [X; Y]`` (``N + M`` tokens) -> LayerNorm (eps 1e-5) -> MLP ``dim -> M -> M`` with GELU -> transpose and
     softmax over the ``N + M`` tokens -> weights ``W [M, N+M]`` -> output ``W Z`` (the un-normalized tokens). The
     output count and the bottleneck both equal the query-stream token count ``num_out``, fixed at construction
-    (official code).
+    (official code). ``drop``: dropout after both MLP layers (timm ``Mlp``); the official model passes its
+    ``drop_rate``.
     """
 
-    def __init__(self, dim: int, num_out: int):
+    def __init__(self, dim: int, num_out: int, drop: float = 0.0):
         super().__init__()
         self.num_out = num_out
         self.norm = nn.LayerNorm(dim, eps=1e-5)
-        self.mlp = Mlp(dim, hidden_features=num_out, out_features=num_out, act_layer=nn.GELU)
+        self.mlp = Mlp(dim, hidden_features=num_out, out_features=num_out, act_layer=nn.GELU, drop=drop)
 
     def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         if queries.shape[1] != self.num_out:
@@ -219,22 +241,23 @@ class CrossAttentionHead(nn.Module):
 class LatentAttentionHead(nn.Module):
     """``la``: single-head "latent attention" with ``c = dim / latent_size_scale`` latents.
 
-    ``A = softmax_c(MLP_q(LN(Y))) [M, c]``, ``B = softmax_N(MLP_s(LN(X))^T) [c, N]``; each MLP is
+    ``A = softmax_c(mlp2(norm_q(Y))) [M, c]``, ``B = softmax_N(mlp(norm(X))^T) [c, N]``; each MLP is
     ``dim -> 64 -> c`` with GELU; the values are the raw source tokens (no projection): output ``A (B X)``; explicit
-    map ``A B [M, N]``."""
+    map ``A B [M, N]``. Module names are the official ones (``norm``/``mlp`` for the source, ``norm_q``/``mlp2``
+    for the queries), so official checkpoints load unchanged."""
 
     def __init__(self, dim: int, latent_size_scale: int = 1, hidden: int = 64):
         super().__init__()
         if dim % latent_size_scale:
             raise ValueError(f"latent_size_scale={latent_size_scale} does not divide the width {dim}")
         latent = dim // latent_size_scale
-        self.source_norm, self.query_norm = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
-        self.source_mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)
-        self.query_mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)
+        self.norm, self.norm_q = nn.LayerNorm(dim, eps=1e-5), nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)   # source tokens
+        self.mlp2 = Mlp(dim, hidden_features=hidden, out_features=latent, act_layer=nn.GELU)  # query tokens
 
     def _factors(self, source: torch.Tensor, queries: torch.Tensor):
-        a = self.query_mlp(self.query_norm(queries)).softmax(dim=-1)                     # [B, M, c]
-        b = self.source_mlp(self.source_norm(source)).transpose(1, 2).softmax(dim=-1)    # [B, c, N]
+        a = self.mlp2(self.norm_q(queries)).softmax(dim=-1)                  # [B, M, c]
+        b = self.mlp(self.norm(source)).transpose(1, 2).softmax(dim=-1)      # [B, c, N]
         return a, b
 
     def attention_map(self, source: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -288,11 +311,11 @@ class LatentCrossAttentionHead(nn.Module):
 
 
 def _make_rw_head(kind: str, dim: int, num_heads: int, latent_size_scale: int, num_out: int,
-                  qkv_bias: bool) -> nn.Module:
+                  qkv_bias: bool, drop: float = 0.0) -> nn.Module:
     if kind == "lin":
         return LinearAttentionHead(dim, num_heads, latent_size_scale, qkv_bias=qkv_bias)
     if kind == "tl":
-        return TokenLearnerHead(dim, num_out)
+        return TokenLearnerHead(dim, num_out, drop=drop)
     if kind == "ca":
         return CrossAttentionHead(dim, num_heads, qkv_bias=qkv_bias)
     if kind == "la":
@@ -330,12 +353,15 @@ class Fusion(nn.Module):
 
 
 class MemoryMlpBlock(nn.Module):
-    """``memory_blocks="mlp"``: ``M + MLP(LN(M))`` with hidden ``memory_mlp_ratio * d`` (official 0.5) and GELU."""
+    """``memory_blocks="mlp"``: ``M + MLP(LN(M))`` with hidden ``memory_mlp_ratio * d`` (official 0.5) and GELU.
 
-    def __init__(self, dim: int, mlp_ratio: float = 0.5, norm_layer: Callable[..., nn.Module] = LayerNorm):
+    As the official ``MemMlpBlock``: ``nn.LayerNorm`` with its default eps 1e-5 (not the blocks' 1e-6) and dropout
+    ``drop`` after both MLP layers (the official model passes its ``proj_drop_rate``)."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 0.5, drop: float = 0.0):
         super().__init__()
-        self.norm = norm_layer(dim)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))
@@ -367,9 +393,14 @@ class ViTTM(nn.Module):
         memory_mlp_ratio: hidden ratio of the memory MLP blocks (official 0.5).
         process_embedder_type: ``"patch"`` (paper) or ``"latent"`` (learned process tokens; fixed in this version).
         process_tokens: number of latent process tokens (``latent`` only; default ``(img_size / process_ps)^2``).
-        drop_rate: dropout before both classifiers. pos_drop_rate: dropout after the process position embedding.
-        proj_drop_rate, attn_drop_rate, drop_path_rate: passed to the timm Blocks (drop path linearly increasing).
+        drop_rate: dropout before both classifiers and in the ``tl`` heads' MLPs (official). pos_drop_rate: dropout
+            after the position embeddings of both streams (official ``_pos_embed``).
+        proj_drop_rate, attn_drop_rate, drop_path_rate: passed to the timm Blocks (drop path linearly increasing);
+            ``proj_drop_rate`` also drops in the ``mlp`` memory blocks (official).
         global_pool: only ``"avg"`` (the official factory always sets it).
+        eval_head: the head ``forward`` returns in ``eval()``: ``"memory"`` (default; the official training script
+            selects its best checkpoints by the memory head's top-1) or ``"process"``. ``set_all_heads(True)`` makes
+            ``eval()`` return both, as training always does.
     """
 
     #: names of the two outputs (``tokenbook.train`` reports ``val_top1_memory`` / ``val_top1_process``)
@@ -400,6 +431,7 @@ class ViTTM(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         global_pool: str = "avg",
+        eval_head: str = "memory",
     ):
         super().__init__()
         memory_blocks = "none" if memory_blocks in (None, "", "none") else memory_blocks
@@ -407,6 +439,8 @@ class ViTTM(nn.Module):
         _check_choice("fusion_type", fusion_type, FUSION_TYPES)
         _check_choice("memory_blocks", memory_blocks, MEMORY_BLOCK_TYPES)
         _check_choice("process_embedder_type", process_embedder_type, PROCESS_EMBEDDER_TYPES)
+        if eval_head not in self.head_names:
+            raise ValueError(f"unknown eval_head {eval_head!r}; choose one of {self.head_names}")
         if global_pool != "avg":
             raise ValueError(f"global_pool={global_pool!r} is not supported; ViTTM mean-pools each stream ('avg')")
         if embed_dim % num_heads:
@@ -436,6 +470,9 @@ class ViTTM(nn.Module):
         self.memory_blocks_type, self.process_embedder_type = memory_blocks, process_embedder_type
         self.num_prefix_tokens = 0
         self.grad_checkpointing = False
+        self.eval_head = eval_head
+        #: multi-head protocol of ``tokenbook.train``: True makes ``eval()`` return both heads (see set_all_heads)
+        self.return_all_heads = False
         norm_layer = LayerNorm  # timm LayerNorm, eps 1e-6 (official norm_layer)
 
         embed_kw = dict(img_size=self.img_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False,
@@ -458,15 +495,16 @@ class ViTTM(nn.Module):
         self.read_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
         self.write_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
         self.read_head = nn.ModuleList([
-            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, num_process, qkv_bias)
+            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, num_process, qkv_bias, drop_rate)
             for _ in range(depth)])
         self.write_head = nn.ModuleList([
-            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, self.num_memory_tokens, qkv_bias)
+            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, self.num_memory_tokens, qkv_bias,
+                          drop_rate)
             for _ in range(depth)])
         self.read_fusion = Fusion(fusion_type, embed_dim, num_process)
         self.write_fusion = Fusion(fusion_type, embed_dim, self.num_memory_tokens)
-        self.memory_blocks = nn.ModuleList([
-            MemoryMlpBlock(embed_dim, memory_mlp_ratio, norm_layer) if memory_blocks == "mlp" else nn.Identity()
+        self.mem_blocks = nn.ModuleList([  # official name (state dict keys mem_blocks.{i}.*)
+            MemoryMlpBlock(embed_dim, memory_mlp_ratio, proj_drop_rate) if memory_blocks == "mlp" else nn.Identity()
             for _ in range(depth)])
 
         self.norm = nn.Identity()  # memory stream's final norm (Identity under global_pool="avg" in timm)
@@ -476,6 +514,8 @@ class ViTTM(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.process_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        #: timm feature metadata: the process tokens after each layer (see ``forward_intermediates``)
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=process_ps) for i in range(depth)]
         self.init_weights()
 
     # -- init ----------------------------------------------------------------------------------------------------------
@@ -508,9 +548,28 @@ class ViTTM(nn.Module):
         return {"memory_pos_embed", "process_pos_embed", "process_latent"}
 
     @torch.jit.ignore
+    def set_all_heads(self, enable: bool = True) -> None:
+        """Return both heads' outputs ``(memory, process)`` also in ``eval()`` (cf. timm's
+        ``set_distilled_training``; training mode always returns both, for the official summed loss)."""
+        self.return_all_heads = enable
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each layer (read, block, write, memory block) in backward to save memory while training."""
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise lr decay (as timm's ViT): the stem (embedders, position tables,
+        latent process tokens), then one group per layer ``i`` (block, read/write heads and norms, memory block);
+        what all layers share or what follows the last one (the add_erase fusion gates, ``process_norm``) joins the
+        last layer's group (timm's ``MATCH_PREV_GROUP``, as timm's ViT does with its final norm); the pooling norms and
+        classifiers stay unmatched (timm puts them last). ``coarse`` is accepted for the timm signature."""
+        return dict(
+            stem=r"^(?:memory_embedder|process_embedder|memory_pos_embed|process_pos_embed|process_latent)",
+            blocks=[(r"^(?:blocks|read_head|write_head|read_norm|write_norm|mem_blocks)\.(\d+)", None),
+                    (r"^(?:read_fusion|write_fusion|process_norm)", (99999,))],
+        )
 
     def get_classifier(self) -> tuple[nn.Module, nn.Module]:
         return self.head, self.process_head
@@ -519,7 +578,7 @@ class ViTTM(nn.Module):
         if global_pool not in (None, "avg"):
             raise ValueError(f"global_pool={global_pool!r} is not supported; ViTTM mean-pools each stream ('avg')")
         self.num_classes = num_classes
-        dev = self.fc_norm.weight.device
+        dev = self.memory_pos_embed.device
         self.head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
         self.process_head = nn.Linear(self.embed_dim, num_classes, device=dev) if num_classes > 0 else nn.Identity()
         for head in (self.head, self.process_head):
@@ -550,7 +609,7 @@ class ViTTM(nn.Module):
                                self.process_ps)
         else:
             proc = self.process_latent.expand(x.shape[0], -1, -1)
-        return mem, self.pos_drop(proc)
+        return self.pos_drop(mem), self.pos_drop(proc)  # official: pos_drop on both streams
 
     def _layer(self, i: int, mem: torch.Tensor, proc: torch.Tensor, record: Optional[dict] = None):
         mem, proc = self.read_norm[i](mem), self.read_norm[i](proc)
@@ -569,7 +628,7 @@ class ViTTM(nn.Module):
             if record["maps"]:
                 record["write_maps"].append(self.write_head[i].attention_map(proc, mem))
         mem = self.write_fusion(write, mem)
-        mem = self.memory_blocks[i](mem)
+        mem = self.mem_blocks[i](mem)
         if record is not None:
             record["memory"].append(mem)
         return mem, proc
@@ -585,34 +644,140 @@ class ViTTM(nn.Module):
                 mem, proc = self._layer(i, mem, proc, record)
         return self.norm(mem), self.process_norm(proc)
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(memory tokens [B, Nm, d], process tokens [B, Np, d])`` after the last layer and final norms."""
-        return self._streams(x)
+    def _all_heads_mode(self) -> bool:
+        return self.training or self.return_all_heads
 
-    def forward_head(self, feats: tuple[torch.Tensor, torch.Tensor], pre_logits: bool = False):
-        mem, proc = feats
-        m = self.head_drop(self.fc_norm(mem.mean(dim=1)))
-        p = self.head_drop(self.fc_norm_process(proc.mean(dim=1)))
+    def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Token features after the last layer and the final norms.
+
+        In ``eval()`` (timm convention) one tensor: the tokens of the ``eval_head`` stream (default the memory tokens
+        ``[B, Nm, d]``; ``eval_head="process"``: the process tokens ``[B, Np, d]``). In training, or after
+        ``set_all_heads(True)``: ``(memory tokens, process tokens)``."""
+        mem, proc = self._streams(x)
+        if self._all_heads_mode():
+            return mem, proc
+        return mem if self.eval_head == "memory" else proc
+
+    def _pool(self, tokens: torch.Tensor, which: str) -> torch.Tensor:
+        norm = self.fc_norm if which == "memory" else self.fc_norm_process
+        return self.head_drop(norm(tokens.mean(dim=1)))
+
+    def _both_heads(self, mem: torch.Tensor, proc: torch.Tensor, pre_logits: bool = False):
+        m, p = self._pool(mem, "memory"), self._pool(proc, "process")
         if pre_logits:
             return m, p
         return self.head(m), self.process_head(p)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(memory_logits, process_logits)``, memory first (official order)."""
+    def forward_head(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], pre_logits: bool = False):
+        """Logits (or, with ``pre_logits``, the pooled and normalized features) from ``forward_features``' output.
+
+        ``x`` may be the ``(memory, process)`` pair: both heads are returned in training or with
+        ``set_all_heads(True)``, else only the ``eval_head`` one. A single tensor is taken as the ``eval_head``
+        stream's tokens and gives that head's output."""
+        if isinstance(x, (tuple, list)):
+            mem, proc = x
+            if self._all_heads_mode():
+                return self._both_heads(mem, proc, pre_logits)
+            x = mem if self.eval_head == "memory" else proc
+        head = self.head if self.eval_head == "memory" else self.process_head
+        pooled = self._pool(x, self.eval_head)
+        return pooled if pre_logits else head(pooled)
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``eval()``: the ``eval_head`` logits (default memory, the official checkpoint-selection head).
+        Training or ``set_all_heads(True)``: ``(memory_logits, process_logits)``, memory first (official order)."""
         return self.forward_head(self.forward_features(x))
+
+    # -- timm feature extraction ---------------------------------------------------------------------------------
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        stream: str = "process",
+    ):
+        """Features after the layers in ``indices`` (timm's ViT API; ``timm.create_model(..., features_only=True)``).
+
+        Intermediates are the **process tokens** after each layer (after its write, i.e. the stream the next layer
+        reads with), as the official segmentation backbone takes them; ``norm`` applies ``process_norm`` to them.
+        ``stream="memory"`` gives the memory tokens instead; ``stream="both"`` concatenates process and memory
+        channels (``2 d``; needs equal grids, as the official segmentation backbone does for 28/28).
+        ``indices``: None = all layers, an int = the last n, a sequence = those (negative from the end).
+        ``output_fmt``: ``"NCHW"`` (``[B, C, H/patch, W/patch]``) or ``"NLC"`` (``[B, tokens, C]``).
+        Returns the list, or with ``intermediates_only=False`` ``(forward_features output, list)``.
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        if stream not in ("process", "memory", "both"):
+            raise ValueError(f"stream must be 'process', 'memory' or 'both', got {stream!r}")
+        take, max_index = feature_take_indices(self.depth, indices)
+        H, W = x.shape[-2:]
+        mgrid = (H // self.memory_ps, W // self.memory_ps)
+        pgrid = (H // self.process_ps, W // self.process_ps) if self.process_embedder_type == "patch" else None
+        if output_fmt == "NCHW" and stream != "memory" and pgrid is None:
+            raise ValueError("NCHW process features need patch process tokens; use output_fmt='NLC' with "
+                             "process_embedder_type='latent'")
+        if stream == "both" and pgrid != mgrid:
+            raise ValueError(f"stream='both' needs equal memory and process grids, got {mgrid} and {pgrid}; "
+                             "use stream='process' or 'memory'")
+        mem, proc = self.embed(x)
+        out = []
+        last = max_index if stop_early else self.depth - 1
+        for i in range(last + 1):
+            if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                mem, proc = checkpoint(self._layer, i, mem, proc, use_reentrant=False)
+            else:
+                mem, proc = self._layer(i, mem, proc)
+            if i in take:
+                p = self.process_norm(proc) if norm else proc
+                m = self.norm(mem) if norm else mem
+                out.append(p if stream == "process" else m if stream == "memory" else torch.cat([p, m], dim=-1))
+        if output_fmt == "NCHW":
+            grid = mgrid if stream == "memory" else pgrid
+            out = [t.reshape(t.shape[0], *grid, t.shape[-1]).permute(0, 3, 1, 2).contiguous() for t in out]
+        if intermediates_only:
+            return out
+        mem, proc = self.norm(mem), self.process_norm(proc)
+        if self._all_heads_mode():
+            return (mem, proc), out
+        return (mem if self.eval_head == "memory" else proc), out
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the layers after the last one ``indices`` needs (timm's ViT API); ``prune_norm`` drops
+        ``process_norm``, ``prune_head`` both pooling norms and classifiers. Returns the kept indices."""
+        from timm.models._features import feature_take_indices
+
+        take, max_index = feature_take_indices(self.depth, indices)
+        keep = max_index + 1
+        for name in ("blocks", "read_head", "write_head", "read_norm", "write_norm", "mem_blocks"):
+            setattr(self, name, getattr(self, name)[:keep])
+        self.depth = keep
+        self.feature_info = self.feature_info[:keep]
+        if prune_norm:
+            self.process_norm = nn.Identity()
+        if prune_head:
+            self.fc_norm, self.fc_norm_process = nn.Identity(), nn.Identity()
+            self.reset_classifier(0)
+        return take
 
     @torch.no_grad()
     def trace(self, x: torch.Tensor, maps: bool = True) -> dict[str, Any]:
         """Run a forward pass and return per-layer internals (for figures and diagnostics).
 
-        Keys: ``logits`` (memory, process), ``memory0`` (initial memory stream), ``memory`` / ``read`` / ``write`` /
+        Keys: ``logits`` (memory, process; both heads in every mode), ``memory0`` (initial memory stream), ``memory`` / ``read`` / ``write`` /
         ``mem_before_write`` (lists over layers of [B, tokens, d]) and, with ``maps``, ``read_maps`` [B, h, Np, Nm] and
         ``write_maps`` [B, h, Nm, Np] per layer (``tl``: the last dimension also covers the query-stream tokens).
         """
         record: dict[str, Any] = dict(maps=maps, read=[], write=[], memory=[], mem_before_write=[], read_maps=[],
                                       write_maps=[])
-        feats = self._streams(x, record)
-        record["logits"] = self.forward_head(feats)
+        mem, proc = self._streams(x, record)
+        record["logits"] = self._both_heads(mem, proc)
         return record
 
 
@@ -740,9 +905,6 @@ def vittm_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, criterion:
     return sum(criterion(o, target) for o in outputs)
 
 
-@torch.no_grad()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------------
@@ -777,8 +939,10 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, defaults: dict[str, Any], **kwargs) -> ViTTM:
+    out_indices = kwargs.pop("out_indices", 3)
     args = {**PAPER_CONFIG, **defaults, **kwargs}  # every option stays a keyword argument
-    return build_model_with_cfg(ViTTM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **args)
+    return build_model_with_cfg(ViTTM, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
