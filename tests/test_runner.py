@@ -194,3 +194,16 @@ def test_ctrl_c_prints_summary_cleans_staging_and_exits_130(tmp_path):
     assert not (res / ".staging").exists()
     assert (res / "README.md").is_file() and (res / "index.html").is_file()
     assert not (res / "00_slow" / "smoke").exists()
+
+
+def test_gitignore_covers_checkpoints_failed_runs_and_staging():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    paths = ["notebooks/.ipynb_checkpoints/03_toe-checkpoint.ipynb", "results/03_toe/cpu-failed/03_toe.ipynb",
+             "results/03_toe/smoke-failed/log.txt", "results/.staging/x/log.txt"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert sorted(out.stdout.split()) == sorted(paths)
+    kept = subprocess.run(["git", "check-ignore", "--no-index", "results/03_toe/cpu/03_toe.ipynb"], cwd=root,
+                          capture_output=True, text=True)
+    assert kept.returncode == 1  # cpu-profile results are committed
