@@ -207,3 +207,16 @@ def test_gitignore_covers_checkpoints_failed_runs_and_staging():
     kept = subprocess.run(["git", "check-ignore", "--no-index", "results/03_toe/cpu/03_toe.ipynb"], cwd=root,
                           capture_output=True, text=True)
     assert kept.returncode == 1  # cpu-profile results are committed
+
+
+def test_env_sh_fast_path_matches_tokenbook_data():
+    # scripts/env.sh checks the default data in bash (no torch import per call); its names must match tokenbook.data
+    from pathlib import Path
+
+    from tokenbook import data
+
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "env.sh").read_text()
+    for f in data.FASHION_MNIST_FILES.values():
+        assert f in text
+    assert f"${{{data.FASHION_MNIST_ENV}:-{data.DEBIAN_FASHION_MNIST}}}" in text
+    assert "import tokenbook, timm, papermill' 2>/dev/null; then" not in text  # no imports when the stamp matches
