@@ -164,7 +164,8 @@ def _oom_kills() -> Optional[int]:
     return None
 
 
-_OOM_LOG_MARKERS = ("out of memory", "outofmemoryerror", "memoryerror", "oom-kill", "oom_kill", "cannot allocate memory")
+_OOM_LOG_MARKERS = ("out of memory", "outofmemoryerror", "memoryerror", "oom-kill", "oom_kill",
+                    "cannot allocate memory")
 
 
 def _signal_name(num: int) -> str:
