@@ -509,6 +509,12 @@ def test_concatenate_errors(images):
     other = task_model(tiny_vit(seed=5), "c", 1, seed=3)  # same architecture, different weights
     with pytest.raises(ValueError, match=r"does not share model 0's backbone \(.*values differ"):
         concatenate([ma, other])
+    # a shallower backbone: the missing block is named first, not hidden behind the "values differ" entries
+    shallow = task_model(tiny_vit(seed=5, depth=2), "d", 1, seed=3)
+    with pytest.raises(ValueError, match=r"backbone \(missing blocks\.2 \(\d+ tensors\), [^m]*values differ"):
+        concatenate([ma, shallow])
+    with pytest.raises(ValueError, match=r"backbone \(unexpected blocks\.2 \(\d+ tensors\), "):
+        concatenate([shallow, ma])
     full = finetune_model(bb, "full", 3, task="f")
     with torch.no_grad():
         full.backbone.blocks[0].attn.qkv.weight.add_(1e-3)

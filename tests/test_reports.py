@@ -4,7 +4,6 @@ headless Chromium (every image loaded, no failed request, no console error, ever
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path

@@ -117,6 +117,25 @@ def test_param_type_checks():
         check_param_type("latency", "yes", "bool")
 
 
+def test_param_type_scientific_notation():
+    import yaml
+
+    # PyYAML (YAML 1.1) loads these as strings; they are floats wherever a float is expected
+    for text, want in (("1e-3", 1e-3), ("5e-4", 5e-4), ("1e9", 1e9), ("5E-4", 5e-4), ("-2.5e+1", -25.0)):
+        assert check_param_type("lr", yaml.safe_load(f"lr: {text}")["lr"], "float") == want
+        assert isinstance(check_param_type("lr", text, "float"), float)
+    # ints in that notation only when integral
+    assert check_param_type("steps", "1e3", "int") == 1000 and isinstance(check_param_type("steps", "1e3", "int"), int)
+    assert check_param_type("steps", 2000.0, "int") == 2000
+    with pytest.raises(TypeError, match="'steps' must be int, got float 0.001 \\(not a whole number\\)"):
+        check_param_type("steps", "1e-3", "int")
+    with pytest.raises(TypeError, match="'lr' must be float, got str '1e-3x'"):
+        check_param_type("lr", "1e-3x", "float")
+    assert check_param_type("name", "1e-3", "str") == "1e-3"  # strings stay strings
+    with pytest.raises(TypeError, match="must be float"):
+        check_param_type("lr", True, "float")
+
+
 def test_same_seed_identical_tables(tmp_path):
     """The determinism promise: the same seed gives identical tables on the same CPU machine."""
     import timm

@@ -11,7 +11,8 @@ PARAMS = '''profile: str = "cpu"  # run profile
 results_root: str = "results"  # results folder
 seed: int = 0  # seed
 mode: str = "ok"  # ok, fail, die or sleep
-value: float = 1.5  # a number written to the table'''
+value: float = 1.5  # a number written to the table
+dataset: str = "none"  # dataset'''
 
 BODY = '''import time
 import pandas as pd
@@ -23,6 +24,7 @@ if mode == "die":  # what the kernel sees when the OOM killer strikes
     import os, signal
     os.kill(os.getpid(), signal.SIGKILL)
 if mode == "sleep":
+    print("sleeping", flush=True)
     time.sleep(60)
 ctx.save_table("numbers", pd.DataFrame({"model": ["x"], "value": [value]}))
 ctx.finish()'''
@@ -89,7 +91,8 @@ def test_failure_is_isolated_and_previous_results_kept(tmp_path):
     assert any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert not (res / "01_bad" / "cpu").exists()
     died = json.loads((res / "02_dies" / "cpu-failed" / "status.json").read_text())
-    assert died["status"] == "failed" and died["detail"]
+    assert died["status"] == "failed" and "the kernel died" in died["detail"]
+    assert "out of memory" not in died["detail"].replace("no out-of-memory", "")  # no evidence of OOM here
     index = (res / "README.md").read_text()
     assert "00_good" in index and "failed" in index and (res / "index.html").is_file()
 
@@ -109,3 +112,111 @@ def test_time_limit(tmp_path):
     assert out.returncode == 1
     st = json.loads((root / "results" / "00_slow" / "smoke-failed" / "status.json").read_text())
     assert st["status"] == "timeout"
+
+
+def test_scientific_notation_timeout_and_dataset_checks(tmp_path):
+    root = _make_root(tmp_path, names=("00_good",))
+    out = _run(root, "--profile", "smoke", "-p", "value", "1e-3", "-p", "seed", "1e3", "-p", "dataset",
+               "folder:/nonexistent/tokenbook")
+    # the numbers pass; the dataset is refused before any kernel starts
+    assert out.returncode == 2 and "must be" not in out.stderr, out.stderr
+    assert "image folder /nonexistent/tokenbook does not exist" in out.stderr
+    (root / "notebooks" / "params" / "00_good" / "smoke.yaml").write_text("mode: ok\nvalue: 5e-4\n")
+    out = _run(root, "--profile", "smoke", "-p", "seed", "1.5e0")
+    assert out.returncode == 2 and "'seed' must be int, got float 1.5 (not a whole number)" in out.stderr
+    half = tmp_path / "half"
+    (half / "train").mkdir(parents=True)
+    out = _run(root, "--profile", "smoke", "-p", "dataset", f"folder:{half}")
+    assert out.returncode == 2 and "has no 'val/' sub-folder" in out.stderr
+    out = _run(root, "--profile", "smoke", "-p", "dataset", "hf:/nonexistent/copy")
+    assert out.returncode == 2 and "/nonexistent/copy" in out.stderr and "does not exist" in out.stderr
+    for bad in ("0", "-1", "nan"):
+        out = _run(root, "--profile", "smoke", "--timeout", bad)
+        assert out.returncode == 2 and "--timeout: must be a positive number of minutes" in out.stderr, bad
+    assert not (root / "results").exists()
+    (half / "val").mkdir()
+    out = _run(root, "--profile", "smoke", "-p", "dataset", f"folder:{half}")
+    assert out.returncode == 0, out.stdout + out.stderr
+    meta = json.loads((root / "results" / "00_good" / "smoke" / "meta.json").read_text())
+    assert meta["parameters"]["value"] == 5e-4 and meta["parameters"]["dataset"] == f"folder:{half}"
+
+
+def test_fashion_mnist_checked_before_running(tmp_path, monkeypatch):
+    from tokenbook import data
+    from tokenbook.runner import check_dataset
+
+    monkeypatch.setenv(data.FASHION_MNIST_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(data.DatasetNotFoundError) as e:
+        data.find_fashion_mnist()
+    assert check_dataset({"dataset": "fashion_mnist"}) == str(e.value)  # the same message as tokenbook.data
+    assert check_dataset({"dataset": "hf:uoft-cs/cifar100"}) is None  # hub ids need the net: not checked
+
+
+def test_error_summary_names_signal_and_oom_only_on_evidence(tmp_path):
+    from tokenbook.runner import _error_summary
+
+    nb, log = tmp_path / "x.ipynb", tmp_path / "log.txt"
+    log.write_text("nbclient.exceptions.DeadKernelError: Kernel died\n")
+    died = _error_summary(nb, log, 138, 0, 0)
+    assert "the kernel died" in died and "no out-of-memory evidence" in died
+    assert "out of memory (the cgroup's oom_kill counter rose from 0 to 1)" in _error_summary(nb, log, 138, 0, 1)
+    assert _error_summary(nb, log, -15, 0, 0) == "papermill killed by SIGTERM"
+    assert _error_summary(nb, log, -9, None, None) == "papermill killed by SIGKILL"
+    assert "SIGKILL: out of memory" in _error_summary(nb, log, -9, 3, 4)
+    log.write_text("Killed: Out of memory: Killed process 123 (python)\n")
+    assert "out of memory (the log says 'out of memory')" in _error_summary(nb, log, -9, None, None)
+
+
+def test_ctrl_c_prints_summary_cleans_staging_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    root = _make_root(tmp_path, names=("00_slow", "01_next"))
+    (root / "notebooks" / "params" / "00_slow" / "smoke.yaml").write_text("mode: sleep\n")
+    env = {**os.environ, "TOKENBOOK_ROOT": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "tokenbook.runner", "--profile", "smoke"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        logs = []
+        while time.time() < deadline and not any("sleeping" in p.read_text() for p in logs):
+            time.sleep(0.5)
+            logs = list((root / "results" / ".staging").glob("*/00_slow/smoke/log.txt"))
+        assert logs, "the notebook did not start"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "summary" in out and "interrupted" in out and "not run" in out and "01_next" in out
+    res = root / "results"
+    assert not (res / ".staging").exists()
+    assert (res / "README.md").is_file() and (res / "index.html").is_file()
+    assert not (res / "00_slow" / "smoke").exists()
+
+
+def test_gitignore_covers_checkpoints_failed_runs_and_staging():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    paths = ["notebooks/.ipynb_checkpoints/03_toe-checkpoint.ipynb", "results/03_toe/cpu-failed/03_toe.ipynb",
+             "results/03_toe/smoke-failed/log.txt", "results/.staging/x/log.txt"]
+    out = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert sorted(out.stdout.split()) == sorted(paths)
+    kept = subprocess.run(["git", "check-ignore", "--no-index", "results/03_toe/cpu/03_toe.ipynb"], cwd=root,
+                          capture_output=True, text=True)
+    assert kept.returncode == 1  # cpu-profile results are committed
+
+
+def test_env_sh_fast_path_matches_tokenbook_data():
+    # scripts/env.sh checks the default data in bash (no torch import per call); its names must match tokenbook.data
+    from pathlib import Path
+
+    from tokenbook import data
+
+    text = (Path(__file__).resolve().parents[1] / "scripts" / "env.sh").read_text()
+    for f in data.FASHION_MNIST_FILES.values():
+        assert f in text
+    assert f"${{{data.FASHION_MNIST_ENV}:-{data.DEBIAN_FASHION_MNIST}}}" in text
+    assert "import tokenbook, timm, papermill' 2>/dev/null; then" not in text  # no imports when the stamp matches

@@ -209,6 +209,13 @@ def test_tokenadapt_shapes_and_loading():
         S.load_tokenadapt(sd, S.TokenAdapt())
     with pytest.raises(ValueError, match="no conversion_function"):
         S.load_tokenadapt({"head.weight": torch.zeros(2, 2)})
+    # partial checkpoint without module=: the documented ValueError naming the missing keys, not a KeyError
+    partial = {k: v for k, v in sd.items() if not k.startswith("reverse_transform.1.")}
+    both = r"missing keys \['reverse_transform.1.bias', 'reverse_transform.1.weight'\]"
+    with pytest.raises(ValueError, match=both):
+        S.load_tokenadapt(partial)
+    with pytest.raises(ValueError, match=r"missing keys \['reverse_transform.1.bias'\]"):
+        S.load_tokenadapt(sd)
 
 
 def test_attention_fused_and_explicit_agree():

@@ -206,6 +206,42 @@ def test_corrected_euclidean_picks_like_cosine():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# float32 inputs of DeiT-S size (196 patches, 384 channels) on which torch.cdist and the official broadcast formula
+# round differently enough to pick other tokens (found by search on this x86 CPU; at least one must disagree)
+CDIST_DISAGREES = [("euclidean", 26, 2), ("manhattan", 0, 1), ("manhattan", 4, 1)]
+
+
+def test_distances_follow_official_formula_not_cdist():
+    disagreements = 0
+    for distance, seed, stage in CDIST_DISAGREES:
+        torch.manual_seed(seed)
+        x = torch.randn(1, 1 + 196, 384)
+        out, index = toe.TokenSelect((0, 5, 10), (0.5, 0.75, 1.0), 0.25, 2, distance).select(x, stage)
+        ref, ref_index = reference_toe(x, stage, [0.5, 0.75, 1.0], 0.25, 2, distance, 1)
+        assert torch.equal(index, ref_index), (distance, seed, stage)
+        assert torch.equal(out, ref)
+        fast = toe.TokenSelect((0, 5, 10), (0.5, 0.75, 1.0), 0.25, 2, distance, distance_impl="cdist")
+        disagreements += not torch.equal(fast.select(x, stage)[1], ref_index)
+    if disagreements == 0:
+        pytest.skip("torch.cdist happens to round like the official formula on these inputs on this machine")
+
+
+def test_broadcast_distance_blocks_and_symmetry():
+    torch.manual_seed(5)
+    pn = F.normalize(torch.randn(2, 37, 24), dim=-1)
+    for metric in ("euclidean", "manhattan"):
+        full = toe.broadcast_distance(pn, metric)
+        diff = pn.unsqueeze(2) - pn.unsqueeze(1)
+        direct = (diff ** 2).sum(-1).sqrt() if metric == "euclidean" else diff.abs().sum(-1)
+        assert torch.equal(full, direct)
+        assert torch.equal(toe.broadcast_distance(pn, metric, max_elements=1), full)  # row by row: same bits
+        assert torch.equal(full, full.transpose(1, 2))
+        torch.testing.assert_close(full, torch.cdist(pn, pn, p=2.0 if metric == "euclidean" else 1.0,
+                                                     compute_mode="donot_use_mm_for_euclid_dist"))
+    with pytest.raises(ValueError, match="distance_impl"):
+        toe.TokenSelect(distance="euclidean", distance_impl="mm")
+
+
 def test_gradients_flow_to_merged_tokens():
     torch.manual_seed(3)
     x = torch.randn(2, 1 + 64, 8, requires_grad=True)
@@ -339,6 +375,26 @@ def test_models_without_class_token_or_with_registers(kw, prefix):
     assert probe.lens == {0: prefix + 64, 1: prefix + 64, 2: prefix + 32}  # inserted after block 1
     assert torch.equal(ts.last_index[:, :prefix], torch.arange(prefix).expand(2, -1))
     assert int(ts.last_index[:, prefix:].min()) >= prefix
+
+
+def test_last_index_not_stale_after_inactive_forward():
+    model = tiny_vit()
+    ts = toe.attach_token_select(model, expansion_step=(0, 2), keep_rate=(0.5, 1.0))
+    ts.store_index = True
+    ts.update_current_stage(0)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    assert ts.last_index is not None and ts.last_index.shape == (2, 1 + 32)
+    model.eval()  # inactive at evaluation: the index of the training batch must not survive
+    with torch.no_grad():
+        model(torch.randn(3, 3, 32, 32))
+    assert ts.last_index is None
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    assert ts.last_index is not None
+    ts.update_current_stage(2)  # last stage (keep rate 1.0): inactive
+    model(torch.randn(2, 3, 32, 32))
+    assert ts.last_index is None
 
 
 def test_attach_errors_and_detach():

@@ -16,6 +16,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -475,13 +476,37 @@ def notebook_parameters(notebook: str, notebook_path: Optional[str | Path] = Non
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]} for k, v in info.items()}
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def parse_number(value: Any) -> Any:
+    """A string holding a decimal number (``1e-3``, ``5E-4``, ``1e9``, ``.5``) as a float; anything else unchanged.
+
+    YAML 1.1 (PyYAML) reads ``1e-3`` as a string (its float rule wants a dot and a signed exponent), so profile
+    files and ``-p`` values would otherwise refuse scientific notation.
+    """
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value.strip())
+    return value
+
+
 def check_param_type(name: str, value: Any, type_name: str) -> Any:
-    """Check (and gently coerce int->float) a parameter value against its annotation; clear error otherwise."""
+    """Check (and gently coerce) a parameter value against its annotation; clear error otherwise.
+
+    float: ints and number strings in any notation (``1e-3``) are accepted as floats. int: a float or number string
+    is accepted only when it is integral (``1e3`` -> 1000; ``1.5`` or ``1e-3`` are refused). bool is never a number.
+    """
     t = _TYPES.get(type_name)
     if t is None:
         return value
+    if t in (int, float):
+        value = parse_number(value)
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if t is int and isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        raise TypeError(f"parameter {name!r} must be int, got float {value!r} (not a whole number)")
     if t is int and isinstance(value, bool) or not isinstance(value, t):
         raise TypeError(f"parameter {name!r} must be {type_name}, got {type(value).__name__} {value!r}")
     return value

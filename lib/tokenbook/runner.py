@@ -46,7 +46,11 @@ def list_notebooks(root: Path) -> list[str]:
 
 
 def coerce(value: str):
-    """Type a ``-p`` value: true/false/none, int, float, else string (YAML scalars)."""
+    """Type a ``-p`` value: true/false/none, int, float, else string (YAML scalars).
+
+    Scientific notation (``1e-3``), which YAML 1.1 reads as a string, is typed against the notebook's annotation
+    later (:func:`tokenbook.results.check_param_type`): a float where a float is expected, an int only if integral.
+    """
     v = yaml.safe_load(value)
     return v if isinstance(v, (int, float, bool, str)) or v is None else value
 
@@ -89,6 +93,89 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
     return params
 
 
+def _positive_minutes(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of minutes, got {text!r}") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text!r}")
+    return v
+
+
+def check_dataset(params: dict) -> Optional[str]:
+    """What can be checked about a run's ``dataset`` parameter before the kernel starts; the problem, or None.
+
+    ``folder:<path>``: the folder exists with ``train/`` and ``val/``; ``fashion_mnist``: it resolves (local IDX
+    files, Debian package, or the hub when online), with :func:`tokenbook.data.find_fashion_mnist`'s message;
+    ``hf:<path>``: a local path (``/``, ``./``, ``../``, ``~``) exists. Hub ids are not checked (that needs the net).
+    """
+    ds = params.get("dataset")
+    if not isinstance(ds, str):
+        return None
+    if ds.startswith("folder:"):
+        root = Path(ds[len("folder:"):]).expanduser()
+        if not root.is_dir():
+            return (f"image folder {root} does not exist (expected {root}/train/<class>/*.jpg and "
+                    f"{root}/val/<class>/*.jpg)")
+        for split in ("train", "val"):
+            if not (root / split).is_dir():
+                return (f"image folder {root} has no '{split}/' sub-folder (ImageNet layout: "
+                        "train/<class>/..., val/<class>/...)")
+        return None
+    if ds.startswith("hf:"):
+        target = ds[len("hf:"):]
+        if target.startswith(("/", "./", "../", "~")) and not Path(target).expanduser().exists():
+            return f"local dataset copy {target} (dataset {ds!r}) does not exist"
+        return None
+    if ds == "fashion_mnist":
+        from .data import DatasetNotFoundError, find_fashion_mnist
+
+        try:
+            find_fashion_mnist(params.get("data_dir") or None)
+        except DatasetNotFoundError as e:
+            return str(e)
+    return None
+
+
+#: cgroup files whose ``oom_kill`` counter tells that the kernel's OOM killer struck (v2, then v1)
+OOM_EVENT_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
+
+
+def _oom_kills() -> Optional[int]:
+    """The cgroup's ``oom_kill`` counter (this process's cgroup first), or None when it cannot be read."""
+    paths = []
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            hid, ctrl, path = line.split(":", 2)
+            if hid == "0" and ctrl == "":
+                paths.append(f"/sys/fs/cgroup{path.rstrip('/')}/memory.events")
+            elif "memory" in ctrl.split(","):
+                paths.append(f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.oom_control")
+    except (OSError, ValueError):
+        pass
+    for p in (*paths, *OOM_EVENT_FILES):
+        try:
+            for line in Path(p).read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == "oom_kill":
+                    return int(v)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+_OOM_LOG_MARKERS = ("out of memory", "outofmemoryerror", "memoryerror", "oom-kill", "oom_kill",
+                    "cannot allocate memory")
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
+
+
 def _kernel_name() -> str:
     """The kernel papermill uses: this interpreter's ipykernel (the venv's)."""
     from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
@@ -117,6 +204,7 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
            "TOKENBOOK_RESULTS_DISPLAY": _rel(results_dir, root),
            "PYTHONWARNINGS": "ignore:IProgress not found"}
     t0 = time.time()
+    oom_before = _oom_kills()
     status, detail = "failed", ""
     with open(stage / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True)
@@ -130,6 +218,7 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             shutil.rmtree(stage_root, ignore_errors=True)
+            _remove_empty_staging(results_dir)
             raise
     minutes = (time.time() - t0) / 60
     if status != "timeout":
@@ -137,7 +226,7 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
             status = "ok"
         else:
             status = "failed"
-            detail = _error_summary(out_nb, stage / "log.txt", rc)
+            detail = _error_summary(out_nb, stage / "log.txt", rc, oom_before, _oom_kills())
     record = {"notebook": name, "profile": profile, "status": status, "minutes": round(minutes, 2),
               "detail": detail, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(stage / "status.json", json.dumps(record, indent=2))
@@ -156,11 +245,19 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
         if final.is_dir():  # keep the previous good results, but record that the latest run failed
             atomic_write(final / "last_failure.json", json.dumps(record, indent=2))
     shutil.rmtree(stage_root, ignore_errors=True)
+    _remove_empty_staging(results_dir)
+    return record
+
+
+def _remove_empty_staging(results_dir: Path) -> None:
     try:
         (results_dir / ".staging").rmdir()
-    except OSError:
+    except OSError:  # absent, or another run is still staging there
         pass
-    return record
+
+
+class Terminated(BaseException):
+    """SIGTERM of the runner (handled like Ctrl-C: summary, index, cleanup; exit 143)."""
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -171,9 +268,33 @@ def _rel(path: Path, root: Path) -> str:
         return str(Path(path).resolve())
 
 
-def _error_summary(nb_path: Path, log_path: Path, rc: int) -> str:
-    if rc == 138:
-        return "the kernel died (exit 138): most likely out of memory"
+def _error_summary(nb_path: Path, log_path: Path, rc: int, oom_before: Optional[int] = None,
+                   oom_after: Optional[int] = None) -> str:
+    """One line on why a run failed. Out of memory is named only on evidence: the cgroup's ``oom_kill`` counter
+    rose during the run, or the log says so; otherwise a killed process is reported with its signal."""
+    try:
+        log_text = log_path.read_text(errors="replace")
+    except OSError:
+        log_text = ""
+    oom = []
+    if oom_before is not None and oom_after is not None and oom_after > oom_before:
+        oom.append(f"the cgroup's oom_kill counter rose from {oom_before} to {oom_after}")
+    low = log_text.lower()
+    marker = next((m for m in _OOM_LOG_MARKERS if m in low), None)
+    if marker:
+        oom.append(f"the log says {marker!r}")
+    if rc < 0:  # papermill itself was killed
+        sig = _signal_name(-rc)
+        if oom and -rc == signal.SIGKILL:
+            return f"papermill killed by SIGKILL: out of memory ({'; '.join(oom)})"
+        return f"papermill killed by {sig}"
+    dead = rc == 138 or "DeadKernelError" in log_text
+    if dead:  # papermill exits 138 when the kernel dies; the kernel's own exit status is not reported
+        if oom:
+            return f"the kernel died: out of memory ({'; '.join(oom)})"
+        return ("the kernel died (killed by a signal or crashed; papermill does not report which) and there is no "
+                "out-of-memory evidence (cgroup oom_kill counter " +
+                ("unchanged" if oom_before is not None else "not readable") + ", no OOM in the log)")
     try:
         import nbformat
 
@@ -184,11 +305,8 @@ def _error_summary(nb_path: Path, log_path: Path, rc: int) -> str:
                     return f"{out.get('ename')}: {out.get('evalue')}"[:500]
     except Exception:
         pass
-    try:
-        tail = log_path.read_text().strip().splitlines()[-3:]
-        return " | ".join(tail)[:500]
-    except OSError:
-        return f"exit code {rc}"
+    tail = log_text.strip().splitlines()[-3:]
+    return " | ".join(tail)[:500] if tail else f"exit code {rc}"
 
 
 def _read_json(p: Path) -> dict:
@@ -208,7 +326,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="run only this notebook (name with or without the NN_ prefix); repeatable")
     ap.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="override a parameter for every selected notebook that has it")
-    ap.add_argument("--timeout", type=float, default=None, help="per-notebook time limit in minutes")
+    ap.add_argument("--timeout", type=_positive_minutes, default=None, help="per-notebook time limit in minutes (> 0)")
     ap.add_argument("--results", default=None, help="results folder (default: <repo>/results)")
     ap.add_argument("--list", action="store_true", help="list notebooks and their profiles, then exit")
     args = ap.parse_args(argv)
@@ -255,9 +373,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             specs = notebook_parameters(n, root / "notebooks" / f"{n}.ipynb")
             known |= set(specs)
             ov = {k: v for k, v in overrides_raw.items() if k in specs}
-            plans.append((n, resolve_parameters(root, n, profile, ov)))
+            params = resolve_parameters(root, n, profile, ov)
+            plans.append((n, params))
         except (RunnerError, ValueError, FileNotFoundError) as e:
             errors.append(str(e))
+            continue
+        problem = check_dataset(params)  # before any kernel starts, not inside each one
+        if problem:
+            errors.append(f"{n}: dataset {params['dataset']!r}: {problem}")
     for k in overrides_raw:
         if k not in known and not errors:
             import difflib
@@ -273,20 +396,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"tokenbook: running {len(plans)} notebook(s) with profile '{profile}' (limit {timeout:g} min each); "
           f"results in {results_dir}", flush=True)
     records = []
+    interrupted = None
     for n, params in plans:
         print(f"--> {n} ...", flush=True)
-        rec = run_notebook(root, n, profile, params, results_dir, timeout)
+        t0 = time.time()
+        try:
+            rec = run_notebook(root, n, profile, params, results_dir, timeout)
+        except (KeyboardInterrupt, Terminated) as e:
+            interrupted = 143 if isinstance(e, Terminated) else 130
+            how = "SIGTERM" if interrupted == 143 else "Ctrl-C"
+            records.append({"notebook": n, "profile": profile, "status": "interrupted",
+                            "minutes": round((time.time() - t0) / 60, 2), "detail": f"stopped by {how}"})
+            print(f"\n<-- {n}: interrupted ({how}); its staging folder was removed, previous results are kept",
+                  flush=True)
+            break
         records.append(rec)
         print(f"<-- {n}: {rec['status']} in {rec['minutes']:.2f} min" + (f" ({rec['detail']})" if rec["detail"] else ""),
               flush=True)
-    # smoke results are never committed: the repository's own site leaves them out, a scratch --results folder shows them
-    write_index(results_dir, root, include_smoke=results_dir.resolve() != (root / "results").resolve())
-    print("\nsummary")
-    print(f"{'notebook':28s} {'status':8s} {'minutes':>8s}")
-    for r in records:
-        print(f"{r['notebook']:28s} {r['status']:8s} {r['minutes']:8.2f}")
-    total = sum(r["minutes"] for r in records)
-    print(f"{'total':28s} {'':8s} {total:8.2f}")
+    # a second Ctrl-C while the index is written or the summary printed must not leave them half done
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
+    try:
+        # smoke results are never committed: the repository's own site leaves them out, a scratch --results
+        # folder shows them
+        write_index(results_dir, root, include_smoke=results_dir.resolve() != (root / "results").resolve())
+        print("\nsummary")
+        print(f"{'notebook':28s} {'status':11s} {'minutes':>8s}")
+        for r in records:
+            print(f"{r['notebook']:28s} {r['status']:11s} {r['minutes']:8.2f}")
+        for n, _ in plans[len(records):]:
+            print(f"{n:28s} {'not run':11s} {'':>8s}")
+        total = sum(r["minutes"] for r in records)
+        print(f"{'total':28s} {'':11s} {total:8.2f}", flush=True)
+    finally:
+        if old_int is not None:
+            signal.signal(signal.SIGINT, old_int)
+    if interrupted:
+        print(f"\ninterrupted: {len(plans) - len(records)} notebook(s) not run", file=sys.stderr)
+        return interrupted
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         print(f"\n{len(failed)} notebook(s) failed; their executed notebooks are in results/<name>/{profile}-failed/",
@@ -295,6 +441,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def _on_sigterm(*_) -> None:
+    raise Terminated()
+
+
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup above on kill as well
-    sys.exit(main())
+    signal.signal(signal.SIGTERM, _on_sigterm)  # run the cleanup above on kill as well
+    try:
+        sys.exit(main())
+    except (KeyboardInterrupt, Terminated) as e:  # outside a notebook run (validation, index): no traceback
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)

@@ -37,7 +37,10 @@ Where this module differs from the official code (all documented on the options)
   Scores are computed in float32 even under autocast (the official code scores in the autocast dtype).
 - Named distance variants: ``cosine`` (default), ``euclidean``/``manhattan`` exactly as shipped (distances fed to the
   same max/ascending-sort/argmax as the cosine similarity, which inverts their meaning, sheet 1.6) and
-  ``euclidean_corrected``/``manhattan_corrected`` (negated distances, so "closest" means closest).
+  ``euclidean_corrected``/``manhattan_corrected`` (negated distances, so "closest" means closest). The distances
+  use the official broadcast formula by default (``distance_impl="official"``, same rounding as the official code);
+  ``distance_impl="cdist"`` uses ``torch.cdist``, which rounds differently, so in float32 near-ties pick other
+  tokens (about 3% of samples at DeiT-S size).
 - ``seed_stride``: ``"official"`` (the ``int(1 // r0)`` quirk, default), ``"corrected"`` (``floor(1/r0)`` computed
   robustly: 5 for r0 = 0.2), ``"uniform"`` (seeds spread evenly over the whole raster, ``floor(i * N / n0)``).
 - The index of original positions is (B, num_prefix + n) int64; the official one is expanded over channels.
@@ -56,12 +59,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "DISTANCES", "SEED_STRIDES", "OFFICIAL_CONFIGS", "EFFICIENTTRAIN_SEGMENTS",
+    "DISTANCES", "DISTANCE_IMPLS", "SEED_STRIDES", "OFFICIAL_CONFIGS", "EFFICIENTTRAIN_SEGMENTS",
     "TokenSelect", "StagePlan", "seed_positions", "stage_for_epoch", "token_plan", "toe_schedule",
     "attach_token_select", "detach_token_select", "find_token_selects", "ToEStageHook", "scale_expansion_step",
     "ViTDims", "vit_block_macs", "toe_stage_macs", "epoch_weighted_saving", "segment_weighted_macs",
-    "restore_positions",
+    "restore_positions", "broadcast_distance",
 ]
+
+#: how euclidean/manhattan distances are computed (see :func:`broadcast_distance`)
+DISTANCE_IMPLS = ("official", "cdist")
 
 #: distance names -> (metric, sign). "as shipped" variants keep the official max/ascending/argmax on the raw distance.
 DISTANCES: dict[str, tuple[str, float]] = {
@@ -267,6 +273,9 @@ class TokenSelect(nn.Module):
             model by :func:`attach_token_select`).
         seed_stride: ``official`` (default, the ``int(1 // r0)`` quirk) | ``corrected`` | ``uniform``.
         sparse_eval: also select in ``eval()`` mode (the official ``--sparse-eval``); default False.
+        distance_impl: how euclidean/manhattan distances are computed: ``official`` (default; the official
+            broadcast-and-sum formula, bit for bit, see :func:`broadcast_distance`) | ``cdist`` (``torch.cdist``;
+            rounds differently, so float32 near-ties can pick other tokens).
 
     State: ``expansion_stage`` (set by :meth:`update_current_stage` or the :class:`ToEStageHook`) and
     ``sparse_inference`` (the official on/off flag; True here by default, and reset to False in deep copies such as
@@ -277,8 +286,10 @@ class TokenSelect(nn.Module):
     def __init__(self, expansion_step: Sequence[int] = (0, 100, 200), keep_rate: Sequence[float] = (0.5, 0.75, 1.0),
                  initialization_keep_rate: float = 0.25, expansion_multiple_stage: int = 2,
                  distance: str = "cosine", num_prefix_tokens: int = 1, seed_stride: str = "official",
-                 sparse_eval: bool = False) -> None:
+                 sparse_eval: bool = False, distance_impl: str = "official") -> None:
         super().__init__()
+        if distance_impl not in DISTANCE_IMPLS:
+            raise ValueError(f"unknown distance_impl {distance_impl!r}; use one of {DISTANCE_IMPLS}")
         steps, rates = _check_config(expansion_step, keep_rate, initialization_keep_rate, expansion_multiple_stage)
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; use one of {sorted(DISTANCES)}")
@@ -291,6 +302,7 @@ class TokenSelect(nn.Module):
         self.initialization_keep_rate = float(initialization_keep_rate)
         self.expansion_multiple_stage = int(expansion_multiple_stage)
         self.distance = distance
+        self.distance_impl = distance_impl
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.seed_stride = seed_stride
         self.sparse_eval = bool(sparse_eval)
@@ -350,7 +362,7 @@ class TokenSelect(nn.Module):
                 f"initialization_keep_rate={self.initialization_keep_rate}, "
                 f"expansion_multiple_stage={self.expansion_multiple_stage}, distance={self.distance!r}, "
                 f"num_prefix_tokens={self.num_prefix_tokens}, seed_stride={self.seed_stride!r}, "
-                f"stage={self.expansion_stage}")
+                f"distance_impl={getattr(self, 'distance_impl', 'official')!r}, stage={self.expansion_stage}")
 
     # -- selection -------------------------------------------------------------------------------------------
     def _seed_index(self, num_patches: int, device: torch.device) -> torch.Tensor:
@@ -368,6 +380,7 @@ class TokenSelect(nn.Module):
         Computed in float32 (float64 for float64 input) with autocast off.
 
         cosine: similarity; as-shipped euclidean/manhattan: the distance itself; corrected: minus the distance.
+        Distances use the official broadcast formula (:func:`broadcast_distance`) unless ``distance_impl="cdist"``.
         """
         metric, sign = DISTANCES[self.distance]
         dev = patches.device.type
@@ -376,10 +389,11 @@ class TokenSelect(nn.Module):
             pn = F.normalize(patches.detach().to(torch.promote_types(patches.dtype, torch.float32)), dim=-1)
             if metric == "cosine":
                 s = pn @ pn.transpose(1, 2)
-            elif metric == "euclidean":
-                s = torch.cdist(pn, pn, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+            elif getattr(self, "distance_impl", "official") == "cdist":
+                s = torch.cdist(pn, pn, p=2.0 if metric == "euclidean" else 1.0,
+                                compute_mode="donot_use_mm_for_euclid_dist")
             else:
-                s = torch.cdist(pn, pn, p=1.0)
+                s = broadcast_distance(pn, metric)
         return s if sign > 0 else -s
 
     @torch.no_grad()
@@ -449,7 +463,8 @@ class TokenSelect(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Identity unless :meth:`is_active`; then the reduced sequence (index kept in ``last_index`` if
-        ``store_index``)."""
+        ``store_index``). ``last_index`` is None after a forward that selected nothing (inactive stage, eval)."""
+        self.last_index = None
         if not self.is_active():
             return x
         if self._truncate:  # MAC counting at the kept token count, without the selection itself
@@ -461,6 +476,26 @@ class TokenSelect(nn.Module):
 
     def _block_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return self(output)
+
+
+def broadcast_distance(pn: torch.Tensor, metric: str, max_elements: int = 1 << 24) -> torch.Tensor:
+    """(B, N, N) euclidean or manhattan distances between the rows of ``pn`` (B, N, C), by the official formula.
+
+    The official ``get_score`` broadcasts ``a.unsqueeze(2) - b.unsqueeze(1)`` to (B, |U|, |S|, C) and reduces the last
+    dimension (``sqrt(sum(diff ** 2))`` or ``sum(abs(diff))``). Every entry is reduced on its own, so computing
+    row blocks (at most ``max_elements`` broadcast elements each, to bound memory) gives the same numbers bit for
+    bit, and the matrix is exactly symmetric. ``torch.cdist`` rounds differently.
+    """
+    if metric not in ("euclidean", "manhattan"):
+        raise ValueError(f"broadcast_distance: metric must be euclidean or manhattan, got {metric!r}")
+    B, N, C = pn.shape
+    out = pn.new_empty(B, N, N)
+    rows = max(1, max_elements // max(1, B * N * C))
+    for i in range(0, N, rows):
+        diff = pn[:, i:i + rows].unsqueeze(2) - pn.unsqueeze(1)
+        out[:, i:i + rows] = (torch.sqrt(torch.sum(diff ** 2, dim=-1)) if metric == "euclidean"
+                              else torch.sum(torch.abs(diff), dim=-1))
+    return out
 
 
 def restore_positions(tokens: torch.Tensor, index: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -73,7 +73,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -844,18 +844,36 @@ def task_parameter_count(model: MemoryViT, task: str) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------
 # Concatenation
 # ----------------------------------------------------------------------------------------------------------
+def _group_keys(keys: Iterable[str]) -> list[str]:
+    """State-dict keys, with whole blocks collapsed: ``blocks.2 (12 tensors)`` rather than twelve entries."""
+    by_block: dict[str, list[str]] = {}
+    rest = []
+    for k in keys:
+        parts = k.split(".")
+        if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit():
+            by_block.setdefault(f"blocks.{parts[1]}", []).append(k)
+        else:
+            rest.append(k)
+    out = [f"{b} ({len(v)} tensors)" if len(v) > 1 else v[0]
+           for b, v in sorted(by_block.items(), key=lambda kv: int(kv[0].split(".")[1]))]
+    return out + sorted(rest)
+
+
 def _backbone_differences(a: nn.Module, b: nn.Module) -> list[str]:
+    """What differs between two backbones: missing, then unexpected blocks/keys, then shapes, then values."""
     if a is b:
         return []
     sa, sb = a.state_dict(), b.state_dict()
-    diffs = [f"missing {k}" for k in sa.keys() - sb.keys()] + [f"unexpected {k}" for k in sb.keys() - sa.keys()]
-    for k in sa.keys() & sb.keys():
+    diffs = [f"missing {k}" for k in _group_keys(sa.keys() - sb.keys())]
+    diffs += [f"unexpected {k}" for k in _group_keys(sb.keys() - sa.keys())]
+    shapes, values = [], []
+    for k in sorted(sa.keys() & sb.keys()):
         x, y = sa[k], sb[k]
         if x.shape != y.shape or x.dtype != y.dtype:
-            diffs.append(f"{k} shape/dtype {tuple(x.shape)}/{x.dtype} vs {tuple(y.shape)}/{y.dtype}")
+            shapes.append(f"{k} shape/dtype {tuple(x.shape)}/{x.dtype} vs {tuple(y.shape)}/{y.dtype}")
         elif x.device.type != "meta" and not torch.equal(x, y.to(x.device)):
-            diffs.append(f"{k} values differ")
-    return sorted(diffs)
+            values.append(f"{k} values differ")
+    return diffs + shapes + values
 
 
 def concatenate(models: Sequence[MemoryViT], mask: str = "paper", copy_tasks: bool = True) -> MemoryViT:

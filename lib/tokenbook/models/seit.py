@@ -494,6 +494,15 @@ def load_tokenadapt(source: Union[str, os.PathLike, Mapping[str, Any]], module: 
         raise ValueError(f"no conversion_function.* / reverse_transform.* tensors in the checkpoint; keys: "
                          f"{sorted(_unwrap_state_dict(obj))[:20]}")
     if module is None:
+        # shapes are inferred from these keys: a partial checkpoint is reported like any other mismatch
+        needed = ("conversion_function.0.weight", "reverse_transform.1.weight",
+                  "conversion_function.1.de_pos_embedding", "reverse_transform.0.en_pos_embedding")
+        if any(k not in sd for k in needed):
+            with torch.device("meta"):  # key names only (they do not depend on the sizes)
+                names = set(TokenAdapt().state_dict())
+            raise ValueError(f"TokenAdapt checkpoint does not match: missing keys {sorted(names - set(sd))}, "
+                             f"unexpected keys {sorted(set(sd) - names)} (the sizes cannot be inferred without "
+                             f"{[k for k in needed if k not in sd]}; pass module= to load a known layout)")
         code_dim = sd["conversion_function.0.weight"].shape[1]
         dim = sd["conversion_function.0.weight"].shape[0]
         k = sd["reverse_transform.1.weight"].shape[0]
