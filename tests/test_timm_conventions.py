@@ -23,6 +23,8 @@ FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     "t2t_vit": ("t2t_vit_tiny_fmnist", dict(depth=2, performer_dropout=0.0), (2, 1, 28, 28)),
     "toe_deit": ("toe_deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), (2, 3, 32, 32)),
     "seit": ("deit_fm_micro_token_32", dict(depth=2), (2, 32, 12, 12)),
+    # two heads (timm's distilled-DeiT convention): eval gives the head named by eval_head, training both
+    "vittm": ("vittm_cpu_m4p4_28", dict(depth=2, eval_head="process"), (2, 3, 28, 28)),
 }
 CFG_KEYS = ("url", "num_classes", "input_size", "pool_size", "crop_pct", "interpolation", "mean", "std", "first_conv",
             "classifier", "architecture", "license")
@@ -43,6 +45,16 @@ def build(family: str, **extra) -> nn.Module:
 def example(family: str) -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(FAMILIES[family][2])
+
+
+def heads(out) -> tuple[torch.Tensor, ...]:
+    """The outputs of a model as a tuple (one tensor, or one per head of a multi-head model in training)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def classifiers(m: nn.Module) -> tuple[nn.Module, ...]:
+    c = m.get_classifier()
+    return tuple(c) if isinstance(c, (tuple, list)) else (c,)
 
 
 def grid(model: nn.Module, shape: tuple[int, ...], reduction: int) -> tuple[int, int]:
@@ -66,7 +78,7 @@ def test_backward_reaches_every_parameter(family):
     m, x = build(family).train(), example(family)
     frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
     assert not frozen, f"frozen parameters (make them buffers): {frozen}"
-    m(x).mean().backward()
+    sum(o.mean() for o in heads(m(x))).backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None]
     assert not missing, f"no gradient for {missing}"
     assert all(torch.isfinite(p.grad).all() for p in m.parameters())
@@ -92,17 +104,21 @@ def test_pretrained_cfg_is_complete_and_names_real_modules(family):
         assert tuple(feats.shape[-2:]) == tuple(cfg["pool_size"])
     # first_conv: the first conv / linear that sees the pixels; its weights exist and take the input channels
     sd = m.state_dict()
-    first = m.get_submodule(cfg["first_conv"])
-    assert cfg["first_conv"] + ".weight" in sd
-    assert isinstance(first, (nn.Conv2d, nn.Linear)), type(first)
-    if isinstance(first, nn.Conv2d):
-        assert first.in_channels == shape[1]
-    else:  # a linear on unfolded patches: in_features = channels x kernel area
-        assert first.in_features % shape[1] == 0
-    head = m.get_submodule(cfg["classifier"])
-    assert head is m.get_classifier()
-    assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (m.num_features, m.num_classes)
-    assert cfg["classifier"] + ".weight" in sd
+    firsts = cfg["first_conv"] if isinstance(cfg["first_conv"], (tuple, list)) else (cfg["first_conv"],)
+    for name_ in firsts:  # several stems (ViTTM's two patch embeddings) each see the pixels
+        first = m.get_submodule(name_)
+        assert name_ + ".weight" in sd
+        assert isinstance(first, (nn.Conv2d, nn.Linear)), type(first)
+        if isinstance(first, nn.Conv2d):
+            assert first.in_channels == shape[1]
+        else:  # a linear on unfolded patches: in_features = channels x kernel area
+            assert first.in_features % shape[1] == 0
+    names = cfg["classifier"] if isinstance(cfg["classifier"], (tuple, list)) else (cfg["classifier"],)
+    assert tuple(m.get_submodule(c) for c in names) == classifiers(m)
+    for c in names:
+        head = m.get_submodule(c)
+        assert isinstance(head, nn.Linear) and (head.in_features, head.out_features) == (m.num_features, m.num_classes)
+        assert c + ".weight" in sd
 
 
 @family
@@ -158,11 +174,11 @@ def test_features_only_matches_feature_info_and_model(family):
 def test_reset_classifier(family):
     m, x = build(family).eval(), example(family)
     m.reset_classifier(0)
-    assert isinstance(m.get_classifier(), nn.Identity)
+    assert all(isinstance(c, nn.Identity) for c in classifiers(m))
     with torch.no_grad():
         assert m(x).shape == (x.shape[0], m.num_features)
     m.reset_classifier(7)
-    assert m.get_classifier().out_features == 7 and m.num_classes == 7
+    assert all(c.out_features == 7 for c in classifiers(m)) and m.num_classes == 7
     with torch.no_grad():
         assert m(x).shape == (x.shape[0], 7)
 
@@ -174,7 +190,7 @@ def test_gradient_checkpointing_same_output_and_gradients(family):
     b.set_grad_checkpointing(True)
     outs, grads = [], []
     for m in (a, b):
-        out = m(x)
+        out = torch.cat(heads(m(x)), dim=1)
         out.square().mean().backward()
         outs.append(out.detach())
         grads.append({n: p.grad for n, p in m.named_parameters()})

@@ -698,6 +698,7 @@ class ViTTM(nn.Module):
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
         stream: str = "process",
+        return_prefix_tokens: bool = False,
     ):
         """Features after the layers in ``indices`` (timm's ViT API; ``timm.create_model(..., features_only=True)``).
 
@@ -707,6 +708,8 @@ class ViTTM(nn.Module):
         channels (``2 d``; needs equal grids, as the official segmentation backbone does for 28/28).
         ``indices``: None = all layers, an int = the last n, a sequence = those (negative from the end).
         ``output_fmt``: ``"NCHW"`` (``[B, C, H/patch, W/patch]``) or ``"NLC"`` (``[B, tokens, C]``).
+        ``return_prefix_tokens``: timm's ViT API; ViTTM has no prefix tokens, so each entry becomes
+        ``(features, empty [B, 0, C] tensor)``.
         Returns the list, or with ``intermediates_only=False`` ``(forward_features output, list)``.
         """
         from timm.models._features import feature_take_indices
@@ -737,9 +740,12 @@ class ViTTM(nn.Module):
                 p = self.process_norm(proc) if norm else proc
                 m = self.norm(mem) if norm else mem
                 out.append(p if stream == "process" else m if stream == "memory" else torch.cat([p, m], dim=-1))
+        prefix = [t[:, :0] for t in out]
         if output_fmt == "NCHW":
             grid = mgrid if stream == "memory" else pgrid
             out = [t.reshape(t.shape[0], *grid, t.shape[-1]).permute(0, 3, 1, 2).contiguous() for t in out]
+        if return_prefix_tokens:
+            out = list(zip(out, prefix))
         if intermediates_only:
             return out
         mem, proc = self.norm(mem), self.process_norm(proc)
