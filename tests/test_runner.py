@@ -91,7 +91,7 @@ def test_failure_is_isolated_and_previous_results_kept(tmp_path):
     assert any(o.get("output_type") == "error" for c in nb.cells for o in c.get("outputs", []))
     assert not (res / "01_bad" / "cpu").exists()
     died = json.loads((res / "02_dies" / "cpu-failed" / "status.json").read_text())
-    assert died["status"] == "failed" and "the kernel died" in died["detail"]
+    assert died["status"] == "failed" and "the kernel was killed by SIGKILL" in died["detail"]  # the launcher saw it
     assert "out of memory" not in died["detail"].replace("no out-of-memory", "")  # no evidence of OOM here
     index = (res / "README.md").read_text()
     assert "00_good" in index and "failed" in index and (res / "index.html").is_file()
@@ -163,6 +163,11 @@ def test_error_summary_names_signal_and_oom_only_on_evidence(tmp_path):
     assert _error_summary(nb, log, -15, 0, 0) == "papermill killed by SIGTERM"
     assert _error_summary(nb, log, -9, None, None) == "papermill killed by SIGKILL"
     assert "SIGKILL: out of memory" in _error_summary(nb, log, -9, 3, 4)
+    # with the kernel launcher's record: the signal is named, OOM only with evidence
+    assert _error_summary(nb, log, 138, 0, 0, kernel={"signal": "SIGTERM"}) == "the kernel was killed by SIGTERM"
+    assert "killed by SIGKILL (no out-of-memory evidence" in _error_summary(nb, log, 138, 0, 0,
+                                                                            kernel={"signal": "SIGKILL"})
+    assert "SIGKILL: out of memory" in _error_summary(nb, log, 138, 0, 1, kernel={"signal": "SIGKILL"})
     log.write_text("Killed: Out of memory: Killed process 123 (python)\n")
     assert "out of memory (the log says 'out of memory')" in _error_summary(nb, log, -9, None, None)
 

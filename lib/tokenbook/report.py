@@ -116,7 +116,7 @@ def collect_runs(results_dir: Path, notebooks: list[str], include_smoke: bool = 
             continue
         for pdir in sorted(p for p in nb_dir.iterdir() if p.is_dir()):
             profile = pdir.name
-            if profile.endswith(".old") or profile == "interactive" or profile.endswith("-failed"):
+            if profile.endswith(".old") or profile == "interactive":
                 continue
             if profile.startswith("smoke") and not include_smoke:
                 continue

@@ -176,11 +176,28 @@ def _signal_name(num: int) -> str:
         return f"signal {num}"
 
 
-def _kernel_name() -> str:
-    """The kernel papermill uses: this interpreter's ipykernel (the venv's)."""
-    from jupyter_client.kernelspec import NATIVE_KERNEL_NAME
+KERNEL_NAME = "tokenbook-python3"
 
-    return NATIVE_KERNEL_NAME
+
+def _kernel_name() -> str:
+    """The kernel papermill uses: this interpreter's ipykernel (the venv's), behind ``tokenbook.kernel_launcher``."""
+    return KERNEL_NAME
+
+
+def _write_kernelspec(where: Path) -> Path:
+    """A kernelspec folder (``<where>/kernels/tokenbook-python3``) whose kernel is this interpreter's ipykernel,
+    started through :mod:`tokenbook.kernel_launcher` so the runner learns the signal that ended a dead kernel.
+    Returns the folder to put on ``JUPYTER_PATH``."""
+    spec = where / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True, exist_ok=True)
+    atomic_write(spec / "kernel.json", json.dumps({
+        "argv": [sys.executable, "-m", "tokenbook.kernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (ipykernel)", "language": "python", "metadata": {"debugger": False}}))
+    return where
+
+
+def _kernel_status(path: Path) -> dict:
+    return _read_json(path)
 
 
 def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir: Path, timeout_min: float) -> dict:
@@ -203,6 +220,10 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
            # where the results will be once swapped in (RunContext.where shows this instead of the staging folder)
            "TOKENBOOK_RESULTS_DISPLAY": _rel(results_dir, root),
            "PYTHONWARNINGS": "ignore:IProgress not found"}
+    env["JUPYTER_PATH"] = os.pathsep.join(
+        [str(_write_kernelspec(stage_root / "jupyter"))] + ([os.environ["JUPYTER_PATH"]] if os.environ.get(
+            "JUPYTER_PATH") else []))
+    env["TOKENBOOK_KERNEL_STATUS"] = str(stage_root / "kernel_status.json")
     t0 = time.time()
     oom_before = _oom_kills()
     status, detail = "failed", ""
@@ -226,7 +247,10 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
             status = "ok"
         else:
             status = "failed"
-            detail = _error_summary(out_nb, stage / "log.txt", rc, oom_before, _oom_kills())
+            detail = _error_summary(out_nb, stage / "log.txt", rc, oom_before, _oom_kills(),
+                                    kernel=_kernel_status(stage_root / "kernel_status.json"))
+    if out_nb.is_file():
+        _restore_kernelspec(out_nb)
     record = {"notebook": name, "profile": profile, "status": status, "minutes": round(minutes, 2),
               "detail": detail, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     atomic_write(stage / "status.json", json.dumps(record, indent=2))
@@ -268,8 +292,23 @@ def _rel(path: Path, root: Path) -> str:
         return str(Path(path).resolve())
 
 
+def _restore_kernelspec(nb_path: Path) -> None:
+    """The executed notebook names the plain ``python3`` kernel (the launcher is the runner's business)."""
+    try:
+        nb = json.loads(nb_path.read_text())
+        ks = nb.get("metadata", {}).get("kernelspec", {})
+        if ks.get("name") == KERNEL_NAME:
+            ks.update(name="python3", display_name="Python 3 (ipykernel)")
+            pm = nb["metadata"].get("papermill", {})
+            if pm.get("kernel_name") == KERNEL_NAME:
+                pm["kernel_name"] = "python3"
+            atomic_write(nb_path, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    except (OSError, ValueError):
+        pass
+
+
 def _error_summary(nb_path: Path, log_path: Path, rc: int, oom_before: Optional[int] = None,
-                   oom_after: Optional[int] = None) -> str:
+                   oom_after: Optional[int] = None, kernel: Optional[dict] = None) -> str:
     """One line on why a run failed. Out of memory is named only on evidence: the cgroup's ``oom_kill`` counter
     rose during the run, or the log says so; otherwise a killed process is reported with its signal."""
     try:
@@ -289,7 +328,14 @@ def _error_summary(nb_path: Path, log_path: Path, rc: int, oom_before: Optional[
             return f"papermill killed by SIGKILL: out of memory ({'; '.join(oom)})"
         return f"papermill killed by {sig}"
     dead = rc == 138 or "DeadKernelError" in log_text
-    if dead:  # papermill exits 138 when the kernel dies; the kernel's own exit status is not reported
+    ksig = (kernel or {}).get("signal")
+    if dead and ksig:  # tokenbook.kernel_launcher saw how the kernel ended
+        if ksig == "SIGKILL" and oom:
+            return f"the kernel was killed by SIGKILL: out of memory ({'; '.join(oom)})"
+        return (f"the kernel was killed by {ksig}" + (" (no out-of-memory evidence: cgroup oom_kill counter "
+                + ("unchanged" if oom_before is not None else "not readable") + ", no OOM in the log)"
+                if ksig == "SIGKILL" else ""))
+    if dead:  # papermill exits 138 when the kernel dies; without the launcher's record the signal is unknown
         if oom:
             return f"the kernel died: out of memory ({'; '.join(oom)})"
         return ("the kernel died (killed by a signal or crashed; papermill does not report which) and there is no "
