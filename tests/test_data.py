@@ -210,3 +210,19 @@ def test_fashion_mnist_hub_layout_converts_to_the_idx_layout(tmp_path, monkeypat
     assert b.source == "local" and len(b.train) == 20 and b.class_names == data.FASHION_MNIST_CLASSES
     assert np.array_equal(b.train.raw(3)[0].numpy(), arrays["train"][3])
     assert conv["train"].features["label"].names == data.FASHION_MNIST_CLASSES
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_for_cuda_pin_memory_and_prefetch(idx_dir, workers):
+    """What a CUDA run gets (inspected on the DataLoader, no GPU needed): pinned memory, prefetching workers."""
+    b = load_data(DataConfig(data_dir=str(idx_dir)))
+    for loader in make_loaders(b, 16, num_workers=workers, device="cuda"):
+        assert loader.pin_memory is True
+        assert loader.persistent_workers is (workers > 0)
+        assert loader.prefetch_factor == (4 if workers else None)
+    for dev in ("cpu", torch.device("cpu")):
+        for loader in make_loaders(b, 16, num_workers=workers, device=dev):
+            assert loader.pin_memory is False
+            assert loader.prefetch_factor == (2 if workers else None)  # torch's default
+    assert make_loaders(b, 16, device="gpu")[0].pin_memory and make_loaders(b, 16, device="cuda:1")[0].pin_memory
+    assert make_loaders(b, 16, device="auto")[0].pin_memory is torch.cuda.is_available()

@@ -336,3 +336,130 @@ def test_fit_launched_forks_workers_like_a_notebook(tmp_path):
     # 64 samples / 2 ranks / batch 8 = 4 steps on rank 0; the caller's model holds the trained weights
     assert r["world"] == 2 and r["steps"] == 4 and r["changed"] and r["same_obj"] and r["ema"]
     assert r["top1"] is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU path: no per-step host sync; divergence is an error (issues 11 item 7, 13)
+# ----------------------------------------------------------------------------------------------------------
+def _count_host_syncs(monkeypatch):
+    """Count, during a fit, the calls that block the host on the device: ``torch.cuda.synchronize``, the engine's
+    ``_sync`` and every Tensor -> Python conversion (``item``, ``bool``, ``float``, ``int``, ``tolist``) made from
+    ``tokenbook/train.py`` itself (torch's and timm's own CPU-side bookkeeping is not the engine's hot path)."""
+    import tokenbook.train as T
+
+    calls = []
+    here = T.__file__
+
+    def wrap(owner, name, always=False):
+        orig = getattr(owner, name)
+
+        def spy(*a, **k):
+            if always or sys._getframe(1).f_code.co_filename == here:
+                calls.append(name)
+            return orig(*a, **k)
+
+        monkeypatch.setattr(owner, name, spy)
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        wrap(torch.Tensor, name)
+    wrap(torch.cuda, "synchronize", always=True)
+    wrap(T, "_sync", always=True)
+    return calls
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_fit_has_no_per_step_host_sync(monkeypatch, one_thread, grad_accum):
+    tl, vl = _loaders(bs=8)  # 32 batches per epoch
+    counts = {}
+    for steps in (4, 32):
+        calls = _count_host_syncs(monkeypatch)
+        fit(_tiny_vit(), tl, vl, TrainConfig(**{**CFG, "epochs": 2, "max_steps_per_epoch": steps // grad_accum,
+                                                "grad_accum": grad_accum}))
+        counts[steps] = len(calls)
+        monkeypatch.undo()
+    # O(epochs), not O(steps): 8x the steps, the same number of host syncs
+    assert counts[32] == counts[4], counts
+    assert counts[32] <= 2 * 8, counts  # a handful per epoch (timing window, loss check, evaluation)
+
+
+def test_nan_found_late_still_names_its_step():
+    """The finiteness check runs once per window of steps, but the error names the step that went non-finite."""
+    tl, _ = _loaders()
+
+    class BadAt5(nn.Module):
+        num_classes = 4
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(192, 4)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            out = self.lin(x.flatten(1))
+            return out * float("inf") if self.calls == 13 else out
+
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 5 \(global step 13\); last learning rate") as e:
+        fit(BadAt5(), tl, None, TrainConfig(**{**CFG, "finite_check_every": 100}))
+    assert "loss is " in str(e.value)
+
+
+def test_finite_check_every_validated():
+    with pytest.raises(ValueError, match="finite_check_every"):
+        TrainConfig(finite_check_every=0)
+
+
+def test_absurd_lr_fails_in_validation_naming_the_epoch(one_thread):
+    """lr=1e9: one step leaves the training loss finite, the validation loss is NaN -> an error, not 'n/a'."""
+    tl, vl = _loaders()
+    cfg = TrainConfig(**{**CFG, "epochs": 1, "lr": 1e9, "warmup_epochs": 0, "max_steps_per_epoch": 1})
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1.*validation.*loss"):
+        fit(_tiny_vit(), tl, vl, cfg)
+
+
+def test_absurd_lr_fails_in_training_naming_the_epoch(one_thread):
+    tl, _ = _loaders()
+    cfg = TrainConfig(**{**CFG, "epochs": 1, "lr": 1e9, "warmup_epochs": 0})
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step \d+ .*last learning rate"):
+        fit(_tiny_vit(), tl, None, cfg)
+
+
+def test_evaluate_refuses_non_finite_loss():
+    _, vl = _loaders()
+    m = _tiny_vit()
+    with torch.no_grad():
+        m.head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDivergedError, match=r"non-finite.*loss"):
+        evaluate(m, vl)
+
+
+def test_cuda_step_timer_logic_without_a_gpu(monkeypatch):
+    """The CUDA path of the step timer (events, read once per epoch) with fake events, so it is tested on CPU."""
+    import tokenbook.train as T
+
+    made = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+            self.synced = False
+            made.append(self)
+
+        def record(self, stream=None):
+            self.t = len(made) * 10.0  # ms: a step's two events are 10 ms apart
+
+        def synchronize(self):
+            self.synced = True
+
+        def elapsed_time(self, other):
+            return other.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    timer = T._StepTimer(torch.device("cuda", 0))
+    for _ in range(5):
+        timer.start()
+        timer.stop()
+    assert not any(e.synced for e in made)  # nothing waited for the device during the steps
+    assert timer.total() == pytest.approx(5 * 0.010)
+    assert made[-1].synced and timer.total() == 0.0  # read once, then reset for the next epoch

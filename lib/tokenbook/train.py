@@ -13,8 +13,14 @@
   ``on_batch(batch) -> batch``, ``on_epoch_end(epoch, model, metrics)``, ``state_dict()``, ``load_state_dict(sd)``)
   carry the papers' needs: ToE's per-epoch stages, SeiT's batch transforms on the device; hook state is saved in
   checkpoints and restored on resume. Only parameters with ``requires_grad`` are optimized (Learnable Memory).
-- Timing: ``step_time_s`` is the pure step (forward + backward + optimizer step, synchronized); ``wall_time_s`` is
-  end to end (data loading and evaluation included).
+- Timing: ``step_time_s`` is the sum of the pure steps (forward + backward + optimizer step, data loading excluded);
+  ``wall_time_s`` is end to end (data loading and evaluation included). On a GPU the steps are timed with CUDA events
+  that are read once per epoch, on the CPU (synchronous) with ``perf_counter``: the hot path never waits for the device.
+- Divergence: per-step losses stay on the device in a small buffer that is read every ``finite_check_every`` steps
+  and at the end of each epoch (one host sync per window, not per step); a non-finite loss raises
+  :class:`TrainingDivergedError` naming the first bad step (the steps after it in the same window have run, so the
+  in-memory weights may be NaN; no checkpoint is written after a bad step). A non-finite validation loss or metric is
+  an error too (naming the epoch), never a silent ``NaN`` / ``n/a``.
 - Checkpoints (``last.ckpt``) hold model, optimizer, scheduler, EMA, hooks, RNG states and history; they load with
   ``torch.load(weights_only=True)``. :func:`save_weights` / :func:`load_weights` handle ``.safetensors`` and torch files
   and list missing/unexpected keys on a mismatch.
@@ -42,7 +48,8 @@ __all__ = [
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf; the message has the epoch, step and the last learning rate."""
+    """The loss became NaN/inf; the message has the epoch, step and the last learning rate (or, for a non-finite
+    validation loss/metric, the epoch)."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -100,6 +107,7 @@ class TrainConfig:
     resume: bool = False  # continue from checkpoint_dir/last.ckpt when it exists
     progress: bool = True  # tqdm progress bars (plain text when not in a notebook front end)
     log_every: int = 0  # print a line every n steps (0 = only per epoch)
+    finite_check_every: int = 100  # read the on-device losses (one host sync) every n steps and at each epoch end
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -116,6 +124,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be >= 1")
+        if self.finite_check_every < 1:
+            raise ValueError(f"finite_check_every must be >= 1, got {self.finite_check_every}")
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "TrainConfig":
@@ -240,6 +250,76 @@ def _is_oom(e: BaseException) -> bool:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _StepTimer:
+    """Sum of the per-step times of one epoch without a host sync per step.
+
+    CUDA: a pair of timing events per step, recorded on the current stream and read once in :meth:`total` (one sync);
+    the time is the device's from the step's first to its last kernel, so the data loading between steps is not in
+    it. CPU (synchronous): ``perf_counter`` around the step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pairs: list = []
+        self._host = 0.0
+        self._t0 = self._ev0 = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._ev0 = torch.cuda.Event(enable_timing=True)
+            self._ev0.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pairs.append((self._ev0, end))
+        else:
+            self._host += time.perf_counter() - self._t0
+
+    def total(self) -> float:
+        """Seconds summed since the last call (waits for the last step's end event on CUDA), then resets."""
+        if self.cuda:
+            t = 0.0
+            if self._pairs:
+                self._pairs[-1][1].synchronize()
+                t = sum(a.elapsed_time(b) for a, b in self._pairs) / 1e3
+            self._pairs = []
+            return t
+        t, self._host = self._host, 0.0
+        return t
+
+
+class _LossWindow:
+    """Per-step losses kept on the device and read (one host sync) when the window is full, before a log line and at
+    the end of an epoch; a non-finite one raises :class:`TrainingDivergedError` naming its step."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.buf = torch.zeros(size, device=device, dtype=torch.float32)
+        self.steps: list[tuple[int, int, int, float]] = []  # (epoch, step, global step, lr) of the losses in buf
+        self.sum, self.n = 0.0, 0
+
+    def add(self, loss: torch.Tensor, epoch: int, step: int, global_step: int, lr: float) -> None:
+        self.buf[len(self.steps)] = loss.detach().float()  # a device-side copy: no sync
+        self.steps.append((epoch, step, global_step, lr))
+        if len(self.steps) == self.buf.numel():
+            self.drain()
+
+    def drain(self) -> None:
+        if not self.steps:
+            return
+        vals = self.buf[:len(self.steps)].tolist()  # the one host sync of the window
+        for v, (epoch, step, gstep, lr) in zip(vals, self.steps):
+            if not math.isfinite(v):
+                raise TrainingDivergedError(
+                    f"loss is {v} at epoch {epoch}, step {step} (global step {gstep}); last learning rate {lr:.3g}. "
+                    "Lower lr, add warmup or gradient clipping (clip_grad), or use 32-true precision.")
+            self.sum += v
+        self.n += len(self.steps)
+        self.steps = []
 
 
 def _rng_state() -> dict:
@@ -377,6 +457,11 @@ def evaluate(model: nn.Module, loader, preprocess: Optional[nn.Module] = None, f
         res["top1"] = res[f"top1_{names[0]}"]
         res["top5"] = res[f"top5_{names[0]}"]
     res["n"] = int(n)
+    bad = [k for k, v in res.items() if not math.isfinite(v)]
+    if bad:
+        raise TrainingDivergedError(
+            f"evaluation gave non-finite {', '.join(f'{k}={res[k]}' for k in bad)} on {res['n']} samples: the model's "
+            "outputs are NaN/inf (training diverged?). Lower lr, add warmup or gradient clipping (clip_grad).")
     return res
 
 
@@ -400,6 +485,15 @@ def _criterion(cfg: TrainConfig, mixing: bool):
     if cfg.label_smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
     return nn.CrossEntropyLoss()
+
+
+def _evaluate_epoch(model, val_dl, preprocess, fabric, epoch: int, which: str, lr: float, train_loss: float) -> dict:
+    """:func:`evaluate` after an epoch; a non-finite validation loss/metric names the epoch."""
+    try:
+        return evaluate(model, val_dl, preprocess, fabric)
+    except TrainingDivergedError as e:
+        raise TrainingDivergedError(f"epoch {epoch + 1}: validation of the {which}model failed (last learning rate "
+                                    f"{lr:.3g}, train loss {train_loss:.4g}): {e}") from None
 
 
 def _call_hooks(hooks, name, *args):
@@ -538,15 +632,14 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
         _call_hooks(hooks, "on_epoch_start", epoch, raw_model)
         model.train()
         t_epoch = time.perf_counter()
-        ep_step_time = 0.0
-        loss_sum, loss_n = 0.0, 0
+        timer = _StepTimer(device)
+        losses = _LossWindow(cfg.finite_check_every, device)
         it = _progress(train_dl, steps_per_epoch, f"{desc} {epoch + 1}/{cfg.epochs}", cfg.progress and
                        fabric.is_global_zero)
         for i, batch in enumerate(it):
             if i >= steps_per_epoch:
                 break
-            _sync(device)
-            t0 = time.perf_counter()
+            timer.start()
             x, y = batch
             if preprocess is not None:
                 x = preprocess(x)
@@ -572,11 +665,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
                         if len(w) != len(outs):
                             raise ValueError(f"head_weights has {len(w)} entries, the model returns {len(outs)} heads")
                         loss = sum(wi * loss_fn(o.float(), target) for wi, o in zip(w, outs))
-                    if not torch.isfinite(loss):
-                        raise TrainingDivergedError(
-                            f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1} (global step {global_step + 1}); "
-                            f"last learning rate {last_lr:.3g}. Lower lr, add warmup or gradient clipping "
-                            "(clip_grad), or use 32-true precision.")
+                    step_lr = last_lr
                     fabric.backward(loss / cfg.grad_accum)
                 if not accumulating:
                     if cfg.clip_grad:
@@ -595,16 +684,18 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
                                            f"{x.shape[0]} on {device}: reduce batch_size, use bf16-mixed precision or "
                                            "gradient accumulation (grad_accum)") from e
                 raise
-            _sync(device)
-            dt = time.perf_counter() - t0
-            ep_step_time += dt
-            loss_sum += float(loss.detach())
-            loss_n += 1
+            timer.stop()
+            # finiteness is checked when the window is read (every finite_check_every steps), not here
+            losses.add(loss, epoch + 1, i + 1, global_step + (1 if accumulating else 0), step_lr)
             images_done += x.shape[0]
             if cfg.log_every and (i + 1) % cfg.log_every == 0:
-                fabric.print(f"epoch {epoch + 1} step {i + 1}: loss {loss_sum / loss_n:.4f} lr {last_lr:.3g}")
+                losses.drain()  # a log line reads the losses (one sync per log_every steps)
+                fabric.print(f"epoch {epoch + 1} step {i + 1}: loss {losses.sum / losses.n:.4f} lr {last_lr:.3g}")
         if hasattr(it, "close"):
             it.close()
+        losses.drain()
+        loss_sum, loss_n = losses.sum, losses.n
+        ep_step_time = timer.total()
         steps_done += loss_n
         step_time_total += ep_step_time
         train_loss = loss_sum / max(1, loss_n)
@@ -614,10 +705,10 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
                "step_time_s": ep_step_time, "epoch_time_s": time.perf_counter() - t_epoch}
         if val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             t_eval = time.perf_counter()
-            metrics = evaluate(model, val_dl, preprocess, fabric)
+            metrics = _evaluate_epoch(model, val_dl, preprocess, fabric, epoch, "", last_lr, train_loss)
             row.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
             if ema is not None:
-                em = evaluate(ema.module, val_dl, preprocess, fabric)
+                em = _evaluate_epoch(ema.module, val_dl, preprocess, fabric, epoch, "EMA ", last_lr, train_loss)
                 row.update({f"ema_{k}": v for k, v in em.items() if k != "n"})
             eval_time_total += time.perf_counter() - t_eval
         row["epoch_time_s"] = time.perf_counter() - t_epoch
