@@ -18,10 +18,8 @@ Every check is a function taking a device, so the logic is tested on the CPU wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
-import math
 import os
 import subprocess
 import sys
