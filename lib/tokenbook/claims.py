@@ -1,0 +1,331 @@
+"""Claims as data and their verdicts: the machinery of the claims ledger (issue 12).
+
+A paper's reference sheet (``references/<stem>.yaml``) lists its claims under ``claims:``::
+
+    claims:
+      - id: toe.lossless
+        statement: "ToE training is lossless: top-1 of ToE matches the baseline"
+        source: "ToE paper, abstract [paper]"
+        kind: empirical                 # structural | empirical | hardware | composition
+        quantity: "top-1 difference (pt)"
+        paper_value: 0.0                # what the paper reports (null: it gives no number)
+        compare: {a: "DeiT-S + ToE", b: "DeiT-S", metric: top1, direction: ">=", margin: -0.5}
+        # optional: tolerance (structural, |ours - paper_value| <= tolerance), not_testable_here: "<run that would>"
+
+Evidence is what a notebook measured for a claim: the per-seed values of both arms (paired by seed) for an
+empirical or composition claim, one value for a structural claim, a ratio with its IQR for a hardware claim.
+:func:`judge` turns a claim and its evidence into a :class:`Verdict`:
+
+- ``reproduced``: the 95 % confidence interval of the mean paired difference ``a - b`` lies on the claimed side of
+  the margin; ``contradicted``: it lies on the other side; ``inconclusive``: it spans the margin;
+- structural claims: ``reproduced`` when ``|ours - paper_value| <= tolerance`` (exact when the tolerance is 0),
+  else ``contradicted``;
+- hardware claims: the same side-of-the-margin rule on the ratio's interquartile range from interleaved timing;
+- ``not_testable_here``: the claim needs ImageNet or a GPU; it names the run that would test it;
+- ``failed``: no evidence (the experiment did not run or did not finish): never ``reproduced``.
+
+Confidence intervals: Student-t on the paired differences (default; exact for normal differences, the usual choice
+for 3-10 seeds) or a seeded percentile bootstrap (``method="bootstrap"``). :func:`build_ledger` collects every
+claim of every sheet with the evidence the notebooks wrote (``<notebook>/<profile>/claims_evidence.json``) into
+``results/claims.csv`` and ``results/CLAIMS.md``. Shared core: imports no paper code.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "ClaimError", "load_claims",
+           "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
+           "build_ledger", "LEDGER_COLUMNS"]
+
+KINDS = ("structural", "empirical", "hardware", "composition")
+VERDICTS = ("reproduced", "contradicted", "inconclusive", "not_testable_here", "failed")
+#: ">=" / ">" / "<=" / "<": a - b on that side of the margin; "within": |a - b| <= margin
+DIRECTIONS = (">=", ">", "<=", "<", "within")
+LEDGER_COLUMNS = ("paper", "claim", "statement", "kind", "quantity", "paper_value", "source", "ours", "ci_low",
+                  "ci_high", "n", "method", "verdict", "scale", "report", "detail")
+
+
+class ClaimError(ValueError):
+    """A claims list that does not follow the schema."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    paper: str
+    statement: str
+    source: str
+    kind: str
+    quantity: str = ""
+    paper_value: Optional[float] = None
+    a: str = ""
+    b: str = ""
+    metric: str = ""
+    direction: str = ">="
+    margin: float = 0.0
+    tolerance: Optional[float] = None
+    not_testable_here: str = ""
+    note: str = ""
+
+
+@dataclass
+class Evidence:
+    """What a notebook measured for one claim. ``a``/``b``: per-seed values of the two arms, paired by position
+    (same seed); ``value``: one number (structural); ``ratio``/``q1``/``q3``: median ratio and IQR (hardware)."""
+    claim: str
+    scale: str = ""
+    a: list[float] = field(default_factory=list)
+    b: list[float] = field(default_factory=list)
+    value: Optional[float] = None
+    ratio: Optional[float] = None
+    q1: Optional[float] = None
+    q3: Optional[float] = None
+    report: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Verdict:
+    claim: Claim
+    verdict: str
+    ours: Optional[float] = None
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+    n: int = 0
+    method: str = ""
+    scale: str = ""
+    report: str = ""
+    detail: str = ""
+
+    def row(self) -> dict[str, Any]:
+        c = self.claim
+        return {"paper": c.paper, "claim": c.id, "statement": c.statement, "kind": c.kind, "quantity": c.quantity,
+                "paper_value": c.paper_value, "source": c.source, "ours": self.ours, "ci_low": self.ci_low,
+                "ci_high": self.ci_high, "n": self.n, "method": self.method, "verdict": self.verdict,
+                "scale": self.scale, "report": self.report, "detail": self.detail}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the claims lists of the reference sheets
+# ----------------------------------------------------------------------------------------------------------
+_FIELDS = {"id", "statement", "source", "kind", "quantity", "paper_value", "compare", "tolerance",
+           "not_testable_here", "note"}
+
+
+def _parse(paper: str, i: int, e: Any) -> Claim:
+    where = f"{paper}.yaml claim {i} ({e.get('id', '?') if isinstance(e, dict) else '?'})"
+    if not isinstance(e, dict):
+        raise ClaimError(f"{where}: not a mapping")
+    missing = [k for k in ("id", "statement", "source", "kind") if k not in e]
+    if missing:
+        raise ClaimError(f"{where}: missing fields {missing}")
+    unknown = set(e) - _FIELDS
+    if unknown:
+        raise ClaimError(f"{where}: unknown fields {sorted(unknown)}")
+    if e["kind"] not in KINDS:
+        raise ClaimError(f"{where}: kind {e['kind']!r} is not one of {KINDS}")
+    pv = e.get("paper_value")
+    if pv is not None and not isinstance(pv, (int, float)):
+        raise ClaimError(f"{where}: paper_value must be a number or null, got {pv!r}")
+    cmp = e.get("compare") or {}
+    if not isinstance(cmp, dict):
+        raise ClaimError(f"{where}: compare must be a mapping")
+    bad = set(cmp) - {"a", "b", "metric", "direction", "margin"}
+    if bad:
+        raise ClaimError(f"{where}: unknown compare fields {sorted(bad)}")
+    direction = cmp.get("direction", ">=")
+    if direction not in DIRECTIONS:
+        raise ClaimError(f"{where}: direction {direction!r} is not one of {DIRECTIONS}")
+    if e["kind"] in ("empirical", "composition") and not e.get("not_testable_here") and not cmp:
+        raise ClaimError(f"{where}: an {e['kind']} claim needs compare: {{a, b, metric, direction, margin}}")
+    if e["kind"] == "structural" and e.get("tolerance") is None and not e.get("not_testable_here"):
+        raise ClaimError(f"{where}: a structural claim needs a tolerance (0 for exact)")
+    return Claim(id=str(e["id"]), paper=paper, statement=str(e["statement"]), source=str(e["source"]),
+                 kind=str(e["kind"]), quantity=str(e.get("quantity", "")),
+                 paper_value=None if pv is None else float(pv), a=str(cmp.get("a", "")), b=str(cmp.get("b", "")),
+                 metric=str(cmp.get("metric", "")), direction=direction, margin=float(cmp.get("margin", 0.0)),
+                 tolerance=None if e.get("tolerance") is None else float(e["tolerance"]),
+                 not_testable_here=str(e.get("not_testable_here") or ""), note=str(e.get("note", "")))
+
+
+def load_claims(paper: str, text: Optional[str] = None) -> list[Claim]:
+    """The ``claims:`` list of ``references/<paper>.yaml`` (or of ``text``), validated; ids are unique."""
+    import yaml
+
+    if text is None:
+        from importlib import resources
+
+        text = resources.files("tokenbook.references").joinpath(f"{paper}.yaml").read_text()
+    data = yaml.safe_load(text) or {}
+    items = data.get("claims") or []
+    if not isinstance(items, list):
+        raise ClaimError(f"{paper}.yaml: 'claims' must be a list")
+    out = [_parse(paper, i, e) for i, e in enumerate(items)]
+    ids = [c.id for c in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ClaimError(f"{paper}.yaml: duplicate claim ids {dup}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# statistics and the verdict rule
+# ----------------------------------------------------------------------------------------------------------
+def mean_ci(values: Sequence[float], level: float = 0.95, method: str = "t", n_boot: int = 10_000,
+            seed: int = 0) -> tuple[float, float, float]:
+    """Mean and ``level`` confidence interval of ``values`` (e.g. paired differences across seeds).
+
+    ``method="t"``: Student-t interval ``mean +- t_{(1+level)/2, n-1} * sd / sqrt(n)``; ``"bootstrap"``: percentile
+    interval of ``n_boot`` resampled means (seeded, so a seed gives the same interval). Needs at least 2 values."""
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {len(x)}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"non-finite values: {x.tolist()}")
+    m = float(x.mean())
+    if method == "t":
+        from scipy import stats
+
+        half = float(stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+        return m, m - half, m + half
+    if method == "bootstrap":
+        rng = np.random.default_rng(seed)
+        means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+        lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+        return m, float(lo), float(hi)
+    raise ValueError(f"unknown method {method!r}; use 't' or 'bootstrap'")
+
+
+def side_of_margin(lo: float, hi: float, direction: str, margin: float) -> str:
+    """``reproduced`` / ``contradicted`` / ``inconclusive`` for an interval [lo, hi] of ``a - b`` (or a ratio)
+    against the claim "``a - b`` <direction> ``margin``"."""
+    if lo > hi:
+        raise ValueError(f"interval [{lo}, {hi}] is empty")
+    if direction in (">=", ">"):
+        ok = lo >= margin if direction == ">=" else lo > margin
+        bad = hi < margin if direction == ">=" else hi <= margin
+    elif direction in ("<=", "<"):
+        ok = hi <= margin if direction == "<=" else hi < margin
+        bad = lo > margin if direction == "<=" else lo >= margin
+    elif direction == "within":
+        ok = -margin <= lo and hi <= margin
+        bad = hi < -margin or lo > margin
+    else:
+        raise ValueError(f"unknown direction {direction!r}; one of {DIRECTIONS}")
+    return "reproduced" if ok else "contradicted" if bad else "inconclusive"
+
+
+def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: float = 0.95) -> Verdict:
+    """The verdict of one claim from its evidence (None: the experiment did not run: ``failed``)."""
+    if claim.not_testable_here:
+        return Verdict(claim, "not_testable_here", detail=f"needs: {claim.not_testable_here}")
+    if evidence is None:
+        return Verdict(claim, "failed", detail="no evidence: the experiment did not run or did not finish")
+    base = dict(scale=evidence.scale, report=evidence.report)
+    try:
+        if claim.kind == "structural":
+            if evidence.value is None or claim.paper_value is None or claim.tolerance is None:
+                return Verdict(claim, "failed", detail="structural claim without a measured or a paper value",
+                               **base)
+            diff = abs(float(evidence.value) - claim.paper_value)
+            slack = 1e-12 * max(1.0, abs(claim.paper_value))  # decimal tolerances are not exact in binary
+            return Verdict(claim, "reproduced" if diff <= claim.tolerance + slack else "contradicted",
+                           ours=evidence.value,
+                           n=1, method=f"|ours - paper| = {diff:.4g} vs tolerance {claim.tolerance:g}",
+                           detail=evidence.detail, **base)
+        if claim.kind == "hardware":
+            if evidence.ratio is None or evidence.q1 is None or evidence.q3 is None:
+                return Verdict(claim, "failed", detail="hardware claim without a ratio and its IQR", **base)
+            v = side_of_margin(evidence.q1, evidence.q3, claim.direction, claim.margin)
+            return Verdict(claim, v, ours=evidence.ratio, ci_low=evidence.q1, ci_high=evidence.q3, n=1,
+                           method="median ratio, IQR of interleaved timing", detail=evidence.detail, **base)
+        a, b = list(evidence.a), list(evidence.b)
+        if len(a) != len(b):
+            return Verdict(claim, "failed", detail=f"unpaired evidence: {len(a)} vs {len(b)} seeds", **base)
+        if len(a) < 2:
+            return Verdict(claim, "failed", n=len(a), detail="fewer than 2 paired seeds: no interval", **base)
+        diffs = [x - y for x, y in zip(a, b)]
+        m, lo, hi = mean_ci(diffs, level=level, method=method)
+        return Verdict(claim, side_of_margin(lo, hi, claim.direction, claim.margin), ours=m, ci_low=lo, ci_high=hi,
+                       n=len(diffs), method=f"paired {'t-interval' if method == 't' else 'bootstrap'} "
+                                            f"{int(level * 100)} %", detail=evidence.detail, **base)
+    except ValueError as e:  # non-finite evidence (a diverged run) is a failure, never a verdict
+        return Verdict(claim, "failed", detail=str(e), **base)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evidence files and the ledger
+# ----------------------------------------------------------------------------------------------------------
+def evidence_file(folder: Path) -> Path:
+    return Path(folder) / "claims_evidence.json"
+
+
+def write_evidence(folder: Path, evidence: Iterable[Evidence]) -> Path:
+    """Write a notebook's evidence (atomically) beside its tables."""
+    from .results import atomic_write
+
+    return atomic_write(evidence_file(folder), json.dumps([asdict(e) for e in evidence], indent=1))
+
+
+def read_evidence(folder: Path) -> dict[str, Evidence]:
+    p = evidence_file(folder)
+    if not p.is_file():
+        return {}
+    try:
+        items = json.loads(p.read_text())
+    except ValueError as e:
+        raise ClaimError(f"{p}: not valid JSON ({e})") from e
+    return {d["claim"]: Evidence(**d) for d in items}
+
+
+def build_ledger(results_dir: Path, notebooks: Sequence[str], profile: str,
+                 method: str = "t") -> "Any":
+    """Every claim of every notebook's sheet (stem = notebook name without ``NN_``) judged on the evidence in
+    ``<results_dir>/<notebook>/<profile>/``; writes ``claims.csv`` and ``CLAIMS.md`` in ``results_dir`` and returns
+    the table. A notebook that failed (no ``status.json`` with ``ok``) contributes no evidence: its claims are
+    ``failed``."""
+    import pandas as pd
+
+    from .results import atomic_write, to_markdown
+
+    rows = []
+    for nb in notebooks:
+        stem = nb.split("_", 1)[1] if "_" in nb else nb
+        try:
+            claims = load_claims(stem)
+        except FileNotFoundError:
+            continue
+        folder = Path(results_dir) / nb / profile
+        status = {}
+        try:
+            status = json.loads((folder / "status.json").read_text())
+        except (OSError, ValueError):
+            pass
+        ev = read_evidence(folder) if status.get("status") == "ok" else {}
+        for c in claims:
+            v = judge(c, ev.get(c.id), method=method)
+            if not v.report and (folder / f"{nb}.html").is_file():
+                v.report = f"{nb}/{profile}/{nb}.html"
+            rows.append(v.row())
+    df = pd.DataFrame(rows, columns=list(LEDGER_COLUMNS))
+    atomic_write(Path(results_dir) / "claims.csv", df.to_csv(index=False))
+    counts = df["verdict"].value_counts().reindex(list(VERDICTS), fill_value=0) if len(df) else None
+    head = ["# Claims ledger", "", f"Profile `{profile}`. Every claim of the five papers with its verdict on this "
+            "workbook's evidence; `scale` says what was run (a Fashion-MNIST verdict is not an ImageNet one).", ""]
+    if counts is not None:
+        head += [", ".join(f"{k}: {int(n)}" for k, n in counts.items()), ""]
+    atomic_write(Path(results_dir) / "CLAIMS.md", "\n".join(head) + "\n" + to_markdown(df) + "\n")
+    return df
+
+
+def verdict_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    out = {v: 0 for v in VERDICTS}
+    for r in rows:
+        out[r["verdict"]] += 1
+    return out

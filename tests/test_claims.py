@@ -1,0 +1,136 @@
+"""The claims machinery (issue 12): verdict rule on synthetic intervals, confidence intervals against known values,
+the claims schema, and the ledger builder (a claim whose experiment failed is `failed`, never `reproduced`)."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tokenbook.claims import (Claim, ClaimError, Evidence, build_ledger, judge, load_claims, mean_ci,
+                              side_of_margin, write_evidence)
+
+
+@pytest.mark.parametrize("lo,hi,direction,margin,verdict", [
+    (0.2, 1.0, ">", 0.0, "reproduced"), (-1.0, -0.1, ">", 0.0, "contradicted"), (-0.3, 0.4, ">", 0.0, "inconclusive"),
+    (0.0, 1.0, ">", 0.0, "inconclusive"), (0.0, 1.0, ">=", 0.0, "reproduced"),     # strict vs non-strict at the edge
+    (-0.4, 0.3, ">=", -0.5, "reproduced"), (-0.9, -0.6, ">=", -0.5, "contradicted"),  # "lossless": >= -0.5 pt
+    (-0.7, 0.3, ">=", -0.5, "inconclusive"), (1.2, 1.4, "<=", 1.0, "contradicted"), (0.5, 0.9, "<", 1.0, "reproduced"),
+    (-0.2, 0.3, "within", 0.5, "reproduced"), (0.6, 0.9, "within", 0.5, "contradicted"),
+    (0.3, 0.8, "within", 0.5, "inconclusive"),
+])
+def test_side_of_margin(lo, hi, direction, margin, verdict):
+    assert side_of_margin(lo, hi, direction, margin) == verdict
+
+
+def test_t_interval_matches_the_textbook_value():
+    # n=3, mean 2, sd 1: half width t_{0.975,2} * 1/sqrt(3) = 4.302653 / 1.732051 = 2.484138
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and hi - m == pytest.approx(2.484138, abs=1e-5) and m - lo == pytest.approx(2.484138, abs=1e-5)
+
+
+def test_bootstrap_is_seeded_and_contains_the_mean():
+    x = np.random.default_rng(3).normal(1.0, 0.5, size=8)
+    a, b = mean_ci(x, method="bootstrap", seed=1), mean_ci(x, method="bootstrap", seed=1)
+    assert a == b and a[1] < a[0] < a[2]
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_ci([1.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        mean_ci([1.0, float("nan")])
+
+
+def _claim(**kw):
+    base = dict(id="p.c", paper="p", statement="A beats B", source="paper [paper]", kind="empirical",
+                a="A", b="B", metric="top1", direction=">", margin=0.0)
+    return Claim(**{**base, **kw})
+
+
+def test_judge_paired_seeds_gives_known_verdicts():
+    c = _claim()
+    up = judge(c, Evidence("p.c", a=[80.0, 81.0, 82.0], b=[79.0, 79.5, 80.5], scale="FMNIST 28px"))
+    assert up.verdict == "reproduced" and up.n == 3 and up.ours == pytest.approx(4.0 / 3) and "t-interval" in up.method
+    assert up.ci_low > 0 and up.scale == "FMNIST 28px"
+    down = judge(c, Evidence("p.c", a=[70.0, 71.0, 70.5], b=[75.0, 76.0, 75.2]))
+    assert down.verdict == "contradicted"
+    noisy = judge(c, Evidence("p.c", a=[80.0, 75.0, 82.0], b=[79.0, 79.0, 79.0]))
+    assert noisy.verdict == "inconclusive"
+
+
+def test_failed_never_reproduced():
+    c = _claim()
+    assert judge(c, None).verdict == "failed"
+    assert judge(c, Evidence("p.c", a=[80.0], b=[70.0])).verdict == "failed"            # one seed: no interval
+    assert judge(c, Evidence("p.c", a=[80.0, 81.0], b=[70.0])).verdict == "failed"      # unpaired
+    assert judge(c, Evidence("p.c", a=[float("nan"), 81.0], b=[70.0, 71.0])).verdict == "failed"  # diverged
+    nt = judge(_claim(not_testable_here="full profile of 03_toe (ImageNet, 8 GPUs)"), None)
+    assert nt.verdict == "not_testable_here" and "03_toe" in nt.detail
+
+
+def test_structural_and_hardware_claims():
+    s = _claim(kind="structural", paper_value=2.4, tolerance=0.1)
+    assert judge(s, Evidence("p.c", value=2.46)).verdict == "reproduced"
+    assert judge(s, Evidence("p.c", value=2.6)).verdict == "contradicted"
+    exact = _claim(kind="structural", paper_value=0.0, tolerance=0.0)
+    assert judge(exact, Evidence("p.c", value=0.0)).verdict == "reproduced"
+    assert judge(exact, Evidence("p.c", value=1e-7)).verdict == "contradicted"
+    h = _claim(kind="hardware", direction=">=", margin=1.2)
+    assert judge(h, Evidence("p.c", ratio=1.26, q1=1.22, q3=1.3)).verdict == "reproduced"
+    assert judge(h, Evidence("p.c", ratio=1.21, q1=1.15, q3=1.27)).verdict == "inconclusive"
+    assert judge(h, Evidence("p.c", ratio=1.21)).verdict == "failed"
+
+
+SHEET = """
+paper: X
+claims:
+  - id: x.gain
+    statement: "A beats B"
+    source: "X paper, Table 1 [paper]"
+    kind: empirical
+    quantity: "top-1 difference (pt)"
+    paper_value: 3.1
+    compare: {a: A, b: B, metric: top1, direction: ">", margin: 0.0}
+  - id: x.params
+    statement: "A has 22.1 M parameters"
+    source: "X paper, Table 2 [paper]"
+    kind: structural
+    paper_value: 22.1
+    tolerance: 0.05
+  - id: x.imagenet
+    statement: "A reaches 81.5 % on ImageNet"
+    source: "X paper, Table 3 [paper]"
+    kind: empirical
+    not_testable_here: "full profile (ImageNet-1k, 300 epochs on 8 GPUs)"
+"""
+
+
+def test_schema_is_checked():
+    claims = load_claims("x", SHEET)
+    assert [c.id for c in claims] == ["x.gain", "x.params", "x.imagenet"] and claims[0].direction == ">"
+    with pytest.raises(ClaimError, match="kind"):
+        load_claims("x", SHEET.replace("kind: structural", "kind: vibes"))
+    with pytest.raises(ClaimError, match="tolerance"):
+        load_claims("x", SHEET.replace("    tolerance: 0.05\n", ""))
+    with pytest.raises(ClaimError, match="direction"):
+        load_claims("x", SHEET.replace('direction: ">"', 'direction: "bigger"'))
+    with pytest.raises(ClaimError, match="duplicate"):
+        load_claims("x", SHEET.replace("id: x.params", "id: x.gain"))
+
+
+def test_ledger_marks_a_failed_notebook_failed(tmp_path, monkeypatch):
+    import tokenbook.claims as C
+
+    monkeypatch.setattr(C, "load_claims", lambda stem, text=None: load_claims(stem, SHEET))
+    ok, bad = tmp_path / "01_x" / "cpu", tmp_path / "02_y" / "cpu"
+    for d, status in ((ok, "ok"), (bad, "failed")):
+        d.mkdir(parents=True)
+        (d / "status.json").write_text(json.dumps({"status": status}))
+        write_evidence(d, [Evidence("x.gain", a=[80.0, 81.0, 82.0], b=[79.0, 79.5, 80.5], scale="FMNIST"),
+                           Evidence("x.params", value=22.05)])
+    df = build_ledger(tmp_path, ["01_x", "02_y"], "cpu")
+    assert list(df.columns)[:11] == ["paper", "claim", "statement", "kind", "quantity", "paper_value", "source",
+                                     "ours", "ci_low", "ci_high", "n"]
+    v = {(r.paper, r.claim): r.verdict for r in df.itertuples()}
+    assert v[("x", "x.gain")] == "reproduced"  # both notebooks read the same sheet here; the ok one first
+    got = df.groupby("verdict").size().to_dict()
+    assert got == {"reproduced": 2, "failed": 2, "not_testable_here": 2}
+    assert (tmp_path / "claims.csv").is_file() and "Claims ledger" in (tmp_path / "CLAIMS.md").read_text()
+    assert pd.read_csv(tmp_path / "claims.csv")["verdict"].tolist().count("failed") == 2
