@@ -225,3 +225,38 @@ def test_env_sh_fast_path_matches_tokenbook_data():
         assert f in text
     assert f"${{{data.FASHION_MNIST_ENV}:-{data.DEBIAN_FASHION_MNIST}}}" in text
     assert "import tokenbook, timm, papermill' 2>/dev/null; then" not in text  # no imports when the stamp matches
+
+
+def test_kernel_launcher_records_the_signal_and_dies_with_its_manager(tmp_path):
+    """The runner's kernel launcher: a kernel killed by a signal is recorded with that signal; and when the kernel
+    manager (papermill) dies, the kernel is ended instead of being left behind."""
+    import time
+
+    status = tmp_path / "status.json"
+    env = {**os.environ, "TOKENBOOK_KERNEL_STATUS": str(status)}
+    killed = subprocess.run([sys.executable, "-c", "import sys; from tokenbook.kernel_launcher import run; "
+                             "sys.exit(run([sys.executable, '-c', 'import os, signal; "
+                             "os.kill(os.getpid(), signal.SIGTERM)']))"], env=env, timeout=60)
+    assert killed.returncode == 128 + 15
+    assert json.loads(status.read_text())["signal"] == "SIGTERM"
+    # a manager that starts the launcher and dies at once: the kernel (sleeping 120 s) must end within seconds
+    pidfile = tmp_path / "kernel.pid"
+    manager = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+               "'import sys; from tokenbook.kernel_launcher import run; sys.exit(run([sys.executable, \"-c\", "
+               f"\"import os, time; open(r\\\\\"{pidfile}\\\\\", \\\\\"w\\\\\").write(str(os.getpid())); "
+               "time.sleep(120)\"]))']); time.sleep(4)")
+    subprocess.run([sys.executable, "-c", manager], env=env, timeout=60)
+    for _ in range(100):
+        if pidfile.is_file() and pidfile.read_text():
+            break
+        time.sleep(0.1)
+    kernel = int(pidfile.read_text())
+    for _ in range(150):
+        try:
+            os.kill(kernel, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(kernel, 9)
+        pytest.fail("the kernel outlived its manager")
