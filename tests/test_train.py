@@ -1,3 +1,4 @@
+import functools
 import math
 import os
 import subprocess
@@ -151,21 +152,25 @@ def test_mixup_bce_ema_clip_run():
     assert r.ema is not None and "ema_top1" in r.final and math.isfinite(r.final["train_loss"])
 
 
+class _goes_bad(nn.Module):
+    """A linear classifier whose output turns non-finite (times ``factor``) on forward call ``at_call``."""
+    num_classes = 4
+
+    def __init__(self, at_call: int, factor: float):
+        super().__init__()
+        self.lin = nn.Linear(192, 4)
+        self.calls, self.at_call, self.factor = 0, at_call, factor
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.lin(x.flatten(1))
+        return out * self.factor if self.calls == self.at_call else out
+
+
 def test_nan_loss_stops_with_step_and_lr():
     tl, _ = _loaders()
 
-    class Bad(nn.Module):
-        num_classes = 4
-
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(192, 4)
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            out = self.lin(x.flatten(1))
-            return out * float("nan") if self.calls == 2 else out
+    Bad = functools.partial(_goes_bad, at_call=2, factor=float("nan"))
 
     with pytest.raises(TrainingDivergedError, match=r"step 2 .*last learning rate"):
         fit(Bad(), tl, None, TrainConfig(**CFG))
@@ -386,18 +391,7 @@ def test_nan_found_late_still_names_its_step():
     """The finiteness check runs once per window of steps, but the error names the step that went non-finite."""
     tl, _ = _loaders()
 
-    class BadAt5(nn.Module):
-        num_classes = 4
-
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(192, 4)
-            self.calls = 0
-
-        def forward(self, x):
-            self.calls += 1
-            out = self.lin(x.flatten(1))
-            return out * float("inf") if self.calls == 13 else out
+    BadAt5 = functools.partial(_goes_bad, at_call=13, factor=float("inf"))
 
     with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 5 \(global step 13\); last learning rate") as e:
         fit(BadAt5(), tl, None, TrainConfig(**{**CFG, "finite_check_every": 100}))
