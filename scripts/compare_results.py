@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-TIMING = re.compile(r"(_s$|_ms$|img_s|_per_s$|latency|throughput|minutes|wall|step_time|elapsed|_sec$|timing|"
-                    r"speedup_measured|overhead|\biqr\b|_iqr|median_s|^runs$|time_ratio)", re.I)
+TIMING = re.compile(r"(_s$|_ms$|img_s$|_per_s$|latency|throughput|minutes|wall|step_time|elapsed|_sec$|timing|"
+                    r"speedup_measured|overhead|\biqr\b|_iqr|median_s|^runs$|time_ratio|speedup_vs_)", re.I)
 
 
 def timing_columns(df: pd.DataFrame) -> list[str]:
