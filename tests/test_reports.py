@@ -211,3 +211,19 @@ def test_interactive_folders_are_git_ignored_and_lab_extra_has_widgets():
     assert "results/*/interactive/" in ignore and "results/.staging/" in ignore
     lab = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lab"]
     assert any(p.startswith("ipywidgets==") for p in lab)
+
+
+def test_landing_page_is_headed_by_the_claims_ledger_when_there_is_one(tmp_path):
+    from tokenbook.claims import Claim, Verdict
+
+    site = tmp_path / "results"
+    site.mkdir()
+    write_index(site, ROOT)
+    assert "Headline: the paper" in (site / "index.html").read_text()
+    rows = [Verdict(Claim(id="toe.lossless", paper="toe", statement="ToE is lossless", source="abstract [paper]",
+                          kind="empirical"), "inconclusive", ours=-0.2, ci_low=-0.9, ci_high=0.5, n=3,
+                    scale="Fashion-MNIST 28 px, 6 epochs").row()]
+    pd.DataFrame(rows).to_csv(site / "claims.csv", index=False)
+    write_index(site, ROOT)
+    html = (site / "index.html").read_text()
+    assert "ToE is lossless" in html and "inconclusive" in html and "#9a6700" in html and "Fashion-MNIST 28 px" in html

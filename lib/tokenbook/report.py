@@ -224,14 +224,35 @@ def write_index(results_dir: Path, root: Path, include_smoke: bool = False) -> N
                        for t in r["meta"].get("tables", []) if (r["dir"] / t["csv"]).is_file()],
         })
     env = Environment(loader=FileSystemLoader(str(TEMPLATES / "site")), autoescape=True)
+    ledger = results_dir / "claims.csv"
+    if ledger.is_file():  # the claims ledger (tokenbook.claims.build_ledger) heads the site when it exists
+        claims = pd.read_csv(ledger)
+        headline_html = _markup(_verdict_styled(claims))
+        note = ("Every claim of the five papers with its verdict on this workbook's evidence (claims.csv, "
+                "CLAIMS.md): reproduced / contradicted / inconclusive by the 95 % interval against the claim's margin; "
+                "the scale column says what was run.")
+    else:
+        headline_html = _markup(style_table(head, "") if len(head) else None)
+        note = ("Rows of the tables each notebook marks as its headline; ✓ / ✗: within / outside the tolerance "
+                "stated in the reference sheet, n/a: no tolerance or no paper value.")
     html = env.get_template("index.html.j2").render(
-        papers=papers,
-        headline_html=_markup(style_table(head, "") if len(head) else None),
-        headline_note=("Rows of the tables each notebook marks as its headline; ✓ / ✗: within / outside the "
-                       "tolerance stated in the reference sheet, n/a: no tolerance or no paper value."),
+        papers=papers, headline_html=headline_html, headline_note=note,
         runs_html=_markup(style_table(runs_df, "")),
     )
     atomic_write(results_dir / "index.html", html)
+
+
+_VERDICT_COLOURS = {"reproduced": "#1a7f37", "contradicted": "#cf222e", "inconclusive": "#9a6700",
+                    "not_testable_here": "#57606a", "failed": "#cf222e"}
+
+
+def _verdict_styled(claims: pd.DataFrame):
+    cols = [c for c in ("paper", "claim", "statement", "kind", "paper_value", "source", "ours", "ci_low", "ci_high",
+                        "n", "verdict", "scale") if c in claims.columns]
+    st = style_table(claims[cols], "")
+    if "verdict" in cols:
+        st = st.map(lambda v: f"color: {_VERDICT_COLOURS.get(v, '#1f2328')}; font-weight: 700;", subset=["verdict"])
+    return st
 
 
 def _markup(styler) -> Any:
