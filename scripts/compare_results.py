@@ -49,6 +49,13 @@ def main(argv=None) -> int:
         if extra:
             drop |= {c for c in set(o.columns) | set(n.columns) if extra.search(str(c))}
         o, n = o.drop(columns=[c for c in drop if c in o]), n.drop(columns=[c for c in drop if c in n])
+        # long tables: a row whose metric / quantity names a timing (latency_ms, latency_speedup, ...) is timing too
+        label_cols = [c for c in ("metric", "quantity", "what") if c in o.columns and c in n.columns]
+        timed = [i for i in o.index if i in n.index and any(TIMING.search(str(o.at[i, c])) or
+                                                             re.search(r"latency|throughput", str(o.at[i, c]), re.I)
+                                                             for c in label_cols)]
+        if timed:
+            o, n = o.drop(index=timed), n.drop(index=[i for i in timed if i in n.index])
         if list(o.columns) != list(n.columns) or o.shape != n.shape:
             print(f"DIFFER   {rel}: columns/shape {list(o.columns)} {o.shape} vs {list(n.columns)} {n.shape}")
             bad += 1
@@ -60,7 +67,8 @@ def main(argv=None) -> int:
                                                                           for i, c, x, y in cells[:4]))
             bad += 1
         else:
-            print(f"same     {rel}" + (f"  (left out: {', '.join(sorted(drop))})" if drop else ""))
+            out = "; ".join(x for x in (", ".join(sorted(drop)), f"{len(timed)} timing rows" if timed else "") if x)
+            print(f"same     {rel}" + (f"  (left out: {out})" if out else ""))
     for new_csv in sorted(a.new.glob(f"*/{a.profile}/*.csv")):
         nb = new_csv.parts[-3]
         inv = {v: k for k, v in ren.items()}
