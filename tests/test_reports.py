@@ -79,6 +79,7 @@ def test_report_carries_figures_and_clean_tables(name, smoke_results):
     stderr = ["".join(o.get("text", "")) for o in _outputs(nb) if o.get("name") == "stderr"]
     assert not stderr, f"stderr in the report: {stderr[:3]}"
     assert str(Path.home()) + "/" not in html, "an absolute path under the home folder is shown"
+    assert "PosixPath(" not in html and "/.staging/" not in html and str(ROOT) not in html, "a machine path is shown"
     # tables for people: no NaN, no counts in scientific notation, no pandas truncation
     cells = re.findall(r"<td[^>]*>(.*?)</td>", html, flags=re.S)
     assert cells

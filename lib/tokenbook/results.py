@@ -68,6 +68,14 @@ def atomic_write(path: Path, data: bytes | str) -> Path:
     return path
 
 
+class SavedFile(type(Path())):
+    """The path of a file a run saved. Shown as nothing in a notebook (a cell that ends with ``ctx.save_figure(...)``
+    must not print the staging path into the report); otherwise an ordinary ``Path``."""
+
+    def _ipython_display_(self) -> None:
+        pass
+
+
 def swap_in(src: Path, dst: Path) -> None:
     """Replace the folder ``dst`` by ``src`` (a finished staging folder) with renames only: readers see the old
     complete folder or the new complete one, never a half-written mix."""
@@ -383,7 +391,7 @@ class RunContext:
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        path = atomic_write(self.out_dir / f"{name}.png", buf.getvalue())
+        path = SavedFile(atomic_write(self.out_dir / f"{name}.png", buf.getvalue()))
         self.figures[name] = {"name": name, "png": path.name, "caption": caption}
         self._write_meta()
         if _in_kernel():
