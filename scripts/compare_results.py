@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 TIMING = re.compile(r"(_s$|_ms$|img_s$|_per_s$|latency|throughput|minutes|wall|step_time|elapsed|_sec$|timing|"
-                    r"speedup_measured|overhead|\biqr\b|_iqr|median_s|^runs$|time_ratio|speedup_vs_)", re.I)
+                    r"speedup_measured|overhead|\biqr\b|_iqr|median_s|^runs$|time_ratio|speedup_vs_|ms_per_step|step_ms|^speedup$)", re.I)
 
 
 def timing_columns(df: pd.DataFrame) -> list[str]:
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         # long tables: a row whose metric / quantity names a timing (latency_ms, latency_speedup, ...) is timing too
         label_cols = [c for c in ("metric", "quantity", "what") if c in o.columns and c in n.columns]
         timed = [i for i in o.index if i in n.index and any(TIMING.search(str(o.at[i, c])) or
-                                                             re.search(r"latency|throughput", str(o.at[i, c]), re.I)
+                                                             re.search(r"latency|throughput|step.time|wall.time|this run|interleaved", str(o.at[i, c]), re.I)
                                                              for c in label_cols)]
         if timed:
             o, n = o.drop(index=timed), n.drop(index=[i for i in timed if i in n.index])
