@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 TIMING = re.compile(r"(_s$|_ms$|img_s$|_per_s$|latency|throughput|minutes|wall|step_time|elapsed|_sec$|timing|"
-                    r"speedup_measured|overhead|\biqr\b|_iqr|median_s|^runs$|time_ratio|speedup_vs_|ms_per_step|step_ms|^speedup$)", re.I)
+                    r"speedup_measured|overhead|\biqr\b|_iqr|median_s|^runs$|time_ratio|speedup_vs_|ms_per_step|step_ms|^speedup$|measured_ratio)", re.I)
 
 
 def timing_columns(df: pd.DataFrame) -> list[str]:
