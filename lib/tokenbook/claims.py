@@ -35,7 +35,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -322,10 +322,3 @@ def build_ledger(results_dir: Path, notebooks: Sequence[str], profile: str,
         head += [", ".join(f"{k}: {int(n)}" for k, n in counts.items()), ""]
     atomic_write(Path(results_dir) / "CLAIMS.md", "\n".join(head) + "\n" + to_markdown(df) + "\n")
     return df
-
-
-def verdict_counts(rows: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    out = {v: 0 for v in VERDICTS}
-    for r in rows:
-        out[r["verdict"]] += 1
-    return out

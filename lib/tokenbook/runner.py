@@ -196,10 +196,6 @@ def _write_kernelspec(where: Path) -> Path:
     return where
 
 
-def _kernel_status(path: Path) -> dict:
-    return _read_json(path)
-
-
 def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir: Path, timeout_min: float) -> dict:
     """Execute one notebook; returns its status record."""
     stage_root = results_dir / ".staging" / f"{name}-{profile}-{os.getpid()}"
@@ -248,7 +244,7 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
         else:
             status = "failed"
             detail = _error_summary(out_nb, stage / "log.txt", rc, oom_before, _oom_kills(),
-                                    kernel=_kernel_status(stage_root / "kernel_status.json"))
+                                    kernel=_read_json(stage_root / "kernel_status.json"))
     if out_nb.is_file():
         _restore_kernelspec(out_nb)
     record = {"notebook": name, "profile": profile, "status": status, "minutes": round(minutes, 2),
