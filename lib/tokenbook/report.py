@@ -163,7 +163,7 @@ def _runs_table(runs: list[dict]) -> pd.DataFrame:
                      "tree": "dirty" if git.get("dirty") else ("clean" if git.get("dirty") is False else "?"),
                      "device": _device(r["meta"]), "seed": r["meta"].get("seed")})
     df = pd.DataFrame(rows, columns=["notebook", "profile", "status", "minutes", "finished (UTC)", "commit", "tree",
-                                     "device", "seed"])
+                                     "device", "seed"]).astype({"seed": object})  # the total row has no seed
     for profile in sorted(set(df["profile"])):
         mins = pd.to_numeric(df.loc[df["profile"] == profile, "minutes"], errors="coerce")
         df.loc[len(df)] = {"notebook": "total", "profile": profile, "status": "", "minutes": round(mins.sum(), 2),
