@@ -96,3 +96,14 @@ def test_train_step_measure():
     m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, num_classes=5)
     r = bench.measure_train_step(m, input_size=(3, 32, 32), batch_size=4, steps=2, warmup=1)
     assert r["step_ms"] > 0 and r["train_img_s"] > 0
+
+
+def test_interleaved_ratio_sees_a_known_ratio():
+    import time as _t
+
+    from tokenbook.bench import interleaved_ratio
+
+    r = interleaved_ratio(lambda: _t.sleep(0.006), lambda: _t.sleep(0.002), repeats=7, warmup=1)
+    assert r["q1"] <= r["ratio"] <= r["q3"] and 2.0 < r["ratio"] < 3.6 and r["repeats"] == 7
+    with pytest.raises(ValueError):
+        interleaved_ratio(lambda: None, lambda: None, repeats=2)

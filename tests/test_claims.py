@@ -134,3 +134,80 @@ def test_ledger_marks_a_failed_notebook_failed(tmp_path, monkeypatch):
     assert got == {"reproduced": 2, "failed": 2, "not_testable_here": 2}
     assert (tmp_path / "claims.csv").is_file() and "Claims ledger" in (tmp_path / "CLAIMS.md").read_text()
     assert pd.read_csv(tmp_path / "claims.csv")["verdict"].tolist().count("failed") == 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers the notebooks use: seeds, plateau, paired evidence, the notebook's verdict table, ctx.add_evidence
+# ----------------------------------------------------------------------------------------------------------
+def test_parse_seeds():
+    from tokenbook.claims import parse_seeds
+
+    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(3) == [0, 1, 2] and parse_seeds([4, 5]) == [4, 5]
+    for bad in ("", "0,0", "a,b"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_plateau_and_its_note():
+    from tokenbook.claims import plateau, plateau_note
+
+    assert plateau([50, 70, 80, 80.5, 80.9], window=2, tol=1.0) == (True, pytest.approx(0.9))
+    ok, gain = plateau([50, 60, 70, 80], window=2, tol=1.0)
+    assert not ok and gain == pytest.approx(20)
+    assert plateau([50, 60], window=2)[0] is False  # too short to tell
+    note = plateau_note([[50, 70, 80, 80.2], [40, 60, 75, 78]], window=1, tol=1.0)
+    assert note.startswith("no:") and "+3.0" in note and "1/2 runs" in note
+    assert plateau_note([[70, 80, 80.2], [75, 78, 78.1]], window=1, tol=0.5).startswith("yes:")
+
+
+def test_paired_evidence_pairs_by_seed_and_names_missing_seeds():
+    from tokenbook.claims import paired_evidence
+
+    per_seed = {0: {"A": 80.0, "B": 78.0}, 1: {"A": 81.0, "B": 80.0}, 2: {"A": 79.0}}
+    e = paired_evidence("x.y", per_seed, "A", "B", scale="s")
+    assert e.a == [80.0, 81.0] and e.b == [78.0, 80.0] and "[2]" in e.detail and e.scale == "s"
+    e0 = paired_evidence("x.z", per_seed, "A", 0.0)
+    assert e0.a == [80.0, 81.0, 79.0] and e0.b == [0.0, 0.0, 0.0]
+
+
+def test_verdict_table_and_ctx_add_evidence(tmp_path):
+    from tokenbook import claims as C
+    from tokenbook.results import RunContext
+
+    ctx = RunContext("05_memory", "smoke", {}, results_root=tmp_path)
+    ev = C.Evidence("memory.beats_head", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5], scale="tiny")
+    ctx.add_evidence(ev)
+    with pytest.raises(TypeError):
+        ctx.add_evidence({"claim": "memory.beats_head"})
+    back = C.read_evidence(ctx.out_dir)
+    assert back["memory.beats_head"].a == ev.a
+    df = C.verdict_table("memory", [ev])
+    row = df.set_index("claim").loc["memory.beats_head"]
+    assert row["verdict"] == "reproduced" and row["n"] == 3
+    # claims without evidence are failed (or not testable here), never reproduced
+    others = df[df["claim"] != "memory.beats_head"]
+    assert set(others["verdict"]) <= {"failed", "not_testable_here"}
+
+
+def test_read_evidence_rejects_unknown_fields(tmp_path):
+    from tokenbook import claims as C
+
+    (tmp_path / "claims_evidence.json").write_text('[{"claim": "a.b", "bogus": 1}]')
+    with pytest.raises(C.ClaimError, match="bogus"):
+        C.read_evidence(tmp_path)
+
+
+def test_ledger_marks_claims_of_a_notebook_whose_latest_run_failed(tmp_path):
+    import json
+
+    from tokenbook import claims as C
+
+    folder = tmp_path / "05_memory" / "cpu"
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"status": "ok"}))
+    C.write_evidence(folder, [C.Evidence("memory.beats_head", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5])])
+    df = C.build_ledger(tmp_path, ["05_memory"], "cpu").set_index("claim")
+    assert df.loc["memory.beats_head", "verdict"] == "reproduced"
+    (folder / "last_failure.json").write_text("{}")
+    df = C.build_ledger(tmp_path, ["05_memory"], "cpu").set_index("claim")
+    assert df.loc["memory.beats_head", "verdict"] == "failed" and "latest run" in df.loc["memory.beats_head", "detail"]

@@ -296,6 +296,40 @@ def measure_train_step(
             "train_img_s": batch_size / med, "peak_mem_mb": peak_memory_mb(device), "threads": torch.get_num_threads()}
 
 
+def interleaved_ratio(fn_a: Callable[[], Any], fn_b: Callable[[], Any], repeats: int = 15, warmup: int = 2,
+                      inner: int = 1, device: str | torch.device = "cpu") -> dict:
+    """Time two callables interleaved (A B, then B A, alternating, so that drift and frequency changes hit both
+    arms alike) and return the median of the per-repeat ratios ``time(A) / time(B)`` with its interquartile range:
+    the evidence of a hardware claim (``ratio``, ``q1``, ``q3``), plus each arm's median milliseconds. ``inner``
+    calls per timing; ``device`` is synchronised around each timing (CUDA)."""
+    import statistics
+
+    if repeats < 3:
+        raise ValueError(f"repeats must be >= 3 for an interquartile range, got {repeats}")
+    device = torch.device(device)
+
+    def once(fn):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / inner
+
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    ta, tb = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            ta.append(once(fn_a)), tb.append(once(fn_b))
+        else:
+            tb.append(once(fn_b)), ta.append(once(fn_a))
+    ratios = [a / b for a, b in zip(ta, tb)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"ratio": statistics.median(ratios), "q1": q1, "q3": q3, "a_ms": statistics.median(ta) * 1e3,
+            "b_ms": statistics.median(tb) * 1e3, "repeats": repeats, "inner": inner}
+
+
 def compare_latency(models: dict[str, nn.Module], baseline: str, **kwargs) -> list[dict]:
     """Measure every model in one run and add ``speedup_vs_<baseline>`` = baseline median / model median."""
     rows = [measure_latency(m, name=n, **kwargs).as_row() for n, m in models.items()]

@@ -41,14 +41,15 @@ import numpy as np
 
 __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "ClaimError", "load_claims",
            "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
-           "build_ledger", "LEDGER_COLUMNS"]
+           "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "paired_evidence",
+           "verdict_table"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
 VERDICTS = ("reproduced", "contradicted", "inconclusive", "not_testable_here", "failed")
 #: ">=" / ">" / "<=" / "<": a - b on that side of the margin; "within": |a - b| <= margin
 DIRECTIONS = (">=", ">", "<=", "<", "within")
 LEDGER_COLUMNS = ("paper", "claim", "statement", "kind", "quantity", "paper_value", "source", "ours", "ci_low",
-                  "ci_high", "n", "method", "verdict", "scale", "report", "detail")
+                  "ci_high", "n", "method", "verdict", "scale", "plateau", "report", "detail")
 
 
 class ClaimError(ValueError):
@@ -88,6 +89,7 @@ class Evidence:
     q3: Optional[float] = None
     report: str = ""
     detail: str = ""
+    plateau: str = ""  # did validation top-1 plateau (see :func:`plateau`): "yes: ..." / "no: ..." / ""
 
 
 @dataclass
@@ -102,13 +104,14 @@ class Verdict:
     scale: str = ""
     report: str = ""
     detail: str = ""
+    plateau: str = ""
 
     def row(self) -> dict[str, Any]:
         c = self.claim
         return {"paper": c.paper, "claim": c.id, "statement": c.statement, "kind": c.kind, "quantity": c.quantity,
                 "paper_value": c.paper_value, "source": c.source, "ours": self.ours, "ci_low": self.ci_low,
                 "ci_high": self.ci_high, "n": self.n, "method": self.method, "verdict": self.verdict,
-                "scale": self.scale, "report": self.report, "detail": self.detail}
+                "scale": self.scale, "plateau": self.plateau, "report": self.report, "detail": self.detail}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
         return Verdict(claim, "not_testable_here", detail=f"needs: {claim.not_testable_here}")
     if evidence is None:
         return Verdict(claim, "failed", detail="no evidence: the experiment did not run or did not finish")
-    base = dict(scale=evidence.scale, report=evidence.report)
+    base = dict(scale=evidence.scale, report=evidence.report, plateau=evidence.plateau)
     try:
         if claim.kind == "structural":
             if evidence.value is None or claim.paper_value is None or claim.tolerance is None:
@@ -260,6 +263,74 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# helpers the notebooks use to build evidence
+# ----------------------------------------------------------------------------------------------------------
+def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
+    """``"0,1,2"`` (a notebook parameter) -> ``[0, 1, 2]``; an int n -> ``range(n)``. Seeds must be distinct."""
+    if isinstance(text, int):
+        seeds = list(range(text))
+    elif isinstance(text, str):
+        try:
+            seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+        except ValueError as e:
+            raise ValueError(f"seeds must be comma-separated integers like '0,1,2', got {text!r}") from e
+    else:
+        seeds = [int(s) for s in text]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be one or more distinct integers, got {text!r}")
+    return seeds
+
+
+def plateau(values: Sequence[float], window: int = 2, tol: float = 1.0) -> tuple[bool, float]:
+    """Did a validation curve (top-1 in points, one value per evaluation) plateau? Returns ``(plateaued, gain)``
+    where ``gain`` is the change over the last ``window`` evaluations (last minus the one ``window`` before);
+    plateaued when ``gain <= tol`` points. A curve shorter than ``window + 1`` evaluations never plateaus."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    if len(v) < window + 1:
+        return False, float("nan") if not v else v[-1] - v[0]
+    gain = v[-1] - v[-1 - window]
+    return gain <= tol, gain
+
+
+def plateau_note(curves: Sequence[Sequence[float]], window: int = 2, tol: float = 1.0) -> str:
+    """One line for the ledger's ``plateau`` column from the validation curves of every run behind a claim (all
+    arms, all seeds): ``yes`` only when every curve plateaued; the largest last-window gain either way."""
+    res = [plateau(c, window, tol) for c in curves if len(c)]
+    if not res:
+        return ""
+    gains = [g for _, g in res if math.isfinite(g)]
+    worst = max(gains) if gains else float("nan")
+    ok = all(p for p, _ in res)
+    return (f"{'yes' if ok else 'no'}: at most {worst:+.1f} pt over the last {window} evaluations "
+            f"({sum(p for p, _ in res)}/{len(res)} runs within {tol:g} pt)")
+
+
+def paired_evidence(claim: str, per_seed: dict[int, dict[str, float]], a: str, b: str | float, **kw) -> Evidence:
+    """Evidence for an empirical claim from ``{seed: {arm: value}}``: arm ``a`` against arm ``b`` (or against a
+    constant, e.g. ``0``, when the claim bounds one quantity), paired by seed; seeds missing either arm are left out
+    (and named in ``detail``)."""
+    seeds = sorted(per_seed)
+    keep = [s for s in seeds if a in per_seed[s] and (not isinstance(b, str) or b in per_seed[s])]
+    xa = [float(per_seed[s][a]) for s in keep]
+    xb = [float(per_seed[s][b]) if isinstance(b, str) else float(b) for s in keep]
+    detail = kw.pop("detail", "")
+    missing = [s for s in seeds if s not in keep]
+    if missing:
+        detail = (detail + "; " if detail else "") + f"seeds without both arms: {missing}"
+    return Evidence(claim=claim, a=xa, b=xb, detail=detail, **kw)
+
+
+def verdict_table(paper: str, evidence: Iterable[Evidence], method: str = "t") -> "Any":
+    """This paper's claims judged on a notebook's evidence, as the table the notebook shows (the ledger's
+    columns). Claims without evidence show as ``failed``, or ``not_testable_here``."""
+    import pandas as pd
+
+    ev = {e.claim: e for e in evidence}
+    rows = [judge(c, ev.get(c.id), method=method).row() for c in load_claims(paper)]
+    return pd.DataFrame(rows, columns=list(LEDGER_COLUMNS))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # evidence files and the ledger
 # ----------------------------------------------------------------------------------------------------------
 def evidence_file(folder: Path) -> Path:
@@ -281,6 +352,12 @@ def read_evidence(folder: Path) -> dict[str, Evidence]:
         items = json.loads(p.read_text())
     except ValueError as e:
         raise ClaimError(f"{p}: not valid JSON ({e})") from e
+    known = set(Evidence.__dataclass_fields__)
+    for d in items:
+        extra = set(d) - known
+        if extra or "claim" not in d:
+            raise ClaimError(f"{p}: evidence entry {d.get('claim', '?')!r} has unknown fields {sorted(extra)} "
+                             f"(known: {sorted(known)})")
     return {d["claim"]: Evidence(**d) for d in items}
 
 
@@ -307,9 +384,14 @@ def build_ledger(results_dir: Path, notebooks: Sequence[str], profile: str,
             status = json.loads((folder / "status.json").read_text())
         except (OSError, ValueError):
             pass
-        ev = read_evidence(folder) if status.get("status") == "ok" else {}
+        last_failure = (folder / "last_failure.json").is_file()  # the latest run failed; older results are stale
+        ev = read_evidence(folder) if status.get("status") == "ok" and not last_failure else {}
         for c in claims:
             v = judge(c, ev.get(c.id), method=method)
+            if v.verdict == "failed" and last_failure:
+                v.detail = f"the latest run of {nb} failed ({nb}/{profile}/last_failure.json); {v.detail}"
+            elif v.verdict == "failed" and status.get("status") != "ok":
+                v.detail = f"{nb} has no successful {profile} run; {v.detail}"
             if not v.report and (folder / f"{nb}.html").is_file():
                 v.report = f"{nb}/{profile}/{nb}.html"
             rows.append(v.row())

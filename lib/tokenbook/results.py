@@ -336,6 +336,7 @@ class RunContext:
         self.notes: dict[str, Any] = {}
         self._t: dict[str, float] = {}
         self._captions: dict[int, str] = {}
+        self.evidence: dict[str, Any] = {}
         self._write_meta(status="running")
 
     @property
@@ -403,6 +404,18 @@ class RunContext:
                 display(Markdown(f"*Figure ({name}): {caption}*"))
             plt.close(fig)
         return path
+
+    def add_evidence(self, *evidence) -> None:
+        """Record :class:`tokenbook.claims.Evidence` for claims of this notebook's paper: written (atomically, every
+        call) to ``claims_evidence.json`` beside the tables; the runner's claims ledger reads it. A claim id given
+        twice keeps the last evidence."""
+        from .claims import Evidence, write_evidence
+
+        for e in evidence:
+            if not isinstance(e, Evidence):
+                raise TypeError(f"add_evidence takes tokenbook.claims.Evidence, got {type(e).__name__}")
+            self.evidence[e.claim] = e
+        write_evidence(self.out_dir, self.evidence.values())
 
     def note(self, key: str, value: Any) -> None:
         """Record a scalar (e.g. a headline ratio) in meta.json."""

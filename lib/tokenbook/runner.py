@@ -361,6 +361,22 @@ def _read_json(p: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
+def _write_ledger(results_dir: Path, root: Path, profile: str) -> None:
+    """The claims ledger (``claims.csv``, ``CLAIMS.md``) over every notebook's results of ``profile`` on disk:
+    a notebook not run this time keeps the verdicts of its last run; one that failed, or never ran, has its
+    claims ``failed``. A broken evidence file is reported and leaves the previous ledger in place."""
+    from .claims import ClaimError, build_ledger
+
+    try:
+        df = build_ledger(results_dir, list_notebooks(root), profile)
+    except (ClaimError, OSError, ValueError) as e:
+        print(f"warning: claims ledger not written: {e}", file=sys.stderr, flush=True)
+        return
+    counts = df["verdict"].value_counts()
+    print("claims ledger: " + ", ".join(f"{k} {int(v)}" for k, v in counts.items()) + f" ({len(df)} claims)",
+          flush=True)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="run_all.sh", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default=None, help=f"one of {PROFILES} (default: gpu if CUDA is available, else cpu)")
@@ -460,6 +476,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         # smoke results are never committed: the repository's own site leaves them out, a scratch --results
         # folder shows them
+        _write_ledger(results_dir, root, profile)
         write_index(results_dir, root, include_smoke=results_dir.resolve() != (root / "results").resolve())
         print("\nsummary")
         print(f"{'notebook':28s} {'status':11s} {'minutes':>8s}")
