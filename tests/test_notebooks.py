@@ -75,3 +75,29 @@ def test_baselines_smoke_tables(smoke_results):
     assert "T2T-ViT paper" in row["paper_source"]
     hist = pd.read_csv(folder / "training_history.csv")
     assert {"train_loss", "val_top1", "lr"} <= set(hist.columns)
+    # the throughput benchmark (issue 12): the floor, fit() and the options, with ratios from the same run
+    tp = pd.read_csv(folder / "train_throughput.csv")
+    variants = list(tp["variant"])
+    assert variants[:3] == ["plain PyTorch loop (floor)", "fit()", "fit(), 1 thread"]
+    assert any("side by side" in v for v in variants) and any("DataLoader" in v for v in variants)
+    assert (tp["img_s"] > 0).all() and tp.loc[0, "vs_plain_loop"] == pytest.approx(1.0)
+    assert tp.loc[1, "vs_fit"] == pytest.approx(1.0)
+    dec = pd.read_csv(folder / "train_throughput_decision.csv")
+    assert {"question", "measured", "decision"} <= set(dec.columns) and len(dec) >= 3
+
+
+def test_throughput_decision_follows_the_numbers():
+    from tokenbook.experiments.baselines import throughput_decision
+
+    tp = pd.DataFrame([
+        {"variant": "plain PyTorch loop (floor)", "img_s": 100.0, "vs_plain_loop": 1.0, "vs_fit": 1.05, "setup_s": 0},
+        {"variant": "fit()", "img_s": 95.0, "vs_plain_loop": 0.95, "vs_fit": 1.0, "setup_s": 0},
+        {"variant": "fit(), bf16 autocast", "img_s": 40.0, "vs_plain_loop": 0.4, "vs_fit": 0.42, "setup_s": 0},
+        {"variant": "fit(), torch.compile", "img_s": 110.0, "vs_plain_loop": 1.1, "vs_fit": 1.16, "setup_s": 30.0},
+        {"variant": "fit(), 2 seeds side by side", "img_s": 150.0, "vs_plain_loop": 1.5, "vs_fit": 1.58,
+         "setup_s": 5.0}])
+    d = throughput_decision(tp).set_index("question")["decision"]
+    assert d["fit(), bf16 autocast"].startswith("not used")
+    assert d["fit(), torch.compile"].startswith("not used")  # 1.16x does not repay 30 s in a 60 s run
+    assert d["fit(), 2 seeds side by side"].startswith("worth")
+    assert d["fit() against the plain loop"].startswith("used")

@@ -228,3 +228,27 @@ def test_landing_page_is_headed_by_the_claims_ledger_when_there_is_one(tmp_path)
     write_index(site, ROOT)
     html = (site / "index.html").read_text()
     assert "ToE is lossless" in html and "inconclusive" in html and "#9a6700" in html and "Fashion-MNIST 28 px" in html
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the claims ledger over the smoke runs (issue 12): every claim of every sheet, none failed
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.notebook
+def test_smoke_runs_produce_a_ledger(smoke_results):
+    from tokenbook import claims as C
+
+    folders = [smoke_results(n)[1] for n in NOTEBOOKS]
+    site = folders[0].parents[1]
+    ledger = pd.read_csv(site / "claims.csv")  # the runner wrote it after each run
+    assert list(ledger.columns) == list(C.LEDGER_COLUMNS)
+    stems = [n.split("_", 1)[1] for n in NOTEBOOKS]
+    expected = {c.id for s in stems for c in C.load_claims(s)}
+    assert set(ledger["claim"]) == expected and ledger["claim"].is_unique
+    assert set(ledger["verdict"]) <= set(C.VERDICTS)
+    failed = ledger[ledger["verdict"] == "failed"]
+    assert failed.empty, failed[["claim", "detail"]].to_string()
+    emp = ledger[ledger["kind"].isin(["empirical", "composition"]) & (ledger["verdict"] != "not_testable_here")]
+    assert (emp["n"] >= 2).all() and emp["ci_low"].notna().all(), emp[["claim", "n"]].to_string()
+    assert (emp["scale"].str.len() > 20).all()  # every row says what was run
+    md = (site / "CLAIMS.md").read_text()
+    assert all(c in md for c in expected)

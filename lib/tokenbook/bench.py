@@ -386,3 +386,141 @@ def efficiency_table(
         if latency:
             df[f"speedup_vs_{baseline}"] = b["latency_ms"] / df["latency_ms"]
     return df
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training throughput: fit() against a plain PyTorch loop, and what helps on this machine (issue 12, item 3)
+# ----------------------------------------------------------------------------------------------------------
+def _plain_loop_epoch_s(model: nn.Module, loader, preprocess, lr: float) -> tuple[float, int]:
+    """The floor: the loop one writes by hand (AdamW, cross-entropy, no scheduler, no bookkeeping). Two epochs
+    over ``loader``; returns the second (warm) epoch's wall seconds and its number of images."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    t = n = 0
+    for epoch in range(2):
+        t0, n = time.perf_counter(), 0
+        for x, y in loader:
+            if preprocess is not None:
+                x = preprocess(x)
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n += len(y)
+        t = time.perf_counter() - t0
+    return t, n
+
+
+def _fit_epoch_s(model: nn.Module, loader, preprocess, lr: float, **cfg) -> tuple[float, int, float]:
+    """``fit()`` for two epochs on ``loader`` (no validation, no progress bars); the second epoch's wall seconds,
+    its images, and the first epoch's extra seconds (compilation, lazy initialisation)."""
+    from .train import TrainConfig, fit
+
+    tc = TrainConfig(epochs=2, lr=lr, warmup_epochs=0.0, progress=False, accelerator="cpu", **cfg)
+    r = fit(model, loader, None, tc, preprocess=preprocess)
+    h = r.history
+    steps = int(h["steps"].iloc[-1])
+    return float(h["epoch_time_s"].iloc[-1]), steps * loader.batch_size, \
+        float(h["epoch_time_s"].iloc[0] - h["epoch_time_s"].iloc[-1])
+
+
+def _throughput_worker(args: tuple) -> float:
+    """One process of the side-by-side measurement (spawned: a fresh interpreter): registers the models by importing
+    ``modules``, builds the model with seed ``seed`` and returns fit()'s warm-epoch images per second."""
+    import importlib
+
+    modules, name, kwargs, x, y, batch, lr, threads, seed = args
+    torch.set_num_threads(threads)
+    for m in modules:
+        importlib.import_module(m)
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, **kwargs)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+    t, n, _ = _fit_epoch_s(model, loader, None, lr)
+    return n / t
+
+
+def train_throughput_table(model_name: str, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                           model_kwargs: Optional[dict] = None, loader=None, preprocess: Optional[nn.Module] = None,
+                           lr: float = 1e-3, repeats: int = 3, compile: bool = True, bf16: bool = True,
+                           processes: int = 2, register_modules: Sequence[str] = ()) -> "Any":
+    """Training throughput (images/s of a warm epoch, forward + backward + AdamW step, data in memory) of timm model
+    ``model_name`` on the batches ``x``/``y`` (already preprocessed) under: a plain PyTorch loop (the floor), the
+    workbook's ``fit()`` with all threads, with one thread, with bf16 autocast, with ``torch.compile`` (its extra
+    first-epoch seconds in ``setup_s``), ``processes`` fits side by side in separate processes with one thread each
+    (seeds in parallel; aggregate images/s), and fit() on ``loader`` (the notebook's own DataLoader with
+    ``preprocess``, when given). The cheap variants are measured ``repeats`` times round-robin (median, min and max
+    shown); every ratio is against the plain loop and against fit() measured in the same run. ``register_modules``
+    are imported in the spawned processes (e.g. ``"tokenbook.models"``, so that they know the workbook's names)."""
+    import multiprocessing as mp
+    import statistics
+
+    import pandas as pd
+    import timm
+
+    kwargs = dict(model_kwargs or {})
+    threads = torch.get_num_threads()
+    mem = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
+
+    def fresh():
+        torch.manual_seed(0)
+        return timm.create_model(model_name, **kwargs)
+
+    def plain():
+        t, n = _plain_loop_epoch_s(fresh(), mem, None, lr)
+        return n / t, 0.0
+
+    def with_fit(**cfg):
+        def run():
+            t, n, extra = _fit_epoch_s(fresh(), mem, None, lr, **cfg)
+            return n / t, extra
+        return run
+
+    def one_thread():
+        torch.set_num_threads(1)
+        try:
+            return with_fit()()
+        finally:
+            torch.set_num_threads(threads)
+
+    cheap = {"plain PyTorch loop (floor)": plain, "fit()": with_fit(), "fit(), 1 thread": one_thread}
+    if bf16:
+        cheap["fit(), bf16 autocast"] = with_fit(precision="bf16-mixed")
+    if loader is not None:
+        def real():
+            t, n, _ = _fit_epoch_s(fresh(), loader, preprocess, lr)
+            return n / t, 0.0
+        cheap["fit(), the notebook's DataLoader"] = real
+    got: dict[str, list] = {k: [] for k in cheap}
+    for _ in range(repeats):
+        for k, fn in cheap.items():
+            got[k].append(fn())
+    rows = []
+    for k, vals in got.items():
+        ips = [v[0] for v in vals]
+        rows.append({"variant": k, "threads": 1 if "1 thread" in k else threads, "processes": 1,
+                     "img_s": statistics.median(ips), "img_s_min": min(ips), "img_s_max": max(ips),
+                     "repeats": len(ips), "setup_s": 0.0})
+    if compile:
+        ips, extra = with_fit(compile=True)()
+        rows.append({"variant": "fit(), torch.compile", "threads": threads, "processes": 1, "img_s": ips,
+                     "img_s_min": ips, "img_s_max": ips, "repeats": 1, "setup_s": extra})
+    if processes > 1:
+        ctx = mp.get_context("spawn")
+        args = [(tuple(register_modules), model_name, kwargs, x, y, batch_size, lr, 1, s) for s in range(processes)]
+        t0 = time.perf_counter()
+        with ctx.Pool(processes) as pool:
+            per = pool.map(_throughput_worker, args)
+        rows.append({"variant": f"fit(), {processes} seeds side by side ({processes} processes x 1 thread)",
+                     "threads": 1, "processes": processes, "img_s": sum(per), "img_s_min": sum(per),
+                     "img_s_max": sum(per), "repeats": 1, "setup_s": time.perf_counter() - t0})
+    df = pd.DataFrame(rows)
+    floor = float(df.loc[df["variant"] == "plain PyTorch loop (floor)", "img_s"].iloc[0])
+    base = float(df.loc[df["variant"] == "fit()", "img_s"].iloc[0])
+    df["vs_plain_loop"] = df["img_s"] / floor
+    df["vs_fit"] = df["img_s"] / base
+    df.insert(1, "model", model_name)
+    df.insert(2, "batch", batch_size)
+    return df

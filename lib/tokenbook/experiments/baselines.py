@@ -6,6 +6,9 @@ the attention-map figure.
   and the published numbers of ``references/baselines.yaml`` beside them.
 - :func:`small_vit_summary`: one row with the trained model's accuracy, size, compute and training speed.
 - :func:`attention_figure`: class-token attention per head in the last block and attention rollout.
+- :func:`throughput`: training throughput of ``fit()`` against a plain PyTorch loop on the same model and data, and
+  what helps on this machine (threads, seeds side by side, ``torch.compile``, bf16 autocast): the measurements
+  behind the workbook's choice of how to run its seeded experiments (issue 12).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch.nn as nn
 from tokenbook import bench, viz
 from tokenbook.results import paper_vs_ours
 
-__all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "attention_figure"]
+__all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "attention_figure", "throughput",
+           "throughput_decision"]
 
 PAPER = "baselines"
 
@@ -72,3 +76,74 @@ def attention_figure(model: nn.Module, bundle: Any, num_images: int, title: str)
                          row_titles=[bundle.class_names[int(bundle.val[i][1])] for i in range(len(imgs))],
                          col_titles=[f"head {h}" for h in range(last.shape[1])] + ["rollout"],
                          suptitle=f"{title}: class-token attention (last block) and rollout")
+
+
+def throughput(model_name: str, bundle: Any, loader: Any, batch_size: int, steps: int = 8, repeats: int = 3,
+               compile: bool = True, processes: int = 2, lr: float = 1e-3) -> pd.DataFrame:
+    """:func:`tokenbook.bench.train_throughput_table` for ``model_name`` on ``steps`` batches of the notebook's
+    training data (preprocessed once, held in memory), plus fit() on the notebook's own ``loader``."""
+    n = steps * batch_size
+    if len(bundle.train) < n:
+        raise ValueError(f"throughput needs {n} training images ({steps} x {batch_size}), the data has "
+                         f"{len(bundle.train)}: lower bench_steps")
+    xs, ys = zip(*(bundle.train[i] for i in range(n)))
+    x = bundle.preprocess(torch.stack(xs)) if bundle.preprocess is not None else torch.stack(xs)
+    y = torch.as_tensor(ys)
+    few = torch.utils.data.DataLoader(torch.utils.data.Subset(loader.dataset, range(n)), batch_size=batch_size,
+                                      shuffle=False, num_workers=loader.num_workers)
+    cpu_bf16 = "amx_bf16" in _cpu_flags() or "avx512_bf16" in _cpu_flags()
+    return bench.train_throughput_table(model_name, x, y, batch_size,
+                                        model_kwargs={"num_classes": bundle.num_classes,
+                                                      "img_size": bundle.config.img_size},
+                                        loader=few, preprocess=bundle.preprocess, lr=lr, repeats=repeats,
+                                        compile=compile, bf16=cpu_bf16, processes=processes,
+                                        register_modules=("tokenbook.models",))
+
+
+def _cpu_flags() -> set:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def throughput_decision(tp: pd.DataFrame, gain_needed: float = 1.1, run_s: float = 60.0) -> pd.DataFrame:
+    """What the measured table says about how to run the seeded cpu-profile experiments. The cpu profile runs every
+    experiment with fit(), fp32, all threads, one process, no compilation; an option that beats fit() by at least
+    ``gain_needed``x (``torch.compile``: also repaying its setup within a ``run_s`` seconds run) is reported as worth
+    adopting, anything else as not used, with the measured reason."""
+    rows = []
+    base = tp.loc[tp["variant"] == "fit()"].iloc[0]
+    floor = tp.loc[tp["variant"].str.startswith("plain")].iloc[0]
+    rows.append({"question": "fit() against the plain loop",
+                 "measured": f"{base['img_s']:.0f} vs {floor['img_s']:.0f} img/s ({base['vs_plain_loop']:.2f}x)",
+                 "decision": "used for every run (scheduler, finite checks, timing and history for the price of "
+                             "this ratio)"})
+    for _, r in tp.iterrows():
+        v, gain = r["variant"], float(r["vs_fit"])
+        if v == "fit()" or v.startswith("plain") or "DataLoader" in v:
+            continue
+        if "1 thread" in v:
+            dec = (f"not used: all threads are {1 / gain:.2f}x faster" if gain < 1 else
+                   "worth adopting: one thread is as fast (the cpu profile uses all threads)")
+            rows.append({"question": v, "measured": f"{gain:.2f}x fit()", "decision": dec})
+            continue
+        if "compile" in v:
+            worth = gain >= gain_needed and float(r["setup_s"]) < run_s * (1 - 1 / gain)
+            rows.append({"question": v, "measured": f"{gain:.2f}x fit() after {r['setup_s']:.0f} s of compilation",
+                         "decision": "worth adopting (not used by the cpu profile yet)" if worth else
+                         f"not used: does not repay its compilation within a {run_s:.0f} s run"})
+            continue
+        rows.append({"question": v, "measured": f"{gain:.2f}x fit()",
+                     "decision": "worth adopting (not used by the cpu profile yet)" if gain >= gain_needed else
+                     f"not used: below {gain_needed:g}x"})
+    real = tp.loc[tp["variant"].str.contains("DataLoader")]
+    if len(real):
+        r = real.iloc[0]
+        rows.append({"question": "data loading (the notebook's DataLoader instead of batches in memory)",
+                     "measured": f"{float(r['vs_fit']):.2f}x fit() on batches in memory",
+                     "decision": "kept: the runs read the Arrow-backed dataset as a user's would"})
+    return pd.DataFrame(rows)
