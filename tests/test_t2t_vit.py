@@ -526,7 +526,7 @@ def test_feature_and_attention_helpers():
 def test_fmnist_ablations_build_and_run(size):
     variants = t2t_exp.fmnist_ablations(img_size=size)
     assert set(variants) == {"t2t_performer", "t2t_transformer", "t2t_convolution", "no_t2t", "deep_narrow",
-                             "shallow_wide"}
+                             "shallow_wide", "vit"}
     x = torch.randn(2, 1, size, size)
     models = {}
     for key, (name, kw) in variants.items():
@@ -543,6 +543,9 @@ def test_fmnist_ablations_build_and_run(size):
     assert matrices(dn.blocks) == matrices(sw.blocks) == 8 * 8 * 128 ** 2
     assert abs(n_params(dn) - n_params(sw)) <= 0.05 * n_params(dn)
     assert models["t2t_convolution"].tokens_to_token.tokens_type == "convolution"
+    vit = models["vit"]  # the plain ViT arm: hard 4 px split, learned positions, params within 10 % of the T2T-ViT
+    assert vit.patch_embed.num_patches == tokens and vit.pos_embed.requires_grad
+    assert abs(n_params(vit) / n_params(models["t2t_performer"]) - 1) <= 0.10
 
 
 def test_bad_options_raise_clear_errors():

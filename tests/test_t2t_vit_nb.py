@@ -78,9 +78,19 @@ def test_smoke_tables_have_paper_and_ours(smoke_results):
 @pytest.mark.notebook
 def test_smoke_training_ablations_figures(smoke_results):
     _, folder = smoke_results(NB)
-    runs = pd.read_csv(folder / "training_runs.csv", keep_default_na=False).set_index("variant")
+    every = pd.read_csv(folder / "training_runs.csv", keep_default_na=False)
+    seeds = [int(s) for s in _params("smoke")["seeds"].split(",")]
+    assert sorted(set(every["seed"])) == seeds and len(every) == 7 * len(seeds)  # one row per seed and variant
+    runs = every[every["seed"] == seeds[0]].set_index("variant")
     assert list(runs.index) == ["t2t_performer", "no_t2t", "t2t_transformer", "t2t_convolution", "deep_narrow",
-                                "shallow_wide"]
+                                "shallow_wide", "vit"]
+    assert runs.loc["vit", "model"] == t2t.PLAIN_VIT
+    assert abs(float(runs.loc["vit", "params"]) / float(runs.loc["t2t_performer", "params"]) - 1) <= 0.10
+    acc = pd.read_csv(folder / "accuracy.csv", keep_default_na=False).set_index("variant")
+    assert set(acc.index) == set(runs.index) and (acc["n"] == len(seeds)).all()
+    assert (acc["seeds"].astype(str) == ",".join(map(str, seeds))).all()
+    per = every[every["variant"] == "vit"]["top1"].astype(float)
+    assert abs(float(acc.loc["vit", "top1_mean"]) - per.mean()) < 0.01
     assert runs.loc["deep_narrow", "same_run_as"] == "t2t_performer"
     assert runs["top1"].astype(float).between(0, 100).all() and (runs["step_ms"].astype(float) > 0).all()
     assert runs.loc["t2t_performer", "embed_dim"] == 32 and runs.loc["shallow_wide", "embed_dim"] == 64
@@ -94,6 +104,7 @@ def test_smoke_training_ablations_figures(smoke_results):
     assert abl.loc["t2t_performer", "same_direction"] == "n/a"
     assert set(abl.loc[["no_t2t", "t2t_convolution"], "same_direction"]) <= {"True", "False"}
     assert "Table 7" in abl.loc["t2t_convolution", "paper_source"]
+    assert (abl["n_seeds"].astype(int) == len(seeds)).all() and abl.loc["no_t2t", "ours_delta_top1_ci_low"] != "n/a"
     main = pd.read_csv(folder / "t2t_vs_vit.csv")
     assert list(main["variant"]) == ["t2t_performer", "no_t2t"] and list(main["paper_top1"]) == [81.5, 79.5]
 
@@ -106,9 +117,169 @@ def test_smoke_training_ablations_figures(smoke_results):
         assert (folder / f"{png}.png").stat().st_size > 1000
 
 
+@pytest.mark.notebook
+def test_smoke_claims_evidence_and_verdicts(smoke_results):
+    import json
+
+    from tokenbook.claims import load_claims
+
+    _, folder = smoke_results(NB)
+    seeds = _params("smoke")["seeds"].split(",")
+    sheet = load_claims("t2t_vit")
+    testable = {c.id for c in sheet if not c.not_testable_here}
+    ev = {e["claim"]: e for e in json.loads((folder / "claims_evidence.json").read_text())}
+    assert set(ev) == testable
+    for c in sheet:
+        if c.id not in ev:
+            continue
+        e = ev[c.id]
+        assert e["scale"], c.id
+        if c.kind == "empirical":
+            assert len(e["a"]) == len(e["b"]) == len(seeds) and e["plateau"] and "seeds 0,1" in e["scale"]
+        else:
+            assert e["value"] is not None and "224 px" in e["scale"]
+    assert abs(ev["t2t_vit.performer_fewer_macs"]["value"] - 1.306) < 0.01
+    assert ev["t2t_vit.params_all"]["value"] < 0.01 and ev["t2t_vit.macs_main"]["value"] < 0.01
+    tab = pd.read_csv(folder / "claims.csv", keep_default_na=False).set_index("claim")
+    assert set(tab.index) == {c.id for c in sheet}
+    assert tab.loc["t2t_vit.imagenet_top1", "verdict"] == "not_testable_here"
+    for c in sheet:
+        if c.id in testable:
+            assert tab.loc[c.id, "verdict"] in ("reproduced", "contradicted", "inconclusive"), c.id
+        if c.kind == "empirical" and c.id in testable:
+            assert int(tab.loc[c.id, "n"]) == len(seeds), c.id
+    assert (tab.loc[["t2t_vit.params_all", "t2t_vit.macs_main", "t2t_vit.performer_fewer_macs"], "verdict"]
+            == "reproduced").all()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # library functions behind the notebook
 # ----------------------------------------------------------------------------------------------------------
+def test_plain_vit_like_matches_params_within_10_percent():
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=64, depth=8, num_heads=2)
+    name, kw = v["vit"]
+    vit, ref = timm.create_model(name, **kw), timm.create_model(*v["t2t_performer"][:1], **v["t2t_performer"][1])
+    n_vit, n_ref = tv.param_counts(vit)["total"], tv.param_counts(ref)["total"]
+    assert (name, kw["depth"], kw["embed_dim"], kw["patch_size"], kw["mlp_ratio"]) == (t2t.PLAIN_VIT, 6, 64, 4, 4.0)
+    assert abs(n_vit / n_ref - 1) <= 0.10 and n_vit == 305_034 and n_ref == 327_132
+    assert vit.pos_embed.requires_grad and vit(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # learned positions
+    # the closest depth, not the first within 10 %: 5 blocks give -23 %, 6 give -6.8 %, 7 give +8.5 %
+    _, kw7 = t2t.plain_vit_like(n_ref * 1.08, 28, 1, 10, embed_dim=64, num_heads=2)
+    assert kw7["depth"] == 7
+    with pytest.raises(ValueError, match="within 10%"):
+        t2t.plain_vit_like(10 * n_ref, 28, 1, 10, embed_dim=64, num_heads=2, max_depth=4)
+    assert t2t.imagenet_ablations()["vit"][0] == "deit_small_patch16_224"
+
+
+class _Labels:
+    """Training hook recording the labels of every batch (to check that arms see the same batches)."""
+
+    def __init__(self, sink: list):
+        self.sink = sink
+
+    def on_batch(self, batch):
+        self.sink.append(batch[1].tolist())
+        return batch
+
+
+def test_train_seeds_pairs_arms_by_seed(idx_dir):
+    bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=64,
+                                            val_subset=32))
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    cfg = TrainConfig(epochs=2, max_steps_per_epoch=2, progress=False, accelerator="cpu")
+    seen: list = []
+    runs = t2t.train_seeds(v, bundle, cfg, ["t2t_performer", "no_t2t", "deep_narrow"], batch_size=16, seeds=[3, 5],
+                           hooks_factory=lambda: [_Labels(seen)], log=lambda *a: None)
+    s = runs.summary
+    assert list(s["seed"]) == [3, 3, 3, 5, 5, 5] and list(s.columns[:2]) == ["seed", "variant"]
+    # 2 trained arms per seed (deep_narrow reuses t2t_performer), 4 batches each: same batches within a seed
+    per_run = [sum(seen[i:i + 4], []) for i in range(0, len(seen), 4)]
+    assert len(per_run) == 4 and per_run[0] == per_run[1] and per_run[2] == per_run[3] and per_run[0] != per_run[2]
+    assert runs.runs[3].results["t2t_performer"].config.seed == 3
+    w3 = runs.runs[3].models["t2t_performer"].head.weight
+    w5 = runs.runs[5].models["t2t_performer"].head.weight
+    assert not torch.equal(w3, w5)
+    assert [len(c) for c in runs.curves("no_t2t")] == [2, 2]
+    with pytest.raises(ValueError, match="seeds is empty"):
+        t2t.train_seeds(v, bundle, cfg, ["no_t2t"], batch_size=16, seeds=[])
+
+
+def _per_seed(values: dict) -> pd.DataFrame:
+    rows = [dict(seed=s, variant=k, model=f"m_{k}", top1=x, params_m=1.0, params=1_000_000, embed_dim=8, depth=2,
+                 mmacs=10.0, gmacs=0.01, step_ms=5.0 + s, same_run_as="")
+            for s, arms in values.items() for k, x in arms.items()]
+    return pd.DataFrame(rows)
+
+
+def test_seed_summary_and_ablation_intervals():
+    from scipy import stats
+
+    df = _per_seed({0: {"t2t_performer": 80.0, "no_t2t": 78.0}, 1: {"t2t_performer": 82.0, "no_t2t": 79.0},
+                    2: {"t2t_performer": 81.0, "no_t2t": 80.0}})
+    acc = t2t.seed_summary(df).set_index("variant")
+    half = stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)
+    assert acc.loc["t2t_performer", "top1_mean"] == 81.0 and acc.loc["t2t_performer", "n"] == 3
+    assert abs(acc.loc["t2t_performer", "top1_ci_low"] - round(81 - half, 2)) < 1e-9
+    assert acc.loc["no_t2t", "top1_per_seed"] == "78.00, 79.00, 80.00" and acc.loc["no_t2t", "seeds"] == "0,1,2"
+    one = t2t.seed_summary(df[df.seed == 0]).set_index("variant")
+    assert one.loc["no_t2t", "top1_ci_low"] == "n/a" and one.loc["no_t2t", "top1_sd"] == "n/a"
+    mean = t2t.mean_by_variant(df).set_index("variant")
+    assert mean.loc["t2t_performer", "top1"] == 81.0 and mean.loc["no_t2t", "step_ms"] == 6.0
+    assert "seed" not in mean.columns and mean.loc["no_t2t", "model"] == "m_no_t2t"
+    abl = t2t.ablation_table(df).set_index("variant")
+    d = np.array([-2.0, -3.0, -1.0])  # no_t2t - t2t_performer per seed
+    h = stats.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
+    assert abl.loc["no_t2t", "ours_delta_top1"] == -2.0 and abl.loc["no_t2t", "n_seeds"] == 3
+    assert abs(abl.loc["no_t2t", "ours_delta_top1_ci_low"] - round(-2 - h, 2)) < 1e-9
+    assert abl.loc["t2t_performer", "ours_delta_top1_ci_low"] == "n/a" and abl.loc["no_t2t", "seeds"] == "0,1,2"
+    assert abl.loc["no_t2t", "same_direction"] == True  # noqa: E712  (numpy bool)
+
+
+def test_structural_evidence_values_and_sensitivity():
+    names = list(dict.fromkeys([*t2t.MACS_MAIN, "t2t_vit_14_resnext", "t2t_vit_14_wide", "t2t_vit_14_se",
+                                "t2t_vit_dense", "t2t_vit_16_ghost"]))
+    table = t2t.variant_table(names)  # every model the claims need: nothing is rebuilt
+    ev = {e.claim: e for e in t2t.structural_evidence(table)}
+    assert set(ev) == {"t2t_vit.params_all", "t2t_vit.macs_main", "t2t_vit.performer_fewer_macs"}
+    se = float(table.set_index("model").loc["t2t_vit_14_se", "params_m"])
+    assert abs(ev["t2t_vit.params_all"].value - (21.9 - 0.05 - se) / 21.9) < 1e-12  # T2T-ViT-SE is the worst
+    assert abs(ev["t2t_vit.params_all"].value - 0.0021) < 1e-4
+    assert "t2t_vit_14_se" in ev["t2t_vit.params_all"].detail and "13 variants" in ev["t2t_vit.params_all"].detail
+    assert abs(ev["t2t_vit.macs_main"].value - 0.0064) < 5e-4 and "t2t_vit_24" in ev["t2t_vit.macs_main"].detail
+    assert abs(ev["t2t_vit.performer_fewer_macs"].value - 1.306) < 0.002
+    # a wrong count in the measured table is what the evidence reports
+    wrong = table.copy()
+    wrong.loc[wrong.model == "t2t_vit_7", "params_m"] = 4.8
+    wrong.loc[wrong.model == "t2t_vit_12", "gmacs"] = 2.0
+    ev = {e.claim: e for e in t2t.structural_evidence(wrong)}
+    assert abs(ev["t2t_vit.params_all"].value - 0.45 / 4.3) < 1e-9 and "t2t_vit_7" in ev["t2t_vit.params_all"].detail
+    assert abs(ev["t2t_vit.macs_main"].value - 0.15 / 1.8) < 1e-9
+
+
+def test_empirical_evidence_pairs_by_seed_and_notes_the_plateau():
+    from tokenbook.claims import judge, load_claims
+
+    df = _per_seed({s: {"t2t_performer": 80.0 + s, "no_t2t": 78.0 + s, "deep_narrow": 80.0 + s,
+                        "shallow_wide": 81.0 + s, "t2t_transformer": 80.1 + s} for s in (0, 1, 2)})
+    flat = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_top1": [70.0, 79.5, 80.0, 80.2]})
+    rising = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_top1": [50.0, 60.0, 70.0, 80.0]})
+    runs = t2t.SeededRuns(seeds=[0, 1, 2], summary=df, runs={
+        s: t2t.TrainedVariants(summary=df[df.seed == s].drop(columns="seed"),
+                               histories={k: (rising if (k == "no_t2t" and s == 2) else flat)
+                                          for k in set(df.variant)}) for s in (0, 1, 2)})
+    ev = {e.claim: e for e in t2t.empirical_evidence(runs, "tiny test")}
+    assert set(ev) == {"t2t_vit.t2t_module", "t2t_vit.deep_narrow", "t2t_vit.performer_vs_transformer"}  # no vit arm
+    e = ev["t2t_vit.t2t_module"]
+    assert e.a == [80.0, 81.0, 82.0] and e.b == [78.0, 79.0, 80.0] and e.scale.startswith("tiny test; a: t2t_performer")
+    assert e.plateau.startswith("no:") and "+20.0 pt" in e.plateau and "5/6 runs" in e.plateau
+    assert ev["t2t_vit.deep_narrow"].plateau.startswith("yes:")
+    sheet = {c.id: c for c in load_claims("t2t_vit")}
+    assert judge(sheet["t2t_vit.t2t_module"], e).verdict == "reproduced"  # +2 on every seed
+    assert judge(sheet["t2t_vit.deep_narrow"], ev["t2t_vit.deep_narrow"]).verdict == "contradicted"  # -1 every seed
+    v = judge(sheet["t2t_vit.performer_vs_transformer"], ev["t2t_vit.performer_vs_transformer"])
+    assert v.verdict == "reproduced" and v.n == 3 and abs(v.ours + 0.1) < 1e-9  # within 0.5
+
+
 def test_variant_table_on_meta_and_reference_vits():
     df = t2t.variant_table(["t2t_vit_7", "t2t_vit_14@384", "t2t_vit_dense"], references=["ViT-S/16"],
                            cnns=["ResNet50"]).set_index("model")

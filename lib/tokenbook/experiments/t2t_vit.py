@@ -8,6 +8,9 @@ and the paper's training recipes. The models live in :mod:`tokenbook.models.t2t_
 - **From scratch at small scale**: :func:`train_variants` trains each variant of
   :func:`fmnist_ablations` (or ``imagenet_ablations``) with one shared budget and seed and
   measures MACs and time; :func:`ablation_table` puts the result beside the paper's Table 7 deltas.
+- **Seeds and claims**: :func:`train_seeds` repeats the runs for several seeds, paired by seed (same init seed and
+  batches for every arm of a seed); :func:`seed_summary` gives mean and 95 % CI; :func:`structural_evidence` and
+  :func:`empirical_evidence` turn the tables and runs into ``tokenbook.claims.Evidence`` for the sheet's claims.
 - **Figures**: :func:`plot_feature_rows` (Figure 2 style: token features as images), :func:`plot_receptive_fields`
   (soft-split windows), :func:`attention_panels` (T2T-layer and backbone attention for ``viz.plot_maps``).
 - **Recipes**: :func:`imagenet_recipe` (AdamW, lr by model size at batch 512, 300 + 10 cooldown epochs, Mixup 0.8 /
@@ -15,6 +18,9 @@ and the paper's training recipes. The models live in :mod:`tokenbook.models.t2t_
   (Table 5: CIFAR-10/100, SGD, 60 epochs) with :class:`TransferLrHook`, :class:`PadCropFlipHook` and
   :func:`prepare_for_transfer` for what the training engine does not do itself (0.01x learning rate on the
   pretrained part, frozen class token and final norm, the official pad-28 random crop).
+
+Size: one notebook's support (tables, runs, claims evidence, figures, recipes); splitting it would spread one
+paper's notebook over several modules.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ __all__ = [
     "IMAGENET_DATA", "IMAGENET_MODEL_KWARGS", "imagenet_recipe", "TRANSFER_RECIPE", "TRANSFER_DATA",
     "transfer_recipe", "TransferLrHook", "PadCropFlipHook", "prepare_for_transfer", "recipe_table",
     "fmnist_ablations", "imagenet_ablations", "t2t_token_features", "vit_patch_features", "t2t_attention_maps",
-    "backbone_attention_maps",
+    "backbone_attention_maps", "plain_vit_like", "PLAIN_VIT", "SeededRuns", "train_seeds", "mean_by_variant",
+    "seed_summary", "CLAIM_ARMS", "MACS_MAIN", "structural_evidence", "run_scale", "empirical_evidence",
 ]
 
 PAPER = "t2t_vit"
@@ -349,6 +356,9 @@ def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
 
     from tokenbook.results import NA
 
+    per_seed = summary if "seed" in summary.columns else None
+    if per_seed is not None:
+        summary = mean_by_variant(per_seed)
     ours = summary.set_index("variant")
     rows = []
     for key in summary["variant"]:
@@ -388,7 +398,206 @@ def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
             if base in ours.index else NA,
             "same_direction": same,
         })
+        if per_seed is not None:  # paired by seed: the delta's 95 % t-interval over the seeds
+            diffs = _paired_diffs(per_seed, key, base, metric)
+            ci = _ci(diffs) if not is_base else (None, None, None)
+            rows[-1].update({"seeds": _seed_list(per_seed), "n_seeds": len(diffs),
+                             f"ours_delta_{metric}_ci_low": NA if ci[1] is None else round(ci[1], 2),
+                             f"ours_delta_{metric}_ci_high": NA if ci[2] is None else round(ci[2], 2)})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several seeds, paired by seed; evidence for the claims ledger (tokenbook.claims)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class SeededRuns:
+    """What :func:`train_seeds` returns: ``summary`` (one row per seed and variant, ``seed`` first) and the
+    :class:`TrainedVariants` of each seed."""
+
+    seeds: list
+    summary: "Any"
+    runs: dict = field(default_factory=dict)
+
+    def curves(self, variant: str, metric: str = "val_top1") -> list[list[float]]:
+        """The validation curve of ``variant`` in every seed's run."""
+        return [self.runs[s].histories[variant][metric].dropna().tolist() for s in self.seeds
+                if variant in self.runs[s].histories and metric in self.runs[s].histories[variant]]
+
+
+def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
+                seeds: Sequence[int], **kw: Any) -> SeededRuns:
+    """:func:`train_variants` once per seed, paired by seed: for seed ``s`` every variant is built right after
+    ``seed_everything(s)``, trained with ``cfg.seed = s`` and sees the same batches (the loader's generator is
+    seeded with ``s``). Seeds run one after the other (on a 2-core CPU, sequential runs with 2 threads are faster
+    than parallel ones)."""
+    import dataclasses
+
+    import pandas as pd
+
+    if not seeds:
+        raise ValueError("seeds is empty")
+    out = SeededRuns(seeds=list(seeds), summary=None)
+    frames = []
+    for s in seeds:
+        run = train_variants(variants, bundle, dataclasses.replace(cfg, seed=int(s)), keys, batch_size=batch_size,
+                             seed=int(s), **kw)
+        out.runs[s] = run
+        frames.append(run.summary.assign(seed=int(s))[["seed", *run.summary.columns]])
+    out.summary = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def _seed_list(per_seed: "Any") -> str:
+    return ",".join(str(int(s)) for s in dict.fromkeys(per_seed["seed"]))
+
+
+def _paired_diffs(per_seed: "Any", a: str, b: str, metric: str) -> list[float]:
+    """``metric`` of variant ``a`` minus that of ``b``, per seed where both ran (paired by seed)."""
+    t = per_seed.pivot_table(index="seed", columns="variant", values=metric, aggfunc="first")
+    if a not in t or b not in t:
+        return []
+    d = (t[a] - t[b]).dropna()
+    return [float(x) for x in d]
+
+
+def _ci(values: Sequence[float]) -> tuple[Optional[float], Optional[float], Optional[float]]:
+    """Mean and 95 % Student-t interval (None for the interval with fewer than 2 values)."""
+    from tokenbook.claims import mean_ci
+
+    if len(values) == 0:
+        return None, None, None
+    if len(values) < 2:
+        return float(values[0]), None, None
+    return mean_ci(values)
+
+
+def mean_by_variant(per_seed: "Any") -> "Any":
+    """One row per variant (first-seen order): numeric columns averaged over the seeds, others from the first
+    seed; ``seed`` dropped."""
+    g = per_seed.drop(columns=["seed"]).groupby("variant", sort=False)
+    num = [c for c in per_seed.columns if c not in ("seed", "variant") and
+           per_seed[c].dtype.kind in "fiu"]
+    out = g.first()
+    out[num] = g[num].mean()
+    return out.reset_index()[[c for c in per_seed.columns if c != "seed"]]
+
+
+def seed_summary(per_seed: "Any", metric: str = "top1") -> "Any":
+    """Accuracy over the seeds, one row per variant: the seeds, per-seed values, mean, standard deviation and the
+    95 % t-interval of the mean (``n/a`` with one seed)."""
+    import pandas as pd
+
+    from tokenbook.results import NA
+
+    rows = []
+    for key, g in per_seed.groupby("variant", sort=False):
+        v = [float(x) for x in g[metric]]
+        m, lo, hi = _ci(v)
+        rows.append({"variant": key, "model": g["model"].iloc[0], "seeds": _seed_list(g), "n": len(v),
+                     f"{metric}_per_seed": ", ".join(f"{x:.2f}" for x in v), f"{metric}_mean": round(m, 2),
+                     f"{metric}_sd": round(float(np.std(v, ddof=1)), 2) if len(v) > 1 else NA,
+                     f"{metric}_ci_low": NA if lo is None else round(lo, 2),
+                     f"{metric}_ci_high": NA if hi is None else round(hi, 2),
+                     "same_run_as": g["same_run_as"].iloc[0] if "same_run_as" in g else ""})
+    return pd.DataFrame(rows)
+
+
+#: empirical claims of the sheet -> (arm a, arm b) among the trained variants; a - b per seed is the evidence
+CLAIM_ARMS: dict[str, tuple[str, str]] = {
+    "t2t_vit.beats_vit": ("t2t_performer", "vit"),
+    "t2t_vit.t2t_module": ("t2t_performer", "no_t2t"),
+    "t2t_vit.deep_narrow": ("deep_narrow", "shallow_wide"),
+    "t2t_vit.performer_vs_transformer": ("t2t_performer", "t2t_transformer"),
+}
+#: the models of t2t_vit.macs_main (the paper's Tables 1-4 main rows)
+MACS_MAIN = ("t2t_vit_7", "t2t_vit_12", "t2t_vit_14", "t2t_vit_19", "t2t_vit_24", "t2t_vit_t_14", "t2t_vit_t_19",
+             "t2t_vit_t_24")
+STRUCTURAL_SCALE = ("ImageNet-size models as built (224 px, batch 1, 1000 classes, meta device): counts of the "
+                    "architecture, no training, no data")
+
+
+def _worst_beyond_rounding(measured: dict[str, float], metric: str, models: Sequence[str]) -> tuple[float, str]:
+    """max over ``models`` of max(0, |ours - paper| - tolerance) / paper with the sheet's paper value and rounding
+    tolerance of ``metric`` (``params_m`` / ``macs_g``); and a detail line naming the worst model."""
+    devs = []
+    for m in models:
+        r = _ref(m, metric)
+        if r is None or r.kind != "paper" or r.tolerance is None:
+            raise ValueError(f"the sheet has no paper {metric} with a tolerance for {m}")
+        devs.append((max(0.0, abs(measured[m] - r.value) - r.tolerance) / r.value, m, measured[m], r.value))
+    worst = max(devs)
+    largest = max(devs, key=lambda d: abs(d[2] - d[3]) / d[3])
+    return worst[0], (f"{len(devs)} variants; worst beyond rounding: {worst[1]} {worst[2]:.3f} vs paper "
+                      f"{worst[3]:g} ({worst[0]:.4f}); largest raw difference {largest[1]} {largest[2]:.3f} vs "
+                      f"{largest[3]:g}")
+
+
+def structural_evidence(measured: "Any") -> list:
+    """Evidence of the structural claims (params_all, macs_main, performer_fewer_macs) from a
+    :func:`variant_table`; the 224 px rows it lacks are built here (meta device, about a second each)."""
+    import pandas as pd
+
+    from tokenbook.claims import Evidence
+
+    params_models = [r.model for r in _refs().values() if r.metric == "params_m" and r.kind == "paper"
+                     and r.tolerance is not None]
+    need = list(dict.fromkeys([*params_models, *MACS_MAIN]))
+    have = measured[measured["model"].isin(need) & (measured["img_size"] == 224)]
+    missing = [m for m in need if m not in set(have["model"])]
+    if missing:
+        have = pd.concat([have, variant_table(missing, img_size=224)], ignore_index=True)
+    rows = have.drop_duplicates("model").set_index("model")
+    p_val, p_detail = _worst_beyond_rounding(rows["params_m"].to_dict(), "params_m", params_models)
+    m_val, m_detail = _worst_beyond_rounding(rows["gmacs"].to_dict(), "macs_g", MACS_MAIN)
+    d = float(rows.loc["t2t_vit_t_14", "gmacs"] - rows.loc["t2t_vit_14", "gmacs"])
+    return [
+        Evidence("t2t_vit.params_all", scale=STRUCTURAL_SCALE, value=p_val,
+                 detail=f"all parameters incl. the frozen tables; {p_detail}"),
+        Evidence("t2t_vit.macs_main", scale=STRUCTURAL_SCALE, value=m_val,
+                 detail=f"GMACs with attention (FLOPs / 2); {m_detail}"),
+        Evidence("t2t_vit.performer_fewer_macs", scale=STRUCTURAL_SCALE, value=d,
+                 detail=f"T2T-ViT_t-14 {rows.loc['t2t_vit_t_14', 'gmacs']:.3f} G - T2T-ViT-14 "
+                        f"{rows.loc['t2t_vit_14', 'gmacs']:.3f} G; T2T modules "
+                        f"{rows.loc['t2t_vit_t_14', 't2t_gmacs']:.3f} vs {rows.loc['t2t_vit_14', 't2t_gmacs']:.3f} G"),
+    ]
+
+
+def run_scale(bundle, cfg, seeds: Sequence[int], batch_size: int) -> str:
+    """What the small-scale runs were, for the ledger's ``scale`` column."""
+    c = bundle.config
+    steps = len(bundle.train) // batch_size
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return (f"{c.dataset} {len(bundle.train)} train / {len(bundle.val)} val images, {c.img_size} px, "
+            f"{c.channels} channel(s), from scratch: {cfg.epochs} epochs x {steps} steps of batch {batch_size}, "
+            f"{cfg.opt} lr {cfg.lr:g}, {cfg.precision}; seeds {','.join(str(s) for s in seeds)}")
+
+
+def _arm(per_seed: "Any", key: str) -> str:
+    r = per_seed[per_seed["variant"] == key].iloc[0]
+    return f"{key} = {r['model']} {r['embed_dim']}x{r['depth']}, {r['params'] / 1e6:.3f}M params"
+
+
+def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1", window: int = 2,
+                       tol: float = 1.0) -> list:
+    """Evidence of the empirical claims (:data:`CLAIM_ARMS`): per-seed ``metric`` of both arms, paired by seed,
+    with the plateau note over the validation curves of every run behind the claim. Claims whose arms were not
+    trained get no evidence (the ledger shows them as failed)."""
+    from tokenbook.claims import paired_evidence, plateau_note
+
+    s = runs.summary
+    per_seed = {int(k): dict(zip(g["variant"], g[metric].astype(float))) for k, g in s.groupby("seed")}
+    out = []
+    for claim, (a, b) in CLAIM_ARMS.items():
+        if a not in set(s["variant"]) or b not in set(s["variant"]):
+            continue
+        ev = paired_evidence(claim, per_seed, a, b, scale=f"{scale}; a: {_arm(s, a)}; b: {_arm(s, b)}",
+                             plateau=plateau_note(runs.curves(a) + runs.curves(b), window=window, tol=tol))
+        ev.detail = (f"{metric} per seed: {a} {', '.join(f'{x:.2f}' for x in ev.a)}; "
+                     f"{b} {', '.join(f'{x:.2f}' for x in ev.b)}" + (f"; {ev.detail}" if ev.detail else ""))
+        out.append(ev)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -672,7 +881,10 @@ def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 1
     - ``t2t_performer`` (the T2T-ViT, deep-narrow 128x8), ``t2t_transformer``, ``t2t_convolution``,
       ``no_t2t`` (plain ViT, 4 px patches, same backbone): Table 7's T2T-module ablation;
     - ``deep_narrow`` (128 wide, 8 deep) vs ``shallow_wide`` (256 wide, 2 deep; identical block parameter count):
-      Table 7's d384-14 vs d768-4 comparison.
+      Table 7's d384-14 vs d768-4 comparison;
+    - ``vit``: a standard timm ViT (:func:`plain_vit_like`: 4 px hard split, learned position embedding, MLP ratio
+      4, qkv bias) of the T2T-ViT's width and heads, its depth chosen for the closest parameter count (within 10 %):
+      Table 2's T2T-ViT-14 vs DeiT-small comparison.
     ``embed_dim`` / ``depth`` / ``num_heads`` replace the deep-narrow backbone (e.g. 64 x 8 for short CPU runs); the
     shallow-wide partner is then ``2 * embed_dim`` wide, ``depth // 4`` deep with ``2 * num_heads`` heads, which keeps
     the block weight matrices' parameter count equal (``D^2 * depth`` constant).
@@ -691,6 +903,10 @@ def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 1
         common, embed_dim=d, depth=L, num_heads=h)
     sw = dict(common) if (embed_dim, depth, num_heads) == (None, None, None) else dict(
         common, embed_dim=2 * d, depth=L // 4, num_heads=2 * h)
+    import timm
+
+    with torch.device("meta"):
+        target = tv.param_counts(timm.create_model("t2t_vit_tiny_fmnist", **dn))["total"]
     return {
         "t2t_performer": ("t2t_vit_tiny_fmnist", dict(dn)),
         "t2t_transformer": ("t2t_vit_t_tiny_fmnist", dict(dn)),
@@ -698,12 +914,44 @@ def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 1
         "no_t2t": ("t2t_vit_tiny_fmnist_wo_t2t", dict(dn)),
         "deep_narrow": ("t2t_vit_tiny_fmnist", dict(dn)),
         "shallow_wide": ("t2t_vit_sw_tiny_fmnist", dict(sw)),
+        "vit": plain_vit_like(target, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
+                              embed_dim=d, num_heads=h),
     }
+
+
+#: timm model behind the plain-ViT arm (its defaults are overridden: patch size, width, depth, heads, MLP ratio)
+PLAIN_VIT = "vit_tiny_patch16_224"
+
+
+def plain_vit_like(target_params: int, img_size: int, in_chans: int, num_classes: int, embed_dim: int,
+                   num_heads: int, patch_size: int = 4, mlp_ratio: float = 4.0, max_rel: float = 0.10,
+                   max_depth: int = 48) -> tuple[str, dict]:
+    """A standard timm ViT (hard ``patch_size`` split, learned position embedding, class token, qkv bias, MLP ratio
+    ``mlp_ratio`` as ViT/DeiT) of width ``embed_dim`` with the depth whose parameter count is closest to
+    ``target_params``, as (timm name, kwargs). Raises ``ValueError`` when no depth comes within ``max_rel``."""
+    import timm
+
+    best: Optional[tuple[float, dict]] = None
+    for depth in range(1, max_depth + 1):
+        kw = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes, patch_size=patch_size,
+                  embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in timm.create_model(PLAIN_VIT, **kw).parameters())
+        rel = n / target_params - 1
+        if best is None or abs(rel) < abs(best[0]):
+            best = (rel, kw)
+        if rel > max_rel:
+            break
+    if best is None or abs(best[0]) > max_rel:
+        raise ValueError(f"no ViT of width {embed_dim} and depth <= {max_depth} has params within {max_rel:.0%} of "
+                         f"{target_params} (closest: {best[0]:+.1%})" if best else "max_depth must be >= 1")
+    return PLAIN_VIT, best[1]
 
 
 def imagenet_ablations(img_size: int = 224, in_chans: int = 3, num_classes: int = 1000) -> dict[str, tuple[str, dict]]:
     """The same variants as :func:`fmnist_ablations` at the paper's scale (Table 7): T2T-ViT-14 (performer),
-    T2T-ViT_t-14, T2T-ViT_c-14, T2T-ViT-14 w/o T2T, and deep-narrow T2T-ViT-14 vs shallow-wide T2T-ViT-d768-4."""
+    T2T-ViT_t-14, T2T-ViT_c-14, T2T-ViT-14 w/o T2T, deep-narrow T2T-ViT-14 vs shallow-wide T2T-ViT-d768-4, and
+    the plain ViT of Table 2 (``vit``: DeiT-small, 22.1M params vs 21.5M)."""
     common = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
     return {
         "t2t_performer": ("t2t_vit_14", dict(common)),
@@ -712,6 +960,7 @@ def imagenet_ablations(img_size: int = 224, in_chans: int = 3, num_classes: int 
         "no_t2t": ("t2t_vit_14_wo_t2t", dict(common)),
         "deep_narrow": ("t2t_vit_14", dict(common)),
         "shallow_wide": ("t2t_vit_14_wide", dict(common)),
+        "vit": ("deit_small_patch16_224", dict(common)),
     }
 
 
