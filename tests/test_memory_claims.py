@@ -121,14 +121,19 @@ def test_side_by_side_with_seeds_pairs_the_gain():
     vals = {(s, t, m): 50.0 + 10 * (m == "memory-10") + s + (t == "b") for s in (0, 1, 2) for t in ("a", "b")
             for m in ("head", "memory-10")}
     vals[(2, "a", "memory-10")] += 3.0
+    vals.update({(s, t, "memory-2"): 55.0 for s in (0, 1, 2) for t in ("a", "b")})
     side = memory.finetune_side_by_side(_results(vals)).set_index("method")
+    # memory-2 is not a column of the paper's table: n/a, never invented
+    assert math.isnan(side.loc["memory-2", "paper CIFAR-100"]) and side.loc["memory-2", "paper_source"] == "n/a"
+    assert side.loc["memory-10", "paper CIFAR-100"] == 91.1
     assert side.loc["memory-10", "ours gain vs head"] == pytest.approx(10.5)
     gains = [10.0, 10.0, 11.5]
     assert (side.loc["memory-10", "ours gain ci_low"], side.loc["memory-10", "ours gain ci_high"]) == \
         pytest.approx(claims.mean_ci(gains)[1:])
     assert side.loc["memory-10", "n_seeds"] == 3
     cmp = memory.finetune_vs_paper(_results(vals))
-    assert len(cmp[cmp.metric == "top1"]) == 4  # one row per (task, method): means over seeds
+    assert len(cmp[cmp.metric == "top1"]) == 6  # one row per (task, method): means over seeds
+    assert math.isnan(cmp.set_index(["task", "method"]).loc[("mean over tasks", "memory-2"), "paper"])
 
 
 def test_claims_evidence_pairs_by_seed_and_reports_plateau():
@@ -158,6 +163,9 @@ def test_claims_evidence_pairs_by_seed_and_reports_plateau():
     assert tab.loc["memory.beats_head", "verdict"] == "reproduced" and tab.loc["memory.beats_head", "n"] == 3
     assert tab.loc["memory.approaches_full", "verdict"] == "contradicted"  # full - memory-10 = 15 pt > 4 pt
     assert tab.loc["memory.concat_equals_separate", "verdict"] == "failed"
+    md = memory.claims_markdown(claims.verdict_table("memory", ev.values())).splitlines()
+    assert len(md) == len(sheet) and "`memory.beats_head`" in md[2] and "**reproduced**" in md[2]
+    assert "+5.00 pt" in md[2] and "n = 3" in md[2] and "not testable here" in md[-1]
     # an arm that did not run gives no pairs: failed, never reproduced
     run2 = memory.FinetuneRun(res[res.method != "memory-10"], {}, hist)
     tab2 = claims.verdict_table("memory", memory.claims_evidence(run2, "", {})).set_index("claim")

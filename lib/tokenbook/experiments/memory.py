@@ -35,7 +35,7 @@ __all__ = [
     "PAPER_DATASETS", "method_label", "parse_methods", "TargetTask", "paper_dataset_for", "load_target_tasks",
     "backbone_norm", "load_backbone", "steps_to_epochs", "eval_every", "FINETUNE_CONFIG_KEYS", "finetune_train_config",
     "finetune_config", "FinetuneRun", "run_finetune_table", "run_finetune_seeds", "seed_summary", "per_seed_table",
-    "arm_means", "val_curves", "source_head_max_diff", "claims_scale", "claims_evidence", "paper_finetune_table", "finetune_side_by_side",
+    "arm_means", "val_curves", "source_head_max_diff", "claims_scale", "claims_evidence", "claims_markdown", "paper_finetune_table", "finetune_side_by_side",
     "finetune_vs_paper", "parameter_table", "collect_logits", "concatenation_study", "naive_merge_vs_paper",
     "train_extension", "extension_study", "merged_efficiency", "recipe_table", "PUBLIC_TRAIN_SIZES",
     "paper_schedule_examples", "plot_accuracy_vs_cells", "plot_memory_attention", "plot_masks",
@@ -370,9 +370,17 @@ def run_finetune_seeds(backbone: nn.Module, tasks: Sequence[TargetTask], methods
     if not len(seeds):
         raise ValueError("no seeds given")
     frames, models, histories = [], {}, {}
-    for s in seeds:
-        run = run_finetune_table(backbone, tasks, methods, dataclasses.replace(cfg, seed=int(s)), seed=int(s), **kw)
-        frames.append(run.results.assign(seed=int(s)))
+    macs = kw.pop("macs", True)
+    for i, s in enumerate(seeds):
+        # MACs do not depend on the seed: counted for the first seed, copied to the others
+        run = run_finetune_table(backbone, tasks, methods, dataclasses.replace(cfg, seed=int(s)), seed=int(s),
+                                 macs=macs and i == 0, **kw)
+        res = run.results.assign(seed=int(s))
+        if macs and i > 0:
+            first = frames[0].set_index(["task", "method"])
+            for col in ("gmacs", "gflops"):
+                res[col] = [first.loc[(t, m), col] for t, m in zip(res["task"], res["method"])]
+        frames.append(res)
         models.update({(int(s), *k): m for k, m in run.models.items()})
         histories.update({(int(s), *k): h for k, h in run.histories.items()})
     res = pd.concat(frames, ignore_index=True)
@@ -503,6 +511,25 @@ def claims_evidence(run: FinetuneRun, scale: str, structural: dict[str, tuple[fl
                                           plateau=claims.plateau_note(curves, window=window, tol=tol)))
     return out
 
+
+def claims_markdown(verdicts) -> str:
+    """One line per claim of a ``claims.verdict_table``: our value with its interval and n, the paper's value, the
+    verdict and the plateau note (generated from the table, so it holds for any profile)."""
+    def num(v, fmt="{:+.2f}"):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    lines = []
+    for _, r in verdicts.iterrows():
+        if r["verdict"] == "not_testable_here":
+            lines.append(f"- `{r['claim']}`: not testable here ({r['detail']}).")
+        elif r["kind"] == "structural":
+            lines.append(f"- `{r['claim']}`: max |logit difference| {num(r['ours'], '{:.3g}')} (paper "
+                         f"{num(r['paper_value'], '{:g}')}): **{r['verdict']}**.")
+        else:
+            lines.append(f"- `{r['claim']}`: {r['quantity']}: {num(r['ours'])} pt, 95 % CI [{num(r['ci_low'])}, "
+                         f"{num(r['ci_high'])}], n = {int(r['n'])} (paper {num(r['paper_value'])}): "
+                         f"**{r['verdict']}**; plateau {r['plateau'] or 'n/a'}.")
+    return "\n".join(lines)
 
 def _paper_refs() -> list:
     from tokenbook import references
