@@ -9,7 +9,7 @@ import timm
 import torch
 
 import tokenbook.models  # noqa: F401  (registers the small ViTs)
-from tokenbook import data
+from tokenbook import claims, data
 from tokenbook.experiments import memory
 from tokenbook.results import notebook_parameters
 from tokenbook.runner import resolve_parameters
@@ -49,31 +49,46 @@ def test_smoke_finetune_results(smoke):
     res = _csv(smoke, "finetune_results")
     methods = [memory.method_label(*m) for m in memory.parse_methods(params["methods"])]
     tasks = ["fm_4_5_6", "digits"]
+    seeds = claims.parse_seeds(params["seeds"])
+    assert len(seeds) == 2 and list(res["seed"].unique()) == seeds
     assert list(res["task"].unique()) == tasks and list(res["method"].unique()) == methods
-    assert len(res) == len(tasks) * len(methods)
+    assert len(res) == len(seeds) * len(tasks) * len(methods)
     assert res["top1"].between(0, 100).all() and (res["gmacs"] > 0).all()
     assert np.allclose(res["gflops"], 2 * res["gmacs"])
+    # the seeds share the architecture: parameter counts do not depend on the seed
+    by_seed = res.pivot_table(index=["task", "method"], columns="seed", values="trainable_params")
+    assert (by_seed.nunique(axis=1) == 1).all()
+    res = res[res.seed == seeds[0]]
     for t in tasks:
         d = res[res.task == t].set_index("method")["trainable_params"]
-        assert d["head"] < d["head+cls"] < d["memory-1"] < d["memory-2"] < d["full"]
+        assert d["head"] < d["head+cls"] < d["memory-1"] < d["memory-10"] < d["full"]
     # per-task parameters of the small backbone (width 64, depth 6): 6*64*m + 64 + 65*C
     fm = res[(res.task == "fm_4_5_6")].set_index("method")["task_params"]
     assert fm["memory-1"] == memory.memory_task_params(6, 64, 1, 3) == 6 * 64 + 64 + 65 * 3
     assert fm["head"] == 65 * 3 and fm["head+cls"] == 64 + 65 * 3
     # memory adds attention keys: more MACs than head+cls, same as plain for head-only
     g = res[res.task == "digits"].set_index("method")["gmacs"]
-    assert g["memory-2"] > g["memory-1"] > g["head+cls"] >= g["head"]
+    assert g["memory-10"] > g["memory-1"] > g["head+cls"] >= g["head"]
+    macs = res.pivot_table(index=["task", "method"], columns="seed", values="gmacs")
+    assert (macs.nunique(axis=1) == 1).all()
+    # mean / CI over seeds and the per-seed table
+    st = _csv(smoke, "finetune_seeds")
+    assert set(st["task"]) == {*tasks, "mean over tasks"} and (st["n"] == len(seeds)).all()
+    assert (st["ci_low"] <= st["top1_mean"]).all() and (st["top1_mean"] <= st["ci_high"]).all()
+    ps = _csv(smoke, "finetune_per_seed")
+    assert len(ps) == len(seeds) * len(methods)
+    assert np.allclose(ps["mean over tasks"], ps[tasks].mean(axis=1))
 
 
 @pytest.mark.notebook
 def test_smoke_paper_side_by_side(smoke):
     side = _csv(smoke, "finetune_table").set_index("method")
+    assert (side["n_seeds"] == 2).all()
+    assert (side["ours mean ci_low"] <= side["ours mean"]).all() and (side["ours mean"] <= side["ours mean ci_high"]).all()
+    assert side.loc["head", "ours gain vs head"] == 0 and side.loc["head", "ours gain ci_low"] == 0
     assert side.loc["memory-1", "paper CIFAR-100"] == 90.9 and side.loc["full", "paper iNaturalist"] == 54.0
     assert side.loc["head", "paper SUN-397"] == 75.9 and side.loc["head+cls", "paper Places-365"] == 52.4
     assert "results_from_paper.png" in side.loc["memory-1", "paper_source"]
-    # memory-2 is not a column of the paper's table: n/a, never invented
-    assert math.isnan(side.loc["memory-2", "paper CIFAR-100"])
-    assert _csv(smoke, "finetune_table", raw=True).set_index("method").loc["memory-2", "paper_source"] == "n/a"
     assert side.loc["memory-1", "paper gain vs head"] == pytest.approx((77.0 + 49.4 + 90.9 + 53.3
                                                                         - 75.9 - 46.3 - 85.8 - 50.9) / 4)
     cmp = _csv(smoke, "finetune_vs_paper")
@@ -85,7 +100,6 @@ def test_smoke_paper_side_by_side(smoke):
     assert gains.loc["memory-1", "paper"] == pytest.approx(2.925)
     assert "[computed]" in gains.loc["memory-1", "paper_source"]
     assert gains.loc["memory-1", "diff"] == pytest.approx(gains.loc["memory-1", "ours"] - 2.925)
-    assert math.isnan(gains.loc["memory-2", "paper"])
     params = _csv(smoke, "params_vs_reference").set_index("model")
     assert params.loc["ViT-B/32 memory-1", "ours"] == 86_884 and bool(params.loc["ViT-B/32 memory-1", "pass"])
     assert params.loc["ViT-B/32 memory-10", "paper"] == 169_828 and math.isnan(params.loc["ViT-B/32 head", "paper"])
@@ -95,6 +109,7 @@ def test_smoke_paper_side_by_side(smoke):
 def test_smoke_non_destructive_and_concatenation(smoke):
     nd = _csv(smoke, "non_destructive")
     assert list(nd["tasks_merged"]) == [0, 1, 2]
+    assert list(_csv(smoke, "merged_vs_separate")["merged_tasks"]) == [2, 2]
     assert (nd["source_max_abs_diff"] == 0.0).all(), "source head must be bit-identical on CPU"
     assert nd["source_top1"].nunique() == 1 and (nd["source_predictions_same_pct"] == 100).all()
     mv = _csv(smoke, "merged_vs_separate")
@@ -263,8 +278,9 @@ def test_full_profile_recipe_runs_on_fake_folder(tmp_path):
     assert [memory.method_label(*m) for m in methods] == ["full", "head", "head+cls", "memory-1", "memory-5",
                                                           "memory-10", "memory-20"]
     # 20k steps at batch 512 on CIFAR-100's 50k images
-    c = memory.finetune_config(cfg, "memory", 50_000, p["train_steps"], p["full_lr"])
-    assert c.epochs == 207 and c.max_steps_per_epoch == 97 and c.eval_every == 207
+    c = memory.finetune_config(cfg, "memory", 50_000, p["train_steps"], p["full_lr"], p["val_evals"])
+    assert c.epochs == 207 and c.max_steps_per_epoch == 97
+    assert p["val_evals"] == 10 and c.eval_every == memory.eval_every(207, 10) == 20  # ten validation passes
     assert memory.finetune_config(cfg, "full", 50_000, p["train_steps"], p["full_lr"]).lr == p["full_lr"]
 
     # a ViT-B/32-shaped checkpoint file (1 block to stay small) loaded through the profile's path

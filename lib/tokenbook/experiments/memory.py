@@ -5,7 +5,15 @@ epochs, concatenation and extension studies, parameter accounting and figures.
 The model itself (``MemoryViT``, masks, fine-tuning modes, concatenation) is :mod:`tokenbook.models.memory`; task
 splits and the digits data are :mod:`tokenbook.data.tasks`.
 
+Seeds and claims (issue 12): :func:`run_finetune_seeds` repeats the table for every seed, paired by seed (each
+run of seed ``s`` starts from ``seed_everything(s)`` and sees the loader order of seed ``s``); :func:`seed_summary`,
+:func:`per_seed_table` and :func:`claims_evidence` turn it into mean / 95 % CI tables and the evidence of the
+reference sheet's claims.
+
 Public API: ``__all__`` (the notebook's functions, then the model and task-data names re-exported for it).
+
+Size: one module per notebook (the layout rule); the table, the concatenation studies, the figures and the
+claims evidence are all this notebook's and share its helpers.
 """
 from __future__ import annotations
 
@@ -25,8 +33,9 @@ from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_o
 
 __all__ = [
     "PAPER_DATASETS", "method_label", "parse_methods", "TargetTask", "paper_dataset_for", "load_target_tasks",
-    "backbone_norm", "load_backbone", "steps_to_epochs", "FINETUNE_CONFIG_KEYS", "finetune_train_config",
-    "finetune_config", "FinetuneRun", "run_finetune_table", "paper_finetune_table", "finetune_side_by_side",
+    "backbone_norm", "load_backbone", "steps_to_epochs", "eval_every", "FINETUNE_CONFIG_KEYS", "finetune_train_config",
+    "finetune_config", "FinetuneRun", "run_finetune_table", "run_finetune_seeds", "seed_summary", "per_seed_table",
+    "arm_means", "val_curves", "source_head_max_diff", "claims_scale", "claims_evidence", "claims_markdown", "paper_finetune_table", "finetune_side_by_side",
     "finetune_vs_paper", "parameter_table", "collect_logits", "concatenation_study", "naive_merge_vs_paper",
     "train_extension", "extension_study", "merged_efficiency", "recipe_table", "PUBLIC_TRAIN_SIZES",
     "paper_schedule_examples", "plot_accuracy_vs_cells", "plot_memory_attention", "plot_masks",
@@ -241,10 +250,19 @@ FINETUNE_CONFIG_KEYS = ("epochs", "batch_size", "opt", "lr", "momentum", "weight
                         "sched", "min_lr", "accelerator", "precision", "seed")
 
 
+def eval_every(epochs: int, val_evals: int = 0) -> int:
+    """Epochs between validation passes for ``val_evals`` evenly spaced passes per run (0: after every epoch); the
+    last epoch is always evaluated (``fit``)."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    return 1 if val_evals <= 0 else max(1, epochs // val_evals)
+
+
 def finetune_train_config(params: dict, **overrides: Any):
     """The fine-tuning ``TrainConfig`` from the notebook's parameters (``FINETUNE_CONFIG_KEYS``): the paper's style
-    of recipe (SGD with momentum, gradient clipping, linear warm-up from 0, cosine decay), evaluation only after the
-    last epoch, no progress bars. ``clip_grad`` 0 turns clipping off."""
+    of recipe (SGD with momentum, gradient clipping, linear warm-up from 0, cosine decay), validation every
+    ``eval_every(epochs, params["val_evals"])`` epochs (the val curve for the plateau check; every epoch when
+    ``val_evals`` is absent or 0), no progress bars. ``clip_grad`` 0 turns clipping off."""
     from tokenbook.train import TrainConfig
 
     missing = [k for k in FINETUNE_CONFIG_KEYS if k not in params]
@@ -252,21 +270,24 @@ def finetune_train_config(params: dict, **overrides: Any):
         raise ValueError(f"fine-tuning parameters missing: {missing}")
     kw = {k: params[k] for k in FINETUNE_CONFIG_KEYS}
     kw["clip_grad"] = kw["clip_grad"] or None
-    kw.update(warmup_lr=0.0, eval_every=kw["epochs"], progress=False)
+    kw.update(warmup_lr=0.0, eval_every=eval_every(kw["epochs"], int(params.get("val_evals", 0) or 0)),
+              progress=False)
     kw.update(overrides)
     return TrainConfig(**kw)
 
 
-def finetune_config(cfg, mode: str, n_train: int, train_steps: int = 0, full_lr: float = 0.0):
+def finetune_config(cfg, mode: str, n_train: int, train_steps: int = 0, full_lr: float = 0.0, val_evals: int = 0):
     """The ``TrainConfig`` of one fine-tuning run: ``cfg`` with the step budget turned into epochs
-    (``train_steps`` > 0) and ``full_lr`` for full fine-tuning (0 keeps ``cfg.lr``)."""
+    (``train_steps`` > 0, validated ``val_evals`` times evenly spaced, 0 = every epoch) and ``full_lr`` for full
+    fine-tuning (0 keeps ``cfg.lr``)."""
     import dataclasses
 
     _check_option("fine-tuning mode", mode, FINETUNE_MODES)
     kw: dict[str, Any] = {}
     if train_steps:
         s = steps_to_epochs(train_steps, n_train, cfg.batch_size)
-        kw.update(epochs=s["epochs"], max_steps_per_epoch=s["max_steps_per_epoch"], eval_every=s["epochs"])
+        kw.update(epochs=s["epochs"], max_steps_per_epoch=s["max_steps_per_epoch"],
+                  eval_every=eval_every(s["epochs"], val_evals))
     if mode == "full" and full_lr:
         kw["lr"] = full_lr
     return dataclasses.replace(cfg, **kw)
@@ -285,7 +306,7 @@ class FinetuneRun:
 def run_finetune_table(backbone: nn.Module, tasks: Sequence[TargetTask], methods: Sequence[tuple[str, int]], cfg,
                        train_steps: int = 0, full_lr: float = 0.0, seed: int = 0, memory_norm: str = "pre",
                        impl: str = "exact", num_workers: int = 0, keep_full: bool = False, macs: bool = True,
-                       verbose: bool = True) -> FinetuneRun:
+                       verbose: bool = True, val_evals: int = 0) -> FinetuneRun:
     """The paper's main table at any scale: adapt ``backbone`` to every task with every method.
 
     Each run re-seeds with ``seed`` before building the task (memory and class token inits), trains with
@@ -310,7 +331,7 @@ def run_finetune_table(backbone: nn.Module, tasks: Sequence[TargetTask], methods
             seed_everything(seed)
             model = finetune_model(backbone, mode, task.num_classes, cells=cells, task=task.name,
                                    memory_norm=memory_norm, impl=impl)
-            tcfg = finetune_config(cfg, mode, len(task.bundle.train), train_steps, full_lr)
+            tcfg = finetune_config(cfg, mode, len(task.bundle.train), train_steps, full_lr, val_evals)
             res = fit(model, train_loader, val_loader, tcfg, preprocess=task.bundle.preprocess,
                       desc=f"{task.name} {label}")
             counts = bench.count_params(model)
@@ -335,6 +356,181 @@ def run_finetune_table(backbone: nn.Module, tasks: Sequence[TargetTask], methods
     return FinetuneRun(pd.DataFrame(rows), models, histories)
 
 
+def run_finetune_seeds(backbone: nn.Module, tasks: Sequence[TargetTask], methods: Sequence[tuple[str, int]], cfg,
+                       seeds: Sequence[int], **kw: Any) -> FinetuneRun:
+    """:func:`run_finetune_table` once per seed, paired by seed: for seed ``s`` every (task, method) run starts from
+    ``seed_everything(s)`` (same initial head / class token / memory draws wherever the shapes allow), trains with
+    ``cfg.seed = s`` and sees the training batches of the loader seeded with ``s``; the backbone is shared (the
+    fixed starting point of fine-tuning). ``results`` has a ``seed`` column; ``models`` and ``histories`` are keyed
+    ``(seed, task, method)``."""
+    import dataclasses
+
+    import pandas as pd
+
+    if not len(seeds):
+        raise ValueError("no seeds given")
+    frames, models, histories = [], {}, {}
+    macs = kw.pop("macs", True)
+    for i, s in enumerate(seeds):
+        # MACs do not depend on the seed: counted for the first seed, copied to the others
+        run = run_finetune_table(backbone, tasks, methods, dataclasses.replace(cfg, seed=int(s)), seed=int(s),
+                                 macs=macs and i == 0, **kw)
+        res = run.results.assign(seed=int(s))
+        if macs and i > 0:
+            first = frames[0].set_index(["task", "method"])
+            for col in ("gmacs", "gflops"):
+                res[col] = [first.loc[(t, m), col] for t, m in zip(res["task"], res["method"])]
+        frames.append(res)
+        models.update({(int(s), *k): m for k, m in run.models.items()})
+        histories.update({(int(s), *k): h for k, h in run.histories.items()})
+    res = pd.concat(frames, ignore_index=True)
+    return FinetuneRun(res[["seed", *[c for c in res.columns if c != "seed"]]], models, histories)
+
+
+def _ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t interval (``tokenbook.claims.mean_ci``); NaN bounds for a single value."""
+    from tokenbook.claims import mean_ci
+
+    v = [float(x) for x in values]
+    if len(v) < 2:
+        return (v[0] if v else float("nan")), float("nan"), float("nan")
+    return mean_ci(v, level=level)
+
+
+def arm_means(results) -> dict[int, dict[str, float]]:
+    """``{seed: {method: top-1 averaged over the target tasks}}`` (the paper's mean over datasets, one value per
+    seed); a method is left out of a seed that lacks one of the tasks."""
+    tasks = list(dict.fromkeys(results["task"]))
+    out: dict[int, dict[str, float]] = {}
+    for (s, m), d in results.groupby(["seed", "method"], sort=False):
+        if set(d["task"]) >= set(tasks):
+            out.setdefault(int(s), {})[str(m)] = float(d.groupby("task")["top1"].mean().mean())
+    return out
+
+
+def seed_summary(results, level: float = 0.95) -> "Any":
+    """Mean top-1 over seeds with its 95 % Student-t interval, per (task, method) and per method for the mean over
+    target tasks (``task`` = ``"mean over tasks"``); ``seeds`` lists the seeds, ``n`` counts them."""
+    import pandas as pd
+
+    rows = []
+    for (t, m), d in results.groupby(["task", "method"], sort=False):
+        mean, lo, hi = _ci(d["top1"], level)
+        rows.append({"task": t, "method": m, "top1_mean": mean, "ci_low": lo, "ci_high": hi, "sd": d["top1"].std(),
+                     "n": len(d), "seeds": ",".join(str(int(s)) for s in d["seed"]),
+                     "paper_dataset": d["paper_dataset"].iloc[0] if "paper_dataset" in d else None})
+    per_seed = arm_means(results)
+    for m in dict.fromkeys(results["method"]):
+        vals = {s: v[m] for s, v in per_seed.items() if m in v}
+        mean, lo, hi = _ci(list(vals.values()), level)
+        rows.append({"task": "mean over tasks", "method": m, "top1_mean": mean, "ci_low": lo, "ci_high": hi,
+                     "sd": float(np.std(list(vals.values()), ddof=1)) if len(vals) > 1 else float("nan"),
+                     "n": len(vals), "seeds": ",".join(str(s) for s in vals), "paper_dataset": None})
+    return pd.DataFrame(rows)
+
+
+def per_seed_table(results) -> "Any":
+    """One row per (seed, method): top-1 on every target task and their mean (the value a claim pairs by seed)."""
+    wide = results.pivot_table(index=["seed", "method"], columns="task", values="top1", sort=False)
+    tasks = list(dict.fromkeys(results["task"]))
+    wide = wide[tasks]
+    wide["mean over tasks"] = wide.mean(axis=1)
+    return wide.reset_index()
+
+
+def val_curves(histories: dict, methods: Sequence[str] = (), seeds: Optional[Sequence[int]] = None) -> list[list]:
+    """Validation top-1 curves (one per run) of the given methods (all when empty) and seeds, from
+    :func:`run_finetune_seeds` histories, for ``tokenbook.claims.plateau_note``."""
+    out = []
+    for (s, _, m), h in histories.items():
+        if (not methods or m in methods) and (seeds is None or s in seeds) and "val_top1" in h:
+            out.append([float(v) for v in h["val_top1"].dropna()])
+    return out
+
+
+@torch.no_grad()
+def source_head_max_diff(backbone: nn.Module, models: Sequence[nn.Module], bundle, batch_size: int = 256) -> float:
+    """Max |logit difference| of the source head (original class token + head) of every model in ``models`` (memory
+    fine-tuned or concatenated ``MemoryViT`` models) against the plain ``backbone``, over ``bundle``'s validation images
+    (0.0 = bit-identical: non-destructive fine-tuning)."""
+    if not models:
+        raise ValueError("no models to check")
+    loader = _val_loader(bundle, batch_size)
+    ref, _ = collect_logits(backbone, SOURCE, loader, bundle.preprocess)
+    worst = 0.0
+    for m in models:
+        out, _ = collect_logits(m, SOURCE, loader, bundle.preprocess)
+        worst = max(worst, float((out - ref).abs().max()))
+    return worst
+
+
+def claims_scale(params: dict, tasks: Sequence[TargetTask], seeds: Sequence[int]) -> str:
+    """The ``scale`` of this run's claims evidence: data, subset sizes, image size, schedule, backbone, seeds."""
+    task_txt = ", ".join(f"{t.name} ({len(t.bundle.train)} train / {len(t.bundle.val)} val)" for t in tasks)
+    if params.get("train_steps"):
+        sched = f"{params['train_steps']} steps"
+    else:
+        sched = f"{params['epochs']} epochs"
+    if params.get("backbone_checkpoint"):
+        bb = f"{params['model_name']} from {params['backbone_checkpoint']}"
+    else:
+        bb = (f"{params['model_name']} (patch {params.get('patch_size') or 'own'}) pre-trained here on "
+              f"Fashion-MNIST classes {params.get('source_classes')} ({params.get('pretrain_subset') or 'all'} "
+              f"images, {params.get('pretrain_epochs')} epochs)")
+    return (f"targets {task_txt}; {params['img_size']} px; fine-tuning {sched} at batch {params['batch_size']}, "
+            f"{params['opt']} lr {params['lr']} (full {params.get('full_lr') or params['lr']}); backbone {bb}; "
+            f"seeds {','.join(str(s) for s in seeds)}")
+
+
+def claims_evidence(run: FinetuneRun, scale: str, structural: dict[str, tuple[float, str]],
+                    paper: str = "memory", window: int = 2, tol: float = 1.0) -> list:
+    """Evidence for every testable claim of the reference sheet: empirical claims from the per-seed mean top-1 over
+    target tasks of their two arms (``compare: a, b``), paired by seed, with the plateau note of every run behind
+    them (both arms, every task and seed); structural claims from ``structural`` (``{claim id: (value, detail)}``).
+    A claim whose arm did not run gets evidence without seeds (judged ``failed``), a structural claim missing from
+    ``structural`` gets none (``failed`` too)."""
+    from tokenbook import claims
+
+    per_seed = arm_means(run.results)
+    out = []
+    for c in claims.load_claims(paper):
+        if c.not_testable_here:
+            continue
+        if c.kind == "structural":
+            if c.id in structural:
+                value, detail = structural[c.id]
+                out.append(claims.Evidence(claim=c.id, scale=scale, value=float(value), detail=detail))
+            continue
+        curves = val_curves(run.histories, (c.a, c.b))
+        per_task = per_seed_table(run.results)
+        per_task = per_task[per_task["method"].isin([c.a, c.b])]
+        tasks = [k for k in per_task.columns if k not in ("seed", "method", "mean over tasks")]
+        detail = "; ".join(f"seed {int(r['seed'])} {r['method']}: " + ", ".join(f"{t} {r[t]:.2f}" for t in tasks)
+                           for _, r in per_task.iterrows())
+        out.append(claims.paired_evidence(c.id, per_seed, c.a, c.b, scale=scale, detail=f"per task top-1: {detail}",
+                                          plateau=claims.plateau_note(curves, window=window, tol=tol)))
+    return out
+
+
+def claims_markdown(verdicts) -> str:
+    """One line per claim of a ``claims.verdict_table``: our value with its interval and n, the paper's value, the
+    verdict and the plateau note (generated from the table, so it holds for any profile)."""
+    def num(v, fmt="{:+.2f}"):
+        return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    lines = []
+    for _, r in verdicts.iterrows():
+        if r["verdict"] == "not_testable_here":
+            lines.append(f"- `{r['claim']}`: not testable here ({r['detail']}).")
+        elif r["kind"] == "structural":
+            lines.append(f"- `{r['claim']}`: max |logit difference| {num(r['ours'], '{:.3g}')} (paper "
+                         f"{num(r['paper_value'], '{:g}')}): **{r['verdict']}**.")
+        else:
+            lines.append(f"- `{r['claim']}`: {r['quantity']}: {num(r['ours'])} pt, 95 % CI [{num(r['ci_low'])}, "
+                         f"{num(r['ci_high'])}], n = {int(r['n'])} (paper {num(r['paper_value'])}): "
+                         f"**{r['verdict']}**; plateau {r['plateau'] or 'n/a'}.")
+    return "\n".join(lines)
+
 def _paper_refs() -> list:
     from tokenbook import references
 
@@ -357,7 +553,9 @@ def paper_finetune_table() -> "Any":
 
 def finetune_side_by_side(results) -> "Any":
     """Ours (one column per task, their mean and the mean gain over head-only) next to the paper's ViT-B/32 table
-    (per dataset, mean, mean gain over head-only) for every method we ran; n/a where the paper has no value."""
+    (per dataset, mean, mean gain over head-only) for every method we ran; n/a where the paper has no value.
+    With a ``seed`` column our values are means over seeds, with the 95 % Student-t interval of the mean over
+    tasks and of the gain over head-only (paired by seed) and the number of seeds ``n_seeds``."""
     ours = results.pivot_table(index="method", columns="task", values="top1", sort=False)
     tasks = list(dict.fromkeys(results["task"]))
     ours = ours[tasks]
@@ -365,6 +563,14 @@ def finetune_side_by_side(results) -> "Any":
     ours["ours mean"] = ours.mean(axis=1)
     head_mean = ours["ours mean"].get("head")
     ours["ours gain vs head"] = ours["ours mean"] - head_mean if head_mean is not None else float("nan")
+    if "seed" in results:
+        per_seed = arm_means(results)
+        for m in ours.index:
+            vals = [v[m] for v in per_seed.values() if m in v]
+            gains = [v[m] - v["head"] for v in per_seed.values() if m in v and "head" in v]
+            _, ours.loc[m, "ours mean ci_low"], ours.loc[m, "ours mean ci_high"] = _ci(vals)
+            _, ours.loc[m, "ours gain ci_low"], ours.loc[m, "ours gain ci_high"] = _ci(gains)
+            ours.loc[m, "n_seeds"] = len(vals)
     params = results.groupby("method", sort=False)["task_params"].mean().rename("ours task params (mean)")
     paper = paper_finetune_table().set_index("method")
     paper_cols = {d: f"paper {d}" for d in PAPER_DATASETS}
@@ -388,8 +594,15 @@ def finetune_vs_paper(results) -> "Any":
     import pandas as pd
 
     refs = {(r.model, r.metric): r for r in _paper_refs()}
+    per_run = results
+    if "seed" in results:  # means over seeds
+        per_run = (results.assign(paper_dataset=results["paper_dataset"].fillna(""))
+                   .groupby(["task", "method"], sort=False).agg(top1=("top1", "mean"),
+                                                                  paper_dataset=("paper_dataset", "first"))
+                   .reset_index())
+        per_run["paper_dataset"] = per_run["paper_dataset"].astype(object).where(per_run["paper_dataset"] != "", None)
     rows = []
-    for _, r in results.iterrows():
+    for _, r in per_run.iterrows():
         key = (f"{PAPER_BACKBONE} {r['method']}", f"top1 {r['paper_dataset']}")
         ref = refs.get(key) if r["paper_dataset"] else None
         v = ref.value if ref is not None else None
@@ -631,19 +844,21 @@ def merged_efficiency(models: Sequence[MemoryViT], example: torch.Tensor, latenc
     return df
 
 
-def recipe_table(tasks: Sequence[TargetTask], cfg, train_steps: int = 0, full_lr: float = 0.0) -> "Any":
+def recipe_table(tasks: Sequence[TargetTask], cfg, train_steps: int = 0, full_lr: float = 0.0,
+                 val_evals: int = 0) -> "Any":
     """The schedule each task gets in this run: optimiser, lr, momentum, clipping, warm-up, batch, epochs and
     steps (from the step budget when ``train_steps`` > 0)."""
     import pandas as pd
 
     rows = []
     for t in tasks:
-        c = finetune_config(cfg, "memory", len(t.bundle.train), train_steps)
+        c = finetune_config(cfg, "memory", len(t.bundle.train), train_steps, val_evals=val_evals)
         steps = c.epochs * (min(len(t.bundle.train) // c.batch_size, c.max_steps_per_epoch or 10**12))
         rows.append({"task": t.name, "train_images": len(t.bundle.train), "opt": c.opt, "lr": c.lr,
                      "lr_full": full_lr or c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay,
                      "clip_grad": c.clip_grad, "warmup_steps": c.warmup_steps, "sched": c.sched, "batch": c.batch_size,
-                     "epochs": c.epochs, "max_steps_per_epoch": c.max_steps_per_epoch, "total_steps": steps})
+                     "epochs": c.epochs, "max_steps_per_epoch": c.max_steps_per_epoch, "total_steps": steps,
+                     "eval_every_epochs": c.eval_every})
     return pd.DataFrame(rows)
 
 
@@ -665,17 +880,20 @@ def paper_schedule_examples(total_steps: int = 20_000, batch_size: int = 512) ->
 
 # -- figures --------------------------------------------------------------------------------------------------
 def plot_accuracy_vs_cells(results, title: str = ""):
-    """Top-1 vs memory cells per task (0 cells = head + class token), with full and head-only as dashed lines."""
+    """Top-1 vs memory cells per task (0 cells = head + class token), with full and head-only as dashed lines; with
+    several seeds: the mean over seeds, error bars from the lowest to the highest seed."""
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(results["task"]))
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.0), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         d = results[results["task"] == t]
-        pts = d[d["mode"].isin(["head+cls", "memory"])].sort_values("cells")
-        ax.plot(pts["cells"], pts["top1"], marker="o", label="memory (0 = head+cls)")
+        g = d.groupby(["mode", "cells"])["top1"].agg(["mean", "min", "max"]).reset_index()
+        pts = g[g["mode"].isin(["head+cls", "memory"])].sort_values("cells")
+        ax.errorbar(pts["cells"], pts["mean"], yerr=[pts["mean"] - pts["min"], pts["max"] - pts["mean"]],
+                    marker="o", capsize=3, label="memory (0 = head+cls)")
         for mode, style in (("full", "--"), ("head", ":")):
-            v = d.loc[d["mode"] == mode, "top1"]
+            v = g.loc[g["mode"] == mode, "mean"]
             if len(v):
                 ax.axhline(float(v.iloc[0]), ls=style, color="gray" if mode == "head" else "k", label=mode)
         ax.set_title(t, fontsize=9)
