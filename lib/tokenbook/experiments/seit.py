@@ -16,6 +16,13 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   decoded), :func:`plot_synonyms`, :func:`plot_storage`.
 - :func:`train_config` builds the ``TrainConfig`` of a variant from the notebook parameters (the ``full`` profile
   is SeiT's recipe: AdamW lr 1.5e-3, wd 0.1, 300 epochs, 8 x 128, warmup 5 / 30, EMA 0.99996, DDP).
+- Claims (issue 12): :func:`run_ablation_seeds` / :func:`seed_summary` (every variant per seed, paired by seed; means,
+  t-intervals, paired gains), :func:`photo_storage` (tokens vs JPEG on real photographs at 256 px) and
+  :func:`claims_evidence` (the ``claims.Evidence`` of every testable claim of ``references/seit.yaml``).
+
+Size: about 900 lines, over the 800-line guide: the whole driver of one notebook (token data, storage on the default
+data and on real photos, the seeded ablation and its claims, five figures, the release recipe), all sharing
+:class:`TokenData` and :data:`VARIANTS`; split, the parts would import each other.
 """
 from __future__ import annotations
 
