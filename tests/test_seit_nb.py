@@ -283,3 +283,17 @@ def test_full_recipe_runs_one_step_on_a_tiny_token_release(tmp_path):
         assert row["steps"] == 1 and row["input_shape"] == "32x28x28" and 0 <= row["top1"] <= 100
         assert res.config.warmup_epochs == (30 if v == "seit_ta_ca" else 5) and res.config.ema_decay == 0.99996
         assert math.isfinite(res.history["train_loss"].iloc[0]) and "ema_top1" in res.history
+
+
+def test_claims_commentary_names_the_unsupported_claims_with_numbers():
+    rows = [{"claim": "seit.tokenadapt_gain", "kind": "empirical", "verdict": "contradicted", "ours": -3.2,
+             "ci_low": -4.0, "ci_high": -2.4, "n": 3},
+            {"claim": "seit.coloradapt_gain", "kind": "empirical", "verdict": "reproduced", "ours": 1.0,
+             "ci_low": 0.5, "ci_high": 1.5, "n": 3},
+            {"claim": "seit.imagenet_storage_gb", "kind": "structural", "verdict": "not_testable_here", "ours": None,
+             "ci_low": None, "ci_high": None, "n": 0}]
+    text = R.claims_commentary(pd.DataFrame(rows), ta_token_acc=0.48)
+    assert "`seit.tokenadapt_gain` is **contradicted**" in text and "-3.20" in text and "n = 3" in text
+    assert "48 %" in text and "under-trained" in text and "coloradapt" not in text
+    assert "under-trained" not in R.claims_commentary(pd.DataFrame(rows), ta_token_acc=0.95)
+    assert R.claims_commentary(pd.DataFrame(rows[1:])).startswith("No empirical claim")

@@ -907,3 +907,24 @@ def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, 
                     f"{', '.join(str(int(t)) for t in photos['token_bytes'])} (format worst case "
                     f"{int(photos['max_bytes'].iloc[0])})")))
     return ev
+
+
+def claims_commentary(verdicts: Any, ta_token_acc: Optional[float] = None) -> str:
+    """Markdown lines for the notebook under the verdict table: every contradicted or inconclusive empirical claim
+    with its measured mean and interval; for the TokenAdapt claims, the f/g token accuracy that bounds what the
+    TokenAdapt half-batch can carry (the hook and the augmentations follow naver-ai/tokenadapt ``engine.py``)."""
+    lines = []
+    for _, r in verdicts.iterrows():
+        if r["verdict"] not in ("contradicted", "inconclusive") or r["kind"] != "empirical":
+            continue
+        line = (f"* `{r['claim']}` is **{r['verdict']}** here: mean a − b {r['ours']:+.2f}, 95 % interval "
+                f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] over n = {int(r['n'])}")
+        if r["claim"] in ("seit.tokenadapt_gain", "seit.both_gain") and ta_token_acc is not None:
+            line += (f". f/g reproduce {100 * ta_token_acc:.0f} % of the tokens of the pixel-augmented image at the "
+                     f"end of their training, so about {100 * (1 - ta_token_acc):.0f} % of the ids of the TokenAdapt "
+                     "half-batch differ from what the pixel augmentation would give")
+            if ta_token_acc < 0.8:
+                line += ("; the hook's order and augmentations match the official engine.py, so we read this as a "
+                         "small-scale effect of an under-trained f/g, not a bug")
+        lines.append(line + ".")
+    return "\n".join(lines) if lines else "No empirical claim is contradicted or inconclusive in this run."
