@@ -156,6 +156,86 @@ def test_train_config_and_hooks_per_variant():
     assert torch.isfinite(x).all() and x.shape == (8, 32, 12, 12)
 
 
+
+@pytest.mark.notebook
+def test_smoke_claims_have_evidence_and_verdicts_over_all_seeds(smoke_results):
+    from tokenbook import claims as C
+
+    record, folder = smoke_results(NB)
+    seeds = C.parse_seeds(_params("smoke")["seeds"])
+    assert len(seeds) == 2
+    sheet = C.load_claims("seit")
+    testable = {c.id for c in sheet if not c.not_testable_here}
+    ev = {e["claim"]: e for e in json.loads((folder / "claims_evidence.json").read_text())}
+    assert set(ev) == testable
+    for cid in R.CLAIM_ARMS:
+        assert len(ev[cid]["a"]) == len(ev[cid]["b"]) == len(seeds) and ev[cid]["scale"] and ev[cid]["plateau"]
+    photos = pd.read_csv(folder / "photo_storage.csv")
+    assert ev["seit.storage_under_1pct"]["a"] == pytest.approx(photos["pct_of_jpeg"].tolist())
+    assert ev["seit.storage_under_1pct"]["b"] == [0.0] * 3
+    table = pd.read_csv(folder / "claims.csv").set_index("claim")
+    assert set(table.index) == {c.id for c in sheet}
+    assert table["verdict"].isin(["reproduced", "contradicted", "inconclusive", "not_testable_here"]).all()
+    assert (table.loc[list(R.CLAIM_ARMS), "n"] == len(seeds)).all()
+    assert table.loc["seit.storage_under_1pct", "n"] == 3
+    runs = pd.read_csv(folder / "ablation_runs.csv")
+    assert sorted(set(runs["seed"])) == seeds and len(runs) == 5 * len(seeds)
+    ab = pd.read_csv(folder / "ablation.csv").set_index("variant")
+    assert (ab["n_seeds"] == len(seeds)).all() and (ab["seeds"] == "0,1").all()
+    assert ab.loc["pixel", "top1"] == pytest.approx(runs.loc[runs.variant == "pixel", "top1"].mean())
+
+
+def _runs(values: dict) -> pd.DataFrame:
+    rows = [{"seed": s, "variant": v, "model": R.PAPER_LABELS[v], "input": R.VARIANTS[v][0], "top1": t, "top5": 90.0,
+             "train_wall_s": 1.0, "gain_vs_seit_pts": 0.0} for v, per in values.items() for s, t in per.items()]
+    return pd.DataFrame(rows)
+
+
+def test_seed_summary_means_intervals_and_paired_gains():
+    from scipy import stats
+
+    runs = _runs({"seit": {0: 40.0, 1: 50.0, 2: 45.0}, "seit_ta": {0: 41.0, 1: 52.0, 2: 45.0}})
+    s = R.seed_summary(runs).set_index("variant")
+    assert s.loc["seit", "top1"] == pytest.approx(45.0) and s.loc["seit", "n_seeds"] == 3
+    half = stats.t.ppf(0.975, 2) * 5.0 / math.sqrt(3)                           # sd of 40, 50, 45 is 5
+    assert s.loc["seit", "top1_ci_low"] == pytest.approx(45.0 - half)
+    assert s.loc["seit_ta", "top1_per_seed"] == "41.00, 52.00, 45.00" and s.loc["seit_ta", "seeds"] == "0,1,2"
+    # paired: the per-seed differences 1, 2, 0 (mean 1, sd 1), not the difference of unpaired means' intervals
+    assert s.loc["seit_ta", "gain_vs_seit_pts"] == pytest.approx(1.0)
+    assert s.loc["seit_ta", "gain_ci_high"] == pytest.approx(1.0 + stats.t.ppf(0.975, 2) / math.sqrt(3))
+    assert s.loc["seit", "gain_vs_seit_pts"] == 0 and s.loc["seit", "gain_ci_low"] == 0
+    one = R.seed_summary(_runs({"seit": {0: 40.0}})).iloc[0]
+    assert one["top1"] == 40 and math.isnan(one["top1_ci_low"])
+
+
+def test_claims_evidence_pairs_arms_by_seed_and_skips_missing_arms():
+    runs = _runs({"pixel": {0: 60.0, 1: 62.0}, "seit": {1: 45.0, 0: 44.0}, "seit_ca": {0: 43.0, 1: 46.0}})
+    hist = {(v, s): pd.DataFrame({"val_top1": [10.0, 20.0 + s]}) for v in ("pixel", "seit", "seit_ca") for s in (0, 1)}
+    ev = {e.claim: e for e in R.claims_evidence(runs, hist, "tiny")}
+    assert set(ev) == {"seit.tokens_approach_pixels", "seit.coloradapt_gain"}   # no TokenAdapt runs: no evidence
+    assert ev["seit.tokens_approach_pixels"].a == [60.0, 62.0] and ev["seit.tokens_approach_pixels"].b == [44.0, 45.0]
+    assert ev["seit.coloradapt_gain"].a == [43.0, 46.0] and ev["seit.coloradapt_gain"].scale == "tiny"
+    assert ev["seit.coloradapt_gain"].plateau.startswith("no")                   # +10 / +11 pt over the last epoch
+
+
+def test_photo_storage_accounting(tmp_path):
+    from PIL import Image
+
+    flat = tmp_path / "flat.jpg"
+    Image.new("RGB", (300, 280), (120, 30, 200)).save(flat, quality=90)
+    noisy = tmp_path / "noisy.jpg"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (300, 400, 3), dtype=np.uint8)).save(noisy, quality=90)
+    df = R.photo_storage([flat, noisy], kmeans_iters=3).set_index("photo")
+    assert df.loc["flat.jpg", "jpeg_file_bytes"] == flat.stat().st_size and df.loc["flat.jpg", "native_size"] == "300x280"
+    assert df.loc["flat.jpg", "codes_used"] == 1 and df.loc["flat.jpg", "escape_bytes"] in (1024, 2048)
+    assert df.loc["noisy.jpg", "codes_used"] > 100 and df.loc["noisy.jpg", "escape_bytes"] >= 1024
+    assert (df["token_bytes"] < df["max_bytes"]).all() and (df["max_bytes"] == 2056).all()
+    assert df.loc["flat.jpg", "token_bytes"] < 60 < df.loc["noisy.jpg", "token_bytes"]   # gzip sees the repeats
+    assert df["pct_of_jpeg"].tolist() == pytest.approx((100 * df["token_bytes"] / df["jpeg_file_bytes"]).tolist())
+    assert R.photo_storage([flat, noisy], kmeans_iters=3).equals(df.reset_index())      # deterministic
+    assert [p.name for p in R.sample_photos()] == ["china.jpg", "flower.jpg", "grace_hopper.jpg"]
+
+
 def test_paper_tables_never_subtract_accuracies_of_different_data():
     summary = pd.DataFrame([{"variant": v, "model": R.PAPER_LABELS[v], "input": R.VARIANTS[v][0],
                              "storage_bytes_per_image": 10.0, "top1": 80.0 + i, "gain_vs_seit_pts": i - 1.0}
@@ -203,3 +283,17 @@ def test_full_recipe_runs_one_step_on_a_tiny_token_release(tmp_path):
         assert row["steps"] == 1 and row["input_shape"] == "32x28x28" and 0 <= row["top1"] <= 100
         assert res.config.warmup_epochs == (30 if v == "seit_ta_ca" else 5) and res.config.ema_decay == 0.99996
         assert math.isfinite(res.history["train_loss"].iloc[0]) and "ema_top1" in res.history
+
+
+def test_claims_commentary_names_the_unsupported_claims_with_numbers():
+    rows = [{"claim": "seit.tokenadapt_gain", "kind": "empirical", "verdict": "contradicted", "ours": -3.2,
+             "ci_low": -4.0, "ci_high": -2.4, "n": 3},
+            {"claim": "seit.coloradapt_gain", "kind": "empirical", "verdict": "reproduced", "ours": 1.0,
+             "ci_low": 0.5, "ci_high": 1.5, "n": 3},
+            {"claim": "seit.imagenet_storage_gb", "kind": "structural", "verdict": "not_testable_here", "ours": None,
+             "ci_low": None, "ci_high": None, "n": 0}]
+    text = R.claims_commentary(pd.DataFrame(rows), ta_token_acc=0.48)
+    assert "`seit.tokenadapt_gain` is **contradicted**" in text and "-3.20" in text and "n = 3" in text
+    assert "48 %" in text and "under-trained" in text and "coloradapt" not in text
+    assert "under-trained" not in R.claims_commentary(pd.DataFrame(rows), ta_token_acc=0.95)
+    assert R.claims_commentary(pd.DataFrame(rows[1:])).startswith("No empirical claim")

@@ -488,7 +488,10 @@ class VQTokenizer(nn.Module):
         zn = F.normalize(z.permute(0, 2, 3, 1), dim=-1)                      # (B, h, w, D)
         en = F.normalize(self.codebook, dim=-1)
         ids = torch.argmax(zn @ en.t(), dim=-1)                              # (B, h, w)
-        q = en[ids]
+        # F.embedding, not en[ids]: the backward of advanced indexing on CPU (index_put_ with accumulate) adds
+        # into the codebook gradient with parallel atomic float adds when more than one thread runs, so the sum
+        # order (and the last bits) changed from run to run; embedding's backward is deterministic. Same values.
+        q = F.embedding(ids, en)
         loss = F.mse_loss(q, zn.detach()) + self.beta * F.mse_loss(zn, q.detach())
         q_st = zn + (q - zn).detach()
         return q_st.permute(0, 3, 1, 2), ids, loss
