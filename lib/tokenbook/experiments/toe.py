@@ -13,6 +13,10 @@ registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
 - :func:`train_pair`: the same model trained with and without ToE from the same seed (same init, same data order),
   ToE stages switched by :class:`~tokenbook.methods.toe.ToEStageHook`, evaluation always full-token.
 - :func:`run_summary`, :func:`speedup_table`, :func:`stage_step_table`, :func:`overhead_table`: the measured numbers.
+- claims ledger (issue 12): :func:`train_seeds` (``train_pair`` per seed, paired by seed), :func:`per_seed`,
+  :func:`top1_seeds_table` (mean and 95 % t-interval over the seeds), :func:`val_curves` (for the plateau note),
+  :func:`interleaved_step_speedup` / :func:`overhead_repeats_table` (per-repeat epoch-weighted speed-up, median and
+  IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT), :func:`claims_paragraph`.
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
 """
 from __future__ import annotations
