@@ -18,6 +18,9 @@ registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
   :func:`interleaved_step_speedup` / :func:`overhead_repeats_table` (per-repeat epoch-weighted speed-up, median and
   IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT), :func:`claims_paragraph`.
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
+
+Size: about 850 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace and
+the claims evidence) that share the ToERun/overhead structures; split by the notebook's sections if it grows.
 """
 from __future__ import annotations
 
