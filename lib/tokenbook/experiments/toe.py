@@ -13,7 +13,14 @@ registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
 - :func:`train_pair`: the same model trained with and without ToE from the same seed (same init, same data order),
   ToE stages switched by :class:`~tokenbook.methods.toe.ToEStageHook`, evaluation always full-token.
 - :func:`run_summary`, :func:`speedup_table`, :func:`stage_step_table`, :func:`overhead_table`: the measured numbers.
+- claims ledger (issue 12): :func:`train_seeds` (``train_pair`` per seed, paired by seed), :func:`per_seed`,
+  :func:`top1_seeds_table` (mean and 95 % t-interval over the seeds), :func:`val_curves` (for the plateau note),
+  :func:`interleaved_step_speedup` / :func:`overhead_repeats_table` (per-repeat epoch-weighted speed-up, median and
+  IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT), :func:`claims_paragraph`.
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
+
+Size: about 850 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace and
+the claims evidence) that share the ToERun/overhead structures; split by the notebook's sections if it grows.
 """
 from __future__ import annotations
 
@@ -35,8 +42,9 @@ __all__ = [
     "SelectionTrace", "trace_token_selection", "measure_token_select_overhead",
     "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
     "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
-    "stage_step_table", "overhead_table", "expected_step_speedup", "plot_token_selection", "plot_keep_schedule",
-    "verdict",
+    "stage_step_table", "overhead_table", "expected_step_speedup", "interleaved_step_speedup",
+    "overhead_repeats_table", "removable_at_test", "claims_paragraph", "train_seeds", "per_seed", "val_curves", "top1_seeds_table",
+    "plot_token_selection", "plot_keep_schedule", "verdict",
 ]
 
 MODEL_LABELS = {"deit_tiny": "DeiT-T", "deit_small": "DeiT-S", "deit_base": "DeiT-B", "lvvit_small": "LV-ViT-S"}
@@ -314,15 +322,22 @@ def stage_step_table(runs: dict[str, ToERun], macs_rows: Sequence[dict[str, Any]
 def overhead_table(model: nn.Module, stages: Optional[Sequence[int]] = None, batch_size: int = 128, steps: int = 5,
                    warmup: int = 2, device: str = "cpu", input_size: Optional[Sequence[int]] = None) -> pd.DataFrame:
     """:func:`measure_token_select_overhead` for every active stage (interleaved timing of full-token,
-    ToE and a truncation to the same token count, in one run): step times, selection share, speed-up per stage."""
+    ToE and a truncation to the same token count, in one run): step times, selection share, speed-up per stage.
+    The per-repeat step times are kept in ``df.attrs["times_ms"]`` (stage -> variant -> list, see
+    :func:`interleaved_step_speedup` and :func:`overhead_repeats_table`)."""
     ts = toe.find_token_selects(model)[0]
     stages = [s for s in (stages or range(1, ts.num_stages + 1)) if ts.stage_active(s)]
     rows = []
+    repeats: dict[int, dict[str, list[float]]] = {}
     for s in stages:
         r = measure_token_select_overhead(model, input_size=input_size, batch_size=batch_size, steps=steps,
                                               warmup=warmup, device=device, stage=s)
-        rows.append({"stage": s, "keep_rate": ts.keep_rate[s - 1], **{k: v for k, v in r.items() if k != "stage"}})
-    return pd.DataFrame(rows)
+        rows.append({"stage": s, "keep_rate": ts.keep_rate[s - 1],
+                     **{k: v for k, v in r.items() if k not in ("stage", "times_ms")}})
+        repeats[s] = r["times_ms"]
+    df = pd.DataFrame(rows)
+    df.attrs["times_ms"] = repeats
+    return df
 
 
 def expected_step_speedup(overhead: pd.DataFrame, stage_epochs: dict[int, int]) -> Optional[float]:
@@ -337,22 +352,175 @@ def expected_step_speedup(overhead: pd.DataFrame, stage_epochs: dict[int, int]) 
     return full / avg
 
 
+def interleaved_step_speedup(overhead: pd.DataFrame, stage_epochs: dict[int, int]) -> Optional[dict[str, Any]]:
+    """The epoch-weighted step-time speed-up for every interleaved repeat, with its median and interquartile range
+    (the evidence of the hardware claim ``toe.train_speedup``).
+
+    For repeat ``i``: each active stage's relative step time ``toe_i / full_i`` (both timed back to back in that
+    repeat), weighted by the epochs in the stage (inactive stages count 1), gives ``1 / mean`` as that repeat's
+    speed-up. ``overhead``: :func:`overhead_table` (its ``attrs["times_ms"]``). Returns ``{ratio, q1, q3,
+    per_repeat, repeats}`` or None without timings; needs at least 3 repeats."""
+    times = overhead.attrs.get("times_ms") if overhead is not None else None
+    if not times:
+        return None
+    n = min(len(v["full"]) for v in times.values())
+    if n < 3:
+        raise ValueError(f"an interquartile range needs at least 3 interleaved repeats, got {n}")
+    total = sum(stage_epochs.values())
+    per_repeat = []
+    for i in range(n):
+        rel = {s: v["toe"][i] / v["full"][i] for s, v in times.items()}
+        per_repeat.append(total / sum(k * rel.get(s, 1.0) for s, k in stage_epochs.items()))
+    q1, med, q3 = statistics.quantiles(per_repeat, n=4, method="inclusive")
+    return {"ratio": statistics.median(per_repeat), "q1": q1, "q3": q3, "per_repeat": per_repeat, "repeats": n}
+
+
+def overhead_repeats_table(overhead: pd.DataFrame, stage_epochs: dict[int, int]) -> pd.DataFrame:
+    """One row per interleaved repeat: each stage's full-token and ToE step time (ms) and the repeat's
+    epoch-weighted speed-up (:func:`interleaved_step_speedup`)."""
+    times = overhead.attrs.get("times_ms") or {}
+    sp = interleaved_step_speedup(overhead, stage_epochs) if times else None
+    if sp is None:
+        return pd.DataFrame(columns=["repeat", "epoch_weighted_speedup"])
+    rows = []
+    for i in range(sp["repeats"]):
+        row: dict[str, Any] = {"repeat": i + 1}
+        for s, v in sorted(times.items()):
+            row[f"stage{s}_full_ms"] = v["full"][i]
+            row[f"stage{s}_toe_ms"] = v["toe"][i]
+        row["epoch_weighted_speedup"] = sp["per_repeat"][i]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def removable_at_test(toe_model: nn.Module, model_name: str, x: torch.Tensor, stage: int = 1,
+                      **model_kwargs: Any) -> dict[str, Any]:
+    """Is the ToE model in ``eval()`` the original ViT? Builds a plain ``model_name`` (no ToE), loads the ToE
+    model's state dict into it (strict: ToE adds no parameters or buffers) and compares the logits on ``x``.
+
+    ToE is set to ``stage`` with ``sparse_inference`` on (as in training) for the comparison, so the check is not
+    vacuous: ``train_mode_max_abs_diff`` (both models in train mode, no dropout) shows the selection was active.
+    Returns ``max_abs_diff`` (eval, must be 0), ``param_diff`` (parameter count difference), the state-dict key
+    difference, the sequence lengths the block after ToE saw, and the check's stage. The ToE model's mode, stage
+    and flag are restored."""
+    import timm
+
+    from tokenbook import models as _models  # noqa: F401  (registers the workbook's models)
+
+    ts = find_token_selects(toe_model)
+    if not ts:
+        raise ValueError("no TokenSelect in the model; call tokenbook.methods.toe.attach_token_select(model) first")
+    ts = ts[0]
+    if not ts.stage_active(stage):
+        raise ValueError(f"stage {stage} is not an active ToE stage; the check would be vacuous")
+    was_training = toe_model.training
+    device = next(toe_model.parameters()).device
+    plain = timm.create_model(model_name, **model_kwargs).to(device)
+    sd = toe_model.state_dict()
+    missing, unexpected = plain.load_state_dict(sd, strict=False)
+    n_toe = sum(p.numel() for p in toe_model.parameters())
+    n_plain = sum(p.numel() for p in plain.parameters())
+    x = x.to(device)
+    seen: list[tuple[str, int]] = []
+    nxt = getattr(ts, "block_index", 0) + 1
+    blk = toe_model.blocks[nxt] if nxt < len(toe_model.blocks) else None
+    handle = blk.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1])) if blk is not None else None
+    saved = (ts.expansion_stage, ts.sparse_inference)
+    ts.expansion_stage, ts.sparse_inference = stage, True
+    try:
+        with torch.no_grad():
+            toe_model.train()
+            plain.train()
+            diff_train = float((toe_model(x) - plain(x)).abs().max())
+            toe_model.eval()
+            plain.eval()
+            diff_eval = float((toe_model(x) - plain(x)).abs().max())
+    finally:
+        ts.expansion_stage, ts.sparse_inference = saved
+        if handle is not None:
+            handle.remove()
+        toe_model.train(was_training)
+    return {"model": model_name, "stage": stage, "max_abs_diff": diff_eval, "param_diff": n_toe - n_plain,
+            "params": n_toe, "state_dict_key_diff": len(missing) + len(unexpected),
+            "train_mode_max_abs_diff": diff_train, "seq_len_train": seen[0] if seen else None,
+            "seq_len_eval": seen[1] if len(seen) > 1 else None}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# several seeds, paired by seed
+# ----------------------------------------------------------------------------------------------------------
+def train_seeds(model_name: str, bundle: Any, batch_size: int, cfg: Any, toe_kwargs: dict, seeds: Sequence[int], *,
+                num_workers: int = 0, block_index: int = 0, run_baseline: bool = True,
+                model_kwargs: Optional[dict] = None) -> dict[int, dict[str, ToERun]]:
+    """:func:`train_pair` for every seed, one after the other: for seed ``s`` both runs start from
+    ``seed_everything(s)`` (same initial weights) and read a train loader seeded with ``s`` (same batches in both
+    runs, a different order per seed); the data subset (``bundle``) is the same for every seed.
+    Returns ``{seed: {label: ToERun}}``."""
+    import dataclasses
+
+    from tokenbook import data
+
+    out: dict[int, dict[str, ToERun]] = {}
+    for s in seeds:
+        tl, vl = data.make_loaders(bundle, batch_size, num_workers=num_workers, seed=int(s))
+        out[int(s)] = train_pair(model_name, tl, vl, dataclasses.replace(cfg, seed=int(s)), toe_kwargs,
+                                 preprocess=bundle.preprocess, block_index=block_index, run_baseline=run_baseline,
+                                 model_kwargs=model_kwargs)
+    return out
+
+
+def per_seed(tables: dict[int, pd.DataFrame]) -> pd.DataFrame:
+    """``{seed: table}`` -> one table with a leading ``seed`` column."""
+    return pd.concat([t.assign(seed=s)[["seed", *t.columns]] for s, t in tables.items()], ignore_index=True)
+
+
+def val_curves(runs_by_seed: dict[int, dict[str, ToERun]]) -> list[list[float]]:
+    """The validation top-1 curve of every run (all seeds, all arms), for :func:`tokenbook.claims.plateau_note`."""
+    return [list(r.result.history["val_top1"].dropna()) for runs in runs_by_seed.values() for r in runs.values()
+            if "val_top1" in r.result.history]
+
+
+def top1_seeds_table(runs_by_seed: dict[int, dict[str, ToERun]], level: float = 0.95) -> pd.DataFrame:
+    """Final full-token top-1 of each arm over the seeds, and the paired difference ToE - full-token: one row per
+    arm (and one for the difference) with the seeds, ``n``, mean, a Student-t ``level`` confidence interval and the
+    per-seed values (``top1_seed<s>`` columns). The interval needs 2 seeds; with one it is left empty."""
+    from tokenbook.claims import mean_ci
+
+    seeds = sorted(runs_by_seed)
+    labels = [lab for lab in ("full-token", "ToE") if all(lab in runs_by_seed[s] for s in seeds)]
+    vals = {lab: [float(runs_by_seed[s][lab].result.final.get("val_top1")) for s in seeds] for lab in labels}
+    if len(labels) == 2:
+        vals["ToE - full-token (paired)"] = [t - f for t, f in zip(vals["ToE"], vals["full-token"])]
+    rows = []
+    for lab, v in vals.items():
+        m, lo, hi = mean_ci(v, level=level) if len(v) >= 2 else (float(v[0]), None, None)
+        rows.append({"run": lab, "seeds": ",".join(map(str, seeds)), "n": len(v), "top1_mean": m,
+                     f"ci{int(level * 100)}_low": lo, f"ci{int(level * 100)}_high": hi,
+                     **{f"top1_seed{s}": x for s, x in zip(seeds, v)}})
+    return pd.DataFrame(rows)
+
+
 def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving: Optional[float] = None,
             per_stage: Optional[pd.DataFrame] = None) -> str:
     """A short markdown paragraph stating what this run measured, written from the numbers.
 
-    ``per_stage`` (:func:`stage_step_table`): its full-token stage does the same work in both runs, so its measured
-    ratio (ideally 1.0) shows how much the machine's speed drifted between the two sequential runs.
+    ``speedups``: :func:`speedup_table`, one seed or several (:func:`per_seed`, a ``seed`` column): with several
+    seeds the speed-ups are the medians over the seeds and the top-1 difference the mean. ``per_stage``
+    (:func:`stage_step_table`, same convention): its full-token stage does the same work in both runs, so its
+    measured ratio (ideally 1.0) shows how much the machine's speed drifted between the two sequential runs.
     """
     if speedups.empty:
         return "Only the ToE run was trained (run_baseline is False): no speed-up measured."
-    step = speedups.iloc[0]
-    wall = speedups.iloc[1]
-    e2e = speedups.iloc[2]
-    met = bool(wall["target_met"])
-    parts = [f"**Measured in this run**: step-time speed-up {step['speedup']:.2f}x, training wall-clock "
-             f"{wall['speedup']:.2f}x (end to end with evaluation {e2e['speedup']:.2f}x); full-token top-1 "
-             f"{step['top1_full']:.2f} vs. {step['top1_toe']:.2f} with ToE ({step['top1_diff']:+.2f} pt)."]
+    n = speedups["seed"].nunique() if "seed" in speedups.columns else 1
+    g = speedups.groupby("measure", sort=False)
+    sp = g["speedup"].median()
+    diff = float(g["top1_diff"].mean().iloc[0])
+    met = bool((g["target_met"].mean() == 1.0).iloc[1])
+    what = "median over {n} seeds".format(n=n) if n > 1 else "one seed"
+    parts = [f"**Measured in this run** ({what}): step-time speed-up {sp.iloc[0]:.2f}x, training wall-clock "
+             f"{sp.iloc[1]:.2f}x (end to end with evaluation {sp.iloc[2]:.2f}x); full-token top-1 "
+             f"{float(g['top1_full'].mean().iloc[0]):.2f} vs. {float(g['top1_toe'].mean().iloc[0]):.2f} with ToE "
+             f"({diff:+.2f} pt{', mean' if n > 1 else ''})."]
     if mac_saving is not None:
         parts.append(f"The analytic epoch-average MAC saving of this run's schedule is {mac_saving:.2f}x")
         if expected is not None:
@@ -362,11 +530,38 @@ def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving
     if per_stage is not None and not per_stage.empty:
         same = per_stage[~per_stage["active"].astype(bool)]["measured_ratio"].dropna()
         if len(same):
+            rng = (f"{float(same.min()):.2f}-{float(same.max()):.2f} over the seeds" if len(same) > 1
+                   else f"{float(same.iloc[0]):.2f}")
             parts.append(f"In the final full-token stage both runs do identical work; the measured ratio there is "
-                         f"{float(same.iloc[0]):.2f} (1.00 on a steady machine), a direct read of the machine-load "
+                         f"{rng} (1.00 on a steady machine), a direct read of the machine-load "
                          f"drift between the two sequential runs, which the sequential wall-clock ratios also carry.")
-    parts.append("Target (>= 1.2x wall-clock at <= 0.5 pt lost): **" + ("met" if met else "not met") + "** here.")
+    parts.append("Target (>= 1.2x wall-clock at <= 0.5 pt lost" + (", every seed" if n > 1 else "") + "): **"
+                 + ("met" if met else "not met") + "** here.")
     return " ".join(parts)
+
+
+def claims_paragraph(verdicts: pd.DataFrame) -> str:
+    """Markdown bullets, one per claim of :func:`tokenbook.claims.verdict_table`, written from its numbers: the
+    verdict, what was measured (value, interval or IQR, n) and the plateau note."""
+    lines = []
+    for r in verdicts.itertuples():
+        v = f"**{r.verdict}**"
+        if r.verdict == "not_testable_here":
+            lines.append(f"* `{r.claim}`: {v} ({r.detail})")
+            continue
+        if r.verdict == "failed" or pd.isna(r.ours):
+            lines.append(f"* `{r.claim}`: {v} ({r.detail})")
+            continue
+        if r.kind == "structural":
+            got = f"ours {r.ours:.4g} vs. {r.paper_value:g} ({r.method})"
+        elif r.kind == "hardware":
+            got = f"median {r.ours:.3f}x, IQR {r.ci_low:.3f}-{r.ci_high:.3f}"
+        else:
+            got = (f"mean paired difference {r.ours:+.2f} pt, 95 % CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}] over "
+                   f"{r.n} seeds")
+        plat = f"; plateau: {r.plateau}" if isinstance(r.plateau, str) and r.plateau else ""
+        lines.append(f"* `{r.claim}`: {v}: {got}{plat}.")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -586,7 +781,8 @@ def measure_token_select_overhead(model: nn.Module, input_size: Optional[Sequenc
     ``toe`` (real selection at ``stage``, default the current stage or 1) and ``truncated`` (the same kept token
     count without any selection work). ``overhead_ms = toe - truncated`` (selection forward and backward, merge
     included) and ``overhead_share = overhead_ms / toe``; ``select_forward_ms`` times the selection alone on a
-    captured block output. ``speedup_vs_full = full / toe``. The model's weights and modes are left unchanged.
+    captured block output. ``speedup_vs_full = full / toe``; ``times_ms``: every timed step per variant, in repeat
+    order (repeat ``i`` of the three variants ran back to back). The model's weights and modes are left unchanged.
     """
     device = torch.device(device)
     found = find_token_selects(model)
@@ -657,4 +853,5 @@ def measure_token_select_overhead(model: nn.Module, input_size: Optional[Sequenc
             "step_ms_toe": med["toe"], "step_ms_truncated": med["truncated"],
             "select_forward_ms": statistics.median(sel) * 1e3, "overhead_ms": over,
             "overhead_share": over / med["toe"], "speedup_vs_full": med["full"] / med["toe"],
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(),
+            "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
