@@ -77,9 +77,15 @@ def test_small_scale_tables(smoke):
     assert _isna(vit["top1_memory"]) and _isna(vit["top1_process"]) and _isna(vit["memory_tokens"])
     assert (ttm["memory_tokens"], ttm["process_tokens"]) == (49, 49)
     assert ttm["steps"] == vit["steps"] == params["max_steps_per_epoch"]  # same budget
+    assert (s["seed"] == 0).all()  # the first seed of the smoke profile's seeds
+    runs = read(smoke, "small_scale_seeds")
+    assert sorted(runs["seed"].unique()) == [0, 1] and len(runs) == 4
+    assert runs.groupby("model")["steps"].nunique().eq(1).all()
+    mean = runs.groupby("model")["top1"].mean()
     cmp = read(smoke, "small_scale_vs_paper").set_index("quantity")
     assert cmp.loc["top1 ViTTM memory head - ViT", "paper"] == pytest.approx(1.9)
-    assert cmp.loc["top1 ViTTM memory head - ViT", "ours"] == pytest.approx(ttm["top1"] - vit["top1"])
+    assert cmp.loc["top1 ViTTM memory head - ViT", "ours"] == pytest.approx(
+        mean[params["model_name"]] - mean[params["vit_name"]])  # means over the seeds
     assert _isna(cmp.loc["top1 ViTTM process head - ViT", "paper"])
     assert cmp.loc["GMACs ViT / ViTTM", "ours"] == pytest.approx(vit["gmacs"] / ttm["gmacs"])
     hist = read(smoke, "memory_diagnostics")
@@ -107,6 +113,99 @@ def test_ablation_tables(smoke):
         "lin+residual", "top1_memory"]
     ps = read(smoke, "ablation_patch_sizes").set_index("setting")
     assert ps.loc["m2p4", "memory_tokens"] == 196 and ps.loc["m2p4", "process_tokens"] == 49
+
+
+def test_claim_arms_and_evidence(smoke):
+    """The claim arms run once per seed (memory_blocks none is lin+residual, trained once), and every testable claim
+    of the sheet gets evidence that matches the tables; the verdict table lists all of the sheet's claims."""
+    import json
+
+    from tokenbook.claims import load_claims
+
+    params = profile_params("smoke")
+    seeds = [int(s) for s in params["seeds"].split(",")]
+    arms = read(smoke, "ablation_claim_runs")
+    assert len(arms) == len(X.CLAIM_ARMS) * len(seeds) and set(arms["arm"]) == set(X.CLAIM_ARMS)
+    assert sorted(arms["seed"].unique()) == seeds
+    by = arms.set_index(["seed", "arm"])
+    for s in seeds:
+        assert by.loc[(s, "memory_blocks none"), "top1_memory"] == by.loc[(s, "lin+residual"), "top1_memory"]
+        assert bool(by.loc[(s, "memory_blocks none"), "reused"]) and not bool(by.loc[(s, "lin+residual"), "reused"])
+    summary = read(smoke, "ablation_claim_arms").set_index("arm")
+    assert (summary["n_seeds"] == len(seeds)).all()
+    assert summary.loc["la+residual", "top1_memory"] == pytest.approx(by.xs("la+residual", level="arm")[
+        "top1_memory"].mean())
+    assert (smoke / "ablation_claim_arms.png").stat().st_size > 1000
+
+    ev = {e["claim"]: e for e in json.loads((smoke / "claims_evidence.json").read_text())}
+    testable = {c.id for c in load_claims("vittm") if not c.not_testable_here}
+    assert set(ev) == testable
+    assert ev["vittm.macs_ratio"]["value"] == pytest.approx(2.4596, abs=1e-3)
+    lat = read(smoke, "latency_interleaved").iloc[0]
+    assert ev["vittm.latency_ratio"]["ratio"] == pytest.approx(lat["ratio"])
+    assert ev["vittm.latency_ratio"]["q1"] <= lat["ratio"] <= ev["vittm.latency_ratio"]["q3"]
+    assert lat["repeats"] == params["latency_repeats"] and lat["batch"] == params["latency_batch"]
+    runs = read(smoke, "small_scale_seeds")
+    top1 = {(int(r.seed), r.model): r.top1 for r in runs.itertuples()}
+    assert ev["vittm.beats_vit"]["a"] == [top1[(s, params["model_name"])] for s in seeds]
+    assert ev["vittm.beats_vit"]["b"] == [top1[(s, params["vit_name"])] for s in seeds]
+    assert ev["vittm.no_memory_processing"]["a"] == [by.loc[(s, "lin+residual"), "top1_memory"] for s in seeds]
+    assert ev["vittm.no_memory_processing"]["b"] == [by.loc[(s, "memory_blocks mlp"), "top1_memory"] for s in seeds]
+    for cid in ("vittm.beats_vit", "vittm.linear_heads", "vittm.add_fusion"):
+        assert ev[cid]["plateau"].startswith(("yes", "no")) and "seeds [0, 1]" in ev[cid]["scale"]
+
+    verdicts = read(smoke, "claims").set_index("claim")
+    assert set(verdicts.index) == {c.id for c in load_claims("vittm")}
+    assert verdicts.loc["vittm.imagenet_top1", "verdict"] == "not_testable_here"
+    assert verdicts.loc["vittm.macs_ratio", "verdict"] == "reproduced"
+    assert (verdicts.drop(index="vittm.imagenet_top1")["verdict"] != "failed").all()
+
+
+def test_claim_evidence_builders():
+    """Pairing by seed, the best-of rule for b, and the efficiency/latency evidence, on made-up tables."""
+    from tokenbook.claims import judge, load_claims
+
+    top = {"lin+residual": (40, 41, 42), "tl+residual": (39, 40, 41), "ca+residual": (30, 31, 32),
+           "la+residual": (41, 38, 39), "lca+residual": (35, 35, 35), "lin+erase": (20, 21, 22),
+           "lin+add_erase": (40, 40, 40), "memory_blocks none": (40, 41, 42), "memory_blocks mlp": (38, 39, 40)}
+    arms = pd.DataFrame([{"arm": a, "seed": s, "top1_memory": float(v[s])} for a, v in top.items() for s in range(3)])
+    curves = {(s, a): [v[s] - 5.0, float(v[s])] for a, v in top.items() for s in range(3)}
+    ev = {e.claim: e for e in X.ablation_evidence(arms, curves, scale="test")}
+    assert ev["vittm.linear_heads"].a == [40.0, 41.0, 42.0]
+    assert ev["vittm.linear_heads"].b == [39.0, 40.0, 41.0]  # tl (mean 40) beats la (39.3)
+    assert "b = tl+residual" in ev["vittm.linear_heads"].detail
+    assert ev["vittm.add_fusion"].b == [40.0, 40.0, 40.0] and ev["vittm.no_memory_processing"].b == [38.0, 39.0, 40.0]
+    assert ev["vittm.add_fusion"].plateau.startswith("no: at most +5.0 pt over the last 1 evaluations")
+    claims = {c.id: c for c in load_claims("vittm")}
+    assert judge(claims["vittm.linear_heads"], ev["vittm.linear_heads"]).verdict == "reproduced"  # +1 every seed
+    assert judge(claims["vittm.add_fusion"], ev["vittm.add_fusion"]).verdict == "inconclusive"  # 0, +1, +2
+
+    runs = pd.DataFrame([{"model": m, "seed": s, "top1": t} for s, (a, b) in enumerate([(60, 50), (62, 51)])
+                         for m, t in (("ttm", a), ("vit", b))])
+    hist = {s: {"ttm": pd.DataFrame({"val_top1_memory": [40.0, 55.0, 60.0]}),
+                "vit": pd.DataFrame({"val_top1": [40.0, 49.5, 50.0]})} for s in range(2)}
+    (bv,) = X.beats_vit_evidence(runs, hist, "ttm", "vit", scale="test")
+    assert (bv.a, bv.b) == ([60.0, 62.0], [50.0, 51.0]) and bv.plateau.startswith("no: at most +20.0 pt")
+
+    eff = pd.DataFrame([{"model": "ViT-B/16", "gmacs": 17.6}, {"model": "ViTTM-B", "gmacs": 7.2}])
+    lat = {"pair": "ViT-B/16 / ViTTM-B", "ratio": 2.3, "q1": 2.26, "q3": 2.4, "a_ms": 10.0, "b_ms": 4.3,
+           "repeats": 9, "img_size": 224, "batch": 4, "device": "cpu", "threads": 2, "dtype": "fp32"}
+    macs, lr = X.efficiency_evidence(eff, lat)
+    assert macs.value == pytest.approx(17.6 / 7.2) and (lr.ratio, lr.q1, lr.q3) == (2.3, 2.26, 2.4)
+    assert judge(claims["vittm.latency_ratio"], lr).verdict == "reproduced"  # IQR above the 2.25 margin
+    assert [e.claim for e in X.efficiency_evidence(eff)] == ["vittm.macs_ratio"]
+
+
+def test_interleaved_latency_and_seed_means(one_thread):
+    small = {"vit": ("vit_fm_tiny_p4_28", {"depth": 1}), "ttm": ("vittm_cpu_m4p4_28", {"depth": 1})}
+    r = X.interleaved_latency("vit", "ttm", img_size=28, batch_size=2, repeats=3, warmup=1, models=small)
+    assert r["q1"] <= r["ratio"] <= r["q3"] and r["a_ms"] > 0 and r["b_ms"] > 0
+    assert (r["pair"], r["batch"], r["repeats"], r["dtype"]) == ("vit / ttm", 2, 3, "fp32")
+    runs = pd.DataFrame({"model": ["a", "b", "a", "b"], "seed": [0, 0, 1, 1], "top1": [1.0, 2.0, 3.0, 5.0],
+                         "latency_ms": [4.0, 5.0, None, None], "timm_name": ["x", "y", "x", "y"]})
+    m = X.seed_means(runs).set_index("model")
+    assert m.loc["a", "top1"] == 2.0 and m.loc["b", "top1_sd"] == pytest.approx(3 / 2 ** 0.5)
+    assert m.loc["a", "latency_ms"] == 4.0 and m.loc["b", "n_seeds"] == 2 and "seed" not in m.columns
 
 
 def test_recipe_pitfall_tables_and_figures(smoke):
@@ -222,6 +321,12 @@ def test_profiles_keep_the_paper_configuration():
         assert (m.rw_head_type, m.fusion_type, m.latent_size_scale, m.memory_blocks_type) == (
             "lin", "residual", 4, "none")
         assert m.num_memory_tokens == m.num_process_tokens
+    for profile in ("cpu", "gpu"):  # the claims get >= 3 paired seeds; the claim arms run there
+        p = profile_params(profile)
+        assert len(p["seeds"].split(",")) >= 3 and p["ablation_claims"] and p["latency_repeats"] >= 5
+    assert profile_params("cpu")["ablation_studies"] == ""  # the cpu budget goes to the claim arms' seeds
+    full = profile_params("full")
+    assert not full["ablation_claims"] and full["ablation_studies"] == "" and full["seeds"] == "0"
     gpu = profile_params("gpu")
     assert gpu["latency_batch"] == 128 and gpu["latency_min_run_time"] == 8.0  # the official benchmark settings
     assert X.create(gpu["model_name"], meta=True).num_process_tokens == 64  # the paper's 64 + 64 tokens at 32 px

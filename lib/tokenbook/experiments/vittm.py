@@ -16,6 +16,13 @@ notebook stays a thin driver:
 - :func:`plot_read_write_maps`, :func:`plot_head_maps`, :func:`plot_memory_diagnostics`: the figures.
 - :func:`make_train_config`, :func:`recipe_table`, :data:`OFFICIAL_PITFALLS`: the paper-scale recipes and the official
   code's pitfalls with how this implementation avoids them.
+- The claims ledger (``references/vittm.yaml``): :func:`train_seeds` / :func:`seed_means` (section 2 once per seed),
+  :data:`CLAIM_ARMS` / :func:`run_claim_arms` / :func:`plot_claim_arms` (the eight ablation trainings the claims
+  compare, once per seed), :func:`interleaved_latency` (ViT-B/16 vs ViTTM-B timed A/B) and the evidence builders
+  :func:`efficiency_evidence`, :func:`beats_vit_evidence`, :func:`ablation_evidence`.
+
+Size: about 900 lines, over the 800-line guide: the notebook's five sections and its claims share the same model
+factory, reference loading and ablation runner, and splitting them would scatter one paper's experiments.
 """
 from __future__ import annotations
 
@@ -42,7 +49,8 @@ __all__ = [
     "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
     "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table",
     "REFERENCE_ALIASES",
-    "pretrain_then_finetune",
+    "pretrain_then_finetune", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
+    "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence",
 ]
 
 #: Efficiency-table rows: label (as in the reference file) -> (timm name, kwargs).
@@ -319,12 +327,15 @@ def _config_key(model: nn.Module) -> tuple:
 
 
 def run_ablation(study: str, base_model: str, base_kwargs: dict, train_loader, val_loader, cfg: TrainConfig, bundle,
-                 labels: Optional[Iterable[str]] = None, seed: int = 0, cache: Optional[dict] = None) -> pd.DataFrame:
+                 labels: Optional[Iterable[str]] = None, seed: int = 0, cache: Optional[dict] = None,
+                 curves: Optional[dict] = None) -> pd.DataFrame:
     """Train one short run per setting of ``study`` (see :func:`ablation_configs`) on top of
-    ``base_model`` + ``base_kwargs``; ``labels`` picks a subset (in the study's order). Configurations that resolve
-    to the same model (e.g. lin+residual and r=4 on the paper's base) are trained once when a shared ``cache`` dict
-    is passed. One row per setting: the options, token counts, parameters, GMACs, top-1 of both heads, train time,
-    whether it is the paper's choice and whether the result came from the cache."""
+    ``base_model`` + ``base_kwargs``; ``labels`` picks a subset (in the study's order). ``seed`` seeds the model's
+    initialization and the run (the loaders carry their own seed). Configurations that resolve to the same model
+    (e.g. lin+residual and r=4 on the paper's base) are trained once per seed when a shared ``cache`` dict is passed.
+    One row per setting: the options, the seed, token counts, parameters, GMACs, top-1 of both heads, train time,
+    whether it is the paper's choice and whether the result came from the cache. ``curves``, a dict, receives the
+    memory head's validation top-1 per evaluation under ``(seed, study, setting)``."""
     configs = ablation_configs(study, img_size=bundle.config.img_size)
     if labels is not None:
         wanted = [l.strip() for l in labels if l.strip()]
@@ -339,20 +350,24 @@ def run_ablation(study: str, base_model: str, base_kwargs: dict, train_loader, v
         args = {**base_kwargs, **kw, "num_classes": bundle.num_classes}
         seed_everything(seed)
         model = create(base_model, **args)
-        key = _config_key(model)
+        key = (_config_key(model), seed)
         cached = key in cache
         if not cached:
-            res = fit(model, train_loader, val_loader, replace(cfg, progress=False), preprocess=bundle.preprocess,
-                      desc=f"{study} {label}")
+            res = fit(model, train_loader, val_loader, replace(cfg, progress=False, seed=seed),
+                      preprocess=bundle.preprocess, desc=f"{study} {label}")
+            h = res.history
             cache[key] = {"top1_memory": res.final.get("val_top1_memory"),
                           "top1_process": res.final.get("val_top1_process"),
                           "train_loss": res.final.get("train_loss"), "train_wall_s": res.timing["wall_time_s"],
-                          "step_ms": res.timing["step_ms"]}
-        r = cache[key]
+                          "step_ms": res.timing["step_ms"],
+                          "_curve": h["val_top1_memory"].dropna().tolist() if "val_top1_memory" in h else []}
+        r = {k: v for k, v in cache[key].items() if not k.startswith("_")}
+        if curves is not None:
+            curves[(seed, study, label)] = list(cache[key]["_curve"])
         paper_choice = PAPER_CHOICE.get(study) == label
         with all_heads(model):
             gmacs = bench.count_macs(model, input_size=(3, img, img))["gmacs"]
-        rows.append({"study": study, "setting": label, "rw_head_type": model.rw_head_type,
+        rows.append({"study": study, "setting": label, "seed": seed, "rw_head_type": model.rw_head_type,
                      "fusion_type": model.fusion_type, "latent_size_scale": model.latent_size_scale,
                      "memory_blocks": model.memory_blocks_type, "memory_ps": model.memory_ps,
                      "process_ps": model.process_ps, "memory_tokens": model.num_memory_tokens,
@@ -714,3 +729,193 @@ def ablation_configs(study: Optional[str] = None, img_size: int = 28) -> dict[st
     if study not in studies:
         raise ValueError(f"unknown ablation study {study!r}; choose one of {tuple(studies)}")
     return studies[study]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The claims ledger: several seeds, the ablation arms the claims compare, interleaved latency, evidence
+# ----------------------------------------------------------------------------------------------------------
+#: The ablation arms of the sheet's claims (``references/vittm.yaml``): arm -> (study, setting). ``memory_blocks none``
+#: is the same model as ``lin+residual`` and is trained once per seed (8 trainings per seed).
+CLAIM_ARMS: dict[str, tuple[str, str]] = {
+    **{f"{h}+residual": ("head_fusion", f"{h}+residual") for h in V.RW_HEAD_TYPES},
+    "lin+erase": ("head_fusion", "lin+erase"), "lin+add_erase": ("head_fusion", "lin+add_erase"),
+    "memory_blocks none": ("memory_blocks", "none"), "memory_blocks mlp": ("memory_blocks", "mlp"),
+}
+
+
+def train_seeds(models: Mapping[str, tuple[str, dict]], bundle, batch_size: int, cfg: TrainConfig,
+                seeds: Sequence[int], num_workers: int = 0, latency: bool = True, latency_batch: int = 64,
+                latency_device: str = "cpu", min_run_time: float = 1.0,
+                initial: Optional[Mapping[str, nn.Module]] = None
+                ) -> tuple[pd.DataFrame, dict[int, dict[str, pd.DataFrame]], dict[str, nn.Module]]:
+    """:func:`train_models` once per seed: the seed sets the initialization, the run and the data order (the
+    images are the same for every seed, so the models are paired by seed). Latency (independent of the weights) is
+    measured for the first seed only. Returns ``(summary of every seed with a seed column, {seed: histories}, the
+    first seed's trained models)``. ``initial`` (pre-trained models) needs a single seed."""
+    from tokenbook.data import make_loaders
+
+    if initial and len(seeds) > 1:
+        raise ValueError(f"pre-trained initial models are one training; use one seed, not {list(seeds)}")
+    frames, hist, first = [], {}, {}
+    for i, s in enumerate(seeds):
+        tl, vl = make_loaders(bundle, batch_size, num_workers=num_workers, seed=s)
+        summary, h, trained = train_models(models, tl, vl, replace(cfg, seed=s), bundle, seed=s,
+                                           latency=latency and i == 0, latency_batch=latency_batch,
+                                           latency_device=latency_device, min_run_time=min_run_time,
+                                           initial=initial)
+        frames.append(summary.assign(seed=s))
+        hist[s] = h
+        if i == 0:
+            first = trained
+    return pd.concat(frames, ignore_index=True), hist, first
+
+
+def seed_means(runs: pd.DataFrame, by: str = "model") -> pd.DataFrame:
+    """One row per ``by`` value: the mean over seeds of every numeric column (``seed`` dropped), the number of seeds
+    and the standard deviation of the top-1 columns; text columns from the first row."""
+    keys = [by] if isinstance(by, str) else list(by)
+    num = [c for c in runs.select_dtypes("number").columns if c != "seed" and c not in keys]
+    rows = []
+    for _, g in runs.groupby(keys, sort=False):
+        row = g.iloc[0].drop(labels=["seed"], errors="ignore").to_dict()
+        row.update({c: g[c].mean() for c in num})
+        row["n_seeds"] = len(g)
+        for c in ("top1", "top1_memory", "top1_process"):
+            if c in g and g[c].notna().any():
+                row[f"{c}_sd"] = float(g[c].std(ddof=1)) if g[c].notna().sum() > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_claim_arms(base_model: str, base_kwargs: dict, bundle, batch_size: int, cfg: TrainConfig,
+                   seeds: Sequence[int], num_workers: int = 0, cache: Optional[dict] = None
+                   ) -> tuple[pd.DataFrame, dict[tuple[int, str], list[float]]]:
+    """Every arm of :data:`CLAIM_ARMS` trained once per seed (seeded loaders, init and run; same images for every
+    seed). Returns the long table, one row per (seed, arm) with the :func:`run_ablation` columns, and the
+    validation curves of the memory head ``{(seed, arm): [top-1 per evaluation]}``. Pass the ``cache`` on to
+    :func:`run_ablation` so that the other settings of one seed reuse these runs."""
+    from tokenbook.data import make_loaders
+
+    cache = {} if cache is None else cache
+    arms_of: dict[str, dict[str, str]] = {}
+    for arm, (study, setting) in CLAIM_ARMS.items():
+        arms_of.setdefault(study, {})[setting] = arm
+    frames, got = [], {}
+    for s in seeds:
+        tl, vl = make_loaders(bundle, batch_size, num_workers=num_workers, seed=s)
+        for study, arms in arms_of.items():
+            df = run_ablation(study, base_model, base_kwargs, tl, vl, cfg, bundle, labels=list(arms), seed=s,
+                              cache=cache, curves=got)
+            df.insert(0, "arm", df["setting"].map(arms))
+            frames.append(df)
+    curves = {(seed, arms_of[study][setting]): c for (seed, study, setting), c in got.items()}
+    return pd.concat(frames, ignore_index=True), curves
+
+
+def plot_claim_arms(summary: pd.DataFrame, title: str = ""):
+    """Bars: mean top-1 of both heads per claim arm over the seeds, with the standard deviation as error bars."""
+    import matplotlib.pyplot as plt
+
+    n = len(summary)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * n + 2.5), 3.4))
+    x = np.arange(n)
+    w = 0.38
+    for off, head in ((-w / 2, "memory"), (w / 2, "process")):
+        ax.bar(x + off, summary[f"top1_{head}"].astype(float), w, yerr=summary[f"top1_{head}_sd"].astype(float),
+               capsize=2, label=f"{head} head")
+    vals = pd.concat([summary["top1_memory"], summary["top1_process"]]).astype(float)
+    ax.set_ylim(max(0.0, float(vals.min()) - 8.0), min(100.0, float(vals.max()) + 5.0))
+    ax.set_xticks(x, summary["arm"], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("val top-1 (%), mean +- sd over seeds")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or f"claim arms, {int(summary['n_seeds'].min())} seeds each", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def interleaved_latency(vit: str = "ViT-B/16", ttm: str = "ViTTM-B", img_size: int = 224, batch_size: int = 4,
+                        device: str = "cpu", repeats: int = 9, warmup: int = 1, inner: int = 1,
+                        models: Optional[Mapping[str, tuple[str, dict]]] = None) -> dict:
+    """Latency of ``vit`` over ``ttm`` timed interleaved (:func:`tokenbook.bench.interleaved_ratio`): fp32,
+    ``eval``, ``no_grad``, random input, both ViTTM heads computed (as the official ``benchmark.py`` and
+    :func:`efficiency_table`). Returns the median ratio, its IQR, each model's median ms and the settings."""
+    models = dict(models or EFFICIENCY_MODELS)
+    seed_everything(0)
+    a = create(models[vit][0], **models[vit][1]).to(device).eval()
+    b = create(models[ttm][0], **models[ttm][1]).to(device).eval()
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    with torch.no_grad(), all_heads(b):
+        r = bench.interleaved_ratio(lambda: a(x), lambda: b(x), repeats=repeats, warmup=warmup, inner=inner,
+                                    device=device)
+    del a, b
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"pair": f"{vit} / {ttm}", **r, "img_size": img_size, "batch": batch_size, "device": str(device),
+            "threads": torch.get_num_threads(), "dtype": "fp32"}
+
+
+def _per_seed(runs: pd.DataFrame, key: str, value: str) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for _, r in runs.iterrows():
+        if pd.notna(r[value]):
+            out.setdefault(int(r["seed"]), {})[r[key]] = float(r[value])
+    return out
+
+
+def efficiency_evidence(eff: pd.DataFrame, latency: Optional[Mapping[str, Any]] = None) -> list:
+    """Evidence of ``vittm.macs_ratio`` (GMACs of ViT-B/16 over ViTTM-B, efficiency table) and, with ``latency``
+    (:func:`interleaved_latency`), of ``vittm.latency_ratio``."""
+    from tokenbook.claims import Evidence
+
+    out = []
+    e = eff.set_index("model")
+    if {"ViT-B/16", "ViTTM-B"} <= set(e.index):
+        out.append(Evidence("vittm.macs_ratio", value=float(e.at["ViT-B/16", "gmacs"] / e.at["ViTTM-B", "gmacs"]),
+                            scale="224 px, batch 1, attention counted (architecture: no training)",
+                            detail=f"{e.at['ViT-B/16', 'gmacs']:.3f} / {e.at['ViTTM-B', 'gmacs']:.3f} GMACs"))
+    if latency:
+        r = latency
+        out.append(Evidence("vittm.latency_ratio", ratio=float(r["ratio"]), q1=float(r["q1"]), q3=float(r["q3"]),
+                            scale=f"{r['device']}, {r['threads']} threads, batch {r['batch']}, {r['img_size']} px, "
+                                  f"{r['dtype']}; {r['repeats']} interleaved repeats",
+                            detail=f"{r['pair']}: {r['a_ms']:.1f} ms / {r['b_ms']:.1f} ms (medians)"))
+    return out
+
+
+def beats_vit_evidence(runs: pd.DataFrame, histories: Mapping[int, Mapping[str, pd.DataFrame]], vittm: str, vit: str,
+                       scale: str) -> list:
+    """Evidence of ``vittm.beats_vit`` from :func:`train_seeds`: the ViTTM's ``top1`` (memory head) against the
+    ViT's, paired by seed; the plateau note from both models' validation curves (ViTTM: memory head)."""
+    from tokenbook.claims import paired_evidence, plateau_note
+
+    curves = [h[m][col].dropna().tolist() for h in histories.values()
+              for m, col in ((vittm, "val_top1_memory"), (vit, "val_top1")) if m in h and col in h[m]]
+    return [paired_evidence("vittm.beats_vit", _per_seed(runs, "model", "top1"), vittm, vit, scale=scale,
+                            plateau=plateau_note(curves), detail=f"{vittm} (memory head) vs {vit}")]
+
+
+def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Sequence[float]], scale: str) -> list:
+    """Evidence of ``vittm.linear_heads``, ``vittm.add_fusion`` and ``vittm.no_memory_processing`` from
+    :func:`run_claim_arms` (memory head, paired by seed). Where the claim's b is "the best of" several arms, the arm
+    with the highest mean top-1 over the same seeds is taken (named in ``detail``). Plateau notes from every run
+    behind the claim (one evaluation window: the runs are two epochs)."""
+    from tokenbook.claims import paired_evidence, plateau_note
+
+    per_seed = _per_seed(runs, "arm", "top1_memory")
+    means = runs.groupby("arm")["top1_memory"].mean()
+    out = []
+    for claim, a, candidates in (
+            ("vittm.linear_heads", "lin+residual", ["tl+residual", "ca+residual", "la+residual", "lca+residual"]),
+            ("vittm.add_fusion", "lin+residual", ["lin+erase", "lin+add_erase"]),
+            ("vittm.no_memory_processing", "memory_blocks none", ["memory_blocks mlp"])):
+        have = [c for c in candidates if c in means.index]
+        if a not in means.index or not have:
+            continue
+        b = max(have, key=lambda c: means[c])
+        detail = "b = " + b + (" (best mean of " + ", ".join(f"{c} {means[c]:.2f}" for c in have) + ")"
+                               if len(have) > 1 else "") + f"; a mean {means[a]:.2f}"
+        used = [c for (s, arm), c in curves.items() if arm in (a, *have)]
+        out.append(paired_evidence(claim, per_seed, a, b, scale=scale, plateau=plateau_note(used, window=1),
+                                   detail=detail))
+    return out
