@@ -94,10 +94,13 @@ def test_throughput_decision_follows_the_numbers():
         {"variant": "fit()", "img_s": 95.0, "vs_plain_loop": 0.95, "vs_fit": 1.0, "setup_s": 0},
         {"variant": "fit(), bf16 autocast", "img_s": 40.0, "vs_plain_loop": 0.4, "vs_fit": 0.42, "setup_s": 0},
         {"variant": "fit(), torch.compile", "img_s": 110.0, "vs_plain_loop": 1.1, "vs_fit": 1.16, "setup_s": 30.0},
-        {"variant": "fit(), 2 seeds side by side", "img_s": 150.0, "vs_plain_loop": 1.5, "vs_fit": 1.58,
+        {"variant": "fit(), 1 thread", "img_s": 60.0, "vs_plain_loop": 0.6, "vs_fit": 0.63, "setup_s": 0},
+        {"variant": "fit(), 2 seeds side by side (2 processes x 1 thread)", "img_s": 150.0, "vs_plain_loop": 1.5,
+         "vs_fit": 1.58,
          "setup_s": 5.0}])
     d = throughput_decision(tp).set_index("question")["decision"]
     assert d["fit(), bf16 autocast"].startswith("not used")
     assert d["fit(), torch.compile"].startswith("not used")  # 1.16x does not repay 30 s in a 60 s run
-    assert d["fit(), 2 seeds side by side"].startswith("worth")
+    assert d["fit(), 2 seeds side by side (2 processes x 1 thread)"].startswith("worth adopting for seeded runs")
+    assert d["fit(), 1 thread"].startswith("not used: all threads")
     assert d["fit() against the plain loop"].startswith("used")
