@@ -246,8 +246,9 @@ def write_index(results_dir: Path, root: Path, include_smoke: bool = False) -> N
         headline_html = _markup(style_table(head, "") if len(head) else None)
         note = ("Rows of the tables each notebook marks as its headline; ✓ / ✗: within / outside the tolerance "
                 "stated in the reference sheet, n/a: no tolerance or no paper value.")
+    title = "Claims ledger: every claim, its verdict" if claims is not None else "Headline: the paper's number, ours"
     html = env.get_template("index.html.j2").render(
-        papers=papers, headline_html=headline_html, headline_note=note,
+        papers=papers, headline_html=headline_html, headline_note=note, headline_title=title,
         runs_html=_markup(style_table(runs_df, "")),
     )
     atomic_write(results_dir / "index.html", html)
