@@ -417,7 +417,15 @@ def _fit_epoch_s(model: nn.Module, loader, preprocess, lr: float, **cfg) -> tupl
     from .train import TrainConfig, fit
 
     tc = TrainConfig(epochs=2, lr=lr, warmup_epochs=0.0, progress=False, accelerator="cpu", **cfg)
-    r = fit(model, loader, None, tc, preprocess=preprocess)
+    # Fabric announces mixed precision on stderr ("Using bfloat16 Automatic Mixed Precision"): in a benchmark that
+    # tries bf16 on purpose it is noise in the report
+    fabric_log = logging.getLogger("lightning_fabric.utilities.rank_zero")
+    level = fabric_log.level
+    fabric_log.setLevel(logging.WARNING)
+    try:
+        r = fit(model, loader, None, tc, preprocess=preprocess)
+    finally:
+        fabric_log.setLevel(level)
     h = r.history
     steps = int(h["steps"].iloc[-1])
     return float(h["epoch_time_s"].iloc[-1]), steps * loader.batch_size, \
