@@ -1,5 +1,5 @@
-"""Learnable Memory for timm Vision Transformers (Sandler et al., "Fine-tuning Image Transformers using Learnable
-Memory", CVPR 2022).
+"""Learnable Memory for timm Vision Transformers and other backbones of timm pre-norm Blocks (Sandler et al.,
+"Fine-tuning Image Transformers using Learnable Memory", CVPR 2022).
 
 Reference sheet: ``../shared/papers/learnable_memory.md``; notebook ``05_memory``, experiments in
 :mod:`tokenbook.experiments.memory`, task splits in :mod:`tokenbook.data.tasks`. No official code was released; the public
@@ -25,6 +25,38 @@ Token layout: queries are ``[original tokens (timm order: cls, registers, patche
 values are ``[original tokens, task class tokens, memories of every task in task order]`` (Fig. 3, Table 1).
 Per task the trainable parameters are ``depth*m*D`` (memory) + ``D`` (class token) + head, i.e.
 ``9,216*m + 768 + 769*C`` for ViT-B/32 with ``C`` classes.
+
+Backbones
+---------
+A stateless adapter chosen by type gives the backbone-specific steps (embedding, the class token's position row,
+task read-out, token count and grid); the layers are always computed here from timm's ``Block``/``Attention`` parts.
+
+- **timm ``VisionTransformer``** (class-token or pooled head, register tokens allowed): ``patch_embed``,
+  ``_pos_embed``, ``patch_drop``, ``norm_pre``; task class tokens get ``pos_embed[:, :1]`` (unless
+  ``no_embed_class``), ``pos_drop`` and ``norm_pre``; a task token is read out through ``fc_norm`` and
+  ``head_drop``.
+- **Token-sequence backbones**, first of all tokenbook's ``T2TViT``
+  (``MemoryViT(timm.create_model("t2t_vit_tiny_fmnist", ...))``). The contract: ``forward_tokens(x)`` returns the
+  tokens that enter ``blocks[0]`` (class token at index 0 when ``cls_token`` is not None, position table and
+  ``pos_drop`` applied), ``forward_features(x) == norm(blocks(forward_tokens(x)))``, ``blocks`` is a ModuleList /
+  Sequential of timm pre-norm ``Block`` with ``timm.layers.Attention``, all ``embed_dim`` wide, ``norm`` is the
+  final norm, ``num_prefix_tokens``, ``cls_token`` (or None), ``global_pool`` ``'token'`` or ``'avg'``,
+  ``forward_head(x, pre_logits)`` and ``get_classifier()``. Task class tokens get the class token's position row
+  ``pos_embed[:, :1]`` when the backbone has a 3-D ``pos_embed`` of length ``num_prefix_tokens + num_patches``
+  (T2T-ViT's fixed sinusoid table; row 0 is the same under ``dynamic_img_size`` with either ``pos_embed_mode``),
+  then ``pos_drop``. A task token's read-out is what ``forward_head(..., pre_logits=True)`` does to a class token
+  (handed a sequence made of that token only; for T2T-ViT the token itself after the final norm). Masks use the
+  actual token count; ``class_token_patch_attention`` uses ``tokens_to_token.grid_for``. A non-identity
+  ``norm_pre`` is refused (whether ``forward_tokens`` applies it cannot be told).
+- **Refused** with a ValueError that names what is supported: other block or attention types (T2T-ViT-SE's
+  ``SEAttention``, T2T-ViT-Ghost's ``GhostAttention``/``GhostMlp``, T2T-ViT-Dense's ``DenseBlock``/``Transition``,
+  timm's ``ResPostBlock`` etc.: the memory joins the keys and values inside exactly timm ``Attention``'s
+  computation), ``global_pool=''``, and **ViTTM** (out of scope: no class token, and its timm Blocks see only the
+  process stream while the memory stream is read and written by separate heads, so there is no single token
+  sequence to add task tokens and memory to).
+
+Everything else (exactness, masks, ``concatenate``, ``set_trainable``, ``finetune_model``, counts, attention read-outs)
+is the same on both kinds.
 
 Choices the paper leaves open, and differences from the public code
 -------------------------------------------------------------------
@@ -64,9 +96,10 @@ Public API
 ``build_attention_mask``, ``table1_mask``, ``task_parameter_count``, ``memory_task_params``, ``record_attention``,
 ``memory_attention``, ``class_token_patch_attention``.
 
-Size: about 1,000 lines, over the project's 800-line guide on purpose: one model (the wrapper, its three exact /
-fused attention implementations, Table-1 masks, fine-tuning modes and concatenation) whose parts share private
-helpers and invariants (the token layout above); splitting it would spread one set of exactness rules over files.
+Size: about 1,200 lines, over the project's 800-line guide on purpose: one model (the wrapper, its backbone
+adapters, its three exact / fused attention implementations, Table-1 masks, fine-tuning modes and concatenation) whose
+parts share private helpers and invariants (the token layout above); splitting it would spread one set of exactness
+rules over files.
 """
 from __future__ import annotations
 
@@ -258,29 +291,175 @@ class AttentionRecord:
 # ----------------------------------------------------------------------------------------------------------
 # The wrapper
 # ----------------------------------------------------------------------------------------------------------
-def _check_backbone(backbone: nn.Module) -> None:
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+#: attributes a token-sequence backbone must have (see the module doc, "Backbones")
+_TOKEN_BACKBONE_ATTRS = ("forward_tokens", "blocks", "norm", "num_prefix_tokens", "cls_token", "forward_head",
+                         "global_pool", "get_classifier", "embed_dim")
 
-    if not isinstance(backbone, VisionTransformer):
-        raise ValueError(f"MemoryViT needs a timm VisionTransformer, got {type(backbone).__name__}; build it with "
-                         "timm.create_model('vit_...') (EVA, DeiT-distilled, Swin etc. are not supported)")
-    for i, blk in enumerate(backbone.blocks):
-        if type(blk) is not Block or type(blk.attn) is not Attention:
-            raise ValueError(f"block {i} is {type(blk).__name__} with attention {type(blk.attn).__name__}; MemoryViT "
+
+def _check_blocks(blocks: Iterable[nn.Module]) -> None:
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, "attn", None)
+        if type(blk) is not Block or type(attn) is not Attention:
+            raise ValueError(f"block {i} is {type(blk).__name__} with attention {type(attn).__name__}; MemoryViT "
                              "supports only timm's pre-norm Block with timm.layers.Attention (not ResPostBlock, "
-                             "ParallelScalingBlock, ...)")
-    if not backbone.global_pool:
-        raise ValueError("the backbone has global_pool='' (no pooling), so its head is per token; create it with "
-                         "global_pool='token' (class-token ViT) or 'avg' (pooled-head ViT)")
+                             "ParallelScalingBlock, ...): the memory joins the keys and values inside exactly that "
+                             "computation. T2T-ViT-SE (SEAttention), T2T-ViT-Ghost (GhostAttention, GhostMlp) and "
+                             "T2T-ViT-Dense (DenseBlock, Transition) compute something else and are refused")
+
+
+class _TimmViTAdapter:
+    """timm ``VisionTransformer`` (the original path). Stateless: every method takes the backbone."""
+
+    name = "timm VisionTransformer"
+
+    def check(self, backbone: nn.Module) -> None:
+        _check_blocks(backbone.blocks)
+        if not backbone.global_pool:
+            raise ValueError("the backbone has global_pool='' (no pooling), so its head is per token; create it with "
+                             "global_pool='token' (class-token ViT) or 'avg' (pooled-head ViT)")
+
+    def ref_tensor(self, bb: nn.Module) -> torch.Tensor:
+        return bb.cls_token if bb.cls_token is not None else bb.patch_embed.proj.weight
+
+    def num_tokens(self, bb: nn.Module) -> int:
+        return bb.patch_embed.num_patches + bb.num_prefix_tokens
+
+    def embed(self, bb: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = bb.patch_embed(x)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        return bb.norm_pre(x)
+
+    def class_position(self, bb: nn.Module) -> Optional[torch.Tensor]:
+        if bb.pos_embed is not None and bb.cls_token is not None and not bb.no_embed_class:
+            return bb.pos_embed[:, :1]
+        return None
+
+    def embed_task_tokens(self, bb: nn.Module, x_t: torch.Tensor, x_o: torch.Tensor) -> torch.Tensor:
+        return bb.norm_pre(bb.pos_drop(x_t))
+
+    def task_readout(self, bb: nn.Module, tok: torch.Tensor) -> torch.Tensor:
+        return bb.head_drop(bb.fc_norm(tok))
+
+    def grid(self, bb: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+        return bb.patch_embed.dynamic_feat_size(images.shape[-2:]) if bb.dynamic_img_size else bb.patch_embed.grid_size
+
+
+class _TokenSequenceAdapter:
+    """A token-sequence backbone such as ``T2TViT`` (contract: module doc, "Backbones"). Stateless."""
+
+    name = "token-sequence backbone"
+
+    def check(self, bb: nn.Module) -> None:
+        if not isinstance(bb.blocks, (nn.ModuleList, nn.Sequential)) or len(bb.blocks) == 0:
+            raise ValueError(f"blocks must be a non-empty ModuleList/Sequential of timm Blocks, got {bb.blocks!r}")
+        _check_blocks(bb.blocks)
+        D, npt, cls = bb.embed_dim, bb.num_prefix_tokens, bb.cls_token
+        widths = sorted({blk.attn.qkv.in_features for blk in bb.blocks} | {D})
+        if len(widths) > 1:
+            raise ValueError(f"blocks of widths {widths} (embed_dim {D}): MemoryViT needs one width for all blocks")
+        if bb.global_pool not in ("token", "avg") or (bb.global_pool == "token" and cls is None):
+            raise ValueError(f"global_pool={bb.global_pool!r} with cls_token {'None' if cls is None else 'set'}; "
+                             "MemoryViT supports 'token' (class-token read-out, needs cls_token) or 'avg'")
+        if not isinstance(npt, int) or npt < (cls is not None) or (cls is not None and tuple(cls.shape) != (1, 1, D)):
+            raise ValueError(f"cls_token must be None or (1, 1, {D}) at token index 0 with num_prefix_tokens >= 1; "
+                             f"got {getattr(cls, 'shape', None)} and num_prefix_tokens={npt!r}")
+        norm_pre = getattr(bb, "norm_pre", None)
+        if norm_pre is not None and not isinstance(norm_pre, nn.Identity):
+            raise ValueError(f"norm_pre is {type(norm_pre).__name__}: whether forward_tokens applies it cannot be "
+                             "told, so task class tokens could be treated unlike the class token; not supported")
+
+    @staticmethod
+    def _num_patches(bb: nn.Module) -> Optional[int]:
+        for owner in (getattr(bb, "tokens_to_token", None), getattr(bb, "patch_embed", None), bb):
+            n = getattr(owner, "num_patches", None) if owner is not None else None
+            if isinstance(n, int):
+                return n
+        return None
+
+    def ref_tensor(self, bb: nn.Module) -> torch.Tensor:
+        return bb.cls_token if bb.cls_token is not None else next(bb.parameters())
+
+    def num_tokens(self, bb: nn.Module) -> int:
+        n = self._num_patches(bb)
+        if n is None:
+            raise ValueError(f"{type(bb).__name__} does not say its number of patches (tokens_to_token.num_patches, "
+                             "patch_embed.num_patches or num_patches); pass num_input")
+        return n + bb.num_prefix_tokens
+
+    def class_position(self, bb: nn.Module) -> Optional[torch.Tensor]:
+        """``pos_embed[:, :1]`` when the table covers the prefix tokens (class token first), else None."""
+        pe = getattr(bb, "pos_embed", None)
+        if bb.cls_token is None or not isinstance(pe, torch.Tensor) or getattr(bb, "no_embed_class", False):
+            return None
+        n = self._num_patches(bb)
+        if pe.ndim == 3 and pe.shape[-1] == bb.embed_dim and n is not None and pe.shape[1] == n + bb.num_prefix_tokens:
+            return pe[:, :1]
+        return None
+
+    def embed(self, bb: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return bb.forward_tokens(x)
+
+    def embed_task_tokens(self, bb: nn.Module, x_t: torch.Tensor, x_o: torch.Tensor) -> torch.Tensor:
+        x_t = x_t.to(x_o.dtype)
+        drop = getattr(bb, "pos_drop", None)
+        return x_t if drop is None else drop(x_t)
+
+    def task_readout(self, bb: nn.Module, tok: torch.Tensor) -> torch.Tensor:
+        """``forward_head(pre_logits=True)`` of a class token: the token fills a ``num_prefix_tokens + 1`` sequence,
+        so 'token' (index 0) and 'avg' (mean of one token) pooling both read it unchanged."""
+        return bb.forward_head(tok.unsqueeze(1).expand(-1, bb.num_prefix_tokens + 1, -1), pre_logits=True)
+
+    def grid(self, bb: nn.Module, images: torch.Tensor) -> tuple[int, int]:
+        t2t = getattr(bb, "tokens_to_token", None)
+        if t2t is not None and hasattr(t2t, "grid_for"):
+            return tuple(t2t.grid_for(tuple(images.shape[-2:])))
+        pe = getattr(bb, "patch_embed", None)
+        if pe is not None and hasattr(pe, "grid_size") and not getattr(bb, "dynamic_img_size", False):
+            return tuple(pe.grid_size)
+        raise ValueError(f"{type(bb).__name__} does not say its token grid (tokens_to_token.grid_for or "
+                         "patch_embed.grid_size), so attention maps cannot be laid out as images")
+
+
+def _backbone_adapter(backbone: nn.Module):
+    """The adapter for ``backbone``, after checking it (ValueError naming what is supported and why)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        adapter = _TimmViTAdapter()
+        adapter.check(backbone)
+        return adapter
+    try:
+        from tokenbook.models.vittm import ViTTM
+    except ImportError:  # pragma: no cover - the package always has it
+        ViTTM = ()
+    if isinstance(backbone, ViTTM):
+        raise ValueError("ViTTM is not supported by MemoryViT (out of scope): it has no class token (both heads "
+                         "mean-pool) and its timm Blocks see only the process stream (memory tokens are read and "
+                         "written by separate heads), so there is no single token sequence with a class token to "
+                         "add task class tokens and memory to")
+    missing = [a for a in _TOKEN_BACKBONE_ATTRS if not hasattr(backbone, a)]
+    if missing:
+        raise ValueError(f"MemoryViT needs a timm VisionTransformer (timm.create_model('vit_...'); EVA, "
+                         f"DeiT-distilled, Swin etc. are not supported) or a token-sequence backbone of timm "
+                         f"pre-norm Blocks such as tokenbook's T2TViT (with {', '.join(_TOKEN_BACKBONE_ATTRS)}); got "
+                         f"{type(backbone).__name__}, which lacks {', '.join(missing)}")
+    adapter = _TokenSequenceAdapter()
+    adapter.check(backbone)
+    return adapter
 
 
 class MemoryViT(nn.Module):
-    """A timm ``VisionTransformer`` with per-task learnable memory, class tokens and heads.
+    """A timm ``VisionTransformer`` (or a token-sequence backbone such as ``T2TViT``) with per-task learnable memory,
+    class tokens and heads.
 
     Args:
-        backbone: a pre-trained timm VisionTransformer (class-token or pooled head; register tokens allowed). It is
-            used in place (not copied): several ``MemoryViT`` may share one frozen backbone.
+        backbone: a pre-trained timm VisionTransformer (class-token or pooled head; register tokens allowed) or a
+            token-sequence backbone of timm pre-norm Blocks (module doc, "Backbones"; ``backbone_kind`` says which).
+            It is used in place (not copied): several ``MemoryViT`` may share one frozen backbone.
         memory_norm: ``"pre"`` (paper Fig. 2a, default) or ``"post"`` (public implementations), see module doc.
         impl: ``"exact"`` (default; bit-exact source head and merged tasks), ``"split"`` (one masked attention for
             the task rows) or ``"joint"`` (one masked attention for all rows, as in the paper). See module doc.
@@ -292,7 +471,8 @@ class MemoryViT(nn.Module):
     every task in order of addition); ``forward_all(x)`` returns a dict name -> logits.
 
     Task read-out: a task's class token after the backbone's final ``norm`` goes through the backbone's ``fc_norm``
-    and ``head_drop`` (the same path as the pooled original features), then the task head. A task without class
+    and ``head_drop`` (the same path as the pooled original features; token-sequence backbones: what
+    ``forward_head(pre_logits=True)`` does to a class token), then the task head. A task without class
     token (``head`` mode) reads the original pooled features ``forward_head(pre_logits=True)``.
     """
 
@@ -308,7 +488,7 @@ class MemoryViT(nn.Module):
         _check_option("memory_norm", memory_norm, MEMORY_NORMS)
         _check_option("impl", impl, ATTENTION_IMPLS)
         _check_option("mask", mask, MASK_MODES)
-        _check_backbone(backbone)
+        self._adapter = _backbone_adapter(backbone)
         self.backbone = backbone
         self.memory_norm = memory_norm
         self.impl = impl
@@ -337,9 +517,13 @@ class MemoryViT(nn.Module):
     def output_names(self) -> list[str]:
         return [SOURCE] + self.task_names
 
+    @property
+    def backbone_kind(self) -> str:
+        """``"timm VisionTransformer"`` or ``"token-sequence backbone"`` (see the module doc, "Backbones")."""
+        return self._adapter.name
+
     def _ref_tensor(self) -> torch.Tensor:
-        bb = self.backbone
-        return bb.cls_token if bb.cls_token is not None else bb.patch_embed.proj.weight
+        return self._adapter.ref_tensor(self.backbone)
 
     # -- tasks ------------------------------------------------------------------------------------------------
     def add_task(
@@ -501,7 +685,7 @@ class MemoryViT(nn.Module):
         ``num_input`` defaults to the backbone's number of original tokens at its native image size.
         """
         if num_input is None:
-            num_input = self.backbone.patch_embed.num_patches + self.backbone.num_prefix_tokens
+            num_input = self._adapter.num_tokens(self.backbone)
         key = (num_input, str(device), self.mask_mode)
         if key not in self._mask_cache:
             names = [n for n, t in self.tasks.items() if t.has_token]
@@ -519,9 +703,9 @@ class MemoryViT(nn.Module):
         if not toks:
             return None
         x = torch.cat(toks, dim=1)
-        bb = self.backbone
-        if bb.pos_embed is not None and bb.cls_token is not None and not bb.no_embed_class:
-            x = x + bb.pos_embed[:, :1]
+        pos = self._adapter.class_position(self.backbone)
+        if pos is not None:
+            x = x + pos
         return x.expand(batch, -1, -1)
 
     def _memory(self, layer: int) -> Optional[torch.Tensor]:
@@ -673,14 +857,11 @@ class MemoryViT(nn.Module):
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Final-normed tokens: ``(original (B, L0, D), task class tokens (B, T, D) or None)``."""
         bb = self.backbone
-        x = bb.patch_embed(x)
-        x = bb._pos_embed(x)
-        x = bb.patch_drop(x)
-        x_o = bb.norm_pre(x)
+        x_o = self._adapter.embed(bb, x)
         L0 = x_o.shape[1]
         x_t = self._task_tokens(x_o.shape[0])
         if x_t is not None:
-            x_t = bb.norm_pre(bb.pos_drop(x_t))
+            x_t = self._adapter.embed_task_tokens(bb, x_t, x_o)
         impl = "joint" if self.mask_mode == "none" else self.impl
         if impl == "exact":
             xs = [] if x_t is None else list(x_t.split(1, dim=1))
@@ -711,7 +892,7 @@ class MemoryViT(nn.Module):
         j = 0
         for name, task in self.tasks.items():
             if task.has_token:
-                feat = bb.head_drop(bb.fc_norm(x_t[:, j]))
+                feat = self._adapter.task_readout(bb, x_t[:, j])
                 j += 1
             else:
                 if pooled is None:
@@ -997,7 +1178,9 @@ def class_token_patch_attention(model: MemoryViT, images: torch.Tensor, layer: i
     r = rec[layer]
     L0 = x_o.shape[1]
     npt = bb.num_prefix_tokens
-    gh, gw = bb.patch_embed.dynamic_feat_size(images.shape[-2:]) if bb.dynamic_img_size else bb.patch_embed.grid_size
+    gh, gw = model._adapter.grid(bb, images)
+    if L0 - npt != gh * gw:
+        raise ValueError(f"{L0 - npt} patch tokens do not fill the {gh}x{gw} token grid")
     B, H = r.source.shape[:2]
     out = {}
     if bb.cls_token is not None:
