@@ -93,7 +93,7 @@ def test_models_and_methods_never_import_experiments():
 
 def test_one_stem_per_notebook_everywhere():
     stems = _stems()
-    assert set(stems.values()) == {"baselines", "vittm", "t2t_vit", "toe", "seit", "memory"}
+    assert set(stems.values()) == {"baselines", "vittm", "t2t_vit", "toe", "seit", "memory", "cross_paper"}
     for nb, stem in stems.items():
         assert (PKG / "experiments" / f"{stem}.py").is_file(), f"no tokenbook/experiments/{stem}.py for {nb}"
         assert (PKG / "references" / f"{stem}.yaml").is_file(), f"no references/{stem}.yaml for {nb}"

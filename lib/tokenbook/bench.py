@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = [
-    "count_params", "count_used_params", "count_macs", "explicit_attention", "measure_latency",
+    "count_params", "count_used_params", "count_macs", "count_train_macs", "explicit_attention", "measure_latency",
     "measure_train_step", "compare_latency", "LatencyResult", "peak_memory_mb",
 ]
 
@@ -165,6 +165,40 @@ def count_macs(
     if per_module:
         out["per_module"] = {k: sum(v.values()) // 2 for k, v in counter.get_flop_counts().items()}
     return out
+
+
+
+def count_train_macs(model: nn.Module, example: torch.Tensor, target: Optional[torch.Tensor] = None,
+                     loss_fn: Optional[Callable] = None) -> dict[str, Any]:
+    """Count the MACs of one training step's forward + backward (optimizer update excluded), attention included.
+
+    The model runs in ``train()`` mode (so training-only behaviour such as ToE's token selection counts) on
+    ``example``; the loss is cross-entropy on ``target`` (default: class 0) summed over the outputs of a multi-head
+    model. Only what autograd really computes is counted: frozen parameters get no weight gradient, so a frozen
+    backbone's backward is cheaper than a full one. Returns ``{"macs", "flops", "macs_per_image",
+    "forward_macs", "backward_macs"}`` for the batch.
+    """
+    was_training = model.training
+    model.train()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    try:
+        with explicit_attention(model), counter:
+            out = model(example)
+            outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            y = target if target is not None else torch.zeros(example.shape[0], dtype=torch.long,
+                                                               device=outs[0].device)
+            fwd = int(counter.get_total_flops())
+            loss = sum(loss_fn(o.float(), y) for o in outs)
+            if params:
+                torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        model.train(was_training)
+    flops = int(counter.get_total_flops())
+    n = int(example.shape[0])
+    return {"macs": flops // 2, "flops": flops, "macs_per_image": flops / 2 / n, "forward_macs": fwd // 2,
+            "backward_macs": (flops - fwd) // 2}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ Where this module differs from the official code (all documented on the options)
 - ``seed_stride``: ``"official"`` (the ``int(1 // r0)`` quirk, default), ``"corrected"`` (``floor(1/r0)`` computed
   robustly: 5 for r0 = 0.2), ``"uniform"`` (seeds spread evenly over the whole raster, ``floor(i * N / n0)``).
 - The index of original positions is (B, num_prefix + n) int64; the official one is expanded over channels.
+
+Size: about 830 lines, a little over the project's 800-line guide: one method (the selection, its stage plan, the
+per-stage MAC accounting and the attach/detach plumbing, including where it goes in T2T-ViT and ViTTM) whose parts
+share the ``StagePlan`` invariants.
 """
 from __future__ import annotations
 
@@ -524,6 +528,21 @@ def attach_token_select(model: nn.Module, token_select: Optional[TokenSelect] = 
     ``num_prefix_tokens`` is taken from the model. The module is registered as ``model.token_select`` (no
     parameters, so the state dict is unchanged) and called by a forward hook on the block, which also runs inside
     timm's gradient checkpointing. Returns the module.
+
+    Where the selection goes in the other architectures of the workbook (compositions no paper ran):
+
+    - **T2T-ViT** (:class:`tokenbook.models.t2t_vit.T2TViT`): after the first backbone block, as in DeiT. The T2T
+      module is left alone: its soft splits re-structurize the full token grid into an image, which a subset of
+      tokens cannot fill; the selection acts on the grid it produces (class token kept as prefix).
+    - **ViTTM** (:class:`tokenbook.models.vittm.ViTTM`, ``num_prefix_tokens = 0``): on the process stream after the
+      first layer's process block (``blocks[0]``), so that layer's write head and every later read head, process
+      block and write head run on the kept process tokens. The memory stream keeps all its tokens: it is the
+      model's state (read and written through attention heads whose cost is linear in the process tokens) and the
+      memory head classifies from it. Needs read/write heads whose output length follows their queries
+      (``lin``, ``ca``, ``la``, ``lca``; not ``tl``) and a read fusion that is not sized by the token count (not
+      ``add_erase``); other configurations raise ``ValueError``.
+    - Learnable Memory's :class:`~tokenbook.models.memory.MemoryViT` is a fine-tuning wrapper; ToE is a training
+      method for the backbone and is not combined with it here.
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not hasattr(model, "num_prefix_tokens"):
@@ -532,6 +551,7 @@ def attach_token_select(model: nn.Module, token_select: Optional[TokenSelect] = 
     if not 0 <= block_index < len(blocks):
         raise ValueError(f"block_index must be in [0, {len(blocks) - 1}] for a model with {len(blocks)} blocks, "
                          f"got {block_index}")
+    _check_process_stream(model)
     if find_token_selects(model):
         raise ValueError("model already has a TokenSelect attached; call detach_token_select(model) first")
     if hasattr(model, "token_select"):
@@ -548,6 +568,19 @@ def attach_token_select(model: nn.Module, token_select: Optional[TokenSelect] = 
     blocks[block_index].register_forward_hook(token_select._block_hook)
     token_select.block_index = block_index
     return token_select
+
+
+def _check_process_stream(model: nn.Module) -> None:
+    """ViTTM: refuse read/write heads or fusions whose shapes are tied to the process token count."""
+    if not (hasattr(model, "read_head") and hasattr(model, "read_fusion") and hasattr(model, "num_process_tokens")):
+        return
+    if getattr(model, "rw_head_type", None) == "tl":
+        raise ValueError("ToE on ViTTM needs read/write heads whose output follows the number of queries; the "
+                         "TokenLearner heads (rw_head_type='tl') always emit num_process_tokens tokens. Use 'lin' "
+                         "(paper), 'ca', 'la' or 'lca'")
+    if getattr(model, "fusion_type", None) == "add_erase":
+        raise ValueError("ToE on ViTTM: the add_erase fusion's gate is sized by the process token count, so fewer "
+                         "process tokens cannot be fused; use fusion_type='residual' (paper) or 'erase'")
 
 
 def detach_token_select(model: nn.Module) -> Optional[TokenSelect]:

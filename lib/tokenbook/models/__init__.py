@@ -11,8 +11,8 @@ MODEL_FAMILIES = {
     "vittm": "ViTTM: memory + process token streams (vittm_*)",
     "t2t_vit": "T2T-ViT: tokens-to-token ViTs, all official names and Table 6/7 variants (t2t_vit_*)",
     "toe": "DeiT-T/S/B with ToE token expansion attached (toe_deit_*_patch16_224)",
-    "seit": "SeiT token ViTs (deit_*_token_32, deit_fm_*_token_32) and TokenAdapt f/g",
-    "memory": "Learnable Memory: MemoryViT for any timm ViT (a wrapper; no registered names)",
+    "seit": "SeiT token ViTs (deit_*_token_32, deit_fm_*_token_32), T2T-ViT on tokens (t2t_vit_fm_token_32), TokenAdapt f/g",
+    "memory": "Learnable Memory: MemoryViT for timm ViTs and T2T-ViTs (a wrapper; no registered names)",
 }
 
 for _name in list(MODEL_FAMILIES):

@@ -39,10 +39,34 @@ from timm.layers import resample_abs_pos_embed, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from .t2t_vit import T2TViT
+
 __all__ = [
     "TokenViT", "checkpoint_filter_fn", "load_seit_checkpoint", "sincos_pos_embed_2d", "TokenAdapt",
-    "load_tokenadapt", "TOKEN_MODELS",
+    "load_tokenadapt", "TOKEN_MODELS", "TokenT2TViT", "TOKEN_SOFT_SPLIT", "embed_token_ids",
 ]
+
+
+def embed_token_ids(codebook: Optional[torch.Tensor], ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Integer ids (B, H, W) -> centre crop to ``size`` x ``size`` -> codebook rows as a map (B, D, size, size)."""
+    if codebook is None:
+        raise ValueError("integer ids need a codebook: call model.set_codebook(codebook) or feed embedding maps")
+    h, w = ids.shape[-2:]
+    if h < size or w < size:
+        raise ValueError(f"id grid {h}x{w} is smaller than the model's input {size}x{size}")
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    ids = ids[..., y0:y0 + size, x0:x0 + size].long()
+    if int(ids.max()) >= codebook.shape[0] or int(ids.min()) < 0:
+        raise ValueError(f"ids {int(ids.min())}..{int(ids.max())} outside the codebook of {codebook.shape[0]}")
+    return codebook[ids].permute(0, 3, 1, 2)
+
+
+def _checked_codebook(codebook: Optional[torch.Tensor], in_chans: int, device: torch.device) -> Optional[torch.Tensor]:
+    if codebook is None:
+        return None
+    if codebook.ndim != 2 or codebook.shape[1] != in_chans:
+        raise ValueError(f"codebook must be (K, {in_chans}), got {tuple(codebook.shape)}")
+    return codebook.detach().float().to(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -88,17 +112,7 @@ class TokenViT(VisionTransformer):
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Integer ids (B, H, W) -> centre crop to ``img_size`` -> embedding map (B, D, img, img)."""
-        if self.codebook is None:
-            raise ValueError("integer ids need a codebook: call model.set_codebook(codebook) or feed embedding maps")
-        s = self.token_img_size
-        h, w = ids.shape[-2:]
-        if h < s or w < s:
-            raise ValueError(f"id grid {h}x{w} is smaller than the model's input {s}x{s}")
-        y0, x0 = (h - s) // 2, (w - s) // 2
-        ids = ids[..., y0:y0 + s, x0:x0 + s].long()
-        if int(ids.max()) >= self.codebook.shape[0] or int(ids.min()) < 0:
-            raise ValueError(f"ids {int(ids.min())}..{int(ids.max())} outside the codebook of {self.codebook.shape[0]}")
-        return self.codebook[ids].permute(0, 3, 1, 2)
+        return embed_token_ids(self.codebook, ids, self.token_img_size)
 
     def forward_features(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not x.dtype.is_floating_point:
@@ -206,6 +220,7 @@ default_cfgs = generate_default_cfgs({
     "deit_fm_micro_token_32.untrained": _cfg(**_FM),
     "deit_fm_nano_token_32.untrained": _cfg(**_FM),
     "deit_fm_tiny_token_32.untrained": _cfg(**_FM),
+    "t2t_vit_fm_token_32.untrained": _cfg(**_FM, first_conv="tokens_to_token.soft_split0", classifier="head"),
 })
 
 
@@ -271,9 +286,69 @@ def deit_fm_tiny_token_32(pretrained: bool = False, **kwargs: Any) -> TokenViT:
     return _create("deit_fm_tiny_token_32", pretrained, **{**_args(192, 6, 3, img_size=12, num_classes=10), **kwargs})
 
 
+# ----------------------------------------------------------------------------------------------------------
+# T2T-ViT on tokens (ours: a composition no paper ran, for the cross-paper notebook)
+# ----------------------------------------------------------------------------------------------------------
+#: soft splits of a 12 x 12 embedding map: two 3x3 stride-1 re-structurizations, then stride 2 -> 6 x 6 = 36 tokens,
+#: the token ViT's count at crop 12 (its stride-2 Stem-Adapter)
+TOKEN_SOFT_SPLIT = ((3, 1, 1), (3, 1, 1), (3, 2, 1))
+
+
+class TokenT2TViT(T2TViT):
+    """T2T-ViT whose input is a SeiT embedding map (B, code_dim, S, S) or, with a codebook attached, integer ids.
+
+    Not in any paper (SeiT trains ViTs on tokens; T2T-ViT trains on pixels): the T2T module's soft splits run on the
+    embedding map instead of the image, so its progressive tokenization re-structurizes neighbouring codes instead of
+    pixels. Everything else is :class:`~tokenbook.models.t2t_vit.T2TViT` (class token, sinusoid table, head). Ids are
+    centre-cropped to ``img_size`` as :class:`TokenViT` does; the codebook is a non-persistent buffer.
+    """
+
+    def __init__(self, img_size: int = 12, in_chans: int = 32, codebook: Optional[torch.Tensor] = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("soft_split", TOKEN_SOFT_SPLIT)
+        super().__init__(img_size=img_size, in_chans=in_chans, **kwargs)
+        self.token_img_size = int(img_size)
+        self.register_buffer("codebook", None, persistent=False)
+        if codebook is not None:
+            self.set_codebook(codebook)
+
+    def set_codebook(self, codebook: Optional[torch.Tensor]) -> "TokenT2TViT":
+        """Attach a (K, in_chans) codebook so that ``forward`` accepts integer ids (None detaches it)."""
+        self.codebook = _checked_codebook(codebook, self.in_chans, self.cls_token.device)
+        return self
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return embed_token_ids(self.codebook, ids, self.token_img_size)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.dtype.is_floating_point:
+            x = self.embed_ids(x)
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected embedding maps (B, {self.in_chans}, H, W) or integer ids (B, H, W), got "
+                             f"{tuple(x.shape)}")
+        return super().forward_tokens(x)
+
+
+def _create_t2t(variant: str, pretrained: bool = False, **kwargs: Any) -> TokenT2TViT:
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(TokenT2TViT, variant, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
+
+
+@register_model
+def t2t_vit_fm_token_32(pretrained: bool = False, **kwargs: Any) -> TokenT2TViT:
+    """T2T-ViT on 12 x 12 crops of the default data's 32-d token maps (ours): performer T2T module
+    (``TOKEN_SOFT_SPLIT``, token_dim 32) -> 36 tokens; the backbone of ``t2t_vit_tiny_fmnist`` at width 64, depth 6,
+    4 heads, MLP ratio 2; 10 classes."""
+    args = dict(tokens_type="performer", embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0, token_dim=32,
+                img_size=12, in_chans=32, num_classes=10)
+    return _create_t2t("t2t_vit_fm_token_32", pretrained, **{**args, **kwargs})
+
+
 #: registered names
 TOKEN_MODELS = ("deit_tiny_token_32", "deit_small_token_32", "deit_base_token_32", "deit_small_token_4",
-                "deit_base_token_4", "deit_fm_micro_token_32", "deit_fm_nano_token_32", "deit_fm_tiny_token_32")
+                "deit_base_token_4", "deit_fm_micro_token_32", "deit_fm_nano_token_32", "deit_fm_tiny_token_32",
+                "t2t_vit_fm_token_32")
 
 
 # ----------------------------------------------------------------------------------------------------------

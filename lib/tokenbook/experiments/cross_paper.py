@@ -1,0 +1,700 @@
+"""Cross-paper comparison (notebook ``06_cross_paper``): the five papers' methods on one engine, one data pipeline,
+one recipe and one measurement layer, and the compositions none of the papers ran.
+
+Reference sheet: ``references/cross_paper.yaml`` (the ``composition`` claims). Every arm trains with
+:func:`tokenbook.train.fit` on the same data (Fashion-MNIST source classes, 28 px, one channel), the same budget
+(epochs x batch, AdamW, cosine schedule, CutMix + label smoothing for pixels, SeiT's batch hook for tokens) and the same
+seeds. For seed ``s`` every arm starts from ``seed_everything(s)`` and its loader is seeded with ``s``, so arms that
+share an architecture (a model and the same model with ToE, which has no parameters) start from identical weights and
+see identical batches: the ToE compositions are paired by seed.
+
+Arms (:data:`ARMS`), trained from scratch on the source classes:
+
+- ``vit``: the plain ViT baseline (``vit_fm_tiny_p4_28``: 49 patches, width/depth/heads of the notebook);
+- ``vittm``: ViTTM (``vittm_cpu_m2p4_28``: 196 memory + 49 process tokens, linear heads, residual fusion);
+- ``t2t``: T2T-ViT (``t2t_vit_tiny_fmnist``: performer T2T module, the same backbone size);
+- ``vit_toe``: the baseline trained with ToE (stages 0/100/200 of 300 scaled to the run, keep 0.5/0.75/1.0);
+- ``seit`` / ``seit_ta_ca``: SeiT's token ViT on VQ tokens of the same images, without / with TokenAdapt + ColorAdapt;
+- compositions: ``t2t_toe`` and ``vittm_toe`` (ToE while training T2T-ViT and ViTTM; where the selection goes:
+  :func:`tokenbook.methods.toe.attach_token_select`), ``t2t_tokens`` (T2T-ViT on SeiT tokens,
+  :class:`tokenbook.models.seit.TokenT2TViT`).
+
+Fine-tuning arms (Learnable Memory): the first seed's ``vit`` and ``t2t`` models are the pre-trained backbones; each is
+fine-tuned on held-out classes (never seen in pre-training) with ``memory`` (memory tokens + class token + head) and
+``full`` fine-tuning, once per seed (:func:`tokenbook.experiments.memory.run_finetune_table`). The T2T-ViT backbone is
+the composition (:class:`tokenbook.models.memory.MemoryViT` on a T2T-ViT).
+
+Measured per arm, in the same run: top-1 (mean and 95 % t-interval over seeds), training compute (MACs of one
+training step's forward + backward counted by ``torch.utils.flop_counter``, per stage for ToE, x the images seen; the
+token arms add their batch hook's MACs: Emb-Noise, ColorAdapt, TokenAdapt f/g), training wall time, inference MACs
+and CPU latency of the trained model, trainable parameters, and storage per training image (PNG for pixels, the
+gzip'd token files for tokens).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from tokenbook import bench
+from tokenbook.claims import Evidence, mean_ci, paired_evidence, plateau_note
+from tokenbook.methods import toe as toe_method
+
+__all__ = [
+    "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
+    "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
+    "scale_text", "toe_placement_table", "findings_markdown",
+]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One row of the comparison: how to build and train it."""
+
+    key: str
+    label: str
+    paper: str  # which paper's method the row stands for ("" for the baseline)
+    model: str  # timm registry name
+    input: str = "pixels"  # pixels | tokens
+    family: str = "vit"  # vit | vittm | t2t (the model kwargs that apply)
+    toe: bool = False
+    variant: str = ""  # SeiT batch-hook variant of a token arm (tokenbook.experiments.seit.VARIANTS)
+    composition: bool = False
+
+
+ARMS: dict[str, Arm] = {a.key: a for a in (
+    Arm("vit", "ViT (baseline)", "", "vit_fm_tiny_p4_28"),
+    Arm("vittm", "ViTTM", "ViTTM", "vittm_cpu_m2p4_28", family="vittm"),
+    Arm("t2t", "T2T-ViT", "T2T-ViT", "t2t_vit_tiny_fmnist", family="t2t"),
+    Arm("vit_toe", "ViT + ToE", "ToE", "vit_fm_tiny_p4_28", toe=True),
+    Arm("seit", "SeiT (ViT on tokens)", "SeiT", "deit_fm_micro_token_32", input="tokens", variant="seit"),
+    Arm("seit_ta_ca", "SeiT + TokenAdapt + ColorAdapt", "SeiT/TokenAdapt", "deit_fm_micro_token_32",
+        input="tokens", variant="seit_ta_ca"),
+    Arm("t2t_toe", "T2T-ViT + ToE", "composition", "t2t_vit_tiny_fmnist", family="t2t", toe=True, composition=True),
+    Arm("vittm_toe", "ViTTM + ToE", "composition", "vittm_cpu_m2p4_28", family="vittm", toe=True, composition=True),
+    Arm("t2t_tokens", "T2T-ViT on SeiT tokens", "composition", "t2t_vit_fm_token_32", input="tokens", family="t2t",
+        variant="seit", composition=True),
+)}
+
+#: fine-tuning rows: (key, label, backbone arm, mode, memory cells)
+FINETUNE_ROWS = (
+    ("vit_memory", "ViT: memory fine-tuning", "vit", "memory"),
+    ("vit_full", "ViT: full fine-tuning", "vit", "full"),
+    ("t2t_memory", "T2T-ViT: memory fine-tuning", "t2t", "memory"),
+    ("t2t_full", "T2T-ViT: full fine-tuning", "t2t", "full"),
+)
+
+
+def parse_arms(text: str) -> list[str]:
+    """``"vit,vittm,..."`` or ``"all"`` -> arm keys in :data:`ARMS` order; unknown names raise."""
+    names = list(ARMS) if text.strip() in ("", "all") else [s.strip() for s in text.split(",") if s.strip()]
+    bad = [n for n in names if n not in ARMS]
+    if bad:
+        raise ValueError(f"unknown arms {bad}; choose from {list(ARMS)} or 'all'")
+    needs = {"t2t_toe": "t2t", "vittm_toe": "vittm", "vit_toe": "vit", "seit_ta_ca": "seit", "t2t_tokens": "seit"}
+    missing = sorted({needs[n] for n in names if n in needs and needs[n] not in names})
+    if missing:
+        raise ValueError(f"arms {names} need their comparison partners {missing} as well")
+    return [n for n in ARMS if n in names]
+
+
+def parse_classes(text: str) -> list[int]:
+    try:
+        out = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"classes must be comma-separated Fashion-MNIST labels 0..9, got {text!r}") from None
+    if not out or len(set(out)) != len(out) or not all(0 <= c <= 9 for c in out):
+        raise ValueError(f"classes must be distinct Fashion-MNIST labels 0..9, got {text!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data and recipes
+# ----------------------------------------------------------------------------------------------------------
+def source_bundle(params: dict):
+    """The pre-training data: Fashion-MNIST ``source_classes`` at 28 px, one channel, class-balanced subsets."""
+    from tokenbook.data import DataConfig, load_data
+
+    return load_data(DataConfig(dataset="fashion_mnist", data_dir=params.get("data_dir") or None, img_size=28,
+                                channels=1, train_subset=int(params["train_subset"]) or None,
+                                val_subset=int(params["val_subset"]) or None,
+                                classes=parse_classes(params["source_classes"]), subset_seed=int(params["seed"])))
+
+
+def pixel_config(params: dict, seed: int):
+    """The shared recipe of every pixel arm (``TrainConfig``): the notebook's epochs, batch, AdamW and cosine schedule,
+    CutMix ``pixel_cutmix`` and label smoothing ``label_smoothing`` (what SeiT's hook does to the token arms)."""
+    from tokenbook.train import TrainConfig
+
+    return TrainConfig(epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
+                       weight_decay=float(params["weight_decay"]), warmup_epochs=float(params["warmup_epochs"]),
+                       min_lr=float(params["min_lr"]), cutmix=float(params["pixel_cutmix"]),
+                       label_smoothing=float(params["label_smoothing"]), seed=int(seed), progress=False,
+                       max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None,
+                       accelerator=str(params.get("accelerator", "auto")),
+                       precision=str(params.get("precision", "32-true")))
+
+
+def token_params(params: dict, seed: int) -> dict:
+    """The parameters :mod:`tokenbook.experiments.seit` expects for a token arm, from this notebook's."""
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "accelerator", "precision",
+            "max_steps_per_epoch", "label_smoothing")
+    out = {k: params[k] for k in keys if k in params}
+    out.update(seed=int(seed), ta_warmup_epochs=float(params["warmup_epochs"]), crop=int(params["crop"]),
+               rrc_scale_min=float(params["rrc_scale_min"]))
+    return out
+
+
+def _model_kwargs(arm: Arm, params: dict, num_classes: int) -> dict:
+    d, L, h = int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"])
+    kw: dict[str, Any] = dict(num_classes=num_classes, embed_dim=d, depth=L, num_heads=h)
+    if arm.input == "pixels":
+        kw["in_chans"] = 1
+        if arm.family == "t2t":
+            kw["img_size"] = 28
+    else:
+        kw.update(in_chans=int(params["code_dim"]), img_size=int(params["crop"]))
+    return kw
+
+
+def toe_kwargs(params: dict) -> dict:
+    """ToE's configuration for the run: the official stages 0/100/200 of 300 scaled to ``epochs``, keep rates
+    0.5/0.75/1.0, r0 0.25, k 2 (DeiT-S defaults; ``toe_keep_rate`` etc. override them)."""
+    steps = toe_method.scale_expansion_step([0, 100, 200], int(params["epochs"]), 300)
+    return dict(expansion_step=steps, keep_rate=[float(x) for x in str(params["toe_keep_rate"]).split(",")],
+                initialization_keep_rate=float(params["toe_initialization_keep_rate"]), expansion_multiple_stage=2)
+
+
+def build_arm_model(arm: Arm, params: dict, num_classes: int, seed: int) -> nn.Module:
+    """The arm's model right after ``seed_everything(seed)`` (identical weights for an arm and its ToE twin)."""
+    import timm
+
+    from tokenbook import models as _models  # noqa: F401  (registers the workbook's models)
+    from tokenbook.repro import seed_everything
+
+    seed_everything(int(seed))
+    model = timm.create_model(arm.model, **_model_kwargs(arm, params, num_classes))
+    if arm.toe:
+        toe_method.attach_token_select(model, **toe_kwargs(params))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measurement
+# ----------------------------------------------------------------------------------------------------------
+def count_call_macs(fn: Callable[[], Any]) -> int:
+    """MACs of everything ``fn()`` computes (``torch.utils.flop_counter``; attention counted explicitly)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops()) // 2
+
+
+def _example(arm: Arm, params: dict, n: int = 2) -> torch.Tensor:
+    if arm.input == "pixels":
+        return torch.randn(n, 1, 28, 28)
+    c = int(params["crop"])
+    return torch.randn(n, int(params["code_dim"]), c, c)
+
+
+def training_macs(model: nn.Module, arm: Arm, params: dict, steps_per_epoch: int, batch_size: int) -> dict:
+    """Training compute of a run: MACs per training image of one step (forward + backward, counted) x images seen;
+    ToE: per epoch at that epoch's stage. Returns total TMACs, per-image GMACs (epoch mean) and per-stage detail."""
+    epochs = int(params["epochs"])
+    x = _example(arm, params)
+    model = model.cpu()
+    ts = toe_method.find_token_selects(model)
+    per_epoch = []
+    if ts:
+        saved = ts[0].expansion_stage
+        try:
+            for e in range(epochs):
+                ts[0].update_current_stage(e)
+                per_epoch.append(bench.count_train_macs(model, x)["macs_per_image"])
+        finally:
+            ts[0].expansion_stage = saved
+    else:
+        per_epoch = [bench.count_train_macs(model, x)["macs_per_image"]] * epochs
+    images = steps_per_epoch * batch_size
+    total = sum(m * images for m in per_epoch)
+    return {"train_tmacs": total / 1e12, "train_gmacs_per_image": float(np.mean(per_epoch)) / 1e9,
+            "train_gmacs_per_epoch_image": [m / 1e9 for m in per_epoch]}
+
+
+def inference_numbers(model: nn.Module, example: torch.Tensor, params: dict, latency: bool) -> dict:
+    """Inference MACs/FLOPs per image (``eval()``, attention counted) and CPU latency of a batch."""
+    model = model.cpu().eval()
+    mc = bench.count_macs(model, example=example[:1])
+    out = {"infer_gmacs": mc["gmacs"], "infer_gflops": mc["gflops"], "latency_ms": math.nan,
+           "latency_iqr_ms": math.nan}
+    if latency:
+        b = int(params["latency_batch"])
+        ex = example[:1].expand(b, *example.shape[1:]).contiguous()
+        lat = bench.measure_latency(model, batch_size=b, example=ex, input_size=tuple(ex.shape[1:]),
+                                    min_run_time=float(params["latency_min_run_time"]))
+        out.update(latency_ms=lat.median_ms, latency_iqr_ms=lat.iqr_ms)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class ArmRun:
+    arm: str
+    seed: int
+    row: dict
+    history: Any
+    model: nn.Module
+
+
+def run_arm(key: str, seed: int, params: dict, bundle: Any, tokens: Any = None, tokenadapt: Optional[nn.Module] = None,
+            measure: bool = True, latency: bool = True) -> ArmRun:
+    """Train one arm with one seed and measure it. ``tokens``: :class:`tokenbook.experiments.seit.TokenData` (token
+    arms); ``tokenadapt``: the trained TokenAdapt f/g (``seit_ta_ca``); ``measure``: count MACs and time inference
+    (the numbers do not depend on the seed, so :func:`run_seeds` measures the first seed only)."""
+    from tokenbook.data import make_loaders
+    from tokenbook.experiments import seit as seit_exp
+    from tokenbook.train import fit_launched
+
+    arm = ARMS[key]
+    num_classes = bundle.num_classes
+    model = build_arm_model(arm, params, num_classes, seed)
+    hooks: list = []
+    if arm.toe:
+        hooks.append(toe_method.ToEStageHook())
+    hook_macs = 0.0
+    if arm.input == "pixels":
+        cfg = pixel_config(params, seed)
+        tl, vl = make_loaders(bundle, cfg.batch_size, seed=seed)
+        res = fit_launched(model, tl, vl, cfg, hooks=hooks, preprocess=bundle.preprocess, desc=arm.label)
+        example = bundle.preprocess(next(iter(vl))[0][:2])
+    else:
+        if tokens is None:
+            raise ValueError(f"arm {key!r} trains on tokens: pass the token data (tokenbook.experiments.seit)")
+        tp = token_params(params, seed)
+        cfg = seit_exp.train_config(tp, arm.variant)
+        model.set_codebook(tokens.codebook)
+        tl, vl = seit_exp.token_loaders(tokens, cfg.batch_size, seed=seed)
+        hook = seit_exp.make_hook(arm.variant, tokens.codebook, num_classes, tp["crop"], tokenadapt,
+                                  tp["rrc_scale_min"])
+        res = fit_launched(model, tl, vl, cfg, hooks=[hook, *hooks], num_classes=num_classes, desc=arm.label)
+        ids = next(iter(vl))[0][:2]
+        example = res.model.cpu().embed_ids(ids)
+        if measure:
+            batch = next(iter(tl))
+            torch.manual_seed(0)
+            with torch.no_grad():
+                hook_macs = count_call_macs(lambda: hook.on_batch(batch)) / len(batch[0])
+    model = res.model.cpu()
+    steps = int(res.timing["steps"])
+    row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
+           "input": arm.input, "seed": int(seed), "top1": res.final.get("val_top1"), "top5": res.final.get("val_top5"),
+           "epochs": int(cfg.epochs), "steps": steps, "batch_size": int(cfg.batch_size),
+           "train_s": res.timing["wall_time_s"], "step_ms": res.timing["step_ms"],
+           "trainable_params": int(res.trainable_params),
+           "params": bench.count_params(model)["total"]}
+    if measure:
+        spe = max(1, steps // int(cfg.epochs))
+        row.update(training_macs(model, arm, params, spe, int(cfg.batch_size)))
+        row.pop("train_gmacs_per_epoch_image")
+        row["hook_gmacs_per_image"] = hook_macs / 1e9
+        row["train_tmacs"] += hook_macs * spe * int(cfg.batch_size) * int(cfg.epochs) / 1e12
+        row.update(inference_numbers(model, example, params, latency))
+    return ArmRun(key, int(seed), row, res.history, model)
+
+
+def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: Any, tokens: Any = None,
+              tokenadapt: Optional[nn.Module] = None, latency: bool = True,
+              callback: Optional[Callable[[dict], None]] = None) -> dict[tuple[int, str], ArmRun]:
+    """Every arm for every seed (seed-major, so a cut-short run still has complete seeds). MACs, latency and
+    storage-independent numbers are measured on the first seed and copied to the others (they do not depend on it;
+    wall time and top-1 are per seed)."""
+    runs: dict[tuple[int, str], ArmRun] = {}
+    first: dict[str, dict] = {}
+    measured = ("train_tmacs", "train_gmacs_per_image", "hook_gmacs_per_image", "infer_gmacs", "infer_gflops",
+                "latency_ms", "latency_iqr_ms")
+    for i, s in enumerate(seeds):
+        for k in arms:
+            r = run_arm(k, int(s), params, bundle, tokens, tokenadapt, measure=i == 0,
+                        latency=latency and not ARMS[k].toe)
+            if i == 0:
+                first[k] = {m: r.row.get(m) for m in measured}
+            else:
+                r.row.update(first[k])
+            runs[(int(s), k)] = r
+            if callback:
+                callback(r.row)
+    # ToE is off in eval(): the trained model is its base architecture, so inference numbers are the base arm's
+    for (s, k), r in runs.items():
+        base = {"vit_toe": "vit", "t2t_toe": "t2t", "vittm_toe": "vittm"}.get(k)
+        if base and (s, base) in runs:
+            for m in ("latency_ms", "latency_iqr_ms"):
+                r.row[m] = runs[(s, base)].row.get(m)
+    return runs
+
+
+def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], params: dict, target: Any,
+                  latency: bool = True) -> tuple[Any, dict, dict]:
+    """Learnable Memory vs full fine-tuning on the held-out classes, from the first seed's ``vit`` and ``t2t``.
+
+    Returns ``(rows DataFrame, {(seed, row key): history}, exactness)`` where ``exactness[backbone]`` holds, per seed,
+    the largest |difference| of (a) the source head's logits against the plain backbone after fine-tuning and (b) each
+    task's logits in the concatenation of all seeds' memory tasks against its stand-alone model."""
+    import pandas as pd
+
+    from tokenbook.experiments import memory as mem_exp
+    from tokenbook.models import memory as M
+    from tokenbook.train import TrainConfig
+
+    s0 = int(seeds[0])
+    cfg = TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
+                      momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
+                      warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
+                      progress=False, accelerator=str(params.get("accelerator", "auto")),
+                      max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+    cells = int(params["memory_cells"])
+    rows, hists, exact = [], {}, {}
+    for key, label, base, mode in FINETUNE_ROWS:
+        if (s0, base) not in runs:
+            continue
+        backbone = runs[(s0, base)].model.eval()
+        run = mem_exp.run_finetune_seeds(backbone, [target], [(mode, cells if mode == "memory" else 0)], cfg,
+                                         [int(s) for s in seeds], full_lr=float(params["ft_full_lr"]),
+                                         keep_full=True, verbose=False)
+        ex_x = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
+        first_model = run.models[(s0, target.name, run.results["method"].iloc[0])]
+        inf = inference_numbers(_task_view(first_model, mode, target.name), ex_x, params, latency)
+        train_macs = _finetune_train_macs(first_model, mode, target.name, ex_x[:2])
+        for _, r in run.results.iterrows():
+            spe = max(1, int(r["steps"]) // int(r["epochs"]))
+            rows.append({"arm": key, "model": label, "paper": "Learnable Memory", "composition": base == "t2t",
+                         "input": "pixels", "seed": int(r["seed"]), "top1": r["top1"], "epochs": int(r["epochs"]),
+                         "steps": int(r["steps"]), "batch_size": cfg.batch_size, "train_s": r["train_s"],
+                         "step_ms": r["step_ms"], "trainable_params": int(r["trainable_params"]),
+                         "params": bench.count_params(first_model)["total"],
+                         "train_tmacs": train_macs * spe * cfg.batch_size * int(r["epochs"]) / 1e12,
+                         "train_gmacs_per_image": train_macs / 1e9, "hook_gmacs_per_image": 0.0, **inf})
+            hists[(int(r["seed"]), key)] = run.histories[(int(r["seed"]), target.name, r["method"])]
+        if mode == "memory":
+            exact[base] = _exactness(backbone, run, target, [int(s) for s in seeds], M)
+    return pd.DataFrame(rows), hists, exact
+
+
+def _task_view(model: nn.Module, mode: str, task: str) -> nn.Module:
+    """The module that serves a task at inference: a MemoryViT answering only ``task``; ``full`` as it is."""
+    if hasattr(model, "set_outputs"):
+        m = copy.copy(model)
+        m.set_outputs(task)
+        return m
+    return model
+
+
+def _finetune_train_macs(model: nn.Module, mode: str, task: str, x: torch.Tensor) -> float:
+    """Per-image MACs of one fine-tuning step (forward of everything the model computes + backward to the
+    trainable parameters only)."""
+    m = _task_view(model, mode, task)
+    return float(bench.count_train_macs(m, x)["macs_per_image"])
+
+
+@torch.no_grad()
+def _exactness(backbone: nn.Module, run: Any, target: Any, seeds: Sequence[int], M: Any) -> dict[int, float]:
+    x = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
+    ref = backbone.eval()(x)
+    method = run.results["method"].iloc[0]
+    alone = {}
+    for s in seeds:
+        m = copy.deepcopy(run.models[(s, target.name, method)]).eval()
+        m.rename_task(target.name, f"{target.name}_s{s}")
+        alone[s] = m
+    merged = M.concatenate(list(alone.values())).eval()
+    out_merged = merged.forward_all(x)
+    res = {}
+    for s, m in alone.items():
+        own = m.forward_all(x)
+        name = f"{target.name}_s{s}"
+        d_src = float((own[M.SOURCE] - ref).abs().max())
+        d_cat = float((out_merged[name] - own[name]).abs().max())
+        d_src_merged = float((out_merged[M.SOURCE] - ref).abs().max())
+        res[s] = max(d_src, d_cat, d_src_merged)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tables and figures
+# ----------------------------------------------------------------------------------------------------------
+def per_seed_table(runs: dict[tuple[int, str], ArmRun], ft_rows: Any = None):
+    import pandas as pd
+
+    df = pd.DataFrame([r.row for r in runs.values()])
+    if ft_rows is not None and len(ft_rows):
+        df = pd.concat([df, ft_rows], ignore_index=True)
+    return df
+
+
+def comparison_table(per_seed: Any, storage: dict[str, float], level: float = 0.95):
+    """One row per arm: top-1 mean and t-interval over seeds, the per-seed values, training compute and wall time,
+    inference MACs and latency, trainable parameters, storage per training image."""
+    import pandas as pd
+
+    rows = []
+    order = list(dict.fromkeys(per_seed["arm"]))
+    for key in order:
+        g = per_seed[per_seed["arm"] == key]
+        top = g["top1"].astype(float).tolist()
+        if len(top) >= 2:
+            m, lo, hi = mean_ci(top, level=level)
+        else:
+            m, lo, hi = float(top[0]), math.nan, math.nan
+        r0 = g.iloc[0]
+        rows.append({"arm": key, "model": r0["model"], "paper": r0["paper"], "composition": bool(r0["composition"]),
+                     "task": "held-out classes" if key in {k for k, *_ in FINETUNE_ROWS} else "source classes",
+                     "seeds": len(g), "top1": m, "top1_ci_low": lo, "top1_ci_high": hi,
+                     "top1_per_seed": ", ".join(f"{v:.2f}" for v in top),
+                     "train_tmacs": float(r0["train_tmacs"]), "train_gmacs_per_image": float(r0["train_gmacs_per_image"]),
+                     "train_s": float(g["train_s"].mean()), "infer_gmacs": float(r0["infer_gmacs"]),
+                     "infer_gflops": float(r0["infer_gflops"]), "latency_ms": float(r0["latency_ms"]),
+                     "trainable_params": int(r0["trainable_params"]), "params": int(r0["params"]),
+                     "storage_bytes_per_image": storage[r0["input"]]})
+    return pd.DataFrame(rows)
+
+
+def pareto_figure(table: Any, latency_batch: int = 0):
+    """Top-1 (mean, 95 % CI bars) against training compute, inference latency and storage per training image (the
+    source-class arms), and the fine-tuning arms against their training compute; compositions as open markers."""
+    import matplotlib.pyplot as plt
+
+    src = table[table["task"] == "source classes"]
+    ft = table[table["task"] != "source classes"]
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
+    panels = [("train_tmacs", "training compute (TMACs, forward + backward)", src),
+              ("latency_ms", f"CPU latency (ms per batch of {latency_batch})" if latency_batch else "CPU latency (ms)",
+               src),
+              ("storage_bytes_per_image", "storage per training image (bytes)", src),
+              ("train_tmacs", "fine-tuning compute (TMACs)", ft)]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (col, xlabel, df) in zip(axes, panels):
+        for i, (_, r) in enumerate(df.iterrows()):
+            if not math.isfinite(r[col]):
+                continue
+            lo = r["top1"] - r["top1_ci_low"] if math.isfinite(r["top1_ci_low"]) else 0.0
+            hi = r["top1_ci_high"] - r["top1"] if math.isfinite(r["top1_ci_high"]) else 0.0
+            c = colors[i % len(colors)]
+            ax.errorbar([r[col]], [r["top1"]], yerr=[[lo], [hi]], fmt="o", color=c, capsize=3,
+                        mfc="white" if r["composition"] else c, ms=7)
+            ax.annotate(r["model"], (r[col], r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=7.5)
+        pts = df[[col, "top1"]].astype(float).dropna().sort_values(col).to_numpy()
+        front, best = [], -math.inf
+        for x, y in pts:  # lower x and higher top-1 are better
+            if y > best:
+                front.append((x, y))
+                best = y
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("top-1 (%)" if df is src else "top-1 on held-out classes (%)")
+        if col == "storage_bytes_per_image":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("accuracy vs training compute")
+    axes[1].set_title("accuracy vs inference latency")
+    axes[2].set_title("accuracy vs storage")
+    axes[3].set_title("fine-tuning: accuracy vs compute")
+    fig.suptitle("Pareto view (mean and 95 % CI over seeds; open markers: compositions no paper ran; dashed: the "
+                 "front)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def toe_placement_table(params: dict, num_classes: int):
+    """Where ToE's selection sits in each architecture and what it keeps, with the per-stage training MACs."""
+    import pandas as pd
+
+    rows = []
+    for key in ("vit_toe", "t2t_toe", "vittm_toe"):
+        arm = ARMS[key]
+        model = build_arm_model(arm, params, num_classes, 0)
+        ts = toe_method.find_token_selects(model)[0]
+        seq = {"vit": "class token + 49 patches", "t2t": "class token + 49 T2T tokens",
+               "vittm": "49 process tokens (196 memory tokens untouched)"}[arm.family]
+        where = {"vit": "after block 0 (official)", "t2t": "after backbone block 0 (after the T2T module)",
+                 "vittm": "process stream, after layer 0's process block"}[arm.family]
+        mac = training_macs(model, arm, params, 1, 1)["train_gmacs_per_epoch_image"]
+        full = training_macs(build_arm_model(ARMS[key.replace('_toe', '')], params, num_classes, 0),
+                             ARMS[key.replace('_toe', '')], params, 1, 1)["train_gmacs_per_image"]
+        rows.append({"arm": key, "model": arm.label, "selection": where, "sequence": seq,
+                     "prefix_tokens": ts.num_prefix_tokens, "expansion_step": str(ts.expansion_step),
+                     "keep_rate": str(ts.keep_rate),
+                     "train_gmacs_per_image_by_epoch": ", ".join(f"{m:.4f}" for m in mac),
+                     "full_token_train_gmacs_per_image": full, "compute_saving_x": full / float(np.mean(mac))})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# claims
+# ----------------------------------------------------------------------------------------------------------
+def scale_text(params: dict, bundle: Any, target: Any, seeds: Sequence[int]) -> str:
+    return (f"Fashion-MNIST classes {params['source_classes']} ({len(bundle.train)} train / {len(bundle.val)} val "
+            f"images, 28 px, 1 channel), {params['epochs']} epochs x batch {params['batch_size']}, width "
+            f"{params['embed_dim']} x depth {params['depth']}, {params['num_heads']} heads; fine-tuning on held-out "
+            f"classes {params['target_classes']} ({len(target.bundle.train)} / {len(target.bundle.val)} images, "
+            f"{params['ft_epochs']} epochs); seeds {','.join(str(s) for s in seeds)}")
+
+
+def _by_seed(per_seed: Any, value: str = "top1") -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for _, r in per_seed.iterrows():
+        out.setdefault(int(r["seed"]), {})[r["arm"]] = float(r[value])
+    return out
+
+
+def _curves(histories: dict, arms: Sequence[str]) -> list[list[float]]:
+    out = []
+    for (s, k), h in histories.items():
+        if k in arms and h is not None and "val_top1" in h:
+            out.append([float(v) for v in h["val_top1"].dropna()])
+    return out
+
+
+def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale: str, report: str = "",
+                         window: int = 1) -> list[Evidence]:
+    """Evidence for every composition claim of ``cross_paper.yaml`` from the per-seed table."""
+    top = _by_seed(per_seed)
+    wall = _by_seed(per_seed, "train_s")
+    ev: list[Evidence] = []
+    kw = dict(scale=scale, report=report)
+
+    def have(*arms: str) -> bool:
+        return all(any(a in d for d in top.values()) for a in arms)
+
+    for fam in ("t2t", "vittm"):
+        if not have(fam, f"{fam}_toe"):
+            continue
+        pl = plateau_note(_curves(histories, [fam, f"{fam}_toe"]), window=window)
+        ev.append(paired_evidence(f"cross_paper.toe_{fam}_lossless", top, f"{fam}_toe", fam, plateau=pl,
+                                  detail=f"top-1 of {fam} + ToE minus {fam}, same seed, same init and batches", **kw))
+        ratio = {s: {"r": wall[s][fam] / wall[s][f"{fam}_toe"]} for s in wall if fam in wall[s] and
+                 f"{fam}_toe" in wall[s]}
+        ev.append(paired_evidence(f"cross_paper.toe_{fam}_speedup", ratio, "r", 1.0,
+                                  detail="training wall time without / with ToE per seed (evaluation excluded; the "
+                                         "runs of one seed follow each other, not interleaved)", **kw))
+    if "t2t" in exactness:
+        ex = exactness["t2t"]
+        ev.append(Evidence(claim="cross_paper.memory_t2t_exact", a=[ex[s] for s in sorted(ex)], b=[0.0] * len(ex),
+                           detail="max |difference| per seed of the source head (vs the plain backbone) and of the "
+                                  "task's logits in the concatenation of all seeds' tasks (vs stand-alone)", **kw))
+    if have("t2t_memory", "t2t_full"):
+        pl = plateau_note(_curves(histories, ["t2t_memory", "t2t_full"]), window=window)
+        ev.append(paired_evidence("cross_paper.memory_t2t_approaches_full", top, "t2t_full", "t2t_memory",
+                                  plateau=pl, detail="full minus memory fine-tuning top-1 on the held-out classes",
+                                  **kw))
+    if have("t2t", "t2t_tokens", "vit", "seit"):
+        cost = {s: {"t2t": d["t2t"] - d["t2t_tokens"], "vit": d["vit"] - d["seit"]} for s, d in top.items()
+                if {"t2t", "t2t_tokens", "vit", "seit"} <= set(d)}
+        pl = plateau_note(_curves(histories, ["t2t", "t2t_tokens", "vit", "seit"]), window=window)
+        ev.append(paired_evidence("cross_paper.tokens_t2t_cost", cost, "t2t", "vit", plateau=pl,
+                                  detail="(T2T-ViT pixels - T2T-ViT tokens) minus (ViT pixels - SeiT tokens), "
+                                         "top-1 points per seed", **kw))
+    return ev
+
+
+def findings_markdown(table: Any, verdicts: Any) -> str:
+    """A short, number-backed reading of the comparison and the composition verdicts."""
+    t = table.set_index("arm")
+    lines = ["**What this run says** (small scale; the verdicts' intervals decide, not the means):", ""]
+    src = table[table["task"] == "source classes"].sort_values("top1", ascending=False)
+    if len(src):
+        best = src.iloc[0]
+        lines.append(f"- Highest mean top-1 on the source classes: {best['model']} at {best['top1']:.2f} % "
+                     f"(95 % CI {best['top1_ci_low']:.2f} to {best['top1_ci_high']:.2f}).")
+        cheap = src.sort_values("train_tmacs").iloc[0]
+        lines.append(f"- Least training compute: {cheap['model']} ({cheap['train_tmacs']:.3f} TMACs, "
+                     f"{cheap['top1']:.2f} %).")
+    if "vit" in t.index and "seit" in t.index:
+        lines.append(f"- Storage per training image: {t.loc['vit', 'storage_bytes_per_image']:.0f} B as PNG, "
+                     f"{t.loc['seit', 'storage_bytes_per_image']:.0f} B as tokens "
+                     f"({t.loc['seit', 'storage_bytes_per_image'] / t.loc['vit', 'storage_bytes_per_image']:.1%}).")
+    for _, v in verdicts.iterrows():
+        ci = (f"[{v['ci_low']:.3g}, {v['ci_high']:.3g}]" if v["ci_low"] is not None and
+              not (isinstance(v["ci_low"], float) and math.isnan(v["ci_low"])) else "no interval")
+        ours = "n/a" if v["ours"] is None or (isinstance(v["ours"], float) and math.isnan(v["ours"])) else \
+            f"{v['ours']:.3g}"
+        lines.append(f"- `{v['claim']}`: **{v['verdict']}** (ours {ours}, 95 % CI {ci}, n = {v['n']}).")
+    return "\n".join(lines)
+
+
+def storage_per_image(bundle: Any, tokens: Any, n: int) -> tuple[dict[str, float], Any]:
+    """Bytes per training image as PNG (lossless pixels) and as SeiT's gzip'd token files, from
+    :func:`tokenbook.experiments.seit.storage_table` on ``n`` validation images; returns ``({input: bytes}, table)``."""
+    from tokenbook.experiments import seit as seit_exp
+
+    imgs = bundle.val.images_tensor(min(n, len(bundle.val)))
+    st = seit_exp.storage_table(imgs, tokens)
+    s = st.set_index("format")["bytes_per_image"]
+    return {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}, st
+
+
+def target_task(params: dict):
+    """The held-out fine-tuning task (Fashion-MNIST ``target_classes``, never seen in pre-training)."""
+    from tokenbook.experiments import memory as mem_exp
+
+    src = set(parse_classes(params["source_classes"]))
+    tgt = parse_classes(params["target_classes"])
+    if src & set(tgt):
+        raise ValueError(f"target_classes {tgt} overlap source_classes {sorted(src)}: the fine-tuning split must be "
+                         "held out from pre-training")
+    return mem_exp.load_target_tasks("fm:" + ",".join(str(c) for c in tgt), img_size=28, channels=1,
+                                     train_subset=int(params["ft_train_subset"]) or None,
+                                     val_subset=int(params["ft_val_subset"]) or None,
+                                     data_dir=params.get("data_dir") or None, seed=int(params["seed"]))[0]
+
+
+def recipe_table(params: dict):
+    import pandas as pd
+
+    p = pixel_config(params, 0)
+    rows = [{"arms": "pixel arms (ViT, ViTTM, T2T-ViT, + ToE)", "epochs": p.epochs, "batch_size": p.batch_size,
+             "opt": p.opt, "lr": p.lr, "weight_decay": p.weight_decay, "warmup_epochs": p.warmup_epochs,
+             "min_lr": p.min_lr, "augmentation": f"CutMix {p.cutmix:g}, label smoothing {p.label_smoothing:g}"},
+            {"arms": "token arms (SeiT, + TokenAdapt/ColorAdapt, T2T-ViT on tokens)", "epochs": p.epochs,
+             "batch_size": p.batch_size, "opt": p.opt, "lr": p.lr, "weight_decay": p.weight_decay,
+             "warmup_epochs": p.warmup_epochs, "min_lr": p.min_lr,
+             "augmentation": "SeiT batch hook (Emb-Noise / ColorAdapt / TokenAdapt, CutMix, smoothing 0.1), Token-EDA"},
+            {"arms": "fine-tuning (memory, full)", "epochs": int(params["ft_epochs"]),
+             "batch_size": int(params["ft_batch_size"]), "opt": "sgd (momentum 0.9, clip 1.0)",
+             "lr": float(params["ft_lr"]), "weight_decay": 0.0, "warmup_epochs": math.nan, "min_lr": 0.0,
+             "augmentation": f"none; full fine-tuning lr {float(params['ft_full_lr']):g}, "
+                             f"{int(params['ft_warmup_steps'])} warm-up steps, {int(params['memory_cells'])} memory "
+                             "cells"}]
+    return pd.DataFrame(rows)
+
+
+
+def build_tokens(bundle: Any, params: dict, profile: str):
+    """SeiT-format tokens of the source images from a VQ tokenizer trained here (``tokenbook.experiments.seit``);
+    written under ``token_dir`` (default: the cache, ``seit/cross_paper-<profile>``) and read back."""
+    from tokenbook.experiments import seit as seit_exp
+
+    root = params.get("token_dir") or str(seit_exp.cache_dir("seit", f"cross_paper-{profile}"))
+    return seit_exp.build_default_tokens(bundle, root, downsample=2, codebook_size=int(params["codebook_size"]),
+                                         code_dim=int(params["code_dim"]), hidden=int(params["tokenizer_hidden"]),
+                                         steps=int(params["tokenizer_steps"]),
+                                         batch_size=int(params["tokenizer_batch"]), lr=float(params["tokenizer_lr"]),
+                                         seed=int(params["seed"]))
+
+
+def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
+    """TokenAdapt f/g for the ``seit_ta_ca`` arm, trained once (``seed``) as in ``04_seit``; returns (module, history)."""
+    from tokenbook.experiments import seit as seit_exp
+
+    return seit_exp.train_default_tokenadapt(tokens, bundle, int(params["crop"]), steps=int(params["ta_steps"]),
+                                             batch_size=int(params["ta_batch"]), lr=float(params["ta_lr"]),
+                                             dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
+                                             dim_head=int(params["ta_dim_head"]), seed=int(params["seed"]))
