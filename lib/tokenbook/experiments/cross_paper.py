@@ -33,6 +33,7 @@ gzip'd token files for tokens).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -48,7 +49,7 @@ from tokenbook.methods import toe as toe_method
 __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
     "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
-    "scale_text", "toe_placement_table", "findings_markdown",
+    "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "profile_params",
 ]
 
 
@@ -468,31 +469,37 @@ def comparison_table(per_seed: Any, storage: dict[str, float], level: float = 0.
 
 def pareto_figure(table: Any, latency_batch: int = 0):
     """Top-1 (mean, 95 % CI bars) against training compute, inference latency and storage per training image (the
-    source-class arms), and the fine-tuning arms against their training compute; compositions as open markers."""
+    source-class arms), and the fine-tuning arms against their training compute. One colour and marker per arm in
+    every panel (legend below); compositions as open markers; the dashed line joins the Pareto front (less cost, higher
+    top-1)."""
     import matplotlib.pyplot as plt
 
     src = table[table["task"] == "source classes"]
     ft = table[table["task"] != "source classes"]
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.6))
-    panels = [("train_tmacs", "training compute (TMACs, forward + backward)", src),
-              ("latency_ms", f"CPU latency (ms per batch of {latency_batch})" if latency_batch else "CPU latency (ms)",
-               src),
-              ("storage_bytes_per_image", "storage per training image (bytes)", src),
-              ("train_tmacs", "fine-tuning compute (TMACs)", ft)]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (col, xlabel, df) in zip(axes, panels):
-        for i, (_, r) in enumerate(df.iterrows()):
-            if not math.isfinite(r[col]):
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9.5))
+    lat = f"CPU latency (ms per batch of {latency_batch})" if latency_batch else "CPU latency (ms)"
+    panels = [("train_tmacs", "training compute (TMACs, forward + backward, all steps)", src,
+               "accuracy vs training compute"),
+              ("latency_ms", lat, src, "accuracy vs inference latency"),
+              ("storage_bytes_per_image", "storage per training image (bytes, log scale)", src, "accuracy vs storage"),
+              ("train_tmacs", "fine-tuning compute (TMACs)", ft, "fine-tuning on held-out classes")]
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xhp<>"
+    style = {k: (colors[i % len(colors)], markers[i % len(markers)]) for i, k in enumerate(table["arm"])}
+    handles = {}
+    for ax, (col, xlabel, df, title) in zip(axes.flat, panels):
+        for _, r in df.iterrows():
+            if not math.isfinite(r[col]) or not math.isfinite(r["top1"]):
                 continue
             lo = r["top1"] - r["top1_ci_low"] if math.isfinite(r["top1_ci_low"]) else 0.0
             hi = r["top1_ci_high"] - r["top1"] if math.isfinite(r["top1_ci_high"]) else 0.0
-            c = colors[i % len(colors)]
-            ax.errorbar([r[col]], [r["top1"]], yerr=[[lo], [hi]], fmt="o", color=c, capsize=3,
-                        mfc="white" if r["composition"] else c, ms=7)
-            ax.annotate(r["model"], (r[col], r["top1"]), textcoords="offset points", xytext=(5, 4), fontsize=7.5)
+            c, mk = style[r["arm"]]
+            h = ax.errorbar([r[col]], [r["top1"]], yerr=[[lo], [hi]], fmt=mk, color=c, capsize=3, ms=8,
+                            mfc="white" if r["composition"] else c, mew=1.6, label=r["model"])
+            handles.setdefault(r["model"], h)
         pts = df[[col, "top1"]].astype(float).dropna().sort_values(col).to_numpy()
         front, best = [], -math.inf
-        for x, y in pts:  # lower x and higher top-1 are better
+        for x, y in pts:
             if y > best:
                 front.append((x, y))
                 best = y
@@ -500,16 +507,14 @@ def pareto_figure(table: Any, latency_batch: int = 0):
             ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("top-1 (%)" if df is src else "top-1 on held-out classes (%)")
+        ax.set_title(title)
         if col == "storage_bytes_per_image":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    axes[0].set_title("accuracy vs training compute")
-    axes[1].set_title("accuracy vs inference latency")
-    axes[2].set_title("accuracy vs storage")
-    axes[3].set_title("fine-tuning: accuracy vs compute")
-    fig.suptitle("Pareto view (mean and 95 % CI over seeds; open markers: compositions no paper ran; dashed: the "
-                 "front)", fontsize=10)
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.suptitle("Pareto view: mean top-1 and 95 % CI over seeds (open markers: compositions no paper ran)",
+                 fontsize=11)
+    fig.tight_layout(rect=(0, 0.09, 1, 0.97))
     return fig
 
 
@@ -698,3 +703,120 @@ def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
                                              batch_size=int(params["ta_batch"]), lr=float(params["ta_lr"]),
                                              dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
                                              dim_head=int(params["ta_dim_head"]), seed=int(params["seed"]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget (an estimate: no GPU was at hand when this was written)
+# ----------------------------------------------------------------------------------------------------------
+def count_kernels(fn: Callable[[], Any]) -> int:
+    """Number of ATen operator calls ``fn()`` dispatches (each is about one GPU kernel launch in eager mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
+
+
+def _train_step_counts(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
+    """(train MACs per image, kernels of forward + backward + one AdamW step) of one step on ``x``."""
+    macs = bench.count_train_macs(model, x)["macs_per_image"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    model.train()
+
+    def step():
+        out = model(x)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        loss = sum(o.float().logsumexp(-1).mean() for o in outs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # optimizer state allocated outside the count
+    return macs, count_kernels(step)
+
+
+def _full_size(subset: int, classes: Sequence[int], per_class: int = 6000) -> int:
+    return int(subset) if int(subset) else per_class * len(classes)
+
+
+def gpu_budget_estimate(params: dict, peak_tflops: float = 989.0, mfu: float = 0.3, kernel_us: float = 8.0):
+    """Estimated wall time of a profile (``params``) on one H100/H200-class GPU, from counted per-step costs.
+
+    Per arm: optimizer steps = epochs x floor(train images / batch) x seeds (fine-tuning rows alike); per step the
+    larger of a compute bound (counted forward + backward MACs per image x batch x 2 FLOPs / (``peak_tflops`` dense
+    bf16 x ``mfu``)) and a launch bound (counted ATen calls of forward + backward + AdamW x ``kernel_us``, eager
+    PyTorch); validation passes, the tokenizer and TokenAdapt steps are charged at the ViT arm's step time. MACs and
+    kernels are counted on CPU at the profile's widths (a ToE arm at its first, cheapest stage is not used: the
+    full-token step is charged, an upper bound). An estimate, not a measurement: data loading, compilation, latency
+    benchmarks and Python overhead between steps are left out."""
+    import pandas as pd
+
+    src = parse_classes(params["source_classes"])
+    tgt = parse_classes(params["target_classes"])
+    n_tr, n_va = _full_size(params["train_subset"], src), _full_size(params["val_subset"], src, 1000)
+    n_ft = _full_size(params["ft_train_subset"], tgt)
+    seeds = len([s for s in str(params["seeds"]).split(",") if s.strip()])
+    b = int(params["batch_size"])
+    rows = []
+    vit_step = None
+    for key in parse_arms(params["arms"]):
+        arm = ARMS[key]
+        model = build_arm_model(dataclasses.replace(arm, toe=False), params, len(src), 0)
+        if arm.input == "tokens":
+            model.set_codebook(torch.randn(int(params["codebook_size"]), int(params["code_dim"])))
+        macs, kernels = _train_step_counts(model, _example(arm, params, 2))
+        steps = int(params["epochs"]) * max(1, n_tr // b) * seeds
+        t_compute = macs * b * 2 / (peak_tflops * 1e12 * mfu)
+        t_launch = kernels * kernel_us * 1e-6
+        step_s = max(t_compute, t_launch)
+        if key == "vit":
+            vit_step = step_s
+        rows.append({"part": arm.label, "steps": steps, "train_gmacs_per_image": macs / 1e9, "kernels_per_step": kernels,
+                     "compute_ms": t_compute * 1e3, "launch_ms": t_launch * 1e3, "bound": "compute" if
+                     t_compute > t_launch else "launch", "minutes": steps * step_s / 60})
+    vit_step = vit_step or max(r["launch_ms"] for r in rows) / 1e3
+    ft_steps = int(params["ft_epochs"]) * max(1, n_ft // int(params["ft_batch_size"])) * seeds * len(FINETUNE_ROWS)
+    evals = len(rows) * seeds * int(params["epochs"]) * math.ceil(n_va / (2 * b))
+    extra = int(params["tokenizer_steps"]) + int(params["ta_steps"])
+    for part, steps in (("fine-tuning rows (4 x seeds)", ft_steps), ("validation passes (all arms)", evals),
+                        ("tokenizer + TokenAdapt", extra)):
+        rows.append({"part": part, "steps": steps, "train_gmacs_per_image": math.nan, "kernels_per_step": math.nan,
+                     "compute_ms": math.nan, "launch_ms": math.nan, "bound": "ViT step time",
+                     "minutes": steps * vit_step / 60})
+    df = pd.DataFrame(rows)
+    total = float(df["minutes"].sum())
+    df = pd.concat([df, pd.DataFrame([{"part": "total (estimate)", "steps": int(df["steps"].sum()),
+                                       "minutes": total, "bound": ""}])], ignore_index=True)
+    return df
+
+
+
+def profile_params(profile: str, root: Any = None) -> dict:
+    """This notebook's parameters under another profile (defaults of the parameters cell + the profile's YAML)."""
+    import ast
+    from pathlib import Path
+
+    from tokenbook.results import notebook_parameters
+    from tokenbook.runner import resolve_parameters
+
+    if root is None:
+        import os
+
+        cands = [os.environ.get("TOKENBOOK_ROOT"), Path.cwd(), Path(__file__).resolve().parents[3]]
+        found = [Path(c) for c in cands if c and (Path(c) / "notebooks" / "06_cross_paper.ipynb").is_file()]
+        if not found:
+            raise FileNotFoundError("notebooks/06_cross_paper.ipynb not found: run from the repository root or set "
+                                    "TOKENBOOK_ROOT")
+        root = found[0]
+    root = Path(root)
+    specs = notebook_parameters("06_cross_paper", root / "notebooks" / "06_cross_paper.ipynb")
+    out = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
+    out.update(resolve_parameters(root, "06_cross_paper", profile, {}))
+    return out
