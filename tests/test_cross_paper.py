@@ -201,3 +201,21 @@ def test_comparison_table_intervals_and_storage():
     assert math.isclose(r["train_s"], 11.0)
     fig = X.pareto_figure(t, 32)
     assert len(fig.axes) == 4
+
+
+def test_call_macs_and_kernel_counts():
+    a, b = torch.randn(4, 5), torch.randn(5, 6)
+    assert bench.count_call_macs(lambda: a @ b) == 4 * 5 * 6
+    assert bench.count_kernels(lambda: a + 1) == 1
+    assert bench.count_kernels(lambda: (a @ b).relu().sum()) == 3
+
+
+def test_gpu_budget_estimate_counts_steps():
+    p = X.profile_params("smoke")
+    est = X.gpu_budget_estimate(p)
+    assert est["part"].iloc[-1] == "total (estimate)"
+    vit = est.set_index("part").loc["ViT (baseline)"]
+    seeds = len(p["seeds"].split(","))
+    assert vit["steps"] == p["epochs"] * (p["train_subset"] // p["batch_size"]) * seeds
+    assert vit["kernels_per_step"] > 50 and vit["minutes"] > 0
+    assert abs(est["minutes"].iloc[:-1].sum() - est["minutes"].iloc[-1]) < 1e-9

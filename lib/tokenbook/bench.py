@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = [
-    "count_params", "count_used_params", "count_macs", "count_train_macs", "explicit_attention", "measure_latency",
+    "count_params", "count_used_params", "count_macs", "count_train_macs", "count_call_macs", "count_kernels", "explicit_attention", "measure_latency",
     "measure_train_step", "compare_latency", "LatencyResult", "peak_memory_mb",
 ]
 
@@ -199,6 +199,30 @@ def count_train_macs(model: nn.Module, example: torch.Tensor, target: Optional[t
     n = int(example.shape[0])
     return {"macs": flops // 2, "flops": flops, "macs_per_image": flops / 2 / n, "forward_macs": fwd // 2,
             "backward_macs": (flops - fwd) // 2}
+
+
+def count_call_macs(fn: Callable[[], Any]) -> int:
+    """MACs of everything ``fn()`` computes (``torch.utils.flop_counter``, fused attention by its formula)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    with counter:
+        fn()
+    return int(counter.get_total_flops()) // 2
+
+
+def count_kernels(fn: Callable[[], Any]) -> int:
+    """Number of ATen operator calls ``fn()`` dispatches (each is about one GPU kernel launch in eager mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -188,16 +188,6 @@ def build_arm_model(arm: Arm, params: dict, num_classes: int, seed: int) -> nn.M
 # ----------------------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------------------
-def count_call_macs(fn: Callable[[], Any]) -> int:
-    """MACs of everything ``fn()`` computes (``torch.utils.flop_counter``; attention counted explicitly)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return int(counter.get_total_flops()) // 2
-
-
 def _example(arm: Arm, params: dict, n: int = 2) -> torch.Tensor:
     if arm.input == "pixels":
         return torch.randn(n, 1, 28, 28)
@@ -293,7 +283,7 @@ def run_arm(key: str, seed: int, params: dict, bundle: Any, tokens: Any = None, 
             batch = next(iter(tl))
             torch.manual_seed(0)
             with torch.no_grad():
-                hook_macs = count_call_macs(lambda: hook.on_batch(batch)) / len(batch[0])
+                hook_macs = bench.count_call_macs(lambda: hook.on_batch(batch)) / len(batch[0])
     model = res.model.cpu()
     steps = int(res.timing["steps"])
     row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
@@ -708,22 +698,6 @@ def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
 # ----------------------------------------------------------------------------------------------------------
 # GPU budget (an estimate: no GPU was at hand when this was written)
 # ----------------------------------------------------------------------------------------------------------
-def count_kernels(fn: Callable[[], Any]) -> int:
-    """Number of ATen operator calls ``fn()`` dispatches (each is about one GPU kernel launch in eager mode)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with _Count():
-        fn()
-    return _Count.n
-
-
 def _train_step_counts(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
     """(train MACs per image, kernels of forward + backward + one AdamW step) of one step on ``x``."""
     macs = bench.count_train_macs(model, x)["macs_per_image"]
@@ -739,7 +713,7 @@ def _train_step_counts(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
         opt.zero_grad(set_to_none=True)
 
     step()  # optimizer state allocated outside the count
-    return macs, count_kernels(step)
+    return macs, bench.count_kernels(step)
 
 
 def _full_size(subset: int, classes: Sequence[int], per_class: int = 6000) -> int:
