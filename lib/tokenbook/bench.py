@@ -28,7 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = [
-    "count_params", "count_used_params", "count_macs", "count_train_macs", "count_call_macs", "count_kernels", "explicit_attention", "measure_latency",
+    "count_params", "count_used_params", "count_macs", "count_train_macs", "count_call_macs", "count_kernels",
+    "explicit_attention", "measure_latency",
     "measure_train_step", "compare_latency", "LatencyResult", "peak_memory_mb",
 ]
 

@@ -398,8 +398,9 @@ def build_ledger(results_dir: Path, notebooks: Sequence[str], profile: str,
     df = pd.DataFrame(rows, columns=list(LEDGER_COLUMNS))
     atomic_write(Path(results_dir) / "claims.csv", df.to_csv(index=False))
     counts = df["verdict"].value_counts().reindex(list(VERDICTS), fill_value=0) if len(df) else None
-    head = ["# Claims ledger", "", f"Profile `{profile}`. Every claim of the five papers with its verdict on this "
-            "workbook's evidence; `scale` says what was run (a Fashion-MNIST verdict is not an ImageNet one).", ""]
+    head = ["# Claims ledger", "", f"Profile `{profile}`. Every claim of the five papers, and of the compositions no "
+            "paper ran (`06_cross_paper`), with its verdict on this workbook's evidence; `scale` says what was run (a "
+            "Fashion-MNIST verdict is not an ImageNet one).", ""]
     if counts is not None:
         head += [", ".join(f"{k}: {int(n)}" for k, n in counts.items()), ""]
     atomic_write(Path(results_dir) / "CLAIMS.md", "\n".join(head) + "\n" + to_markdown(df) + "\n")

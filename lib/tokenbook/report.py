@@ -190,8 +190,8 @@ def write_index(results_dir: Path, root: Path, include_smoke: bool = False) -> N
     claims = _read_ledger(results_dir)
     if claims is not None:
         counts = claims["verdict"].value_counts()
-        lines += ["## Claims ledger", "", f"{len(claims)} claims of the five papers: "
-                  + ", ".join(f"{k} {int(v)}" for k, v in counts.items())
+        lines += ["## Claims ledger", "", f"{len(claims)} claims of the five papers and of their cross-paper "
+                  "compositions: " + ", ".join(f"{k} {int(v)}" for k, v in counts.items())
                   + ". Full table with statements, sources, scale and details: [CLAIMS.md](CLAIMS.md) "
                   "([claims.csv](claims.csv)).", "",
                   to_markdown(claims[[c for c in _LEDGER_SHORT if c in claims.columns]]), ""]
@@ -238,7 +238,8 @@ def write_index(results_dir: Path, root: Path, include_smoke: bool = False) -> N
         headline_html = _markup(_verdict_styled(claims))
         if len(head):
             headline_html += Markup("<h3>Headline tables of the notebooks</h3>") + _markup(style_table(head, ""))
-        note = ("Every claim of the five papers with its verdict on this workbook's evidence (claims.csv, "
+        note = ("Every claim of the five papers, and of the compositions no paper ran (06_cross_paper), with its "
+                "verdict on this workbook's evidence (claims.csv, "
                 "CLAIMS.md): reproduced / contradicted / inconclusive by the 95 % interval of the paired difference "
                 "over seeds against the claim's margin; the scale column says what was run, plateau whether the "
                 "validation accuracy had stopped rising.")

@@ -449,7 +449,8 @@ def comparison_table(per_seed: Any, storage: dict[str, float], level: float = 0.
                      "task": "held-out classes" if key in {k for k, *_ in FINETUNE_ROWS} else "source classes",
                      "seeds": len(g), "top1": m, "top1_ci_low": lo, "top1_ci_high": hi,
                      "top1_per_seed": ", ".join(f"{v:.2f}" for v in top),
-                     "train_tmacs": float(r0["train_tmacs"]), "train_gmacs_per_image": float(r0["train_gmacs_per_image"]),
+                     "train_tmacs": float(r0["train_tmacs"]),
+                     "train_gmacs_per_image": float(r0["train_gmacs_per_image"]),
                      "train_s": float(g["train_s"].mean()), "infer_gmacs": float(r0["infer_gmacs"]),
                      "infer_gflops": float(r0["infer_gflops"]), "latency_ms": float(r0["latency_ms"]),
                      "trainable_params": int(r0["trainable_params"]), "params": int(r0["params"]),
@@ -686,7 +687,8 @@ def build_tokens(bundle: Any, params: dict, profile: str):
 
 
 def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
-    """TokenAdapt f/g for the ``seit_ta_ca`` arm, trained once (``seed``) as in ``04_seit``; returns (module, history)."""
+    """TokenAdapt f/g for the ``seit_ta_ca`` arm, trained once (``seed``) as in ``04_seit``; returns (module,
+    history)."""
     from tokenbook.experiments import seit as seit_exp
 
     return seit_exp.train_default_tokenadapt(tokens, bundle, int(params["crop"]), steps=int(params["ta_steps"]),
@@ -752,7 +754,8 @@ def gpu_budget_estimate(params: dict, peak_tflops: float = 989.0, mfu: float = 0
         step_s = max(t_compute, t_launch)
         if key == "vit":
             vit_step = step_s
-        rows.append({"part": arm.label, "steps": steps, "train_gmacs_per_image": macs / 1e9, "kernels_per_step": kernels,
+        rows.append({"part": arm.label, "steps": steps, "train_gmacs_per_image": macs / 1e9,
+                     "kernels_per_step": kernels,
                      "compute_ms": t_compute * 1e3, "launch_ms": t_launch * 1e3, "bound": "compute" if
                      t_compute > t_launch else "launch", "minutes": steps * step_s / 60})
     vit_step = vit_step or max(r["launch_ms"] for r in rows) / 1e3
