@@ -29,6 +29,10 @@ training step's forward + backward counted by ``torch.utils.flop_counter``, per 
 token arms add their batch hook's MACs: Emb-Noise, ColorAdapt, TokenAdapt f/g), training wall time, inference MACs
 and CPU latency of the trained model, trainable parameters, and storage per training image (PNG for pixels, the
 gzip'd token files for tokens).
+
+Size: about 850 lines, over the project's 800-line guide: one notebook's driver that measures nine arms and four
+fine-tuning rows in the same way (training, counted MACs, latency, storage), draws its two figures, builds the
+evidence of seven claims and estimates its GPU budget; the parts share the arm definitions and the per-seed table.
 """
 from __future__ import annotations
 
@@ -509,6 +513,44 @@ def pareto_figure(table: Any, latency_batch: int = 0):
     return fig
 
 
+def curves_figure(histories: dict, labels: Optional[dict] = None):
+    """Validation top-1 per epoch: the mean over seeds of every arm (line) with the seeds' range (band); source-class
+    arms and fine-tuning arms side by side."""
+    import matplotlib.pyplot as plt
+
+    labels = labels or {}
+    by_arm: dict[str, list] = {}
+    for (s, k), h in sorted(histories.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if h is not None and "val_top1" in h and len(h):
+            by_arm.setdefault(k, []).append(h[["epoch", "val_top1"]].dropna())
+    ft_keys = {k for k, *_ in FINETUNE_ROWS}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.get_cmap("tab20").colors
+    order = [k for k in list(ARMS) + sorted(ft_keys, key=[r[0] for r in FINETUNE_ROWS].index) if k in by_arm]
+    for i, k in enumerate(order):
+        hs = by_arm[k]
+        ax = axes[1] if k in ft_keys else axes[0]
+        epochs = sorted(set().union(*[set(h["epoch"]) for h in hs]))
+        vals = np.array([[float(h.set_index("epoch")["val_top1"].get(e, np.nan)) for e in epochs] for h in hs])
+        c = colors[i % len(colors)]
+        ax.plot(epochs, np.nanmean(vals, axis=0), marker="o", color=c, ms=4, label=f"{labels.get(k, k)} (n={len(hs)})",
+                ls="--" if ARMS.get(k) is not None and ARMS[k].composition else "-")
+        ax.fill_between(epochs, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0), color=c, alpha=0.15)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, title in zip(axes, ("source classes: training from scratch", "held-out classes: fine-tuning")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation top-1 (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle("validation top-1 per epoch: mean over seeds, band = the seeds' range (dashed: compositions)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def toe_placement_table(params: dict, num_classes: int):
     """Where ToE's selection sits in each architecture and what it keeps, with the per-stage training MACs."""
     import pandas as pd
@@ -601,7 +643,7 @@ def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale:
     return ev
 
 
-def findings_markdown(table: Any, verdicts: Any) -> str:
+def findings_markdown(table: Any, verdicts: Any, per_seed: Any = None) -> str:
     """A short, number-backed reading of the comparison and the composition verdicts."""
     t = table.set_index("arm")
     lines = ["**What this run says** (small scale; the verdicts' intervals decide, not the means):", ""]
@@ -617,6 +659,14 @@ def findings_markdown(table: Any, verdicts: Any) -> str:
         lines.append(f"- Storage per training image: {t.loc['vit', 'storage_bytes_per_image']:.0f} B as PNG, "
                      f"{t.loc['seit', 'storage_bytes_per_image']:.0f} B as tokens "
                      f"({t.loc['seit', 'storage_bytes_per_image'] / t.loc['vit', 'storage_bytes_per_image']:.1%}).")
+    if per_seed is not None:
+        d = _by_seed(per_seed)
+        for fam, label in (("vit", "ViT"), ("t2t", "T2T-ViT"), ("vittm", "ViTTM")):
+            diffs = [x[f"{fam}_toe"] - x[fam] for x in d.values() if fam in x and f"{fam}_toe" in x]
+            if len(diffs) >= 2:
+                m, lo, hi = mean_ci(diffs)
+                lines.append(f"- {label} + ToE minus {label}, paired by seed: {m:+.2f} pt (95 % CI {lo:+.2f} to "
+                             f"{hi:+.2f}).")
     for _, v in verdicts.iterrows():
         ci = (f"[{v['ci_low']:.3g}, {v['ci_high']:.3g}]" if v["ci_low"] is not None and
               not (isinstance(v["ci_low"], float) and math.isnan(v["ci_low"])) else "no interval")
