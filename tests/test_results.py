@@ -10,9 +10,12 @@ from tokenbook.results import RunContext, check_param_type, paper_vs_ours, save_
 def test_all_reference_files_validate():
     names = references.available()
     assert "baselines" in names
+    from tokenbook.claims import load_claims
+
     for n in names:
         refs = references.load(n)
-        assert refs, n
+        # only a sheet of compositions no paper ran (cross_paper) may have no paper numbers at all
+        assert refs or all(c.kind == "composition" for c in load_claims(n)), n
         for r in refs:
             assert r.kind in references.SOURCE_KINDS and r.source
 
