@@ -252,3 +252,24 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
     assert (emp["scale"].str.len() > 20).all()  # every row says what was run
     md = (site / "CLAIMS.md").read_text()
     assert all(c in md for c in expected)
+
+
+def test_headline_table_takes_only_paper_vs_ours_tables(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from tokenbook.report import headline_table
+
+    d = tmp_path / "06_x" / "cpu"
+    d.mkdir(parents=True)
+    pd.DataFrame({"model": ["A"], "metric": ["top1"], "paper": [80.0], "ours": [79.5], "diff": [-0.5],
+                  "pass": [True]}).to_csv(d / "vs.csv", index=False)
+    pd.DataFrame({"paper": ["x"], "claim": ["x.c"], "quantity": ["q"], "ours": [1.0],
+                  "verdict": ["reproduced"]}).to_csv(d / "claims.csv", index=False)
+    pd.DataFrame({"model": ["A"], "paper": ["ViTTM"], "top1": [50.0]}).to_csv(d / "comparison.csv", index=False)
+    tables = [{"name": n, "csv": f"{n}.csv", "headline": True} for n in ("vs", "claims", "comparison")]
+    (d / "meta.json").write_text(json.dumps({"tables": tables}))
+    head = headline_table([{"name": "06_x", "dir": d, "meta": {"tables": tables}}])
+    assert list(head["claim"]) == ["A · top1"]
+    assert head["paper_value"].iloc[0] == 80.0 and head["ours"].iloc[0] == 79.5

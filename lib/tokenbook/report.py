@@ -131,7 +131,10 @@ def collect_runs(results_dir: Path, notebooks: list[str], include_smoke: bool = 
 
 
 def headline_table(runs: list[dict]) -> pd.DataFrame:
-    """The rows of every table a notebook saved with ``headline=True``: claim, paper value + source, ours, pass."""
+    """The rows of every table a notebook saved with ``headline=True``: claim, paper value + source, ours, pass.
+
+    Only paper-vs-ours tables (an ``ours`` column) contribute; a claims verdict table (a ``verdict`` column, whose
+    ``paper`` column names the sheet, not a number) is left out, since the claims ledger heads the site."""
     rows = []
     for r in runs:
         for t in r["meta"].get("tables", []):
@@ -140,6 +143,8 @@ def headline_table(runs: list[dict]) -> pd.DataFrame:
             try:
                 df = pd.read_csv(r["dir"] / t["csv"])
             except (OSError, ValueError):
+                continue
+            if "ours" not in df.columns or "verdict" in df.columns:
                 continue
             for _, row in df.iterrows():
                 get = row.get
