@@ -49,20 +49,7 @@ RUNS = [
 
 
 def step_cost(name: str, kwargs: dict, size: tuple) -> tuple[float, int]:
-    model = timm.create_model(name, **kwargs)
-    x = torch.randn(2, *size)
-    macs = bench.count_train_macs(model, x)["macs_per_image"]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-
-    def step():
-        out = model(x)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        sum(o.float().logsumexp(-1).mean() for o in outs).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    return macs, bench.count_kernels(step)
+    return bench.train_step_cost(timm.create_model(name, **kwargs), torch.randn(2, *size))
 
 
 def main(argv=None) -> int:
@@ -83,8 +70,7 @@ def main(argv=None) -> int:
             cache[key] = step_cost(name, kw, size)
         macs, kernels = cache[key]
         steps = runs * epochs * (images // batch)
-        t_c = macs * batch * 2 / (a.peak_tflops * 1e12 * a.mfu)
-        t_l = kernels * a.kernel_us * 1e-6
+        t_c, t_l = bench.estimated_step_s(macs, kernels, batch, a.peak_tflops, a.mfu, a.kernel_us)
         minutes = steps * max(t_c, t_l) / 60
         total[nb] = total.get(nb, 0.0) + minutes
         print(f"| {nb} | {part} | {steps:,} | {macs / 1e9:.3f} | {kernels} | {t_c * 1e3:.2f} | {t_l * 1e3:.2f} | "

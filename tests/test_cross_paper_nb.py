@@ -7,8 +7,6 @@ import pytest
 
 from tokenbook.claims import load_claims, parse_seeds, read_evidence
 from tokenbook.experiments import cross_paper as X
-from tokenbook.results import notebook_parameters
-from tokenbook.runner import resolve_parameters
 
 from conftest import ROOT
 
@@ -16,9 +14,7 @@ NB = "06_cross_paper"
 
 
 def profile_params(profile: str) -> dict:
-    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
-    defaults = {k: eval(v["default"]) for k, v in specs.items()}  # literals of the parameters cell
-    return {**defaults, **resolve_parameters(ROOT, NB, profile, {}), "profile": profile}
+    return {**X.profile_params(profile, ROOT), "profile": profile}
 
 
 @pytest.mark.parametrize("profile,n", [("smoke", 2), ("cpu", 3), ("gpu", 5), ("full", 5)])

@@ -29,6 +29,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = [
     "count_params", "count_used_params", "count_macs", "count_train_macs", "count_call_macs", "count_kernels",
+    "train_step_cost", "estimated_step_s",
     "explicit_attention", "measure_latency",
     "measure_train_step", "compare_latency", "LatencyResult", "peak_memory_mb",
 ]
@@ -215,15 +216,42 @@ def count_kernels(fn: Callable[[], Any]) -> int:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Count(TorchDispatchMode):
-        n = 0
+        def __init__(self):
+            super().__init__()
+            self.n = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            _Count.n += 1
+            self.n += 1
             return func(*args, **(kwargs or {}))
 
-    with _Count():
+    with _Count() as counter:
         fn()
-    return _Count.n
+    return counter.n
+
+
+def train_step_cost(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
+    """``(MACs per image of forward + backward, kernels of forward + backward + one AdamW step)`` of a training step
+    on ``example`` (what a GPU time estimate needs; the optimizer's state is allocated before counting)."""
+    macs = count_train_macs(model, example)["macs_per_image"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    model.train()
+
+    def step():
+        out = model(example)
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        sum(o.float().logsumexp(-1).mean() for o in outs).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    return macs, count_kernels(step)
+
+
+def estimated_step_s(macs_per_image: float, kernels: int, batch_size: int, peak_tflops: float = 989.0,
+                     mfu: float = 0.3, kernel_us: float = 8.0) -> tuple[float, float]:
+    """``(compute s, launch s)`` of one training step on a GPU: counted MACs x batch x 2 FLOPs at ``mfu`` of
+    ``peak_tflops``, and ``kernels`` launches of ``kernel_us`` each (eager PyTorch). The step costs the larger one."""
+    return macs_per_image * batch_size * 2 / (peak_tflops * 1e12 * mfu), kernels * kernel_us * 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -55,6 +55,19 @@ def coerce(value: str):
     return v if isinstance(v, (int, float, bool, str)) or v is None else value
 
 
+def profile_parameters(root: Path, name: str, profile: str, overrides: Optional[dict] = None) -> dict:
+    """Every parameter of notebook ``name`` as a run with ``profile`` sees it: the ``parameters`` cell's defaults,
+    overlaid with the profile's YAML and ``overrides`` (validated by :func:`resolve_parameters`)."""
+    import ast
+
+    from .results import notebook_parameters
+
+    specs = notebook_parameters(name, root / "notebooks" / f"{name}.ipynb")
+    out = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
+    out.update(resolve_parameters(root, name, profile, dict(overrides or {})))
+    return out
+
+
 def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> dict:
     """The parameters for one notebook run, validated against its ``parameters`` cell."""
     from .results import notebook_parameters

@@ -54,6 +54,7 @@ __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
     "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "profile_params",
+    "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure",
 ]
 
 
@@ -346,7 +347,6 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
     import pandas as pd
 
     from tokenbook.experiments import memory as mem_exp
-    from tokenbook.models import memory as M
     from tokenbook.train import TrainConfig
 
     s0 = int(seeds[0])
@@ -356,6 +356,7 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
                       progress=False, accelerator=str(params.get("accelerator", "auto")),
                       max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
     cells = int(params["memory_cells"])
+    x_val = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
     rows, hists, exact = [], {}, {}
     for key, label, base, mode in FINETUNE_ROWS:
         if (s0, base) not in runs:
@@ -364,10 +365,11 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
         run = mem_exp.run_finetune_seeds(backbone, [target], [(mode, cells if mode == "memory" else 0)], cfg,
                                          [int(s) for s in seeds], full_lr=float(params["ft_full_lr"]),
                                          keep_full=True, verbose=False)
-        ex_x = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
+        # finetune_model's models answer only their task (set_outputs), as they would serve it
         first_model = run.models[(s0, target.name, run.results["method"].iloc[0])]
-        inf = inference_numbers(_task_view(first_model, mode, target.name), ex_x, params, latency)
-        train_macs = _finetune_train_macs(first_model, mode, target.name, ex_x[:2])
+        inf = inference_numbers(first_model, x_val, params, latency)
+        # forward of everything the model computes + backward to its trainable parameters only
+        train_macs = float(bench.count_train_macs(first_model, x_val[:2])["macs_per_image"])
         for _, r in run.results.iterrows():
             spe = max(1, int(r["steps"]) // int(r["epochs"]))
             rows.append({"arm": key, "model": label, "paper": "Learnable Memory", "composition": base == "t2t",
@@ -379,42 +381,27 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
                          "train_gmacs_per_image": train_macs / 1e9, "hook_gmacs_per_image": 0.0, **inf})
             hists[(int(r["seed"]), key)] = run.histories[(int(r["seed"]), target.name, r["method"])]
         if mode == "memory":
-            exact[base] = _exactness(backbone, run, target, [int(s) for s in seeds], M)
+            exact[base] = _exactness(backbone, run, target.name, [int(s) for s in seeds], x_val)
     return pd.DataFrame(rows), hists, exact
 
 
-def _task_view(model: nn.Module, mode: str, task: str) -> nn.Module:
-    """The module that serves a task at inference: a MemoryViT answering only ``task``; ``full`` as it is."""
-    if hasattr(model, "set_outputs"):
-        m = copy.copy(model)
-        m.set_outputs(task)
-        return m
-    return model
-
-
-def _finetune_train_macs(model: nn.Module, mode: str, task: str, x: torch.Tensor) -> float:
-    """Per-image MACs of one fine-tuning step (forward of everything the model computes + backward to the
-    trainable parameters only)."""
-    m = _task_view(model, mode, task)
-    return float(bench.count_train_macs(m, x)["macs_per_image"])
-
-
 @torch.no_grad()
-def _exactness(backbone: nn.Module, run: Any, target: Any, seeds: Sequence[int], M: Any) -> dict[int, float]:
-    x = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
+def _exactness(backbone: nn.Module, run: Any, task: str, seeds: Sequence[int], x: torch.Tensor) -> dict[int, float]:
+    from tokenbook.models import memory as M
+
     ref = backbone.eval()(x)
     method = run.results["method"].iloc[0]
     alone = {}
     for s in seeds:
-        m = copy.deepcopy(run.models[(s, target.name, method)]).eval()
-        m.rename_task(target.name, f"{target.name}_s{s}")
+        m = copy.deepcopy(run.models[(s, task, method)]).eval()
+        m.rename_task(task, f"{task}_s{s}")
         alone[s] = m
     merged = M.concatenate(list(alone.values())).eval()
     out_merged = merged.forward_all(x)
     res = {}
     for s, m in alone.items():
         own = m.forward_all(x)
-        name = f"{target.name}_s{s}"
+        name = f"{task}_s{s}"
         d_src = float((own[M.SOURCE] - ref).abs().max())
         d_cat = float((out_merged[name] - own[name]).abs().max())
         d_src_merged = float((out_merged[M.SOURCE] - ref).abs().max())
@@ -425,13 +412,19 @@ def _exactness(backbone: nn.Module, run: Any, target: Any, seeds: Sequence[int],
 # ----------------------------------------------------------------------------------------------------------
 # tables and figures
 # ----------------------------------------------------------------------------------------------------------
+def print_run(row: dict) -> None:
+    """One progress line per trained arm or fine-tuning run (the ``callback`` of :func:`run_seeds`)."""
+    print(f"seed {row['seed']} {row['model']:<34} top-1 {row['top1']:6.2f}  {row['train_s']:5.1f} s", flush=True)
+
+
 def per_seed_table(runs: dict[tuple[int, str], ArmRun], ft_rows: Any = None):
+    """Every arm and seed in one table: the scratch runs, then the fine-tuning rows."""
     import pandas as pd
 
     df = pd.DataFrame([r.row for r in runs.values()])
     if ft_rows is not None and len(ft_rows):
         df = pd.concat([df, ft_rows], ignore_index=True)
-    return df
+    return df.drop(columns=["top5"], errors="ignore")  # top-5 of a 5-way task is always 100
 
 
 def comparison_table(per_seed: Any, storage: dict[str, float], level: float = 0.95):
@@ -723,6 +716,53 @@ def recipe_table(params: dict):
 
 
 
+def load_splits(params: dict):
+    """``(source bundle, held-out target task, a table describing both)``."""
+    import pandas as pd
+
+    bundle, target = source_bundle(params), target_task(params)
+    table = pd.DataFrame([{"split": "source (comparison, pre-training)", **bundle.describe(),
+                           "classes": ", ".join(bundle.class_names)},
+                          {"split": "held-out (fine-tuning)", **target.bundle.describe(),
+                           "classes": ", ".join(target.bundle.class_names)}])
+    return bundle, target, table
+
+
+@dataclass
+class TokenPrep:
+    """What the token arms need, built once per notebook: token data, TokenAdapt f/g (when an arm uses it), the
+    storage per image of both inputs and the tables that describe them."""
+
+    tokens: Any = None
+    tokenadapt: Optional[nn.Module] = None
+    tokenadapt_history: Any = None
+    storage: dict = None
+    storage_table: Any = None
+    token_info: Any = None
+
+
+def prepare_tokens(arms: Sequence[str], bundle: Any, params: dict, profile: str,
+                   timer: Optional[Callable[[str], Any]] = None) -> TokenPrep:
+    """Tokenizer (and TokenAdapt for ``seit_ta_ca``) trained once, and the storage table, when any arm trains on
+    tokens; otherwise storage is NaN for both inputs. ``timer(name)`` (e.g. ``ctx.timer``) times each stage."""
+    import contextlib
+
+    import pandas as pd
+
+    timer = timer or (lambda name: contextlib.nullcontext())
+    if not any(ARMS[a].input == "tokens" for a in arms):
+        return TokenPrep(storage={"pixels": math.nan, "tokens": math.nan})
+    out = TokenPrep()
+    with timer("tokenizer"):
+        out.tokens = build_tokens(bundle, params, profile)
+    if "seit_ta_ca" in arms:
+        with timer("tokenadapt"):
+            out.tokenadapt, out.tokenadapt_history = train_tokenadapt(out.tokens, bundle, params)
+    out.storage, out.storage_table = storage_per_image(bundle, out.tokens, int(params["storage_images"]))
+    out.token_info = pd.DataFrame([out.tokens.describe()])
+    return out
+
+
 def build_tokens(bundle: Any, params: dict, profile: str):
     """SeiT-format tokens of the source images from a VQ tokenizer trained here (``tokenbook.experiments.seit``);
     written under ``token_dir`` (default: the cache, ``seit/cross_paper-<profile>``) and read back."""
@@ -750,24 +790,6 @@ def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
 # ----------------------------------------------------------------------------------------------------------
 # GPU budget (an estimate: no GPU was at hand when this was written)
 # ----------------------------------------------------------------------------------------------------------
-def _train_step_counts(model: nn.Module, x: torch.Tensor) -> tuple[float, int]:
-    """(train MACs per image, kernels of forward + backward + one AdamW step) of one step on ``x``."""
-    macs = bench.count_train_macs(model, x)["macs_per_image"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    model.train()
-
-    def step():
-        out = model(x)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        loss = sum(o.float().logsumexp(-1).mean() for o in outs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # optimizer state allocated outside the count
-    return macs, bench.count_kernels(step)
-
-
 def _full_size(subset: int, classes: Sequence[int], per_class: int = 6000) -> int:
     return int(subset) if int(subset) else per_class * len(classes)
 
@@ -797,10 +819,9 @@ def gpu_budget_estimate(params: dict, peak_tflops: float = 989.0, mfu: float = 0
         model = build_arm_model(dataclasses.replace(arm, toe=False), params, len(src), 0)
         if arm.input == "tokens":
             model.set_codebook(torch.randn(int(params["codebook_size"]), int(params["code_dim"])))
-        macs, kernels = _train_step_counts(model, _example(arm, params, 2))
+        macs, kernels = bench.train_step_cost(model, _example(arm, params, 2))
         steps = int(params["epochs"]) * max(1, n_tr // b) * seeds
-        t_compute = macs * b * 2 / (peak_tflops * 1e12 * mfu)
-        t_launch = kernels * kernel_us * 1e-6
+        t_compute, t_launch = bench.estimated_step_s(macs, kernels, b, peak_tflops, mfu, kernel_us)
         step_s = max(t_compute, t_launch)
         if key == "vit":
             vit_step = step_s
@@ -827,23 +848,9 @@ def gpu_budget_estimate(params: dict, peak_tflops: float = 989.0, mfu: float = 0
 
 def profile_params(profile: str, root: Any = None) -> dict:
     """This notebook's parameters under another profile (defaults of the parameters cell + the profile's YAML)."""
-    import ast
     from pathlib import Path
 
-    from tokenbook.results import notebook_parameters
-    from tokenbook.runner import resolve_parameters
+    from tokenbook.results import repo_root
+    from tokenbook.runner import profile_parameters
 
-    if root is None:
-        import os
-
-        cands = [os.environ.get("TOKENBOOK_ROOT"), Path.cwd(), Path(__file__).resolve().parents[3]]
-        found = [Path(c) for c in cands if c and (Path(c) / "notebooks" / "06_cross_paper.ipynb").is_file()]
-        if not found:
-            raise FileNotFoundError("notebooks/06_cross_paper.ipynb not found: run from the repository root or set "
-                                    "TOKENBOOK_ROOT")
-        root = found[0]
-    root = Path(root)
-    specs = notebook_parameters("06_cross_paper", root / "notebooks" / "06_cross_paper.ipynb")
-    out = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
-    out.update(resolve_parameters(root, "06_cross_paper", profile, {}))
-    return out
+    return profile_parameters(Path(root) if root is not None else repo_root(), "06_cross_paper", profile)

@@ -103,11 +103,7 @@ class TokenViT(VisionTransformer):
 
     def set_codebook(self, codebook: Optional[torch.Tensor]) -> "TokenViT":
         """Attach a (K, in_chans) codebook so that ``forward`` accepts integer ids (None detaches it)."""
-        if codebook is not None:
-            if codebook.ndim != 2 or codebook.shape[1] != self.in_chans:
-                raise ValueError(f"codebook must be (K, {self.in_chans}), got {tuple(codebook.shape)}")
-            codebook = codebook.detach().float().to(self.patch_embed.proj.weight.device)
-        self.codebook = codebook
+        self.codebook = _checked_codebook(codebook, self.in_chans, self.patch_embed.proj.weight.device)
         return self
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
