@@ -50,7 +50,14 @@ def test_smoke_comparison_figure_and_claims(smoke_results):
     ids = {c.id for c in load_claims("cross_paper")}
     assert set(ev) == ids
     for c in ids:
-        assert len(ev[c].a) == len(ev[c].b) == 2 and ev[c].scale
+        if c.endswith("_speedup"):  # interleaved step timing: a median ratio and its IQR
+            e = ev[c]
+            assert not e.a and e.q1 <= e.ratio <= e.q3 and "interleaved" in e.scale and "3 interleaved" in e.detail
+        else:
+            assert len(ev[c].a) == len(ev[c].b) == 2 and ev[c].scale
+    speed = pd.read_csv(folder / "toe_speedup.csv")
+    assert set(speed["arm"]) == {"vit_toe", "t2t_toe", "vittm_toe"}
+    assert (speed["stage"] == "epoch-weighted").sum() == 3
     assert max(ev["cross_paper.memory_t2t_exact"].a) == 0.0  # exact concatenation on a T2T-ViT backbone
     claims = pd.read_csv(folder / "claims.csv")
     assert set(claims["claim"]) == ids and not (claims["verdict"] == "failed").any()
