@@ -1,15 +1,13 @@
-"""Estimate how long the `gpu` profile of the whole workbook takes on one H100/H200-class GPU, without a GPU.
+"""ESTIMATE how long a profile (default: gpu) of the workbook takes on one H100/H200-class GPU, without a GPU.
 
-An ESTIMATE, not a measurement. For every training loop of every notebook under its gpu profile (the numbers of runs,
-seeds, epochs, images and batch sizes below are read from notebooks/params/*/gpu.yaml and the notebooks' parameter
-defaults; each is written out in RUNS so that a reader can check it), the per-step cost is counted on this CPU at the
-profile's model size: forward + backward MACs per image (torch.utils.flop_counter) and ATen kernel launches of forward +
-backward + AdamW (a dispatch-mode counter). A step costs the larger of its compute time (MACs x batch x 2 FLOPs at
-`--mfu` of `--peak-tflops` dense bf16) and its launch time (`--kernel-us` per launch, eager PyTorch). Not charged:
-data loading, validation passes, latency benchmarks, tokenizer / TokenAdapt training, compilation and Python overhead
-between steps. 06_cross_paper has its own, finer estimate in its notebook (table gpu_budget_estimate).
+A thin command line over :mod:`tokenbook.gpu_budget`: every notebook's training loops are derived from its profile
+(parameter-cell defaults + notebooks/params/<notebook>/<profile>.yaml), each step is counted on this CPU (MACs and
+ATen operators of one real step) and costed at --peak-tflops x --mfu and --kernel-us per operator; the data loader is
+measured on Fashion-MNIST when it is installed (else the module's documented default). Prints a Markdown table and
+the total. What is and is not charged: see the module's docstring.
 
-    python scripts/gpu_budget.py            # prints a Markdown table
+    PYTHONPATH=lib python scripts/gpu_budget.py                      # the gpu profile, every notebook
+    PYTHONPATH=lib python scripts/gpu_budget.py --notebooks 01_vittm 03_toe --kernel-us 5
 """
 from __future__ import annotations
 
@@ -18,68 +16,69 @@ import math
 import sys
 
 import torch
-import timm
 
-import tokenbook.models  # noqa: F401  (registers the workbook's models)
-from tokenbook import bench
-
-FM_TRAIN = 60_000  # Fashion-MNIST training images (train_subset 0 = all)
-
-# notebook, part, registry name, model kwargs, input (C, H, W), runs (arms x seeds), epochs, images per epoch, batch
-RUNS = [
-    ("00_baselines", "small ViT", "vit_fm_small_p4_32", {}, (3, 32, 32), 1, 30, FM_TRAIN, 256),
-    ("01_vittm", "ViTTM + ViT, 3 seeds", "vittm_cpu_m4p4_32", {}, (3, 32, 32), 3, 30, FM_TRAIN, 256),
-    ("01_vittm", "(the ViT of section 2)", "vit_fm_small_p4_32", {}, (3, 32, 32), 3, 30, FM_TRAIN, 256),
-    # 8 claim arms x 3 seeds + the other 26 - 8 settings of the four studies with the first seed: 42 runs
-    ("01_vittm", "ablations (42 runs)", "vittm_cpu_m4p4_32", dict(embed_dim=128, depth=6), (3, 32, 32), 42, 5,
-     20_000, 256),
-    ("02_t2t_vit", "7 variants x 5 seeds", "t2t_vit_tiny_fmnist", dict(img_size=32, in_chans=1), (1, 32, 32), 35, 30,
-     FM_TRAIN, 256),
-    ("03_toe", "DeiT-S 224 px, full-token + ToE, 5 seeds", "deit_small_patch16_224", dict(in_chans=3), (3, 224, 224),
-     10, 30, FM_TRAIN, 256),
-    ("04_seit", "5 variants x 5 seeds (token arms as the token ViT)", "deit_fm_nano_token_32", {}, (32, 12, 12), 25,
-     50, FM_TRAIN, 256),
-    ("05_memory", "source pre-training (classes 0-3)", "vit_fm_small_p4_28", {}, (3, 28, 28), 1, 30, 24_000, 256),
-    # 2 Fashion-MNIST target tasks of 3 classes (18,000 images each) x 7 methods x 5 seeds, 20 epochs of batch 128
-    ("05_memory", "fine-tuning, 2 fm tasks x 7 methods x 5 seeds", "vit_fm_small_p4_28", {}, (3, 28, 28), 70, 20,
-     18_000, 128),
-    ("05_memory", "fine-tuning on digits x 7 methods x 5 seeds", "vit_fm_small_p4_28", {}, (3, 28, 28), 35, 20, 1_200,
-     128),
-]
+from tokenbook import gpu_budget as G
 
 
-def step_cost(name: str, kwargs: dict, size: tuple) -> tuple[float, int]:
-    return bench.train_step_cost(timm.create_model(name, **kwargs), torch.randn(2, *size))
+def loader_rate(override: float | None) -> tuple[float | None, str]:
+    """The pixel loader's us/image: ``override``, else measured on full Fashion-MNIST, else None (the default)."""
+    if override is not None:
+        return override, f"{override:.2f} us/image (--loader-us)"
+    from tokenbook import data
+
+    try:  # local files only (an explicit directory, $TOKENBOOK_FASHION_MNIST or the Debian package): no download
+        local = data.find_fashion_mnist(allow_hub=False)
+        bundle = data.load_data(data.DataConfig(dataset="fashion_mnist", data_dir=local, img_size=32, channels=3,
+                                                train_subset=None, val_subset=None))
+    except (data.DatasetNotFoundError, OSError) as e:
+        return None, f"{G.DEFAULT_LOADER_SOURCE}; Fashion-MNIST not available ({type(e).__name__})"
+    us = G.measure_loader_us(bundle, batch=256, n_batches=20)
+    return us, f"{us:.2f} us/image, measured now on full Fashion-MNIST ({len(bundle.train):,} images, batch 256)"
+
+
+def markdown(df) -> str:
+    def cell(v, col):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if col in ("runs", "steps", "kernels_per_step"):
+            return f"{v:,.0f}"
+        if isinstance(v, float):
+            return f"{v:.3f}" if col == "train_gmacs_per_image" else f"{v:.2f}"
+        return str(v).replace("|", "/")
+
+    cols = list(df.columns)
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c not in ("notebook", "part", "bound", "note")
+                                                         else "---" for c in cols) + "|"]
+    for _, r in df.iterrows():
+        row = [cell(r[c], c) for c in cols]
+        if r["part"] in ("subtotal", "total (ESTIMATE)"):
+            row = [f"**{v}**" if v else v for v in row]
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="gpu", help="run profile (default gpu)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM / H200: 989)")
+    ap.add_argument("--fp32-tflops", type=float, default=67.0, help="fp32 peak for 32-true runs (H100 SXM: 67)")
     ap.add_argument("--mfu", type=float, default=0.3, help="fraction of the peak a compute-bound step reaches")
-    ap.add_argument("--kernel-us", type=float, default=8.0, help="time per kernel launch of an eager step (us)")
-    ap.add_argument("--cross-paper-min", type=float, default=12.0, help="06_cross_paper's own estimate (minutes)")
+    ap.add_argument("--kernel-us", type=float, default=8.0, help="host time per ATen operator of an eager step (us)")
+    ap.add_argument("--loader-us", type=float, default=None, help="pixel loader us/image (default: measured)")
+    ap.add_argument("--notebooks", nargs="+", default=None, help=f"notebooks (default: {', '.join(G.NOTEBOOK_LOOPS)})")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    print("| notebook | part | steps | train GMACs/img | kernels/step | compute ms | launch ms | bound | minutes |")
-    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
-    total = {}
-    cache = {}
-    for nb, part, name, kw, size, runs, epochs, images, batch in RUNS:
-        key = (name, tuple(sorted(kw.items())), size)
-        if key not in cache:
-            cache[key] = step_cost(name, kw, size)
-        macs, kernels = cache[key]
-        steps = runs * epochs * (images // batch)
-        t_c, t_l = bench.estimated_step_s(macs, kernels, batch, a.peak_tflops, a.mfu, a.kernel_us)
-        minutes = steps * max(t_c, t_l) / 60
-        total[nb] = total.get(nb, 0.0) + minutes
-        print(f"| {nb} | {part} | {steps:,} | {macs / 1e9:.3f} | {kernels} | {t_c * 1e3:.2f} | {t_l * 1e3:.2f} | "
-              f"{'compute' if t_c > t_l else 'launch'} | {minutes:.1f} |")
-    total["06_cross_paper"] = a.cross_paper_min
-    print(f"| 06_cross_paper | its notebook's estimate | | | | | | | {a.cross_paper_min:.1f} |")
-    print(f"\nTotal (estimate): {sum(total.values()):.0f} min; per notebook: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in total.items()))
-    return 0 if math.isfinite(sum(total.values())) else 1
+    us, source = loader_rate(a.loader_us)
+    df = G.workbook_estimate(a.profile, notebooks=a.notebooks, peak_tflops=a.peak_tflops, fp32_tflops=a.fp32_tflops,
+                             mfu=a.mfu, kernel_us=a.kernel_us, loader_us_per_image=us, loader_source=source)
+    print(f"ESTIMATE of the '{a.profile}' profile on one H100/H200-class GPU (not a measurement)\n")
+    print(markdown(df))
+    sub = df[df["part"] == "subtotal"]
+    total = float(df["minutes"].iloc[-1])
+    print(f"\n{df.attrs['settings']}.")
+    print(f"\nTotal (ESTIMATE): {total:.1f} min; per notebook: "
+          + ", ".join(f"{nb} {m:.1f}" for nb, m in zip(sub["notebook"], sub["minutes"])))
+    return 0 if math.isfinite(total) else 1
 
 
 if __name__ == "__main__":

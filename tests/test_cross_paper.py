@@ -224,12 +224,24 @@ def test_call_macs_and_kernel_counts():
 def test_gpu_budget_estimate_counts_steps():
     p = X.profile_params("smoke")
     est = X.gpu_budget_estimate(p)
-    assert est["part"].iloc[-1] == "total (estimate)"
-    vit = est.set_index("part").loc["ViT (baseline)"]
+    assert est["part"].iloc[-1] == "total (ESTIMATE)" and "ESTIMATE" in est.attrs["settings"]
     seeds = len(p["seeds"].split(","))
-    assert vit["steps"] == p["epochs"] * (p["train_subset"] // p["batch_size"]) * seeds
+    per_epoch = min(p["train_subset"] // p["batch_size"], p["max_steps_per_epoch"])
+    t = est.set_index("part")
+    vit = t.loc[f"ViT (baseline) x {seeds} seeds"]
+    assert vit["steps"] == p["epochs"] * per_epoch * seeds
     assert vit["kernels_per_step"] > 50 and vit["minutes"] > 0
-    assert abs(est["minutes"].iloc[:-1].sum() - est["minutes"].iloc[-1]) < 1e-9
+    # ToE is charged per stage at its kept tokens: the stages' steps add up to the run's, stage 1 costs fewer MACs
+    toe = est[est["part"].str.startswith(f"ViT + ToE x {seeds} seeds, ToE stage") & ~est["part"].str.endswith("evaluation")]
+    assert len(toe) == 3 and toe["steps"].sum() == vit["steps"]
+    assert toe["train_gmacs_per_image"].iloc[0] < vit["train_gmacs_per_image"]
+    for part in ("fine-tuning: T2T-ViT: memory fine-tuning", "VQ tokenizer training", "TokenAdapt f/g training",
+                 "interleaved ToE step timing: ViTTM + ToE", "latency: inference of the trained models"):
+        assert est["part"].str.startswith(part).any(), part
+    body = est[~est["part"].isin(["subtotal", "total (ESTIMATE)"])]
+    assert abs(body["minutes"].sum() - est["minutes"].iloc[-1]) < 1e-9
+    # more epochs cost more
+    assert X.gpu_budget_estimate(dict(p, epochs=6))["minutes"].iloc[-1] > est["minutes"].iloc[-1]
 
 
 def test_toe_stage_epochs_follow_the_official_rule():

@@ -174,7 +174,7 @@ def test_smoke_claims(smoke_results):
 # ------------------------------------------------------------------------------------------------------------
 # profiles
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("profile, steps", [("smoke", [0, 1, 2]), ("cpu", [0, 2, 4]), ("gpu", [0, 10, 20]),
+@pytest.mark.parametrize("profile, steps", [("smoke", [0, 1, 2]), ("cpu", [0, 2, 4]), ("gpu", [0, 4, 8]),
                                             ("full", [0, 100, 200])])
 def test_profile_toe_schedule(profile, steps):
     p = profile_params(profile)

@@ -32,9 +32,10 @@ gzip'd token files for tokens). ToE's training-step speed-up on each architectur
 without ToE, back to back, per active stage) on the first seed's trained model (:func:`toe_speedups`), as 03_toe times
 ``toe.train_speedup``; per-run wall times stay in the tables but carry no verdict.
 
-Size: about 850 lines, over the project's 800-line guide: one notebook's driver that measures nine arms and four
-fine-tuning rows in the same way (training, counted MACs, latency, storage), draws its two figures, builds the
-evidence of seven claims and estimates its GPU budget; the parts share the arm definitions and the per-seed table.
+Size: about 1,000 lines, over the project's 800-line guide: one notebook's driver that measures nine arms and four
+fine-tuning rows in the same way (training, counted MACs, latency, storage), times ToE interleaved on three
+architectures, draws its two figures, builds the evidence of seven claims and lists its training loops for the GPU
+estimate (:mod:`tokenbook.gpu_budget`); the parts share the arm definitions and the per-seed table.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ from tokenbook.methods import toe as toe_method
 __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
     "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
-    "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "profile_params",
+    "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
     "speedup_scale", "TOE_BASES",
 ]
@@ -856,7 +857,8 @@ def build_tokens(bundle: Any, params: dict, profile: str):
                                          code_dim=int(params["code_dim"]), hidden=int(params["tokenizer_hidden"]),
                                          steps=int(params["tokenizer_steps"]),
                                          batch_size=int(params["tokenizer_batch"]), lr=float(params["tokenizer_lr"]),
-                                         seed=int(params["seed"]))
+                                         seed=int(params["seed"]),
+                                         device=seit_exp.token_device(params.get("accelerator", "auto")))
 
 
 def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
@@ -867,66 +869,126 @@ def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
     return seit_exp.train_default_tokenadapt(tokens, bundle, int(params["crop"]), steps=int(params["ta_steps"]),
                                              batch_size=int(params["ta_batch"]), lr=float(params["ta_lr"]),
                                              dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
-                                             dim_head=int(params["ta_dim_head"]), seed=int(params["seed"]))
+                                             dim_head=int(params["ta_dim_head"]), seed=int(params["seed"]),
+                                             device=seit_exp.token_device(params.get("accelerator", "auto")))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # GPU budget (an estimate: no GPU was at hand when this was written)
 # ----------------------------------------------------------------------------------------------------------
 def _full_size(subset: int, classes: Sequence[int], per_class: int = 6000) -> int:
-    return int(subset) if int(subset) else per_class * len(classes)
+    return min(int(subset), per_class * len(classes)) if int(subset) else per_class * len(classes)
 
 
-def gpu_budget_estimate(params: dict, peak_tflops: float = 989.0, mfu: float = 0.3, kernel_us: float = 8.0):
-    """Estimated wall time of a profile (``params``) on one H100/H200-class GPU, from counted per-step costs.
+def _token_costable(arm: Arm, params: dict, num_classes: int):
+    """The token arm's model with its SeiT batch hook as the device-side batch work (ids in, as the loader gives)."""
+    from tokenbook.experiments import seit as seit_exp
+    from tokenbook.gpu_budget import Costable, _identity
+    from tokenbook.models.seit import TokenAdapt
 
-    Per arm: optimizer steps = epochs x floor(train images / batch) x seeds (fine-tuning rows alike); per step the
-    larger of a compute bound (counted forward + backward MACs per image x batch x 2 FLOPs / (``peak_tflops`` dense
-    bf16 x ``mfu``)) and a launch bound (counted ATen calls of forward + backward + AdamW x ``kernel_us``, eager
-    PyTorch); validation passes, the tokenizer and TokenAdapt steps are charged at the ViT arm's step time. MACs and
-    kernels are counted on CPU at the profile's widths (a ToE arm at its first, cheapest stage is not used: the
-    full-token step is charged, an upper bound). An estimate, not a measurement: data loading, compilation, latency
-    benchmarks and Python overhead between steps are left out."""
-    import pandas as pd
+    k, d, crop = int(params["codebook_size"]), int(params["code_dim"]), int(params["crop"])
+    cb = torch.randn(k, d)
+    model = build_arm_model(arm, params, num_classes, 0)
+    model.set_codebook(cb)
+    ta = TokenAdapt(code_dim=d, codebook_size=k, in_grid=14, out_grid=crop, dim=int(params["ta_dim"]),
+                    heads=int(params["ta_heads"]), dim_head=int(params["ta_dim_head"])) \
+        if seit_exp.VARIANTS[arm.variant][2] else None
+    hook = seit_exp.make_hook(arm.variant, cb, num_classes, crop, ta, float(params["rrc_scale_min"]))
+    return Costable(model, torch.randint(0, k, (4, 14, 14)), lambda x: hook(x, torch.arange(x.shape[0]) %
+                                                                          num_classes)[0], _identity)
 
-    src = parse_classes(params["source_classes"])
-    tgt = parse_classes(params["target_classes"])
+
+def gpu_loops(params: dict) -> list:
+    """This notebook's training loops under ``params`` as :class:`tokenbook.gpu_budget.Loop` rows (what
+    :func:`tokenbook.gpu_budget.estimate` costs): every arm x seeds (ToE arms per stage at their kept tokens, token arms
+    with their batch hook), the fine-tuning rows, the tokenizer and TokenAdapt, the interleaved ToE timing and the
+    latency benchmarks."""
+    from tokenbook import gpu_budget as G
+    from tokenbook.experiments import memory as mem_exp
+    from tokenbook.experiments import seit as seit_exp
+    from tokenbook.train import TrainConfig
+
+    nb = "06_cross_paper"
+    src, tgt = parse_classes(params["source_classes"]), parse_classes(params["target_classes"])
     n_tr, n_va = _full_size(params["train_subset"], src), _full_size(params["val_subset"], src, 1000)
-    n_ft = _full_size(params["ft_train_subset"], tgt)
-    seeds = len([s for s in str(params["seeds"]).split(",") if s.strip()])
-    b = int(params["batch_size"])
-    rows = []
-    vit_step = None
+    n_ft, nv_ft = _full_size(params["ft_train_subset"], tgt), _full_size(params["ft_val_subset"], tgt, 1000)
+    seeds, w = len([x for x in str(params["seeds"]).split(",") if x.strip()]), int(params.get("num_workers", 0))
+    dims = (int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"]))
+    loops: list = []
     for key in parse_arms(params["arms"]):
         arm = ARMS[key]
-        model = build_arm_model(dataclasses.replace(arm, toe=False), params, len(src), 0)
+        label = f"{arm.label} x {seeds} seeds"
         if arm.input == "tokens":
-            model.set_codebook(torch.randn(int(params["codebook_size"]), int(params["code_dim"])))
-        macs, kernels = bench.train_step_cost(model, _example(arm, params, 2))
-        steps = int(params["epochs"]) * max(1, n_tr // b) * seeds
-        t_compute, t_launch = bench.estimated_step_s(macs, kernels, b, peak_tflops, mfu, kernel_us)
-        step_s = max(t_compute, t_launch)
-        if key == "vit":
-            vit_step = step_s
-        rows.append({"part": arm.label, "steps": steps, "train_gmacs_per_image": macs / 1e9,
-                     "kernels_per_step": kernels,
-                     "compute_ms": t_compute * 1e3, "launch_ms": t_launch * 1e3, "bound": "compute" if
-                     t_compute > t_launch else "launch", "minutes": steps * step_s / 60})
-    vit_step = vit_step or max(r["launch_ms"] for r in rows) / 1e3
-    ft_steps = int(params["ft_epochs"]) * max(1, n_ft // int(params["ft_batch_size"])) * seeds * len(FINETUNE_ROWS)
-    evals = len(rows) * seeds * int(params["epochs"]) * math.ceil(n_va / (2 * b))
-    extra = int(params["tokenizer_steps"]) + int(params["ta_steps"])
-    for part, steps in (("fine-tuning rows (4 x seeds)", ft_steps), ("validation passes (all arms)", evals),
-                        ("tokenizer + TokenAdapt", extra)):
-        rows.append({"part": part, "steps": steps, "train_gmacs_per_image": math.nan, "kernels_per_step": math.nan,
-                     "compute_ms": math.nan, "launch_ms": math.nan, "bound": "ViT step time",
-                     "minutes": steps * vit_step / 60})
-    df = pd.DataFrame(rows)
-    total = float(df["minutes"].sum())
-    df = pd.concat([df, pd.DataFrame([{"part": "total (estimate)", "steps": int(df["steps"].sum()),
-                                       "minutes": total, "bound": ""}])], ignore_index=True)
-    return df
+            cfg = seit_exp.train_config(token_params(params, 0), arm.variant)
+            loops.append(G.Loop(nb, label, lambda arm=arm: _token_costable(arm, params, len(src)), data="tokens",
+                                per_sample=True, key=("06", key, dims), **G._fit(cfg, n_tr, n_va, w, seeds)))
+            continue
+        cfg = pixel_config(params, 0)
+        fit = G._fit(cfg, n_tr, n_va, w, seeds)
+        if not arm.toe:
+            loops.append(G.Loop(nb, label, G._pixel_build(lambda arm=arm: build_arm_model(arm, params, len(src), 0),
+                                                          28, 1), key=("06", key, dims), **fit))
+            continue
+        stages = [toe_method.stage_for_epoch(toe_kwargs(params)["expansion_step"], e) for e in range(cfg.epochs)]
+        for st in dict.fromkeys(stages):  # charged per stage at its kept tokens; evaluation is full-token (ToE off)
+            k, e0 = stages.count(st), stages.index(st)
 
+            def make(arm=arm, e0=e0):
+                m = build_arm_model(arm, params, len(src), 0)
+                toe_method.ToEStageHook().on_epoch_start(e0, m)
+                return m
+            loops.append(G.Loop(nb, f"{label}, ToE stage {st} ({k} epochs)", G._pixel_build(make, 28, 1),
+                                key=("06", key, dims, st), **{**fit, "epochs": k, "evals": k,
+                                                              "steps": fit["steps"] // cfg.epochs * k}))
+    ft = TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
+                     clip_grad=1.0, precision=str(params.get("precision", "32-true")),
+                     max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+    for key, label, base, mode in FINETUNE_ROWS:
+        def make_ft(base=base, mode=mode):
+            bb = build_arm_model(ARMS[base], params, len(src), 0).eval().requires_grad_(False)
+            return mem_exp.finetune_model(bb, mode, len(tgt), cells=int(params["memory_cells"]) if mode == "memory"
+                                          else 0, task="t")
+        loops.append(G.Loop(nb, f"fine-tuning: {label} x {seeds} seeds", G._pixel_build(make_ft, 28, 1),
+                            key=("06", key, dims), **G._fit(ft, n_ft, nv_ft, w, seeds)))
+    tokens = [k for k in parse_arms(params["arms"]) if ARMS[k].input == "tokens"]
+    if tokens:
+        tok = dict(in_chans=1, image_size=28, downsample=2, codebook_size=int(params["codebook_size"]),
+                   code_dim=int(params["code_dim"]), hidden=int(params["tokenizer_hidden"]))
+        loops.append(G.Loop(nb, f"VQ tokenizer training ({params['tokenizer_steps']} steps)",
+                            lambda: G._tokenizer(tok), steps=int(params["tokenizer_steps"]),
+                            batch=int(params["tokenizer_batch"]), precision="32-true", opt="adam", data="memory",
+                            key=("vq", G._freeze(tok)), note="tokenizing every image after: not charged"))
+        if any(seit_exp.VARIANTS[ARMS[k].variant][2] for k in tokens):
+            ta = dict(code_dim=int(params["code_dim"]), codebook_size=int(params["codebook_size"]), in_grid=14,
+                      out_grid=int(params["crop"]), dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
+                      dim_head=int(params["ta_dim_head"]))
+            loops.append(G.Loop(nb, f"TokenAdapt f/g training ({params['ta_steps']} steps)",
+                                lambda: G._ta_train(tok, ta, True), steps=int(params["ta_steps"]),
+                                batch=int(params["ta_batch"]), precision="32-true", data="memory", per_sample=True,
+                                key=("ta", G._freeze(tok), G._freeze(ta), True)))
+    toe_arms = [k for k in parse_arms(params["arms"]) if ARMS[k].toe]
+    if toe_arms:
+        n_steps = 2 * 3 * (int(params["speedup_warmup"]) + int(params["speedup_steps"]))  # 2 active stages
+        for k in toe_arms:
+            base = ARMS[TOE_BASES[k]]
+            loops.append(G.Loop(nb, f"interleaved ToE step timing: {ARMS[k].label}",
+                                G._pixel_build(lambda base=base: build_arm_model(base, params, len(src), 0), 28, 1),
+                                batch=int(params["speedup_batch"]), precision="32-true", opt="sgd", steps=n_steps,
+                                data="none", key=("06", "speedup", k, dims),
+                                note="fp32, synthetic batches; 3 variants x 2 stages, each at the full-token step "
+                                     "(an upper bound)"))
+    if params.get("latency", True):
+        timed = len([k for k in parse_arms(params["arms"]) if not ARMS[k].toe]) + len(FINETUNE_ROWS)
+        loops.append(G._latency(nb, "inference of the trained models", timed, float(params["latency_min_run_time"])))
+    return loops
+
+
+def gpu_budget_estimate(params: dict, **kw):
+    """ESTIMATE, not a measurement, of this notebook's minutes on one H100/H200-class GPU under ``params``:
+    :func:`tokenbook.gpu_budget.estimate` of :func:`gpu_loops` (``kw``: its rates); the last row is the total."""
+    from tokenbook import gpu_budget as G
+
+    return G.estimate(gpu_loops(params), **kw)
 
 
 def profile_params(profile: str, root: Any = None) -> dict:

@@ -49,7 +49,7 @@ __all__ = [
     "storage_table", "storage_vs_paper", "token_loaders", "make_hook", "train_config", "fit_launched",
     "run_variant", "run_ablation", "ablation_vs_paper", "accuracy_vs_storage", "plot_reconstructions",
     "plot_augmentations", "plot_synonyms", "plot_storage", "parse_variants", "write_tiny_release",
-    "build_tokenadapt", "train_default_tokenadapt", "release_storage_table", "paper_models_table",
+    "build_tokenadapt", "train_default_tokenadapt", "token_device", "release_storage_table", "paper_models_table",
 ]
 
 #: ablation variants: name -> (input, ColorAdapt, TokenAdapt)
@@ -663,11 +663,18 @@ def build_tokenadapt(data: TokenData, crop: int, dim: int = 384, heads: int = 6,
                       in_grid=data.grid[0], out_grid=crop, dim=dim, depth=depth, heads=heads, dim_head=dim_head)
 
 
+def token_device(accelerator: str = "auto") -> str:
+    """Where the tokenizer and TokenAdapt train: ``cuda`` when the notebook's ``accelerator`` asks for it (``auto``,
+    ``cuda``, ``gpu``) and CUDA is there, else ``cpu`` (their random draws come from CPU generators either way)."""
+    return "cuda" if str(accelerator).split(":")[0] in ("auto", "cuda", "gpu") and torch.cuda.is_available() else "cpu"
+
+
 def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int = 150, batch_size: int = 64,
                              lr: float = 1e-3, dim: int = 384, heads: int = 6, dim_head: int = 64, seed: int = 0,
-                             per_sample: bool = True, mix_prob: float = 0.0):
+                             per_sample: bool = True, mix_prob: float = 0.0, device: str = "cpu"):
     """Train f/g on the default data's pixels with :func:`tokenbook.methods.token_aug.train_tokenadapt` (CE of g's code
-    logits against the tokens of the pixel-augmented image); returns ``(TokenAdapt, history DataFrame)``."""
+    logits against the tokens of the pixel-augmented image) on ``device`` (:func:`token_device`); returns
+    ``(TokenAdapt, history DataFrame)`` with TokenAdapt and the tokenizer back on the CPU."""
     import pandas as pd
 
     from tokenbook.methods.token_aug import train_tokenadapt
@@ -682,8 +689,9 @@ def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int
                                          drop_last=True, generator=g)
     hist = train_tokenadapt(ta, data.tokenizer, loader, steps=steps, lr=lr, codebook=data.codebook,
                             per_sample=per_sample, mix_prob=mix_prob, log_every=max(1, steps // 10),
-                            generator=torch.Generator().manual_seed(seed + 1))
-    return ta.eval(), pd.DataFrame(hist)
+                            generator=torch.Generator().manual_seed(seed + 1), device=device)
+    data.tokenizer.cpu()
+    return ta.cpu().eval(), pd.DataFrame(hist)
 
 
 def release_storage_table(data: TokenData):
