@@ -391,3 +391,13 @@ def test_reference_file_validates():
     assert ids["tokens.codebook_size"].value == 391 and ids["tokens.per_image"].value == 1024
     assert ids["recipe.lr"].value == pytest.approx(7.5e-4 * 1024 / 512)
     assert {r.kind for r in refs} <= {"paper", "official_code", "computed", "third_party"}
+
+
+def test_token_device_follows_the_accelerator(monkeypatch):
+    from tokenbook.experiments.seit import token_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert token_device("auto") == token_device("cuda") == token_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert token_device("auto") == token_device("cuda:0") == token_device("gpu") == "cuda"
+    assert token_device("cpu") == "cpu"

@@ -553,7 +553,7 @@ def _loops_04(p: dict) -> list[Loop]:
         raise ValueError("the GPU estimate covers token_source 'train' (the tokenizer trained in the notebook)")
     nb, (n, nv), S = "04_seit", _sizes(p), len(_seeds(p["seeds"]))
     grid, K, D, crop = 28 // p["tokenizer_downsample"], p["codebook_size"], p["code_dim"], p["crop"]
-    cpu = "runs on the CPU today (experiments.seit passes no device): charged as GPU steps"
+    cpu = "on the GPU (experiments.seit.token_device)"
     tok = dict(in_chans=1, image_size=28, downsample=p["tokenizer_downsample"], codebook_size=K, code_dim=D,
                hidden=p["tokenizer_hidden"])
     ta = dict(code_dim=D, codebook_size=K, in_grid=grid, out_grid=crop, dim=p["ta_dim"], heads=p["ta_heads"],
