@@ -267,3 +267,17 @@ def test_toe_speedups_time_every_toe_arm_interleaved():
         assert next(runs[(0, k)].model.parameters()).device.type == "cpu"
     scale = X.speedup_scale(params, 2, 3)
     assert "batch 2" in scale and "3 interleaved repeats" in scale and "{1: 1, 2: 1, 3: 1}" in scale
+
+
+def test_findings_say_iqr_for_speedups_and_ci_for_differences():
+    from tokenbook.claims import verdict_table
+
+    per_seed = _synthetic_per_seed()
+    hist = {(s, k): pd.DataFrame({"val_top1": [50.0, 60.0, 60.5]}) for s in (0, 1, 2) for k in per_seed["arm"]}
+    speed = {"t2t_toe": {"ratio": 1.25, "q1": 1.22, "q3": 1.27, "repeats": 5}}
+    ev = X.composition_evidence(per_seed, hist, {}, "synthetic", speedups=speed)
+    text = X.findings_markdown(pd.DataFrame({"arm": ["vit"], "model": ["ViT"], "task": ["x"], "top1": [1.0]}),
+                               verdict_table("cross_paper", ev))
+    line = next(ln for ln in text.splitlines() if "toe_t2t_speedup" in ln)
+    assert "IQR [1.22, 1.27] of interleaved repeats" in line and "95 % CI" not in line
+    assert "95 % CI" in next(ln for ln in text.splitlines() if "toe_t2t_lossless" in ln)

@@ -749,7 +749,10 @@ def findings_markdown(table: Any, verdicts: Any, per_seed: Any = None) -> str:
               not (isinstance(v["ci_low"], float) and math.isnan(v["ci_low"])) else "no interval")
         ours = "n/a" if v["ours"] is None or (isinstance(v["ours"], float) and math.isnan(v["ours"])) else \
             f"{v['ours']:.3g}"
-        lines.append(f"- `{v['claim']}`: **{v['verdict']}** (ours {ours}, 95 % CI {ci}, n = {v['n']}).")
+        if "IQR" in str(v.get("method", "")):  # a speed-up: median ratio of interleaved repeats and its IQR
+            lines.append(f"- `{v['claim']}`: **{v['verdict']}** (ours {ours}x, IQR {ci} of interleaved repeats).")
+        else:
+            lines.append(f"- `{v['claim']}`: **{v['verdict']}** (ours {ours}, 95 % CI {ci}, n = {v['n']}).")
     return "\n".join(lines)
 
 
