@@ -29,7 +29,7 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __all__ = [
     "count_params", "count_used_params", "count_macs", "count_train_macs", "count_call_macs", "count_kernels",
-    "train_step_cost", "estimated_step_s",
+    "estimated_step_s",
     "explicit_attention", "measure_latency",
     "measure_train_step", "compare_latency", "LatencyResult", "peak_memory_mb",
 ]
@@ -227,24 +227,6 @@ def count_kernels(fn: Callable[[], Any]) -> int:
     with _Count() as counter:
         fn()
     return counter.n
-
-
-def train_step_cost(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
-    """``(MACs per image of forward + backward, kernels of forward + backward + one AdamW step)`` of a training step
-    on ``example`` (what a GPU time estimate needs; the optimizer's state is allocated before counting)."""
-    macs = count_train_macs(model, example)["macs_per_image"]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
-    model.train()
-
-    def step():
-        out = model(example)
-        outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        sum(o.float().logsumexp(-1).mean() for o in outs).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()
-    return macs, count_kernels(step)
 
 
 def estimated_step_s(macs_per_image: float, kernels: int, batch_size: int, peak_tflops: float = 989.0,

@@ -20,8 +20,8 @@ empirical or composition claim, one value for a structural claim, a ratio with i
   the margin; ``contradicted``: it lies on the other side; ``inconclusive``: it spans the margin;
 - structural claims: ``reproduced`` when ``|ours - paper_value| <= tolerance`` (exact when the tolerance is 0),
   else ``contradicted``;
-- hardware claims: the same side-of-the-margin rule on the ratio's interquartile range from interleaved timing
-  (so is a composition claim whose evidence is such a ratio, with no per-seed values: a speed-up of a composition);
+- hardware claims: the same side-of-the-margin rule on the ratio's interquartile range from interleaved timing;
+  so is any claim whose evidence is such a ratio without per-seed values (the compositions' speed-ups);
 - ``not_testable_here``: the claim needs ImageNet or a GPU; it names the run that would test it;
 - ``failed``: no evidence (the experiment did not run or did not finish): never ``reproduced``.
 
@@ -243,8 +243,7 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
                            ours=evidence.value,
                            n=1, method=f"|ours - paper| = {diff:.4g} vs tolerance {claim.tolerance:g}",
                            detail=evidence.detail, **base)
-        if claim.kind == "hardware" or (claim.kind == "composition" and evidence.ratio is not None
-                                        and not evidence.a and not evidence.b):
+        if claim.kind == "hardware" or (evidence.ratio is not None and not evidence.a and not evidence.b):
             if evidence.ratio is None or evidence.q1 is None or evidence.q3 is None:
                 return Verdict(claim, "failed", detail="hardware claim without a ratio and its IQR", **base)
             v = side_of_margin(evidence.q1, evidence.q3, claim.direction, claim.margin)

@@ -21,6 +21,7 @@ on this machine's CPU (:func:`measure_loader_us`; without the data :data:`DEFAUL
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch.nn as nn
 
 from tokenbook import bench
 
-__all__ = ["Loop", "Costable", "from_registry", "timm_loop", "step_cost", "estimate", "measure_loader_us",
+__all__ = ["Loop", "Costable", "from_registry", "timm_loop", "token_costable", "step_cost", "estimate", "measure_loader_us",
            "measure_token_loader_us", "notebook_loops", "workbook_estimate", "NOTEBOOK_LOOPS", "DEFAULT_LOADER_US"]
 
 #: us per image of the pixel loader when Fashion-MNIST is not at hand: measure_loader_us on full Fashion-MNIST (32 px,
@@ -186,32 +187,23 @@ def _eval_step(c: Costable, x: torch.Tensor, amp: bool) -> Callable[[], None]:
 
 
 def _count(fn: Callable[[], None]) -> tuple[int, float]:
-    """``(ATen operators, MACs)`` of ``fn()`` in one dispatch pass: every operator (as ``bench.count_kernels``),
-    FLOPs by torch's flop registry (as ``bench.count_call_macs``), the CPU's fused attention by the flash formulas
-    (as it runs on the GPU: its backward recomputes the scores)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
+    """``(ATen operators, MACs)`` of ``fn()`` in one pass: :func:`tokenbook.bench.count_kernels` inside
+    ``torch.utils.flop_counter``, the CPU's fused attention counted by the flash formulas (as it runs on the GPU: its
+    backward recomputes the scores)."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-    aten, reg = torch.ops.aten, dict(flop_registry)
+    aten, mapping = torch.ops.aten, {}
     for cpu, gpu in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
                      ("_scaled_dot_product_flash_attention_for_cpu_backward",
                       "_scaled_dot_product_flash_attention_backward")):
-        if hasattr(aten, cpu) and getattr(aten, gpu) in reg:
-            reg.setdefault(getattr(aten, cpu), reg[getattr(aten, gpu)])
-
-    class _Counter(TorchDispatchMode):
-        n, flops = 0, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.n += 1
-            if func._overloadpacket in reg:
-                self.flops += reg[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
-            return out
-
-    with _Counter() as c:
-        fn()
-    return c.n, c.flops / 2
+        if hasattr(aten, cpu) and getattr(aten, gpu) in flop_registry:
+            formula = functools.partial(flop_registry[getattr(aten, gpu)])
+            formula._get_raw = True  # the registry's formula already takes the raw arguments
+            mapping[getattr(aten, cpu)] = formula
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    with counter:
+        n = bench.count_kernels(fn)
+    return n, counter.get_total_flops() / 2
 
 
 def step_cost(loop: Loop) -> dict:
@@ -616,21 +608,29 @@ def _ta_train(tok: dict, ta: dict, per_sample: bool) -> Costable:
                     torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), lambda x: x / 255.0)
 
 
-def _token_classifier(p: dict, v: str, tm: dict, ta: dict, grid: int) -> Costable:
-    """The token ViT with the variant's batch hook (experiments.seit.make_hook) as its device-side batch work."""
-    import timm
-
-    import tokenbook.models  # noqa: F401
+def token_costable(model: nn.Module, variant: str, ta: dict, num_classes: int, crop: int, rrc_scale_min: float,
+                   per_sample: bool = True, grid: int = 14) -> Costable:
+    """A token classifier ``model`` with the variant's batch hook (``experiments.seit.make_hook``; TokenAdapt of
+    ``ta``'s sizes for the TokenAdapt variants) as its device-side batch work, on the ids the token loader yields."""
     from tokenbook.experiments import seit as X
     from tokenbook.models.seit import TokenAdapt
 
     cb = torch.randn(ta["codebook_size"], ta["code_dim"])
-    model = timm.create_model(p["token_model"], **tm)
     model.set_codebook(cb)
-    hook = X.make_hook(v, cb, 10, p["crop"], TokenAdapt(**ta) if X.VARIANTS[v][2] else None, p["rrc_scale_min"],
-                       p["ta_per_sample"])
+    hook = X.make_hook(variant, cb, num_classes, crop, TokenAdapt(**ta) if X.VARIANTS[variant][2] else None,
+                       rrc_scale_min, per_sample)
     return Costable(model, torch.randint(0, ta["codebook_size"], (4, grid, grid)),
-                    lambda x: hook(x, torch.arange(x.shape[0]) % 10)[0], _identity)
+                    lambda x: hook(x, torch.arange(x.shape[0]) % num_classes)[0], _identity)
+
+
+def _token_classifier(p: dict, v: str, tm: dict, ta: dict, grid: int) -> Costable:
+    """04's token ViT (``token_model``) with the variant's batch hook."""
+    import timm
+
+    import tokenbook.models  # noqa: F401
+
+    return token_costable(timm.create_model(p["token_model"], **tm), v, ta, 10, p["crop"], p["rrc_scale_min"],
+                          p["ta_per_sample"], grid)
 
 
 def _classes(text: str) -> list[int]:
@@ -699,13 +699,9 @@ def _loops_05(p: dict) -> list[Loop]:
 
 
 def _loops_06(p: dict) -> list[Loop]:
-    from tokenbook.experiments import cross_paper as C
+    from tokenbook.experiments.cross_paper import gpu_loops
 
-    if hasattr(C, "gpu_loops"):
-        return C.gpu_loops(p)
-    total = float(C.gpu_budget_estimate(p)["minutes"].iloc[-1])
-    return [Loop("06_cross_paper", "its own estimate (cross_paper.gpu_budget_estimate, default rates)",
-                 fixed_s=total * 60, fixed_label="06's estimate")]
+    return gpu_loops(p)
 
 
 #: notebook stem -> ``loops(params) -> list[Loop]`` (params: parameter-cell defaults merged with a profile); other

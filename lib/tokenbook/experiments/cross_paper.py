@@ -879,26 +879,19 @@ def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
 # ----------------------------------------------------------------------------------------------------------
 # GPU budget (an estimate: no GPU was at hand when this was written)
 # ----------------------------------------------------------------------------------------------------------
-def _full_size(subset: int, classes: Sequence[int], per_class: int = 6000) -> int:
-    return min(int(subset), per_class * len(classes)) if int(subset) else per_class * len(classes)
+def _ta_sizes(params: dict) -> dict:
+    """TokenAdapt's constructor arguments under ``params`` (14 x 14 token grid in, ``crop`` out)."""
+    return dict(code_dim=int(params["code_dim"]), codebook_size=int(params["codebook_size"]), in_grid=14,
+                out_grid=int(params["crop"]), dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
+                dim_head=int(params["ta_dim_head"]))
 
 
 def _token_costable(arm: Arm, params: dict, num_classes: int):
     """The token arm's model with its SeiT batch hook as the device-side batch work (ids in, as the loader gives)."""
-    from tokenbook.experiments import seit as seit_exp
-    from tokenbook.gpu_budget import Costable, _identity
-    from tokenbook.models.seit import TokenAdapt
+    from tokenbook.gpu_budget import token_costable
 
-    k, d, crop = int(params["codebook_size"]), int(params["code_dim"]), int(params["crop"])
-    cb = torch.randn(k, d)
-    model = build_arm_model(arm, params, num_classes, 0)
-    model.set_codebook(cb)
-    ta = TokenAdapt(code_dim=d, codebook_size=k, in_grid=14, out_grid=crop, dim=int(params["ta_dim"]),
-                    heads=int(params["ta_heads"]), dim_head=int(params["ta_dim_head"])) \
-        if seit_exp.VARIANTS[arm.variant][2] else None
-    hook = seit_exp.make_hook(arm.variant, cb, num_classes, crop, ta, float(params["rrc_scale_min"]))
-    return Costable(model, torch.randint(0, k, (4, 14, 14)), lambda x: hook(x, torch.arange(x.shape[0]) %
-                                                                          num_classes)[0], _identity)
+    return token_costable(build_arm_model(arm, params, num_classes, 0), arm.variant, _ta_sizes(params), num_classes,
+                          int(params["crop"]), float(params["rrc_scale_min"]))
 
 
 def gpu_loops(params: dict) -> list:
@@ -913,8 +906,8 @@ def gpu_loops(params: dict) -> list:
 
     nb = "06_cross_paper"
     src, tgt = parse_classes(params["source_classes"]), parse_classes(params["target_classes"])
-    n_tr, n_va = _full_size(params["train_subset"], src), _full_size(params["val_subset"], src, 1000)
-    n_ft, nv_ft = _full_size(params["ft_train_subset"], tgt), _full_size(params["ft_val_subset"], tgt, 1000)
+    n_tr, n_va = G._fm(params["train_subset"], len(src)), G._fm(params["val_subset"], len(src), G.FM_VAL)
+    n_ft, nv_ft = G._fm(params["ft_train_subset"], len(tgt)), G._fm(params["ft_val_subset"], len(tgt), G.FM_VAL)
     seeds, w = len([x for x in str(params["seeds"]).split(",") if x.strip()]), int(params.get("num_workers", 0))
     dims = (int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"]))
     loops: list = []
@@ -962,9 +955,7 @@ def gpu_loops(params: dict) -> list:
                             batch=int(params["tokenizer_batch"]), precision="32-true", opt="adam", data="memory",
                             key=("vq", G._freeze(tok)), note="tokenizing every image after: not charged"))
         if any(seit_exp.VARIANTS[ARMS[k].variant][2] for k in tokens):
-            ta = dict(code_dim=int(params["code_dim"]), codebook_size=int(params["codebook_size"]), in_grid=14,
-                      out_grid=int(params["crop"]), dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
-                      dim_head=int(params["ta_dim_head"]))
+            ta = _ta_sizes(params)
             loops.append(G.Loop(nb, f"TokenAdapt f/g training ({params['ta_steps']} steps)",
                                 lambda: G._ta_train(tok, ta, True), steps=int(params["ta_steps"]),
                                 batch=int(params["ta_batch"]), precision="32-true", data="memory", per_sample=True,
