@@ -55,6 +55,64 @@ def test_judge_paired_seeds_gives_known_verdicts():
     assert noisy.verdict == "inconclusive"
 
 
+def test_every_row_states_its_criterion():
+    c = _claim(quantity="top-1 of A minus top-1 of B (pt)", direction=">=", margin=-0.5, has_compare=True)
+    assert c.rule == "paired" and c.criterion() == "95 % CI of a − b ≥ −0.5 pt"
+    row = judge(c, Evidence("p.c", a=[80.0, 81.0], b=[79.0, 80.0])).row()
+    assert (row["criterion"], row["direction"], row["margin"]) == ("95 % CI of a − b ≥ −0.5 pt", ">=", -0.5)
+    hw = _claim(kind="hardware", quantity="latency of A over B (x)", direction=">=", margin=2.25, has_compare=True)
+    assert hw.rule == "ratio" and hw.criterion() == "IQR of the ratio ≥ 2.25×"
+    within = _claim(quantity="A minus B (points), per seed", direction="within", margin=0.5, has_compare=True)
+    assert within.criterion() == "95 % CI of a − b within ±0.5 pt"
+    match = _claim(kind="structural", quantity="params (M)", paper_value=22.05, tolerance=0.1)
+    assert match.rule == "match" and match.criterion() == "|ours − paper| ≤ 0.1 M"
+    # the unit is read from the last parenthesis that names one, wherever it stands
+    assert _claim(quantity="ratio of A over B (x; median and IQR); only part of it").unit == "×"
+
+
+def test_bounds_and_exactness_report_the_value_and_the_tolerance_without_an_interval():
+    bound = _claim(kind="structural", quantity="tokens as % of JPEG (%)", paper_value=1.0, direction="<",
+                   margin=1.0, has_compare=True)
+    assert bound.rule == "bound" and bound.criterion() == "ours < 1 %"
+    v = judge(bound, Evidence("p.c", value=0.72, detail="per photo 0.45-1.59 %"))
+    assert (v.verdict, v.ours, v.ci_low, v.ci_high, v.n) == ("reproduced", 0.72, None, None, 1)
+    assert judge(bound, Evidence("p.c", value=1.3)).verdict == "contradicted"
+    assert judge(bound, Evidence("p.c", value=1.0)).verdict == "contradicted"  # strict bound
+    assert judge(bound, Evidence("p.c", a=[0.5], b=[0.0])).verdict == "failed"  # a bound needs its one value
+    assert judge(bound, Evidence("p.c", value=float("nan"))).verdict == "failed"
+    exact = _claim(kind="composition", quantity="max |logit difference| per seed (logits)", direction="<=",
+                   margin=0.0, tolerance=0.0, has_compare=True)
+    assert exact.rule == "exact" and exact.criterion() == "max |a − b| over seeds ≤ 0"
+    v = judge(exact, Evidence("p.c", a=[0.0, 0.0, 0.0], b=[0.0, 0.0, 0.0]))
+    assert (v.verdict, v.ours, v.ci_low, v.ci_high, v.n) == ("reproduced", 0.0, None, None, 3)
+    assert "largest |a − b| over 3 seed(s) = 0 vs tolerance 0" in v.method and "interval" not in v.method
+    bad = judge(exact, Evidence("p.c", a=[0.0, 1e-3, 0.0], b=[0.0, 0.0, 0.0]))
+    assert bad.verdict == "contradicted" and bad.ours == pytest.approx(1e-3)
+
+
+def test_a_structural_target_is_a_bound_not_a_paper_value():
+    with pytest.raises(ClaimError, match="bound"):
+        load_claims("p", "claims:\n  - {id: p.s, statement: s, source: x, kind: structural, quantity: q, tolerance: 0}\n")
+    (c,) = load_claims("p", "claims:\n  - {id: p.s, statement: s, source: x, kind: structural, quantity: d (G),\n"
+                            "     compare: {direction: '<=', margin: 0.01}}\n")
+    assert c.rule == "bound" and c.paper_value is None and c.criterion() == "ours ≤ 0.01 G"
+
+
+def test_every_sheet_claim_has_a_criterion_and_no_target_posing_as_a_paper_value():
+    sheets = ("vittm", "t2t_vit", "toe", "seit", "memory", "cross_paper")
+    for c in (c for s in sheets for c in load_claims(s)):
+        if not c.not_testable_here:
+            assert c.criterion(), c.id
+        if c.kind == "structural" and c.rule == "match":
+            assert c.paper_value is not None and c.paper_value != 0, c.id
+    by_id = {c.id: c for s in sheets for c in load_claims(s)}
+    assert by_id["seit.storage_under_1pct"].rule == "bound"
+    assert by_id["cross_paper.memory_t2t_exact"].rule == "exact"
+    assert {by_id[i].rule for i in ("t2t_vit.params_all", "t2t_vit.macs_main", "toe.removable_at_test",
+                                    "memory.source_head_exact", "memory.concat_equals_separate")} == {"bound"}
+    assert "DeiT-S trained" not in by_id["toe.lossless"].quantity  # the cpu run is not a DeiT-S
+
+
 def test_failed_never_reproduced():
     c = _claim()
     assert judge(c, None).verdict == "failed"
@@ -126,8 +184,9 @@ def test_ledger_marks_a_failed_notebook_failed(tmp_path, monkeypatch):
         write_evidence(d, [Evidence("x.gain", a=[80.0, 81.0, 82.0], b=[79.0, 79.5, 80.5], scale="FMNIST"),
                            Evidence("x.params", value=22.05)])
     df = build_ledger(tmp_path, ["01_x", "02_y"], "cpu")
-    assert list(df.columns)[:11] == ["paper", "claim", "statement", "kind", "quantity", "paper_value", "source",
-                                     "ours", "ci_low", "ci_high", "n"]
+    assert list(df.columns)[:12] == ["paper", "claim", "statement", "kind", "quantity", "paper_value", "source",
+                                     "criterion", "ours", "ci_low", "ci_high", "n"]
+    assert {"direction", "margin", "tolerance"} <= set(df.columns)
     v = {(r.paper, r.claim): r.verdict for r in df.itertuples()}
     assert v[("x", "x.gain")] == "reproduced"  # both notebooks read the same sheet here; the ok one first
     got = df.groupby("verdict").size().to_dict()

@@ -19,7 +19,10 @@ empirical or composition claim, one value for a structural claim, a ratio with i
 - ``reproduced``: the 95 % confidence interval of the mean paired difference ``a - b`` lies on the claimed side of
   the margin; ``contradicted``: it lies on the other side; ``inconclusive``: it spans the margin;
 - structural claims: ``reproduced`` when ``|ours - paper_value| <= tolerance`` (exact when the tolerance is 0),
-  else ``contradicted``;
+  else ``contradicted``; a structural claim with a ``compare`` (direction, margin) and no tolerance is a bound on
+  one exact value (``ours <direction> margin``): no interval, since nothing is sampled;
+- exactness claims of other kinds (a ``tolerance`` on an empirical or composition claim): the largest per-seed
+  ``|a - b|`` against the tolerance, no interval (an interval of zeros says nothing);
 - hardware claims: the same side-of-the-margin rule on the ratio's interquartile range from interleaved timing;
   so is any claim whose evidence is such a ratio without per-seed values (the compositions' speed-ups);
 - ``not_testable_here``: the claim needs ImageNet or a GPU; it names the run that would test it;
@@ -43,14 +46,21 @@ import numpy as np
 __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "ClaimError", "load_claims",
            "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
            "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "paired_evidence",
-           "verdict_table"]
+           "verdict_table", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
 VERDICTS = ("reproduced", "contradicted", "inconclusive", "not_testable_here", "failed")
 #: ">=" / ">" / "<=" / "<": a - b on that side of the margin; "within": |a - b| <= margin
 DIRECTIONS = (">=", ">", "<=", "<", "within")
-LEDGER_COLUMNS = ("paper", "claim", "statement", "kind", "quantity", "paper_value", "source", "ours", "ci_low",
-                  "ci_high", "n", "method", "verdict", "scale", "plateau", "report", "detail")
+LEDGER_COLUMNS = ("paper", "claim", "statement", "kind", "quantity", "paper_value", "source", "criterion", "ours",
+                  "ci_low", "ci_high", "n", "method", "verdict", "direction", "margin", "tolerance", "scale",
+                  "plateau", "report", "detail")
+#: how a claim is decided (:attr:`Claim.rule`): ``match`` |ours - paper| <= tolerance; ``bound`` one measured value
+#: on the claimed side of the margin (exact, no interval); ``exact`` the largest per-seed |a - b| <= tolerance;
+#: ``paired`` the 95 % interval of the mean paired difference a - b against the margin; ``ratio`` the interquartile
+#: range of interleaved time ratios against the margin
+RULES = ("match", "bound", "exact", "paired", "ratio")
+_UNITS = {"x": "×", "pt": " pt", "points": " pt", "%": " %", "g": " G", "m": " M", "logits": "", "fraction": ""}
 
 
 class ClaimError(ValueError):
@@ -74,6 +84,56 @@ class Claim:
     tolerance: Optional[float] = None
     not_testable_here: str = ""
     note: str = ""
+    has_compare: bool = False  # the sheet gave a compare: (a structural claim with one is a bound, not a match)
+
+    @property
+    def unit(self) -> str:
+        """The unit as the criterion writes it, from the quantity's closing parenthesis: ``(pt)`` -> ' pt',
+        ``(x; median and IQR ...)`` -> '×'; '' when none is recognised."""
+        import re
+
+        for group in reversed(re.findall(r"\(([^()]*)\)", self.quantity)):  # the last parenthesis naming a unit
+            for part in re.split(r"[;,]", group):
+                u = _UNITS.get(part.strip().lower())
+                if u is not None:
+                    return u
+        return ""
+
+    @property
+    def rule(self) -> str:
+        """How the claim is decided: one of :data:`RULES`."""
+        if self.kind == "structural":
+            return "bound" if self.has_compare and self.tolerance is None else "match"
+        if self.tolerance is not None:
+            return "exact"
+        if self.kind == "hardware" or self.unit == "×":
+            return "ratio"
+        return "paired"
+
+    def criterion(self) -> str:
+        """The verdict's criterion as one short text, e.g. ``95 % CI of a − b ≥ −0.5 pt``, ``IQR of the ratio ≥ 2.25×``,
+        ``|ours − paper| ≤ 0.1``, ``ours < 1 %``, ``max |a − b| over seeds ≤ 0``: an interval "≥ m" lies wholly on
+        that side of the margin when the claim is reproduced."""
+        sym = {">=": "≥", ">": ">", "<=": "≤", "<": "<"}
+        u, rule = self.unit, self.rule
+
+        def num(v: float) -> str:
+            return f"{v:g}".replace("-", "−")
+
+        if rule == "match":
+            return "" if self.tolerance is None else f"|ours − paper| ≤ {num(self.tolerance)}{u}"
+        if rule == "exact":
+            return f"max |a − b| over seeds ≤ {num(self.tolerance)}{u}"
+        if not self.has_compare:
+            return ""
+        if rule == "bound" and self.direction == "within":
+            return f"|ours| ≤ {num(self.margin)}{u}"
+        if rule == "bound":
+            return f"ours {sym[self.direction]} {num(self.margin)}{u}"
+        what = "IQR of the ratio" if rule == "ratio" else "95 % CI of a − b"
+        if self.direction == "within":
+            return f"{what} within ±{num(self.margin)}{u}"
+        return f"{what} {sym[self.direction]} {num(self.margin)}{u or ('×' if rule == 'ratio' else '')}"
 
 
 @dataclass
@@ -110,9 +170,11 @@ class Verdict:
     def row(self) -> dict[str, Any]:
         c = self.claim
         return {"paper": c.paper, "claim": c.id, "statement": c.statement, "kind": c.kind, "quantity": c.quantity,
-                "paper_value": c.paper_value, "source": c.source, "ours": self.ours, "ci_low": self.ci_low,
-                "ci_high": self.ci_high, "n": self.n, "method": self.method, "verdict": self.verdict,
-                "scale": self.scale, "plateau": self.plateau, "report": self.report, "detail": self.detail}
+                "paper_value": c.paper_value, "source": c.source, "criterion": c.criterion(), "ours": self.ours,
+                "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n, "method": self.method,
+                "verdict": self.verdict, "direction": c.direction if c.has_compare else None,
+                "margin": c.margin if c.has_compare else None, "tolerance": c.tolerance, "scale": self.scale,
+                "plateau": self.plateau, "report": self.report, "detail": self.detail}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -148,14 +210,20 @@ def _parse(paper: str, i: int, e: Any) -> Claim:
         raise ClaimError(f"{where}: direction {direction!r} is not one of {DIRECTIONS}")
     if e["kind"] in ("empirical", "composition") and not e.get("not_testable_here") and not cmp:
         raise ClaimError(f"{where}: an {e['kind']} claim needs compare: {{a, b, metric, direction, margin}}")
-    if e["kind"] == "structural" and e.get("tolerance") is None and not e.get("not_testable_here"):
-        raise ClaimError(f"{where}: a structural claim needs a tolerance (0 for exact)")
+    if e["kind"] == "structural" and not e.get("not_testable_here"):
+        if e.get("tolerance") is None and not ("direction" in cmp and "margin" in cmp):
+            raise ClaimError(f"{where}: a structural claim needs a tolerance (|ours - paper_value| <= tolerance, 0 "
+                             "for exact) or a bound (compare: {direction, margin})")
+        if e.get("tolerance") is not None and pv is None:
+            raise ClaimError(f"{where}: a structural claim with a tolerance needs the paper_value it matches; "
+                             "a target that is not the paper's number is a bound (compare: {direction, margin})")
     return Claim(id=str(e["id"]), paper=paper, statement=str(e["statement"]), source=str(e["source"]),
                  kind=str(e["kind"]), quantity=str(e.get("quantity", "")),
                  paper_value=None if pv is None else float(pv), a=str(cmp.get("a", "")), b=str(cmp.get("b", "")),
                  metric=str(cmp.get("metric", "")), direction=direction, margin=float(cmp.get("margin", 0.0)),
                  tolerance=None if e.get("tolerance") is None else float(e["tolerance"]),
-                 not_testable_here=str(e.get("not_testable_here") or ""), note=str(e.get("note", "")))
+                 not_testable_here=str(e.get("not_testable_here") or ""), note=str(e.get("note", "")),
+                 has_compare=bool(cmp))
 
 
 def load_claims(paper: str, text: Optional[str] = None) -> list[Claim]:
@@ -233,6 +301,29 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
         return Verdict(claim, "failed", detail="no evidence: the experiment did not run or did not finish")
     base = dict(scale=evidence.scale, report=evidence.report, plateau=evidence.plateau)
     try:
+        rule = claim.rule
+        if rule == "bound":
+            if evidence.value is None:
+                return Verdict(claim, "failed", detail="bound claim without a measured value", **base)
+            v = float(evidence.value)
+            if not math.isfinite(v):
+                raise ValueError(f"non-finite value {v}")
+            return Verdict(claim, side_of_margin(v, v, claim.direction, claim.margin), ours=v, n=1,
+                           method=f"one exact value against the bound ({claim.criterion()})", detail=evidence.detail,
+                           **base)
+        if rule == "exact":
+            diffs = ([abs(float(x) - float(y)) for x, y in zip(evidence.a, evidence.b)]
+                     if evidence.a and len(evidence.a) == len(evidence.b) else
+                     [abs(float(evidence.value))] if evidence.value is not None else [])
+            if not diffs:
+                return Verdict(claim, "failed", detail="exactness claim without paired values", **base)
+            if not all(math.isfinite(d) for d in diffs):
+                raise ValueError(f"non-finite differences: {diffs}")
+            worst = max(diffs)
+            ok = worst <= claim.tolerance + 1e-12 * max(1.0, claim.tolerance)
+            return Verdict(claim, "reproduced" if ok else "contradicted", ours=worst, n=len(diffs),
+                           method=f"largest |a − b| over {len(diffs)} seed(s) = {worst:.4g} vs tolerance "
+                                  f"{claim.tolerance:g}", detail=evidence.detail, **base)
         if claim.kind == "structural":
             if evidence.value is None or claim.paper_value is None or claim.tolerance is None:
                 return Verdict(claim, "failed", detail="structural claim without a measured or a paper value",

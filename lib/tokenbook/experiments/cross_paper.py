@@ -751,6 +751,8 @@ def findings_markdown(table: Any, verdicts: Any, per_seed: Any = None) -> str:
             f"{v['ours']:.3g}"
         if "IQR" in str(v.get("method", "")):  # a speed-up: median ratio of interleaved repeats and its IQR
             lines.append(f"- `{v['claim']}`: **{v['verdict']}** (ours {ours}x, IQR {ci} of interleaved repeats).")
+        elif ci == "no interval" and v["verdict"] not in ("failed", "not_testable_here"):  # exactness, bounds
+            lines.append(f"- `{v['claim']}`: **{v['verdict']}** ({v['method']}; criterion {v['criterion']}).")
         else:
             lines.append(f"- `{v['claim']}`: **{v['verdict']}** (ours {ours}, 95 % CI {ci}, n = {v['n']}).")
     return "\n".join(lines)

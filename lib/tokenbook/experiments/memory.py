@@ -523,8 +523,8 @@ def claims_markdown(verdicts) -> str:
         if r["verdict"] == "not_testable_here":
             lines.append(f"- `{r['claim']}`: not testable here ({r['detail']}).")
         elif r["kind"] == "structural":
-            lines.append(f"- `{r['claim']}`: max |logit difference| {num(r['ours'], '{:.3g}')} (paper "
-                         f"{num(r['paper_value'], '{:g}')}): **{r['verdict']}**.")
+            lines.append(f"- `{r['claim']}`: max |logit difference| {num(r['ours'], '{:.3g}')} against "
+                         f"{r['criterion'] or 'n/a'}: **{r['verdict']}**.")
         else:
             lines.append(f"- `{r['claim']}`: {r['quantity']}: {num(r['ours'])} pt, 95 % CI [{num(r['ci_low'])}, "
                          f"{num(r['ci_high'])}], n = {int(r['n'])} (paper {num(r['paper_value'])}): "

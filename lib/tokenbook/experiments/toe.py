@@ -553,7 +553,7 @@ def claims_paragraph(verdicts: pd.DataFrame) -> str:
             lines.append(f"* `{r.claim}`: {v} ({r.detail})")
             continue
         if r.kind == "structural":
-            got = f"ours {r.ours:.4g} vs. {r.paper_value:g} ({r.method})"
+            got = f"ours {r.ours:.4g} ({r.method})"
         elif r.kind == "hardware":
             got = f"median {r.ours:.3f}x, IQR {r.ci_low:.3f}-{r.ci_high:.3f}"
         else:
