@@ -207,16 +207,29 @@ def test_parse_seeds():
             parse_seeds(bad)
 
 
-def test_plateau_and_its_note():
-    from tokenbook.claims import plateau, plateau_note
+def test_plateau_is_less_than_half_a_point_over_the_last_fifth_of_the_evaluations():
+    from tokenbook.claims import Evidence, judge, plateau, plateau_note, plateau_window
 
-    assert plateau([50, 70, 80, 80.5, 80.9], window=2, tol=1.0) == (True, pytest.approx(0.9))
-    ok, gain = plateau([50, 60, 70, 80], window=2, tol=1.0)
-    assert not ok and gain == pytest.approx(20)
-    assert plateau([50, 60], window=2)[0] is False  # too short to tell
-    note = plateau_note([[50, 70, 80, 80.2], [40, 60, 75, 78]], window=1, tol=1.0)
-    assert note.startswith("no:") and "+3.0" in note and "1/2 runs" in note
-    assert plateau_note([[70, 80, 80.2], [75, 78, 78.1]], window=1, tol=0.5).startswith("yes:")
+    assert [plateau_window(n) for n in (1, 2, 3, 5, 8, 10, 20)] == [1, 1, 1, 1, 2, 2, 4]
+    # 10 evaluations: the last 2 count; +0.4 plateaued, +0.5 not (strictly less than 0.5 pt)
+    flat = [50, 60, 70, 75, 78, 79, 79.5, 79.8, 80.0, 80.2]
+    assert plateau(flat) == (True, pytest.approx(0.4))
+    assert plateau(flat[:-1] + [80.3])[0] is False
+    # 5 evaluations: only the last one counts, however steep the start
+    assert plateau([10, 40, 70, 80, 80.3]) == (True, pytest.approx(0.3))
+    ok, gain = plateau([50, 60, 70, 80])
+    assert not ok and gain == pytest.approx(10)
+    assert plateau([50])[0] is False  # too short to tell
+    note = plateau_note([[50, 70, 80, 80.2], [40, 60, 75, 78]])
+    assert note.startswith("no:") and "+3.0" in note and "1/2 runs" in note and "20 %" in note
+    assert plateau_note([[70, 80, 80.2], [75, 78, 78.1]]).startswith("yes:")
+    # evidence carries its curves; the verdict recomputes the note with the library's criterion
+    c = Claim(id="p.c", paper="p", statement="s", source="x", kind="empirical", a="A", b="B", direction=">",
+              margin=0.0, has_compare=True)
+    e = Evidence("p.c", a=[80.0, 81.0], b=[79.0, 79.5], curves=[[70, 80, 80.2], [75, 78, 79.0]])
+    assert e.plateau.startswith("no:") and "+1.0" in e.plateau
+    e.plateau = "yes: written by an older criterion"
+    assert judge(c, e).plateau.startswith("no:")
 
 
 def test_paired_evidence_pairs_by_seed_and_names_missing_seeds():

@@ -45,7 +45,8 @@ import numpy as np
 
 __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "ClaimError", "load_claims",
            "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
-           "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "paired_evidence",
+           "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "plateau_window",
+           "PLATEAU_FRACTION", "PLATEAU_TOL", "paired_evidence",
            "verdict_table", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
@@ -151,6 +152,14 @@ class Evidence:
     report: str = ""
     detail: str = ""
     plateau: str = ""  # did validation top-1 plateau (see :func:`plateau`): "yes: ..." / "no: ..." / ""
+    #: the validation top-1 curve (points, one value per evaluation) of every run behind the claim; when given, the
+    #: plateau note is computed from them with the library's one criterion (:func:`plateau`), at evidence time and
+    #: again by :func:`judge`, so a ledger always applies the current criterion
+    curves: list[list[float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.curves and not self.plateau:
+            self.plateau = plateau_note(self.curves)
 
 
 @dataclass
@@ -299,7 +308,8 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
         return Verdict(claim, "not_testable_here", detail=f"needs: {claim.not_testable_here}")
     if evidence is None:
         return Verdict(claim, "failed", detail="no evidence: the experiment did not run or did not finish")
-    base = dict(scale=evidence.scale, report=evidence.report, plateau=evidence.plateau)
+    base = dict(scale=evidence.scale, report=evidence.report,
+                plateau=plateau_note(evidence.curves) if evidence.curves else evidence.plateau)
     try:
         rule = claim.rule
         if rule == "bound":
@@ -373,28 +383,41 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
     return seeds
 
 
-def plateau(values: Sequence[float], window: int = 2, tol: float = 1.0) -> tuple[bool, float]:
-    """Did a validation curve (top-1 in points, one value per evaluation) plateau? Returns ``(plateaued, gain)``
-    where ``gain`` is the change over the last ``window`` evaluations (last minus the one ``window`` before);
-    plateaued when ``gain <= tol`` points. A curve shorter than ``window + 1`` evaluations never plateaus."""
+#: the plateau criterion, written down once: a run has finished learning when its validation top-1 gained less than
+#: PLATEAU_TOL points over the last PLATEAU_FRACTION of its evaluations (at least one evaluation)
+PLATEAU_FRACTION = 0.2
+PLATEAU_TOL = 0.5
+
+
+def plateau_window(n: int) -> int:
+    """Evaluations that make up "the last 20 %" of a curve of ``n`` evaluations (at least 1)."""
+    return max(1, int(round(PLATEAU_FRACTION * n)))
+
+
+def plateau(values: Sequence[float]) -> tuple[bool, float]:
+    """Did a validation curve (top-1 in points, one value per evaluation) plateau? Returns ``(plateaued, gain)``:
+    ``gain`` is the change over the last :func:`plateau_window` evaluations (the last value minus the one that many
+    before), and the curve plateaued when ``gain < PLATEAU_TOL`` (0.5 pt). A curve with fewer than window + 1 finite
+    evaluations never plateaus (nothing to compare)."""
     v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
-    if len(v) < window + 1:
+    w = plateau_window(len(v))
+    if len(v) < w + 1:
         return False, float("nan") if not v else v[-1] - v[0]
-    gain = v[-1] - v[-1 - window]
-    return gain <= tol, gain
+    gain = v[-1] - v[-1 - w]
+    return gain < PLATEAU_TOL, gain
 
 
-def plateau_note(curves: Sequence[Sequence[float]], window: int = 2, tol: float = 1.0) -> str:
+def plateau_note(curves: Sequence[Sequence[float]]) -> str:
     """One line for the ledger's ``plateau`` column from the validation curves of every run behind a claim (all
-    arms, all seeds): ``yes`` only when every curve plateaued; the largest last-window gain either way."""
-    res = [plateau(c, window, tol) for c in curves if len(c)]
+    arms, all seeds): ``yes`` only when every curve plateaued (:func:`plateau`); the largest gain either way."""
+    res = [plateau(c) for c in curves if len(c)]
     if not res:
         return ""
     gains = [g for _, g in res if math.isfinite(g)]
     worst = max(gains) if gains else float("nan")
     ok = all(p for p, _ in res)
-    return (f"{'yes' if ok else 'no'}: at most {worst:+.1f} pt over the last {window} evaluations "
-            f"({sum(p for p, _ in res)}/{len(res)} runs within {tol:g} pt)")
+    return (f"{'yes' if ok else 'no'}: at most {worst:+.1f} pt over the last {int(PLATEAU_FRACTION * 100)} % of the "
+            f"evaluations ({sum(p for p, _ in res)}/{len(res)} runs gained < {PLATEAU_TOL:g} pt)")
 
 
 def paired_evidence(claim: str, per_seed: dict[int, dict[str, float]], a: str, b: str | float, **kw) -> Evidence:

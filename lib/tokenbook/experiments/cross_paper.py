@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 
 from tokenbook import bench
-from tokenbook.claims import Evidence, mean_ci, paired_evidence, plateau_note
+from tokenbook.claims import Evidence, mean_ci, paired_evidence
 from tokenbook.methods import toe as toe_method
 
 __all__ = [
@@ -670,7 +670,7 @@ def _curves(histories: dict, arms: Sequence[str]) -> list[list[float]]:
 
 
 def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale: str, report: str = "",
-                         window: int = 1, speedups: Optional[dict[str, dict]] = None,
+                         speedups: Optional[dict[str, dict]] = None,
                          speedup_scale: str = "") -> list[Evidence]:
     """Evidence for every composition claim of ``cross_paper.yaml`` from the per-seed table; the speed-up claims
     from the interleaved step timing of :func:`toe_speedups` (``speedups``; without it they get no evidence and
@@ -687,8 +687,8 @@ def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale:
     for fam in ("t2t", "vittm"):
         if not have(fam, f"{fam}_toe"):
             continue
-        pl = plateau_note(_curves(histories, [fam, f"{fam}_toe"]), window=window)
-        ev.append(paired_evidence(f"cross_paper.toe_{fam}_lossless", top, f"{fam}_toe", fam, plateau=pl,
+        ev.append(paired_evidence(f"cross_paper.toe_{fam}_lossless", top, f"{fam}_toe", fam,
+                                  curves=_curves(histories, [fam, f"{fam}_toe"]),
                                   detail=f"top-1 of {fam} + ToE minus {fam}, same seed, same init and batches", **kw))
         sp = speedups.get(f"{fam}_toe")
         if sp is not None:
@@ -706,15 +706,14 @@ def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale:
                            detail="max |difference| per seed of the source head (vs the plain backbone) and of the "
                                   "task's logits in the concatenation of all seeds' tasks (vs stand-alone)", **kw))
     if have("t2t_memory", "t2t_full"):
-        pl = plateau_note(_curves(histories, ["t2t_memory", "t2t_full"]), window=window)
         ev.append(paired_evidence("cross_paper.memory_t2t_approaches_full", top, "t2t_full", "t2t_memory",
-                                  plateau=pl, detail="full minus memory fine-tuning top-1 on the held-out classes",
+                                  curves=_curves(histories, ["t2t_memory", "t2t_full"]), detail="full minus memory fine-tuning top-1 on the held-out classes",
                                   **kw))
     if have("t2t", "t2t_tokens", "vit", "seit"):
         cost = {s: {"t2t": d["t2t"] - d["t2t_tokens"], "vit": d["vit"] - d["seit"]} for s, d in top.items()
                 if {"t2t", "t2t_tokens", "vit", "seit"} <= set(d)}
-        pl = plateau_note(_curves(histories, ["t2t", "t2t_tokens", "vit", "seit"]), window=window)
-        ev.append(paired_evidence("cross_paper.tokens_t2t_cost", cost, "t2t", "vit", plateau=pl,
+        ev.append(paired_evidence("cross_paper.tokens_t2t_cost", cost, "t2t", "vit",
+                                  curves=_curves(histories, ["t2t", "t2t_tokens", "vit", "seit"]),
                                   detail="(T2T-ViT pixels - T2T-ViT tokens) minus (ViT pixels - SeiT tokens), "
                                          "top-1 points per seed", **kw))
     return ev

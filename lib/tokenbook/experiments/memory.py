@@ -483,7 +483,7 @@ def claims_scale(params: dict, tasks: Sequence[TargetTask], seeds: Sequence[int]
 
 
 def claims_evidence(run: FinetuneRun, scale: str, structural: dict[str, tuple[float, str]],
-                    paper: str = "memory", window: int = 2, tol: float = 1.0) -> list:
+                    paper: str = "memory") -> list:
     """Evidence for every testable claim of the reference sheet: empirical claims from the per-seed mean top-1 over
     target tasks of their two arms (``compare: a, b``), paired by seed, with the plateau note of every run behind
     them (both arms, every task and seed); structural claims from ``structural`` (``{claim id: (value, detail)}``).
@@ -508,7 +508,7 @@ def claims_evidence(run: FinetuneRun, scale: str, structural: dict[str, tuple[fl
         detail = "; ".join(f"seed {int(r['seed'])} {r['method']}: " + ", ".join(f"{t} {r[t]:.2f}" for t in tasks)
                            for _, r in per_task.iterrows())
         out.append(claims.paired_evidence(c.id, per_seed, c.a, c.b, scale=scale, detail=f"per task top-1: {detail}",
-                                          plateau=claims.plateau_note(curves, window=window, tol=tol)))
+                                          curves=curves))
     return out
 
 

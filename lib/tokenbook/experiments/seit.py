@@ -881,8 +881,7 @@ CLAIM_ARMS = {
 }
 
 
-def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, plateau_window: int = 1,
-                    plateau_tol: float = 1.0, report: str = "") -> list:
+def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, report: str = "") -> list:
     """Evidence for the sheet's testable claims: the four ablation claims paired by seed from ``runs``
     (:func:`run_ablation_seeds`; claims whose arms did not run are left out, so they show ``failed``), with
     ``plateau`` from the val top-1 curves of both arms over all seeds; and ``seit.storage_under_1pct`` from
@@ -899,7 +898,7 @@ def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, 
             continue
         curves = [list(h["val_top1"]) for (v, s), h in histories.items() if v in (a, b) and "val_top1" in h]
         ev.append(C.paired_evidence(cid, per_seed, a, b, scale=scale, report=report,
-                                    plateau=C.plateau_note(curves, window=plateau_window, tol=plateau_tol),
+                                    curves=curves,
                                     detail=f"a = {a}, b = {b}: top-1 per seed {sorted(per_seed)}"))
     if photos is not None and len(photos):
         agg = 100.0 * float(photos["token_bytes"].sum()) / float(photos["jpeg_file_bytes"].sum())

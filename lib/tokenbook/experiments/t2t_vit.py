@@ -579,12 +579,11 @@ def _arm(per_seed: "Any", key: str) -> str:
     return f"{key} = {r['model']} {r['embed_dim']}x{r['depth']}, {r['params'] / 1e6:.3f}M params"
 
 
-def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1", window: int = 2,
-                       tol: float = 1.0) -> list:
+def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1") -> list:
     """Evidence of the empirical claims (:data:`CLAIM_ARMS`): per-seed ``metric`` of both arms, paired by seed,
     with the plateau note over the validation curves of every run behind the claim. Claims whose arms were not
     trained get no evidence (the ledger shows them as failed)."""
-    from tokenbook.claims import paired_evidence, plateau_note
+    from tokenbook.claims import paired_evidence
 
     s = runs.summary
     per_seed = {int(k): dict(zip(g["variant"], g[metric].astype(float))) for k, g in s.groupby("seed")}
@@ -593,7 +592,7 @@ def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1", windo
         if a not in set(s["variant"]) or b not in set(s["variant"]):
             continue
         ev = paired_evidence(claim, per_seed, a, b, scale=f"{scale}; a: {_arm(s, a)}; b: {_arm(s, b)}",
-                             plateau=plateau_note(runs.curves(a) + runs.curves(b), window=window, tol=tol))
+                             curves=runs.curves(a) + runs.curves(b))
         ev.detail = (f"{metric} per seed: {a} {', '.join(f'{x:.2f}' for x in ev.a)}; "
                      f"{b} {', '.join(f'{x:.2f}' for x in ev.b)}" + (f"; {ev.detail}" if ev.detail else ""))
         out.append(ev)

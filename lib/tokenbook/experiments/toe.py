@@ -540,6 +540,50 @@ def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving
     return " ".join(parts)
 
 
+def claims_evidence(*, deit_row: Any, removable: pd.DataFrame, runs_by_seed: dict[int, dict[str, ToERun]],
+                    scale_train: str, model_name: str, img_size: int, n_patches: int,
+                    interleaved: Optional[dict[str, Any]] = None, overhead_batch: int = 0, overhead_warmup: int = 0,
+                    stage_epochs: Optional[dict[int, int]] = None, expected: Optional[float] = None,
+                    device: str = "cpu", deit_name: str = "deit_small_patch16_224") -> list:
+    """Evidence for the sheet's testable claims from what the notebook measured: ``toe.compute_saving`` from the
+    DeiT-S row of the schedule summary (``deit_row``), ``toe.removable_at_test`` from :func:`removable_at_test`'s
+    rows (the worst logit, parameter and state-dict difference, a bound of 0), ``toe.train_speedup`` from
+    :func:`interleaved_step_speedup` (median and IQR; absent without a baseline) and ``toe.lossless`` from the
+    final full-token top-1 of both arms per seed, with every run's validation curve for the plateau criterion."""
+    from tokenbook import claims
+
+    ev = [
+        claims.Evidence(
+            "toe.compute_saving", value=float(deit_row["epoch_avg_saving"]),
+            scale="analytic: DeiT-S 224 px (N = 196), official schedule 0/100/200 of 300 epochs, keep 0.5/0.75/1.0, "
+                  "r0 0.25, k 2, forward MACs of the blocks",
+            detail=f"kept patches {deit_row['kept_patches_stage1']}/{deit_row['kept_patches_stage2']}/"
+                   f"{deit_row['kept_patches_stage3']}; whole model {deit_row['epoch_avg_saving_whole_model']:.3f}x"),
+        claims.Evidence(
+            "toe.removable_at_test",
+            value=float(removable["max_abs_diff"].max() + removable["param_diff"].abs().max()
+                        + removable["state_dict_key_diff"].max()),
+            scale=f"{model_name} trained here (seed {next(iter(runs_by_seed))}) on 2 val images, and {deit_name} (random "
+                  f"init) on 2 random 224 px images; ToE stage 1 on, eval() mode",
+            detail="; ".join(f"{r.model}: eval max|diff| {r.max_abs_diff:.3g}, train-mode max|diff| "
+                             f"{r.train_mode_max_abs_diff:.3g}, block after ToE saw {r.seq_len_train} tokens in train "
+                             f"vs {r.seq_len_eval} in eval, params {r.params} (diff {r.param_diff})"
+                             for r in removable.itertuples())),
+    ]
+    if interleaved is not None:
+        ev.append(claims.Evidence(
+            "toe.train_speedup", ratio=interleaved["ratio"], q1=interleaved["q1"], q3=interleaved["q3"],
+            scale=f"{model_name} ({n_patches} patch tokens, {img_size} px), training step (forward + backward + "
+                  f"update) at batch {overhead_batch} on {device} ({torch.get_num_threads()} threads), stages "
+                  f"weighted by this run's epochs {stage_epochs}",
+            detail=f"{interleaved['repeats']} interleaved repeats (full-token, ToE, truncated per repeat, per stage), "
+                   f"{overhead_warmup} warm-up; median-based prediction {expected:.3f}x"))
+    top1 = {s: {lab: float(run.result.final["val_top1"]) for lab, run in r.items()} for s, r in runs_by_seed.items()}
+    ev.append(claims.paired_evidence("toe.lossless", top1, "ToE", "full-token", scale=scale_train,
+                                     curves=val_curves(runs_by_seed)))
+    return ev
+
+
 def claims_paragraph(verdicts: pd.DataFrame) -> str:
     """Markdown bullets, one per claim of :func:`tokenbook.claims.verdict_table`, written from its numbers: the
     verdict, what was measured (value, interval or IQR, n) and the plateau note."""

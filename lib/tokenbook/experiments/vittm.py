@@ -887,20 +887,20 @@ def beats_vit_evidence(runs: pd.DataFrame, histories: Mapping[int, Mapping[str, 
                        scale: str) -> list:
     """Evidence of ``vittm.beats_vit`` from :func:`train_seeds`: the ViTTM's ``top1`` (memory head) against the
     ViT's, paired by seed; the plateau note from both models' validation curves (ViTTM: memory head)."""
-    from tokenbook.claims import paired_evidence, plateau_note
+    from tokenbook.claims import paired_evidence
 
     curves = [h[m][col].dropna().tolist() for h in histories.values()
               for m, col in ((vittm, "val_top1_memory"), (vit, "val_top1")) if m in h and col in h[m]]
     return [paired_evidence("vittm.beats_vit", _per_seed(runs, "model", "top1"), vittm, vit, scale=scale,
-                            plateau=plateau_note(curves), detail=f"{vittm} (memory head) vs {vit}")]
+                            curves=curves, detail=f"{vittm} (memory head) vs {vit}")]
 
 
 def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Sequence[float]], scale: str) -> list:
     """Evidence of ``vittm.linear_heads``, ``vittm.add_fusion`` and ``vittm.no_memory_processing`` from
     :func:`run_claim_arms` (memory head, paired by seed). Where the claim's b is "the best of" several arms, the arm
     with the highest mean top-1 over the same seeds is taken (named in ``detail``). Plateau notes from every run
-    behind the claim (one evaluation window: the runs are two epochs)."""
-    from tokenbook.claims import paired_evidence, plateau_note
+    behind the claim."""
+    from tokenbook.claims import paired_evidence
 
     per_seed = _per_seed(runs, "arm", "top1_memory")
     means = runs.groupby("arm")["top1_memory"].mean()
@@ -916,6 +916,5 @@ def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Seque
         detail = "b = " + b + (" (best mean of " + ", ".join(f"{c} {means[c]:.2f}" for c in have) + ")"
                                if len(have) > 1 else "") + f"; a mean {means[a]:.2f}"
         used = [c for (s, arm), c in curves.items() if arm in (a, *have)]
-        out.append(paired_evidence(claim, per_seed, a, b, scale=scale, plateau=plateau_note(used, window=1),
-                                   detail=detail))
+        out.append(paired_evidence(claim, per_seed, a, b, scale=scale, curves=used, detail=detail))
     return out
