@@ -185,7 +185,7 @@ def test_claim_evidence_builders():
     hist = {s: {"ttm": pd.DataFrame({"val_top1_memory": [40.0, 55.0, 60.0]}),
                 "vit": pd.DataFrame({"val_top1": [40.0, 49.5, 50.0]})} for s in range(2)}
     (bv,) = X.beats_vit_evidence(runs, hist, "ttm", "vit", scale="test")
-    assert (bv.a, bv.b) == ([60.0, 62.0], [50.0, 51.0]) and bv.plateau.startswith("no: at most +20.0 pt")
+    assert (bv.a, bv.b) == ([60.0, 62.0], [50.0, 51.0]) and bv.plateau.startswith("no: at most +5.0 pt")
 
     eff = pd.DataFrame([{"model": "ViT-B/16", "gmacs": 17.6}, {"model": "ViTTM-B", "gmacs": 7.2}])
     lat = {"pair": "ViT-B/16 / ViTTM-B", "ratio": 2.3, "q1": 2.26, "q3": 2.4, "a_ms": 10.0, "b_ms": 4.3,
