@@ -48,8 +48,8 @@ __all__ = [
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf; the message has the epoch, step and the last learning rate (or, for a non-finite
-    validation loss/metric, the epoch)."""
+    """The loss became NaN/inf; one line naming the epoch, step and global step of the first non-finite loss and the
+    configured (peak) learning rate (for a non-finite validation loss/metric: the epoch and global step)."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -297,8 +297,9 @@ class _LossWindow:
     """Per-step losses kept on the device and read (one host sync) when the window is full, before a log line and at
     the end of an epoch; a non-finite one raises :class:`TrainingDivergedError` naming its step."""
 
-    def __init__(self, size: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device, peak_lr: float):
         self.buf = torch.zeros(size, device=device, dtype=torch.float32)
+        self.peak_lr = peak_lr  # the configured lr, named in the error (the step's own lr may be warmup's or min_lr)
         self.steps: list[tuple[int, int, int, float]] = []  # (epoch, step, global step, lr) of the losses in buf
         self.sum, self.n = 0.0, 0
 
@@ -315,8 +316,9 @@ class _LossWindow:
         for v, (epoch, step, gstep, lr) in zip(vals, self.steps):
             if not math.isfinite(v):
                 raise TrainingDivergedError(
-                    f"loss is {v} at epoch {epoch}, step {step} (global step {gstep}); last learning rate {lr:.3g}. "
-                    "Lower lr, add warmup or gradient clipping (clip_grad), or use 32-true precision.")
+                    f"training diverged: the loss first became {v} at epoch {epoch}, step {step} (global step "
+                    f"{gstep}) with configured lr {self.peak_lr:.3g} (schedule at {lr:.3g} for that step); lower lr, "
+                    "add warmup or gradient clipping (clip_grad), or use 32-true precision.")
             self.sum += v
         self.n += len(self.steps)
         self.steps = []
@@ -487,13 +489,16 @@ def _criterion(cfg: TrainConfig, mixing: bool):
     return nn.CrossEntropyLoss()
 
 
-def _evaluate_epoch(model, val_dl, preprocess, fabric, epoch: int, which: str, lr: float, train_loss: float) -> dict:
-    """:func:`evaluate` after an epoch; a non-finite validation loss/metric names the epoch."""
+def _evaluate_epoch(model, val_dl, preprocess, fabric, epoch: int, which: str, peak_lr: float, global_step: int,
+                    train_loss: float) -> dict:
+    """:func:`evaluate` after an epoch; a non-finite validation loss/metric names the epoch, the global step and the
+    configured learning rate."""
     try:
         return evaluate(model, val_dl, preprocess, fabric)
     except TrainingDivergedError as e:
-        raise TrainingDivergedError(f"epoch {epoch + 1}: validation of the {which}model failed (last learning rate "
-                                    f"{lr:.3g}, train loss {train_loss:.4g}): {e}") from None
+        raise TrainingDivergedError(f"training diverged: validation of the {which}model after epoch {epoch + 1} "
+                                    f"(global step {global_step}) with configured lr {peak_lr:.3g} failed (train loss "
+                                    f"{train_loss:.4g}): {e}") from None
 
 
 def _call_hooks(hooks, name, *args):
@@ -694,7 +699,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict, float]:
     run.model.train()
     t_epoch = time.perf_counter()
     timer = _StepTimer(device)
-    losses = _LossWindow(cfg.finite_check_every, device)
+    losses = _LossWindow(cfg.finite_check_every, device, cfg.lr)
     it = _progress(run.train_dl, run.steps_per_epoch, f"{run.desc} {epoch + 1}/{cfg.epochs}", cfg.progress and
                    fabric.is_global_zero)
     for i, batch in enumerate(it):
@@ -747,12 +752,12 @@ def _end_epoch(run: _Run, epoch: int, row: dict, t_epoch: float) -> None:
     cfg, fabric = run.cfg, run.fabric
     if run.val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
         t_eval = time.perf_counter()
-        metrics = _evaluate_epoch(run.model, run.val_dl, run.preprocess, fabric, epoch, "", run.last_lr,
+        metrics = _evaluate_epoch(run.model, run.val_dl, run.preprocess, fabric, epoch, "", cfg.lr, run.global_step,
                                   row["train_loss"])
         row.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
         if run.ema is not None:
-            em = _evaluate_epoch(run.ema.module, run.val_dl, run.preprocess, fabric, epoch, "EMA ", run.last_lr,
-                                 row["train_loss"])
+            em = _evaluate_epoch(run.ema.module, run.val_dl, run.preprocess, fabric, epoch, "EMA ", cfg.lr,
+                                 run.global_step, row["train_loss"])
             row.update({f"ema_{k}": v for k, v in em.items() if k != "n"})
         run.eval_time_total += time.perf_counter() - t_eval
     row["epoch_time_s"] = time.perf_counter() - t_epoch
