@@ -434,7 +434,7 @@ def test_huge_lr_names_the_configured_lr_and_the_first_bad_step(one_thread):
     assert "\n" not in msg and "configured lr 1e+09" in msg and "1e-06" not in msg
     m = re.search(r"loss first became (nan|inf|-inf) at epoch (\d+), step (\d+) \(global step (\d+)\)", msg)
     assert m and m.group(2) == "1" and m.group(3) == m.group(4), msg  # in epoch 1, step == global step
-    # (that it is the *first* bad step of the window, later ones being NaN too: test_nan_found_late_still_names_its_step)
+    # (that it is the *first* bad step, later ones being NaN too: test_nan_found_late_still_names_its_step)
 
 
 def test_evaluate_refuses_non_finite_loss():
