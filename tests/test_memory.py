@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 from tokenbook import bench, references
 from tokenbook.data.tasks import class_group_indices, make_task_datasets
+from tokenbook.experiments.memory import class_token_patch_attention, memory_attention
+from tokenbook.methods.memory_finetune import finetune_model, set_trainable
 from tokenbook.models.memory import (
-    FINETUNE_MODES, SOURCE, MemoryViT, build_attention_mask, class_token_patch_attention, concatenate,
-    create_memory_vit, finetune_model, memory_attention, memory_task_params, naive_concatenate, record_attention,
-    set_trainable, table1_mask, task_parameter_count,
+    FINETUNE_MODES, SOURCE, MemoryViT, build_attention_mask, concatenate, create_memory_vit, memory_task_params,
+    naive_concatenate, record_attention, table1_mask, task_parameter_count,
 )
 
 IMG = 32
@@ -72,6 +73,34 @@ def test_source_head_bit_identical(images, memory_norm, impl):
         assert torch.equal(outs[SOURCE], ref)
         assert torch.equal(m.forward_all(images[:1])[SOURCE], ref1)
         assert [o.shape[1] for o in outs.values()] == [10, 5, 4, 7, 3]
+
+
+
+def test_forward_head_follows_timm(images):
+    """timm's forward_features -> forward_head(x, pre_logits=False) split; the head returns every head's logits by
+    name, and pre_logits gives the features each head reads (issue 23: forward_heads renamed)."""
+    import inspect
+
+    bb = tiny_vit()
+    m = MemoryViT(bb).eval()
+    m.add_task("a", 5, cells=2)
+    m.add_task("d", 3, class_token=False)
+    for n in "ad":
+        randomize_task(m, n, seed=ord(n))
+    assert list(inspect.signature(MemoryViT.forward_head).parameters) == ["self", "x", "pre_logits"]
+    assert inspect.signature(MemoryViT.forward_head).parameters["pre_logits"].default is False
+    assert not hasattr(m, "forward_heads")
+    with torch.no_grad():
+        feats = m.forward_features(images)
+        logits = m.forward_head(feats)
+        pre = m.forward_head(feats, pre_logits=True)
+        assert list(logits) == list(pre) == [SOURCE, "a", "d"]
+        for name, out in m.forward_all(images).items():
+            assert torch.equal(logits[name], out), name
+        assert torch.equal(bb.get_classifier()(pre[SOURCE]), logits[SOURCE])
+        assert torch.equal(pre["d"], bb.forward_head(feats[0], pre_logits=True))  # no class token: pooled features
+        for name in "ad":
+            assert torch.equal(m.tasks[name].head(pre[name]), logits[name]), name
 
 
 def test_joint_impl_matches_to_rounding(images):

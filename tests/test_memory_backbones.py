@@ -9,9 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tokenbook.models  # noqa: F401  (registers t2t_vit_* and vittm_*)
+from tokenbook.experiments.memory import class_token_patch_attention, memory_attention
+from tokenbook.methods.memory_finetune import finetune_model, set_trainable
 from tokenbook.models.memory import (
-    SOURCE, MemoryViT, class_token_patch_attention, concatenate, create_memory_vit, finetune_model, memory_attention,
-    memory_task_params, naive_concatenate, record_attention, set_trainable, task_parameter_count,
+    SOURCE, MemoryViT, concatenate, create_memory_vit, memory_task_params, naive_concatenate, record_attention,
+    task_parameter_count,
 )
 
 DEPTH, DIM, HEADS, GRID = 4, 64, 4, 7

@@ -48,7 +48,7 @@ def meta(name: str, **kw) -> torch.nn.Module:
 
 def n_params(m: torch.nn.Module, trainable: bool = False) -> int:
     """Parameters as the paper / official code count them: the frozen tables (buffers here) are in the total."""
-    return t2t.param_counts(m)["trainable" if trainable else "total"]
+    return t2t_exp.param_counts(m)["trainable" if trainable else "total"]
 
 
 def official_t2t_keys(tokens_type: str, d: int) -> dict[str, tuple[int, ...]]:
@@ -253,7 +253,7 @@ def test_frozen_tables_and_weight_decay_exclusions():
     # the fixed tables are persistent buffers (official state-dict keys), not frozen parameters
     assert all(p.requires_grad for p in m.parameters())
     tables = {"pos_embed", "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
-    assert set(t2t.frozen_tables(m)) == tables
+    assert set(t2t_exp.frozen_tables(m)) == tables
     assert tables <= set(dict(m.named_buffers())) and tables <= set(m.state_dict())
     assert m.no_weight_decay() == {"cls_token"}
     pe = m.pos_embed[0]

@@ -159,7 +159,7 @@ def test_plain_vit_like_matches_params_within_10_percent():
     v = t2t.fmnist_ablations(28, 1, 10, embed_dim=64, depth=8, num_heads=2)
     name, kw = v["vit"]
     vit, ref = timm.create_model(name, **kw), timm.create_model(*v["t2t_performer"][:1], **v["t2t_performer"][1])
-    n_vit, n_ref = tv.param_counts(vit)["total"], tv.param_counts(ref)["total"]
+    n_vit, n_ref = t2t.param_counts(vit)["total"], t2t.param_counts(ref)["total"]
     assert (name, kw["depth"], kw["embed_dim"], kw["patch_size"], kw["mlp_ratio"]) == (t2t.PLAIN_VIT, 6, 64, 4, 4.0)
     assert abs(n_vit / n_ref - 1) <= 0.10 and n_vit == 305_034 and n_ref == 327_132
     assert vit.pos_embed.requires_grad and vit(torch.zeros(2, 1, 28, 28)).shape == (2, 10)  # learned positions

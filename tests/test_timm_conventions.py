@@ -16,6 +16,7 @@ from timm.models._input import get_model_input_config
 
 import tokenbook.models  # noqa: F401  (registers the families)
 import tokenbook.models.t2t_vit as t2t
+from tokenbook.experiments.t2t_vit import param_counts
 
 #: family -> (registry name, kwargs, input shape (B, C, H, W)); add a family with one line
 FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
@@ -233,7 +234,7 @@ def test_t2t_fixed_tables_are_buffers_in_the_state_dict_and_counted():
     tables = {"pos_embed", "tokens_to_token.attention1.w", "tokens_to_token.attention2.w"}
     assert tables <= set(dict(m.named_buffers())) and tables <= set(m.state_dict())
     assert not tables & set(dict(m.named_parameters()))
-    counts = t2t.param_counts(m)
+    counts = param_counts(m)
     extra = sum(dict(m.named_buffers())[k].numel() for k in tables)
     assert counts["total"] == sum(p.numel() for p in m.parameters()) + extra
     assert counts["trainable"] == sum(p.numel() for p in m.parameters())

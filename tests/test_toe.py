@@ -84,10 +84,13 @@ def test_seed_positions_and_stride_quirk():
     for r in range(14):
         cols = grid[r].nonzero().flatten().tolist()
         assert cols == ([0, 4, 8, 12] if r % 2 == 0 else [2, 6, 10])
-    assert 1 // 0.2 == 4  # the float quirk the official code inherits
+    # r0 = 0.2: the official int(1 // r0) gives the library a seed stride of 4 (not 1/r0 = 5), so the 39 seeds stop
+    # at 152 and rows 11-13 get none; "corrected" spaces them 5 apart over the whole grid
     lv = toe.seed_positions(196, 0.2)
+    assert {b - a for a, b in zip(lv, lv[1:])} == {4}
     assert len(lv) == 39 and lv == list(range(0, 153, 4)) and lv[-1] == 152  # rows 11-13 get no seed
-    assert toe.seed_positions(196, 0.2, "corrected") == list(range(0, 195, 5))
+    cv = toe.seed_positions(196, 0.2, "corrected")
+    assert {b - a for a, b in zip(cv, cv[1:])} == {5} and cv == list(range(0, 195, 5))
     et = toe.seed_positions(196, 0.3)
     assert len(et) == 58 and et[-1] == 171
     uni = toe.seed_positions(196, 0.2, "uniform")

@@ -1,6 +1,7 @@
 import functools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -172,7 +173,7 @@ def test_nan_loss_stops_with_step_and_lr():
 
     Bad = functools.partial(_goes_bad, at_call=2, factor=float("nan"))
 
-    with pytest.raises(TrainingDivergedError, match=r"step 2 .*last learning rate"):
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step 2 \(global step 2\) with configured lr 0\.003 "):
         fit(Bad(), tl, None, TrainConfig(**CFG))
 
 
@@ -395,9 +396,9 @@ def test_nan_found_late_still_names_its_step():
 
     BadAt5 = functools.partial(_goes_bad, at_call=13, factor=float("inf"))
 
-    with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 5 \(global step 13\); last learning rate") as e:
+    with pytest.raises(TrainingDivergedError, match=r"epoch 2, step 5 \(global step 13\) with configured lr") as e:
         fit(BadAt5(), tl, None, TrainConfig(**{**CFG, "finite_check_every": 100}))
-    assert "loss is " in str(e.value)
+    assert "the loss first became " in str(e.value)
 
 
 def test_finite_check_every_validated():
@@ -409,15 +410,31 @@ def test_absurd_lr_fails_in_validation_naming_the_epoch(one_thread):
     """lr=1e9: one step leaves the training loss finite, the validation loss is NaN -> an error, not 'n/a'."""
     tl, vl = _loaders()
     cfg = TrainConfig(**{**CFG, "epochs": 1, "lr": 1e9, "warmup_epochs": 0, "max_steps_per_epoch": 1})
-    with pytest.raises(TrainingDivergedError, match=r"epoch 1.*validation.*loss"):
+    with pytest.raises(TrainingDivergedError, match=r"validation of the model after epoch 1 \(global step 1\) with "
+                       r"configured lr 1e\+09 .*loss") as e:
         fit(_tiny_vit(), tl, vl, cfg)
+    assert "\n" not in str(e.value)
 
 
 def test_absurd_lr_fails_in_training_naming_the_epoch(one_thread):
     tl, _ = _loaders()
     cfg = TrainConfig(**{**CFG, "epochs": 1, "lr": 1e9, "warmup_epochs": 0})
-    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step \d+ .*last learning rate"):
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, step \d+ .*configured lr 1e\+09"):
         fit(_tiny_vit(), tl, None, cfg)
+
+
+def test_huge_lr_names_the_configured_lr_and_the_first_bad_step(one_thread):
+    """Issue 22: with a warmup (and a cosine down to min_lr 1e-6) the error names the configured peak lr, not the
+    schedule's value at one step, and the epoch / global step where the loss first became non-finite; one line."""
+    tl, vl = _loaders()
+    cfg = TrainConfig(**{**CFG, "lr": 1e9, "finite_check_every": 100})
+    with pytest.raises(TrainingDivergedError) as e:
+        fit(_tiny_vit(), tl, vl, cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "configured lr 1e+09" in msg and "1e-06" not in msg
+    m = re.search(r"loss first became (nan|inf|-inf) at epoch (\d+), step (\d+) \(global step (\d+)\)", msg)
+    assert m and m.group(2) == "1" and m.group(3) == m.group(4), msg  # in epoch 1, step == global step
+    # (that it is the *first* bad step, later ones being NaN too: test_nan_found_late_still_names_its_step)
 
 
 def test_evaluate_refuses_non_finite_loss():

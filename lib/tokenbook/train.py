@@ -24,6 +24,10 @@
 - Checkpoints (``last.ckpt``) hold model, optimizer, scheduler, EMA, hooks, RNG states and history; they load with
   ``torch.load(weights_only=True)``. :func:`save_weights` / :func:`load_weights` handle ``.safetensors`` and torch files
   and list missing/unexpected keys on a mismatch.
+
+Size: about 880 lines, over the 800-line guide: one engine whose ``fit()`` is split into set-up, one epoch and the
+end-of-epoch evaluation (``_setup_fit``, ``_train_epoch``, ``_end_epoch``, sharing a ``_Run``), next to the config,
+the recipes, evaluation and the weight files it uses; splitting the module would separate ``fit`` from its helpers.
 """
 from __future__ import annotations
 
@@ -48,8 +52,8 @@ __all__ = [
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf; the message has the epoch, step and the last learning rate (or, for a non-finite
-    validation loss/metric, the epoch)."""
+    """The loss became NaN/inf; one line naming the epoch, step and global step of the first non-finite loss and the
+    configured (peak) learning rate (for a non-finite validation loss/metric: the epoch and global step)."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -297,8 +301,9 @@ class _LossWindow:
     """Per-step losses kept on the device and read (one host sync) when the window is full, before a log line and at
     the end of an epoch; a non-finite one raises :class:`TrainingDivergedError` naming its step."""
 
-    def __init__(self, size: int, device: torch.device):
+    def __init__(self, size: int, device: torch.device, peak_lr: float):
         self.buf = torch.zeros(size, device=device, dtype=torch.float32)
+        self.peak_lr = peak_lr  # the configured lr, named in the error (the step's own lr may be warmup's or min_lr)
         self.steps: list[tuple[int, int, int, float]] = []  # (epoch, step, global step, lr) of the losses in buf
         self.sum, self.n = 0.0, 0
 
@@ -315,8 +320,9 @@ class _LossWindow:
         for v, (epoch, step, gstep, lr) in zip(vals, self.steps):
             if not math.isfinite(v):
                 raise TrainingDivergedError(
-                    f"loss is {v} at epoch {epoch}, step {step} (global step {gstep}); last learning rate {lr:.3g}. "
-                    "Lower lr, add warmup or gradient clipping (clip_grad), or use 32-true precision.")
+                    f"training diverged: the loss first became {v} at epoch {epoch}, step {step} (global step "
+                    f"{gstep}) with configured lr {self.peak_lr:.3g} (schedule at {lr:.3g} for that step); lower lr, "
+                    "add warmup or gradient clipping (clip_grad), or use 32-true precision.")
             self.sum += v
         self.n += len(self.steps)
         self.steps = []
@@ -487,13 +493,16 @@ def _criterion(cfg: TrainConfig, mixing: bool):
     return nn.CrossEntropyLoss()
 
 
-def _evaluate_epoch(model, val_dl, preprocess, fabric, epoch: int, which: str, lr: float, train_loss: float) -> dict:
-    """:func:`evaluate` after an epoch; a non-finite validation loss/metric names the epoch."""
+def _evaluate_epoch(model, val_dl, preprocess, fabric, epoch: int, which: str, peak_lr: float, global_step: int,
+                    train_loss: float) -> dict:
+    """:func:`evaluate` after an epoch; a non-finite validation loss/metric names the epoch, the global step and the
+    configured learning rate."""
     try:
         return evaluate(model, val_dl, preprocess, fabric)
     except TrainingDivergedError as e:
-        raise TrainingDivergedError(f"epoch {epoch + 1}: validation of the {which}model failed (last learning rate "
-                                    f"{lr:.3g}, train loss {train_loss:.4g}): {e}") from None
+        raise TrainingDivergedError(f"training diverged: validation of the {which}model after epoch {epoch + 1} "
+                                    f"(global step {global_step}) with configured lr {peak_lr:.3g} failed (train loss "
+                                    f"{train_loss:.4g}): {e}") from None
 
 
 def _call_hooks(hooks, name, *args):
@@ -501,6 +510,284 @@ def _call_hooks(hooks, name, *args):
         fn = getattr(h, name, None)
         if fn is not None:
             fn(*args)
+
+
+@dataclass
+class _Run:
+    """What :func:`fit` sets up once (:func:`_setup_fit`) and its epochs share and update."""
+
+    cfg: TrainConfig
+    fabric: Any
+    model: nn.Module  # as Fabric set it up (compiled / DDP-wrapped); ``raw_model`` is the caller's module
+    raw_model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    train_dl: Any
+    val_dl: Any
+    device: torch.device
+    preprocess: Optional[nn.Module]
+    mixup_fn: Any
+    loss_fn: Callable
+    criterion: Optional[Callable]
+    ema: Any
+    hooks: list
+    steps_per_epoch: int
+    n_trainable: int
+    ckpt_path: Optional[Path]
+    desc: str
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    weights: Optional[list] = None
+    last_lr: float = 0.0
+    head_names: list = field(default_factory=list)
+    step_time_total: float = 0.0
+    eval_time_total: float = 0.0
+    steps_done: int = 0
+    images_done: int = 0
+
+
+def _steps_per_epoch(cfg: TrainConfig, train_loader, fabric) -> int:
+    # the loader is set up by Fabric; with DDP each rank sees len(loader) / world_size batches
+    steps_per_epoch = math.ceil(len(train_loader) / fabric.world_size) if fabric.world_size > 1 else len(train_loader)
+    if getattr(train_loader, "drop_last", False) and fabric.world_size > 1:
+        steps_per_epoch = len(train_loader) // fabric.world_size
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch * cfg.grad_accum)
+    if steps_per_epoch < 1:
+        raise ValueError("the training loader yields no batches (dataset smaller than one batch with drop_last?)")
+    return steps_per_epoch
+
+
+def _make_scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
+    warmup_epochs = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
+    warmup_t = int(round(warmup_epochs * updates_per_epoch))
+    decay_t = max(1, (cfg.epochs - cfg.cooldown_epochs) * updates_per_epoch)
+    if cfg.sched == "cosine":
+        from timm.scheduler import CosineLRScheduler
+
+        # per-update cosine to min_lr over the non-cooldown epochs, linear warmup from warmup_lr (timm semantics:
+        # warmup replaces the start of the cosine), then min_lr during the cooldown epochs
+        return CosineLRScheduler(optimizer, t_initial=decay_t, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
+                                 warmup_t=warmup_t, t_in_epochs=False, cycle_limit=1)
+    if cfg.sched == "step":
+        from timm.scheduler import StepLRScheduler
+
+        return StepLRScheduler(optimizer, decay_t=max(1, decay_t // 3), decay_rate=0.1,
+                               warmup_lr_init=cfg.warmup_lr, warmup_t=warmup_t, t_in_epochs=False)
+    return None
+
+
+def _make_mixup(cfg: TrainConfig, num_classes: Optional[int]):
+    if not (cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    from timm.data import Mixup
+
+    if not num_classes:
+        raise ValueError("Mixup/CutMix need num_classes (pass it or give the model a num_classes attribute)")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
+                 num_classes=num_classes)
+
+
+def _setup_fit(model, train_loader, val_loader, cfg: TrainConfig, hooks, preprocess, criterion, num_classes, fabric,
+               desc) -> _Run:
+    """Seed, optimizer, schedule, Fabric set-up of model and loaders, Mixup, loss, EMA, and the resume (in that
+    order: the seeded RNG streams depend on it)."""
+    from timm.optim import create_optimizer_v2
+
+    from .repro import seed_everything
+
+    fabric = fabric or _make_fabric(cfg)
+    if fabric.world_size > 1 and not getattr(fabric, "_launched", False):
+        fabric.launch()
+    seed_everything(cfg.seed, rank=fabric.global_rank)
+    raw_model = model
+    num_classes = num_classes or getattr(model, "num_classes", None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+    n_trainable = sum(p.numel() for p in {id(p): p for p in trainable}.values())
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
+    steps_per_epoch = _steps_per_epoch(cfg, train_loader, fabric)
+    scheduler = _make_scheduler(cfg, optimizer, max(1, steps_per_epoch // cfg.grad_accum))
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = fabric.setup(model, optimizer)
+    loaders = fabric.setup_dataloaders(train_loader, *( [val_loader] if val_loader is not None else []))
+    train_dl = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    val_dl = loaders[1] if isinstance(loaders, (list, tuple)) and len(loaders) > 1 else None
+    device = fabric.device
+    if preprocess is not None:
+        preprocess = preprocess.to(device)
+    mixup_fn = _make_mixup(cfg, num_classes)
+    loss_fn = _criterion(cfg, mixup_fn is not None)
+    ema = None
+    if cfg.ema_decay > 0:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(raw_model, decay=cfg.ema_decay, device=device)
+    run = _Run(cfg=cfg, fabric=fabric, model=model, raw_model=raw_model, optimizer=optimizer, scheduler=scheduler,
+               train_dl=train_dl, val_dl=val_dl, device=device, preprocess=preprocess,
+               mixup_fn=mixup_fn, loss_fn=loss_fn, criterion=criterion, ema=ema, hooks=list(hooks),
+               steps_per_epoch=steps_per_epoch, n_trainable=n_trainable, desc=desc,
+               ckpt_path=Path(cfg.checkpoint_dir) / "last.ckpt" if cfg.checkpoint_dir else None)
+    if cfg.resume and run.ckpt_path is not None and run.ckpt_path.is_file():
+        _resume(run)
+    return run
+
+
+def _resume(run: _Run) -> None:
+    """Load ``last.ckpt`` into the run: weights, optimizer, schedule, EMA, hooks, RNG states, epoch and history."""
+    cfg, path = run.cfg, run.ckpt_path
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("epochs_planned") != cfg.epochs:
+        raise ValueError(f"{path} was written for a {state.get('epochs_planned')}-epoch run, this run has "
+                         f"{cfg.epochs} epochs; use a new checkpoint_dir or the same epochs")
+    run.raw_model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state.get("scheduler"):
+        run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None and state.get("ema"):
+        run.ema.module.load_state_dict(state["ema"])
+    for h, hs in zip(run.hooks, state.get("hooks", [])):
+        if hs is not None and hasattr(h, "load_state_dict"):
+            h.load_state_dict(hs)
+    _set_rng_state(state["rng"])
+    run.start_epoch, run.global_step, run.history = state["epoch"] + 1, state["global_step"], list(state["history"])
+    run.fabric.print(f"resumed from {path} at epoch {run.start_epoch}")
+
+
+def _loss(run: _Run, out, target) -> torch.Tensor:
+    outs = _as_list(out)
+    if not run.head_names:
+        run.head_names = head_names_of(run.raw_model, len(outs))
+    if run.criterion is not None:
+        return run.criterion(out, target)
+    w = run.weights or [1.0] * len(outs)
+    if len(w) != len(outs):
+        raise ValueError(f"head_weights has {len(w)} entries, the model returns {len(outs)} heads")
+    return sum(wi * run.loss_fn(o.float(), target) for wi, o in zip(w, outs))
+
+
+def _train_step(run: _Run, x, target, accumulating: bool) -> tuple[torch.Tensor, float]:
+    """Forward, backward and (unless accumulating) the optimizer update, schedule step and EMA update; returns the
+    loss and the learning rate the step ran with."""
+    cfg, model = run.cfg, run.model
+    with run.fabric.no_backward_sync(model, enabled=accumulating), all_heads(run.raw_model):
+        loss = _loss(run, model(x), target)
+        step_lr = run.last_lr
+        run.fabric.backward(loss / cfg.grad_accum)
+    if not accumulating:
+        if cfg.clip_grad:
+            run.fabric.clip_gradients(model, run.optimizer, max_norm=cfg.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.global_step += 1
+        if run.scheduler is not None:
+            run.scheduler.step_update(num_updates=run.global_step)
+        run.last_lr = run.optimizer.param_groups[0]["lr"]
+        if run.ema is not None:
+            run.ema.update(run.raw_model, step=run.global_step)
+    return loss, step_lr
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[dict, float]:
+    """One epoch of training steps; returns the epoch's history row (before evaluation) and its start time."""
+    cfg, fabric, device = run.cfg, run.fabric, run.device
+    sampler = getattr(run.train_dl, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    _call_hooks(run.hooks, "on_epoch_start", epoch, run.raw_model)
+    run.model.train()
+    t_epoch = time.perf_counter()
+    timer = _StepTimer(device)
+    losses = _LossWindow(cfg.finite_check_every, device, cfg.lr)
+    it = _progress(run.train_dl, run.steps_per_epoch, f"{run.desc} {epoch + 1}/{cfg.epochs}", cfg.progress and
+                   fabric.is_global_zero)
+    for i, batch in enumerate(it):
+        if i >= run.steps_per_epoch:
+            break
+        timer.start()
+        x, y = batch
+        if run.preprocess is not None:
+            x = run.preprocess(x)
+        for h in run.hooks:
+            if hasattr(h, "on_batch"):
+                x, y = h.on_batch((x, y))
+        target = y
+        if run.mixup_fn is not None:
+            if x.shape[0] % 2:
+                x, target = x[:-1], target[:-1]
+            x, target = run.mixup_fn(x, target)
+        accumulating = (i + 1) % cfg.grad_accum != 0
+        try:
+            loss, step_lr = _train_step(run, x, target, accumulating)
+        except RuntimeError as e:
+            if _is_oom(e) and not isinstance(e, TrainingDivergedError):
+                raise OutOfMemoryError(f"out of memory at epoch {epoch + 1}, step {i + 1} with batch "
+                                       f"{x.shape[0]} on {device}: reduce batch_size, use bf16-mixed precision or "
+                                       "gradient accumulation (grad_accum)") from e
+            raise
+        timer.stop()
+        # finiteness is checked when the window is read (every finite_check_every steps), not here
+        losses.add(loss, epoch + 1, i + 1, run.global_step + (1 if accumulating else 0), step_lr)
+        run.images_done += x.shape[0]
+        if cfg.log_every and (i + 1) % cfg.log_every == 0:
+            losses.drain()  # a log line reads the losses (one sync per log_every steps)
+            fabric.print(f"epoch {epoch + 1} step {i + 1}: loss {losses.sum / losses.n:.4f} lr {run.last_lr:.3g}")
+    if hasattr(it, "close"):
+        it.close()
+    losses.drain()
+    ep_step_time = timer.total()
+    run.steps_done += losses.n
+    run.step_time_total += ep_step_time
+    train_loss = losses.sum / max(1, losses.n)
+    if fabric.world_size > 1:
+        train_loss = float(fabric.all_reduce(torch.tensor(train_loss, device=device), reduce_op="mean"))
+    row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": run.last_lr, "steps": losses.n,
+           "step_time_s": ep_step_time, "epoch_time_s": time.perf_counter() - t_epoch}
+    return row, t_epoch
+
+
+def _end_epoch(run: _Run, epoch: int, row: dict, t_epoch: float) -> None:
+    """Evaluate (raw and EMA model) when due, append the row to the history, call the hooks, print and checkpoint."""
+    cfg, fabric = run.cfg, run.fabric
+    if run.val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        t_eval = time.perf_counter()
+        metrics = _evaluate_epoch(run.model, run.val_dl, run.preprocess, fabric, epoch, "", cfg.lr, run.global_step,
+                                  row["train_loss"])
+        row.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
+        if run.ema is not None:
+            em = _evaluate_epoch(run.ema.module, run.val_dl, run.preprocess, fabric, epoch, "EMA ", cfg.lr,
+                                 run.global_step, row["train_loss"])
+            row.update({f"ema_{k}": v for k, v in em.items() if k != "n"})
+        run.eval_time_total += time.perf_counter() - t_eval
+    row["epoch_time_s"] = time.perf_counter() - t_epoch
+    run.history.append(row)
+    _call_hooks(run.hooks, "on_epoch_end", epoch, run.raw_model, row)
+    if fabric.is_global_zero:
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+                 if k in ("train_loss", "val_top1", "ema_top1", "lr", "epoch_time_s")}
+        if cfg.progress or cfg.log_every:
+            fabric.print(f"epoch {epoch + 1}/{cfg.epochs} {shown}")
+    if run.ckpt_path is not None:
+        _save_checkpoint(fabric, run.ckpt_path, run.raw_model, run.optimizer, run.scheduler, run.ema, run.hooks,
+                         epoch, run.global_step, run.history, cfg)
+
+
+def _epoch_seeder(train_loader) -> Callable[[int], None]:
+    """Data order is a function of (loader seed, epoch) so that a resumed run sees the same batches (the base seed is
+    remembered on the loader, so reusing one loader for several fit() calls is reproducible too)."""
+    gen = getattr(train_loader, "generator", None)
+    if gen is None:
+        return lambda epoch: None
+    gen_base = getattr(train_loader, "_tokenbook_base_seed", None)
+    if gen_base is None:
+        gen_base = gen.initial_seed()
+        train_loader._tokenbook_base_seed = gen_base
+    return lambda epoch: gen.manual_seed(gen_base + 1_000_003 * epoch)
 
 
 def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConfig] = None, hooks: Sequence = (),
@@ -515,221 +802,26 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
     import pandas as pd
 
     cfg = cfg or TrainConfig()
-    from .repro import seed_everything
-
-    fabric = fabric or _make_fabric(cfg)
-    if fabric.world_size > 1 and not getattr(fabric, "_launched", False):
-        fabric.launch()
-    seed_everything(cfg.seed, rank=fabric.global_rank)
-    hooks = list(hooks)
-    raw_model = model
-    num_classes = num_classes or getattr(model, "num_classes", None)
-
-    from timm.optim import create_optimizer_v2
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-    n_trainable = sum(p.numel() for p in {id(p): p for p in trainable}.values())
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    momentum=cfg.momentum, filter_bias_and_bn=cfg.filter_bias_and_bn)
-    # the loader is set up below; with DDP each rank sees len(loader) / world_size batches
-    steps_per_epoch = math.ceil(len(train_loader) / fabric.world_size) if fabric.world_size > 1 else len(train_loader)
-    if getattr(train_loader, "drop_last", False) and fabric.world_size > 1:
-        steps_per_epoch = len(train_loader) // fabric.world_size
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch * cfg.grad_accum)
-    if steps_per_epoch < 1:
-        raise ValueError("the training loader yields no batches (dataset smaller than one batch with drop_last?)")
-    updates_per_epoch = max(1, steps_per_epoch // cfg.grad_accum)
-    warmup_epochs = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
-    scheduler = None
-    warmup_t = int(round(warmup_epochs * updates_per_epoch))
-    decay_t = max(1, (cfg.epochs - cfg.cooldown_epochs) * updates_per_epoch)
-    if cfg.sched == "cosine":
-        from timm.scheduler import CosineLRScheduler
-
-        # per-update cosine to min_lr over the non-cooldown epochs, linear warmup from warmup_lr (timm semantics:
-        # warmup replaces the start of the cosine), then min_lr during the cooldown epochs
-        scheduler = CosineLRScheduler(optimizer, t_initial=decay_t, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
-                                      warmup_t=warmup_t, t_in_epochs=False, cycle_limit=1)
-    elif cfg.sched == "step":
-        from timm.scheduler import StepLRScheduler
-
-        scheduler = StepLRScheduler(optimizer, decay_t=max(1, decay_t // 3), decay_rate=0.1,
-                                    warmup_lr_init=cfg.warmup_lr, warmup_t=warmup_t, t_in_epochs=False)
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = fabric.setup(model, optimizer)
-    loaders = fabric.setup_dataloaders(train_loader, *( [val_loader] if val_loader is not None else []))
-    train_dl = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    val_dl = loaders[1] if isinstance(loaders, (list, tuple)) and len(loaders) > 1 else None
-    device = fabric.device
-    if preprocess is not None:
-        preprocess = preprocess.to(device)
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-
-        if not num_classes:
-            raise ValueError("Mixup/CutMix need num_classes (pass it or give the model a num_classes attribute)")
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                         switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.label_smoothing,
-                         num_classes=num_classes)
-    loss_fn = _criterion(cfg, mixup_fn is not None)
-
-    ema = None
-    if cfg.ema_decay > 0:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(raw_model, decay=cfg.ema_decay, device=device)
-
-    start_epoch, global_step, history = 0, 0, []
-    ckpt_path = Path(cfg.checkpoint_dir) / "last.ckpt" if cfg.checkpoint_dir else None
-    if cfg.resume and ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("epochs_planned") != cfg.epochs:
-            raise ValueError(f"{ckpt_path} was written for a {state.get('epochs_planned')}-epoch run, this run has "
-                             f"{cfg.epochs} epochs; use a new checkpoint_dir or the same epochs")
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema"):
-            ema.module.load_state_dict(state["ema"])
-        for h, hs in zip(hooks, state.get("hooks", [])):
-            if hs is not None and hasattr(h, "load_state_dict"):
-                h.load_state_dict(hs)
-        _set_rng_state(state["rng"])
-        start_epoch, global_step, history = state["epoch"] + 1, state["global_step"], list(state["history"])
-        fabric.print(f"resumed from {ckpt_path} at epoch {start_epoch}")
-
-    _call_hooks(hooks, "on_fit_start", fabric, raw_model)
-    weights = list(cfg.head_weights) if cfg.head_weights else None
+    run = _setup_fit(model, train_loader, val_loader, cfg, hooks, preprocess, criterion, num_classes, fabric, desc)
+    _call_hooks(run.hooks, "on_fit_start", run.fabric, run.raw_model)
+    run.weights = list(cfg.head_weights) if cfg.head_weights else None
     t_fit = time.perf_counter()
-    step_time_total = 0.0
-    eval_time_total = 0.0
-    steps_done = 0
-    images_done = 0
-    last_lr = optimizer.param_groups[0]["lr"]
-    head_names: list[str] = []
-    final: dict = {}
-    # data order is a function of (loader seed, epoch) so that a resumed run sees the same batches
-    # (the base seed is remembered on the loader, so reusing one loader for several fit() calls is reproducible too)
-    gen = getattr(train_loader, "generator", None)
-    gen_base = None
-    if gen is not None:
-        gen_base = getattr(train_loader, "_tokenbook_base_seed", None)
-        if gen_base is None:
-            gen_base = gen.initial_seed()
-            train_loader._tokenbook_base_seed = gen_base
-    for epoch in range(start_epoch, cfg.epochs):
-        if gen is not None:
-            gen.manual_seed(gen_base + 1_000_003 * epoch)
-        sampler = getattr(train_dl, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        _call_hooks(hooks, "on_epoch_start", epoch, raw_model)
-        model.train()
-        t_epoch = time.perf_counter()
-        timer = _StepTimer(device)
-        losses = _LossWindow(cfg.finite_check_every, device)
-        it = _progress(train_dl, steps_per_epoch, f"{desc} {epoch + 1}/{cfg.epochs}", cfg.progress and
-                       fabric.is_global_zero)
-        for i, batch in enumerate(it):
-            if i >= steps_per_epoch:
-                break
-            timer.start()
-            x, y = batch
-            if preprocess is not None:
-                x = preprocess(x)
-            for h in hooks:
-                if hasattr(h, "on_batch"):
-                    x, y = h.on_batch((x, y))
-            target = y
-            if mixup_fn is not None:
-                if x.shape[0] % 2:
-                    x, target = x[:-1], target[:-1]
-                x, target = mixup_fn(x, target)
-            accumulating = (i + 1) % cfg.grad_accum != 0
-            try:
-                with fabric.no_backward_sync(model, enabled=accumulating), all_heads(raw_model):
-                    out = model(x)
-                    outs = _as_list(out)
-                    if not head_names:
-                        head_names = head_names_of(raw_model, len(outs))
-                    if criterion is not None:
-                        loss = criterion(out, target)
-                    else:
-                        w = weights or [1.0] * len(outs)
-                        if len(w) != len(outs):
-                            raise ValueError(f"head_weights has {len(w)} entries, the model returns {len(outs)} heads")
-                        loss = sum(wi * loss_fn(o.float(), target) for wi, o in zip(w, outs))
-                    step_lr = last_lr
-                    fabric.backward(loss / cfg.grad_accum)
-                if not accumulating:
-                    if cfg.clip_grad:
-                        fabric.clip_gradients(model, optimizer, max_norm=cfg.clip_grad)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    if scheduler is not None:
-                        scheduler.step_update(num_updates=global_step)
-                    last_lr = optimizer.param_groups[0]["lr"]
-                    if ema is not None:
-                        ema.update(raw_model, step=global_step)
-            except RuntimeError as e:
-                if _is_oom(e) and not isinstance(e, TrainingDivergedError):
-                    raise OutOfMemoryError(f"out of memory at epoch {epoch + 1}, step {i + 1} with batch "
-                                           f"{x.shape[0]} on {device}: reduce batch_size, use bf16-mixed precision or "
-                                           "gradient accumulation (grad_accum)") from e
-                raise
-            timer.stop()
-            # finiteness is checked when the window is read (every finite_check_every steps), not here
-            losses.add(loss, epoch + 1, i + 1, global_step + (1 if accumulating else 0), step_lr)
-            images_done += x.shape[0]
-            if cfg.log_every and (i + 1) % cfg.log_every == 0:
-                losses.drain()  # a log line reads the losses (one sync per log_every steps)
-                fabric.print(f"epoch {epoch + 1} step {i + 1}: loss {losses.sum / losses.n:.4f} lr {last_lr:.3g}")
-        if hasattr(it, "close"):
-            it.close()
-        losses.drain()
-        loss_sum, loss_n = losses.sum, losses.n
-        ep_step_time = timer.total()
-        steps_done += loss_n
-        step_time_total += ep_step_time
-        train_loss = loss_sum / max(1, loss_n)
-        if fabric.world_size > 1:
-            train_loss = float(fabric.all_reduce(torch.tensor(train_loss, device=device), reduce_op="mean"))
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": last_lr, "steps": loss_n,
-               "step_time_s": ep_step_time, "epoch_time_s": time.perf_counter() - t_epoch}
-        if val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
-            t_eval = time.perf_counter()
-            metrics = _evaluate_epoch(model, val_dl, preprocess, fabric, epoch, "", last_lr, train_loss)
-            row.update({f"val_{k}": v for k, v in metrics.items() if k != "n"})
-            if ema is not None:
-                em = _evaluate_epoch(ema.module, val_dl, preprocess, fabric, epoch, "EMA ", last_lr, train_loss)
-                row.update({f"ema_{k}": v for k, v in em.items() if k != "n"})
-            eval_time_total += time.perf_counter() - t_eval
-        row["epoch_time_s"] = time.perf_counter() - t_epoch
-        history.append(row)
-        _call_hooks(hooks, "on_epoch_end", epoch, raw_model, row)
-        if fabric.is_global_zero:
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-                     if k in ("train_loss", "val_top1", "ema_top1", "lr", "epoch_time_s")}
-            if cfg.progress or cfg.log_every:
-                fabric.print(f"epoch {epoch + 1}/{cfg.epochs} {shown}")
-        if ckpt_path is not None:
-            _save_checkpoint(fabric, ckpt_path, raw_model, optimizer, scheduler, ema, hooks, epoch, global_step,
-                             history, cfg)
+    run.last_lr = run.optimizer.param_groups[0]["lr"]
+    seed_epoch = _epoch_seeder(train_loader)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        seed_epoch(epoch)
+        row, t_epoch = _train_epoch(run, epoch)
+        _end_epoch(run, epoch, row, t_epoch)
     wall = time.perf_counter() - t_fit
-    final = dict(history[-1]) if history else {}
-    timing = {"wall_time_s": wall, "step_time_s": step_time_total, "eval_time_s": eval_time_total,
-              "steps": steps_done, "step_ms": 1e3 * step_time_total / max(1, steps_done),
-              "train_img_s": images_done / step_time_total if step_time_total else float("nan"),
-              "device": str(device), "world_size": fabric.world_size, "precision": cfg.precision}
-    return FitResult(model=raw_model, ema=ema.module if ema is not None else None, history=pd.DataFrame(history),
-                     final=final, timing=timing, config=cfg, trainable_params=n_trainable, head_names=head_names)
+    final = dict(run.history[-1]) if run.history else {}
+    st = run.step_time_total
+    timing = {"wall_time_s": wall, "step_time_s": st, "eval_time_s": run.eval_time_total,
+              "steps": run.steps_done, "step_ms": 1e3 * st / max(1, run.steps_done),
+              "train_img_s": run.images_done / st if st else float("nan"),
+              "device": str(run.device), "world_size": run.fabric.world_size, "precision": cfg.precision}
+    return FitResult(model=run.raw_model, ema=run.ema.module if run.ema is not None else None,
+                     history=pd.DataFrame(run.history), final=final, timing=timing, config=cfg,
+                     trainable_params=run.n_trainable, head_names=run.head_names)
 
 
 def fit_launched(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConfig] = None, **kw) -> FitResult:

@@ -34,14 +34,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# the constants live in a leaf module (the models import it without this package); re-exported here
+from tokenbook.constants import (FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, IMAGENET_MEAN,
+                                 IMAGENET_STD)
+
 __all__ = [
     "DataConfig", "DataBundle", "ImageDataset", "Preprocess", "PRESETS", "load_data", "make_loaders",
     "find_fashion_mnist", "read_idx", "DatasetNotFoundError", "CorruptDataError", "FASHION_MNIST_CLASSES",
     "write_idx_fixture", "write_folder_fixture", "write_hub_fixture",
 ]
 
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
     "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz",
@@ -49,9 +51,6 @@ FASHION_MNIST_FILES = {
 FASHION_MNIST_ENV = "TOKENBOOK_FASHION_MNIST"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
-# mean/std of the Fashion-MNIST training pixels (in [0, 1])
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class DatasetNotFoundError(FileNotFoundError):

@@ -2,8 +2,10 @@
 groups, scikit-learn digits, real datasets), the fine-tuning table beside the paper's, the paper's step budget as
 epochs, concatenation and extension studies, parameter accounting and figures.
 
-The model itself (``MemoryViT``, masks, fine-tuning modes, concatenation) is :mod:`tokenbook.models.memory`; task
-splits and the digits data are :mod:`tokenbook.data.tasks`.
+The model itself (``MemoryViT``, masks, concatenation) is :mod:`tokenbook.models.memory`, its fine-tuning modes
+:mod:`tokenbook.methods.memory_finetune`; task splits and the digits data are :mod:`tokenbook.data.tasks`. The
+attention read-outs of the figures (``memory_attention``, ``class_token_patch_attention``) are at the end of this
+module.
 
 Seeds and claims (issue 12): :func:`run_finetune_seeds` repeats the table for every seed, paired by seed (each
 run of seed ``s`` starts from ``seed_everything(s)`` and sees the loader order of seed ``s``); :func:`seed_summary`,
@@ -26,10 +28,10 @@ import torch
 import torch.nn as nn
 
 from tokenbook.data.tasks import ArrayImageDataset, class_group_indices, digits_data, make_task_datasets
+from tokenbook.methods.memory_finetune import finetune_model, set_trainable, trainable_parameter_names
 from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_option, build_attention_mask,
-                                     class_token_patch_attention, concatenate, create_memory_vit, finetune_model,
-                                     memory_attention, memory_task_params, naive_concatenate, set_trainable,
-                                     table1_mask, task_parameter_count, trainable_parameter_names)
+                                     concatenate, create_memory_vit, memory_task_params, naive_concatenate,
+                                     record_attention, table1_mask, task_parameter_count)
 
 __all__ = [
     "PAPER_DATASETS", "method_label", "parse_methods", "TargetTask", "paper_dataset_for", "load_target_tasks",
@@ -1021,3 +1023,77 @@ def findings_markdown(results, study: dict, extension=None) -> str:
                      f"stand-alone; the earlier task is unchanged (max |logit difference| "
                      f"{e.loc['earlier task', 'extension_max_abs_diff']:.3g}).")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention read-outs for the figures (recorded through tokenbook.models.memory.record_attention)
+# ----------------------------------------------------------------------------------------------------------
+def _key_columns(model: MemoryViT, L0: int) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    tok, mem = {}, {}
+    token_tasks = [n for n, t in model.tasks.items() if t.has_token]
+    for j, n in enumerate(token_tasks):
+        tok[n] = L0 + j
+    off = L0 + len(token_tasks)
+    for n, t in model.tasks.items():
+        if t.memory is not None:
+            mem[n] = (off, off + t.cells)
+            off += t.cells
+    return tok, mem
+
+
+def _recorded_forward(model: MemoryViT, images: torch.Tensor):
+    """One eval-mode forward with attention recording; returns (per-layer records, original-token output)."""
+    was = model.training
+    model.eval()
+    try:
+        with record_attention(model) as rec:
+            x_o, _ = model.forward_features(images)
+    finally:
+        model.train(was)
+    return rec, x_o
+
+
+@torch.no_grad()
+def memory_attention(model: MemoryViT, images: torch.Tensor, reduce: str = "mean") -> dict[str, torch.Tensor]:
+    """Attention from each task's class token to each of its own memory cells, per layer and head.
+
+    Returns ``{task: (depth, heads, cells)}`` averaged over the batch (``reduce="mean"``) or
+    ``(B, depth, heads, cells)`` (``reduce="none"``). Tasks without memory are left out.
+    """
+    _check_option("reduce", reduce, ("mean", "none"))
+    rec, x_o = _recorded_forward(model, images)
+    L0 = x_o.shape[1]
+    _, mem = _key_columns(model, L0)
+    rows = {n: j for j, n in enumerate(n for n, t in model.tasks.items() if t.has_token)}
+    out = {}
+    for n, (a, b) in mem.items():
+        per_layer = [r.tasks[:, :, rows[n], a:b] for r in rec]  # (B, H, cells) each
+        t = torch.stack(per_layer, dim=1)  # (B, depth, H, cells)
+        out[n] = t.mean(0) if reduce == "mean" else t
+    return out
+
+
+@torch.no_grad()
+def class_token_patch_attention(model: MemoryViT, images: torch.Tensor, layer: int = -1) -> dict[str, torch.Tensor]:
+    """Attention from each class token to the patches at ``layer``, as maps ``(B, heads, grid_h, grid_w)``.
+
+    Includes ``"source"`` (the original class token) when the backbone has one, and every task with a class token.
+    Probabilities are the raw softmax entries (they do not sum to 1 over patches: the rest goes to class, register,
+    task and memory tokens).
+    """
+    bb = model.backbone
+    rec, x_o = _recorded_forward(model, images)
+    r = rec[layer]
+    L0 = x_o.shape[1]
+    npt = bb.num_prefix_tokens
+    gh, gw = model._adapter.grid(bb, images)
+    if L0 - npt != gh * gw:
+        raise ValueError(f"{L0 - npt} patch tokens do not fill the {gh}x{gw} token grid")
+    B, H = r.source.shape[:2]
+    out = {}
+    if bb.cls_token is not None:
+        out[SOURCE] = r.source[:, :, 0, npt:L0].reshape(B, H, gh, gw)
+    token_tasks = [n for n, t in model.tasks.items() if t.has_token]
+    for j, n in enumerate(token_tasks):
+        out[n] = r.tasks[:, :, j, npt:L0].reshape(B, H, gh, gw)
+    return out

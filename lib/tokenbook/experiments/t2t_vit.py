@@ -188,7 +188,7 @@ def variant_table(names: Sequence[str], img_size: int = 224, references: Sequenc
         with torch.device(device):
             m = timm.create_model(name, img_size=size)
         cfg = tv.OFFICIAL_CONFIGS[name]
-        pc = tv.param_counts(m)  # + the frozen tables (buffers here, parameters officially), as the paper counts
+        pc = param_counts(m)  # + the frozen tables (buffers here, parameters officially), as the paper counts
         mc = bench.count_macs(m, input_size=(m.tokens_to_token.in_chans, size, size))
         t2t_mc = bench.count_macs(m.tokens_to_token, input_size=(m.tokens_to_token.in_chans, size, size))
         hidden = (int(cfg["embed_dim"] * cfg["mlp_ratio"]) if "block_config" not in cfg
@@ -199,7 +199,7 @@ def variant_table(names: Sequence[str], img_size: int = 224, references: Sequenc
             depth=cfg["depth"] if "block_config" not in cfg else sum(cfg["block_config"]),
             num_heads=cfg["num_heads"], mlp_hidden=str(hidden), img_size=size,
             tokens=m.tokens_to_token.num_patches, params=pc["total"], params_trainable=pc["trainable"],
-            params_m=pc["total"] / 1e6, t2t_params=tv.param_counts(m.tokens_to_token)["total"],
+            params_m=pc["total"] / 1e6, t2t_params=param_counts(m.tokens_to_token)["total"],
             gmacs=mc["gmacs"], macs_g=mc["gmacs"], gflops=mc["gflops"], t2t_gmacs=t2t_mc["gmacs"]))
     for label in list(references) + list(cnns):
         size = CNN_TIMM[label][1] if label in CNN_TIMM else img_size
@@ -325,7 +325,7 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
         res = fit(model, train_loader, val_loader, cfg, hooks=list(hooks_factory()) if hooks_factory else [],
                   preprocess=bundle.preprocess, desc=key)
         model = res.model
-        pc = tv.param_counts(model)  # T2T-ViT: + frozen tables as the paper counts; other models: count_params
+        pc = param_counts(model)  # T2T-ViT: + frozen tables as the paper counts; other models: count_params
         mc = bench.count_macs(model.cpu() if next(model.parameters()).is_cuda else model,
                               input_size=(chans, size, size))
         row = dict(variant=key, model=name, embed_dim=getattr(model, "embed_dim", None),
@@ -905,7 +905,7 @@ def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 1
     import timm
 
     with torch.device("meta"):
-        target = tv.param_counts(timm.create_model("t2t_vit_tiny_fmnist", **dn))["total"]
+        target = param_counts(timm.create_model("t2t_vit_tiny_fmnist", **dn))["total"]
     return {
         "t2t_performer": ("t2t_vit_tiny_fmnist", dict(dn)),
         "t2t_transformer": ("t2t_vit_t_tiny_fmnist", dict(dn)),
@@ -1033,3 +1033,36 @@ def backbone_attention_maps(model: tv.T2TViT, x: torch.Tensor) -> list[torch.Ten
             h.remove()
         model.train(was)
     return maps
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter counts as the paper reports them (reporting, moved out of tokenbook.models.t2t_vit)
+# ----------------------------------------------------------------------------------------------------------
+__all__ += ["frozen_tables", "param_counts"]
+
+
+def frozen_tables(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_buffers()``) of the fixed tables the paper and the official code count as
+    parameters: every T2T-ViT ``pos_embed`` (sinusoid table) and every performer's random features ``w``.
+
+    The official code holds them as ``requires_grad=False`` parameters; here they are persistent buffers (same
+    state-dict keys, so official checkpoints load strictly; no parameter without a gradient, as timm expects). Works
+    on any module (a whole model, ``model.tokens_to_token``, a block); empty for models without them.
+    """
+    names = []
+    for prefix, m in model.named_modules():
+        pre = prefix + "." if prefix else ""
+        if isinstance(m, tv.T2TViT):
+            names.append(pre + "pos_embed")
+        elif isinstance(m, tv.TokenPerformer):
+            names.append(pre + "w")
+    return names
+
+
+def param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts as the paper / official code report them: ``total`` = parameters + :func:`frozen_tables`
+    (e.g. T2T-ViT-14 21,545,550), ``trainable`` = parameters only (21,465,806). Any module; for models without
+    frozen tables this is ``bench.count_params``."""
+    from tokenbook.bench import count_params
+
+    return count_params(model, include_buffers=frozen_tables(model))

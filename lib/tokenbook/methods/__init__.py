@@ -4,4 +4,6 @@
   compute accounting, for any timm ``VisionTransformer``.
 - ``tokenbook.methods.token_aug``: token-space augmentations of SeiT (Token-EDA, crops / flips in token space,
   Mixup/CutMix on tokens, ColorAdapt, embedding noise) and TokenAdapt's f-space spatial augmentations.
+- ``tokenbook.methods.memory_finetune``: Learnable Memory's fine-tuning modes (``set_trainable``, ``finetune_model``)
+  on a ``MemoryViT`` around any timm backbone.
 """

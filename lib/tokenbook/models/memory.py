@@ -91,13 +91,15 @@ entries are exact zeros after the softmax.
 
 Public API
 ----------
-``MemoryViT`` (wrapper with ``add_task``, ``set_outputs``, ``forward_all``, ``attention_mask``, ``task_state_dict``,
-``load_task``), ``create_memory_vit``, ``finetune_model``, ``set_trainable``, ``concatenate``, ``naive_concatenate``,
-``build_attention_mask``, ``table1_mask``, ``task_parameter_count``, ``memory_task_params``, ``record_attention``,
-``memory_attention``, ``class_token_patch_attention``.
+``MemoryViT`` (wrapper with ``add_task``, ``set_outputs``, ``forward_all``, timm's ``forward_features`` /
+``forward_head``, ``attention_mask``, ``task_state_dict``, ``load_task``), ``create_memory_vit``, ``concatenate``,
+``naive_concatenate``, ``build_attention_mask``, ``table1_mask``, ``task_parameter_count``, ``memory_task_params``,
+``record_attention``. The fine-tuning modes (``set_trainable``, ``finetune_model``) are
+:mod:`tokenbook.methods.memory_finetune`; the attention read-outs for the figures (``memory_attention``,
+``class_token_patch_attention``) are :mod:`tokenbook.experiments.memory`.
 
-Size: about 1,200 lines, over the project's 800-line guide on purpose: one model (the wrapper, its backbone
-adapters, its three exact / fused attention implementations, Table-1 masks, fine-tuning modes and concatenation) whose
+Size: about 1,050 lines, over the project's 800-line guide on purpose: one model (the wrapper, its backbone
+adapters, its three exact / fused attention implementations, Table-1 masks and concatenation) whose
 parts share private helpers and invariants (the token layout above); splitting it would spread one set of exactness
 rules over files.
 """
@@ -114,10 +116,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "MEMORY_NORMS", "ATTENTION_IMPLS", "MASK_MODES", "FINETUNE_MODES", "SOURCE",
-    "MemoryTask", "MemoryViT", "create_memory_vit", "finetune_model", "set_trainable", "concatenate",
-    "naive_concatenate", "build_attention_mask", "table1_mask", "task_parameter_count", "memory_task_params",
-    "trainable_parameter_names", "record_attention", "AttentionRecord", "memory_attention",
-    "class_token_patch_attention",
+    "MemoryTask", "MemoryViT", "create_memory_vit", "concatenate", "naive_concatenate", "build_attention_mask",
+    "table1_mask", "task_parameter_count", "memory_task_params", "record_attention", "AttentionRecord",
 ]
 
 #: where the memory joins: "pre" = through the pre-attention LayerNorm (paper Fig. 2a), "post" = after it
@@ -885,9 +885,16 @@ class MemoryViT(nn.Module):
             x_t = bb.norm(x_t)
         return x_o, x_t
 
-    def forward_heads(self, x_o: torch.Tensor, x_t: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward_head(self, x: tuple[torch.Tensor, Optional[torch.Tensor]],
+                     pre_logits: bool = False) -> dict[str, torch.Tensor]:
+        """timm's ``forward_head(x, pre_logits=False)`` for several heads. ``x`` is what :meth:`forward_features`
+        returns, the pair ``(original tokens, task class tokens or None)``. Returns one entry per head,
+        ``{"source": ..., task: ...}`` (the backbone's own head first, then the tasks in order): the logits, or with
+        ``pre_logits=True`` the features each head reads (the backbone's pooled features for ``"source"`` and for
+        tasks without a class token, a task token's read-out otherwise)."""
+        x_o, x_t = x
         bb = self.backbone
-        out = {SOURCE: bb.forward_head(x_o)}
+        out = {SOURCE: bb.forward_head(x_o, pre_logits=pre_logits)}
         pooled = None
         j = 0
         for name, task in self.tasks.items():
@@ -898,12 +905,12 @@ class MemoryViT(nn.Module):
                 if pooled is None:
                     pooled = bb.forward_head(x_o, pre_logits=True)
                 feat = pooled
-            out[name] = task.head(feat)
+            out[name] = feat if pre_logits else task.head(feat)
         return out
 
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of every head: ``{"source": ..., task: ...}``."""
-        return self.forward_heads(*self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]:
         outs = self.forward_all(x)
@@ -915,7 +922,7 @@ class MemoryViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Construction, fine-tuning modes, parameter accounting
+# Construction, parameter accounting
 # ----------------------------------------------------------------------------------------------------------
 def create_memory_vit(
     model_name: str,
@@ -947,73 +954,6 @@ def create_memory_vit(
         model_kwargs["pretrained_cfg_overlay"] = overlay
     backbone = timm.create_model(model_name, pretrained=pretrained, **model_kwargs)
     return MemoryViT(backbone, memory_norm=memory_norm, impl=impl, mask=mask, freeze_backbone=freeze_backbone)
-
-
-def set_trainable(model: MemoryViT, mode: str, task: str) -> list[str]:
-    """Set ``requires_grad`` for fine-tuning mode ``mode`` of ``task``; return the trainable parameter names.
-
-    - ``"full"``: the whole backbone except its original head, and the task's head (the task reads the original
-      pooled features).
-    - ``"head"``: only the task head.
-    - ``"head+cls"``: the task's class token and head.
-    - ``"memory"``: the task's memory, class token and head.
-    Everything else (other tasks included) is frozen. The task must have the parts its mode trains.
-    """
-    _check_option("fine-tuning mode", mode, FINETUNE_MODES)
-    model._require_task(task)
-    t = model.tasks[task]
-    if mode in ("head+cls", "memory") and not t.has_token:
-        raise ValueError(f"mode {mode!r} trains a class token but task {task!r} has none")
-    if mode == "memory" and t.memory is None:
-        raise ValueError(f"mode 'memory' but task {task!r} has no memory cells")
-    model.requires_grad_(False)
-    if mode == "full":
-        model.backbone.requires_grad_(True)
-        model.backbone.get_classifier().requires_grad_(False)  # the original head is not used by the task
-    t.head.requires_grad_(True)
-    if mode in ("head+cls", "memory"):
-        t.class_token.requires_grad_(True)
-    if mode == "memory":
-        t.memory.requires_grad_(True)
-    return trainable_parameter_names(model)
-
-
-def trainable_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
-
-
-def finetune_model(
-    backbone: nn.Module,
-    mode: str,
-    num_classes: int,
-    cells: int = 0,
-    task: str = "task",
-    memory_norm: str = "pre",
-    impl: str = "exact",
-    copy_backbone: Optional[bool] = None,
-    **task_kwargs: Any,
-) -> MemoryViT:
-    """Build the model of one column of the paper's fine-tuning table, with only that column's parameters
-    trainable and ``forward`` returning the new task's logits (``set_outputs(task)``).
-
-    ``mode``: ``"full"`` (copy of the backbone, all trainable, new head on the original pooled features),
-    ``"head"`` (new head on the frozen original features), ``"head+cls"`` (new class token + head), ``"memory"``
-    (``cells`` >= 1 memory tokens per layer + class token + head). ``copy_backbone`` defaults to True for
-    ``"full"`` (so the shared pre-trained backbone is never modified) and False otherwise (frozen, shared).
-    ``task_kwargs`` go to ``MemoryViT.add_task`` (inits).
-    """
-    _check_option("fine-tuning mode", mode, FINETUNE_MODES)
-    if mode == "memory" and cells < 1:
-        raise ValueError(f"mode 'memory' needs cells >= 1, got {cells}")
-    if mode != "memory" and cells:
-        raise ValueError(f"mode {mode!r} has no memory; pass cells=0 or use mode='memory'")
-    if copy_backbone is None:
-        copy_backbone = mode == "full"
-    bb = copy.deepcopy(backbone) if copy_backbone else backbone
-    model = MemoryViT(bb, memory_norm=memory_norm, impl=impl, freeze_backbone=True)
-    model.add_task(task, num_classes, cells=cells, class_token=mode in ("head+cls", "memory"), **task_kwargs)
-    set_trainable(model, mode, task)
-    return model.set_outputs(task)
 
 
 def task_parameter_count(model: MemoryViT, task: str) -> dict[str, int]:
@@ -1104,7 +1044,7 @@ def naive_concatenate(models: Sequence[MemoryViT], protect_source: bool = False)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Attention read-outs for figures
+# Attention recording (the switch the read-outs in tokenbook.experiments.memory use)
 # ----------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def record_attention(model: MemoryViT) -> Iterator[list[AttentionRecord]]:
@@ -1118,74 +1058,3 @@ def record_attention(model: MemoryViT) -> Iterator[list[AttentionRecord]]:
         yield records
     finally:
         model._recorder = None
-
-
-def _key_columns(model: MemoryViT, L0: int) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
-    tok, mem = {}, {}
-    token_tasks = [n for n, t in model.tasks.items() if t.has_token]
-    for j, n in enumerate(token_tasks):
-        tok[n] = L0 + j
-    off = L0 + len(token_tasks)
-    for n, t in model.tasks.items():
-        if t.memory is not None:
-            mem[n] = (off, off + t.cells)
-            off += t.cells
-    return tok, mem
-
-
-def _recorded_forward(model: MemoryViT, images: torch.Tensor):
-    """One eval-mode forward with attention recording; returns (per-layer records, original-token output)."""
-    was = model.training
-    model.eval()
-    try:
-        with record_attention(model) as rec:
-            x_o, _ = model.forward_features(images)
-    finally:
-        model.train(was)
-    return rec, x_o
-
-
-@torch.no_grad()
-def memory_attention(model: MemoryViT, images: torch.Tensor, reduce: str = "mean") -> dict[str, torch.Tensor]:
-    """Attention from each task's class token to each of its own memory cells, per layer and head.
-
-    Returns ``{task: (depth, heads, cells)}`` averaged over the batch (``reduce="mean"``) or
-    ``(B, depth, heads, cells)`` (``reduce="none"``). Tasks without memory are left out.
-    """
-    _check_option("reduce", reduce, ("mean", "none"))
-    rec, x_o = _recorded_forward(model, images)
-    L0 = x_o.shape[1]
-    _, mem = _key_columns(model, L0)
-    rows = {n: j for j, n in enumerate(n for n, t in model.tasks.items() if t.has_token)}
-    out = {}
-    for n, (a, b) in mem.items():
-        per_layer = [r.tasks[:, :, rows[n], a:b] for r in rec]  # (B, H, cells) each
-        t = torch.stack(per_layer, dim=1)  # (B, depth, H, cells)
-        out[n] = t.mean(0) if reduce == "mean" else t
-    return out
-
-
-@torch.no_grad()
-def class_token_patch_attention(model: MemoryViT, images: torch.Tensor, layer: int = -1) -> dict[str, torch.Tensor]:
-    """Attention from each class token to the patches at ``layer``, as maps ``(B, heads, grid_h, grid_w)``.
-
-    Includes ``"source"`` (the original class token) when the backbone has one, and every task with a class token.
-    Probabilities are the raw softmax entries (they do not sum to 1 over patches: the rest goes to class, register,
-    task and memory tokens).
-    """
-    bb = model.backbone
-    rec, x_o = _recorded_forward(model, images)
-    r = rec[layer]
-    L0 = x_o.shape[1]
-    npt = bb.num_prefix_tokens
-    gh, gw = model._adapter.grid(bb, images)
-    if L0 - npt != gh * gw:
-        raise ValueError(f"{L0 - npt} patch tokens do not fill the {gh}x{gw} token grid")
-    B, H = r.source.shape[:2]
-    out = {}
-    if bb.cls_token is not None:
-        out[SOURCE] = r.source[:, :, 0, npt:L0].reshape(B, H, gh, gw)
-    token_tasks = [n for n, t in model.tasks.items() if t.has_token]
-    for j, n in enumerate(token_tasks):
-        out[n] = r.tasks[:, :, j, npt:L0].reshape(B, H, gh, gw)
-    return out

@@ -47,7 +47,8 @@ Where we differ (all documented, options where behaviour changes)
 - **Fixed tables as buffers**: ``pos_embed`` and the performers' ``w`` are persistent buffers, not frozen
   parameters (timm expects every parameter to get a gradient). The state-dict keys are the official ones, so
   released checkpoints still load strictly; the paper's / official parameter totals include them:
-  :func:`param_counts` (``total`` = parameters + :func:`frozen_tables`) gives T2T-ViT-14 21,545,550 as the paper.
+  ``tokenbook.experiments.t2t_vit.param_counts`` (``total`` = parameters + ``frozen_tables``) gives T2T-ViT-14
+  21,545,550 as the paper.
   ``model.parameters()`` alone is 79,744 smaller for T2T-ViT-14 (197 x 384 table + 2 x 32 x 64 features).
 - ``forward_features`` returns the normalized token sequence (timm convention); the official one returns the class
   token only. ``forward`` outputs are identical. timm's ``forward_intermediates`` / ``prune_intermediate_layers`` /
@@ -92,7 +93,7 @@ __all__ = [
     "TokenPerformer", "TokenTransformer", "T2TModule", "T2TViT", "T2TViTDense",
     "SEAttention", "GhostAttention", "GhostMlp", "DenseBlock", "Transition",
     "sinusoid_table", "soft_split_grids", "soft_split_receptive_fields", "token_receptive_field",
-    "checkpoint_filter_fn", "load_official_checkpoint", "frozen_tables", "param_counts",
+    "checkpoint_filter_fn", "load_official_checkpoint",
 ]
 
 SoftSplit = tuple[int, int, int]  # (kernel, stride, padding)
@@ -241,7 +242,7 @@ class TokenPerformer(nn.Module):
         self.norm2 = nn.LayerNorm(in_dim)
         self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, in_dim), nn.Dropout(dropout))
         # fixed random features: a persistent buffer (official key ``w`` in the state dict; the official code keeps a
-        # frozen parameter and counts it, see ``frozen_tables``)
+        # frozen parameter and counts it, see ``experiments.t2t_vit.frozen_tables``)
         self.register_buffer("w", torch.empty(self.m, in_dim), persistent=True)
         self.reset_random_features()
 
@@ -587,7 +588,8 @@ class T2TViT(nn.Module):
                 performer_dropout=performer_dropout, performer_fp32=performer_fp32, conv_act=conv_act)
             self.grid_size = self.tokens_to_token.grid_size
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-            # fixed sinusoid table: a persistent buffer (official key ``pos_embed``; counted by ``frozen_tables``)
+            # fixed sinusoid table: a persistent buffer (official key ``pos_embed``; counted by
+            # ``experiments.t2t_vit.frozen_tables``)
             self.register_buffer("pos_embed", sinusoid_table(self.tokens_to_token.num_patches + 1, embed_dim),
                                  persistent=True)
             self.pos_drop = nn.Dropout(p=drop_rate)
@@ -879,33 +881,6 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: T2TViT) -> dict[str,
             f"(performer checkpoints have 'attention1.kqv', transformer ones 'attention1.attn.qkv') and the size "
             f"arguments (img_size, in_chans, kernel_ratio, token_dim)")
     return out
-
-
-def frozen_tables(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_buffers()``) of the fixed tables the paper and the official code count as
-    parameters: every T2T-ViT ``pos_embed`` (sinusoid table) and every performer's random features ``w``.
-
-    The official code holds them as ``requires_grad=False`` parameters; here they are persistent buffers (same
-    state-dict keys, so official checkpoints load strictly; no parameter without a gradient, as timm expects). Works
-    on any module (a whole model, ``model.tokens_to_token``, a block); empty for models without them.
-    """
-    names = []
-    for prefix, m in model.named_modules():
-        pre = prefix + "." if prefix else ""
-        if isinstance(m, T2TViT):
-            names.append(pre + "pos_embed")
-        elif isinstance(m, TokenPerformer):
-            names.append(pre + "w")
-    return names
-
-
-def param_counts(model: nn.Module) -> dict[str, int]:
-    """Parameter counts as the paper / official code report them: ``total`` = parameters + :func:`frozen_tables`
-    (e.g. T2T-ViT-14 21,545,550), ``trainable`` = parameters only (21,465,806). Any module; for models without
-    frozen tables this is ``bench.count_params``."""
-    from tokenbook.bench import count_params
-
-    return count_params(model, include_buffers=frozen_tables(model))
 
 
 def load_official_checkpoint(model: T2TViT, checkpoint: Union[str, dict], weights_only: bool = True) -> T2TViT:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from ..constants import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
 def _cfg(size: int, **kw):

@@ -81,7 +81,7 @@ from timm.layers import LayerNorm, Mlp, PatchEmbed, resample_abs_pos_embed, to_2
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 
-from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from ..constants import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 __all__ = [
     "ViTTM", "LinearAttentionHead", "TokenLearnerHead", "CrossAttentionHead", "LatentAttentionHead",
