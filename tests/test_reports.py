@@ -86,7 +86,7 @@ def test_report_carries_figures_and_clean_tables(name, smoke_results):
     assert not [c for c in cells if c.strip() in ("nan", "NaN", "None", "<NA>", "NaT")]
     assert not [c for c in cells if re.fullmatch(r"\s*-?\d\.\d+e\+\d+\s*", c)], "scientific notation in a table"
     assert "dataframe" not in html  # every table went through the display helper, not a raw DataFrame repr
-    assert "../../index.html" in html  # links back to the landing page
+    assert "../../index-smoke.html" in html  # links back to its own profile's landing page
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,9 +138,9 @@ def test_site_in_headless_chromium(smoke_results, tmp_path):
         pytest.skip("playwright is not installed (pip install -e .[test])")
     folders = [smoke_results(n)[1] for n in NOTEBOOKS]
     site = folders[0].parents[1]
-    write_index(site, ROOT, include_smoke=True)
-    pages = [site / "index.html"] + [f / f"{f.parent.name}.html" for f in folders]
-    index = (site / "index.html").read_text()
+    write_index(site, ROOT, profile="smoke", notebooks=NOTEBOOKS)
+    pages = [site / "index-smoke.html"] + [f / f"{f.parent.name}.html" for f in folders]
+    index = (site / "index-smoke.html").read_text()
     for f in folders:  # the landing page shows figures and links every report
         assert f"{f.parent.name}/smoke/{f.parent.name}.html" in index
     assert index.count("<img") >= len(folders)
@@ -220,7 +220,7 @@ def test_landing_page_is_headed_by_the_claims_ledger_when_there_is_one(tmp_path)
     site = tmp_path / "results"
     site.mkdir()
     write_index(site, ROOT)
-    assert "Headline: the paper" in (site / "index.html").read_text()
+    assert "No claims ledger for this profile yet" in (site / "index.html").read_text()
     rows = [Verdict(Claim(id="toe.lossless", paper="toe", statement="ToE is lossless", source="abstract [paper]",
                           kind="empirical"), "inconclusive", ours=-0.2, ci_low=-0.9, ci_high=0.5, n=3,
                     scale="Fashion-MNIST 28 px, 6 epochs").row()]
@@ -239,8 +239,9 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
 
     folders = [smoke_results(n)[1] for n in NOTEBOOKS]
     site = folders[0].parents[1]
-    ledger = pd.read_csv(site / "claims.csv")  # the runner wrote it after each run
+    ledger = pd.read_csv(site / "claims-smoke.csv")  # the runner wrote it after each run (the smoke profile's own)
     assert list(ledger.columns) == list(C.LEDGER_COLUMNS)
+    assert not (site / "claims.csv").exists() and not (site / "index.html").exists()  # the cpu profile's files
     stems = [n.split("_", 1)[1] for n in NOTEBOOKS]
     expected = {c.id for s in stems for c in C.load_claims(s)}
     assert set(ledger["claim"]) == expected and ledger["claim"].is_unique
@@ -253,7 +254,7 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
     assert (emp.loc[timed, "n"] == 1).all() and (emp.loc[~timed, "n"] >= 2).all(), emp[["claim", "n"]].to_string()
     assert emp["ci_low"].notna().all() and emp["ci_high"].notna().all()
     assert (emp["scale"].str.len() > 20).all()  # every row says what was run
-    md = (site / "CLAIMS.md").read_text()
+    md = (site / "CLAIMS-smoke.md").read_text()
     assert all(c in md for c in expected)
 
 

@@ -12,6 +12,9 @@ results_root: str = "results"  # results folder
 seed: int = 0  # seed
 mode: str = "ok"  # ok, fail, die or sleep
 value: float = 1.5  # a number written to the table
+epochs: int = 1  # epochs [1, inf)
+lr: float = 0.1  # learning rate (0, inf)
+prob: float = 0.5  # a probability [0, 1]
 dataset: str = "none"  # dataset'''
 
 BODY = '''import time
@@ -200,7 +203,9 @@ def test_ctrl_c_prints_summary_cleans_staging_and_exits_130(tmp_path):
     assert "summary" in out and "interrupted" in out and "not run" in out and "01_next" in out
     res = root / "results"
     assert not (res / ".staging").exists()
-    assert (res / "README.md").is_file() and (res / "index.html").is_file()
+    # the smoke profile's own site, never the committed cpu one
+    assert (res / "README-smoke.md").is_file() and (res / "index-smoke.html").is_file()
+    assert not (res / "README.md").exists() and not (res / "index.html").exists()
     assert not (res / "00_slow" / "smoke").exists()
 
 
