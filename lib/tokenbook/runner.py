@@ -117,6 +117,20 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
             check_param_range(k, params[k], specs[k]["help"])
         except (TypeError, ValueError) as e:
             raise RunnerError(f"{name} ({where}): {e}") from e
+    import ast
+
+    for k, spec in specs.items():  # the notebook's own defaults must be within their declared ranges too
+        if k in params:
+            continue
+        try:
+            default = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError):
+            continue
+        try:
+            check_param_range(k, default, spec["help"])
+        except ValueError as e:
+            raise RunnerError(f"{name} (default in {nb.relative_to(root) if nb.is_relative_to(root) else nb}): "
+                              f"{e}") from e
     missing = [r for r in RESERVED if r not in specs]
     if missing:
         raise RunnerError(f"{name}: parameters cell lacks {missing}")
