@@ -358,7 +358,7 @@ def test_dashboard_in_headless_chromium(cpu_site, tmp_path):
             meta = page.evaluate("() => document.querySelector('#run-meta').getBoundingClientRect().bottom")
             rows = page.evaluate("""() => Array.from(document.querySelectorAll('table.ledger tbody tr')).map(r => {
                 const lh = parseFloat(getComputedStyle(r.querySelector('td')).lineHeight) || 16;
-                return [r.querySelector('td:nth-child(2)').textContent, r.getBoundingClientRect().height / lh]; })""")
+                return [r.querySelector('td:nth-child(1)').textContent, r.getBoundingClientRect().height / lh]; })""")
             page.screenshot(path=str(tmp_path / "landing.png"))
         finally:
             browser.close()

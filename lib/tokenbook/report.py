@@ -546,8 +546,9 @@ def write_forest(claims: pd.DataFrame, png: Path, csv: Optional[Path] = None) ->
         return None
 
 
-#: the ledger columns of the landing page's table, in order; long texts are folded (``<details>``)
-_LEDGER_SHOWN = ("paper", "claim", "statement", "kind", "criterion", "paper_value", "ours", "ci_low", "ci_high", "n",
+#: the ledger columns of the landing page's table, in order (the claim id starts with its paper); long texts are
+#: folded (``<details>``)
+_LEDGER_SHOWN = ("claim", "statement", "kind", "criterion", "paper_value", "ours", "ci_low", "ci_high", "n",
                  "verdict", "scale", "plateau", "detail", "report")
 _LEDGER_FOLDED = ("statement", "scale", "plateau", "detail", "source", "quantity", "method")
 
