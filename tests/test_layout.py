@@ -12,8 +12,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "lib" / "tokenbook"
-#: the shared core: may import each other, never models/, methods/ or experiments/
-CORE = ("data", "train", "bench", "results", "references", "repro", "viz", "runner")
+#: the shared core: may import each other (without cycles), never models/, methods/ or experiments/; every module of
+#: the package outside those three is core (test_every_module_is_core_or_paper_code)
+CORE = ("data", "train", "bench", "results", "references", "repro", "viz", "runner", "gpu_budget", "claims", "report",
+        "kernel_launcher", "io")
 PAPER_PACKAGES = ("models", "methods", "experiments")
 MAX_LINES = 1200
 GUIDE_LINES = 820  # "about 800 lines": over this a module states its reason ("Size:") in its docstring
@@ -127,3 +129,95 @@ def test_no_module_is_oversized():
             doc = ast.get_docstring(ast.parse(path.read_text())) or ""
             assert re.search(r"\bSize:", doc), (f"{path.relative_to(ROOT)} has {n} lines (> {GUIDE_LINES}) "
                                                  "and no 'Size:' reason in its docstring")
+
+
+def test_every_module_is_core_or_paper_code():
+    tops = {_module_name(p).split(".")[1] for p in _sources() if len(_module_name(p).split(".")) > 1}
+    unlisted = sorted(tops - set(CORE) - set(PAPER_PACKAGES))
+    assert not unlisted, f"tokenbook modules in neither CORE nor {PAPER_PACKAGES}: {unlisted} (add them to CORE)"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (any depth, function-level imports included), each import resolved
+    to the longest existing module it names (``from .io import atomic_write`` -> ``tokenbook.io``). The bare
+    ``tokenbook`` package (which every import runs) and a module's own name are left out."""
+    mods = {_module_name(p): p for p in _sources()}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        out = set()
+        for imp in _imports(path):
+            parts = imp.split(".")
+            target = next((".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in mods),
+                          None)
+            if target and target not in (name, "tokenbook"):
+                out.add(target)
+        graph[name] = out
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (a path that returns to its start) per strongly connected component of more than one module
+    (Tarjan's algorithm, then a shortest cycle through the component's first module)."""
+    index, low, stack, on, comps = {}, {}, [], set(), []
+    counter = [0]
+
+    def strong(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    cycles = []
+    for comp in comps:
+        start, members = comp[0], set(comp)
+        prev, frontier = {start: None}, [start]
+        found = None
+        while frontier and found is None:  # breadth-first back to start inside the component
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph[v] & members):
+                    if w == start:
+                        found = v
+                        break
+                    if w not in prev:
+                        prev[w] = v
+                        nxt.append(w)
+                if found is not None:
+                    break
+            frontier = nxt
+        path, v = [], found
+        while v is not None:
+            path.append(v)
+            v = prev[v]
+        cycles.append(path[::-1] + [start])
+    return cycles
+
+
+def test_cycle_finder_sees_a_cycle():
+    g = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(g) == [["a", "b", "c", "a"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_graph_has_no_cycle():
+    cycles = _cycles(_import_graph())
+    assert not cycles, "import cycles in tokenbook: " + "; ".join(" -> ".join(c) for c in cycles)

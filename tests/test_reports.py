@@ -86,7 +86,7 @@ def test_report_carries_figures_and_clean_tables(name, smoke_results):
     assert not [c for c in cells if c.strip() in ("nan", "NaN", "None", "<NA>", "NaT")]
     assert not [c for c in cells if re.fullmatch(r"\s*-?\d\.\d+e\+\d+\s*", c)], "scientific notation in a table"
     assert "dataframe" not in html  # every table went through the display helper, not a raw DataFrame repr
-    assert "../../index.html" in html  # links back to the landing page
+    assert "../../index-smoke.html" in html  # links back to its own profile's landing page
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,9 +138,9 @@ def test_site_in_headless_chromium(smoke_results, tmp_path):
         pytest.skip("playwright is not installed (pip install -e .[test])")
     folders = [smoke_results(n)[1] for n in NOTEBOOKS]
     site = folders[0].parents[1]
-    write_index(site, ROOT, include_smoke=True)
-    pages = [site / "index.html"] + [f / f"{f.parent.name}.html" for f in folders]
-    index = (site / "index.html").read_text()
+    write_index(site, ROOT, profile="smoke", notebooks=NOTEBOOKS)
+    pages = [site / "index-smoke.html"] + [f / f"{f.parent.name}.html" for f in folders]
+    index = (site / "index-smoke.html").read_text()
     for f in folders:  # the landing page shows figures and links every report
         assert f"{f.parent.name}/smoke/{f.parent.name}.html" in index
     assert index.count("<img") >= len(folders)
@@ -220,7 +220,7 @@ def test_landing_page_is_headed_by_the_claims_ledger_when_there_is_one(tmp_path)
     site = tmp_path / "results"
     site.mkdir()
     write_index(site, ROOT)
-    assert "Headline: the paper" in (site / "index.html").read_text()
+    assert "No claims ledger for this profile yet" in (site / "index.html").read_text()
     rows = [Verdict(Claim(id="toe.lossless", paper="toe", statement="ToE is lossless", source="abstract [paper]",
                           kind="empirical"), "inconclusive", ours=-0.2, ci_low=-0.9, ci_high=0.5, n=3,
                     scale="Fashion-MNIST 28 px, 6 epochs").row()]
@@ -239,8 +239,9 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
 
     folders = [smoke_results(n)[1] for n in NOTEBOOKS]
     site = folders[0].parents[1]
-    ledger = pd.read_csv(site / "claims.csv")  # the runner wrote it after each run
+    ledger = pd.read_csv(site / "claims-smoke.csv")  # the runner wrote it after each run (the smoke profile's own)
     assert list(ledger.columns) == list(C.LEDGER_COLUMNS)
+    assert not (site / "claims.csv").exists() and not (site / "index.html").exists()  # the cpu profile's files
     stems = [n.split("_", 1)[1] for n in NOTEBOOKS]
     expected = {c.id for s in stems for c in C.load_claims(s)}
     assert set(ledger["claim"]) == expected and ledger["claim"].is_unique
@@ -253,7 +254,7 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
     assert (emp.loc[timed, "n"] == 1).all() and (emp.loc[~timed, "n"] >= 2).all(), emp[["claim", "n"]].to_string()
     assert emp["ci_low"].notna().all() and emp["ci_high"].notna().all()
     assert (emp["scale"].str.len() > 20).all()  # every row says what was run
-    md = (site / "CLAIMS.md").read_text()
+    md = (site / "CLAIMS-smoke.md").read_text()
     assert all(c in md for c in expected)
 
 
@@ -276,3 +277,95 @@ def test_headline_table_takes_only_paper_vs_ours_tables(tmp_path):
     head = headline_table([{"name": "06_x", "dir": d, "meta": {"tables": tables}}])
     assert list(head["claim"]) == ["A · top1"]
     assert head["paper_value"].iloc[0] == 80.0 and head["ours"].iloc[0] == 79.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the landing page as a dashboard (issue 21), built from the committed cpu results into a copy
+# ----------------------------------------------------------------------------------------------------------
+def test_forest_data_orients_every_claim_to_its_margin():
+    from tokenbook.report import forest_data
+
+    ledger = pd.DataFrame([
+        {"paper": "x", "claim": "x.ge", "kind": "empirical", "quantity": "top-1 of a minus b (pt)", "ours": 1.0,
+         "ci_low": 0.5, "ci_high": 1.5, "direction": ">=", "margin": -0.5, "verdict": "reproduced"},
+        {"paper": "x", "claim": "x.le", "kind": "empirical", "quantity": "top-1 gap (pt)", "ours": 3.0,
+         "ci_low": 2.0, "ci_high": 5.0, "direction": "<=", "margin": 4.0, "verdict": "inconclusive"},
+        {"paper": "x", "claim": "x.within", "kind": "empirical", "quantity": "top-1 (pt)", "ours": -0.2,
+         "ci_low": -0.6, "ci_high": 0.2, "direction": "within", "margin": 0.5, "verdict": "inconclusive"},
+        {"paper": "x", "claim": "x.speed", "kind": "hardware", "quantity": "speed-up (x)", "ours": 2.0,
+         "ci_low": 1.8, "ci_high": 2.2, "direction": ">=", "margin": 1.2, "verdict": "reproduced",
+         "method": "median ratio, IQR of interleaved timing"},
+        {"paper": "x", "claim": "x.exact", "kind": "structural", "quantity": "max |diff| (logits)", "ours": 0.0,
+         "paper_value": 0.0, "verdict": "reproduced", "method": "|ours - paper| = 0 vs tolerance 0"},
+        {"paper": "x", "claim": "x.nt", "kind": "empirical", "quantity": "ImageNet top-1 (%)", "ours": None,
+         "verdict": "not_testable_here"},
+    ])
+    d = forest_data(ledger).set_index("claim")
+    assert d.loc["x.ge", "panel"] == "difference (pt)" and d.loc["x.ge", "x"] == pytest.approx(1.5)
+    assert (d.loc["x.ge", "lo"], d.loc["x.ge", "hi"]) == pytest.approx((1.0, 2.0))
+    assert d.loc["x.le", "x"] == pytest.approx(1.0) and d.loc["x.le", "lo"] == pytest.approx(-1.0)  # mirrored
+    assert d.loc["x.within", "x"] == pytest.approx(0.3) and d.loc["x.within", "lo"] == pytest.approx(-0.1)
+    assert d.loc["x.within", "hi"] == pytest.approx(0.5)
+    assert d.loc["x.speed", "panel"] == "ratio" and d.loc["x.speed", "x"] == pytest.approx(2.0 / 1.2)
+    assert d.loc["x.exact", "panel"] == "structural" and bool(d.loc["x.exact", "exact"])
+    assert d.loc["x.nt", "panel"] == "" and pd.isna(d.loc["x.nt", "x"])  # no marker, verdict as text
+
+
+@pytest.fixture(scope="module")
+def cpu_site(tmp_path_factory):
+    """The committed cpu results copied to a temporary folder, their ledger and site rebuilt there."""
+    from tokenbook.claims import build_ledger
+
+    site = tmp_path_factory.mktemp("cpu_site") / "results"
+    shutil.copytree(ROOT / "results", site)
+    for f in ("index.html", "claims.csv", "CLAIMS.md", "README.md"):
+        (site / f).unlink(missing_ok=True)
+    build_ledger(site, NOTEBOOKS, "cpu")
+    written = write_index(site, ROOT, profile="cpu", notebooks=NOTEBOOKS)
+    assert set(written) == {"README.md", "forest.png", "forest.csv", "index.html"}
+    return site
+
+
+def test_dashboard_from_the_committed_results(cpu_site):
+    html = (cpu_site / "index.html").read_text()
+    assert "profile <code>cpu</code>" in html and "The committed results" in html
+    assert 'src="forest.png"' in html and "forest.csv" in html and "Every claim against its margin" in html
+    ledger = pd.read_csv(cpu_site / "claims.csv")
+    forest = pd.read_csv(cpu_site / "forest.csv")
+    assert list(forest["claim"]) == list(ledger["claim"])  # one row per claim, ledger order (grouped by paper)
+    testable = ~ledger["verdict"].isin(["not_testable_here", "failed"])
+    assert forest.loc[testable.values, "panel"].notna().all() and forest.loc[~testable.values, "panel"].isna().all()
+    for n in NOTEBOOKS:
+        assert f'id="sum-{n}"' in html
+
+
+def test_dashboard_in_headless_chromium(cpu_site, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; ./run_tests.sh installs it as root)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e .[test])")
+    index = cpu_site / "index.html"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            problems = _check_page(page, index.as_uri(), cpu_site)
+            forest = page.evaluate("() => { const i = document.querySelector('#forest img'); "
+                                   "return i && {w: i.naturalWidth, top: i.getBoundingClientRect().top}; }")
+            summary = page.evaluate("() => document.querySelector('#summary').getBoundingClientRect().bottom")
+            meta = page.evaluate("() => document.querySelector('#run-meta').getBoundingClientRect().bottom")
+            rows = page.evaluate("""() => Array.from(document.querySelectorAll('table.ledger tbody tr')).map(r => {
+                const lh = parseFloat(getComputedStyle(r.querySelector('td')).lineHeight) || 16;
+                return [r.querySelector('td:nth-child(1)').textContent, r.getBoundingClientRect().height / lh]; })""")
+            page.screenshot(path=str(tmp_path / "landing.png"))
+        finally:
+            browser.close()
+    assert not problems, json.dumps(problems, indent=1)[:4000]
+    assert forest and forest["w"] > 0 and forest["top"] < 900, forest  # the forest plot loaded, above the fold
+    assert summary <= 900 and meta <= 900, (summary, meta)  # the per-paper summary and metadata above the fold
+    assert len(rows) == len(pd.read_csv(cpu_site / "claims.csv"))
+    tall = [(c, round(h, 1)) for c, h in rows if h > 3.2]
+    assert not tall, f"ledger rows taller than 3 lines: {tall}"
+    assert (tmp_path / "landing.png").stat().st_size > 10_000

@@ -12,6 +12,9 @@ results_root: str = "results"  # results folder
 seed: int = 0  # seed
 mode: str = "ok"  # ok, fail, die or sleep
 value: float = 1.5  # a number written to the table
+epochs: int = 1  # epochs [1, inf)
+lr: float = 0.1  # learning rate (0, inf)
+prob: float = 0.5  # a probability [0, 1]
 dataset: str = "none"  # dataset'''
 
 BODY = '''import time
@@ -200,7 +203,9 @@ def test_ctrl_c_prints_summary_cleans_staging_and_exits_130(tmp_path):
     assert "summary" in out and "interrupted" in out and "not run" in out and "01_next" in out
     res = root / "results"
     assert not (res / ".staging").exists()
-    assert (res / "README.md").is_file() and (res / "index.html").is_file()
+    # the smoke profile's own site, never the committed cpu one
+    assert (res / "README-smoke.md").is_file() and (res / "index-smoke.html").is_file()
+    assert not (res / "README.md").exists() and not (res / "index.html").exists()
     assert not (res / "00_slow" / "smoke").exists()
 
 
@@ -263,3 +268,156 @@ def test_kernel_launcher_records_the_signal_and_dies_with_its_manager(tmp_path):
     else:
         os.kill(kernel, 9)
         pytest.fail("the kernel outlived its manager")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rough edges (issue 22): file modes, an unwritable results folder, parameter ranges, two runs at once
+# ----------------------------------------------------------------------------------------------------------
+def _snapshot(folder):
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def _one_line_error(out, *needles):
+    assert out.returncode == 2, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert "Traceback" not in out.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_written_files_get_the_mode_the_umask_implies(tmp_path):
+    from tokenbook.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        assert oct(atomic_write(tmp_path / "a.txt", "x").stat().st_mode & 0o777) == oct(0o644)
+        os.umask(0o027)
+        assert oct(atomic_write(tmp_path / "b.bin", b"x").stat().st_mode & 0o777) == oct(0o640)
+        assert oct(atomic_write(tmp_path / "a.txt", "y").stat().st_mode & 0o777) == oct(0o640)  # a rewrite too
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_unwritable_results_folder_is_refused_before_running(tmp_path):
+    root = _make_root(tmp_path, names=("00_good",))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    out = _run(root, "--profile", "smoke", "--results", str(blocker / "results"))
+    _one_line_error(out, f"results folder {blocker / 'results'} cannot be created", f"{blocker} is not a folder")
+    out = _run(root, "--profile", "smoke", "--results", str(blocker))
+    _one_line_error(out, f"{blocker} is not a folder")
+    assert blocker.read_text() == "not a folder" and not (root / "results").exists()
+
+
+def test_unwritable_results_folder_without_root_rights(tmp_path):
+    from tokenbook.runner import check_results_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        problem = check_results_dir(ro / "results")
+        if os.geteuid() == 0:  # root writes through permission bits: the probe agrees, the check must not refuse
+            assert problem is None
+        else:
+            assert problem and "is not writable" in problem
+    finally:
+        ro.chmod(0o755)
+    assert check_results_dir(tmp_path / "new" / "results") is None and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("name,value,shown,rng", [
+    ("epochs", "-3", "-3", "[1, inf)"), ("epochs", "0", "0", "[1, inf)"), ("lr", "-1", "-1.0", "(0, inf)"),
+    ("lr", "0", "0.0", "(0, inf)"), ("prob", "1.5", "1.5", "[0, 1]"), ("prob", "-0.1", "-0.1", "[0, 1]"),
+])
+def test_out_of_range_parameters_are_refused_before_a_kernel_starts(tmp_path, name, value, shown, rng):
+    root = _make_root(tmp_path, names=("00_good",))
+    out = _run(root, "--profile", "smoke", "-p", name, value)
+    _one_line_error(out, f"00_good (-p {name}): parameter '{name}' = {shown} is out of its range {rng}")
+    assert not (root / "results").exists()
+
+
+def test_out_of_range_value_in_a_profile_file_names_the_file(tmp_path):
+    root = _make_root(tmp_path, names=("00_good",))
+    (root / "notebooks" / "params" / "00_good" / "smoke.yaml").write_text("mode: ok\nprob: 2\n")
+    out = _run(root, "--profile", "smoke")
+    _one_line_error(out, "notebooks/params/00_good/smoke.yaml", "'prob' = 2.0 is out of its range [0, 1]")
+    # a default outside its own range is refused too, naming the notebook
+    (root / "notebooks" / "params" / "00_good" / "smoke.yaml").write_text("mode: ok\n")
+    nb = root / "notebooks" / "00_good.ipynb"
+    nb.write_text(nb.read_text().replace("epochs: int = 1  # epochs [1, inf)", "epochs: int = 0  # epochs [1, inf)"))
+    out = _run(root, "--profile", "smoke")
+    _one_line_error(out, "00_good (default in notebooks/00_good.ipynb): parameter 'epochs' = 0 is out of its range")
+    assert not (root / "results").exists()
+
+
+def test_every_notebook_declares_ranges_and_its_defaults_and_profiles_are_within_them():
+    import ast
+    from pathlib import Path
+
+    from tokenbook.results import check_param_range, notebook_parameters, parameter_range
+    from tokenbook.runner import list_notebooks, resolve_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    unranged = {("01_vittm", "head_map_layer")}  # negative counts from the end: every int is meaningful
+    for nb in list_notebooks(root):
+        specs = notebook_parameters(nb, root / "notebooks" / f"{nb}.ipynb")
+        for k, s in specs.items():
+            if s["type"] not in ("int", "float"):
+                continue
+            if (nb, k) in unranged:
+                assert parameter_range(s["help"]) is None
+                continue
+            assert parameter_range(s["help"]) is not None, f"{nb}: {k} declares no range in its comment"
+            check_param_range(k, ast.literal_eval(s["default"]), s["help"])  # the default is within it
+        for pfile in sorted((root / "notebooks" / "params" / nb).glob("*.yaml")):
+            resolve_parameters(root, nb, pfile.stem, {})  # every profile's values are within the ranges
+
+
+def test_two_runs_into_one_results_folder(tmp_path):
+    import time
+
+    root = _make_root(tmp_path, names=("00_good",))
+    res = root / "results"
+    res.mkdir()
+    (res / "keep.txt").write_text("kept")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tokenbook.runner import ResultsLock; "
+                               f"ResultsLock({str(res)!r}, 'cpu').acquire(); print('locked', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "TOKENBOOK_ROOT": str(root)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(res)
+        out = _run(root, "--profile", "smoke")
+        _one_line_error(out, f"results folder {res} is in use by another run", f"pid {holder.pid}", "profile cpu",
+                        "started 20")
+        assert _snapshot(res) == before
+        out = _run(root, "--profile", "smoke", "--rebuild-site")
+        _one_line_error(out, f"pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.2)
+    out = _run(root, "--profile", "smoke")  # the holder died: its lock went with it
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (res / "keep.txt").read_text() == "kept" and (res / "index-smoke.html").is_file()
+
+
+def test_rebuild_site_runs_nothing(tmp_path):
+    root = _make_root(tmp_path, names=("00_good",))
+    res = tmp_path / "res"
+    out = _run(root, "--profile", "cpu", "--only", "00_good", "--results", str(res))
+    assert out.returncode == 0, out.stdout + out.stderr
+    (res / "index.html").unlink()
+    before = (res / "00_good" / "cpu" / "status.json").read_text()
+    out = _run(root, "--profile", "cpu", "--rebuild-site", "--results", str(res))
+    assert out.returncode == 0 and "rebuilt:" in out.stdout and "-->" not in out.stdout, out.stdout + out.stderr
+    assert (res / "index.html").is_file() and (res / "00_good" / "cpu" / "status.json").read_text() == before

@@ -31,7 +31,8 @@ empirical or composition claim, one value for a structural claim, a ratio with i
 Confidence intervals: Student-t on the paired differences (default; exact for normal differences, the usual choice
 for 3-10 seeds) or a seeded percentile bootstrap (``method="bootstrap"``). :func:`build_ledger` collects every
 claim of every sheet with the evidence the notebooks wrote (``<notebook>/<profile>/claims_evidence.json``) into
-``results/claims.csv`` and ``results/CLAIMS.md``. Shared core: imports no paper code.
+the profile's ledger: ``results/claims.csv`` and ``results/CLAIMS.md`` for the committed cpu profile,
+``results/claims-<profile>.csv`` and ``results/CLAIMS-<profile>.md`` for any other. Shared core: imports no paper code.
 """
 from __future__ import annotations
 
@@ -454,7 +455,7 @@ def evidence_file(folder: Path) -> Path:
 
 def write_evidence(folder: Path, evidence: Iterable[Evidence]) -> Path:
     """Write a notebook's evidence (atomically) beside its tables."""
-    from .results import atomic_write
+    from .io import atomic_write
 
     return atomic_write(evidence_file(folder), json.dumps([asdict(e) for e in evidence], indent=1))
 
@@ -479,12 +480,13 @@ def read_evidence(folder: Path) -> dict[str, Evidence]:
 def build_ledger(results_dir: Path, notebooks: Sequence[str], profile: str,
                  method: str = "t") -> "Any":
     """Every claim of every notebook's sheet (stem = notebook name without ``NN_``) judged on the evidence in
-    ``<results_dir>/<notebook>/<profile>/``; writes ``claims.csv`` and ``CLAIMS.md`` in ``results_dir`` and returns
-    the table. A notebook that failed (no ``status.json`` with ``ok``) contributes no evidence: its claims are
-    ``failed``."""
+    ``<results_dir>/<notebook>/<profile>/``; writes the profile's ledger in ``results_dir`` (``claims.csv`` and
+    ``CLAIMS.md`` for the committed cpu profile, ``claims-<profile>.csv`` and ``CLAIMS-<profile>.md`` for any other:
+    :func:`tokenbook.io.site_file`) and returns the table. A notebook that failed (no ``status.json`` with ``ok``)
+    contributes no evidence: its claims are ``failed``."""
     import pandas as pd
 
-    from .results import atomic_write, to_markdown
+    from .io import atomic_write, site_file, to_markdown
 
     rows = []
     for nb in notebooks:
@@ -511,12 +513,12 @@ def build_ledger(results_dir: Path, notebooks: Sequence[str], profile: str,
                 v.report = f"{nb}/{profile}/{nb}.html"
             rows.append(v.row())
     df = pd.DataFrame(rows, columns=list(LEDGER_COLUMNS))
-    atomic_write(Path(results_dir) / "claims.csv", df.to_csv(index=False))
+    atomic_write(Path(results_dir) / site_file("claims.csv", profile), df.to_csv(index=False))
     counts = df["verdict"].value_counts().reindex(list(VERDICTS), fill_value=0) if len(df) else None
     head = ["# Claims ledger", "", f"Profile `{profile}`. Every claim of the five papers, and of the compositions no "
             "paper ran (`06_cross_paper`), with its verdict on this workbook's evidence; `scale` says what was run (a "
             "Fashion-MNIST verdict is not an ImageNet one).", ""]
     if counts is not None:
         head += [", ".join(f"{k}: {int(n)}" for k, n in counts.items()), ""]
-    atomic_write(Path(results_dir) / "CLAIMS.md", "\n".join(head) + "\n" + to_markdown(df) + "\n")
+    atomic_write(Path(results_dir) / site_file("CLAIMS.md", profile), "\n".join(head) + "\n" + to_markdown(df) + "\n")
     return df

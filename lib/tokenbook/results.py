@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -26,10 +25,13 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "repo_root",
-           "to_markdown", "NA", "format_value", "formatted", "style_table", "show_table", "display_path", "swap_in"]
+# the leaf I/O module; re-exported here for the notebooks and older callers
+from .io import NA, PASS_COLUMNS, atomic_write, format_value, formatted, to_markdown  # noqa: F401
 
-NA = "n/a"
+__all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "repo_root",
+           "to_markdown", "NA", "format_value", "formatted", "style_table", "show_table", "display_path", "swap_in",
+           "parameter_range", "check_param_range"]
+
 #: where a notebook run outside the runner writes (git-ignored): results/<notebook>/interactive/
 INTERACTIVE_FOLDER = "interactive"
 PACKAGES = ("torch", "torchvision", "timm", "datasets", "lightning_fabric", "numpy", "pandas", "matplotlib",
@@ -47,25 +49,6 @@ def repo_root(start: Optional[Path] = None) -> Path:
         if (d / "run_all.sh").is_file() and (d / "notebooks").is_dir():
             return d
     return p
-
-
-def atomic_write(path: Path, data: bytes | str) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 class SavedFile(type(Path())):
@@ -147,65 +130,8 @@ def environment_info() -> dict:
     return {"versions": versions, "device": dev, "platform": platform.platform()}
 
 
-#: columns shown as a check mark / cross (a tolerance test against the paper)
-PASS_COLUMNS = ("pass",)
 #: columns whose text is long (sources, notes): wrapped in reports, never cut
 WRAP_HINTS = ("source", "note", "notes", "detail", "why", "what", "reason", "statement", "caption", "setting")
-
-
-def _missing(v: Any) -> bool:
-    if v is None:
-        return True
-    try:
-        return bool(pd.isna(v)) if not isinstance(v, (list, tuple, dict, set)) else False
-    except (TypeError, ValueError):
-        return False
-
-
-def format_value(v: Any, column: str = "") -> str:
-    """How a table cell is shown to people (reports, notebooks, results/README.md; CSVs keep raw values).
-
-    - missing (None, NaN, NA) -> ``n/a``, the project's one word for "not stated / not measured";
-    - ``pass`` columns: True/False -> ``✓`` / ``✗``;
-    - integers and integral floats >= 1,000 -> thousands separators (``22,050,660``), never scientific notation;
-    - other floats -> 4 significant digits (``0.1235``, ``76.85``), large ones without decimals (``12,346``).
-    """
-    if _missing(v):
-        return NA
-    if column in PASS_COLUMNS and isinstance(v, (bool, np.bool_)):
-        return "✓" if v else "✗"
-    if isinstance(v, (bool, np.bool_)):
-        return str(bool(v))
-    if isinstance(v, (int, np.integer)):
-        return f"{int(v):,}"
-    if isinstance(v, (float, np.floating)):
-        v = float(v)
-        if v != v:
-            return NA
-        if v in (float("inf"), float("-inf")):
-            return "∞" if v > 0 else "-∞"
-        if abs(v) >= 1e4 or (v.is_integer() and abs(v) >= 1000):
-            return f"{v:,.0f}"
-        if v.is_integer():
-            return f"{int(v)}"
-        if abs(v) < 1e-3:
-            return f"{v:.3g}"
-        return f"{v:.4g}"
-    return str(v)
-
-
-def formatted(df: pd.DataFrame) -> pd.DataFrame:
-    """A copy of ``df`` with every cell as the text :func:`format_value` shows."""
-    shown = df.copy()
-    for c in shown.columns:
-        shown[c] = [format_value(v, str(c)) for v in df[c]]
-    return shown
-
-
-def to_markdown(df: pd.DataFrame, caption: str = "") -> str:
-    """Markdown for a table, formatted as in the reports (:func:`format_value`), caption above."""
-    text = formatted(df).to_markdown(index=False)
-    return (f"{caption}\n\n" if caption else "") + text + "\n"
 
 
 _TABLE_CSS = [
@@ -385,15 +311,16 @@ class RunContext:
         for df in tables:
             show_table(df, self._captions.get(id(df), "") if caption is None else caption)
 
-    def save_figure(self, name: str, fig, caption: str = "", dpi: int = 110) -> Path:
+    def save_figure(self, name: str, fig, caption: str = "", dpi: int = 110, key: bool = False) -> Path:
         """Write ``<name>.png`` and, in a notebook kernel, show that same PNG inline with its caption (and close the
-        figure, so it is not drawn twice): the executed notebook and its HTML report carry every saved figure."""
+        figure, so it is not drawn twice): the executed notebook and its HTML report carry every saved figure.
+        ``key=True`` makes it the report's key figure, the thumbnail on the landing page (default: the first one)."""
         import io
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         path = SavedFile(atomic_write(self.out_dir / f"{name}.png", buf.getvalue()))
-        self.figures[name] = {"name": name, "png": path.name, "caption": caption}
+        self.figures[name] = {"name": name, "png": path.name, "caption": caption, **({"key": True} if key else {})}
         self._write_meta()
         if _in_kernel():
             import matplotlib.pyplot as plt
@@ -487,7 +414,8 @@ def _find_notebook(notebook: str, notebook_path: Optional[str | Path]) -> Path:
 
 
 def notebook_parameters(notebook: str, notebook_path: Optional[str | Path] = None) -> dict[str, dict]:
-    """Name -> {type, default, help} of a notebook's ``parameters`` cell (via papermill's inspector)."""
+    """Name -> {type, default, help} of a notebook's ``parameters`` cell (via papermill's inspector). A number's
+    comment may end with its range (``[1, inf)``, ``[0, 1)``): :func:`parameter_range`, checked by the runner."""
     import papermill
 
     path = _find_notebook(notebook, notebook_path)
@@ -530,6 +458,45 @@ def check_param_type(name: str, value: Any, type_name: str) -> Any:
         raise TypeError(f"parameter {name!r} must be int, got float {value!r} (not a whole number)")
     if t is int and isinstance(value, bool) or not isinstance(value, t):
         raise TypeError(f"parameter {name!r} must be {type_name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+_RANGE_NUM = r"[-+]?(?:inf|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
+_RANGE_INTERVAL = re.compile(r"([\[(])\s*(" + _RANGE_NUM + r")\s*,\s*(" + _RANGE_NUM + r")\s*([\])])\s*$")
+
+
+def parameter_range(help_text: str) -> Optional[tuple[Optional[float], Optional[float], bool, bool, str]]:
+    """The range a parameters cell declares for a number at the end of its comment, or None.
+
+    An interval in the usual notation: ``# training epochs [1, inf)``, ``# EMA decay [0, 1)``, ``# keep rate (0, 1]``,
+    ``# learning rate (0, inf)``; a square bracket includes the bound, a parenthesis excludes it, ``inf`` is no bound.
+    (Papermill's parameter inspector refuses a line with a second ``=``, so ``>= 1`` cannot be written there.)
+    Returns ``(low, high, low_closed, high_closed, text)`` with None for an unbounded side, ``text`` as written."""
+    text = str(help_text or "").strip()
+    m = _RANGE_INTERVAL.search(text)
+    if not m:
+        return None
+    lo, hi = float(m.group(2)), float(m.group(3))
+    if lo > hi:
+        raise ValueError(f"empty range {m.group(0).strip()} in the comment {text!r}")
+    return (None if lo == float("-inf") else lo, None if hi == float("inf") else hi, m.group(1) == "[",
+            m.group(4) == "]", m.group(0).strip())
+
+
+def check_param_range(name: str, value: Any, help_text: str) -> Any:
+    """Refuse a number outside the range the parameters cell declares for ``name`` (:func:`parameter_range`):
+    ``ValueError("parameter 'epochs' = -3 is out of its range [1, inf)")``. Non-numbers and undeclared ranges pass."""
+    rng = parameter_range(help_text)
+    if rng is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    lo, hi, lo_closed, hi_closed, text = rng
+    ok = value == value  # NaN is never in range
+    if ok and lo is not None:
+        ok = value >= lo if lo_closed else value > lo
+    if ok and hi is not None:
+        ok = value <= hi if hi_closed else value < hi
+    if not ok:
+        raise ValueError(f"parameter {name!r} = {value!r} is out of its range {text}")
     return value
 
 

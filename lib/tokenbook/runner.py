@@ -11,8 +11,22 @@ For each ``notebooks/NN_name.ipynb`` (in order):
 3. on success the staged folder replaces ``results/<name>/<profile>/`` atomically (an HTML report is rendered with
    nbconvert); on failure the previous results stay untouched and the executed notebook with the error goes to
    ``results/<name>/<profile>-failed/``. Other notebooks still run;
-4. at the end a summary (notebook, status, minutes) is printed, ``results/README.md`` and ``results/index.html`` are
-   regenerated, and the exit status is non-zero if any notebook failed.
+4. at the end a summary (notebook, status, minutes) is printed, the profile's claims ledger and results site are
+   regenerated (:func:`tokenbook.report.write_index`), and the exit status is non-zero if any notebook failed.
+
+Results per profile: a run writes only its own profile's files. The committed ``cpu`` profile owns
+``results/index.html``, ``README.md``, ``claims.csv``, ``CLAIMS.md``, ``forest.png`` and ``forest.csv``; any other
+profile ``p`` writes ``index-p.html``, ``README-p.md``, ``claims-p.csv``, ``CLAIMS-p.md``, ``forest-p.png``,
+``forest-p.csv`` (:func:`tokenbook.io.site_file`; the smoke ones are git-ignored), also when interrupted.
+
+Before anything runs: parameter names, types and ranges (``[>= 1]``, ``[0, 1)`` suffixes of the parameters cell's
+comments, :func:`tokenbook.results.parameter_range`), datasets, and that the results folder is writable; then the
+runner takes a lock on the results folder (``<results>/.lock``, ``fcntl.flock``; released when the process ends):
+a second run into the same folder names the holder (pid, start, profile) and exits 2. Every such error is one line
+on stderr, exit status 2, nothing in the results folder changed.
+
+``--rebuild-site``: no notebook runs; the profile's ledger and site are rebuilt from the results on disk
+(``python -m tokenbook.runner --rebuild-site --profile cpu``).
 """
 from __future__ import annotations
 
@@ -29,8 +43,9 @@ from typing import Optional
 
 import yaml
 
+from .io import atomic_write, site_file
 from .report import render_html, write_index
-from .results import atomic_write, check_param_type, repo_root, swap_in
+from .results import check_param_range, check_param_type, repo_root, swap_in
 
 PROFILES = ("smoke", "cpu", "gpu", "full")
 RESERVED = ("profile", "results_root")
@@ -96,10 +111,26 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
         raise RunnerError(f"{name}: unknown parameter(s) {', '.join(hints)}; the notebook's parameters are: "
                           f"{', '.join(sorted(specs))}")
     for k, v in params.items():
+        where = f"-p {k}" if k in overrides else str(pfile.relative_to(root))
         try:
             params[k] = check_param_type(k, v, specs[k]["type"])
-        except TypeError as e:
-            raise RunnerError(f"{name} ({pfile.name} or -p): {e}") from e
+            check_param_range(k, params[k], specs[k]["help"])
+        except (TypeError, ValueError) as e:
+            raise RunnerError(f"{name} ({where}): {e}") from e
+    import ast
+
+    for k, spec in specs.items():  # the notebook's own defaults must be within their declared ranges too
+        if k in params:
+            continue
+        try:
+            default = ast.literal_eval(spec["default"])
+        except (ValueError, SyntaxError):
+            continue
+        try:
+            check_param_range(k, default, spec["help"])
+        except ValueError as e:
+            raise RunnerError(f"{name} (default in {nb.relative_to(root) if nb.is_relative_to(root) else nb}): "
+                              f"{e}") from e
     missing = [r for r in RESERVED if r not in specs]
     if missing:
         raise RunnerError(f"{name}: parameters cell lacks {missing}")
@@ -266,7 +297,7 @@ def run_notebook(root: Path, name: str, profile: str, params: dict, results_dir:
     if out_nb.is_file():
         meta = _read_json(stage / "meta.json")
         git = meta.get("git", {}) or {}
-        render_html(out_nb, meta_line=f"{name} · profile {profile} · {status} in {minutes:.2f} min · commit "
+        render_html(out_nb, home=f"../../{site_file('index.html', profile)}", meta_line=f"{name} · profile {profile} · {status} in {minutes:.2f} min · commit "
                                       f"{(git.get('commit') or '?')[:10]} ({'dirty' if git.get('dirty') else 'clean'})")
     final = results_dir / name / profile
     if status == "ok":
@@ -372,10 +403,91 @@ def _read_json(p: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the results folder: writable, and one run at a time
+# ----------------------------------------------------------------------------------------------------------
+def check_results_dir(results_dir: Path) -> Optional[str]:
+    """Can the runner write into ``results_dir``? The problem in one line, or None. Checked before anything runs,
+    without creating anything: the nearest existing ancestor must be a folder (a path under a regular file fails
+    for root too) and writable (``os.access``, plus a probe file that is removed at once when the folder exists, so
+    that a read-only mount is caught whoever runs)."""
+    import tempfile
+
+    results_dir = Path(results_dir)
+    p = results_dir
+    while not p.exists() and not p.is_symlink():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        return f"results folder {results_dir} cannot be created: {p} is not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"results folder {results_dir} is not writable ({p} does not allow writing)"
+    if p == results_dir:
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            return f"results folder {results_dir} is not writable ({e.strerror or e})"
+    return None
+
+
+class LockHeld(RuntimeError):
+    """Another run holds the results folder's lock."""
+
+
+class ResultsLock:
+    """An exclusive ``fcntl.flock`` on ``<results>/.lock`` for the whole run; the kernel releases it when the process
+    ends, however it ends. The file records the holder (pid, start time, profile) for the message a second run
+    prints; it is git-ignored and left in place (removing it would race with a waiting run)."""
+
+    NAME = ".lock"
+
+    def __init__(self, results_dir: Path, profile: str):
+        self.path = Path(results_dir) / self.NAME
+        self.profile = profile
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "ResultsLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            except ValueError:
+                holder = {}
+            os.close(fd)
+            raise LockHeld(f"results folder {self.path.parent} is in use by another run (pid "
+                           f"{holder.get('pid', '?')}, started {holder.get('started_utc', '?')}, profile "
+                           f"{holder.get('profile', '?')}); wait for it to finish or use --results DIR") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "profile": self.profile,
+                                  "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "ResultsLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 def _write_ledger(results_dir: Path, root: Path, profile: str) -> None:
-    """The claims ledger (``claims.csv``, ``CLAIMS.md``) over every notebook's results of ``profile`` on disk:
+    """The profile's claims ledger (``claims.csv`` / ``CLAIMS.md`` for cpu, ``claims-<profile>.csv`` /
+    ``CLAIMS-<profile>.md`` otherwise) over every notebook's results of ``profile`` on disk:
     a notebook not run this time keeps the verdicts of its last run; one that failed, or never ran, has its
     claims ``failed``. A broken evidence file is reported and leaves the previous ledger in place."""
     from .claims import ClaimError, build_ledger
@@ -400,6 +512,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timeout", type=_positive_minutes, default=None, help="per-notebook time limit in minutes (> 0)")
     ap.add_argument("--results", default=None, help="results folder (default: <repo>/results)")
     ap.add_argument("--list", action="store_true", help="list notebooks and their profiles, then exit")
+    ap.add_argument("--rebuild-site", action="store_true",
+                    help="run nothing: rebuild the profile's claims ledger and results site from the results on disk")
     args = ap.parse_args(argv)
 
     root = repo_root()
@@ -432,6 +546,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides_raw = {k: coerce(v) for k, v in args.param}
     results_dir = Path(args.results).resolve() if args.results else root / "results"
     timeout = args.timeout or DEFAULT_TIMEOUT_MIN[profile]
+    if args.rebuild_site:
+        problem = check_results_dir(results_dir)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        try:
+            with ResultsLock(results_dir, profile):
+                _write_ledger(results_dir, root, profile)
+                written = write_index(results_dir, root, profile=profile, notebooks=notebooks)
+        except LockHeld as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("rebuilt: " + ", ".join(_rel(p, root) for p in written.values()), flush=True)
+        return 0
 
     # validate everything before running anything
     from .results import notebook_parameters
@@ -459,11 +587,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             close = difflib.get_close_matches(k, sorted(known), 1)
             errors.append(f"-p {k}: no selected notebook has such a parameter"
                           + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if not errors:
+        problem = check_results_dir(results_dir)
+        if problem:
+            errors.append(problem)
     if errors:
         for e in errors:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        lock = ResultsLock(results_dir, profile).acquire()
+    except LockHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run_all(root, plans, profile, results_dir, timeout, notebooks)
+    finally:
+        lock.release()
 
+
+def _run_all(root: Path, plans: list, profile: str, results_dir: Path, timeout: float, notebooks: list[str]) -> int:
     print(f"tokenbook: running {len(plans)} notebook(s) with profile '{profile}' (limit {timeout:g} min each); "
           f"results in {results_dir}", flush=True)
     records = []
@@ -487,10 +630,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     # a second Ctrl-C while the index is written or the summary printed must not leave them half done
     old_int = signal.signal(signal.SIGINT, signal.SIG_IGN) if interrupted else None
     try:
-        # smoke results are never committed: the repository's own site leaves them out, a scratch --results
-        # folder shows them
+        # only this profile's ledger and site (tokenbook.io.site_file): another profile's files are never touched
         _write_ledger(results_dir, root, profile)
-        write_index(results_dir, root, include_smoke=results_dir.resolve() != (root / "results").resolve())
+        write_index(results_dir, root, profile=profile, notebooks=notebooks)
         print("\nsummary")
         print(f"{'notebook':28s} {'status':11s} {'minutes':>8s}")
         for r in records:
