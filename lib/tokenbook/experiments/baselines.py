@@ -22,7 +22,7 @@ from tokenbook import bench, viz
 from tokenbook.results import paper_vs_ours
 
 __all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "attention_figure", "throughput",
-           "throughput_decision"]
+           "throughput_decision", "train_small_vit", "small_vit_spec"]
 
 PAPER = "baselines"
 
@@ -62,6 +62,38 @@ def small_vit_summary(model: nn.Module, model_name: str, dataset: str, bundle: A
         "step_ms": result.timing["step_ms"], "train_img_s": result.timing["train_img_s"],
         "device": result.timing["device"],
     }])
+
+
+def small_vit_spec(model_name: str, data_config: Any, train_config: Any, num_workers: int = 0):
+    """The run description (:class:`tokenbook.runs.RunSpec`) of the small ViT of section 2: everything that decides
+    it (model, data, recipe, seed), so that the run store trains it once."""
+    from dataclasses import asdict
+
+    from tokenbook.runs import RunSpec
+
+    return RunSpec("tokenbook.experiments.baselines:train_small_vit",
+                   {"model_name": model_name, "data": asdict(data_config), "train": asdict(train_config),
+                    "num_workers": int(num_workers)}, label=f"{model_name} seed {train_config.seed}")
+
+
+def train_small_vit(model_name: str, data: dict, train: dict, num_workers: int = 0):
+    """Trainer of :func:`small_vit_spec`: load the data, build the timm model from the seed, :func:`fit` it, and
+    return a :class:`tokenbook.runs.TrainedRun` (weights on the CPU, history, final metrics, timing)."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
+    from tokenbook import data as D
+    from tokenbook import repro
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig, fit
+
+    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
+    bundle = D.load_data(dcfg)
+    train_loader, val_loader = D.make_loaders(bundle, tcfg.batch_size, num_workers=num_workers, seed=tcfg.seed)
+    repro.seed_everything(tcfg.seed)
+    model = timm.create_model(model_name, num_classes=bundle.num_classes, img_size=dcfg.img_size)
+    res = fit(model, train_loader, val_loader, tcfg, preprocess=bundle.preprocess, desc=model_name)
+    return TrainedRun.from_fit(res)
 
 
 def attention_figure(model: nn.Module, bundle: Any, num_images: int, title: str):

@@ -1,0 +1,141 @@
+"""The run store and launcher (tokenbook.runs, issue 19 item 4): a run is trained once and read back, its key covers
+everything that decides it, runs train side by side in processes, a failure loses nothing that finished, and the
+00 notebook's small ViT comes out the same from the store as from fit()."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tokenbook import runs
+
+COUNTER = "TOKENBOOK_TEST_RUNS_COUNTER"
+
+
+def toy_trainer(x: int, fail: bool = False, sleep: float = 0.0) -> dict:
+    """A trainer importable by path (``test_runs:toy_trainer``): logs each call to the counter file, so a test can
+    tell a training from a store read."""
+    import time
+
+    import torch
+
+    with open(os.environ[COUNTER], "a") as f:
+        f.write(f"{x} {os.getpid()} {torch.get_num_threads()}\n")
+    time.sleep(sleep)
+    if fail:
+        raise ValueError(f"toy run {x} diverged")
+    return {"x": x, "square": x * x, "tensor": torch.full((3,), float(x)), "threads": torch.get_num_threads()}
+
+
+def _calls(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    counter = tmp_path / "calls.txt"
+    monkeypatch.setenv(COUNTER, str(counter))
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "store"))
+    return counter
+
+
+def _spec(x, **kw):
+    return runs.RunSpec("test_runs:toy_trainer", {"x": x, **kw}, label=f"toy {x}")
+
+
+def test_a_run_is_trained_once_and_read_back(store):
+    (first,) = runs.launch([_spec(3)], verbose=False)
+    assert first.source == "trained" and first.output["square"] == 9 and len(_calls(store)) == 1
+    again = runs.launch([_spec(3), _spec(3), _spec(4)], verbose=False)
+    assert [r.source for r in again] == ["store", "store", "trained"]  # identical specs: one training
+    assert len(_calls(store)) == 2 and again[0].output["tensor"].tolist() == [3.0, 3.0, 3.0]
+    assert again[0].key == first.key != again[2].key
+    table = runs.runs_table(again)
+    assert list(table["source"]) == ["store", "store", "trained"] and table["key"].str.len().eq(12).all()
+
+
+def test_the_key_covers_arguments_code_and_threads(store, monkeypatch):
+    k = runs.run_key(_spec(1), threads=2)
+    assert runs.run_key(_spec(1), threads=2) == k
+    assert runs.run_key(_spec(2), threads=2) != k                                # the arguments
+    assert runs.run_key(_spec(1), threads=1) != k                                # the float environment
+    assert runs.run_key(runs.RunSpec("test_runs:other", {"x": 1}), threads=2) != k  # the trainer
+    assert runs.run_key(runs.RunSpec("test_runs:toy_trainer", {"x": 1}, label="another label"), 2) == k  # not the label
+    monkeypatch.setattr(runs, "_CODE_VERSION", "0" * 16)                        # the code version
+    assert runs.run_key(_spec(1), threads=2) != k
+    # dict order does not matter, JSON-ability does
+    assert runs.RunSpec("m:f", {"a": 1, "b": [1, 2]}).canonical() == runs.RunSpec("m:f", {"b": [1, 2], "a": 1}).canonical()
+    with pytest.raises(ValueError, match="JSON-able"):
+        runs.RunSpec("m:f", {"model": object()})
+    with pytest.raises(ValueError, match="module:function"):
+        runs.RunSpec("no_colon", {})
+
+
+def test_code_version_hashes_the_package_sources():
+    v = runs.code_version()
+    assert len(v) == 16 and int(v, 16) >= 0 and runs.code_version() == v
+
+
+def test_a_failed_run_loses_nothing_that_finished_and_resumes(store):
+    with pytest.raises(runs.RunFailedError, match=r"1 of 3 run\(s\) failed.*toy 2 \(key [0-9a-f]{12}\).*diverged"):
+        runs.launch([_spec(1), _spec(2, fail=True), _spec(3)], verbose=False)
+    assert len(_calls(store)) == 3
+    # an interrupted or failed workbook run resumes: the two finished runs come from the store
+    got = runs.launch([_spec(1), _spec(2), _spec(3)], verbose=False)
+    assert [r.source for r in got] == ["store", "trained", "store"] and len(_calls(store)) == 4
+
+
+def test_runs_train_side_by_side_in_processes(store):
+    got = runs.launch([_spec(5, sleep=0.5), _spec(6, sleep=0.5)], executor="processes", workers=2, verbose=False)
+    assert [r.source for r in got] == ["trained", "trained"] and [r.output["x"] for r in got] == [5, 6]
+    calls = [c.split() for c in _calls(store)]
+    assert len({pid for _, pid, _ in calls}) == 2 and str(os.getpid()) not in {pid for _, pid, _ in calls}
+    assert all(r.threads == got[0].threads == r.output["threads"] for r in got)  # each process with its threads
+    # the kernel reads them back when it asks with the same threads (the key includes them)
+    back = runs.launch([_spec(5, sleep=0.5)], threads=got[0].threads, verbose=False)
+    assert back[0].source == "store" and len(calls) == 2
+    with pytest.raises(runs.RunFailedError, match="toy 7"):
+        runs.launch([_spec(7, fail=True)], executor="processes", workers=1, verbose=False)
+    with pytest.raises(ValueError, match="executor"):
+        runs.launch([_spec(1)], executor="slurm")
+
+
+def test_a_trainer_that_cannot_be_imported_is_named(store):
+    with pytest.raises(runs.RunFailedError, match="no_such_module"):
+        runs.launch([runs.RunSpec("no_such_module:train", {})], verbose=False)
+
+
+def test_store_location(monkeypatch, tmp_path):
+    monkeypatch.delenv("TOKENBOOK_RUNS", raising=False)
+    monkeypatch.setenv("TOKENBOOK_CACHE", str(tmp_path / "c"))
+    assert runs.store_dir() == tmp_path / "c" / "runs"
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "r"))
+    assert runs.store_dir() == tmp_path / "r" and runs.store_dir(tmp_path / "x") == tmp_path / "x"
+
+
+def test_the_small_vit_from_the_store_equals_fit(tmp_path, monkeypatch, idx_dir, one_thread):
+    """00's run through the store gives the weights and history fit() gives, and is read back unchanged."""
+    import timm
+    import torch
+
+    import tokenbook.models  # noqa: F401
+    from tokenbook import data, repro
+    from tokenbook.experiments import baselines as exp
+    from tokenbook.train import TrainConfig, fit
+
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "store"))
+    dcfg = data.DataConfig(dataset="fashion_mnist", data_dir=str(idx_dir), img_size=28, train_subset=64, val_subset=32)
+    tcfg = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_epochs=0.5, accelerator="cpu", progress=False, seed=1)
+    (run,) = runs.launch([exp.small_vit_spec("vit_fm_tiny_p4_28", dcfg, tcfg)], verbose=False)
+    assert run.source == "trained"
+    bundle = data.load_data(dcfg)
+    tl, vl = data.make_loaders(bundle, 16, seed=1)
+    repro.seed_everything(1)
+    model = timm.create_model("vit_fm_tiny_p4_28", num_classes=bundle.num_classes, img_size=28)
+    ref = fit(model, tl, vl, tcfg, preprocess=bundle.preprocess)
+    for k, v in ref.model.state_dict().items():
+        assert torch.equal(v, run.output.state_dict[k]), k
+    assert run.output.history["val_top1"].tolist() == ref.history["val_top1"].tolist()
+    (back,) = runs.launch([exp.small_vit_spec("vit_fm_tiny_p4_28", dcfg, tcfg)], verbose=False)
+    assert back.source == "store" and back.output.final == run.output.final
+    assert json.dumps(back.output.timing, sort_keys=True) == json.dumps(run.output.timing, sort_keys=True)
