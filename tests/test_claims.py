@@ -283,3 +283,24 @@ def test_ledger_marks_claims_of_a_notebook_whose_latest_run_failed(tmp_path):
     (folder / "last_failure.json").write_text("{}")
     df = C.build_ledger(tmp_path, ["05_memory"], "cpu").set_index("claim")
     assert df.loc["memory.beats_head", "verdict"] == "failed" and "latest run" in df.loc["memory.beats_head", "detail"]
+
+
+def test_seeds_by_power_and_the_seeds_an_inconclusive_claim_needs():
+    from scipy import stats
+
+    from tokenbook.claims import SEEDS_CAP, margin_distance, seeds_for
+
+    # sd 2, distance 2: n = 7 is the first with t_{0.975, n-1} * 2 / sqrt(n) < 2 (2.447 * 2 / 2.646 = 1.85)
+    assert seeds_for(2.0, 2.0) == 7
+    assert stats.t.ppf(0.975, 5) * 2 / 6 ** 0.5 >= 2.0  # n = 6 is not enough
+    assert seeds_for(0.0, 0.1) == 2 and seeds_for(1.0, 0.0) is None and seeds_for(100.0, 0.1) is None
+    assert margin_distance(0.3, "within", 0.5) == pytest.approx(0.2) and margin_distance(-1.0, ">=", -0.5) == 0.5
+    c = _claim(direction=">", margin=0.0, has_compare=True)
+    v = judge(c, Evidence("p.c", a=[81.0, 78.0, 82.0], b=[79.0, 79.0, 79.0]))
+    assert v.verdict == "inconclusive"
+    diffs = np.array([2.0, -1.0, 3.0])
+    want = seeds_for(float(diffs.std(ddof=1)), abs(float(diffs.mean())))
+    assert 3 < want < SEEDS_CAP and v.seeds_needed == str(want) and f"n = {want} seeds" in v.detail
+    assert judge(c, Evidence("p.c", a=[80.0, 75.0, 82.0], b=[79.0, 79.0, 79.0])).seeds_needed == f"> {SEEDS_CAP}"
+    assert v.row()["seeds_needed"] == v.seeds_needed
+    assert judge(c, Evidence("p.c", a=[80.0, 81.0, 82.0], b=[79.0, 79.5, 80.5])).row()["seeds_needed"] is None

@@ -48,6 +48,7 @@ __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "C
            "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
            "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "plateau_window",
            "PLATEAU_FRACTION", "PLATEAU_TOL", "paired_evidence",
+           "seeds_for", "margin_distance", "SEEDS_CAP",
            "verdict_table", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
@@ -55,7 +56,8 @@ VERDICTS = ("reproduced", "contradicted", "inconclusive", "not_testable_here", "
 #: ">=" / ">" / "<=" / "<": a - b on that side of the margin; "within": |a - b| <= margin
 DIRECTIONS = (">=", ">", "<=", "<", "within")
 LEDGER_COLUMNS = ("paper", "claim", "statement", "kind", "quantity", "paper_value", "source", "criterion", "ours",
-                  "ci_low", "ci_high", "n", "method", "verdict", "direction", "margin", "tolerance", "scale",
+                  "ci_low", "ci_high", "n", "method", "verdict", "seeds_needed", "direction", "margin", "tolerance",
+                  "scale",
                   "plateau", "report", "detail")
 #: how a claim is decided (:attr:`Claim.rule`): ``match`` |ours - paper| <= tolerance; ``bound`` one measured value
 #: on the claimed side of the margin (exact, no interval); ``exact`` the largest per-seed |a - b| <= tolerance;
@@ -176,13 +178,15 @@ class Verdict:
     report: str = ""
     detail: str = ""
     plateau: str = ""
+    seeds_needed: str = ""  # inconclusive paired claims: the seeds the measured spread needs (see seeds_for)
 
     def row(self) -> dict[str, Any]:
         c = self.claim
         return {"paper": c.paper, "claim": c.id, "statement": c.statement, "kind": c.kind, "quantity": c.quantity,
                 "paper_value": c.paper_value, "source": c.source, "criterion": c.criterion(), "ours": self.ours,
                 "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n, "method": self.method,
-                "verdict": self.verdict, "direction": c.direction if c.has_compare else None,
+                "verdict": self.verdict, "seeds_needed": self.seeds_needed or None,
+                "direction": c.direction if c.has_compare else None,
                 "margin": c.margin if c.has_compare else None, "tolerance": c.tolerance, "scale": self.scale,
                 "plateau": self.plateau, "report": self.report, "detail": self.detail}
 
@@ -303,6 +307,36 @@ def side_of_margin(lo: float, hi: float, direction: str, margin: float) -> str:
     return "reproduced" if ok else "contradicted" if bad else "inconclusive"
 
 
+#: the most seeds :func:`seeds_for` proposes for one claim
+SEEDS_CAP = 20
+
+
+def margin_distance(mean: float, direction: str, margin: float) -> float:
+    """How far a measured mean of ``a - b`` lies from the claim's margin (the nearer edge for ``within``): what the
+    interval's half-width must stay below for the claim to be decided."""
+    if direction == "within":
+        return max(0.0, min(abs(mean - margin), abs(mean + margin)))
+    return abs(mean - margin)
+
+
+def seeds_for(sd: float, distance: float, level: float = 0.95, cap: int = SEEDS_CAP) -> Optional[int]:
+    """The power rule, written down once: the smallest number of paired seeds ``n >= 2`` whose expected Student-t
+    half-width ``t_{(1+level)/2, n-1} * sd / sqrt(n)`` lies below ``distance`` (the mean's distance to the margin,
+    :func:`margin_distance`; before a run, the claim's expected effect minus its margin). ``None`` when even ``cap``
+    seeds would not do. Pick a claim's seeds with it before the run, from the per-seed spread of an earlier run;
+    never add seeds after looking at a result."""
+    from scipy import stats
+
+    if not math.isfinite(sd) or not math.isfinite(distance) or distance <= 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, cap + 1):
+        if stats.t.ppf((1 + level) / 2, n - 1) * sd / math.sqrt(n) < distance:
+            return n
+    return None
+
+
 def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: float = 0.95) -> Verdict:
     """The verdict of one claim from its evidence (None: the experiment did not run: ``failed``)."""
     if claim.not_testable_here:
@@ -358,9 +392,19 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
             return Verdict(claim, "failed", n=len(a), detail="fewer than 2 paired seeds: no interval", **base)
         diffs = [x - y for x, y in zip(a, b)]
         m, lo, hi = mean_ci(diffs, level=level, method=method)
-        return Verdict(claim, side_of_margin(lo, hi, claim.direction, claim.margin), ours=m, ci_low=lo, ci_high=hi,
-                       n=len(diffs), method=f"paired {'t-interval' if method == 't' else 'bootstrap'} "
-                                            f"{int(level * 100)} %", detail=evidence.detail, **base)
+        v = Verdict(claim, side_of_margin(lo, hi, claim.direction, claim.margin), ours=m, ci_low=lo, ci_high=hi,
+                    n=len(diffs), method=f"paired {'t-interval' if method == 't' else 'bootstrap'} "
+                                         f"{int(level * 100)} %", detail=evidence.detail, **base)
+        if v.verdict == "inconclusive":
+            sd = float(np.std(diffs, ddof=1))
+            dist = margin_distance(m, claim.direction, claim.margin)
+            need = seeds_for(sd, dist, level)
+            v.seeds_needed = str(need) if need else f"> {SEEDS_CAP}"
+            v.detail = ((v.detail + "; ") if v.detail else "") + (
+                f"the measured spread (sd {sd:.3g} of a - b over {len(diffs)} seeds) needs "
+                + (f"n = {need} seeds" if need else f"more than {SEEDS_CAP} seeds")
+                + f" for a {int(level * 100)} % half-width below the mean's distance {dist:.3g} to the margin")
+        return v
     except ValueError as e:  # non-finite evidence (a diverged run) is a failure, never a verdict
         return Verdict(claim, "failed", detail=str(e), **base)
 
