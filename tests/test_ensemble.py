@@ -115,3 +115,21 @@ def test_refuses_mismatched_members(data):
         fit_ensemble([_vit(0), other], [_loader(data, 0), _loader(data, 1)], None, TrainConfig(progress=False))
     with pytest.raises(ValueError, match="train loaders"):
         fit_ensemble([_vit(0), _vit(1)], [_loader(data, 0)], None, TrainConfig(progress=False))
+
+
+def test_seeds_per_hour_table(idx_dir, one_thread):
+    """The benchmark's table in one process (no spawned workers: cheap): the ways, their settings and ratios."""
+    from tokenbook.bench import seeds_per_hour
+
+    df = seeds_per_hour(model_names=("vit_fm_tiny_p4_28",), img_sizes=(28,), ensemble_sizes=(2,), processes=1,
+                        batch_size=16, steps=1, repeats=3, train_subset=64, data_dir=str(idx_dir))
+    assert list(df.columns) == ["model", "img_size", "way", "K", "threads", "processes", "seeds_per_hour",
+                                "ratio_vs_sequential", "q1", "q3", "repeats"]
+    assert df["way"].tolist() == ["sequential", "ensemble"] and df["K"].tolist() == [1, 2]
+    seq = df.iloc[0]
+    assert seq["ratio_vs_sequential"] == seq["q1"] == seq["q3"] == 1.0
+    assert (df["seeds_per_hour"] > 0).all() and (df["q1"] <= df["ratio_vs_sequential"]).all()
+    with pytest.raises(ValueError, match="repeats"):
+        seeds_per_hour(repeats=2)
+    with pytest.raises(ValueError, match="image sizes"):
+        seeds_per_hour(model_names=("a", "b"), img_sizes=(28,))

@@ -719,9 +719,10 @@ def seeds_per_hour(model_names: Sequence[str] = ("vit_fm_tiny_p4_28", "vit_fm_ti
         barrier = ctx.Barrier(processes) if processes > 1 else None
         _seeds_init(register_modules, data_kwargs, threads, None)
         got: dict[tuple, list[float]] = {w: [] for w in ways}
-        with warnings.catch_warnings(), ProcessPoolExecutor(processes, mp_context=ctx, initializer=_seeds_init,
-                                                            initargs=(tuple(register_modules), data_kwargs, 1,
-                                                                      barrier)) as pool:
+        pool_cm = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_seeds_init,
+                                      initargs=(tuple(register_modules), data_kwargs, 1, barrier)) \
+            if processes > 1 else contextlib.nullcontext()
+        with warnings.catch_warnings(), pool_cm as pool:
             warnings.filterwarnings("ignore", message=".*batching rule.*")
 
             def measure(way):
