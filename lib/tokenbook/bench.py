@@ -601,3 +601,147 @@ def train_throughput_table(model_name: str, x: torch.Tensor, y: torch.Tensor, ba
     df.insert(1, "model", model_name)
     df.insert(2, "batch", batch_size)
     return df
+
+
+# ----------------------------------------------------------------------------------------------------------
+# seeds per hour: sequential fit() against seeds in parallel processes and the batched ensemble (issue 19, item 5)
+# ----------------------------------------------------------------------------------------------------------
+_SEEDS_STATE: dict = {}
+
+
+def _seeds_init(modules: Sequence[str], data_kwargs: dict, threads: int, barrier) -> None:
+    """Initialiser of a spawned worker: its threads, the registered model names, the data and the start barrier."""
+    import importlib
+
+    torch.set_num_threads(threads)
+    for m in modules:
+        importlib.import_module(m)
+    _SEEDS_STATE.clear()
+    _SEEDS_STATE["barrier"] = barrier
+    _SEEDS_STATE["data_kwargs"] = data_kwargs
+
+
+class _StartTogether:
+    """fit() hook: wait for the other processes before the timed epoch, so that the processes' timed steps overlap."""
+
+    def __init__(self, barrier):
+        self.barrier = barrier
+
+    def on_epoch_start(self, epoch, model):
+        if epoch == 1 and self.barrier is not None:
+            self.barrier.wait()
+
+
+def _seeds_task(kind: str, model_name: str, members: int, seed0: int, batch: int, steps: int) -> float:
+    """One measurement: ``fit`` (kind 'fit', one seed) or ``fit_ensemble`` (``members`` seeds) for two epochs of
+    ``steps`` steps on the Fashion-MNIST loaders; returns member-steps per second of the second (timed) epoch's pure
+    steps (data loading excluded, as ``fit``'s ``step_time_s``)."""
+    import timm
+
+    from .data import DataConfig, load_data, make_loaders
+    from .ensemble import fit_ensemble
+    from .train import TrainConfig, fit
+
+    if "bundle" not in _SEEDS_STATE:
+        _SEEDS_STATE["bundle"] = load_data(DataConfig(**_SEEDS_STATE["data_kwargs"]))
+    bundle = _SEEDS_STATE["bundle"]
+    cfg = TrainConfig(epochs=2, max_steps_per_epoch=steps, lr=1e-3, warmup_epochs=0.0, progress=False,
+                      accelerator="cpu", batch_size=batch)
+    seeds = [seed0 + k for k in range(members)]
+    models = []
+    for s in seeds:
+        torch.manual_seed(s)
+        models.append(timm.create_model(model_name, num_classes=bundle.num_classes))
+    loaders = [make_loaders(bundle, batch, seed=s, device="cpu")[0] for s in seeds]
+    barrier = _SEEDS_STATE.get("barrier")
+    if kind == "fit":
+        fabric_log = logging.getLogger("lightning_fabric.utilities.rank_zero")
+        level = fabric_log.level
+        fabric_log.setLevel(logging.WARNING)
+        try:
+            hooks = [_StartTogether(barrier)] if barrier is not None else []
+            h = fit(models[0], loaders[0], None, cfg, hooks=hooks, preprocess=bundle.preprocess).history
+        finally:
+            fabric_log.setLevel(level)
+    else:
+        if barrier is not None:  # fit_ensemble takes no hooks: wait after its set-up (one warm-up step longer)
+            barrier.wait()
+        h = fit_ensemble(models, loaders, None, cfg, preprocess=bundle.preprocess, seeds=seeds)[0].history
+    return members * int(h["steps"].iloc[-1]) / float(h["step_time_s"].iloc[-1])
+
+
+def seeds_per_hour(model_names: Sequence[str] = ("vit_fm_tiny_p4_28", "vit_fm_tiny_p4_32"),
+                   img_sizes: Sequence[int] = (28, 32), ensemble_sizes: Sequence[int] = (2, 4),
+                   processes: int = 2, ensemble_in_processes: bool = True, batch_size: int = 128, steps: int = 2,
+                   repeats: int = 3, steps_per_seed: int = 390, train_subset: int = 2048,
+                   register_modules: Sequence[str] = ("tokenbook.models",), data_dir: Optional[str] = None) -> "Any":
+    """Seeds trained per hour on this machine by each way of training independent seeds of ``model_names`` (timm
+    names, one per entry of ``img_sizes``) at ``batch_size`` on Fashion-MNIST (the first ``train_subset`` images):
+
+    - ``sequential``: ``fit()`` in this process with all its threads, one seed after the other (the reference);
+    - ``processes``: ``processes`` seeds side by side in spawned processes with 1 thread each (each builds its model
+      from its name and seed), all released together into the timed epoch;
+    - ``ensemble``: :func:`tokenbook.ensemble.fit_ensemble` with K = ``ensemble_sizes`` members in this process;
+    - ``ensemble x processes``: K members split over ``processes`` processes (1 thread each).
+
+    Each measurement is two short epochs of ``steps`` steps: the first is warm-up (untimed), the second's pure step
+    time is the measurement. The ways run interleaved, their order reversed every other repeat, so that the load
+    of a shared machine hits them alike; ``ratio_vs_sequential`` is the median over the repeats of each repeat's
+    throughput over the sequential throughput of the same repeat (``q1``/``q3`` its interquartile range).
+    ``seeds_per_hour`` = member-steps per second x 3600 / ``steps_per_seed`` (default 390: the 00_baselines cpu
+    profile, 5 epochs of 10 000 images at batch 128); evaluation and data loading are not in it.
+    Returns a tidy DataFrame (model, img_size, way, K, threads, processes, seeds_per_hour, ratio_vs_sequential, q1,
+    q3, repeats)."""
+    import multiprocessing as mp
+    import statistics
+    import warnings
+    from concurrent.futures import ProcessPoolExecutor
+
+    import pandas as pd
+
+    if repeats < 3:
+        raise ValueError(f"repeats must be >= 3 for an interquartile range, got {repeats}")
+    if len(model_names) != len(img_sizes):
+        raise ValueError(f"{len(model_names)} model names but {len(img_sizes)} image sizes (one per model)")
+    threads = torch.get_num_threads()
+    rows = []
+    ctx = mp.get_context("spawn")
+    for name, px in zip(model_names, img_sizes):
+        data_kwargs = dict(dataset="fashion_mnist", img_size=px, train_subset=train_subset, val_subset=256,
+                           data_dir=data_dir)
+        ways: list[tuple[str, int, int, int]] = [("sequential", 1, threads, 1)]  # (way, K, threads, processes)
+        if processes > 1:
+            ways.append(("processes", processes, 1, processes))
+        ways += [("ensemble", k, threads, 1) for k in ensemble_sizes]
+        if ensemble_in_processes and processes > 1:
+            ways += [("ensemble x processes", k, 1, processes) for k in ensemble_sizes if k % processes == 0
+                     and k > processes]
+        barrier = ctx.Barrier(processes) if processes > 1 else None
+        _seeds_init(register_modules, data_kwargs, threads, None)
+        got: dict[tuple, list[float]] = {w: [] for w in ways}
+        pool_cm = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_seeds_init,
+                                      initargs=(tuple(register_modules), data_kwargs, 1, barrier)) \
+            if processes > 1 else contextlib.nullcontext()
+        with warnings.catch_warnings(), pool_cm as pool:
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+            def measure(way):
+                kind, k, _, procs = way
+                if procs == 1:
+                    return _seeds_task("fit" if kind == "sequential" else "ensemble", name, k, 0, batch_size, steps)
+                per = k // procs
+                futs = [pool.submit(_seeds_task, "fit" if kind == "processes" else "ensemble", name, per,
+                                    100 * p, batch_size, steps) for p in range(procs)]
+                return sum(f.result() for f in futs)
+
+            for r in range(repeats):
+                for way in (ways if r % 2 == 0 else ways[::-1]):
+                    got[way].append(measure(way))
+        seq = got[ways[0]]
+        for way, vals in got.items():
+            ratios = [v / s for v, s in zip(vals, seq)]
+            q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+            rows.append({"model": name, "img_size": px, "way": way[0], "K": way[1], "threads": way[2],
+                         "processes": way[3], "seeds_per_hour": statistics.median(vals) * 3600 / steps_per_seed,
+                         "ratio_vs_sequential": statistics.median(ratios), "q1": q1, "q3": q3, "repeats": repeats})
+    return pd.DataFrame(rows)
