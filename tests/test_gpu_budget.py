@@ -243,3 +243,15 @@ def test_registered_loader_rates_charge_training_and_evaluation():
         for k in ("probe", "probe (val)"):
             G.LOADER_RATES.pop(k, None)
             G._RATES.pop(k, None)
+
+
+def test_06_fine_tuning_loops_are_charged_with_the_config_it_trains_with():
+    from tokenbook.experiments import cross_paper as X
+
+    p = params("06_cross_paper")
+    assert p["precision"] == "bf16-mixed"  # the arms' pre-training; fine-tuning is fp32
+    ft, loops = X.finetune_config(p), G.notebook_loops("06_cross_paper", p)
+    rows = [lp for lp in loops if lp.part.startswith("fine-tuning:")]
+    assert len(rows) == len(X.FINETUNE_ROWS) and ft.precision == "32-true"
+    for lp in rows:
+        assert (lp.precision, lp.opt, lp.clip_grad, lp.ema, lp.batch) == ("32-true", ft.opt, True, False, ft.batch_size)

@@ -57,6 +57,7 @@ __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
     "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
+    "finetune_config",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
     "speedup_scale", "TOE_BASES",
 ]
@@ -397,6 +398,18 @@ def toe_speedups(runs: dict[tuple[int, str], ArmRun], params: dict, batch_size: 
     return pd.DataFrame(rows), out
 
 
+def finetune_config(params: dict):
+    """The fine-tuning ``TrainConfig`` of :func:`finetune_arms` (and of its GPU estimate, :func:`gpu_loops`): SGD with
+    momentum, clipping 1.0, warm-up then cosine, fp32 (the profile's ``precision`` is the arms' pre-training's)."""
+    from tokenbook.train import TrainConfig
+
+    return TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
+                       momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
+                       warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
+                       progress=False, accelerator=str(params.get("accelerator", "auto")),
+                       max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+
+
 def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], params: dict, target: Any,
                   latency: bool = True) -> tuple[Any, dict, dict]:
     """Learnable Memory vs full fine-tuning on the held-out classes, from the first seed's ``vit`` and ``t2t``.
@@ -407,14 +420,9 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
     import pandas as pd
 
     from tokenbook.experiments import memory as mem_exp
-    from tokenbook.train import TrainConfig
 
     s0 = int(seeds[0])
-    cfg = TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
-                      momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
-                      warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
-                      progress=False, accelerator=str(params.get("accelerator", "auto")),
-                      max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+    cfg = finetune_config(params)
     cells = int(params["memory_cells"])
     x_val = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
     rows, hists, exact = [], {}, {}
@@ -902,7 +910,6 @@ def gpu_loops(params: dict) -> list:
     from tokenbook import gpu_budget as G
     from tokenbook.experiments import memory as mem_exp
     from tokenbook.experiments import seit as seit_exp
-    from tokenbook.train import TrainConfig
 
     nb = "06_cross_paper"
     src, tgt = parse_classes(params["source_classes"]), parse_classes(params["target_classes"])
@@ -937,9 +944,7 @@ def gpu_loops(params: dict) -> list:
             loops.append(G.Loop(nb, f"{label}, ToE stage {st} ({k} epochs)", G.pixel_build(make, 28, 1),
                                 key=("06", key, dims, st), **{**fit, "epochs": k, "evals": k,
                                                               "steps": fit["steps"] // cfg.epochs * k}))
-    ft = TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
-                     clip_grad=1.0, precision=str(params.get("precision", "32-true")),
-                     max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+    ft = finetune_config(params)  # the config finetune_arms trains with (fp32)
     for key, label, base, mode in FINETUNE_ROWS:
         def make_ft(base=base, mode=mode):
             bb = build_arm_model(ARMS[base], params, len(src), 0).eval().requires_grad_(False)
