@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mfu", type=float, default=0.3, help="fraction of the peak a compute-bound step reaches")
     ap.add_argument("--kernel-us", type=float, default=8.0, help="host time per ATen operator of an eager step (us)")
     ap.add_argument("--loader-us", type=float, default=None, help="pixel loader us/image (default: measured)")
-    ap.add_argument("--notebooks", nargs="+", default=None, help=f"notebooks (default: {', '.join(G.NOTEBOOK_LOOPS)})")
+    ap.add_argument("--notebooks", nargs="+", default=None, help="notebook stems (default: every notebook)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     us, source = loader_rate(a.loader_us)

@@ -1,8 +1,13 @@
 """The GPU time ESTIMATE of the workbook (tokenbook.gpu_budget, scripts/gpu_budget.py): the gpu profile of 00-05 fits
-its 25-minute share of the 30-minute target, every training loop is charged, and the numbers follow the profiles."""
+its 25-minute share of the 30-minute target, every training loop is charged, the numbers follow the profiles, and the
+core engine finds each notebook's loops in its experiments module without importing paper code."""
+import ast
+import importlib
 import importlib.util
 import io
 import math
+import subprocess
+import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -186,3 +191,67 @@ def test_cli_prints_a_markdown_table_and_the_total():
     text = out.getvalue()
     assert "| 00_baselines | small ViT" in text and "**total (ESTIMATE)**" in text and "Total (ESTIMATE):" in text
     assert "5.00 us/image (--loader-us)" in text
+
+
+PAPER = ("tokenbook.models", "tokenbook.methods", "tokenbook.experiments")
+
+
+def test_every_notebook_module_provides_its_gpu_loops():
+    stems = G.notebook_stems(ROOT)
+    assert stems == PAPERS + ["06_cross_paper"]
+    for stem in stems:
+        module = importlib.import_module(f"tokenbook.experiments.{stem.split('_', 1)[1]}")
+        assert callable(getattr(module, "gpu_loops", None)), f"{module.__name__} has no gpu_loops(params)"
+        loops = G.notebook_loops(stem, profile_parameters(ROOT, stem, "smoke"))
+        assert loops and all(isinstance(lp, G.Loop) and lp.notebook == stem for lp in loops), stem
+        assert any(lp.build is not None and lp.steps_per_run() > 0 for lp in loops), f"{stem}: no trained loop"
+    with pytest.raises(ValueError, match="no GPU-estimate loops for '07_nothing'"):
+        G.notebook_loops("07_nothing", {})
+
+
+def test_core_engine_imports_no_paper_code():
+    """Statically (every import statement, function-level and relative ones included) and at run time (a fresh
+    interpreter importing the engine loads no models/methods/experiments module)."""
+    path = ROOT / "lib" / "tokenbook" / "gpu_budget.py"
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = "tokenbook" * (node.level > 0) + "." * (node.level > 0 and bool(node.module)) + (node.module or "")
+            found += [base] + [f"{base}.{a.name}" for a in node.names]
+    assert "tokenbook.bench" in found  # the walk sees the imports
+    assert not [m for m in found if m.startswith(PAPER)], found
+    code = ("import sys, tokenbook.gpu_budget; "
+            f"print(sorted(m for m in sys.modules if m.startswith({PAPER!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_registered_loader_rates_charge_training_and_evaluation():
+    G.register_loader_rate("probe", lambda: 1000.0)
+    G.register_loader_rate("probe (val)", lambda: 500.0)
+    try:
+        df = G.estimate([_tiny_loop(0, data="probe", val_images=1280)], group=False)
+        assert row(df, "tiny w0")["loader_ms"] == pytest.approx(64.0)
+        assert row(df, "tiny w0: evaluation")["loader_ms"] == pytest.approx(64.0)  # batch 128 at 500 us
+        with pytest.raises(ValueError, match="no loader rate for data 'nowhere'"):
+            G.estimate([_tiny_loop(0, data="nowhere")])
+        with pytest.raises(ValueError, match="built in"):
+            G.register_loader_rate("pixels", lambda: 1.0)
+    finally:
+        for k in ("probe", "probe (val)"):
+            G.LOADER_RATES.pop(k, None)
+            G._RATES.pop(k, None)
+
+
+def test_06_fine_tuning_loops_are_charged_with_the_config_it_trains_with():
+    from tokenbook.experiments import cross_paper as X
+
+    p = params("06_cross_paper")
+    assert p["precision"] == "bf16-mixed"  # the arms' pre-training; fine-tuning is fp32
+    ft, loops = X.finetune_config(p), G.notebook_loops("06_cross_paper", p)
+    rows = [lp for lp in loops if lp.part.startswith("fine-tuning:")]
+    assert len(rows) == len(X.FINETUNE_ROWS) and ft.precision == "32-true"
+    for lp in rows:
+        assert (lp.precision, lp.opt, lp.clip_grad, lp.ema, lp.batch) == ("32-true", ft.opt, True, False, ft.batch_size)

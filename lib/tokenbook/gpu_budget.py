@@ -1,7 +1,9 @@
 """ESTIMATE (not a measurement) of a profile's wall time on one H100/H200-class GPU, counted on the CPU.
 
-Each notebook's training loops are :class:`Loop` rows derived from its parameters (:data:`NOTEBOOK_LOOPS`, through the
-notebook's own experiment module: no hand-written counts). :func:`estimate` charges, per loop:
+A general cost engine: it knows steps, loaders and timed parts, not the papers. Each notebook's training loops are
+:class:`Loop` rows derived from its parameters by its own experiments module, ``tokenbook.experiments.<stem>.gpu_loops
+(params)`` (found by :func:`notebook_loops` at call time: this module imports no paper code; no hand-written counts).
+:func:`estimate` charges, per loop:
 
 - training steps = runs x (``steps``, else epochs x floor(images / batch)). One real step is run at a small batch and
   counted in one dispatch pass: the batch work on the device (``Preprocess``, batch hooks), the forward (CPU bf16
@@ -17,7 +19,8 @@ notebook's own experiment module: no hand-written counts). :func:`estimate` char
 
 Not charged: compilation and warm-up, Python between steps (scheduler, logging, syncs), host-to-device copies,
 checkpoints, model construction, figures, CPU-side tables, and the rows marked "not charged". Loader rates are measured
-on this machine's CPU (:func:`measure_loader_us`; without the data :data:`DEFAULT_LOADER_US`), not the GPU machine's.
+on this machine's CPU (:func:`measure_loader_us`; without the data :data:`DEFAULT_LOADER_US`; other loaders:
+:func:`register_loader_rate`), not the GPU machine's.
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ import torch.nn as nn
 
 from tokenbook import bench
 
-__all__ = ["Loop", "Costable", "from_registry", "timm_loop", "token_costable", "step_cost", "estimate", "measure_loader_us",
-           "measure_token_loader_us", "notebook_loops", "workbook_estimate", "NOTEBOOK_LOOPS", "DEFAULT_LOADER_US"]
+__all__ = ["Loop", "Costable", "from_registry", "pixel_build", "timm_loop", "step_cost", "estimate", "time_loader",
+           "measure_loader_us", "register_loader_rate", "fm_images", "fm_sizes", "fit_fields", "latency_loop",
+           "not_charged", "freeze", "notebook_stems", "notebook_loops", "workbook_estimate", "DEFAULT_LOADER_US"]
 
 #: us per image of the pixel loader when Fashion-MNIST is not at hand: measure_loader_us on full Fashion-MNIST (32 px,
 #: batch 256, best of 3 x 20 batches, num_workers 0) on 2026-12-01, "Intel(R) Xeon(R) Processor", 2 shared cores,
@@ -76,7 +80,7 @@ class Loop:
     opt: str = "adamw"
     ema: bool = False
     clip_grad: bool = False
-    data: str = "pixels"  # loader: pixels, tokens (Token-EDA), memory (tensors), none
+    data: str = "pixels"  # loader: pixels, none, memory (tensors) or a registered kind (LOADER_RATES)
     per_sample: bool = False  # operators grow with the batch: counted at two batch sizes
     key: Optional[tuple] = None  # step-cost cache key (None: not shared)
     note: str = ""
@@ -95,21 +99,22 @@ def _identity(x):
     return x
 
 
-def _freeze(d: dict) -> tuple:
+def freeze(d: dict) -> tuple:
+    """``d`` as a hashable, ordered tuple (for step-cost cache keys)."""
     return tuple(sorted((k, repr(v)) for k, v in d.items()))
 
 
 def from_registry(name: str, kwargs: Optional[dict] = None, input_chw: Sequence[int] = (3, 32, 32)):
-    """A ``build`` of ``timm.create_model(name, **kwargs)`` on a float input of ``input_chw``."""
+    """A ``build`` of ``timm.create_model(name, **kwargs)`` on a float input of ``input_chw`` (a workbook model must be
+    registered by then: the experiments module that makes the loop imports its models)."""
     def build():
         import timm
 
-        import tokenbook.models  # noqa: F401  (registers the workbook's models)
         return Costable(timm.create_model(name, **(kwargs or {})), torch.randn(2, *input_chw))
     return build
 
 
-def _pixel_build(make: Callable[[], nn.Module], img_size: int, channels: int = 3, raw=(1, 28, 28)):
+def pixel_build(make: Callable[[], nn.Module], img_size: int, channels: int = 3, raw=(1, 28, 28)):
     """A ``build`` on the uint8 batch path: raw images, ``tokenbook.data.Preprocess`` on the device, the model."""
     def build():
         from tokenbook.data import Preprocess
@@ -123,8 +128,10 @@ def timm_loop(notebook: str, part: str, name: str, kwargs: dict, img_size: int, 
               **loop: Any) -> Loop:
     """A :class:`Loop` of timm model ``name`` on uint8 images ``raw`` preprocessed to ``img_size`` (cached by all)."""
     make = from_registry(name, kwargs)
-    return Loop(notebook, part, _pixel_build(lambda: make().model, img_size, channels, raw),
-                key=("timm", name, _freeze(kwargs), img_size, channels, tuple(raw)), **loop)
+    return Loop(notebook, part, pixel_build(lambda: make().model, img_size, channels, raw),
+                key=("timm", name, freeze(kwargs), img_size, channels, tuple(raw)), **loop)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +242,7 @@ def step_cost(loop: Loop) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # data loader rates, measured on this CPU
 # ----------------------------------------------------------------------------------------------------------
-def _time_loader(loader, n_batches: int, repeats: int = 3) -> float:
+def time_loader(loader, n_batches: int, repeats: int = 3) -> float:
     """us per image over ``n_batches`` batches, best of ``repeats`` (a shared CPU only adds time)."""
     best = math.inf
     for _ in range(repeats):
@@ -258,34 +265,36 @@ def measure_loader_us(bundle, batch: int = 256, n_batches: int = 20) -> float:
     (the uint8 batch path: dataset indexing and collate) on this CPU."""
     from tokenbook.data import make_loaders
 
-    return _time_loader(make_loaders(bundle, batch, num_workers=0, device="cpu")[0], n_batches)
+    return time_loader(make_loaders(bundle, batch, num_workers=0, device="cpu")[0], n_batches)
 
 
-def measure_token_loader_us(grid: int = 14, batch: int = 256, n_batches: int = 10, val: bool = False,
-                            codebook_size: int = 391, n: int = 4096) -> float:
-    """us per image of SeiT's loaders (``experiments.seit.token_loaders``; training: Token-EDA per sample, ``val``:
-    plain ids) on synthetic ids (the cost does not depend on their values), on this CPU."""
-    import numpy as np
+def _memory_loader_us() -> float:
+    """us per image of a shuffled ``DataLoader`` over uint8 images in memory (batch 256), on this CPU."""
+    memory = torch.utils.data.TensorDataset(torch.zeros(8192, 1, 28, 28, dtype=torch.uint8))
+    return time_loader(torch.utils.data.DataLoader(memory, 256, shuffle=True), 20)
 
-    from tokenbook.data.tokens import TokenSet
-    from tokenbook.experiments.seit import TokenData, token_loaders
-    from tokenbook.methods.token_aug import build_synonyms
 
-    ts = TokenSet(np.random.RandomState(0).randint(0, codebook_size, (n, grid, grid)).astype(np.uint16),
-                  np.arange(n) % 10)
-    cb = torch.randn(codebook_size, 32)
-    td = TokenData(ts, ts, cb, build_synonyms(cb), 10, "synthetic", None)
-    return _time_loader(token_loaders(td, batch)[int(val)], n_batches)
+#: loader kind (``Loop.data``) -> ``() -> us per image``, measured once per process when a loop needs it; a kind
+#: ``"<kind> (val)"`` is the evaluation loader of ``<kind>`` (else evaluation reads at the training rate). ``pixels``
+#: (the given or default rate) and ``none`` (0) are built in; experiments modules register theirs.
+LOADER_RATES: dict[str, Callable[[], float]] = {"memory": _memory_loader_us}
+
+
+def register_loader_rate(kind: str, measure: Callable[[], float]) -> None:
+    """Make loops with ``data=kind`` cost ``measure()`` us per image (measured on first use)."""
+    if kind in ("pixels", "none"):
+        raise ValueError(f"loader kind {kind!r} is built in")
+    LOADER_RATES[kind] = measure
 
 
 def _rate(kind: str, pixels_us: float) -> float:
     if kind in ("pixels", "none"):
         return pixels_us if kind == "pixels" else 0.0
     if kind not in _RATES:
-        memory = torch.utils.data.TensorDataset(torch.zeros(8192, 1, 28, 28, dtype=torch.uint8))
-        _RATES[kind] = {"tokens": measure_token_loader_us, "tokens (val)": lambda: measure_token_loader_us(val=True),
-                        "memory": lambda: _time_loader(torch.utils.data.DataLoader(memory, 256, shuffle=True), 20)
-                        }[kind]()
+        if kind not in LOADER_RATES:
+            raise ValueError(f"no loader rate for data {kind!r}; known: pixels, none, {', '.join(LOADER_RATES)} "
+                             "(register_loader_rate)")
+        _RATES[kind] = LOADER_RATES[kind]()
     return _RATES[kind]
 
 
@@ -336,7 +345,7 @@ def estimate(loops: Sequence[Loop], peak_tflops: float = 989.0, mfu: float = 0.3
         if lp.val_images > 0:
             eb = lp.eval_batch or 2 * lp.batch
             passes = lp.runs * (lp.epochs if lp.evals is None else lp.evals) * (2 if lp.ema else 1)
-            us = _rate("tokens (val)", pix) if lp.data == "tokens" else us
+            us = _rate(f"{lp.data} (val)", pix) if f"{lp.data} (val)" in LOADER_RATES else us
             rows.append(_row(lp, f"{lp.part}: evaluation", passes * math.ceil(lp.val_images / eb), c["eval_macs"],
                              c["eval_kernels"], eb, us, peak, mfu, kernel_us, passes,
                              f"forward only, batch {eb}, {passes} passes"))
@@ -370,23 +379,18 @@ def _merge(g) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# what each notebook trains, from its parameters (mirrors the notebook's cells and its experiments module)
+# helpers for the experiments modules' gpu_loops (no paper code here)
 # ----------------------------------------------------------------------------------------------------------
-def _fm(n: int, classes: int = 10, per_class: int = FM_TRAIN) -> int:
+def fm_images(n: int, classes: int = 10, per_class: int = FM_TRAIN) -> int:
     """Images of a Fashion-MNIST subset of ``n`` (0 = all) over ``classes`` classes."""
     return min(int(n), per_class * classes) if n else per_class * classes
 
 
-def _sizes(p: dict, train: str = "train_subset", val: str = "val_subset") -> tuple[int, int]:
+def fm_sizes(p: dict, train: str = "train_subset", val: str = "val_subset") -> tuple[int, int]:
+    """(training, validation) images of the notebook's Fashion-MNIST subsets ``p[train]`` / ``p[val]`` (10 classes)."""
     if p.get("dataset", "fashion_mnist") != "fashion_mnist":
         raise ValueError(f"the GPU estimate knows Fashion-MNIST's image counts only, not {p['dataset']!r}")
-    return _fm(p[train]), _fm(p[val], per_class=FM_VAL)
-
-
-def _seeds(text: str) -> list[int]:
-    from tokenbook.claims import parse_seeds
-
-    return list(parse_seeds(text))
+    return fm_images(p[train]), fm_images(p[val], per_class=FM_VAL)
 
 
 def _recipe(cfg) -> dict:
@@ -394,338 +398,65 @@ def _recipe(cfg) -> dict:
     return dict(precision=cfg.precision, opt=cfg.opt, ema=cfg.ema_decay > 0, clip_grad=bool(cfg.clip_grad))
 
 
-def _fit(cfg, n: int, nv: int, workers: int, runs: int = 1, batch: int = 0) -> dict:
-    """Loop fields of ``runs`` fit() calls with ``cfg`` on ``n`` / ``nv`` images in loaders of ``batch`` (0: the
-    config's): epochs, steps, evaluation passes and the recipe."""
+def fit_fields(cfg, n: int, nv: int, workers: int, runs: int = 1, batch: int = 0) -> dict:
+    """Loop fields of ``runs`` fit() calls with ``cfg`` (a ``TrainConfig``) on ``n`` / ``nv`` images in loaders of
+    ``batch`` (0: the config's): epochs, steps, evaluation passes and the recipe."""
     b = batch or cfg.batch_size
     evals = sum(1 for e in range(cfg.epochs) if (e + 1) % cfg.eval_every == 0 or e + 1 == cfg.epochs)
     return dict(runs=runs, epochs=cfg.epochs, images=n, batch=b, val_images=nv, workers=workers,
                 steps=cfg.epochs * _batches(n, b, cfg.max_steps_per_epoch), evals=evals, **_recipe(cfg))
 
 
-def _cfg(p: dict, **kw):
-    from tokenbook.train import TrainConfig
-
-    return TrainConfig.from_params(p, **kw)
-
-
-def _latency(nb: str, what: str, n: int, t: float) -> Loop:
+def latency_loop(nb: str, what: str, n: int, t: float) -> Loop:
+    """A timed part: ``n`` latency benchmarks of ``t`` seconds each (a lower bound)."""
     return Loop(nb, f"latency: {what} ({n} x {t:g} s)", runs=n, fixed_s=n * t)
 
 
-def _not_charged(nb: str, part: str, note: str) -> Loop:
+def not_charged(nb: str, part: str, note: str) -> Loop:
+    """A row for a part the estimate does not charge, with the reason in ``note``."""
     return Loop(nb, part, fixed_label="not charged", note=note)
 
 
-def _models(text: str) -> int:
-    return len([m for m in text.split(",") if m.strip()])
+# ----------------------------------------------------------------------------------------------------------
+# the notebooks' loops, found by stem
+# ----------------------------------------------------------------------------------------------------------
+def _root(root=None):
+    from pathlib import Path
+
+    from tokenbook.results import repo_root
+
+    return Path(root) if root is not None else repo_root()
 
 
-def _loops_00(p: dict) -> list[Loop]:
-    nb, img, (n, nv) = "00_baselines", p["img_size"], _sizes(p)
-    cfg = _cfg(p, max_steps_per_epoch=p["max_steps_per_epoch"] or None)
-    loops = [timm_loop(nb, f"small ViT {p['model_name']}", p["model_name"], dict(num_classes=10, img_size=img), img,
-                       **_fit(cfg, n, nv, p["num_workers"]))]
-    if p["latency"]:
-        loops.append(_latency(nb, "efficiency table", _models(p["eff_models"]), p["latency_min_run_time"]))
-    if p["bench_throughput"]:
-        loops.append(_not_charged(nb, "training-throughput benchmark", "fit() on the CPU (accelerator 'cpu')"))
-    return loops
-
-
-def _loops_01(p: dict) -> list[Loop]:
-    from tokenbook.experiments import vittm as X
-
-    nb, img, name, (n, nv), seeds = "01_vittm", p["img_size"], p["model_name"], _sizes(p), _seeds(p["seeds"])
-    S, w, b = len(seeds), p["num_workers"], p["batch_size"]  # the loaders' batch, also under a recipe
-    cfg = X.make_train_config(p, p["recipe"])
-    dp = dict(drop_path_rate=p["drop_path_rate"], num_classes=10, img_size=img)
-    loops = [timm_loop(nb, f"section 2: {name} x {S} seeds", name, dict(dp, **({"embed_dim": p["embed_dim"]} if
-                       p["embed_dim"] else {})), img, **_fit(cfg, n, nv, w, S, b)),
-             timm_loop(nb, f"section 2: {p['vit_name']} x {S} seeds", p["vit_name"], dp, img,
-                       **_fit(cfg, n, nv, w, S, b))]
-    if p["pretrain_dataset"]:
-        loops.append(_not_charged(nb, "pre-training stage", "its dataset's size is unknown here"))
-    # ablations: the claim arms for every seed, the studies' other settings with the first seed; a configuration
-    # already trained for a seed is reused (the notebook's shared cache, keyed by vittm._config_key)
-    ab = X.make_train_config(p, "", epochs=p["ablation_epochs"], lr=p["ablation_lr"], ema_decay=0.0, progress=False)
-    base, seen, todo = dict(embed_dim=p["ablation_embed_dim"], depth=p["ablation_depth"], img_size=img,
-                            num_classes=10), set(), {}
-    studies = [s.strip() for s in p["ablation_studies"].split(",") if s.strip()]
-    labels = {"head_fusion": [f"{h.strip()}+{f.strip()}" for h in p["ablation_heads"].split(",")
-                              for f in p["ablation_fusions"].split(",")],
-              "patch_sizes": [s.strip() for s in p["ablation_patch_sizes"].split(",") if s.strip()] or None}
-
-    def add(kw: dict, seed: int, part: str) -> None:
-        args = {**base, **kw}
-        key = (X._config_key(X.create(name, **args)), seed)
-        if key not in seen:
-            seen.add(key)
-            todo.setdefault((part, _freeze(args)), [args, 0])[1] += 1
-    for s in seeds if p["ablation_claims"] else []:
-        for study, setting in X.CLAIM_ARMS.values():
-            add(X.ablation_configs(study, img)[setting], s, f"ablations: claim arms x {S} seeds")
-    for study in studies:
-        cfgs = X.ablation_configs(study, img)
-        for label in labels.get(study) or list(cfgs):
-            add(cfgs[label], seeds[0], f"ablations: other settings of {', '.join(studies)} (seed {seeds[0]})")
-    na, nva = _sizes(p, "ablation_train_subset", "ablation_val_subset")
-    loops += [timm_loop(nb, part, name, args, img, **_fit(ab, na, nva, w, runs, b)) for (part, _), (args, runs) in
-              todo.items()]
-    if p["latency"]:
-        loops += [_latency(nb, "efficiency table", _models(p["eff_models"]), p["latency_min_run_time"]),
-                  _latency(nb, "section 2 models, first seed", 2, p["latency_min_run_time"])]
-    if p["latency_repeats"]:
-        loops.append(_not_charged(nb, "latency claim: ViT-B/16 vs ViTTM-B interleaved",
-                                  f"2 x {p['latency_repeats']} fp32 forwards at batch {p['latency_batch']}: seconds"))
-    return loops
-
-
-def _loops_02(p: dict) -> list[Loop]:
-    from tokenbook.experiments import t2t_vit as T
-
-    if p["scale"] != "fmnist":
-        raise ValueError("the GPU estimate covers the fmnist scale of 02_t2t_vit")
-    nb, img, ch, (n, nv), S = "02_t2t_vit", p["img_size"], p["channels"], _sizes(p), len(_seeds(p["seeds"]))
-    cfg = _cfg(p, max_steps_per_epoch=p["max_steps_per_epoch"] or None)
-    variants = T.fmnist_ablations(img_size=img, in_chans=ch, num_classes=10, embed_dim=p["embed_dim"] or None,
-                                  depth=p["depth"] or None, num_heads=p["num_heads"] or None)
-    runs: dict = {}  # t2t_vit.train_variants trains keys naming the same model and kwargs once
-    for key in [k.strip() for k in p["train_variants"].split(",") if k.strip()]:
-        name, kw = variants[key]
-        kw = {**kw, "drop_path_rate": p["drop_path_rate"], "num_classes": 10, "img_size": img, "in_chans": ch}
-        runs.setdefault((name, _freeze(kw)), [name, kw, []])[2].append(key)
-    return [timm_loop(nb, f"{' = '.join(keys)} x {S} seeds", name, kw, img, ch, **_fit(cfg, n, nv, p["num_workers"], S))
-            for name, kw, keys in runs.values()]
-
-
-def _toe_build(p: dict, kw: dict, toe_cfg: Optional[dict], epoch: int = 0, pre: bool = True):
-    def make():
-        from tokenbook.experiments import toe as E
-        from tokenbook.methods import toe as M
-
-        m = E.build_model(p["model_name"], 0, toe_cfg, p["toe_block_index"], **kw)
-        if toe_cfg is not None:
-            M.ToEStageHook().on_epoch_start(epoch, m)  # the stage of that epoch, as in training
-        return m
-    img = p["img_size"]
-    return _pixel_build(make, img) if pre else lambda: Costable(make(), torch.randn(2, 3, img, img))
-
-
-def _loops_03(p: dict) -> list[Loop]:
-    from tokenbook.experiments import toe as E
-    from tokenbook.methods import toe as M
-
-    nb, (n, nv), S, name = "03_toe", _sizes(p), len(_seeds(p["seeds"])), p["model_name"]
-    toe_cfg, cfg = E.toe_config(p), E.train_config(p)
-    kw = dict(num_classes=10, img_size=p["img_size"], drop_path_rate=p["drop_path_rate"])
-    fit, key = _fit(cfg, n, nv, p["num_workers"], S), ("toe", name, _freeze(kw), p["toe_block_index"])
-    loops = [Loop(nb, f"full-token {name} x {S} seeds", _toe_build(p, kw, None), key=key, **fit)] \
-        if p["run_baseline"] else []
-    stages = [M.stage_for_epoch(toe_cfg["expansion_step"], e) for e in range(cfg.epochs)]
-    for s in dict.fromkeys(stages):  # ToE charged per stage at its kept tokens; evaluation is full-token
-        k = stages.count(s)
-        loops.append(Loop(nb, f"ToE stage {s} ({k} epochs) x {S} seeds", _toe_build(p, kw, toe_cfg, stages.index(s)),
-                          key=key + ("stage", s), **{**fit, "epochs": k, "evals": k,
-                                                     "steps": fit["steps"] // cfg.epochs * k}))
-    ts = M.TokenSelect(**toe_cfg)
-    active = sum(ts.stage_active(s) for s in range(1, ts.num_stages + 1))
-    loops.append(Loop(nb, f"token-select overhead timing ({active} stages x 3 variants)",
-                      _toe_build(p, kw, None, pre=False), batch=p["overhead_batch"], precision="32-true", opt="sgd",
-                      steps=active * 3 * (p["overhead_warmup"] + p["overhead_steps"]), data="none",
-                      key=key + ("overhead",), note="fp32, synthetic batches; every variant at the full-token step "
-                                                    "(an upper bound)"))
-    return loops
-
-
-def _loops_04(p: dict) -> list[Loop]:
-    from tokenbook.experiments import seit as X
-
-    if p["token_source"] != "train":
-        raise ValueError("the GPU estimate covers token_source 'train' (the tokenizer trained in the notebook)")
-    nb, (n, nv), S = "04_seit", _sizes(p), len(_seeds(p["seeds"]))
-    grid, K, D, crop = 28 // p["tokenizer_downsample"], p["codebook_size"], p["code_dim"], p["crop"]
-    cpu = "on the GPU (experiments.seit.token_device)"
-    tok = dict(in_chans=1, image_size=28, downsample=p["tokenizer_downsample"], codebook_size=K, code_dim=D,
-               hidden=p["tokenizer_hidden"])
-    ta = dict(code_dim=D, codebook_size=K, in_grid=grid, out_grid=crop, dim=p["ta_dim"], heads=p["ta_heads"],
-              dim_head=p["ta_dim_head"])
-    loops = [Loop(nb, f"VQ tokenizer training ({p['tokenizer_steps']} steps)", lambda: _tokenizer(tok),
-                  steps=p["tokenizer_steps"], batch=p["tokenizer_batch"], precision="32-true", opt="adam",
-                  data="memory", key=("vq", _freeze(tok)), note=cpu + "; tokenizing every image after: not charged")]
-    variants = X.parse_variants(p["variants"])
-    if any(X.VARIANTS[v][2] for v in variants) and not p["tokenadapt_ckpt"]:
-        loops.append(Loop(nb, f"TokenAdapt f/g training ({p['ta_steps']} steps)",
-                          lambda: _ta_train(tok, ta, p["ta_per_sample"]), steps=p["ta_steps"], batch=p["ta_batch"],
-                          precision="32-true", data="memory", per_sample=True,
-                          key=("ta", _freeze(tok), _freeze(ta), p["ta_per_sample"]),
-                          note=cpu + "; its Mixup/CutMix not charged"))
-    for v in variants:
-        fit = _fit(X.train_config(p, v), n, nv, p["num_workers"], S)
-        if X.VARIANTS[v][0] == "pixels":
-            loops.append(timm_loop(nb, f"{v}: {p['pixel_model']} x {S} seeds", p["pixel_model"],
-                                   dict(num_classes=10, img_size=p["img_size"], drop_path_rate=p["drop_path"]),
-                                   p["img_size"], **fit))
-            continue
-        tm = dict(num_classes=10, img_size=crop, in_chans=D, drop_path_rate=p["drop_path"])
-        loops.append(Loop(nb, f"{v}: {p['token_model']} + batch hook x {S} seeds",
-                          lambda v=v, tm=tm: _token_classifier(p, v, tm, ta, grid), data="tokens", per_sample=True,
-                          key=("seit", v, _freeze(tm), _freeze(ta), p["rrc_scale_min"], p["ta_per_sample"]), **fit))
-    return loops
-
-
-def _tokenizer(kw: dict) -> Costable:
-    from tokenbook.data.tokens import VQTokenizer
-
-    return Costable(VQTokenizer(**kw), torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8), lambda x: x / 255.0)
-
-
-class _TokenAdaptStep(nn.Module):
-    """The step of ``methods.token_aug.train_tokenadapt``: tokens of the images and of their spatially augmented
-    copies (no grad), then f, the same augmentation in f-space, and g's code logits."""
-
-    def __init__(self, ta: nn.Module, tok: nn.Module, per_sample: bool):
-        super().__init__()
-        self.ta, self.tok, self.per_sample = ta.set_trainable(True), tok.eval().requires_grad_(False), per_sample
-        self.cb = tok.export_codebook().float()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from tokenbook.methods.token_aug import apply_spatial, embed_ids, sample_spatial_params
-
-        m, g = self.ta.out_grid, self.ta.in_grid
-        with torch.no_grad():
-            ids = self.tok.encode(x)
-            sp = sample_spatial_params(x.shape[0], 2 * g, 2 * g, per_sample=self.per_sample)
-            self.tok.encode(apply_spatial(x, sp, m * (x.shape[-1] // g)).clamp(0, 1))
-        return self.ta.forward_logits(apply_spatial(self.ta.forward_conversion(embed_ids(ids, self.cb)), sp, 2 * m))
-
-
-def _ta_train(tok: dict, ta: dict, per_sample: bool) -> Costable:
-    from tokenbook.data.tokens import VQTokenizer
-    from tokenbook.models.seit import TokenAdapt
-
-    return Costable(_TokenAdaptStep(TokenAdapt(**ta), VQTokenizer(**tok), per_sample),
-                    torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), lambda x: x / 255.0)
-
-
-def token_costable(model: nn.Module, variant: str, ta: dict, num_classes: int, crop: int, rrc_scale_min: float,
-                   per_sample: bool = True, grid: int = 14) -> Costable:
-    """A token classifier ``model`` with the variant's batch hook (``experiments.seit.make_hook``; TokenAdapt of
-    ``ta``'s sizes for the TokenAdapt variants) as its device-side batch work, on the ids the token loader yields."""
-    from tokenbook.experiments import seit as X
-    from tokenbook.models.seit import TokenAdapt
-
-    cb = torch.randn(ta["codebook_size"], ta["code_dim"])
-    model.set_codebook(cb)
-    hook = X.make_hook(variant, cb, num_classes, crop, TokenAdapt(**ta) if X.VARIANTS[variant][2] else None,
-                       rrc_scale_min, per_sample)
-    return Costable(model, torch.randint(0, ta["codebook_size"], (4, grid, grid)),
-                    lambda x: hook(x, torch.arange(x.shape[0]) % num_classes)[0], _identity)
-
-
-def _token_classifier(p: dict, v: str, tm: dict, ta: dict, grid: int) -> Costable:
-    """04's token ViT (``token_model``) with the variant's batch hook."""
-    import timm
-
-    import tokenbook.models  # noqa: F401
-
-    return token_costable(timm.create_model(p["token_model"], **tm), v, ta, 10, p["crop"], p["rrc_scale_min"],
-                          p["ta_per_sample"], grid)
-
-
-def _classes(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c.strip()]
-
-
-def _memory_build(p: dict, mode: str, cells: int, classes: int, raw: tuple, extend_from: int = 0):
-    def make():
-        from tokenbook.experiments import memory as X
-
-        bb = X.load_backbone(p["model_name"], len(_classes(p["source_classes"])) or p["checkpoint_num_classes"],
-                             img_size=p["img_size"], patch_size=p["patch_size"]).eval().requires_grad_(False)
-        if not extend_from:
-            return X.finetune_model(bb, mode, classes, cells=cells, task="t", memory_norm=p["memory_norm"])
-        base = X.finetune_model(bb, "memory", extend_from, cells=cells, task="a", memory_norm=p["memory_norm"])
-        m = X.MemoryViT(bb, memory_norm=base.memory_norm, impl=base.impl)  # as experiments.memory.train_extension
-        m.load_task("a", base.task_state_dict("a"))
-        m.add_task("t", classes, cells=cells, extend=True)
-        X.set_trainable(m, "memory", "t")
-        return m.set_outputs("t")
-    return _pixel_build(make, p["img_size"], 3, raw)
-
-
-def _loops_05(p: dict) -> list[Loop]:
-    from tokenbook.experiments import memory as X
-
-    nb, img, S, w = "05_memory", p["img_size"], len(_seeds(p["seeds"])), p["num_workers"]
-    src = _classes(p["source_classes"])
-    bb = dict(num_classes=len(src), img_size=img, **({"patch_size": p["patch_size"]} if p["patch_size"] else {}))
-    loops = []
-    if not p["backbone_checkpoint"]:
-        from tokenbook.train import TrainConfig  # the notebook's pre-training config: AdamW, no clipping, no EMA
-
-        cfg = TrainConfig(epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"], precision=p["precision"])
-        loops.append(timm_loop(nb, f"source pre-training on classes {p['source_classes']}", p["model_name"], bb, img,
-                               **_fit(cfg, _fm(p["pretrain_subset"], len(src)), _fm(p["val_subset"], len(src), FM_VAL),
-                                      w)))
-    tasks = []  # (spec, train images, val images, classes, raw image shape)
-    for item in [s.strip() for s in p["targets"].split(";") if s.strip()]:
-        kind, _, arg = item.partition(":")
-        if kind == "fm":
-            c = len(_classes(arg))
-            tasks.append((item, _fm(p["train_subset"], c), _fm(p["val_subset"], c, FM_VAL), c, (1, 28, 28)))
-        elif kind == "digits":  # tokenbook.data.tasks.digits_data: 1,797 8x8 images
-            nv = min(p["val_subset"] or 597, 897)
-            tasks.append((item, min(p["train_subset"] or 1797, 1797 - nv), nv, 10, (1, 8, 8)))
-        else:
-            raise ValueError(f"the GPU estimate knows fm:<classes> and digits targets, not {item!r}")
-    cfg = X.finetune_train_config(p)
-    for mode, cells in X.parse_methods(p["methods"]):
-        label = X.method_label(mode, cells)
-        for _, n, nv, c, raw in tasks:
-            t = X.finetune_config(cfg, mode, n, p["train_steps"], p["full_lr"], p["val_evals"])
-            loops.append(Loop(nb, f"fine-tuning {label} ({len(tasks)} tasks x {S} seeds)",
-                              _memory_build(p, mode, cells, c, raw), key=("memory", label, c, raw, _freeze(bb),
-                                                                          p["memory_norm"]), **_fit(t, n, nv, w, S)))
-    if len(tasks) >= 2:
-        (_, _, _, c0, _), (spec, n, nv, c, raw) = tasks[:2]
-        t = X.finetune_config(cfg, "memory", n, p["train_steps"])
-        loops.append(Loop(nb, f"extension: memory-{p['concat_cells']} on {spec}",
-                          _memory_build(p, "memory", p["concat_cells"], c, raw, extend_from=c0), **_fit(t, n, nv, w)))
-    if p["latency"]:
-        loops.append(_latency(nb, "merged vs separate models", len(tasks) + 1, p["latency_min_run_time"]))
-    return loops + [_not_charged(nb, "concatenation study, source-head checks",
-                                 "forward passes of the merged models over the validation sets")]
-
-
-def _loops_06(p: dict) -> list[Loop]:
-    from tokenbook.experiments.cross_paper import gpu_loops
-
-    return gpu_loops(p)
-
-
-#: notebook stem -> ``loops(params) -> list[Loop]`` (params: parameter-cell defaults merged with a profile); other
-#: notebooks register theirs here
-NOTEBOOK_LOOPS: dict[str, Callable[[dict], list[Loop]]] = {
-    "00_baselines": _loops_00, "01_vittm": _loops_01, "02_t2t_vit": _loops_02, "03_toe": _loops_03,
-    "04_seit": _loops_04, "05_memory": _loops_05, "06_cross_paper": _loops_06,
-}
+def notebook_stems(root=None) -> list[str]:
+    """The workbook's notebook stems (``notebooks/NN_<stem>.ipynb``), in order."""
+    return sorted(p.stem for p in (_root(root) / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
 def notebook_loops(stem: str, params: dict) -> list[Loop]:
-    """The training loops (and timed parts) of notebook ``stem`` run with ``params``."""
-    if stem not in NOTEBOOK_LOOPS:
-        raise ValueError(f"no GPU-estimate loops for {stem!r}; known: {', '.join(NOTEBOOK_LOOPS)}")
-    return NOTEBOOK_LOOPS[stem](params)
+    """The training loops (and timed parts) of notebook ``stem`` (``NN_<name>``) run with ``params``:
+    ``tokenbook.experiments.<name>.gpu_loops(params)``, imported now (the core imports no paper code)."""
+    import importlib
+
+    name = stem.split("_", 1)[1] if stem[:2].isdigit() and "_" in stem else ""
+    try:
+        module = importlib.import_module(f"tokenbook.experiments.{name}") if name.isidentifier() else None
+    except ModuleNotFoundError as e:
+        if e.name != f"tokenbook.experiments.{name}":
+            raise
+        module = None
+    loops = getattr(module, "gpu_loops", None)
+    if loops is None:
+        raise ValueError(f"no GPU-estimate loops for {stem!r}: tokenbook.experiments.{name or '<stem>'} has no "
+                         "gpu_loops(params)")
+    return loops(params)
 
 
 def workbook_estimate(profile: str = "gpu", root=None, notebooks: Optional[Sequence[str]] = None, **kw):
     """:func:`estimate` (``kw``) of every notebook, or of ``notebooks``, under ``profile``: an ESTIMATE."""
-    from pathlib import Path
-
-    from tokenbook.results import repo_root
     from tokenbook.runner import profile_parameters
 
-    root = Path(root) if root is not None else repo_root()
-    return estimate([lp for stem in (notebooks or list(NOTEBOOK_LOOPS))
-                     for lp in notebook_loops(stem, profile_parameters(root, stem, profile))], **kw)
+    root = _root(root)
+    stems = list(notebooks) if notebooks else notebook_stems(root)
+    return estimate([lp for stem in stems for lp in notebook_loops(stem, profile_parameters(root, stem, profile))],
+                    **kw)

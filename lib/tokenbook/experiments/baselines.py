@@ -183,3 +183,26 @@ def throughput_decision(tp: pd.DataFrame, gain_needed: float = 1.1, run_s: float
                      "measured": f"{float(r['vs_fit']):.2f}x fit() on batches in memory",
                      "decision": "kept: the runs read the Arrow-backed dataset as a user's would"})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core)
+# ----------------------------------------------------------------------------------------------------------
+def gpu_loops(params: dict) -> list:
+    """The small ViT's training run (and the timed parts) under ``params`` as :class:`tokenbook.gpu_budget.Loop`
+    rows, what :func:`tokenbook.gpu_budget.estimate` costs."""
+    import tokenbook.models  # noqa: F401  (registers the small ViTs)
+    from tokenbook import gpu_budget as G
+    from tokenbook.train import TrainConfig
+
+    p, nb = params, "00_baselines"
+    img, (n, nv) = p["img_size"], G.fm_sizes(p)
+    cfg = TrainConfig.from_params(p, max_steps_per_epoch=p["max_steps_per_epoch"] or None)
+    loops = [G.timm_loop(nb, f"small ViT {p['model_name']}", p["model_name"], dict(num_classes=10, img_size=img), img,
+                         **G.fit_fields(cfg, n, nv, p["num_workers"]))]
+    if p["latency"]:
+        models = len([m for m in p["eff_models"].split(",") if m.strip()])
+        loops.append(G.latency_loop(nb, "efficiency table", models, p["latency_min_run_time"]))
+    if p["bench_throughput"]:
+        loops.append(G.not_charged(nb, "training-throughput benchmark", "fit() on the CPU (accelerator 'cpu')"))
+    return loops

@@ -57,6 +57,7 @@ __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
     "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
+    "finetune_config",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
     "speedup_scale", "TOE_BASES",
 ]
@@ -397,6 +398,18 @@ def toe_speedups(runs: dict[tuple[int, str], ArmRun], params: dict, batch_size: 
     return pd.DataFrame(rows), out
 
 
+def finetune_config(params: dict):
+    """The fine-tuning ``TrainConfig`` of :func:`finetune_arms` (and of its GPU estimate, :func:`gpu_loops`): SGD with
+    momentum, clipping 1.0, warm-up then cosine, fp32 (the profile's ``precision`` is the arms' pre-training's)."""
+    from tokenbook.train import TrainConfig
+
+    return TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
+                       momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
+                       warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
+                       progress=False, accelerator=str(params.get("accelerator", "auto")),
+                       max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+
+
 def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], params: dict, target: Any,
                   latency: bool = True) -> tuple[Any, dict, dict]:
     """Learnable Memory vs full fine-tuning on the held-out classes, from the first seed's ``vit`` and ``t2t``.
@@ -407,14 +420,9 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
     import pandas as pd
 
     from tokenbook.experiments import memory as mem_exp
-    from tokenbook.train import TrainConfig
 
     s0 = int(seeds[0])
-    cfg = TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
-                      momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
-                      warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
-                      progress=False, accelerator=str(params.get("accelerator", "auto")),
-                      max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+    cfg = finetune_config(params)
     cells = int(params["memory_cells"])
     x_val = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
     rows, hists, exact = [], {}, {}
@@ -889,7 +897,7 @@ def _ta_sizes(params: dict) -> dict:
 
 def _token_costable(arm: Arm, params: dict, num_classes: int):
     """The token arm's model with its SeiT batch hook as the device-side batch work (ids in, as the loader gives)."""
-    from tokenbook.gpu_budget import token_costable
+    from tokenbook.experiments.seit import token_costable
 
     return token_costable(build_arm_model(arm, params, num_classes, 0), arm.variant, _ta_sizes(params), num_classes,
                           int(params["crop"]), float(params["rrc_scale_min"]))
@@ -903,12 +911,12 @@ def gpu_loops(params: dict) -> list:
     from tokenbook import gpu_budget as G
     from tokenbook.experiments import memory as mem_exp
     from tokenbook.experiments import seit as seit_exp
-    from tokenbook.train import TrainConfig
 
     nb = "06_cross_paper"
     src, tgt = parse_classes(params["source_classes"]), parse_classes(params["target_classes"])
-    n_tr, n_va = G._fm(params["train_subset"], len(src)), G._fm(params["val_subset"], len(src), G.FM_VAL)
-    n_ft, nv_ft = G._fm(params["ft_train_subset"], len(tgt)), G._fm(params["ft_val_subset"], len(tgt), G.FM_VAL)
+    n_tr, n_va = G.fm_images(params["train_subset"], len(src)), G.fm_images(params["val_subset"], len(src), G.FM_VAL)
+    n_ft = G.fm_images(params["ft_train_subset"], len(tgt))
+    nv_ft = G.fm_images(params["ft_val_subset"], len(tgt), G.FM_VAL)
     seeds, w = len([x for x in str(params["seeds"]).split(",") if x.strip()]), int(params.get("num_workers", 0))
     dims = (int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"]))
     loops: list = []
@@ -918,12 +926,12 @@ def gpu_loops(params: dict) -> list:
         if arm.input == "tokens":
             cfg = seit_exp.train_config(token_params(params, 0), arm.variant)
             loops.append(G.Loop(nb, label, lambda arm=arm: _token_costable(arm, params, len(src)), data="tokens",
-                                per_sample=True, key=("06", key, dims), **G._fit(cfg, n_tr, n_va, w, seeds)))
+                                per_sample=True, key=("06", key, dims), **G.fit_fields(cfg, n_tr, n_va, w, seeds)))
             continue
         cfg = pixel_config(params, 0)
-        fit = G._fit(cfg, n_tr, n_va, w, seeds)
+        fit = G.fit_fields(cfg, n_tr, n_va, w, seeds)
         if not arm.toe:
-            loops.append(G.Loop(nb, label, G._pixel_build(lambda arm=arm: build_arm_model(arm, params, len(src), 0),
+            loops.append(G.Loop(nb, label, G.pixel_build(lambda arm=arm: build_arm_model(arm, params, len(src), 0),
                                                           28, 1), key=("06", key, dims), **fit))
             continue
         stages = [toe_method.stage_for_epoch(toe_kwargs(params)["expansion_step"], e) for e in range(cfg.epochs)]
@@ -934,47 +942,46 @@ def gpu_loops(params: dict) -> list:
                 m = build_arm_model(arm, params, len(src), 0)
                 toe_method.ToEStageHook().on_epoch_start(e0, m)
                 return m
-            loops.append(G.Loop(nb, f"{label}, ToE stage {st} ({k} epochs)", G._pixel_build(make, 28, 1),
+            loops.append(G.Loop(nb, f"{label}, ToE stage {st} ({k} epochs)", G.pixel_build(make, 28, 1),
                                 key=("06", key, dims, st), **{**fit, "epochs": k, "evals": k,
                                                               "steps": fit["steps"] // cfg.epochs * k}))
-    ft = TrainConfig(epochs=int(params["ft_epochs"]), batch_size=int(params["ft_batch_size"]), opt="sgd",
-                     clip_grad=1.0, precision=str(params.get("precision", "32-true")),
-                     max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+    ft = finetune_config(params)  # the config finetune_arms trains with (fp32)
     for key, label, base, mode in FINETUNE_ROWS:
         def make_ft(base=base, mode=mode):
             bb = build_arm_model(ARMS[base], params, len(src), 0).eval().requires_grad_(False)
             return mem_exp.finetune_model(bb, mode, len(tgt), cells=int(params["memory_cells"]) if mode == "memory"
                                           else 0, task="t")
-        loops.append(G.Loop(nb, f"fine-tuning: {label} x {seeds} seeds", G._pixel_build(make_ft, 28, 1),
-                            key=("06", key, dims), **G._fit(ft, n_ft, nv_ft, w, seeds)))
+        loops.append(G.Loop(nb, f"fine-tuning: {label} x {seeds} seeds", G.pixel_build(make_ft, 28, 1),
+                            key=("06", key, dims), **G.fit_fields(ft, n_ft, nv_ft, w, seeds)))
     tokens = [k for k in parse_arms(params["arms"]) if ARMS[k].input == "tokens"]
     if tokens:
         tok = dict(in_chans=1, image_size=28, downsample=2, codebook_size=int(params["codebook_size"]),
                    code_dim=int(params["code_dim"]), hidden=int(params["tokenizer_hidden"]))
         loops.append(G.Loop(nb, f"VQ tokenizer training ({params['tokenizer_steps']} steps)",
-                            lambda: G._tokenizer(tok), steps=int(params["tokenizer_steps"]),
+                            lambda: seit_exp.tokenizer_costable(tok), steps=int(params["tokenizer_steps"]),
                             batch=int(params["tokenizer_batch"]), precision="32-true", opt="adam", data="memory",
-                            key=("vq", G._freeze(tok)), note="tokenizing every image after: not charged"))
+                            key=("vq", G.freeze(tok)), note="tokenizing every image after: not charged"))
         if any(seit_exp.VARIANTS[ARMS[k].variant][2] for k in tokens):
             ta = _ta_sizes(params)
             loops.append(G.Loop(nb, f"TokenAdapt f/g training ({params['ta_steps']} steps)",
-                                lambda: G._ta_train(tok, ta, True), steps=int(params["ta_steps"]),
+                                lambda: seit_exp.tokenadapt_costable(tok, ta, True), steps=int(params["ta_steps"]),
                                 batch=int(params["ta_batch"]), precision="32-true", data="memory", per_sample=True,
-                                key=("ta", G._freeze(tok), G._freeze(ta), True)))
+                                key=("ta", G.freeze(tok), G.freeze(ta), True)))
     toe_arms = [k for k in parse_arms(params["arms"]) if ARMS[k].toe]
     if toe_arms:
         n_steps = 2 * 3 * (int(params["speedup_warmup"]) + int(params["speedup_steps"]))  # 2 active stages
         for k in toe_arms:
             base = ARMS[TOE_BASES[k]]
             loops.append(G.Loop(nb, f"interleaved ToE step timing: {ARMS[k].label}",
-                                G._pixel_build(lambda base=base: build_arm_model(base, params, len(src), 0), 28, 1),
+                                G.pixel_build(lambda base=base: build_arm_model(base, params, len(src), 0), 28, 1),
                                 batch=int(params["speedup_batch"]), precision="32-true", opt="sgd", steps=n_steps,
                                 data="none", key=("06", "speedup", k, dims),
                                 note="fp32, synthetic batches; 3 variants x 2 stages, each at the full-token step "
                                      "(an upper bound)"))
     if params.get("latency", True):
         timed = len([k for k in parse_arms(params["arms"]) if not ARMS[k].toe]) + len(FINETUNE_ROWS)
-        loops.append(G._latency(nb, "inference of the trained models", timed, float(params["latency_min_run_time"])))
+        loops.append(G.latency_loop(nb, "inference of the trained models", timed,
+                                    float(params["latency_min_run_time"])))
     return loops
 
 

@@ -1097,3 +1097,81 @@ def class_token_patch_attention(model: MemoryViT, images: torch.Tensor, layer: i
     for j, n in enumerate(token_tasks):
         out[n] = r.tasks[:, :, j, npt:L0].reshape(B, H, gh, gw)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core)
+# ----------------------------------------------------------------------------------------------------------
+def _gpu_classes(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def _gpu_build(p: dict, mode: str, cells: int, classes: int, raw: tuple, extend_from: int = 0):
+    """A ``build`` of one fine-tuning run's model (``extend_from``: the extension of a memory model of that many
+    classes, as :func:`train_extension`) on the uint8 batch path."""
+    from tokenbook import gpu_budget as G
+
+    def make():
+        bb = load_backbone(p["model_name"], len(_gpu_classes(p["source_classes"])) or p["checkpoint_num_classes"],
+                           img_size=p["img_size"], patch_size=p["patch_size"]).eval().requires_grad_(False)
+        if not extend_from:
+            return finetune_model(bb, mode, classes, cells=cells, task="t", memory_norm=p["memory_norm"])
+        base = finetune_model(bb, "memory", extend_from, cells=cells, task="a", memory_norm=p["memory_norm"])
+        m = MemoryViT(bb, memory_norm=base.memory_norm, impl=base.impl)  # as train_extension
+        m.load_task("a", base.task_state_dict("a"))
+        m.add_task("t", classes, cells=cells, extend=True)
+        set_trainable(m, "memory", "t")
+        return m.set_outputs("t")
+    return G.pixel_build(make, p["img_size"], 3, raw)
+
+
+def gpu_loops(params: dict) -> list:
+    """This notebook's training loops under ``params`` as :class:`tokenbook.gpu_budget.Loop` rows (what
+    :func:`tokenbook.gpu_budget.estimate` costs): the source pre-training, every method x task x seeds, the extension
+    study and the latency benchmarks."""
+    import tokenbook.models  # noqa: F401  (registers the backbones)
+    from tokenbook import gpu_budget as G
+    from tokenbook.claims import parse_seeds
+    from tokenbook.train import TrainConfig
+
+    p, nb = params, "05_memory"
+    img, S, w = p["img_size"], len(parse_seeds(p["seeds"])), p["num_workers"]
+    src = _gpu_classes(p["source_classes"])
+    bb = dict(num_classes=len(src), img_size=img, **({"patch_size": p["patch_size"]} if p["patch_size"] else {}))
+    loops = []
+    if not p["backbone_checkpoint"]:  # the notebook's pre-training config: AdamW, no clipping, no EMA
+        cfg = TrainConfig(epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"], precision=p["precision"])
+        loops.append(G.timm_loop(nb, f"source pre-training on classes {p['source_classes']}", p["model_name"], bb, img,
+                                 **G.fit_fields(cfg, G.fm_images(p["pretrain_subset"], len(src)),
+                                                G.fm_images(p["val_subset"], len(src), G.FM_VAL), w)))
+    tasks = []  # (spec, train images, val images, classes, raw image shape)
+    for item in [s.strip() for s in p["targets"].split(";") if s.strip()]:
+        kind, _, arg = item.partition(":")
+        if kind == "fm":
+            c = len(_gpu_classes(arg))
+            tasks.append((item, G.fm_images(p["train_subset"], c), G.fm_images(p["val_subset"], c, G.FM_VAL), c,
+                          (1, 28, 28)))
+        elif kind == "digits":  # tokenbook.data.tasks.digits_data: 1,797 8x8 images
+            nv = min(p["val_subset"] or 597, 897)
+            tasks.append((item, min(p["train_subset"] or 1797, 1797 - nv), nv, 10, (1, 8, 8)))
+        else:
+            raise ValueError(f"the GPU estimate knows fm:<classes> and digits targets, not {item!r}")
+    cfg = finetune_train_config(p)
+    for mode, cells in parse_methods(p["methods"]):
+        label = method_label(mode, cells)
+        for _, n, nv, c, raw in tasks:
+            t = finetune_config(cfg, mode, n, p["train_steps"], p["full_lr"], p["val_evals"])
+            loops.append(G.Loop(nb, f"fine-tuning {label} ({len(tasks)} tasks x {S} seeds)",
+                                _gpu_build(p, mode, cells, c, raw), key=("memory", label, c, raw, G.freeze(bb),
+                                                                         p["memory_norm"]),
+                                **G.fit_fields(t, n, nv, w, S)))
+    if len(tasks) >= 2:
+        (_, _, _, c0, _), (spec, n, nv, c, raw) = tasks[:2]
+        t = finetune_config(cfg, "memory", n, p["train_steps"])
+        loops.append(G.Loop(nb, f"extension: memory-{p['concat_cells']} on {spec}",
+                            _gpu_build(p, "memory", p["concat_cells"], c, raw, extend_from=c0),
+                            **G.fit_fields(t, n, nv, w)))
+    if p["latency"]:
+        loops.append(G.latency_loop(nb, "merged vs separate models", len(tasks) + 1, p["latency_min_run_time"]))
+    return loops + [G.not_charged(nb, "concatenation study, source-head checks",
+                                  "forward passes of the merged models over the validation sets")]

@@ -938,3 +938,124 @@ def claims_commentary(verdicts: Any, ta_token_acc: Optional[float] = None) -> st
                          "small-scale effect of an under-trained f/g, not a bug")
         lines.append(line + ".")
     return "\n".join(lines) if lines else "No empirical claim is contradicted or inconclusive in this run."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core), and the
+# token-side costables and loader rates 06_cross_paper's token arms use too
+# ----------------------------------------------------------------------------------------------------------
+from tokenbook import gpu_budget as _gpu  # noqa: E402  (the core engine: it imports no paper code)
+
+
+def measure_token_loader_us(grid: int = 14, batch: int = 256, n_batches: int = 10, val: bool = False,
+                            codebook_size: int = 391, n: int = 4096) -> float:
+    """us per image of :func:`token_loaders` (training: Token-EDA per sample, ``val``: plain ids) on synthetic ids
+    (the cost does not depend on their values), on this CPU."""
+    ts = T.TokenSet(np.random.RandomState(0).randint(0, codebook_size, (n, grid, grid)).astype(np.uint16),
+                    np.arange(n) % 10)
+    cb = torch.randn(codebook_size, 32)
+    td = TokenData(ts, ts, cb, build_synonyms(cb), 10, "synthetic", None)
+    return _gpu.time_loader(token_loaders(td, batch)[int(val)], n_batches)
+
+
+_gpu.register_loader_rate("tokens", measure_token_loader_us)
+_gpu.register_loader_rate("tokens (val)", lambda: measure_token_loader_us(val=True))
+
+
+def tokenizer_costable(kw: dict) -> "_gpu.Costable":
+    """The VQ tokenizer of ``kw`` on uint8 images, as ``T.train_tokenizer`` trains it."""
+    return _gpu.Costable(T.VQTokenizer(**kw), torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8),
+                         lambda x: x / 255.0)
+
+
+class _TokenAdaptStep(nn.Module):
+    """The step of ``methods.token_aug.train_tokenadapt``: tokens of the images and of their spatially augmented
+    copies (no grad), then f, the same augmentation in f-space, and g's code logits."""
+
+    def __init__(self, ta: nn.Module, tok: nn.Module, per_sample: bool):
+        super().__init__()
+        self.ta, self.tok, self.per_sample = ta.set_trainable(True), tok.eval().requires_grad_(False), per_sample
+        self.cb = tok.export_codebook().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, g = self.ta.out_grid, self.ta.in_grid
+        with torch.no_grad():
+            ids = self.tok.encode(x)
+            sp = sample_spatial_params(x.shape[0], 2 * g, 2 * g, per_sample=self.per_sample)
+            self.tok.encode(apply_spatial(x, sp, m * (x.shape[-1] // g)).clamp(0, 1))
+        return self.ta.forward_logits(apply_spatial(self.ta.forward_conversion(embed_ids(ids, self.cb)), sp, 2 * m))
+
+
+def tokenadapt_costable(tok: dict, ta: dict, per_sample: bool) -> "_gpu.Costable":
+    """One TokenAdapt f/g training step (TokenAdapt of ``ta``'s sizes, the VQ tokenizer of ``tok``) on uint8 images."""
+    from tokenbook.models.seit import TokenAdapt
+
+    return _gpu.Costable(_TokenAdaptStep(TokenAdapt(**ta), T.VQTokenizer(**tok), per_sample),
+                         torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8), lambda x: x / 255.0)
+
+
+def token_costable(model: nn.Module, variant: str, ta: dict, num_classes: int, crop: int, rrc_scale_min: float,
+                   per_sample: bool = True, grid: int = 14) -> "_gpu.Costable":
+    """A token classifier ``model`` with the variant's batch hook (:func:`make_hook`; TokenAdapt of ``ta``'s sizes
+    for the TokenAdapt variants) as its device-side batch work, on the ids the token loader yields."""
+    from tokenbook.models.seit import TokenAdapt
+
+    cb = torch.randn(ta["codebook_size"], ta["code_dim"])
+    model.set_codebook(cb)
+    hook = make_hook(variant, cb, num_classes, crop, TokenAdapt(**ta) if VARIANTS[variant][2] else None,
+                     rrc_scale_min, per_sample)
+    return _gpu.Costable(model, torch.randint(0, ta["codebook_size"], (4, grid, grid)),
+                         lambda x: hook(x, torch.arange(x.shape[0]) % num_classes)[0], lambda x: x)
+
+
+def _gpu_token_classifier(p: dict, v: str, tm: dict, ta: dict, grid: int) -> "_gpu.Costable":
+    """04's token ViT (``token_model``) with the variant's batch hook."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the token ViTs)
+
+    return token_costable(timm.create_model(p["token_model"], **tm), v, ta, 10, p["crop"], p["rrc_scale_min"],
+                          p["ta_per_sample"], grid)
+
+
+def gpu_loops(params: dict) -> list:
+    """This notebook's training loops under ``params`` as :class:`tokenbook.gpu_budget.Loop` rows (what
+    :func:`tokenbook.gpu_budget.estimate` costs): the VQ tokenizer, TokenAdapt f/g, every variant x seeds (token
+    variants with their batch hook and the Token-EDA loader)."""
+    import tokenbook.models  # noqa: F401  (registers the pixel and token ViTs)
+    from tokenbook.claims import parse_seeds
+
+    p, G, nb = params, _gpu, "04_seit"
+    if p["token_source"] != "train":
+        raise ValueError("the GPU estimate covers token_source 'train' (the tokenizer trained in the notebook)")
+    (n, nv), S = G.fm_sizes(p), len(parse_seeds(p["seeds"]))
+    grid, K, D, crop = 28 // p["tokenizer_downsample"], p["codebook_size"], p["code_dim"], p["crop"]
+    cpu = "on the GPU (experiments.seit.token_device)"
+    tok = dict(in_chans=1, image_size=28, downsample=p["tokenizer_downsample"], codebook_size=K, code_dim=D,
+               hidden=p["tokenizer_hidden"])
+    ta = dict(code_dim=D, codebook_size=K, in_grid=grid, out_grid=crop, dim=p["ta_dim"], heads=p["ta_heads"],
+              dim_head=p["ta_dim_head"])
+    loops = [G.Loop(nb, f"VQ tokenizer training ({p['tokenizer_steps']} steps)", lambda: tokenizer_costable(tok),
+                    steps=p["tokenizer_steps"], batch=p["tokenizer_batch"], precision="32-true", opt="adam",
+                    data="memory", key=("vq", G.freeze(tok)),
+                    note=cpu + "; tokenizing every image after: not charged")]
+    variants = parse_variants(p["variants"])
+    if any(VARIANTS[v][2] for v in variants) and not p["tokenadapt_ckpt"]:
+        loops.append(G.Loop(nb, f"TokenAdapt f/g training ({p['ta_steps']} steps)",
+                            lambda: tokenadapt_costable(tok, ta, p["ta_per_sample"]), steps=p["ta_steps"],
+                            batch=p["ta_batch"], precision="32-true", data="memory", per_sample=True,
+                            key=("ta", G.freeze(tok), G.freeze(ta), p["ta_per_sample"]),
+                            note=cpu + "; its Mixup/CutMix not charged"))
+    for v in variants:
+        fit = G.fit_fields(train_config(p, v), n, nv, p["num_workers"], S)
+        if VARIANTS[v][0] == "pixels":
+            loops.append(G.timm_loop(nb, f"{v}: {p['pixel_model']} x {S} seeds", p["pixel_model"],
+                                     dict(num_classes=10, img_size=p["img_size"], drop_path_rate=p["drop_path"]),
+                                     p["img_size"], **fit))
+            continue
+        tm = dict(num_classes=10, img_size=crop, in_chans=D, drop_path_rate=p["drop_path"])
+        loops.append(G.Loop(nb, f"{v}: {p['token_model']} + batch hook x {S} seeds",
+                            lambda v=v, tm=tm: _gpu_token_classifier(p, v, tm, ta, grid), data="tokens",
+                            per_sample=True, key=("seit", v, G.freeze(tm), G.freeze(ta), p["rrc_scale_min"],
+                                                  p["ta_per_sample"]), **fit))
+    return loops

@@ -1066,3 +1066,30 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     from tokenbook.bench import count_params
 
     return count_params(model, include_buffers=frozen_tables(model))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core)
+# ----------------------------------------------------------------------------------------------------------
+def gpu_loops(params: dict) -> list:
+    """The from-scratch variants x seeds of the fmnist scale under ``params`` as :class:`tokenbook.gpu_budget.Loop`
+    rows (what :func:`tokenbook.gpu_budget.estimate` costs); keys naming the same model and kwargs train once."""
+    import tokenbook.models  # noqa: F401  (registers the T2T-ViTs)
+    from tokenbook import gpu_budget as G
+    from tokenbook.claims import parse_seeds
+    from tokenbook.train import TrainConfig
+
+    p, nb = params, "02_t2t_vit"
+    if p["scale"] != "fmnist":
+        raise ValueError("the GPU estimate covers the fmnist scale of 02_t2t_vit")
+    img, ch, (n, nv), S = p["img_size"], p["channels"], G.fm_sizes(p), len(parse_seeds(p["seeds"]))
+    cfg = TrainConfig.from_params(p, max_steps_per_epoch=p["max_steps_per_epoch"] or None)
+    variants = fmnist_ablations(img_size=img, in_chans=ch, num_classes=10, embed_dim=p["embed_dim"] or None,
+                                depth=p["depth"] or None, num_heads=p["num_heads"] or None)
+    runs: dict = {}  # train_variants trains keys naming the same model and kwargs once
+    for key in [k.strip() for k in p["train_variants"].split(",") if k.strip()]:
+        name, kw = variants[key]
+        kw = {**kw, "drop_path_rate": p["drop_path_rate"], "num_classes": 10, "img_size": img, "in_chans": ch}
+        runs.setdefault((name, G.freeze(kw)), [name, kw, []])[2].append(key)
+    return [G.timm_loop(nb, f"{' = '.join(keys)} x {S} seeds", name, kw, img, ch,
+                        **G.fit_fields(cfg, n, nv, p["num_workers"], S)) for name, kw, keys in runs.values()]

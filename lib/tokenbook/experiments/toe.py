@@ -899,3 +899,50 @@ def measure_token_select_overhead(model: nn.Module, input_size: Optional[Sequenc
             "overhead_share": over / med["toe"], "speedup_vs_full": med["full"] / med["toe"],
             "threads": torch.get_num_threads(),
             "times_ms": {k: [t * 1e3 for t in v] for k, v in times.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core)
+# ----------------------------------------------------------------------------------------------------------
+def _gpu_build(p: dict, kw: dict, toe_cfg: Optional[dict], epoch: int = 0, pre: bool = True):
+    """A ``build`` of the notebook's model (ToE at the stage of ``epoch`` when ``toe_cfg``), on the uint8 batch path
+    (``pre``) or on float batches."""
+    from tokenbook import gpu_budget as G
+
+    def make():
+        m = build_model(p["model_name"], 0, toe_cfg, p["toe_block_index"], **kw)
+        if toe_cfg is not None:
+            toe.ToEStageHook().on_epoch_start(epoch, m)  # the stage of that epoch, as in training
+        return m
+    img = p["img_size"]
+    return G.pixel_build(make, img) if pre else lambda: G.Costable(make(), torch.randn(2, 3, img, img))
+
+
+def gpu_loops(params: dict) -> list:
+    """This notebook's training loops under ``params`` as :class:`tokenbook.gpu_budget.Loop` rows (what
+    :func:`tokenbook.gpu_budget.estimate` costs): the full-token baseline x seeds, ToE per stage at its kept tokens
+    x seeds (evaluation full-token), the token-select overhead timing."""
+    from tokenbook import gpu_budget as G
+    from tokenbook.claims import parse_seeds
+
+    p, nb = params, "03_toe"
+    (n, nv), S, name = G.fm_sizes(p), len(parse_seeds(p["seeds"])), p["model_name"]
+    toe_cfg, cfg = toe_config(p), train_config(p)
+    kw = dict(num_classes=10, img_size=p["img_size"], drop_path_rate=p["drop_path_rate"])
+    fit, key = G.fit_fields(cfg, n, nv, p["num_workers"], S), ("toe", name, G.freeze(kw), p["toe_block_index"])
+    loops = [G.Loop(nb, f"full-token {name} x {S} seeds", _gpu_build(p, kw, None), key=key, **fit)] \
+        if p["run_baseline"] else []
+    stages = [toe.stage_for_epoch(toe_cfg["expansion_step"], e) for e in range(cfg.epochs)]
+    for s in dict.fromkeys(stages):  # ToE charged per stage at its kept tokens; evaluation is full-token
+        k = stages.count(s)
+        loops.append(G.Loop(nb, f"ToE stage {s} ({k} epochs) x {S} seeds", _gpu_build(p, kw, toe_cfg, stages.index(s)),
+                            key=key + ("stage", s), **{**fit, "epochs": k, "evals": k,
+                                                       "steps": fit["steps"] // cfg.epochs * k}))
+    ts = toe.TokenSelect(**toe_cfg)
+    active = sum(ts.stage_active(s) for s in range(1, ts.num_stages + 1))
+    loops.append(G.Loop(nb, f"token-select overhead timing ({active} stages x 3 variants)",
+                        _gpu_build(p, kw, None, pre=False), batch=p["overhead_batch"], precision="32-true", opt="sgd",
+                        steps=active * 3 * (p["overhead_warmup"] + p["overhead_steps"]), data="none",
+                        key=key + ("overhead",), note="fp32, synthetic batches; every variant at the full-token step "
+                                                      "(an upper bound)"))
+    return loops

@@ -918,3 +918,61 @@ def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Seque
         used = [c for (s, arm), c in curves.items() if arm in (a, *have)]
         out.append(paired_evidence(claim, per_seed, a, b, scale=scale, curves=used, detail=detail))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core)
+# ----------------------------------------------------------------------------------------------------------
+def gpu_loops(params: Mapping[str, Any]) -> list:
+    """This notebook's training loops under ``params`` as :class:`tokenbook.gpu_budget.Loop` rows (what
+    :func:`tokenbook.gpu_budget.estimate` costs): section 2's two models x seeds, the ablations' claim arms x seeds
+    and their other settings with the first seed (each configuration once per seed), the latency benchmarks."""
+    import tokenbook.models  # noqa: F401  (registers vittm_* and the ViTs)
+    from tokenbook import gpu_budget as G
+    from tokenbook.claims import parse_seeds
+
+    p, nb = params, "01_vittm"
+    img, name, (n, nv), seeds = p["img_size"], p["model_name"], G.fm_sizes(p), list(parse_seeds(p["seeds"]))
+    S, w, b = len(seeds), p["num_workers"], p["batch_size"]  # the loaders' batch, also under a recipe
+    cfg = make_train_config(p, p["recipe"])
+    dp = dict(drop_path_rate=p["drop_path_rate"], num_classes=10, img_size=img)
+    loops = [G.timm_loop(nb, f"section 2: {name} x {S} seeds", name, dict(dp, **({"embed_dim": p["embed_dim"]} if
+                         p["embed_dim"] else {})), img, **G.fit_fields(cfg, n, nv, w, S, b)),
+             G.timm_loop(nb, f"section 2: {p['vit_name']} x {S} seeds", p["vit_name"], dp, img,
+                         **G.fit_fields(cfg, n, nv, w, S, b))]
+    if p["pretrain_dataset"]:
+        loops.append(G.not_charged(nb, "pre-training stage", "its dataset's size is unknown here"))
+    # ablations: the claim arms for every seed, the studies' other settings with the first seed; a configuration
+    # already trained for a seed is reused (the notebook's shared cache, keyed by _config_key)
+    ab = make_train_config(p, "", epochs=p["ablation_epochs"], lr=p["ablation_lr"], ema_decay=0.0, progress=False)
+    base, seen, todo = dict(embed_dim=p["ablation_embed_dim"], depth=p["ablation_depth"], img_size=img,
+                            num_classes=10), set(), {}
+    studies = [s.strip() for s in p["ablation_studies"].split(",") if s.strip()]
+    labels = {"head_fusion": [f"{h.strip()}+{f.strip()}" for h in p["ablation_heads"].split(",")
+                              for f in p["ablation_fusions"].split(",")],
+              "patch_sizes": [s.strip() for s in p["ablation_patch_sizes"].split(",") if s.strip()] or None}
+
+    def add(kw: dict, seed: int, part: str) -> None:
+        args = {**base, **kw}
+        key = (_config_key(create(name, **args)), seed)
+        if key not in seen:
+            seen.add(key)
+            todo.setdefault((part, G.freeze(args)), [args, 0])[1] += 1
+    for s in seeds if p["ablation_claims"] else []:
+        for study, setting in CLAIM_ARMS.values():
+            add(ablation_configs(study, img)[setting], s, f"ablations: claim arms x {S} seeds")
+    for study in studies:
+        cfgs = ablation_configs(study, img)
+        for label in labels.get(study) or list(cfgs):
+            add(cfgs[label], seeds[0], f"ablations: other settings of {', '.join(studies)} (seed {seeds[0]})")
+    na, nva = G.fm_sizes(p, "ablation_train_subset", "ablation_val_subset")
+    loops += [G.timm_loop(nb, part, name, args, img, **G.fit_fields(ab, na, nva, w, runs, b))
+              for (part, _), (args, runs) in todo.items()]
+    if p["latency"]:
+        models = len([m for m in p["eff_models"].split(",") if m.strip()])
+        loops += [G.latency_loop(nb, "efficiency table", models, p["latency_min_run_time"]),
+                  G.latency_loop(nb, "section 2 models, first seed", 2, p["latency_min_run_time"])]
+    if p["latency_repeats"]:
+        loops.append(G.not_charged(nb, "latency claim: ViT-B/16 vs ViTTM-B interleaved",
+                                   f"2 x {p['latency_repeats']} fp32 forwards at batch {p['latency_batch']}: seconds"))
+    return loops
