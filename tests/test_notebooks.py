@@ -84,6 +84,20 @@ def test_baselines_smoke_tables(smoke_results):
     assert tp.loc[1, "vs_fit"] == pytest.approx(1.0)
     dec = pd.read_csv(folder / "train_throughput_decision.csv")
     assert {"question", "measured", "decision"} <= set(dec.columns) and len(dec) >= 3
+    # issue 19: the floors on the same split, the seeds-per-hour benchmark, and the run store's record
+    fl = pd.read_csv(folder / "floors.csv").set_index("kind")
+    assert fl.loc["from-scratch baseline", "model"] == "vit_fm_tiny_p4_28"
+    lr_floor = fl.loc["floor"].set_index("model").filter(like="logistic", axis=0)["top1"].iloc[0]
+    assert fl.loc["from-scratch baseline", "vs_logistic_floor_pts"] == pytest.approx(
+        fl.loc["from-scratch baseline", "top1"] - lr_floor)
+    sph = pd.read_csv(folder / "seeds_per_hour.csv")
+    assert list(sph["way"])[:2] == ["sequential", "processes"] and set(sph["way"]) >= {"ensemble"}
+    assert (sph["seeds_per_hour"] > 0).all() and sph.loc[0, "ratio_vs_sequential"] == pytest.approx(1.0)
+    import json
+
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["notes"]["runs"][0]["source"] == "trained" and len(meta["notes"]["runs"][0]["key"]) == 12
+    assert meta["notes"]["below_floor"].startswith("failed run") == (fl.loc["from-scratch baseline", "top1"] < lr_floor)
 
 
 def test_throughput_decision_follows_the_numbers():

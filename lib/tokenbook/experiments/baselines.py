@@ -22,7 +22,7 @@ from tokenbook import bench, viz
 from tokenbook.results import paper_vs_ours
 
 __all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "attention_figure", "throughput",
-           "throughput_decision", "train_small_vit", "small_vit_spec"]
+           "throughput_decision", "train_small_vit", "small_vit_spec", "floor_comparison", "seeds_decision"]
 
 PAPER = "baselines"
 
@@ -183,6 +183,37 @@ def throughput_decision(tp: pd.DataFrame, gain_needed: float = 1.1, run_s: float
                      "measured": f"{float(r['vs_fit']):.2f}x fit() on batches in memory",
                      "decision": "kept: the runs read the Arrow-backed dataset as a user's would"})
     return pd.DataFrame(rows)
+
+
+def floor_comparison(summary: pd.DataFrame, floor_table: pd.DataFrame) -> pd.DataFrame:
+    """The small ViT beside the reference floors (:func:`tokenbook.floors.floors_table`) on the same split: top-1,
+    parameters, training seconds, and how far each is above the logistic-regression floor."""
+    vit = summary.iloc[0]
+    rows = [{"model": vit["model"], "kind": "from-scratch baseline", "top1": float(vit["top1"]),
+             "params": int(round(float(vit["params_m"]) * 1e6)), "train_s": float(vit["train_wall_s"])}]
+    rows += [{"model": r["model"], "kind": "floor", "top1": float(r["top1"]), "params": int(r["params"]),
+              "train_s": float(r["train_s"])} for _, r in floor_table.iterrows()]
+    df = pd.DataFrame(rows)
+    lr_top1 = float(floor_table.loc[floor_table["model"].str.startswith("logistic"), "top1"].iloc[0])
+    df["vs_logistic_floor_pts"] = df["top1"] - lr_top1
+    return df
+
+
+def seeds_decision(table: pd.DataFrame, target: float = 1.5) -> str:
+    """One Markdown paragraph from :func:`tokenbook.bench.seeds_per_hour`: the fastest way against one seed after
+    the other (median ratio and IQR of the interleaved repeats) and whether it reaches ``target``."""
+    t = table[table["way"] != "sequential"]
+    if t.empty:
+        return "Only the sequential way was measured."
+    best = t.loc[t["ratio_vs_sequential"].idxmax()]
+    seq = table.loc[table["way"] == "sequential", "seeds_per_hour"].iloc[0]
+    met = float(best["q1"]) >= target
+    return (f"**Fastest way here:** {best['way']} (K = {int(best['K'])}, {int(best['processes'])} process(es) x "
+            f"{int(best['threads'])} thread(s)): {float(best['seeds_per_hour']):.1f} seeds per hour against "
+            f"{float(seq):.1f} one after the other, **{float(best['ratio_vs_sequential']):.2f}x** (IQR "
+            f"{float(best['q1']):.2f}-{float(best['q3']):.2f} over {int(best['repeats'])} interleaved repeats). "
+            f"Target {target:g}x: **{'met' if met else 'not met'}** (the IQR's lower end decides). Measured in this "
+            "run on this machine; a busy machine favours the one-thread processes.")
 
 
 # ----------------------------------------------------------------------------------------------------------
