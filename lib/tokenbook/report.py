@@ -344,8 +344,8 @@ FOREST_CAPTION = (
     "own axis. Differences (top-1 points, or the claim's own unit): the signed distance from the claim's margin, "
     "turned so that right of 0 is the claimed side ('≥' as is, '≤' mirrored, 'within' as margin − |effect|). "
     "Ratios (speed-ups, MACs ratios): ratio ÷ margin on a log axis, right of 1 is the claimed side. Structural "
-    "claims: tolerance ÷ |ours − paper| on a log axis, right of 1 within the tolerance; ▶ at the right edge: an "
-    "exact match. Claims without a measurement (not testable here, failed) have no marker; their verdict is "
+    "claims and other exact values: tolerance ÷ |ours − paper| (or the bound ÷ ours) on a log axis, right of 1 "
+    "within the tolerance or the bound; ▶ at the right edge: an exact match (a difference of 0). Claims without a measurement (not testable here, failed) have no marker; their verdict is "
     "written at the right.")
 
 _VERDICT_ORDER = ("reproduced", "contradicted", "inconclusive", "not_testable_here", "failed")
@@ -415,6 +415,17 @@ def forest_data(claims: pd.DataFrame) -> pd.DataFrame:
                "panel": "", "x": None, "lo": None, "hi": None, "ref": None, "exact": False}
         method = str(get("method", "") or "")
         if verdict in ("not_testable_here", "failed") or ours is None:
+            rows.append(row)
+            continue
+        rule = spec.rule if spec else ""
+        if rule in ("bound", "exact") and lo is None:  # one exact value against a bound or a tolerance
+            limit = spec.tolerance if rule == "exact" else margin
+            if direction in (">=", ">") and rule == "bound":
+                exact, x = False, (ours / limit if limit else float("inf"))
+            else:
+                exact = ours <= 1e-12 and (limit or 0.0) >= 0.0
+                x = float("inf") if exact else (limit / ours if ours > 0 else 0.0)
+            row.update(panel="structural", x=x, lo=x, hi=x, ref=1.0, exact=exact)
             rows.append(row)
             continue
         if kind == "structural":
@@ -512,7 +523,7 @@ def write_forest(claims: pd.DataFrame, png: Path, csv: Optional[Path] = None) ->
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlim(lo_lim, hi_lim)
-            title = {"ratio": "ratio ÷ margin\n(log)", "structural": "tolerance ÷\n|ours − paper| (log)",
+            title = {"ratio": "ratio ÷ margin\n(log)", "structural": "exact values: tolerance\n÷ |deviation| (log)",
                      "difference (pt)": "distance from margin\n(top-1 points)"}
             ax.set_title(title.get(panel, panel.replace("difference (", "from margin\n(")), fontsize=8)
             ax.tick_params(labelsize=7.5)
@@ -549,7 +560,7 @@ def write_forest(claims: pd.DataFrame, png: Path, csv: Optional[Path] = None) ->
 #: the ledger columns of the landing page's table, in order (the claim id starts with its paper); long texts are
 #: folded (``<details>``)
 _LEDGER_SHOWN = ("claim", "statement", "kind", "criterion", "paper_value", "ours", "ci_low", "ci_high", "n",
-                 "verdict", "scale", "plateau", "detail", "report")
+                 "verdict", "seeds_needed", "scale", "plateau", "detail", "report")
 _LEDGER_FOLDED = ("statement", "scale", "plateau", "detail", "source", "quantity", "method")
 
 
@@ -570,7 +581,8 @@ def _ledger_rows(claims: pd.DataFrame) -> list[dict]:
             elif c in _LEDGER_FOLDED:
                 cells.append({"col": c, "text": text, "fold": text != "n/a" and len(text) > 0})
             else:
-                cells.append({"col": c, "text": text, "numeric": isinstance(v, (int, float)) and c != "n" or c == "n"})
+                cells.append({"col": c, "text": text,
+                              "numeric": (isinstance(v, (int, float)) and c not in ("n", "criterion")) or c == "n"})
         rows.append({"verdict": str(r.get("verdict", "")), "cells": cells})
     return rows
 
@@ -579,7 +591,8 @@ _VERDICT_COLOURS = {"reproduced": "#1a7f37", "contradicted": "#cf222e", "inconcl
                     "not_testable_here": "#57606a", "failed": "#cf222e"}
 
 
-_LEDGER_SHORT = ("paper", "claim", "kind", "paper_value", "ours", "ci_low", "ci_high", "n", "verdict", "scale")
+_LEDGER_SHORT = ("paper", "claim", "kind", "criterion", "paper_value", "ours", "ci_low", "ci_high", "n", "verdict",
+                 "seeds_needed", "scale")
 
 
 def _read_ledger(results_dir: Path, profile: str = SITE_PROFILE) -> Optional[pd.DataFrame]:
