@@ -305,7 +305,8 @@ def _row(e: Released, weights_dir, paths, pixels, tokens, max_images, batch_size
         try:
             model = None if checkpoint is None else _create(e, checkpoint)
         except (ValueError, RuntimeError, KeyError, CheckpointMismatchError) as err:  # the loaders' mismatch errors
-            problems.append(f"checkpoint does not match {e.model}: {_first_line(err)}")
+            msg = re.sub(r"^checkpoint does not match\s*", "", _first_line(err))
+            problems.append(f"checkpoint does not match {e.model}: " + (msg if len(msg) <= 400 else msg[:400] + " ..."))
         except Exception as err:  # e.g. a bad kwargs entry: this row only
             problems.append(f"cannot build {e.model}: {type(err).__name__}: {_first_line(err)}")
     try:
