@@ -1059,3 +1059,32 @@ def gpu_loops(params: dict) -> list:
                             per_sample=True, key=("seit", v, G.freeze(tm), G.freeze(ta), p["rrc_scale_min"],
                                                   p["ta_per_sample"]), **fit))
     return loops
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Released checkpoints vs the paper (issue 20): the token-trained ViT-Bs, evaluated on the token release's val
+# split by tokenbook.released (token_val_dir = the unpacked IMNET1K-tokens.tar, with codebook.ckpt)
+# ----------------------------------------------------------------------------------------------------------
+RELEASED = [
+    dict(model="deit_base_token_32.seit_in1k", file="trained-vit.ckpt", ref="seit:tabB.seit.1.4gb", data="tokens",
+         paper_name="SeiT (ViT-B, 1.4 GB)", url="https://github.com/naver-ai/seit/releases/tag/v0.0 "
+                                              "(SeiT_weights.tar: trained-vit.ckpt)",
+         note="third-party number (SeiT++ review note), not checked against the PDF"),
+    dict(model="deit_base_token_32.tokenadapt_in1k", file=None, ref="seit:tabB.seit_ta_ca.1.4gb", data="tokens",
+         paper_name="SeiT + TokenAdapt + ColorAdapt (ViT-B, 1.4 GB)",
+         url="https://github.com/gaviotas/tokenadapt/releases/tag/v0.0 (file name not in the reference sheet)",
+         note="pass paths={'deit_base_token_32.tokenadapt_in1k': <file>}; [inferred] the release is taken to be the "
+              "Table B row of the Forging Tokens setting; third-party number, not checked against the PDF"),
+]
+
+
+def released_table(params: Optional[dict] = None, **kw: Any):
+    """:data:`RELEASED` evaluated on the token release's val split (:func:`tokenbook.released.released_table`;
+    arguments from ``params`` by :func:`tokenbook.released.params_kwargs`: ``token_source: "release:<root>"``)."""
+    import tokenbook.models  # noqa: F401  (registers the token ViTs)
+    from tokenbook import released as R
+
+    return R.released_table(RELEASED, **R.params_kwargs(params, **kw))
+
+
+__all__ += ["RELEASED", "released_table"]

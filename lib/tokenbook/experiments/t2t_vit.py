@@ -1093,3 +1093,37 @@ def gpu_loops(params: dict) -> list:
         runs.setdefault((name, G.freeze(kw)), [name, kw, []])[2].append(key)
     return [G.timm_loop(nb, f"{' = '.join(keys)} x {S} seeds", name, kw, img, ch,
                         **G.fit_fields(cfg, n, nv, p["num_workers"], S)) for name, kw, keys in runs.values()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Released checkpoints vs the paper (issue 20): the official ImageNet-1k release assets, evaluated by
+# tokenbook.released (local files only; the URL is where to get each)
+# ----------------------------------------------------------------------------------------------------------
+_T2T_RELEASE = "https://github.com/yitu-opensource/T2T-ViT/releases/download/main/"
+RELEASED = [dict(model=m, file=f, url=_T2T_RELEASE + f, ref=f"t2t_vit:{r}", paper_name=n, note=note)
+            for m, f, r, n, note in [
+                ("t2t_vit_7.in1k", "71.7_T2T_ViT_7.pth.tar", "t2t_vit_7.in1k.top1", "T2T-ViT-7", ""),
+                ("t2t_vit_10.in1k", "75.2_T2T_ViT_10.pth.tar", "t2t_vit_10.in1k.top1", "T2T-ViT-10",
+                 "the paper gives no T2T-ViT-10 number; README table"),
+                ("t2t_vit_12.in1k", "76.5_T2T_ViT_12.pth.tar", "t2t_vit_12.in1k.top1", "T2T-ViT-12", ""),
+                ("t2t_vit_14.in1k", "81.5_T2T_ViT_14.pth.tar", "t2t_vit_14.in1k.top1", "T2T-ViT-14", ""),
+                ("t2t_vit_14.in1k_384", "83.3_T2T_ViT_14.pth.tar", "t2t_vit_14_384.in1k.top1", "T2T-ViT-14@384", ""),
+                ("t2t_vit_19.in1k", "81.9_T2T_ViT_19.pth.tar", "t2t_vit_19.in1k.top1", "T2T-ViT-19", ""),
+                ("t2t_vit_24.in1k", "82.3_T2T_ViT_24.pth.tar", "t2t_vit_24.in1k.top1", "T2T-ViT-24", ""),
+                ("t2t_vit_t_14.in1k", "81.7_T2T_ViTt_14.pth.tar", "t2t_vit_t_14.in1k.top1", "T2T-ViTt-14", ""),
+                ("t2t_vit_t_19.in1k", "82.4_T2T_ViTt_19.pth.tar", "t2t_vit_t_19.in1k.top1", "T2T-ViTt-19",
+                 "paper Table 3 says 82.2, the README (released file) 82.4 (t2t_vit_t_19.in1k.top1.readme)"),
+                ("t2t_vit_t_24.in1k", "82.6_T2T_ViTt_24.pth.tar", "t2t_vit_t_24.in1k.top1", "T2T-ViTt-24", ""),
+            ]]
+
+
+def released_table(params: Optional[dict] = None, **kw: Any):
+    """:data:`RELEASED` evaluated on the user's ImageNet val folder (:func:`tokenbook.released.released_table`;
+    arguments from ``params`` by :func:`tokenbook.released.params_kwargs`, ``kw`` win)."""
+    import tokenbook.models  # noqa: F401  (registers the T2T-ViTs)
+    from tokenbook import released as R
+
+    return R.released_table(RELEASED, **R.params_kwargs(params, **kw))
+
+
+__all__ += ["RELEASED", "released_table"]

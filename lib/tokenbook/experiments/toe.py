@@ -946,3 +946,28 @@ def gpu_loops(params: dict) -> list:
                         key=key + ("overhead",), note="fp32, synthetic batches; every variant at the full-token step "
                                                       "(an upper bound)"))
     return loops
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Released checkpoints vs the paper (issue 20), evaluated by tokenbook.released. ToE publishes no weights and the
+# reference sheet holds none of the paper's top-1 values: these rows evaluate a DeiT checkpoint trained with ToE's
+# DeiT main.py (``{'model': ..., 'args': ...}``; ToE adds no parameters) given with paths={name: file}
+# ------------------------------------------------------------------------------------------------------------
+RELEASED = [dict(model=f"toe_deit_{s}_patch16_224", file=None, ref=None, paper_name=f"DeiT-{s[0].upper()} + ToE",
+                 url="none released (github.com/Osilly/TokenExpansion README at 01e52fe lists no ToE weights)",
+                 note="no released weights: pass paths={'toe_deit_%s_patch16_224': '<ToE/deit main.py "
+                      "checkpoint.pth>'}; the paper's top-1 tables were not available to the reference sheet "
+                      "(toe.md, 'Missing')" % s)
+            for s in ("tiny", "small", "base")]
+
+
+def released_table(params: Optional[dict] = None, **kw: Any):
+    """:data:`RELEASED` evaluated on the user's ImageNet val folder (:func:`tokenbook.released.released_table`;
+    arguments from ``params`` by :func:`tokenbook.released.params_kwargs`, ``kw`` win)."""
+    import tokenbook.models  # noqa: F401  (registers the ToE DeiTs)
+    from tokenbook import released as R
+
+    return R.released_table(RELEASED, **R.params_kwargs(params, **kw))
+
+
+__all__ += ["RELEASED", "released_table"]
