@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .train import FitResult, TrainConfig, TrainingDivergedError, all_heads, evaluate
+from .train import FitResult, TrainConfig, TrainingDivergedError, _criterion, all_heads, evaluate
 
 __all__ = ["fit_ensemble", "ELEMENTWISE_OPTIMIZERS", "member_grad_norms"]
 
@@ -68,19 +68,6 @@ def _refuse(cfg: TrainConfig, hooks: Sequence) -> None:
         bad.append(f"opt={cfg.opt!r} (only elementwise optimizers: {', '.join(ELEMENTWISE_OPTIMIZERS)})")
     if bad:
         raise ValueError("fit_ensemble cannot train these members batched: " + "; ".join(bad))
-
-
-def _criterion(cfg: TrainConfig, mixing: bool):
-    """The loss ``fit`` uses for ``cfg`` (timm's losses)."""
-    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    if cfg.loss == "bce":
-        return BinaryCrossEntropy(smoothing=cfg.label_smoothing, sum_classes=cfg.bce_sum_classes)
-    if mixing:
-        return SoftTargetCrossEntropy()
-    if cfg.label_smoothing > 0:
-        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing)
-    return nn.CrossEntropyLoss()
 
 
 def _scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
