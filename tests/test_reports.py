@@ -252,7 +252,10 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
     timed = emp["method"].astype(str).str.contains("IQR")  # the compositions' speed-ups: interleaved timing
     assert set(emp.loc[timed, "claim"]) == {"cross_paper.toe_t2t_speedup", "cross_paper.toe_vittm_speedup"}
     assert (emp.loc[timed, "n"] == 1).all() and (emp.loc[~timed, "n"] >= 2).all(), emp[["claim", "n"]].to_string()
-    assert emp["ci_low"].notna().all() and emp["ci_high"].notna().all()
+    exact = emp["method"].astype(str).str.startswith("largest |a − b|")  # exactness: the largest difference, no interval
+    assert set(emp.loc[exact, "claim"]) == {"cross_paper.memory_t2t_exact"}
+    assert emp.loc[exact, "ci_low"].isna().all() and emp.loc[exact, "criterion"].str.startswith("max |a − b|").all()
+    assert emp.loc[~exact, "ci_low"].notna().all() and emp.loc[~exact, "ci_high"].notna().all()
     assert (emp["scale"].str.len() > 20).all()  # every row says what was run
     md = (site / "CLAIMS-smoke.md").read_text()
     assert all(c in md for c in expected)
