@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 
 from .train import FitResult, TrainConfig, TrainingDivergedError, _criterion, all_heads, evaluate
+from .train import _make_scheduler as _scheduler
 
 __all__ = ["fit_ensemble", "ELEMENTWISE_OPTIMIZERS", "member_grad_norms"]
 
@@ -68,24 +69,6 @@ def _refuse(cfg: TrainConfig, hooks: Sequence) -> None:
         bad.append(f"opt={cfg.opt!r} (only elementwise optimizers: {', '.join(ELEMENTWISE_OPTIMIZERS)})")
     if bad:
         raise ValueError("fit_ensemble cannot train these members batched: " + "; ".join(bad))
-
-
-def _scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
-    """``fit``'s schedule: timm warm-up + cosine (or step) stepped per optimizer update."""
-    warmup_epochs = cfg.warmup_epochs if cfg.warmup_steps is None else cfg.warmup_steps / updates_per_epoch
-    warmup_t = int(round(warmup_epochs * updates_per_epoch))
-    decay_t = max(1, (cfg.epochs - cfg.cooldown_epochs) * updates_per_epoch)
-    if cfg.sched == "cosine":
-        from timm.scheduler import CosineLRScheduler
-
-        return CosineLRScheduler(optimizer, t_initial=decay_t, lr_min=cfg.min_lr, warmup_lr_init=cfg.warmup_lr,
-                                 warmup_t=warmup_t, t_in_epochs=False, cycle_limit=1)
-    if cfg.sched == "step":
-        from timm.scheduler import StepLRScheduler
-
-        return StepLRScheduler(optimizer, decay_t=max(1, decay_t // 3), decay_rate=0.1, warmup_lr_init=cfg.warmup_lr,
-                               warmup_t=warmup_t, t_in_epochs=False)
-    return None
 
 
 def _stacked_optimizer(cfg: TrainConfig, model0: nn.Module, stacked: dict[str, torch.Tensor]):
