@@ -201,10 +201,12 @@ def test_ledger_marks_a_failed_notebook_failed(tmp_path, monkeypatch):
 def test_parse_seeds():
     from tokenbook.claims import parse_seeds
 
-    assert parse_seeds("0, 1,2") == [0, 1, 2] and parse_seeds(3) == [0, 1, 2] and parse_seeds([4, 5]) == [4, 5]
-    for bad in ("", "0,0", "a,b"):
+    assert parse_seeds([0, 1, 2]) == [0, 1, 2] and parse_seeds(3) == [0, 1, 2] and parse_seeds((4, 5)) == [4, 5]
+    for bad in ([], [0, 0], ["a", "b"], [1.5]):
         with pytest.raises(ValueError):
             parse_seeds(bad)
+    with pytest.raises(TypeError, match=r"seeds must be a list \(YAML"):  # the old comma string
+        parse_seeds("0,1,2")
 
 
 def test_plateau_is_less_than_half_a_point_over_the_last_fifth_of_the_evaluations():

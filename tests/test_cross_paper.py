@@ -133,18 +133,20 @@ def test_token_t2t_vit_accepts_ids_and_maps():
 
 
 def test_parse_arms_and_classes():
-    assert X.parse_arms("all") == list(X.ARMS)
-    assert X.parse_arms("t2t_toe,t2t") == ["t2t", "t2t_toe"]
+    assert X.parse_arms(["all"]) == list(X.ARMS)
+    assert X.parse_arms(["t2t_toe", "t2t"]) == ["t2t", "t2t_toe"]
     with pytest.raises(ValueError, match="unknown arms"):
-        X.parse_arms("vit,deit")
+        X.parse_arms(["vit", "deit"])
     with pytest.raises(ValueError, match="partners"):
-        X.parse_arms("t2t_toe")
-    assert X.parse_classes("0,1,2") == [0, 1, 2]
-    for bad in ("0,0", "10", "a", ""):
+        X.parse_arms(["t2t_toe"])
+    with pytest.raises(TypeError, match="must be a list"):
+        X.parse_arms("t2t_toe,t2t")
+    assert X.parse_classes([0, 1, 2]) == [0, 1, 2]
+    for bad in ([0, 0], [10], ["a"], []):
         with pytest.raises(ValueError):
             X.parse_classes(bad)
     with pytest.raises(ValueError, match="overlap"):
-        X.target_task({"source_classes": "0,1,2", "target_classes": "2,3", "ft_train_subset": 10,
+        X.target_task({"source_classes": [0, 1, 2], "target_classes": [2, 3], "ft_train_subset": 10,
                        "ft_val_subset": 10, "seed": 0})
 
 
@@ -225,7 +227,7 @@ def test_gpu_budget_estimate_counts_steps():
     p = X.profile_params("smoke")
     est = X.gpu_budget_estimate(p)
     assert est["part"].iloc[-1] == "total (ESTIMATE)" and "ESTIMATE" in est.attrs["settings"]
-    seeds = len(p["seeds"].split(","))
+    seeds = len(p["seeds"])
     per_epoch = min(p["train_subset"] // p["batch_size"], p["max_steps_per_epoch"])
     t = est.set_index("part")
     vit = t.loc[f"ViT (baseline) x {seeds} seeds"]
@@ -245,7 +247,7 @@ def test_gpu_budget_estimate_counts_steps():
 
 
 def test_toe_stage_epochs_follow_the_official_rule():
-    p = {"epochs": 3, "toe_keep_rate": "0.5,0.75,1.0", "toe_initialization_keep_rate": 0.25}
+    p = {"epochs": 3, "toe_keep_rate": [0.5, 0.75, 1.0], "toe_initialization_keep_rate": 0.25}
     assert X.toe_stage_epochs(p) == {1: 1, 2: 1, 3: 1}
     assert X.toe_stage_epochs(dict(p, epochs=10)) == {1: 3, 2: 4, 3: 3}  # boundaries 0/3/7 of 10
 

@@ -72,7 +72,7 @@ def test_every_training_loop_has_a_row(gpu):
     has("01_vittm", "ablations: claim arms")
     has("01_vittm", "ablations: other settings")
     p = params("02_t2t_vit")
-    for variant in p["train_variants"].split(","):
+    for variant in p["train_variants"]:
         has("02_t2t_vit", variant.strip())
     has("03_toe", "full-token")
     for stage in (1, 2, 3):
@@ -80,12 +80,12 @@ def test_every_training_loop_has_a_row(gpu):
     p = params("04_seit")
     has("04_seit", "tokenizer")
     has("04_seit", "TokenAdapt")
-    for variant in p["variants"].split(","):
+    for variant in p["variants"]:
         has("04_seit", f"{variant.strip()}:")
     p = params("05_memory")
     has("05_memory", "pre-training")
     has("05_memory", "extension")
-    for method in p["methods"].split(","):
+    for method in p["methods"]:
         has("05_memory", f"fine-tuning {method.strip()} ")
     train = gpu[gpu["kernels_per_step"].notna() & ~gpu["part"].str.endswith(": evaluation")]
     assert len(train) >= 30
@@ -115,7 +115,7 @@ def test_estimate_follows_the_profile_parameters():
     assert half["steps"] == p["epochs"] * (60_000 // (p["batch_size"] // 2))
     assert half["minutes"] > b["minutes"]  # launch-bound: twice the steps cost more than half the compute saves
     p = params("02_t2t_vit")
-    three = est("02_t2t_vit", seeds="0,1,2")
+    three = est("02_t2t_vit", seeds=[0, 1, 2])
     five = est("02_t2t_vit")
     assert len(parse_seeds(p["seeds"])) == 5
     assert three.iloc[-1]["steps"] * 5 == five.iloc[-1]["steps"] * 3

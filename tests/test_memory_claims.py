@@ -202,7 +202,7 @@ def test_run_finetune_seeds_pairs_by_seed():
                                         "weight_decay": 0.0, "clip_grad": 1.0, "warmup_steps": 1, "sched": "cosine",
                                         "min_lr": 0.0, "accelerator": "cpu", "precision": "32-true", "seed": 99},
                                        max_steps_per_epoch=2)
-    methods = memory.parse_methods("head,memory-1")
+    methods = memory.parse_methods(["head", "memory-1"])
     run = memory.run_finetune_seeds(bb, [task], methods, cfg, [3, 4], verbose=False, macs=False)
     assert list(run.results.columns[:3]) == ["seed", "task", "method"]
     assert list(run.results["seed"]) == [3, 3, 4, 4]

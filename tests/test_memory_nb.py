@@ -11,8 +11,7 @@ import torch
 import tokenbook.models  # noqa: F401  (registers the small ViTs)
 from tokenbook import claims, data
 from tokenbook.experiments import memory
-from tokenbook.results import notebook_parameters
-from tokenbook.runner import resolve_parameters
+from tokenbook.runner import profile_parameters
 
 from conftest import ROOT
 
@@ -20,12 +19,8 @@ NB = "05_memory"
 
 
 def profile_params(profile: str) -> dict:
-    """All parameters of a profile run: the notebook's defaults overridden by the profile file."""
-    import ast
-
-    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
-    return {**{k: ast.literal_eval(v["default"]) for k, v in specs.items()},
-            **resolve_parameters(ROOT, NB, profile, {})}
+    """All parameters of a profile run (the notebook's Params: defaults overridden by the profile file), as a dict."""
+    return dict(profile_parameters(ROOT, NB, profile))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,11 +142,11 @@ def test_smoke_figures_and_schedule(smoke):
 # Experiment helpers
 # ----------------------------------------------------------------------------------------------------------
 def test_parse_methods_and_labels():
-    assert memory.parse_methods("full, head,head+cls,memory-1,memory-10") == [
+    assert memory.parse_methods(["full", " head", "head+cls", "memory-1", "memory-10"]) == [
         ("full", 0), ("head", 0), ("head+cls", 0), ("memory", 1), ("memory", 10)]
     assert memory.method_label("memory", 5) == "memory-5" and memory.method_label("head+cls") == "head+cls"
-    for bad, msg in (("memory", "unknown method"), ("memory-0", "cells"), ("memory-x", "cell count"),
-                     ("head,head", "twice"), ("", "no methods"), ("lora", "unknown method")):
+    for bad, msg in ((["memory"], "unknown method"), (["memory-0"], "cells"), (["memory-x"], "cell count"),
+                     (["head", "head"], "twice"), ([], "no methods"), (["lora"], "unknown method")):
         with pytest.raises(ValueError, match=msg):
             memory.parse_methods(bad)
 
@@ -180,18 +175,18 @@ def test_digits_and_target_task_names():
     assert memory.paper_dataset_for("places365") == "Places-365" and memory.paper_dataset_for("sun397") == "SUN-397"
     assert memory.paper_dataset_for("fm_4_5_6") is None
     with pytest.raises(ValueError, match="unknown target task"):
-        memory.load_target_tasks("mnist", 28)
+        memory.load_target_tasks(["mnist"], 28)
 
 
 def test_target_tasks_from_idx_and_folder(idx_dir, tmp_path):
     folder = data.write_folder_fixture(tmp_path / "sun397", per_class=4, size=40)
-    tasks = memory.load_target_tasks(f"fm:7,8,9;digits;folder:{folder}", 32, data_dir=str(idx_dir), train_subset=30,
+    tasks = memory.load_target_tasks(["fm:7,8,9", "digits", f"folder:{folder}"], 32, data_dir=str(idx_dir), train_subset=30,
                                      val_subset=12)
     assert [t.name for t in tasks] == ["fm_7_8_9", "digits", "sun397"]
     assert [t.num_classes for t in tasks] == [3, 10, 3] and tasks[2].paper_dataset == "SUN-397"
     assert set(tasks[0].bundle.train.labels) == {0, 1, 2}
     with pytest.raises(ValueError, match="both named"):
-        memory.load_target_tasks("digits;digits", 28)
+        memory.load_target_tasks(["digits", "digits"], 28)
 
 
 def _tiny_backbone(**kw):
@@ -252,7 +247,7 @@ def test_run_finetune_table_pooled_head_backbone():
                                         "min_lr": 0.0, "accelerator": "cpu", "precision": "32-true", "seed": 0},
                                        max_steps_per_epoch=1)
     before = {k: v.clone() for k, v in bb.state_dict().items()}
-    run = memory.run_finetune_table(bb, [task], memory.parse_methods("full,head,head+cls,memory-2"), cfg,
+    run = memory.run_finetune_table(bb, [task], memory.parse_methods(["full", "head", "head+cls", "memory-2"]), cfg,
                                     verbose=False)
     assert list(run.results["method"]) == ["full", "head", "head+cls", "memory-2"]
     assert run.models[("d", "full")] is None and run.models[("d", "memory-2")].backbone is bb
@@ -266,13 +261,12 @@ def test_run_finetune_table_pooled_head_backbone():
 # ----------------------------------------------------------------------------------------------------------
 def test_full_profile_recipe_runs_on_fake_folder(tmp_path):
     p = profile_params("full")
-    assert p["model_name"].startswith("vit_base_patch32_224") and p["img_size"] == 224 and p["source_classes"] == ""
+    assert p["model_name"].startswith("vit_base_patch32_224") and p["img_size"] == 224 and p["source_classes"] == []
     assert p["backbone_checkpoint"] and p["checkpoint_num_classes"] == 21843
     cfg = memory.finetune_train_config(p)
     assert (cfg.opt, cfg.momentum, cfg.clip_grad, cfg.batch_size, cfg.sched) == ("sgd", 0.9, 1.0, 512, "cosine")
     assert cfg.warmup_steps > 0 and p["train_steps"] == 20_000 and cfg.warmup_lr == 0.0
-    targets = p["targets"].split(";")
-    names = [memory._task_name(t) for t in targets]
+    names = [data.tasks.task_name(t) for t in p["targets"]]
     assert [memory.paper_dataset_for(n) for n in names] == ["CIFAR-100", "Places-365", "SUN-397", "iNaturalist"]
     methods = memory.parse_methods(p["methods"])
     assert [memory.method_label(*m) for m in methods] == ["full", "head", "head+cls", "memory-1", "memory-5",
@@ -295,7 +289,7 @@ def test_full_profile_recipe_runs_on_fake_folder(tmp_path):
     mean, std = memory.backbone_norm(bb)
     assert mean == (0.5, 0.5, 0.5) and std == (0.5, 0.5, 0.5)  # the AugReg checkpoint's normalisation
     folder = data.write_folder_fixture(tmp_path / "cifar100", classes=("a", "b", "c"), per_class=4, size=40)
-    tasks = memory.load_target_tasks(f"folder:{folder}", p["img_size"], preset=p["preset"], mean=mean, std=std)
+    tasks = memory.load_target_tasks([f"folder:{folder}"], p["img_size"], preset=p["preset"], mean=mean, std=std)
     assert tasks[0].paper_dataset == "CIFAR-100" and tasks[0].bundle.train[0][0].shape == (3, 224, 224)
     small = memory.finetune_train_config(p, batch_size=4, accelerator="cpu", precision="32-true")
     run = memory.run_finetune_table(bb, tasks, [methods[0], methods[3]], small, train_steps=2,

@@ -36,7 +36,8 @@ def test_notebook_is_a_thin_committed_driver(name):
         specs = notebook_parameters(name, ROOT / "notebooks" / f"{name}.ipynb")
     assert len(specs) == len(body), f"papermill understood {len(specs)} of {len(body)} parameter lines"
     for n, s in specs.items():
-        assert s["type"] in ("int", "float", "str", "bool"), f"{n} has no scalar type annotation"
+        assert s["type"] in ("int", "float", "str", "bool") or s["type"] in (
+            "list[int]", "list[float]", "list[str]"), f"{n} has no scalar or list type annotation"
         assert s["help"], f"{n} has no comment"
     assert {"profile", "results_root", "seed"} <= set(specs)
 

@@ -2,7 +2,6 @@
 run for one step on a tiny token release written by the writer."""
 from __future__ import annotations
 
-import ast
 import json
 import math
 
@@ -16,8 +15,7 @@ import tokenbook.models  # noqa: F401  (registers the token ViTs)
 from tokenbook.experiments import seit as R
 from tokenbook.data import tokens as T
 from tokenbook.models import seit as S
-from tokenbook.results import notebook_parameters
-from tokenbook.runner import resolve_parameters
+from tokenbook.runner import profile_parameters
 
 from conftest import ROOT
 
@@ -28,12 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(profile: str, **overrides) -> dict:
-    """The notebook's defaults + a profile + overrides, as papermill would inject them."""
-    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
-    params = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
-    params.update(resolve_parameters(ROOT, NB, profile, {}))
-    params.update(overrides)
-    return params
+    """The notebook's Params under a profile + overrides (validated like a run's), as a dict."""
+    return dict(profile_parameters(ROOT, NB, profile, overrides))
 
 
 # ------------------------------------------------------------------------------------------------ smoke results
@@ -137,9 +131,9 @@ def test_train_config_and_hooks_per_variant():
     for v in ("seit", "seit_ca", "seit_ta", "seit_ta_ca"):
         c = R.train_config(p, v)
         assert (c.mixup, c.cutmix, c.label_smoothing) == (0.0, 0.0, 0.0)
-    assert R.parse_variants(" seit ,pixel") == ["seit", "pixel"]
+    assert R.parse_variants(["seit", "pixel"]) == ["seit", "pixel"]
     with pytest.raises(ValueError, match="unknown variants"):
-        R.parse_variants("seit,foo")
+        R.parse_variants(["seit", "foo"])
     cb = torch.randn(391, 32)
     ta = S.TokenAdapt(in_grid=14, out_grid=12, dim=32, heads=2, dim_head=16)
     assert R.make_hook("seit", cb, 10, 12, None).tokenadapt is None

@@ -105,7 +105,7 @@ def test_cifar100_parquet_loads_like_the_memory_full_profile(written):
     # the 05_memory full profile's target list (hf:/data/cifar100) names the task cifar100 -> the paper's CIFAR-100
     from tokenbook.experiments import memory
 
-    task, = memory.load_target_tasks(m["dataset"], img_size=32, preset="transfer")
+    task, = memory.load_target_tasks([m["dataset"]], img_size=32, preset="transfer")
     assert task.name == "cifar100" and task.paper_dataset == "CIFAR-100"
     assert tuple(task.bundle.train[0][0].shape) == (3, 32, 32)
 

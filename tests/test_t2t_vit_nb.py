@@ -17,7 +17,7 @@ import tokenbook.models  # noqa: F401  (registers the models)
 from tokenbook import data
 from tokenbook.experiments import t2t_vit as t2t
 from tokenbook.models import t2t_vit as tv
-from tokenbook.runner import resolve_parameters
+from tokenbook.runner import profile_parameters
 from tokenbook.train import TrainConfig, fit
 
 from conftest import ROOT
@@ -26,13 +26,8 @@ NB = "02_t2t_vit"
 
 
 def _params(profile: str) -> dict:
-    """The notebook's parameters under ``profile``: the parameters cell's defaults updated by the profile file."""
-    import ast
-
-    from tokenbook.results import notebook_parameters
-
-    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
-    return {**{k: ast.literal_eval(v["default"]) for k, v in specs.items()}, **resolve_parameters(ROOT, NB, profile, {})}
+    """The notebook's parameters under ``profile`` (its Params: defaults updated by the profile file), as a dict."""
+    return dict(profile_parameters(ROOT, NB, profile))
 
 
 def _na(v) -> bool:
@@ -79,7 +74,7 @@ def test_smoke_tables_have_paper_and_ours(smoke_results):
 def test_smoke_training_ablations_figures(smoke_results):
     _, folder = smoke_results(NB)
     every = pd.read_csv(folder / "training_runs.csv", keep_default_na=False)
-    seeds = [int(s) for s in _params("smoke")["seeds"].split(",")]
+    seeds = _params("smoke")["seeds"]
     assert sorted(set(every["seed"])) == seeds and len(every) == 7 * len(seeds)  # one row per seed and variant
     runs = every[every["seed"] == seeds[0]].set_index("variant")
     assert list(runs.index) == ["t2t_performer", "no_t2t", "t2t_transformer", "t2t_convolution", "deep_narrow",
@@ -124,7 +119,7 @@ def test_smoke_claims_evidence_and_verdicts(smoke_results):
     from tokenbook.claims import load_claims
 
     _, folder = smoke_results(NB)
-    seeds = _params("smoke")["seeds"].split(",")
+    seeds = [str(s) for s in _params("smoke")["seeds"]]
     sheet = load_claims("t2t_vit")
     testable = {c.id for c in sheet if not c.not_testable_here}
     ev = {e["claim"]: e for e in json.loads((folder / "claims_evidence.json").read_text())}
@@ -400,7 +395,7 @@ def test_imagenet_recipe_by_model_size():
 
 def test_full_profile_is_the_imagenet_recipe():
     p = _params("full")
-    model = t2t.imagenet_ablations()[p["train_variants"].split(",")[0]][0] if p["scale"] == "imagenet" else None
+    model = t2t.imagenet_ablations()[p["train_variants"][0]][0] if p["scale"] == "imagenet" else None
     assert model == "t2t_vit_14"
     ref = t2t.imagenet_recipe(model)
     for k in ("epochs", "cooldown_epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
@@ -409,9 +404,9 @@ def test_full_profile_is_the_imagenet_recipe():
     for k, v in t2t.IMAGENET_DATA.items():
         assert p[k] == v, k
     assert p["drop_path_rate"] == t2t.IMAGENET_MODEL_KWARGS["drop_path_rate"]
-    assert p["dataset"].startswith(("folder:", "hf:")) and p["train_subset"] == 0
+    assert p["dataset"].startswith(("folder:", "hf:")) and p["train_subset"] is None  # 0: all
     gpu = _params("gpu")
-    assert gpu["train_subset"] == 0 and gpu["img_size"] == 32
+    assert gpu["train_subset"] is None and gpu["img_size"] == 32
 
 
 def test_full_profile_runs_one_step_on_a_fake_imagenet_folder(tmp_path):

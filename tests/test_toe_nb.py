@@ -10,8 +10,7 @@ import torch
 from tokenbook import data
 from tokenbook.experiments import toe as toe_runs
 from tokenbook.methods import toe
-from tokenbook.results import notebook_parameters
-from tokenbook.runner import resolve_parameters
+from tokenbook.runner import profile_parameters
 from tokenbook.train import RECIPES
 
 from conftest import ROOT
@@ -20,10 +19,8 @@ NB = "03_toe"
 
 
 def profile_params(profile: str) -> dict:
-    """Notebook defaults overlaid with a profile, as papermill would see them."""
-    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
-    defaults = {k: eval(v["default"]) for k, v in specs.items()}  # literals of the parameters cell
-    return {**defaults, **resolve_parameters(ROOT, NB, profile, {}), "profile": profile}
+    """The notebook's Params overlaid with a profile, as papermill would see them, as a dict."""
+    return dict(profile_parameters(ROOT, NB, profile))
 
 
 def read(folder, name: str) -> pd.DataFrame:
@@ -121,8 +118,8 @@ def test_smoke_training_tables(smoke_results):
     meta = json.loads((folder / "meta.json").read_text())
     assert {f["name"] for f in meta["figures"]} == {"token_selection", "keep_rate_schedule", "training_curves"}
     assert {"step_speedup", "train_wall_speedup", "top1_diff", "run_epoch_avg_mac_saving"} <= set(meta["notes"])
-    assert meta["parameters"]["expansion_step"] == "0,100,200" and meta["parameters"]["epochs"] == 3
-    assert meta["parameters"]["seeds"] == "0,1"
+    assert meta["parameters"]["expansion_step"] == [0, 100, 200] and meta["parameters"]["epochs"] == 3
+    assert meta["parameters"]["seeds"] == [0, 1]
     assert meta["notes"]["top1_diff"] == pytest.approx(d["top1_mean"])
 
 
@@ -202,7 +199,7 @@ def test_full_profile_is_the_official_deit_s_recipe():
     assert cfg.batch_size * cfg.devices == 1024 and cfg.strategy.startswith("ddp")
     assert cfg.ema_decay == 0.99996 and cfg.seed == 3407 and cfg.precision == "16-mixed"
     assert p["model_name"] == "deit_small_patch16_224" and p["img_size"] == 224 and p["drop_path_rate"] == 0.1
-    assert p["preset"] == "deit" and p["dataset"].startswith("folder:") and p["train_subset"] == 0
+    assert p["preset"] == "deit" and p["dataset"].startswith("folder:") and p["train_subset"] is None
     official = {k: v for k, v in toe.OFFICIAL_CONFIGS["deit_small"].items() if k != "epochs"}
     got = toe_runs.toe_config(p)
     assert {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in official.items()} == \
@@ -245,7 +242,7 @@ def test_full_recipe_one_step_on_fake_imagenet_folder(tmp_path):
 
 
 def test_toe_config_and_train_config_helpers():
-    p = {"epochs": 9, "expansion_step": "0, 100, 200", "official_epochs": 300, "keep_rate": "0.4,0.7,1.0",
+    p = {"epochs": 9, "expansion_step": [0, 100, 200], "official_epochs": 300, "keep_rate": [0.4, 0.7, 1.0],
          "initialization_keep_rate": 0.2, "expansion_multiple_stage": 2, "distance": "euclidean_corrected",
          "seed_stride": "corrected", "clip_grad": 0.0, "max_steps_per_epoch": 0, "lr": 0.01, "unrelated": 1}
     cfg = toe_runs.toe_config(p)
@@ -253,10 +250,12 @@ def test_toe_config_and_train_config_helpers():
     assert cfg["distance"] == "euclidean_corrected" and cfg["seed_stride"] == "corrected"
     tc = toe_runs.train_config(p)
     assert tc.clip_grad is None and tc.max_steps_per_epoch is None and tc.lr == 0.01 and tc.epochs == 9
-    with pytest.raises(ValueError, match="comma-separated"):
-        toe_runs.toe_config({**p, "keep_rate": "0.5;0.75"})
+    with pytest.raises(TypeError, match=r"keep_rate must be a list \(YAML"):
+        toe_runs.toe_config({**p, "keep_rate": "0.5,0.75"})
+    with pytest.raises(ValueError, match="cannot read keep_rate"):
+        toe_runs.toe_config({**p, "keep_rate": ["0.5;0.75"]})
     with pytest.raises(ValueError, match="keep_rate"):
-        toe_runs.toe_config({**p, "keep_rate": "0.75,0.5,1.0"})
+        toe_runs.toe_config({**p, "keep_rate": [0.75, 0.5, 1.0]})
 
 
 def test_speedup_table_and_verdict():

@@ -12,7 +12,7 @@ import yaml
 from tokenbook import data
 from tokenbook.experiments import vittm as X
 from tokenbook.models import vittm as V
-from tokenbook.runner import resolve_parameters
+from tokenbook.runner import profile_parameters
 
 from conftest import ROOT
 
@@ -105,8 +105,8 @@ def test_ablation_tables(smoke):
         assert (smoke / f"ablation_{study}.png").stat().st_size > 1000
         seen_models.update(df.loc[~df["reused"], "setting"])
     hf = read(smoke, "ablation_head_fusion")
-    assert set(hf["setting"]) == {f"{h}+{f}" for h in params["ablation_heads"].split(",")
-                                  for f in params["ablation_fusions"].split(",")}
+    assert set(hf["setting"]) == {f"{h}+{f}" for h in params["ablation_heads"]
+                                  for f in params["ablation_fusions"]}
     # the paper's configuration appears in several studies but is trained once
     ls = read(smoke, "ablation_latent_scale").set_index("setting")
     assert bool(ls.loc["r=4", "reused"]) and ls.loc["r=4", "top1_memory"] == hf.set_index("setting").loc[
@@ -123,7 +123,7 @@ def test_claim_arms_and_evidence(smoke):
     from tokenbook.claims import load_claims
 
     params = profile_params("smoke")
-    seeds = [int(s) for s in params["seeds"].split(",")]
+    seeds = list(params["seeds"])
     arms = read(smoke, "ablation_claim_runs")
     assert len(arms) == len(X.CLAIM_ARMS) * len(seeds) and set(arms["arm"]) == set(X.CLAIM_ARMS)
     assert sorted(arms["seed"].unique()) == seeds
@@ -242,14 +242,8 @@ def test_efficiency_table_rejects_unknown_rows_and_ablation_unknown_labels():
 
 
 def profile_params(profile: str, **over) -> dict:
-    """The notebook's defaults with the profile's values on top (what papermill runs with)."""
-    import ast
-
-    from tokenbook.results import notebook_parameters
-
-    specs = notebook_parameters(NB, ROOT / "notebooks" / f"{NB}.ipynb")
-    defaults = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
-    return {**defaults, **resolve_parameters(ROOT, NB, profile, over), "profile": profile}
+    """The notebook's Params with the profile's values on top (what papermill runs with), as a dict."""
+    return dict(profile_parameters(ROOT, NB, profile, over))
 
 
 def _full_params(**over):
@@ -323,10 +317,10 @@ def test_profiles_keep_the_paper_configuration():
         assert m.num_memory_tokens == m.num_process_tokens
     for profile in ("cpu", "gpu"):  # the claims get >= 3 paired seeds; the claim arms run there
         p = profile_params(profile)
-        assert len(p["seeds"].split(",")) >= 3 and p["ablation_claims"] and p["latency_repeats"] >= 5
-    assert profile_params("cpu")["ablation_studies"] == ""  # the cpu budget goes to the claim arms' seeds
+        assert len(p["seeds"]) >= 3 and p["ablation_claims"] and p["latency_repeats"] >= 5
+    assert profile_params("cpu")["ablation_studies"] == []  # the cpu budget goes to the claim arms' seeds
     full = profile_params("full")
-    assert not full["ablation_claims"] and full["ablation_studies"] == "" and full["seeds"] == "0"
+    assert not full["ablation_claims"] and full["ablation_studies"] == [] and full["seeds"] == [0]
     gpu = profile_params("gpu")
     assert gpu["latency_batch"] == 128 and gpu["latency_min_run_time"] == 8.0  # the official benchmark settings
     assert X.create(gpu["model_name"], meta=True).num_process_tokens == 64  # the paper's 64 + 64 tokens at 32 px

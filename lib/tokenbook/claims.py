@@ -412,17 +412,16 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
 # ----------------------------------------------------------------------------------------------------------
 # helpers the notebooks use to build evidence
 # ----------------------------------------------------------------------------------------------------------
-def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
-    """``"0,1,2"`` (a notebook parameter) -> ``[0, 1, 2]``; an int n -> ``range(n)``. Seeds must be distinct."""
-    if isinstance(text, int):
+def parse_seeds(text: int | Sequence[int]) -> list[int]:
+    """``[0, 1, 2]`` (a notebook's ``seeds``) checked; an int n -> ``range(n)``. Seeds must be distinct ints."""
+    from .params import as_list
+
+    if isinstance(text, int) and not isinstance(text, bool):
         seeds = list(range(text))
-    elif isinstance(text, str):
-        try:
-            seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
-        except ValueError as e:
-            raise ValueError(f"seeds must be comma-separated integers like '0,1,2', got {text!r}") from e
     else:
-        seeds = [int(s) for s in text]
+        seeds = as_list(text, "seeds")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seeds must be integers, got {text!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be one or more distinct integers, got {text!r}")
     return seeds

@@ -277,14 +277,20 @@ class RunContext:
     # -- construction from a notebook ------------------------------------------------------------------------
     @classmethod
     def from_notebook(cls, notebook: str, namespace: dict, notebook_path: Optional[str | Path] = None) -> "RunContext":
-        """Collect the values of the notebook's ``parameters`` cell from ``namespace`` (its ``globals()``), check
-        their types against the cell's annotations, and open the run."""
-        specs = notebook_parameters(notebook, notebook_path)
-        params = {}
-        for name, spec in specs.items():
-            if name not in namespace:
-                raise NameError(f"parameter {name!r} of {notebook} is not defined; run the parameters cell first")
-            params[name] = check_param_type(name, namespace[name], spec["type"])
+        """Open the run of ``notebook`` with its parameters: its :class:`tokenbook.params.Params` (``p =
+        exp.Params.from_namespace(globals())``), or a namespace (``globals()``) whose values of the ``parameters``
+        cell are checked against the cell's annotations."""
+        from .params import Params
+
+        if isinstance(namespace, Params):
+            params = namespace.to_dict()
+        else:
+            specs = notebook_parameters(notebook, notebook_path)
+            params = {}
+            for name, spec in specs.items():
+                if name not in namespace:
+                    raise NameError(f"parameter {name!r} of {notebook} is not defined; run the parameters cell first")
+                params[name] = check_param_type(name, namespace[name], spec["type"])
         if "profile" not in params or "results_root" not in params:
             raise ValueError(f"{notebook}: the parameters cell must define 'profile' and 'results_root'")
         if os.environ.get("TOKENBOOK_HEADLESS") == "1":  # the runner: it stages and swaps in itself
@@ -400,7 +406,9 @@ class RunContext:
 # ----------------------------------------------------------------------------------------------------------
 # notebook parameters
 # ----------------------------------------------------------------------------------------------------------
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+from .params import check_param_range, check_param_type, parameter_range, parse_number  # noqa: E402,F401
 
 
 def _find_notebook(notebook: str, notebook_path: Optional[str | Path]) -> Path:
@@ -423,81 +431,6 @@ def notebook_parameters(notebook: str, notebook_path: Optional[str | Path] = Non
     if not info:
         raise ValueError(f"{path} has no cell tagged 'parameters'")
     return {k: {"type": v["inferred_type_name"], "default": v["default"], "help": v["help"]} for k, v in info.items()}
-
-
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
-
-
-def parse_number(value: Any) -> Any:
-    """A string holding a decimal number (``1e-3``, ``5E-4``, ``1e9``, ``.5``) as a float; anything else unchanged.
-
-    YAML 1.1 (PyYAML) reads ``1e-3`` as a string (its float rule wants a dot and a signed exponent), so profile
-    files and ``-p`` values would otherwise refuse scientific notation.
-    """
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value.strip())
-    return value
-
-
-def check_param_type(name: str, value: Any, type_name: str) -> Any:
-    """Check (and gently coerce) a parameter value against its annotation; clear error otherwise.
-
-    float: ints and number strings in any notation (``1e-3``) are accepted as floats. int: a float or number string
-    is accepted only when it is integral (``1e3`` -> 1000; ``1.5`` or ``1e-3`` are refused). bool is never a number.
-    """
-    t = _TYPES.get(type_name)
-    if t is None:
-        return value
-    if t in (int, float):
-        value = parse_number(value)
-    if t is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if t is int and isinstance(value, float):
-        if value.is_integer():
-            return int(value)
-        raise TypeError(f"parameter {name!r} must be int, got float {value!r} (not a whole number)")
-    if t is int and isinstance(value, bool) or not isinstance(value, t):
-        raise TypeError(f"parameter {name!r} must be {type_name}, got {type(value).__name__} {value!r}")
-    return value
-
-
-_RANGE_NUM = r"[-+]?(?:inf|(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
-_RANGE_INTERVAL = re.compile(r"([\[(])\s*(" + _RANGE_NUM + r")\s*,\s*(" + _RANGE_NUM + r")\s*([\])])\s*$")
-
-
-def parameter_range(help_text: str) -> Optional[tuple[Optional[float], Optional[float], bool, bool, str]]:
-    """The range a parameters cell declares for a number at the end of its comment, or None.
-
-    An interval in the usual notation: ``# training epochs [1, inf)``, ``# EMA decay [0, 1)``, ``# keep rate (0, 1]``,
-    ``# learning rate (0, inf)``; a square bracket includes the bound, a parenthesis excludes it, ``inf`` is no bound.
-    (Papermill's parameter inspector refuses a line with a second ``=``, so ``>= 1`` cannot be written there.)
-    Returns ``(low, high, low_closed, high_closed, text)`` with None for an unbounded side, ``text`` as written."""
-    text = str(help_text or "").strip()
-    m = _RANGE_INTERVAL.search(text)
-    if not m:
-        return None
-    lo, hi = float(m.group(2)), float(m.group(3))
-    if lo > hi:
-        raise ValueError(f"empty range {m.group(0).strip()} in the comment {text!r}")
-    return (None if lo == float("-inf") else lo, None if hi == float("inf") else hi, m.group(1) == "[",
-            m.group(4) == "]", m.group(0).strip())
-
-
-def check_param_range(name: str, value: Any, help_text: str) -> Any:
-    """Refuse a number outside the range the parameters cell declares for ``name`` (:func:`parameter_range`):
-    ``ValueError("parameter 'epochs' = -3 is out of its range [1, inf)")``. Non-numbers and undeclared ranges pass."""
-    rng = parameter_range(help_text)
-    if rng is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return value
-    lo, hi, lo_closed, hi_closed, text = rng
-    ok = value == value  # NaN is never in range
-    if ok and lo is not None:
-        ok = value >= lo if lo_closed else value > lo
-    if ok and hi is not None:
-        ok = value <= hi if hi_closed else value < hi
-    if not ok:
-        raise ValueError(f"parameter {name!r} = {value!r} is out of its range {text}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------

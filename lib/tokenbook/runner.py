@@ -45,7 +45,7 @@ import yaml
 
 from .io import atomic_write, site_file
 from .report import render_html, write_index
-from .results import check_param_range, check_param_type, repo_root, swap_in
+from .results import repo_root, swap_in
 
 PROFILES = ("smoke", "cpu", "gpu", "full")
 RESERVED = ("profile", "results_root")
@@ -61,34 +61,50 @@ def list_notebooks(root: Path) -> list[str]:
 
 
 def coerce(value: str):
-    """Type a ``-p`` value: true/false/none, int, float, else string (YAML scalars).
+    """Type a ``-p`` value as YAML does: true/false/none, int, float, a list (``"[0, 1, 2]"``), else string.
 
-    Scientific notation (``1e-3``), which YAML 1.1 reads as a string, is typed against the notebook's annotation
-    later (:func:`tokenbook.results.check_param_type`): a float where a float is expected, an int only if integral.
+    Scientific notation (``1e-3``), which YAML 1.1 reads as a string, is typed against the notebook's
+    :class:`~tokenbook.params.Params` later (:func:`tokenbook.results.check_param_type`): a float where a float is
+    expected, an int only if integral.
     """
-    v = yaml.safe_load(value)
+    try:
+        v = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(v, list) and all(isinstance(x, (int, float, bool, str)) for x in v):
+        return v
     return v if isinstance(v, (int, float, bool, str)) or v is None else value
 
 
-def profile_parameters(root: Path, name: str, profile: str, overrides: Optional[dict] = None) -> dict:
-    """Every parameter of notebook ``name`` as a run with ``profile`` sees it: the ``parameters`` cell's defaults,
-    overlaid with the profile's YAML and ``overrides`` (validated by :func:`resolve_parameters`)."""
-    import ast
+def notebook_params(name: str, root: Optional[Path] = None):
+    """The :class:`~tokenbook.params.Params` class of notebook ``name``: its experiments module's, or, for a
+    notebook without one, a class read from its own parameters cell; a RunnerError says why neither exists."""
+    import importlib.util
 
-    from .results import notebook_parameters
+    from .params import cell_params_class, module_name, params_class
 
-    specs = notebook_parameters(name, root / "notebooks" / f"{name}.ipynb")
-    out = {k: ast.literal_eval(v["default"]) for k, v in specs.items()}
-    out.update(resolve_parameters(root, name, profile, dict(overrides or {})))
-    return out
+    try:
+        if importlib.util.find_spec(module_name(name)) is not None:
+            return params_class(name)
+        return cell_params_class(name, (root or repo_root()) / "notebooks" / f"{name}.ipynb")
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        raise RunnerError(f"{name}: no parameters ({e})") from e
+
+
+def profile_parameters(root: Path, name: str, profile: str, overrides: Optional[dict] = None):
+    """Every parameter of notebook ``name`` as a run with ``profile`` sees it: a validated
+    :class:`~tokenbook.params.Params` (its defaults, overlaid with the profile's YAML and ``overrides``)."""
+    values = {"profile": profile, **resolve_parameters(root, name, profile, dict(overrides or {}))}
+    return notebook_params(name, root).from_mapping(values, where=name)
 
 
 def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> dict:
-    """The parameters for one notebook run, validated against its ``parameters`` cell."""
-    from .results import notebook_parameters
+    """The parameters one notebook run sets (the profile's YAML plus ``overrides``), validated against the
+    notebook's :class:`~tokenbook.params.Params`: names, types (YAML lists for lists) and ranges. Returns the values
+    as papermill injects them (typed, sentinels such as 0 kept as written)."""
+    from .params import ParamsError
 
-    nb = root / "notebooks" / f"{name}.ipynb"
-    specs = notebook_parameters(name, nb)
+    cls = notebook_params(name, root)
     pdir = root / "notebooks" / "params" / name
     pfile = pdir / f"{profile}.yaml"
     if not pfile.is_file():
@@ -101,8 +117,8 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
         raise RunnerError(f"{pfile}: invalid YAML ({e})") from e
     if not isinstance(params, dict):
         raise RunnerError(f"{pfile}: must be a mapping of parameter names to values")
-    params = {**params, **overrides}
-    unknown = sorted(set(params) - set(specs))
+    specs = cls.specs()
+    unknown = sorted((set(params) | set(overrides)) - set(specs))
     if unknown:
         import difflib
 
@@ -110,31 +126,19 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
                  if difflib.get_close_matches(u, specs, 1) else u for u in unknown]
         raise RunnerError(f"{name}: unknown parameter(s) {', '.join(hints)}; the notebook's parameters are: "
                           f"{', '.join(sorted(specs))}")
-    for k, v in params.items():
-        where = f"-p {k}" if k in overrides else str(pfile.relative_to(root))
-        try:
-            params[k] = check_param_type(k, v, specs[k]["type"])
-            check_param_range(k, params[k], specs[k]["help"])
-        except (TypeError, ValueError) as e:
-            raise RunnerError(f"{name} ({where}): {e}") from e
-    import ast
-
-    for k, spec in specs.items():  # the notebook's own defaults must be within their declared ranges too
-        if k in params:
-            continue
-        try:
-            default = ast.literal_eval(spec["default"])
-        except (ValueError, SyntaxError):
-            continue
-        try:
-            check_param_range(k, default, spec["help"])
-        except ValueError as e:
-            raise RunnerError(f"{name} (default in {nb.relative_to(root) if nb.is_relative_to(root) else nb}): "
-                              f"{e}") from e
-    missing = [r for r in RESERVED if r not in specs]
-    if missing:
-        raise RunnerError(f"{name}: parameters cell lacks {missing}")
-    return params
+    try:  # the defaults first, then the profile alone, so that an error names the file it comes from
+        cls()
+    except ParamsError as e:
+        raise RunnerError(f"{name} (default in notebooks/{name}.ipynb): {e}") from e
+    try:
+        cls(**params)
+    except ParamsError as e:
+        raise RunnerError(f"{name} ({pfile.relative_to(root)}): {e}") from e
+    try:
+        typed = cls(**{**params, **overrides}).to_dict()
+    except ParamsError as e:
+        raise RunnerError(f"{name} ({', '.join(f'-p {k}' for k in overrides)}): {e}") from e
+    return {k: typed[k] for k in {**params, **overrides}}
 
 
 def _positive_minutes(text: str) -> float:
@@ -562,14 +566,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     # validate everything before running anything
-    from .results import notebook_parameters
-
     plans = []
     errors = []
     known: set[str] = set()
     for n in selected:
         try:
-            specs = notebook_parameters(n, root / "notebooks" / f"{n}.ipynb")
+            specs = notebook_params(n, root).specs()
             known |= set(specs)
             ov = {k: v for k, v in overrides_raw.items() if k in specs}
             params = resolve_parameters(root, n, profile, ov)

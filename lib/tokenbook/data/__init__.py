@@ -636,8 +636,8 @@ def data_config_from_params(params: dict) -> DataConfig:
     for k in ("train_subset", "val_subset"):
         if kw.get(k) in (0, -1):
             kw[k] = None
-    if isinstance(kw.get("classes"), str):
-        kw["classes"] = [int(c) for c in kw["classes"].split(",") if c.strip()] or None
+    if kw.get("classes") is not None:
+        kw["classes"] = list(kw["classes"]) or None
     return DataConfig(**kw)
 
 

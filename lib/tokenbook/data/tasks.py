@@ -4,15 +4,20 @@
   groups with labels remapped to ``0..k-1``.
 - ``ArrayImageDataset``: uint8 arrays + labels in the item format of ``tokenbook.data.Preprocess``.
 - ``digits_data``: scikit-learn's bundled handwritten digits (no download) as a ``DataBundle``.
+- ``load_target_tasks``: target tasks from specs (``fm:4,5,6``, ``digits``, ``folder:<path>``, ``hf:<id>``) as
+  :class:`TargetTask` objects with the paper dataset each stands for.
 """
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-__all__ = ["class_group_indices", "TaskSubset", "make_task_datasets", "ArrayImageDataset", "digits_data"]
+__all__ = ["fm_task_classes", "class_group_indices", "TaskSubset", "make_task_datasets", "ArrayImageDataset", "digits_data",
+           "TargetTask", "paper_dataset_for", "task_name", "load_target_tasks"]
 
 
 def class_group_indices(targets: Union[Sequence[int], np.ndarray, torch.Tensor],
@@ -145,3 +150,107 @@ def digits_data(img_size: int = 28, channels: int = 3, train_size: Optional[int]
                       num_classes=10, class_names=[str(i) for i in range(10)], mean=tuple(mean), std=tuple(std),
                       config=cfg, source="sklearn.datasets.load_digits",
                       preprocess=Preprocess(img_size, channels, mean, std))
+
+
+@dataclass
+class TargetTask:
+    """One target task of the fine-tuning table: a name (a valid task name), its data and the paper dataset it
+    stands for (None when the paper has no such dataset)."""
+
+    name: str
+    spec: str
+    bundle: Any
+    paper_dataset: Optional[str] = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.bundle.num_classes
+
+    def describe(self) -> dict:
+        return {"task": self.name, "spec": self.spec, "source": self.bundle.source, "classes": self.num_classes,
+                "class_names": ", ".join(self.bundle.class_names[:10]) + (" ..." if self.num_classes > 10 else ""),
+                "train_images": len(self.bundle.train), "val_images": len(self.bundle.val),
+                "paper_dataset": self.paper_dataset}
+
+
+def paper_dataset_for(name: str) -> Optional[str]:
+    """The paper dataset a task name stands for (``cifar100`` -> ``CIFAR-100``, ``places365`` -> ``Places-365``,
+    ``sun397`` -> ``SUN-397``, ``inat...`` -> ``iNaturalist``), else None."""
+    n = name.lower().replace("-", "").replace("_", "")
+    if "cifar100" in n:
+        return "CIFAR-100"
+    if "places" in n:
+        return "Places-365"
+    if "sun397" in n or n.startswith("sun"):
+        return "SUN-397"
+    if "inat" in n or "inaturalist" in n:
+        return "iNaturalist"
+    return None
+
+
+def task_name(spec: str) -> str:
+    """A task's name from its spec: ``fm:4,5,6`` -> ``fm_4_5_6``, ``folder:/data/CIFAR-100`` -> ``cifar_100``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "fm":
+        return "fm_" + "_".join(re.findall(r"[^,\s]+", arg))
+    if kind == "digits":
+        return "digits"
+    tail = arg.rstrip("/").split("/")[-1] or arg
+    name = re.sub(r"[^0-9a-zA-Z_]", "_", tail).strip("_").lower()
+    return name or kind
+
+
+def fm_task_classes(spec: str) -> list[int]:
+    """The Fashion-MNIST classes of a task spec ``fm:4,5,6`` (``[4, 5, 6]``); a clear error for a bad one."""
+    kind, _, arg = spec.strip().partition(":")
+    if kind != "fm" or not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*,?\s*", arg):
+        raise ValueError(f"bad task {spec!r}: fm:<comma-separated class ids>, e.g. fm:4,5,6")
+    return [int(c) for c in re.findall(r"\d+", arg)]
+
+
+def load_target_tasks(specs: Sequence[str], img_size: int, channels: int = 3, train_subset: Optional[int] = None,
+                      val_subset: Optional[int] = None, preset: str = "none", mean: Optional[Sequence[float]] = None,
+                      std: Optional[Sequence[float]] = None, data_dir: Optional[str] = None, seed: int = 0,
+                      cache_dir: Optional[str] = None, reserved: Sequence[str] = ("source",)) -> list[TargetTask]:
+    """Target tasks, one per item of ``specs`` (a name in ``reserved`` is refused: ``source`` is the memory of
+    the source task in :class:`tokenbook.models.memory.MemoryViT`):
+
+    - ``fm:4,5,6``: Fashion-MNIST classes 4, 5, 6 (labels remapped to 0..2), class-balanced subsets;
+    - ``digits``: scikit-learn's 8x8 digits resized to ``img_size`` (another image source);
+    - ``folder:<path>`` / ``hf:<id or path>``: a real dataset (``tokenbook.data``), e.g. the paper's CIFAR-100,
+      Places-365, SUN-397, iNaturalist in ImageNet folder layout. The task's paper dataset is read from its name.
+
+    ``mean``/``std`` default to each source's statistics; pass the backbone's (``backbone_norm``) so every task is
+    normalised the way the pre-trained model expects.
+    """
+    from . import DataConfig, load_data
+
+    if isinstance(specs, str):
+        raise TypeError(f"target tasks must be a list of specs, e.g. ['fm:4,5,6', 'digits'], got the string {specs!r}")
+    items = [s.strip() for s in specs if s.strip()]
+    if not items:
+        raise ValueError("no target tasks given; e.g. ['fm:4,5,6', 'fm:7,8,9', 'digits']")
+    tasks, names = [], set()
+    for item in items:
+        kind, _, arg = item.partition(":")
+        if kind == "fm":
+            classes = fm_task_classes(item)
+            bundle = load_data(DataConfig(dataset="fashion_mnist", data_dir=data_dir, img_size=img_size,
+                                          channels=channels, train_subset=train_subset, val_subset=val_subset,
+                                          classes=classes, preset=preset, subset_seed=seed, mean=mean, std=std,
+                                          cache_dir=cache_dir))
+        elif kind == "digits":
+            bundle = digits_data(img_size, channels, train_size=train_subset,
+                                 val_size=min(val_subset or 597, 897), mean=mean, std=std, seed=seed)
+        elif kind in ("folder", "hf"):
+            bundle = load_data(DataConfig(dataset=item, img_size=img_size, channels=channels, train_subset=train_subset,
+                                          val_subset=val_subset, preset=preset, subset_seed=seed, mean=mean, std=std,
+                                          cache_dir=cache_dir))
+        else:
+            raise ValueError(f"unknown target task {item!r}; use fm:<classes>, digits, folder:<path> or hf:<id>")
+        name = task_name(item)
+        if name in names or name in reserved:
+            raise ValueError(f"two target tasks are both named {name!r}; give the datasets distinct folder names")
+        names.add(name)
+        tasks.append(TargetTask(name, item, bundle, paper_dataset_for(name)))
+    return tasks

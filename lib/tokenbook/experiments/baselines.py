@@ -12,7 +12,8 @@ the attention-map figure.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, ClassVar, Sequence
 
 import pandas as pd
 import torch
@@ -20,6 +21,66 @@ import torch.nn as nn
 
 from tokenbook import bench, viz
 from tokenbook.results import paper_vs_ours
+from tokenbook.params import Params as _Params
+from tokenbook.params import as_list, param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/00_baselines.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "00_baselines"
+
+    seed: int = param(0, "seed for model init and data order [0, inf)")
+    dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
+    data_dir: str = param(
+        "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
+    img_size: int = param(28, "input side of the small model [1, inf)")
+    train_subset: int = param(10000, "training images, class-balanced; 0 means all 60k [0, inf)", none=0)
+    val_subset: int = param(2000, "validation images; 0 means all 10k [0, inf)", none=0)
+    preset: str = param("none", "per-sample augmentation preset, see tokenbook.data.PRESETS")
+    model_name: str = param("vit_fm_tiny_p4_28", "small ViT trained on the default data")
+    epochs: int = param(5, "training epochs [1, inf)")
+    batch_size: int = param(128, "training batch size [1, inf)")
+    lr: float = param(0.002, "peak learning rate of AdamW (0, inf)")
+    weight_decay: float = param(0.05, "AdamW weight decay [0, inf)")
+    label_smoothing: float = param(0.0, "label smoothing of the cross-entropy [0, 1)")
+    warmup_epochs: float = param(1.0, "linear warmup, in epochs [0, inf)")
+    ema_decay: float = param(0.0, "EMA decay of the weights; 0 turns EMA off [0, 1)")
+    max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
+    num_workers: int = param(0, "DataLoader workers [0, inf)")
+    accelerator: str = param("auto", "cpu | cuda | auto")
+    precision: str = param("32-true", "32-true | bf16-mixed")
+    eff_img_size: int = param(224, "input size of the efficiency table [1, inf)")
+    eff_models: list[str] = param(["vit_small_patch16_224", "deit_small_patch16_224", "vit_base_patch32_224", "vit_base_patch16_224"],
+                                  "timm models of the efficiency table")
+    latency: bool = param(True, "measure latency; False gives counts only")
+    latency_batch: int = param(1, "batch of the latency measurement [1, inf)")
+    latency_min_run_time: float = param(1.0,
+                                        "seconds of timing per model with torch.utils.benchmark blocked_autorange "
+                                        "(0, inf)")
+    num_figure_images: int = param(4, "images in the attention figures [1, inf)")
+    bench_throughput: bool = param(True,
+                                   "measure training throughput: fit() against a plain PyTorch loop, threads, seeds "
+                                   "side by side, compile, bf16")
+    bench_steps: int = param(8, "batches per timed epoch of the throughput benchmark [1, inf)")
+    bench_repeats: int = param(3,
+                               "round-robin repeats of the cheap throughput variants (median, min and max shown) [1,"
+                               " inf)")
+    bench_compile: bool = param(True,
+                                "include torch.compile in the throughput benchmark (tens of seconds of compilation)")
+    bench_processes: int = param(2,
+                                 "fits side by side in separate processes (one thread each); 1 leaves the row out "
+                                 "[1, inf)")
+    fit_floors: bool = param(True,
+                             "also fit the reference floors on the same split: logistic regression on pixels, a "
+                             "small CNN")
+    bench_seeds: bool = param(True, "seeds-per-hour benchmark: one seed after another vs processes vs a vmap ensemble")
+    seeds_bench_steps: int = param(2, "timed steps per way and repeat of the seeds-per-hour benchmark [1, inf)")
+    seeds_bench_repeats: int = param(3, "interleaved repeats of the seeds-per-hour benchmark (median and IQR) [3, inf)")
 
 __all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "attention_figure", "throughput",
            "throughput_decision", "train_small_vit", "small_vit_spec", "floor_comparison", "seeds_decision"]
@@ -27,9 +88,9 @@ __all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "a
 PAPER = "baselines"
 
 
-def parse_models(text: str) -> list[str]:
-    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the notebook's comma-separated model list)."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
+def parse_models(text: Sequence[str]) -> list[str]:
+    """The notebook's model list (``eff_models``), checked: a list of names, not empty."""
+    names = [n.strip() for n in as_list(text, "eff_models") if n.strip()]
     if not names:
         raise ValueError("no model names given (eff_models is empty)")
     return names
@@ -232,7 +293,7 @@ def gpu_loops(params: dict) -> list:
     loops = [G.timm_loop(nb, f"small ViT {p['model_name']}", p["model_name"], dict(num_classes=10, img_size=img), img,
                          **G.fit_fields(cfg, n, nv, p["num_workers"]))]
     if p["latency"]:
-        models = len([m for m in p["eff_models"].split(",") if m.strip()])
+        models = len(p["eff_models"])
         loops.append(G.latency_loop(nb, "efficiency table", models, p["latency_min_run_time"]))
     if p["bench_throughput"]:
         loops.append(G.not_charged(nb, "training-throughput benchmark", "fit() on the CPU (accelerator 'cpu')"))

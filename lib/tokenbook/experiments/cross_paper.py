@@ -43,7 +43,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +52,80 @@ import torch.nn as nn
 from tokenbook import bench
 from tokenbook.claims import Evidence, mean_ci, paired_evidence
 from tokenbook.methods import toe as toe_method
+from tokenbook.params import Params as _Params
+from tokenbook.params import as_list, param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/06_cross_paper.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "06_cross_paper"
+
+    seed: int = param(0, "seed of the data subsets, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
+    seeds: list[int] = param([0, 1, 2],
+                             "training seeds, paired by seed across arms (same init for an arm and its ToE twin, "
+                             "same batches)")
+    data_dir: str = param(
+        "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
+    source_classes: list[int] = param([0, 1, 2, 3, 4],
+                                      "Fashion-MNIST classes of the comparison (and of pre-training for fine-tuning)")
+    target_classes: list[int] = param([5, 6, 7, 8, 9],
+                                      "held-out classes of the fine-tuning rows; never seen in pre-training")
+    train_subset: int = param(
+        2048, "training images of the source classes, class-balanced; 0 means all [0, inf)", none=0)
+    val_subset: int = param(1000, "validation images of the source classes; 0 means all [0, inf)", none=0)
+    arms: list[str] = param(["all"], "comparison rows: keys of tokenbook.experiments.cross_paper.ARMS, or all")
+    embed_dim: int = param(64, "width of every arm [1, inf)")
+    depth: int = param(6, "blocks (layers) of every arm [1, inf)")
+    num_heads: int = param(4, "attention heads of every arm [1, inf)")
+    epochs: int = param(3, "training epochs of every arm (ToE stages at 0/100/200 of 300, scaled) [1, inf)")
+    batch_size: int = param(128, "batch size of every arm [1, inf)")
+    lr: float = param(0.002, "peak AdamW learning rate (0, inf)")
+    weight_decay: float = param(0.05, "AdamW weight decay [0, inf)")
+    warmup_epochs: float = param(0.3, "linear warm-up in epochs [0, inf)")
+    min_lr: float = param(1e-05, "final cosine learning rate [0, inf)")
+    pixel_cutmix: float = param(1.0, "CutMix alpha of the pixel arms (SeiT's hook mixes the token arms alike) [0, inf)")
+    label_smoothing: float = param(0.1, "label smoothing of the pixel arms (the token hooks use 0.1) [0, 1)")
+    max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
+    toe_keep_rate: list[float] = param([0.5, 0.75, 1.0], "ToE keep rate per stage (official DeiT-S)")
+    toe_initialization_keep_rate: float = param(0.25, "ToE r0, the fraction of seed tokens (0, 1]")
+    codebook_size: int = param(391, "VQ codebook entries, as SeiT's released codebook [2, inf)")
+    code_dim: int = param(32, "code dimension, as SeiT's released codebook [1, inf)")
+    tokenizer_hidden: int = param(32, "channels of the small conv VQ encoder and decoder [1, inf)")
+    tokenizer_steps: int = param(150, "Adam steps of tokenizer training [1, inf)")
+    tokenizer_batch: int = param(64, "tokenizer batch size [1, inf)")
+    tokenizer_lr: float = param(0.002, "tokenizer learning rate (0, inf)")
+    token_dir: str = param("", "where the token files go; empty: the tokenbook cache dir, seit/cross_paper-<profile>")
+    crop: int = param(12, "token-arm input side in tokens (12 of the 14x14 grid, as in 04_seit) [1, inf)")
+    rrc_scale_min: float = param(0.35, "lower scale of the token arms' random resized crop (0, 1]")
+    ta_steps: int = param(100, "TokenAdapt training steps [1, inf)")
+    ta_batch: int = param(64, "TokenAdapt training batch size [1, inf)")
+    ta_lr: float = param(0.002, "TokenAdapt AdamW learning rate (0, inf)")
+    ta_dim: int = param(64, "TokenAdapt width; official 384 [1, inf)")
+    ta_heads: int = param(2, "TokenAdapt attention heads; official 6 [1, inf)")
+    ta_dim_head: int = param(32, "TokenAdapt head width; official 64 [1, inf)")
+    storage_images: int = param(500, "validation images encoded as PNG and as tokens for the storage column [1, inf)")
+    ft_train_subset: int = param(1000, "fine-tuning images of the held-out classes; 0 means all [0, inf)")
+    ft_val_subset: int = param(500, "fine-tuning validation images; 0 means all [0, inf)")
+    ft_epochs: int = param(3, "fine-tuning epochs (memory and full) [1, inf)")
+    ft_batch_size: int = param(64, "fine-tuning batch size [1, inf)")
+    ft_lr: float = param(0.1, "SGD learning rate of memory fine-tuning (as 05_memory) (0, inf)")
+    ft_full_lr: float = param(0.02, "SGD learning rate of full fine-tuning (as 05_memory) (0, inf)")
+    ft_warmup_steps: int = param(30, "linear warm-up steps of fine-tuning [0, inf)")
+    memory_cells: int = param(5, "memory tokens per layer of the memory rows [1, inf)")
+    latency: bool = param(True, "time inference of every trained model (torch.utils.benchmark)")
+    latency_batch: int = param(32, "images per timed forward [1, inf)")
+    latency_min_run_time: float = param(0.3, "seconds of blocked_autorange per model (0, inf)")
+    speedup_batch: int = param(128, "batch of the interleaved ToE step timing of the speed-up claims [1, inf)")
+    speedup_steps: int = param(5, "interleaved repeats per ToE stage (median and IQR over them) [1, inf)")
+    speedup_warmup: int = param(2, "untimed warm-up steps per variant before the interleaved repeats [0, inf)")
+    num_workers: int = param(0, "DataLoader workers of every training and fine-tuning loader [0, inf)")
+    accelerator: str = param("auto", "cpu, cuda or auto")
+    precision: str = param("32-true", "32-true or bf16-mixed")
 
 __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
@@ -101,9 +175,10 @@ FINETUNE_ROWS = (
 )
 
 
-def parse_arms(text: str) -> list[str]:
-    """``"vit,vittm,..."`` or ``"all"`` -> arm keys in :data:`ARMS` order; unknown names raise."""
-    names = list(ARMS) if text.strip() in ("", "all") else [s.strip() for s in text.split(",") if s.strip()]
+def parse_arms(text: Sequence[str]) -> list[str]:
+    """``["vit", "vittm", ...]`` or ``["all"]`` -> arm keys in :data:`ARMS` order; unknown names raise."""
+    names = as_list(text, "arms")
+    names = list(ARMS) if names in ([], ["all"]) else names
     bad = [n for n in names if n not in ARMS]
     if bad:
         raise ValueError(f"unknown arms {bad}; choose from {list(ARMS)} or 'all'")
@@ -114,12 +189,10 @@ def parse_arms(text: str) -> list[str]:
     return [n for n in ARMS if n in names]
 
 
-def parse_classes(text: str) -> list[int]:
-    try:
-        out = [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise ValueError(f"classes must be comma-separated Fashion-MNIST labels 0..9, got {text!r}") from None
-    if not out or len(set(out)) != len(out) or not all(0 <= c <= 9 for c in out):
+def parse_classes(text: Sequence[int]) -> list[int]:
+    out = as_list(text, "classes")
+    if (not out or len(set(out)) != len(out)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 9 for c in out)):
         raise ValueError(f"classes must be distinct Fashion-MNIST labels 0..9, got {text!r}")
     return out
 
@@ -132,8 +205,8 @@ def source_bundle(params: dict):
     from tokenbook.data import DataConfig, load_data
 
     return load_data(DataConfig(dataset="fashion_mnist", data_dir=params.get("data_dir") or None, img_size=28,
-                                channels=1, train_subset=int(params["train_subset"]) or None,
-                                val_subset=int(params["val_subset"]) or None,
+                                channels=1, train_subset=params["train_subset"] or None,
+                                val_subset=params["val_subset"] or None,
                                 classes=parse_classes(params["source_classes"]), subset_seed=int(params["seed"])))
 
 
@@ -146,7 +219,7 @@ def pixel_config(params: dict, seed: int):
                        weight_decay=float(params["weight_decay"]), warmup_epochs=float(params["warmup_epochs"]),
                        min_lr=float(params["min_lr"]), cutmix=float(params["pixel_cutmix"]),
                        label_smoothing=float(params["label_smoothing"]), seed=int(seed), progress=False,
-                       max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None,
+                       max_steps_per_epoch=params.get("max_steps_per_epoch") or None,
                        accelerator=str(params.get("accelerator", "auto")),
                        precision=str(params.get("precision", "32-true")))
 
@@ -177,7 +250,7 @@ def toe_kwargs(params: dict) -> dict:
     """ToE's configuration for the run: the official stages 0/100/200 of 300 scaled to ``epochs``, keep rates
     0.5/0.75/1.0, r0 0.25, k 2 (DeiT-S defaults; ``toe_keep_rate`` etc. override them)."""
     steps = toe_method.scale_expansion_step([0, 100, 200], int(params["epochs"]), 300)
-    return dict(expansion_step=steps, keep_rate=[float(x) for x in str(params["toe_keep_rate"]).split(",")],
+    return dict(expansion_step=steps, keep_rate=[float(x) for x in params["toe_keep_rate"]],
                 initialization_keep_rate=float(params["toe_initialization_keep_rate"]), expansion_multiple_stage=2)
 
 
@@ -407,7 +480,7 @@ def finetune_config(params: dict):
                        momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
                        warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
                        progress=False, accelerator=str(params.get("accelerator", "auto")),
-                       max_steps_per_epoch=int(params.get("max_steps_per_epoch", 0)) or None)
+                       max_steps_per_epoch=params.get("max_steps_per_epoch") or None)
 
 
 def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], params: dict, target: Any,
@@ -785,7 +858,7 @@ def target_task(params: dict):
     if src & set(tgt):
         raise ValueError(f"target_classes {tgt} overlap source_classes {sorted(src)}: the fine-tuning split must be "
                          "held out from pre-training")
-    return mem_exp.load_target_tasks("fm:" + ",".join(str(c) for c in tgt), img_size=28, channels=1,
+    return mem_exp.load_target_tasks(["fm:" + ",".join(str(c) for c in tgt)], img_size=28, channels=1,
                                      train_subset=int(params["ft_train_subset"]) or None,
                                      val_subset=int(params["ft_val_subset"]) or None,
                                      data_dir=params.get("data_dir") or None, seed=int(params["seed"]))[0]
@@ -917,7 +990,7 @@ def gpu_loops(params: dict) -> list:
     n_tr, n_va = G.fm_images(params["train_subset"], len(src)), G.fm_images(params["val_subset"], len(src), G.FM_VAL)
     n_ft = G.fm_images(params["ft_train_subset"], len(tgt))
     nv_ft = G.fm_images(params["ft_val_subset"], len(tgt), G.FM_VAL)
-    seeds, w = len([x for x in str(params["seeds"]).split(",") if x.strip()]), int(params.get("num_workers", 0))
+    seeds, w = len(params["seeds"]), int(params.get("num_workers", 0))
     dims = (int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"]))
     loops: list = []
     for key in parse_arms(params["arms"]):

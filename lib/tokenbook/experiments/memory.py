@@ -19,19 +19,80 @@ claims evidence are all this notebook's and share its helpers.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from tokenbook.data.tasks import ArrayImageDataset, class_group_indices, digits_data, make_task_datasets
+from tokenbook.data.tasks import (ArrayImageDataset, TargetTask, class_group_indices, digits_data, fm_task_classes,
+                                  load_target_tasks, make_task_datasets, paper_dataset_for)
 from tokenbook.methods.memory_finetune import finetune_model, set_trainable, trainable_parameter_names
 from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_option, build_attention_mask,
                                      concatenate, create_memory_vit, memory_task_params, naive_concatenate,
                                      record_attention, table1_mask, task_parameter_count)
+from tokenbook.params import Params as _Params
+from tokenbook.params import as_list, param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/05_memory.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "05_memory"
+
+    seed: int = param(0, "seed of the source pre-training and of the data subsets [0, inf)")
+    seeds: list[int] = param([0, 1, 2], "fine-tuning seeds: every method runs once per seed, paired by seed")
+    model_name: str = param("vit_fm_tiny_p4_28", "timm backbone; full profile: vit_base_patch32_224.augreg_in21k")
+    patch_size: int = param(7, "patch size override; 0 keeps the model's own [0, inf)")
+    img_size: int = param(28, "input side of the backbone [1, inf)")
+    backbone_checkpoint: str = param("", "pre-trained backbone file; empty means pre-train it here on the source task")
+    checkpoint_num_classes: int = param(0, "head size of backbone_checkpoint, kept as the source head [0, inf)")
+    data_dir: str = param("", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, hub", none="")
+    source_classes: list[int] = param([0, 1, 2, 3],
+                                      "Fashion-MNIST classes of the source task; empty means no source task")
+    pretrain_subset: int = param(6000, "source training images, class-balanced [0, inf)")
+    pretrain_epochs: int = param(6, "source pre-training epochs, AdamW [0, inf)")
+    pretrain_lr: float = param(0.002, "source pre-training peak learning rate (0, inf)")
+    pretrain_batch_size: int = param(128, "source pre-training batch size [1, inf)")
+    targets: list[str] = param(["fm:4,5,6", "fm:7,8,9", "digits"],
+                               "target tasks fm:<classes>, digits, folder:<path>, hf:<id>")
+    train_subset: int = param(1200, "training images per target task; 0 means all [0, inf)", none=0)
+    val_subset: int = param(600, "validation images per target task and for the source; 0 means all [0, inf)", none=0)
+    preset: str = param("none", "per-sample augmentation of the target tasks, see tokenbook.data.PRESETS")
+    methods: list[str] = param(["full", "head", "head+cls", "memory-1", "memory-5", "memory-10"],
+                               "columns of the fine-tuning table")
+    memory_norm: str = param("pre",
+                             "memory through the pre-attention LayerNorm - pre, paper Fig. 2a - or after it - post")
+    opt: str = param("sgd", "optimiser of the fine-tuning runs, SGD with momentum as in the paper")
+    lr: float = param(0.1, "peak learning rate of head, head+cls and memory runs (0, inf)")
+    full_lr: float = param(0.02, "peak learning rate of full fine-tuning; 0 uses lr [0, inf)")
+    momentum: float = param(0.9, "SGD momentum [0, 1)")
+    weight_decay: float = param(0.0, "weight decay of the fine-tuning runs [0, inf)")
+    clip_grad: float = param(1.0, "gradient-norm clipping; 0 turns it off [0, inf)")
+    warmup_steps: int = param(30, "linear warm-up steps [0, inf)")
+    sched: str = param("cosine", "learning-rate schedule after warm-up - cosine, step or none")
+    min_lr: float = param(1e-05, "final learning rate of the cosine schedule [0, inf)")
+    batch_size: int = param(64, "fine-tuning batch size [1, inf)")
+    epochs: int = param(5, "fine-tuning epochs per run, used when train_steps is 0 [1, inf)")
+    train_steps: int = param(0, "step budget per run, the paper uses 20000 at batch 512; 0 means use epochs [0, inf)")
+    val_evals: int = param(0,
+                           "validation passes per fine-tuning run, evenly spaced, for the plateau check; 0 means "
+                           "every epoch [0, inf)")
+    concat_cells: int = param(5, "memory cells of the task models used for concatenation and figures [1, inf)")
+    eval_batch_size: int = param(256, "batch of the evaluation passes [1, inf)")
+    num_workers: int = param(0, "DataLoader workers [0, inf)")
+    accelerator: str = param("auto", "cpu, cuda or auto")
+    precision: str = param("32-true", "32-true or bf16-mixed")
+    latency: bool = param(True, "measure merged vs separate latency")
+    latency_min_run_time: float = param(0.5, "seconds of timing per measurement (0, inf)")
+    num_figure_images: int = param(2, "validation images per task in the patch-attention figure [1, inf)")
 
 __all__ = [
     "PAPER_DATASETS", "method_label", "parse_methods", "TargetTask", "paper_dataset_for", "load_target_tasks",
@@ -63,10 +124,10 @@ def method_label(mode: str, cells: int = 0) -> str:
     return f"memory-{cells}" if mode == "memory" else mode
 
 
-def parse_methods(text: str) -> list[tuple[str, int]]:
-    """``"full,head,head+cls,memory-1,memory-5"`` -> ``[("full", 0), ..., ("memory", 5)]``."""
+def parse_methods(text: Sequence[str]) -> list[tuple[str, int]]:
+    """``["full", "head", "head+cls", "memory-1", "memory-5"]`` -> ``[("full", 0), ..., ("memory", 5)]``."""
     out = []
-    for item in (s.strip() for s in text.split(",")):
+    for item in (s.strip() for s in as_list(text, "methods")):
         if not item:
             continue
         if item.startswith("memory-"):
@@ -87,105 +148,6 @@ def parse_methods(text: str) -> list[tuple[str, int]]:
     if len(set(labels)) != len(labels):
         raise ValueError(f"a method is listed twice: {labels}")
     return out
-
-
-@dataclass
-class TargetTask:
-    """One target task of the fine-tuning table: a name (a valid task name), its data and the paper dataset it
-    stands for (None when the paper has no such dataset)."""
-
-    name: str
-    spec: str
-    bundle: Any
-    paper_dataset: Optional[str] = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.bundle.num_classes
-
-    def describe(self) -> dict:
-        return {"task": self.name, "spec": self.spec, "source": self.bundle.source, "classes": self.num_classes,
-                "class_names": ", ".join(self.bundle.class_names[:10]) + (" ..." if self.num_classes > 10 else ""),
-                "train_images": len(self.bundle.train), "val_images": len(self.bundle.val),
-                "paper_dataset": self.paper_dataset}
-
-
-def paper_dataset_for(name: str) -> Optional[str]:
-    """The paper dataset a task name stands for (``cifar100`` -> ``CIFAR-100``, ``places365`` -> ``Places-365``,
-    ``sun397`` -> ``SUN-397``, ``inat...`` -> ``iNaturalist``), else None."""
-    n = name.lower().replace("-", "").replace("_", "")
-    if "cifar100" in n:
-        return "CIFAR-100"
-    if "places" in n:
-        return "Places-365"
-    if "sun397" in n or n.startswith("sun"):
-        return "SUN-397"
-    if "inat" in n or "inaturalist" in n:
-        return "iNaturalist"
-    return None
-
-
-def _task_name(spec: str) -> str:
-    import re
-
-    kind, _, arg = spec.partition(":")
-    if kind == "fm":
-        return "fm_" + "_".join(c.strip() for c in arg.split(","))
-    if kind == "digits":
-        return "digits"
-    tail = arg.rstrip("/").split("/")[-1] or arg
-    name = re.sub(r"[^0-9a-zA-Z_]", "_", tail).strip("_").lower()
-    return name or kind
-
-
-def load_target_tasks(spec: str, img_size: int, channels: int = 3, train_subset: Optional[int] = None,
-                      val_subset: Optional[int] = None, preset: str = "none", mean: Optional[Sequence[float]] = None,
-                      std: Optional[Sequence[float]] = None, data_dir: Optional[str] = None, seed: int = 0,
-                      cache_dir: Optional[str] = None) -> list[TargetTask]:
-    """Target tasks from ``spec``: items separated by ``;``:
-
-    - ``fm:4,5,6``: Fashion-MNIST classes 4, 5, 6 (labels remapped to 0..2), class-balanced subsets;
-    - ``digits``: scikit-learn's 8x8 digits resized to ``img_size`` (another image source);
-    - ``folder:<path>`` / ``hf:<id or path>``: a real dataset (``tokenbook.data``), e.g. the paper's CIFAR-100,
-      Places-365, SUN-397, iNaturalist in ImageNet folder layout. The task's paper dataset is read from its name.
-
-    ``mean``/``std`` default to each source's statistics; pass the backbone's (``backbone_norm``) so every task is
-    normalised the way the pre-trained model expects.
-    """
-    from tokenbook.data import DataConfig, load_data
-
-    items = [s.strip() for s in spec.split(";") if s.strip()]
-    if not items:
-        raise ValueError("no target tasks given; e.g. 'fm:4,5,6;fm:7,8,9;digits'")
-    tasks, names = [], set()
-    for item in items:
-        kind, _, arg = item.partition(":")
-        if kind == "fm":
-            try:
-                classes = [int(c) for c in arg.split(",") if c.strip()]
-            except ValueError:
-                raise ValueError(f"bad task {item!r}: fm:<comma-separated class ids>, e.g. fm:4,5,6") from None
-            if not classes:
-                raise ValueError(f"bad task {item!r}: no classes")
-            bundle = load_data(DataConfig(dataset="fashion_mnist", data_dir=data_dir, img_size=img_size,
-                                          channels=channels, train_subset=train_subset, val_subset=val_subset,
-                                          classes=classes, preset=preset, subset_seed=seed, mean=mean, std=std,
-                                          cache_dir=cache_dir))
-        elif kind == "digits":
-            bundle = digits_data(img_size, channels, train_size=train_subset,
-                                 val_size=min(val_subset or 597, 897), mean=mean, std=std, seed=seed)
-        elif kind in ("folder", "hf"):
-            bundle = load_data(DataConfig(dataset=item, img_size=img_size, channels=channels, train_subset=train_subset,
-                                          val_subset=val_subset, preset=preset, subset_seed=seed, mean=mean, std=std,
-                                          cache_dir=cache_dir))
-        else:
-            raise ValueError(f"unknown target task {item!r}; use fm:<classes>, digits, folder:<path> or hf:<id>")
-        name = _task_name(item)
-        if name in names or name == SOURCE:
-            raise ValueError(f"two target tasks are both named {name!r}; give the datasets distinct folder names")
-        names.add(name)
-        tasks.append(TargetTask(name, item, bundle, paper_dataset_for(name)))
-    return tasks
 
 
 def backbone_norm(backbone: nn.Module, channels: int = 3) -> tuple[tuple, tuple]:
@@ -1102,8 +1064,8 @@ def class_token_patch_attention(model: MemoryViT, images: torch.Tensor, layer: i
 # ----------------------------------------------------------------------------------------------------------
 # GPU budget: this notebook's loops for tokenbook.gpu_budget (an ESTIMATE; the engine is in the core)
 # ----------------------------------------------------------------------------------------------------------
-def _gpu_classes(text: str) -> list[int]:
-    return [int(c) for c in text.split(",") if c.strip()]
+def _gpu_classes(text: Sequence[int]) -> list[int]:
+    return [int(c) for c in as_list(text, "classes")]
 
 
 def _gpu_build(p: dict, mode: str, cells: int, classes: int, raw: tuple, extend_from: int = 0):
@@ -1145,10 +1107,10 @@ def gpu_loops(params: dict) -> list:
                                  **G.fit_fields(cfg, G.fm_images(p["pretrain_subset"], len(src)),
                                                 G.fm_images(p["val_subset"], len(src), G.FM_VAL), w)))
     tasks = []  # (spec, train images, val images, classes, raw image shape)
-    for item in [s.strip() for s in p["targets"].split(";") if s.strip()]:
+    for item in [s.strip() for s in as_list(p["targets"], "targets") if s.strip()]:
         kind, _, arg = item.partition(":")
         if kind == "fm":
-            c = len(_gpu_classes(arg))
+            c = len(fm_task_classes(item))
             tasks.append((item, G.fm_images(p["train_subset"], c), G.fm_images(p["val_subset"], c, G.FM_VAL), c,
                           (1, 28, 28)))
         elif kind == "digits":  # tokenbook.data.tasks.digits_data: 1,797 8x8 images

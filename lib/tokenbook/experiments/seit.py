@@ -26,11 +26,12 @@ data and on real photos, the seeded ablation and its claims, five figures, the r
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -43,6 +44,85 @@ from tokenbook.methods.token_aug import (
     TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
     sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
 )
+from tokenbook.params import Params as _Params
+from tokenbook.params import as_list, param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/04_seit.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "04_seit"
+
+    seed: int = param(0, "seed of the data subset, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
+    seeds: list[int] = param([0, 1, 2], "classifier seeds of the ablation, paired by seed (init and batch order)")
+    dataset: str = param("fashion_mnist", "pixel data: fashion_mnist, folder:<path> or hf:<id>")
+    data_dir: str = param(
+        "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
+    img_size: int = param(28, "pixel side, for the tokenizer and the pixel ViT [1, inf)")
+    train_subset: int = param(10000, "training images, class-balanced; 0 means all [0, inf)", none=0)
+    val_subset: int = param(2000, "validation images; 0 means all [0, inf)", none=0)
+    token_source: str = param("train",
+                              "train: tokenizer trained here on the pixels; release:<dir> reads the ImageNet token "
+                              "release")
+    token_dir: str = param("", "where the token files go; empty: the tokenbook cache dir, seit/<dataset>-<profile>")
+    tokenizer_downsample: int = param(2, "pixels per token side; 2 gives a 14x14 grid on 28 px [1, inf)")
+    codebook_size: int = param(391,
+                               "codebook entries, as the released codebook; ids above 254 use the escape byte [2, "
+                               "inf)")
+    code_dim: int = param(32, "code dimension, as the released codebook [1, inf)")
+    tokenizer_hidden: int = param(32, "channels of the small conv VQ encoder and decoder [1, inf)")
+    tokenizer_steps: int = param(150, "Adam steps of tokenizer training [1, inf)")
+    tokenizer_batch: int = param(64, "tokenizer batch size [1, inf)")
+    tokenizer_lr: float = param(0.002, "tokenizer learning rate (0, inf)")
+    storage_images: int = param(2000, "validation images encoded as PNG and JPEG for the storage table [1, inf)")
+    storage_jpeg_quality: int = param(95,
+                                      "JPEG quality that stands for the original JPEG files in tokens-vs-JPEG [1, "
+                                      "100]")
+    tokenadapt_ckpt: str = param("", "a released tokenadapt.ckpt; empty trains f and g here")
+    ta_dim: int = param(64, "TokenAdapt width; official 384 [1, inf)")
+    ta_heads: int = param(2, "TokenAdapt attention heads; official 6 [1, inf)")
+    ta_dim_head: int = param(32, "TokenAdapt head width; official 64 [1, inf)")
+    ta_steps: int = param(100, "TokenAdapt training steps [1, inf)")
+    ta_batch: int = param(64, "TokenAdapt training batch size [1, inf)")
+    ta_lr: float = param(0.002, "TokenAdapt AdamW learning rate (0, inf)")
+    ta_mix_prob: float = param(0.0, "probability of Mixup or CutMix during TokenAdapt training [0, 1]")
+    ta_per_sample: bool = param(True, "per-sample f-space flip and affine; False is the official batch-level draw")
+    variants: list[str] = param(["pixel", "seit", "seit_ca", "seit_ta", "seit_ta_ca"],
+                                "ablation rows, see tokenbook.experiments.seit.VARIANTS")
+    pixel_model: str = param("vit_fm_tiny_p4_28", "pixel ViT with the token ViT's width, depth and heads")
+    token_model: str = param("deit_fm_micro_token_32", "token ViT with Stem-Adapter and mean-pooled head")
+    crop: int = param(12, "classifier input side in tokens; official 28 of 32, here 12 of 14 [1, inf)")
+    rrc_scale_min: float = param(0.35,
+                                 "lower scale of the random resized crop on the embedding map; official 0.08 (0, 1]")
+    token_eda: bool = param(True, "Token-EDA per sample: synonym replacement 0.25, block swap 0.25")
+    epochs: int = param(1, "training epochs of every variant [1, inf)")
+    batch_size: int = param(64, "batch size per device; divisible by 4 for TokenAdapt [1, inf)")
+    lr: float = param(0.002, "peak AdamW learning rate (0, inf)")
+    weight_decay: float = param(0.05, "AdamW weight decay [0, inf)")
+    warmup_epochs: float = param(0.3, "linear warmup in epochs; SeiT uses 5 [0, inf)")
+    ta_warmup_epochs: float = param(0.3,
+                                    "warmup of the TokenAdapt variants; the official TokenAdapt code uses 30 [0, "
+                                    "inf)")
+    warmup_lr: float = param(1e-06, "learning rate at the start of the warmup [0, inf)")
+    min_lr: float = param(1e-05, "final cosine learning rate [0, inf)")
+    ema_decay: float = param(0.0, "EMA of the weights; 0 is off; SeiT keeps 0.99996 but evaluates the raw model [0, 1)")
+    drop_path: float = param(0.0, "stochastic depth rate; SeiT 0.1 [0, 1)")
+    label_smoothing: float = param(0.1, "label smoothing of the pixel variant; token hooks always use 0.1 [0, 1)")
+    pixel_cutmix: float = param(1.0, "CutMix alpha of the pixel variant, like the token hooks [0, inf)")
+    max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
+    num_workers: int = param(0, "DataLoader workers [0, inf)")
+    accelerator: str = param("auto", "cpu, cuda or auto")
+    devices: int = param(1, "devices per node; the full recipe uses 8 [1, inf)")
+    num_nodes: int = param(1, "nodes [1, inf)")
+    strategy: str = param("auto", "Fabric strategy; multi-GPU from a notebook needs ddp_notebook")
+    precision: str = param("32-true", "32-true or bf16-mixed")
+    paper_models: list[str] = param(["deit_small_token_32", "deit_base_token_32", "vit_small_patch16_224", "vit_base_patch16_224"],
+                                    "models of the MACs table; empty skips it")
+    num_figure_images: int = param(6, "images per figure [1, inf)")
 
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",
@@ -72,9 +152,9 @@ PAPER_LABELS = {
 PathLike = Union[str, os.PathLike]
 
 
-def parse_variants(spec: str) -> list[str]:
-    """``"pixel,seit,seit_ta"`` -> list, checked against :data:`VARIANTS`."""
-    out = [v.strip() for v in spec.split(",") if v.strip()]
+def parse_variants(spec: Sequence[str]) -> list[str]:
+    """``["pixel", "seit", "seit_ta"]`` checked against :data:`VARIANTS`."""
+    out = as_list(spec, "variants")
     bad = [v for v in out if v not in VARIANTS]
     if bad or not out:
         raise ValueError(f"unknown variants {bad or spec!r}; choose from {', '.join(VARIANTS)}")

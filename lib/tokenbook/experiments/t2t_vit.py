@@ -24,15 +24,77 @@ paper's notebook over several modules.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from tokenbook.models import t2t_vit as tv
+from tokenbook.params import Params as _Params
+from tokenbook.params import param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/02_t2t_vit.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "02_t2t_vit"
+
+    seed: int = param(0, "seed of the data subsets and of the notebook's other random draws [0, inf)")
+    seeds: list[int] = param([0, 1, 2],
+                             "training seeds: every trained variant runs once per seed, paired by seed (same init "
+                             "seed and batches for all arms)")
+    table_models: list[str] = param(["all"],
+                                    "T2T-ViT registry names for the tables, name@384 for 384 px; all means every "
+                                    "official and Table 6/7 name")
+    table_references: list[str] = param(["ViT-S/16", "ViT-B/16", "ViT-L/16", "DeiT-small"],
+                                        "paper reference ViTs to count")
+    table_cnns: list[str] = param(["ResNet50", "ResNet101", "ResNet152", "MobileNetV2-1.0x*", "MobileNetV2-1.4x*", "MobileNetV3", "VGG11", "Inception-v3", "DenseNet201*", "SENet50*", "ResNeXt50*"],
+                                  "CNN rows counted with timm's models")
+    table_img_size: int = param(224, "input side of the tables [1, inf)")
+    scale: str = param("fmnist", "fmnist: small CPU variants of the ablations; imagenet: the paper's 14-size models")
+    dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
+    data_dir: str = param(
+        "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
+    img_size: int = param(28, "training input side; 28 or 32 for the fmnist scale [1, inf)")
+    channels: int = param(1, "image channels fed to the models; 1 keeps Fashion-MNIST grey [1, inf)")
+    train_subset: int = param(6000, "training images, class-balanced; 0 means all [0, inf)", none=0)
+    val_subset: int = param(1000, "validation images; 0 means all [0, inf)", none=0)
+    preset: str = param("none", "per-sample augmentation preset, see tokenbook.data.PRESETS; deit is the paper's")
+    embed_dim: int = param(64,
+                           "fmnist scale: backbone width of the deep-narrow models; 0 keeps the registry's 128 [0, "
+                           "inf)")
+    depth: int = param(8, "fmnist scale: backbone depth, a multiple of 4; 0 keeps the registry's 8 [0, inf)")
+    num_heads: int = param(2, "fmnist scale: attention heads; 0 keeps the registry's 4 [0, inf)")
+    train_variants: list[str] = param(["t2t_performer", "no_t2t", "t2t_transformer", "t2t_convolution", "deep_narrow", "shallow_wide", "vit"],
+                                      "variants to train; t2t_performer and no_t2t are needed by the figures; vit is"
+                                      " the plain ViT of similar size")
+    epochs: int = param(2, "training epochs, the same budget for every variant [1, inf)")
+    batch_size: int = param(32, "training batch size; small batches give more steps per CPU second [1, inf)")
+    lr: float = param(0.001, "peak learning rate of AdamW (0, inf)")
+    weight_decay: float = param(0.05, "AdamW weight decay [0, inf)")
+    warmup_epochs: float = param(0.3, "linear warmup, in epochs [0, inf)")
+    warmup_lr: float = param(1e-06, "learning rate at the start of the warmup [0, inf)")
+    min_lr: float = param(1e-05, "final learning rate of the cosine schedule [0, inf)")
+    cooldown_epochs: int = param(0, "epochs at min_lr after the cosine; the paper uses 10 of 310 [0, inf)")
+    mixup: float = param(0.0, "Mixup alpha; the paper uses 0.8 [0, inf)")
+    cutmix: float = param(0.0, "CutMix alpha; the paper uses 1.0 [0, inf)")
+    label_smoothing: float = param(0.0, "label smoothing; the paper uses 0.1 [0, 1)")
+    drop_path_rate: float = param(0.0, "stochastic depth of the backbone; the paper uses 0.1 [0, 1)")
+    ema_decay: float = param(0.0, "EMA decay of the weights; 0 turns EMA off; the paper uses 0.99996 [0, 1)")
+    max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
+    num_workers: int = param(0, "DataLoader workers [0, inf)")
+    accelerator: str = param("auto", "cpu | cuda | auto")
+    precision: str = param("32-true", "32-true | bf16-mixed")
+    num_figure_images: int = param(3, "images in the attention figure [1, inf)")
+    feature_channels: int = param(8, "channels per row of the feature figure [1, inf)")
 
 __all__ = [
     "PAPER_NAMES", "REFERENCE_VITS", "CNN_TIMM", "PAPER_TABLE_ROWS", "TABLE7_PAPER", "build_reference",
@@ -1087,7 +1149,7 @@ def gpu_loops(params: dict) -> list:
     variants = fmnist_ablations(img_size=img, in_chans=ch, num_classes=10, embed_dim=p["embed_dim"] or None,
                                 depth=p["depth"] or None, num_heads=p["num_heads"] or None)
     runs: dict = {}  # train_variants trains keys naming the same model and kwargs once
-    for key in [k.strip() for k in p["train_variants"].split(",") if k.strip()]:
+    for key in p["train_variants"]:
         name, kw = variants[key]
         kw = {**kw, "drop_path_rate": p["drop_path_rate"], "num_classes": 10, "img_size": img, "in_chans": ch}
         runs.setdefault((name, G.freeze(kw)), [name, kw, []])[2].append(key)

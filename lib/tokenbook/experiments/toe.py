@@ -25,10 +25,11 @@ the claims evidence) that share the ToERun/overhead structures; split by the not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -37,6 +38,62 @@ import torch.nn as nn
 from tokenbook.methods import toe
 from tokenbook.methods.toe import _forced_stage, find_token_selects
 from tokenbook.results import NA
+from tokenbook.params import Params as _Params
+from tokenbook.params import as_list, param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/03_toe.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "03_toe"
+
+    seed: int = param(0, "seed of the data subset (fixed for all seeds) and of the set-up cells [0, inf)")
+    seeds: list[int] = param([0, 1, 2], "training seeds; per seed both runs share init weights and batches")
+    dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
+    data_dir: str = param(
+        "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
+    img_size: int = param(32, "model input side; 32 px with patch 4 gives 64 patch tokens [1, inf)")
+    train_subset: int = param(6000, "training images, class-balanced; 0 means all [0, inf)", none=0)
+    val_subset: int = param(2000, "validation images; 0 means all [0, inf)", none=0)
+    preset: str = param("none", "per-sample augmentation preset, see tokenbook.data.PRESETS; deit for ImageNet")
+    model_name: str = param("vit_fm_tiny_p4_32", "timm model trained with and without ToE")
+    drop_path_rate: float = param(0.0, "stochastic depth of the model [0, 1)")
+    epochs: int = param(6, "training epochs of each run [1, inf)")
+    batch_size: int = param(128, "per-device batch size [1, inf)")
+    lr: float = param(0.002, "peak learning rate of AdamW (0, inf)")
+    weight_decay: float = param(0.05, "AdamW weight decay [0, inf)")
+    warmup_epochs: float = param(1.0, "linear warmup, in epochs [0, inf)")
+    warmup_lr: float = param(1e-06, "learning rate at the start of the warmup [0, inf)")
+    min_lr: float = param(1e-05, "final learning rate of the cosine schedule [0, inf)")
+    mixup: float = param(0.0, "mixup alpha; 0 is off [0, inf)")
+    cutmix: float = param(0.0, "cutmix alpha; 0 is off [0, inf)")
+    label_smoothing: float = param(0.0, "label smoothing [0, 1)")
+    clip_grad: float = param(0.0, "max gradient norm; 0 is off [0, inf)")
+    ema_decay: float = param(0.0, "EMA decay of the weights; 0 turns EMA off [0, 1)")
+    max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
+    num_workers: int = param(0, "DataLoader workers [0, inf)")
+    accelerator: str = param("auto", "cpu | cuda | auto")
+    devices: int = param(1, "devices for training [1, inf)")
+    num_nodes: int = param(1, "nodes for training [1, inf)")
+    strategy: str = param("auto", "Fabric strategy; ddp_notebook for several GPUs from a notebook kernel")
+    precision: str = param("32-true", "32-true | bf16-mixed | 16-mixed")
+    run_baseline: bool = param(True, "also train the full-token baseline; needed for the speed-up")
+    expansion_step: list[int] = param([0, 100, 200], "stage start epochs of an official_epochs run")
+    official_epochs: int = param(300, "run length expansion_step refers to; stages are scaled to epochs [1, inf)")
+    keep_rate: list[float] = param([0.5, 0.75, 1.0], "kept fraction of patch tokens per stage")
+    initialization_keep_rate: float = param(0.25, "r0, fraction of seed tokens (0, 1]")
+    expansion_multiple_stage: int = param(2, "k, greedy sub-steps per stage [1, inf)")
+    distance: str = param("cosine", "cosine | euclidean | manhattan | euclidean_corrected | manhattan_corrected")
+    seed_stride: str = param("official", "official int of 1 floor-divided by r0 | corrected | uniform")
+    toe_block_index: int = param(0, "ToE runs on the output of this block [0, inf)")
+    overhead_batch: int = param(128, "batch of the interleaved overhead timing [1, inf)")
+    overhead_steps: int = param(5, "timed steps per variant in the overhead timing [1, inf)")
+    overhead_warmup: int = param(2, "untimed warmup steps per variant [0, inf)")
+    num_figure_images: int = param(4, "images in the token-selection figure [1, inf)")
 
 __all__ = [
     "SelectionTrace", "trace_token_selection", "measure_token_select_overhead",
@@ -56,15 +113,15 @@ CONFIG_SOURCES = {"deit_small": "ToE/deit/run/imagenet_small_run1.sh", "lvvit_sm
 # ----------------------------------------------------------------------------------------------------------
 # parameters
 # ----------------------------------------------------------------------------------------------------------
-def parse_list(text: str | Sequence, typ: type = float) -> list:
-    """``"0, 100, 200"`` (or a sequence) -> ``[0, 100, 200]`` typed with ``typ``; clear error on bad input."""
-    items = text.split(",") if isinstance(text, str) else list(text)
+def parse_list(values: Sequence, typ: type = float, what: str = "the list") -> list:
+    """``[0, 100, 200]`` typed with ``typ``; clear error on bad input (a string is refused: use a list)."""
+    items = as_list(values, what)
     try:
-        out = [typ(float(s)) if typ is int else typ(s) for s in (str(i).strip() for i in items) if s]
-    except ValueError as e:
-        raise ValueError(f"cannot read {text!r} as a comma-separated list of {typ.__name__}") from e
+        out = [typ(float(s)) if typ is int else typ(s) for s in items]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot read {what} {values!r} as a list of {typ.__name__}") from e
     if not out:
-        raise ValueError(f"empty list {text!r}")
+        raise ValueError(f"{what} is empty")
     return out
 
 
@@ -80,11 +137,11 @@ def toe_config(params: dict, epochs: Optional[int] = None) -> dict[str, Any]:
     ``epochs`` (default ``params["epochs"]``) with :func:`tokenbook.methods.toe.scale_expansion_step`; equal epochs keep it.
     """
     epochs = int(params["epochs"] if epochs is None else epochs)
-    steps = parse_list(params["expansion_step"], int)
+    steps = parse_list(params["expansion_step"], int, "expansion_step")
     official = int(params.get("official_epochs", epochs))
     if official != epochs:
         steps = toe.scale_expansion_step(steps, epochs, official)
-    cfg = dict(expansion_step=steps, keep_rate=parse_list(params["keep_rate"], float),
+    cfg = dict(expansion_step=steps, keep_rate=parse_list(params["keep_rate"], float, "keep_rate"),
                initialization_keep_rate=float(params["initialization_keep_rate"]),
                expansion_multiple_stage=int(params["expansion_multiple_stage"]),
                distance=str(params.get("distance", "cosine")), seed_stride=str(params.get("seed_stride", "official")))

@@ -27,9 +27,10 @@ factory, reference loading and ablation runner, and splitting them would scatter
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import replace
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,83 @@ from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
 from tokenbook.train import RECIPES, TrainConfig, all_heads, fit, recipe
+from tokenbook.params import Params as _Params
+from tokenbook.params import param
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Params(_Params):
+    """The parameters of notebooks/01_vittm.ipynb (its parameters cell is generated from this class)."""
+
+    NOTEBOOK: ClassVar[str] = "01_vittm"
+
+    seed: int = param(0, "seed of the data subsets and of the figures' random inputs [0, inf)")
+    seeds: list[int] = param([0, 1, 2],
+                             "training seeds of section 2 and of the claim arms of section 3 (paired by seed); the "
+                             "first also runs the other ablation settings and drives the figures")
+    dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
+    data_dir: str = param(
+        "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
+    img_size: int = param(28, "model input side for sections 2 to 4 [1, inf)")
+    train_subset: int = param(6000, "training images of section 2, class-balanced; 0 means all [0, inf)", none=0)
+    val_subset: int = param(2000, "validation images of section 2; 0 means all [0, inf)", none=0)
+    preset: str = param("none", "per-sample augmentation preset, see tokenbook.data.PRESETS")
+    model_name: str = param("vittm_cpu_m4p4_28", "ViTTM of section 2; its width is set by embed_dim")
+    vit_name: str = param("vit_fm_tiny_p4_28", "ViT of the same width and depth trained alongside")
+    embed_dim: int = param(64, "ViTTM width, to match the ViT; 0 keeps the registered width [0, inf)")
+    drop_path_rate: float = param(0.0,
+                                  "stochastic depth of both models; README fine-tune 0.1 for S and 0.2 for B [0, 1)")
+    recipe: str = param("", "tokenbook.train.RECIPES name such as vittm_b_ft_in1k; empty uses the values below")
+    epochs: int = param(3, "training epochs; with a recipe 0 keeps the recipe value [0, inf)")
+    batch_size: int = param(128, "training batch size per device [1, inf)")
+    lr: float = param(0.002, "peak learning rate of AdamW, without a recipe (0, inf)")
+    weight_decay: float = param(0.05, "AdamW weight decay, without a recipe [0, inf)")
+    warmup_epochs: float = param(0.5, "linear warmup in epochs, without a recipe [0, inf)")
+    ema_decay: float = param(0.0, "EMA decay of the weights, without a recipe; 0 turns EMA off [0, 1)")
+    max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
+    num_workers: int = param(0, "DataLoader workers [0, inf)")
+    accelerator: str = param("auto", "cpu | cuda | auto")
+    precision: str = param("32-true", "32-true | bf16-mixed; with a recipe 32-true keeps the recipe value bf16-mixed")
+    devices: int = param(1, "devices per node; with a recipe 0 keeps the recipe value [0, inf)")
+    num_nodes: int = param(1, "nodes; with a recipe 0 keeps the recipe value [0, inf)")
+    pretrain_dataset: str = param("",
+                                  "IN-21k-P style folder or hub id for a pre-training stage before section 2; empty "
+                                  "skips it")
+    pretrain_recipe: str = param("vittm_pt_in21k", "recipe of the pre-training stage")
+    pretrain_preset: str = param("vittm_pt", "augmentation preset of the pre-training stage")
+    eff_models: list[str] = param(["ViT-S/16", "ViT-B/16", "ViTTM-S", "ViTTM-B", "ViTTM-S 16/32", "ViTTM-B 16/32"],
+                                  "rows of the efficiency table")
+    eff_img_size: int = param(224, "input side of the efficiency table [1, inf)")
+    latency: bool = param(True, "measure latency; False gives counts only")
+    latency_batch: int = param(4, "batch of the efficiency latency; the official benchmark uses 128 on a GPU [1, inf)")
+    latency_min_run_time: float = param(1.0,
+                                        "seconds of torch.utils.benchmark blocked autorange per model; official 8 "
+                                        "(0, inf)")
+    latency_repeats: int = param(9,
+                                 "interleaved repeats of the ViT-B/16 vs ViTTM-B timing of the latency claim (batch "
+                                 "latency_batch, even with latency False); 0 skips it [0, inf)")
+    train_latency_batch: int = param(64, "batch of the latency of the section 2 models [1, inf)")
+    ablation_claims: bool = param(True, "train the eight ablation arms of the claims once per seed in seeds")
+    ablation_studies: list[str] = param(["head_fusion", "latent_scale", "patch_sizes", "memory_blocks"],
+                                        "studies whose other settings run with the first seed only; empty: only the "
+                                        "claim arms")
+    ablation_embed_dim: int = param(64, "width of the ablation models [1, inf)")
+    ablation_depth: int = param(4, "depth of the ablation models [1, inf)")
+    ablation_train_subset: int = param(2560, "training images of each ablation run [0, inf)")
+    ablation_val_subset: int = param(1000, "validation images of each ablation run [0, inf)")
+    ablation_epochs: int = param(1, "epochs of each ablation run [1, inf)")
+    ablation_lr: float = param(0.002, "peak learning rate of the ablation runs (0, inf)")
+    ablation_heads: list[str] = param(["lin", "tl", "ca", "la", "lca"], "read/write heads in the head x fusion study")
+    ablation_fusions: list[str] = param(["residual", "erase", "add_erase"], "fusion types in the head x fusion study")
+    ablation_patch_sizes: list[str] = param([],
+                                            "patch-size settings such as m4p4,m2p4; empty runs all that fit the "
+                                            "image")
+    map_layers: list[int] = param([0, 2, 5], "layers of the read/write figure")
+    head_map_layer: int = param(-1, "layer of the per-head figure; negative counts from the end")
+    num_figure_images: int = param(3, "images in the figures [1, inf)")
 
 __all__ = [
     "attention_maps", "memory_diagnostics", "ablation_configs",
@@ -947,10 +1025,9 @@ def gpu_loops(params: Mapping[str, Any]) -> list:
     ab = make_train_config(p, "", epochs=p["ablation_epochs"], lr=p["ablation_lr"], ema_decay=0.0, progress=False)
     base, seen, todo = dict(embed_dim=p["ablation_embed_dim"], depth=p["ablation_depth"], img_size=img,
                             num_classes=10), set(), {}
-    studies = [s.strip() for s in p["ablation_studies"].split(",") if s.strip()]
-    labels = {"head_fusion": [f"{h.strip()}+{f.strip()}" for h in p["ablation_heads"].split(",")
-                              for f in p["ablation_fusions"].split(",")],
-              "patch_sizes": [s.strip() for s in p["ablation_patch_sizes"].split(",") if s.strip()] or None}
+    studies = list(p["ablation_studies"])
+    labels = {"head_fusion": [f"{h}+{f}" for h in p["ablation_heads"] for f in p["ablation_fusions"]],
+              "patch_sizes": list(p["ablation_patch_sizes"]) or None}
 
     def add(kw: dict, seed: int, part: str) -> None:
         args = {**base, **kw}
@@ -969,7 +1046,7 @@ def gpu_loops(params: Mapping[str, Any]) -> list:
     loops += [G.timm_loop(nb, part, name, args, img, **G.fit_fields(ab, na, nva, w, runs, b))
               for (part, _), (args, runs) in todo.items()]
     if p["latency"]:
-        models = len([m for m in p["eff_models"].split(",") if m.strip()])
+        models = len(p["eff_models"])
         loops += [G.latency_loop(nb, "efficiency table", models, p["latency_min_run_time"]),
                   G.latency_loop(nb, "section 2 models, first seed", 2, p["latency_min_run_time"])]
     if p["latency_repeats"]:

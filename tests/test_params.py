@@ -1,0 +1,160 @@
+"""tokenbook.params: the typed parameters of each notebook (issue 23, item 1)."""
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dataclasses
+
+import pytest
+
+from tokenbook.params import Params, ParamsError, as_list, cell_params_class, param, params_class
+from tokenbook.runner import list_notebooks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo(Params):
+    NOTEBOOK = "99_demo"
+    seeds: list[int] = param([0, 1], "training seeds [0, inf)")
+    epochs: int = param(3, "training epochs [1, inf)")
+    lr: float = param(1e-3, "learning rate (0, inf)")
+    train_subset: int = param(0, "train images, 0 means all [0, inf)", none=0)
+    data_dir: str = param("", "folder of the data, empty for the default", none="")
+    names: list[str] = param(["a"], "arm names")
+
+
+def test_types_lists_and_sentinels():
+    p = Demo()
+    assert p.seeds == [0, 1] and p.train_subset is None and p.data_dir is None and p["epochs"] == 3
+    assert p.to_dict()["train_subset"] == 0 and p.to_dict()["data_dir"] == ""  # as written
+    assert Demo.from_mapping(p.to_dict()) == p  # round trip
+    q = Demo(seeds=[3, 4, 5], lr=1, epochs=2.0, train_subset=500)
+    assert q.lr == 1.0 and isinstance(q.lr, float) and q.epochs == 2 and isinstance(q.epochs, int)
+    assert q.train_subset == 500 and q.text("seeds") == "3,4,5" and q.text("epochs") == "2"
+    assert dict(q)["seeds"] == [3, 4, 5] and len(q) == len(Demo.specs())
+    assert q.replace(epochs=9).epochs == 9 and q.epochs == 2
+    with pytest.raises(Exception):
+        q.epochs = 5  # frozen
+
+
+def test_comma_string_for_a_list_is_refused_with_the_yaml_spelling():
+    with pytest.raises(ParamsError, match=r"'seeds' must be a list of int \(YAML: seeds: \[0, 1, 2\]"):
+        Demo(seeds="0,1,2")
+    with pytest.raises(TypeError, match="must be a list"):
+        as_list("a,b", "names")
+    assert as_list(("a", "b"), "names") == ["a", "b"]
+
+
+def test_bad_values_name_every_problem():
+    with pytest.raises(ParamsError) as e:
+        Demo(epochs=0, lr=-1.0, seeds=[0, "x"], names=[1])
+    msg = str(e.value)
+    for part in ("'epochs' = 0 is out of its range [1, inf)", "'lr' = -1.0 is out of its range (0, inf)",
+                 "element 1 of parameter 'seeds' must be int", "element 0 of parameter 'names' must be str"):
+        assert part in msg, msg
+    with pytest.raises(ParamsError, match="'seeds' = -1 is out of its range"):
+        Demo(seeds=[-1])
+    with pytest.raises(ParamsError, match="not a whole number"):
+        Demo(epochs=1.5)
+    with pytest.raises(ParamsError, match="must be int, got bool"):
+        Demo(epochs=True)
+
+
+def test_unknown_names_get_a_suggestion():
+    with pytest.raises(ParamsError, match=r"unknown parameter\(s\) epoch \(did you mean 'epochs'\?\)"):
+        Demo.from_mapping({"epoch": 3}, where="99_demo (smoke.yaml)")
+
+
+def test_a_subclass_without_the_dataclass_decorator_is_refused():
+    class Bare(Params):
+        epochs: int = 3
+
+    with pytest.raises(TypeError, match="must be decorated"):
+        Bare()
+
+
+def test_from_namespace_needs_the_parameters_cell():
+    ns = {k: v for k, v in Demo().to_dict().items()}
+    assert Demo.from_namespace({**ns, "epochs": 4, "other": 1}).epochs == 4
+    del ns["lr"]
+    with pytest.raises(NameError, match="lr"):
+        Demo.from_namespace(ns)
+
+
+def test_parameters_cell_is_typed_python_with_a_comment_per_line():
+    src = Demo.parameters_cell()
+    tree = ast.parse(src)
+    assert len(tree.body) == len(Demo.specs()) and all(isinstance(s, ast.AnnAssign) for s in tree.body)
+    assert 'seeds: list[int] = [0, 1]  # training seeds [0, inf)' in src
+    assert 'data_dir: str = ""  #' in src
+    ns = {}
+    exec(src, {}, ns)
+    assert Demo.from_namespace(ns) == Demo()
+
+
+@pytest.mark.parametrize("nb", list_notebooks(ROOT))
+def test_every_notebook_has_a_params_class_whose_cell_is_in_sync(nb):
+    import nbformat
+
+    cls = params_class(nb)
+    assert cls.NOTEBOOK == nb
+    cls()  # defaults are valid
+    book = nbformat.read(str(ROOT / "notebooks" / f"{nb}.ipynb"), as_version=4)
+    cells = [c for c in book.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1 and cells[0].source.rstrip("\n") == cls.parameters_cell(), \
+        f"{nb}: run python -m tokenbook.params --sync"
+    # the notebook reads its parameters through the object: the setup cell builds it from the parameters cell
+    code = "\n".join(c.source for c in book.cells if c.cell_type == "code")
+    assert "Params.from_namespace(globals())" in code
+    # and no code cell reads a parameter as a bare global after that
+    names = set(cls.specs())
+    for c in book.cells:
+        if c.cell_type != "code" or c is cells[0]:
+            continue
+        bare = {n.id for n in ast.walk(ast.parse(c.source)) if isinstance(n, ast.Name) and n.id in names
+                and "from_namespace" not in c.source}
+        assert not bare, f"{nb}: a cell reads {sorted(bare)} as bare globals; use p.<name>"
+
+
+def test_check_cli_finds_a_stale_cell(tmp_path):
+    import shutil
+
+    import nbformat
+
+    (tmp_path / "notebooks").mkdir()
+    nb = tmp_path / "notebooks" / "03_toe.ipynb"
+    shutil.copy(ROOT / "notebooks" / "03_toe.ipynb", nb)
+    env = {"TOKENBOOK_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "tokenbook.params", "--check"], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    book = nbformat.read(str(nb), as_version=4)
+    cell = next(c for c in book.cells if "parameters" in c.metadata.get("tags", []))
+    cell.source = cell.source.replace("# ", "# stale ", 1)
+    nbformat.write(book, str(nb))
+    bad = subprocess.run([sys.executable, "-m", "tokenbook.params", "--check"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 1 and "03_toe.ipynb" in bad.stdout
+    fix = subprocess.run([sys.executable, "-m", "tokenbook.params", "--sync"], env=env, capture_output=True, text=True)
+    assert fix.returncode == 0 and "03_toe.ipynb" in fix.stdout
+    assert subprocess.run([sys.executable, "-m", "tokenbook.params", "--check"], env=env).returncode == 0
+
+
+def test_a_notebook_without_an_experiments_module_gets_params_from_its_cell(tmp_path):
+    import nbformat
+
+    book = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell('profile: str = "cpu"  # run profile\nresults_root: str = "results"  # out\n'
+                                     'epochs: int = 2  # epochs [1, inf)\nseeds: list = [0, 1]  # seeds\n'
+                                     'name: str = "x"  # a name')
+    cell.metadata["tags"] = ["parameters"]
+    book.cells = [cell]
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "77_mine.ipynb"
+    path.write_text(json.dumps(book))
+    cls = cell_params_class("77_mine", path)
+    assert cls().epochs == 2 and cls(epochs=5).epochs == 5 and cls().name == "x"
+    with pytest.raises(ParamsError, match="out of its range"):
+        cls(epochs=0)
