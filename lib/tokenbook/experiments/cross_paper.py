@@ -713,10 +713,11 @@ def toe_placement_table(params: dict, num_classes: int):
 # claims
 # ----------------------------------------------------------------------------------------------------------
 def scale_text(params: dict, bundle: Any, target: Any, seeds: Sequence[int]) -> str:
-    return (f"Fashion-MNIST classes {params['source_classes']} ({len(bundle.train)} train / {len(bundle.val)} val "
+    src, tgt = (",".join(str(c) for c in parse_classes(params[k])) for k in ("source_classes", "target_classes"))
+    return (f"Fashion-MNIST classes {src} ({len(bundle.train)} train / {len(bundle.val)} val "
             f"images, 28 px, 1 channel), {params['epochs']} epochs x batch {params['batch_size']}, width "
             f"{params['embed_dim']} x depth {params['depth']}, {params['num_heads']} heads; fine-tuning on held-out "
-            f"classes {params['target_classes']} ({len(target.bundle.train)} / {len(target.bundle.val)} images, "
+            f"classes {tgt} ({len(target.bundle.train)} / {len(target.bundle.val)} images, "
             f"{params['ft_epochs']} epochs); seeds {','.join(str(s) for s in seeds)}")
 
 

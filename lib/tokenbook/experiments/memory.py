@@ -1103,7 +1103,8 @@ def gpu_loops(params: dict) -> list:
     loops = []
     if not p["backbone_checkpoint"]:  # the notebook's pre-training config: AdamW, no clipping, no EMA
         cfg = TrainConfig(epochs=p["pretrain_epochs"], batch_size=p["pretrain_batch_size"], precision=p["precision"])
-        loops.append(G.timm_loop(nb, f"source pre-training on classes {p['source_classes']}", p["model_name"], bb, img,
+        label = f"source pre-training on classes {','.join(str(c) for c in src)}"
+        loops.append(G.timm_loop(nb, label, p["model_name"], bb, img,
                                  **G.fit_fields(cfg, G.fm_images(p["pretrain_subset"], len(src)),
                                                 G.fm_images(p["val_subset"], len(src), G.FM_VAL), w)))
     tasks = []  # (spec, train images, val images, classes, raw image shape)

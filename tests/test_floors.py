@@ -1,0 +1,41 @@
+"""tokenbook.floors: the logistic-regression floor is independent of the machine's BLAS thread count."""
+import numpy as np
+import torch
+
+
+class _DS:
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 3
+        self.x = torch.rand(n, 1, 6, 6, generator=g) + self.y.view(-1, 1, 1, 1) * 0.3
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+class _Bundle:
+    def __init__(self):
+        self.train, self.val = _DS(90, 0), _DS(30, 1)
+
+
+def test_logistic_floor_fits_with_one_blas_thread(monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_info
+
+    from tokenbook import floors
+
+    seen = []
+    fit = LogisticRegression.fit
+
+    def spy(self, *a, **k):
+        seen.append([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"])
+        return fit(self, *a, **k)
+
+    monkeypatch.setattr(LogisticRegression, "fit", spy)
+    r = floors.logistic_floor(_Bundle())
+    assert seen and all(n == 1 for n in seen[0]), seen  # lbfgs's end point would depend on the thread count
+    assert 0 <= r["top1"] <= 100 and r["params"] == 36 * 3 + 3
+    assert np.isfinite(r["train_s"])
