@@ -435,6 +435,32 @@ class ViTTM(nn.Module):
     ):
         super().__init__()
         memory_blocks = "none" if memory_blocks in (None, "", "none") else memory_blocks
+        self._check_args(rw_head_type, fusion_type, memory_blocks, process_embedder_type, eval_head, global_pool,
+                         embed_dim, num_heads, latent_size_scale)
+        num_process = self._set_geometry(img_size, memory_ps, process_ps, process_embedder_type, process_tokens)
+        self.memory_ps, self.process_ps, self.in_chans = memory_ps, process_ps, in_chans
+        self.num_classes, self.global_pool = num_classes, global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_heads, self.depth = num_heads, depth
+        self.rw_head_type, self.fusion_type, self.latent_size_scale = rw_head_type, fusion_type, latent_size_scale
+        self.memory_blocks_type, self.process_embedder_type = memory_blocks, process_embedder_type
+        self.num_prefix_tokens = 0
+        self.grad_checkpointing = False
+        self.eval_head = eval_head
+        #: multi-head protocol of ``tokenbook.train``: True makes ``eval()`` return both heads (see set_all_heads)
+        self.return_all_heads = False
+
+        # modules in the official order (state-dict keys and the order of the random init draws)
+        self._build_embedders(in_chans, embed_dim, num_process, pos_drop_rate)
+        self._build_layers(mlp_ratio, qkv_bias, num_process, memory_mlp_ratio, drop_rate, proj_drop_rate,
+                           attn_drop_rate, drop_path_rate)
+        self._build_heads(drop_rate)
+        self.init_weights()
+
+    # -- construction (split out of __init__; called once, in this order) ------------------------------------------
+    def _check_args(self, rw_head_type: str, fusion_type: str, memory_blocks: str, process_embedder_type: str,
+                    eval_head: str, global_pool: str, embed_dim: int, num_heads: int, latent_size_scale: int) -> None:
+        """Refuse a bad configuration before anything is built, naming the argument and the choices."""
         _check_choice("rw_head_type", rw_head_type, RW_HEAD_TYPES)
         _check_choice("fusion_type", fusion_type, FUSION_TYPES)
         _check_choice("memory_blocks", memory_blocks, MEMORY_BLOCK_TYPES)
@@ -448,8 +474,11 @@ class ViTTM(nn.Module):
         if latent_size_scale < 1 or embed_dim % latent_size_scale:
             raise ValueError(f"latent_size_scale={latent_size_scale} must be a positive divisor of "
                              f"embed_dim={embed_dim}")
-        img_size = to_2tuple(img_size)
-        self.img_size = tuple(img_size)
+
+    def _set_geometry(self, img_size: Union[int, tuple[int, int]], memory_ps: int, process_ps: int,
+                      process_embedder_type: str, process_tokens: Optional[int]) -> int:
+        """``img_size``, the token grids and counts of both streams; returns the number of process tokens."""
+        self.img_size = tuple(to_2tuple(img_size))
         self.memory_grid = _grid(self.img_size, memory_ps, "memory_ps")
         if process_embedder_type == "patch":
             self.process_grid: Optional[tuple[int, int]] = _grid(self.img_size, process_ps, "process_ps")
@@ -462,61 +491,57 @@ class ViTTM(nn.Module):
             num_process = process_tokens or self.process_grid[0] * self.process_grid[1]
         self.num_memory_tokens = self.memory_grid[0] * self.memory_grid[1]
         self.num_process_tokens = num_process
-        self.memory_ps, self.process_ps, self.in_chans = memory_ps, process_ps, in_chans
-        self.num_classes, self.global_pool = num_classes, global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_heads, self.depth = num_heads, depth
-        self.rw_head_type, self.fusion_type, self.latent_size_scale = rw_head_type, fusion_type, latent_size_scale
-        self.memory_blocks_type, self.process_embedder_type = memory_blocks, process_embedder_type
-        self.num_prefix_tokens = 0
-        self.grad_checkpointing = False
-        self.eval_head = eval_head
-        #: multi-head protocol of ``tokenbook.train``: True makes ``eval()`` return both heads (see set_all_heads)
-        self.return_all_heads = False
-        norm_layer = LayerNorm  # timm LayerNorm, eps 1e-6 (official norm_layer)
+        return num_process
 
+    def _build_embedders(self, in_chans: int, embed_dim: int, num_process: int, pos_drop_rate: float) -> None:
+        """Both streams' embedders and position tables (or the latent process tokens), and the position dropout."""
         embed_kw = dict(img_size=self.img_size, in_chans=in_chans, embed_dim=embed_dim, strict_img_size=False,
                         output_fmt="NHWC")
-        self.memory_embedder = PatchEmbed(patch_size=memory_ps, **embed_kw)
+        self.memory_embedder = PatchEmbed(patch_size=self.memory_ps, **embed_kw)
         self.memory_pos_embed = nn.Parameter(torch.zeros(1, self.num_memory_tokens, embed_dim))
-        if process_embedder_type == "patch":
-            self.process_embedder = PatchEmbed(patch_size=process_ps, **embed_kw)
+        if self.process_embedder_type == "patch":
+            self.process_embedder = PatchEmbed(patch_size=self.process_ps, **embed_kw)
             self.process_pos_embed = nn.Parameter(torch.zeros(1, num_process, embed_dim))
         else:
             # learned process tokens; they are free parameters, so a position table would be redundant
             self.process_latent = nn.Parameter(torch.zeros(1, num_process, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
+    def _build_layers(self, mlp_ratio: float, qkv_bias: bool, num_process: int, memory_mlp_ratio: float,
+                      drop_rate: float, proj_drop_rate: float, attn_drop_rate: float, drop_path_rate: float) -> None:
+        """Per layer: the process Block (drop path rising linearly), read/write norms and heads, the shared fusions,
+        and the memory blocks (official names: ``blocks``, ``read_head``, ``write_head``, ``mem_blocks`` ...)."""
+        dim, depth, norm_layer = self.embed_dim, self.depth, LayerNorm  # timm LayerNorm, eps 1e-6 (official)
         dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+            Block(dim, self.num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                   attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer)
             for i in range(depth)])
-        self.read_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
-        self.write_norm = nn.ModuleList([norm_layer(embed_dim) for _ in range(depth)])
-        self.read_head = nn.ModuleList([
-            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, num_process, qkv_bias, drop_rate)
-            for _ in range(depth)])
-        self.write_head = nn.ModuleList([
-            _make_rw_head(rw_head_type, embed_dim, num_heads, latent_size_scale, self.num_memory_tokens, qkv_bias,
-                          drop_rate)
-            for _ in range(depth)])
-        self.read_fusion = Fusion(fusion_type, embed_dim, num_process)
-        self.write_fusion = Fusion(fusion_type, embed_dim, self.num_memory_tokens)
+        self.read_norm = nn.ModuleList([norm_layer(dim) for _ in range(depth)])
+        self.write_norm = nn.ModuleList([norm_layer(dim) for _ in range(depth)])
+        head = (self.rw_head_type, dim, self.num_heads, self.latent_size_scale)
+        self.read_head = nn.ModuleList([_make_rw_head(*head, num_process, qkv_bias, drop_rate) for _ in range(depth)])
+        self.write_head = nn.ModuleList([_make_rw_head(*head, self.num_memory_tokens, qkv_bias, drop_rate)
+                                         for _ in range(depth)])
+        self.read_fusion = Fusion(self.fusion_type, dim, num_process)
+        self.write_fusion = Fusion(self.fusion_type, dim, self.num_memory_tokens)
         self.mem_blocks = nn.ModuleList([  # official name (state dict keys mem_blocks.{i}.*)
-            MemoryMlpBlock(embed_dim, memory_mlp_ratio, proj_drop_rate) if memory_blocks == "mlp" else nn.Identity()
-            for _ in range(depth)])
+            MemoryMlpBlock(dim, memory_mlp_ratio, proj_drop_rate) if self.memory_blocks_type == "mlp"
+            else nn.Identity() for _ in range(depth)])
 
+    def _build_heads(self, drop_rate: float) -> None:
+        """Final norms and both classifiers (memory ``head``, ``process_head``), and timm's ``feature_info``."""
+        dim, norm_layer = self.embed_dim, LayerNorm
         self.norm = nn.Identity()  # memory stream's final norm (Identity under global_pool="avg" in timm)
-        self.process_norm = norm_layer(embed_dim)
-        self.fc_norm = norm_layer(embed_dim)
-        self.fc_norm_process = norm_layer(embed_dim)
+        self.process_norm = norm_layer(dim)
+        self.fc_norm = norm_layer(dim)
+        self.fc_norm_process = norm_layer(dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.process_head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
+        self.process_head = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
         #: timm feature metadata: the process tokens after each layer (see ``forward_intermediates``)
-        self.feature_info = [dict(module=f"blocks.{i}", num_chs=embed_dim, reduction=process_ps) for i in range(depth)]
-        self.init_weights()
+        self.feature_info = [dict(module=f"blocks.{i}", num_chs=dim, reduction=self.process_ps)
+                             for i in range(self.depth)]
 
     # -- init ----------------------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
