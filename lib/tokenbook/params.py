@@ -32,7 +32,7 @@ import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 __all__ = ["Params", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
 
@@ -53,7 +53,6 @@ def param(default: Any, help: str, none: Any = dataclasses.MISSING) -> Any:
     return field(default=default, metadata=meta)
 
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -207,12 +206,8 @@ class Params(Mapping):
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(names))
         if unknown:
-            hints = []
-            for u in unknown:
-                close = difflib.get_close_matches(u, names, 1)
-                hints.append(f"{u} (did you mean {close[0]!r}?)" if close else u)
-            raise ParamsError(f"{where + ': ' if where else ''}unknown parameter(s) {', '.join(hints)}; the "
-                              f"parameters of {cls.NOTEBOOK or cls.__qualname__} are: {', '.join(sorted(names))}")
+            raise ParamsError(f"{where + ': ' if where else ''}unknown parameter(s) {unknown_hints(unknown, names)}; "
+                              f"the parameters of {cls.NOTEBOOK or cls.__qualname__} are: {', '.join(sorted(names))}")
         try:
             return cls(**dict(values))
         except ParamsError as e:
@@ -316,6 +311,15 @@ class Params(Mapping):
         return key in self._names()
 
 
+def unknown_hints(unknown: Sequence[str], names: Sequence[str]) -> str:
+    """``"epoch (did you mean 'epochs'?), foo"``: each unknown name with the closest known one, if any."""
+    hints = []
+    for u in unknown:
+        close = difflib.get_close_matches(u, list(names), 1)
+        hints.append(f"{u} (did you mean {close[0]!r}?)" if close else u)
+    return ", ".join(hints)
+
+
 def as_list(value: Any, what: str) -> list:
     """A list parameter as a list; a string (the old comma-separated spelling) is refused with the YAML one."""
     if isinstance(value, str):
@@ -371,7 +375,7 @@ def cell_params_class(notebook: str, path) -> type[Params]:
             continue
         t = v["inferred_type_name"] or ""
         m = re.fullmatch(r"list\[(\w+)\]", t)
-        tp = list[_SCALARS[m.group(1)]] if m and m.group(1) in _SCALARS else _SCALARS.get(t, Any)
+        tp = list[_TYPES[m.group(1)]] if m and m.group(1) in _TYPES else _TYPES.get(t, Any)
         try:
             default = ast.literal_eval(v["default"])
         except (ValueError, SyntaxError):

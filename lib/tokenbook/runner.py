@@ -102,7 +102,7 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
     """The parameters one notebook run sets (the profile's YAML plus ``overrides``), validated against the
     notebook's :class:`~tokenbook.params.Params`: names, types (YAML lists for lists) and ranges. Returns the values
     as papermill injects them (typed, sentinels such as 0 kept as written)."""
-    from .params import ParamsError
+    from .params import ParamsError, unknown_hints
 
     cls = notebook_params(name, root)
     pdir = root / "notebooks" / "params" / name
@@ -120,12 +120,8 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
     specs = cls.specs()
     unknown = sorted((set(params) | set(overrides)) - set(specs))
     if unknown:
-        import difflib
-
-        hints = [f"{u} (did you mean {difflib.get_close_matches(u, specs, 1)[0]!r}?)"
-                 if difflib.get_close_matches(u, specs, 1) else u for u in unknown]
-        raise RunnerError(f"{name}: unknown parameter(s) {', '.join(hints)}; the notebook's parameters are: "
-                          f"{', '.join(sorted(specs))}")
+        raise RunnerError(f"{name}: unknown parameter(s) {unknown_hints(unknown, specs)}; the notebook's parameters "
+                          f"are: {', '.join(sorted(specs))}")
     try:  # the defaults first, then the profile alone, so that an error names the file it comes from
         cls()
     except ParamsError as e:

@@ -629,17 +629,5 @@ def write_hub_fixture(directory: str | Path, n_train: int = 30, n_val: int = 10,
     return root
 
 
-def data_config_from_params(params: dict) -> DataConfig:
-    """Build a DataConfig from notebook parameters (keys of DataConfig; others ignored)."""
-    names = set(DataConfig.__dataclass_fields__)
-    kw = {k: v for k, v in params.items() if k in names}
-    for k in ("train_subset", "val_subset"):
-        if kw.get(k) in (0, -1):
-            kw[k] = None
-    if kw.get("classes") is not None:
-        kw["classes"] = list(kw["classes"]) or None
-    return DataConfig(**kw)
-
-
 def config_dict(cfg: DataConfig) -> dict:
     return asdict(cfg)
