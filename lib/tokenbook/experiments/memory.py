@@ -53,11 +53,12 @@ class Params(_Params):
     patch_size: int = param(7, "patch size override; 0 keeps the model's own [0, inf)")
     img_size: int = param(28, "input side of the backbone [1, inf)")
     backbone_checkpoint: str = param("", "pre-trained backbone file; empty means pre-train it here on the source task")
-    checkpoint_num_classes: int = param(0, "head size of backbone_checkpoint, kept as the source head [0, inf)")
+    checkpoint_num_classes: int = param(
+        0, "head size of backbone_checkpoint, kept as the source head; 0 means the checkpoint's own [0, inf)", none=0)
     data_dir: str = param("", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, hub", none="")
     source_classes: list[int] = param([0, 1, 2, 3],
                                       "Fashion-MNIST classes of the source task; empty means no source task")
-    pretrain_subset: int = param(6000, "source training images, class-balanced [0, inf)")
+    pretrain_subset: int = param(6000, "source training images, class-balanced; 0 means all [0, inf)", none=0)
     pretrain_epochs: int = param(6, "source pre-training epochs, AdamW [0, inf)")
     pretrain_lr: float = param(0.002, "source pre-training peak learning rate (0, inf)")
     pretrain_batch_size: int = param(128, "source pre-training batch size [1, inf)")
@@ -173,7 +174,7 @@ def load_backbone(model_name: str, num_classes: int, img_size: Optional[int] = N
 
     from tokenbook import models  # noqa: F401  (registers the workbook's small ViTs)
 
-    kw: dict[str, Any] = {"num_classes": num_classes, **model_kwargs}
+    kw: dict[str, Any] = {"num_classes": num_classes or 0, **model_kwargs}
     if img_size:
         kw["img_size"] = img_size
     if patch_size:
