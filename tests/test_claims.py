@@ -123,6 +123,20 @@ def test_failed_never_reproduced():
     assert nt.verdict == "not_testable_here" and "03_toe" in nt.detail
 
 
+def test_a_failed_run_behind_a_claim_makes_it_failed_whatever_the_difference(tmp_path):
+    from tokenbook.claims import read_evidence, write_evidence
+
+    c = _claim()
+    clear = Evidence("p.c", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5])
+    assert judge(c, clear).verdict == "reproduced"
+    bad = Evidence("p.c", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5],
+                   failed_run="failed runs below the logistic-regression floor 84.45 % on the same split: vit seed 1 (71.0 %)")
+    v = judge(c, bad)
+    assert v.verdict == "failed" and v.detail.startswith("failed runs below") and v.ours == pytest.approx(29.5 / 3)
+    write_evidence(tmp_path, [bad])  # the reason survives the evidence file the ledger reads
+    assert judge(c, read_evidence(tmp_path)["p.c"]).verdict == "failed"
+
+
 def test_structural_and_hardware_claims():
     s = _claim(kind="structural", paper_value=2.4, tolerance=0.1)
     assert judge(s, Evidence("p.c", value=2.46)).verdict == "reproduced"

@@ -39,3 +39,21 @@ def test_logistic_floor_fits_with_one_blas_thread(monkeypatch):
     assert seen and all(n == 1 for n in seen[0]), seen  # lbfgs's end point would depend on the thread count
     assert 0 <= r["top1"] <= 100 and r["params"] == 36 * 3 + 3
     assert np.isfinite(r["train_s"])
+
+
+def test_failed_baseline_runs_names_every_run_below_the_logistic_floor_and_the_table_puts_rows_beside_floors():
+    import pandas as pd
+
+    from tokenbook import floors
+
+    table = pd.DataFrame([{"model": "logistic regression on pixels", "top1": 80.0, "top5": 99.0, "params": 10,
+                           "train_s": 1.0},
+                          {"model": "small CNN", "top1": 88.0, "top5": 99.5, "params": 20, "train_s": 2.0}])
+    assert floors.failed_baseline_runs({"vit": {0: 81.0, 1: 82.0}, "t2t": {0: 90.0}}, table) == ""
+    why = floors.failed_baseline_runs({"vit": {0: 81.0, 1: 79.5, 2: 60.0}, "t2t": {0: 90.0}}, table)
+    assert why == ("failed runs below the logistic-regression floor 80.00 % on the same split: "
+                   "vit seeds 1 (79.5 %), 2 (60.0 %)")
+    df = floors.beside_floors([{"model": "vit", "kind": "from scratch", "top1": 83.0, "params": 5, "train_s": 3.0,
+                                "worst_seed_top1": 82.0}], table)
+    assert list(df["kind"]) == ["from scratch", "floor", "floor"]
+    assert list(df["vs_logistic_floor_pts"]) == [3.0, 0.0, 8.0]

@@ -63,6 +63,18 @@ def test_bad_values_name_every_problem():
         Demo(epochs=True)
 
 
+def test_choices_are_enforced_with_the_list():
+    @dataclasses.dataclass(frozen=True)
+    class WithChoices(Params):
+        executor: str = param("kernel", "where runs go", choices=("kernel", "processes"))
+
+    assert WithChoices(executor="processes").executor == "processes"
+    with pytest.raises(ParamsError, match="'executor' = 'procs' is not one of 'kernel', 'processes'"):
+        WithChoices(executor="procs")
+    with pytest.raises(ValueError, match="not one of the choices"):
+        param("x", "bad default", choices=("a", "b"))
+
+
 def test_unknown_names_get_a_suggestion():
     with pytest.raises(ParamsError, match=r"unknown parameter\(s\) epoch \(did you mean 'epochs'\?\)"):
         Demo.from_mapping({"epoch": 3}, where="99_demo (smoke.yaml)")

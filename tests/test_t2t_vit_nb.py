@@ -199,6 +199,42 @@ def test_train_seeds_pairs_arms_by_seed(idx_dir):
         t2t.train_seeds(v, bundle, cfg, ["no_t2t"], batch_size=16, seeds=[])
 
 
+def test_train_seeds_through_the_run_store(idx_dir, tmp_path):
+    """executor='kernel' trains through tokenbook.runs with the same numbers as the in-process path, dedups
+    deep_narrow, reads every run back on the second call, and 'processes' trains side by side into the store."""
+    bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=64,
+                                            val_subset=32))
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    cfg = TrainConfig(epochs=2, max_steps_per_epoch=2, progress=False, accelerator="cpu")
+    keys = ["t2t_performer", "no_t2t", "deep_narrow"]
+    quiet = dict(log=lambda *a: None)
+    ref = t2t.train_seeds(v, bundle, cfg, keys, batch_size=16, seeds=[3, 5], **quiet)
+    got = t2t.train_seeds(v, bundle, cfg, keys, batch_size=16, seeds=[3, 5], executor="kernel",
+                          store=str(tmp_path / "runs"), **quiet)
+    cols = ["seed", "variant", "model", "top1", "top5", "params", "mmacs", "same_run_as"]
+    pd.testing.assert_frame_equal(got.summary[cols], ref.summary[cols])
+    assert [r.source for r in got.launched] == ["trained"] * 6  # 4 distinct runs; the two deep_narrow share keys
+    assert len({r.key for r in got.launched}) == 4
+    for s_ in (3, 5):
+        for k in ("t2t_performer", "no_t2t"):
+            for (n, a), b_ in zip(ref.runs[s_].models[k].state_dict().items(),
+                                  got.runs[s_].models[k].state_dict().values()):
+                assert torch.equal(a, b_), (s_, k, n)
+    assert got.runs[3].models["deep_narrow"] is got.runs[3].models["t2t_performer"]
+    assert got.curves("no_t2t") == ref.curves("no_t2t")
+    again = t2t.train_seeds(v, bundle, cfg, keys, batch_size=16, seeds=[3, 5], executor="kernel",
+                            store=str(tmp_path / "runs"), **quiet)
+    assert {r.source for r in again.launched} == {"store"}
+    pd.testing.assert_frame_equal(again.summary, got.summary)
+    par = t2t.train_seeds(v, bundle, cfg, ["no_t2t"], batch_size=16, seeds=[3, 5], executor="processes",
+                          workers=2, store=str(tmp_path / "par"), **quiet)
+    assert [r.source for r in par.launched] == ["trained", "trained"] and list(par.summary["seed"]) == [3, 5]
+    assert {r.threads for r in par.launched} == {1}
+    with pytest.raises(ValueError, match="hooks"):
+        t2t.train_seeds(v, bundle, cfg, ["no_t2t"], batch_size=16, seeds=[3], executor="kernel",
+                        store=str(tmp_path / "runs"), hooks_factory=lambda: [], **quiet)
+
+
 def _per_seed(values: dict) -> pd.DataFrame:
     rows = [dict(seed=s, variant=k, model=f"m_{k}", top1=x, params_m=1.0, params=1_000_000, embed_dim=8, depth=2,
                  mmacs=10.0, gmacs=0.01, step_ms=5.0 + s, same_run_as="")

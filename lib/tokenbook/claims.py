@@ -26,7 +26,8 @@ empirical or composition claim, one value for a structural claim, a ratio with i
 - hardware claims: the same side-of-the-margin rule on the ratio's interquartile range from interleaved timing;
   so is any claim whose evidence is such a ratio without per-seed values (the compositions' speed-ups);
 - ``not_testable_here``: the claim needs ImageNet or a GPU; it names the run that would test it;
-- ``failed``: no evidence (the experiment did not run or did not finish): never ``reproduced``.
+- ``failed``: no evidence (the experiment did not run or did not finish), or a failed run behind it
+  (``Evidence.failed_run``: a from-scratch baseline below its logistic-regression floor): never ``reproduced``.
 
 Confidence intervals: Student-t on the paired differences (default; exact for normal differences, the usual choice
 for 3-10 seeds) or a seeded percentile bootstrap (``method="bootstrap"``). :func:`build_ledger` collects every
@@ -159,6 +160,9 @@ class Evidence:
     #: plateau note is computed from them with the library's one criterion (:func:`plateau`), at evidence time and
     #: again by :func:`judge`, so a ledger always applies the current criterion
     curves: list[list[float]] = field(default_factory=list)
+    #: why a run behind the claim is a failed run (e.g. a from-scratch baseline below its logistic-regression floor,
+    #: :func:`tokenbook.floors.below_floor`); when set the verdict is ``failed`` whatever the numbers say
+    failed_run: str = ""
 
     def __post_init__(self):
         if self.curves and not self.plateau:
@@ -386,6 +390,10 @@ def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: 
             return Verdict(claim, v, ours=evidence.ratio, ci_low=evidence.q1, ci_high=evidence.q3, n=1,
                            method="median ratio, IQR of interleaved timing", detail=evidence.detail, **base)
         a, b = list(evidence.a), list(evidence.b)
+        if evidence.failed_run:  # an arm that did not learn the task decides nothing, in either direction
+            m = float(np.mean([x - y for x, y in zip(a, b)])) if a and len(a) == len(b) else None
+            return Verdict(claim, "failed", ours=m, n=len(a), detail=evidence.failed_run
+                           + (f"; {evidence.detail}" if evidence.detail else ""), **base)
         if len(a) != len(b):
             return Verdict(claim, "failed", detail=f"unpaired evidence: {len(a)} vs {len(b)} seeds", **base)
         if len(a) < 2:

@@ -41,12 +41,17 @@ class ParamsError(ValueError):
     """Bad parameter values (unknown name, wrong type, out of range); the message names every problem."""
 
 
-def param(default: Any, help: str, none: Any = dataclasses.MISSING) -> Any:
+def param(default: Any, help: str, none: Any = dataclasses.MISSING, choices: Sequence[Any] = ()) -> Any:
     """A :class:`Params` field: its default, the comment of the parameters cell (ending in the range of a number,
-    ``[1, inf)``), and the value that means None (``none=0``: ``0 means all``), if any."""
-    meta = {"help": help}
+    ``[1, inf)``), the value that means None (``none=0``: ``0 means all``), if any, and the values it may take
+    (``choices``; anything else is refused with the list), if it is one of a few."""
+    meta: dict[str, Any] = {"help": help}
     if none is not dataclasses.MISSING:
         meta["none"] = none
+    if choices:
+        if default not in choices:
+            raise ValueError(f"default {default!r} is not one of the choices {list(choices)}")
+        meta["choices"] = tuple(choices)
     if isinstance(default, (list, tuple)):
         items = tuple(default)
         return field(default_factory=lambda: list(items), metadata=meta)
@@ -190,6 +195,9 @@ class Params(Mapping):
                 else:
                     value = _check_scalar(f.name, value, tp, f"parameter {f.name!r}")
                     check_param_range(f.name, value, f.metadata.get("help", ""))
+                    if f.metadata.get("choices") and value not in f.metadata["choices"]:
+                        raise ParamsError(f"parameter {f.name!r} = {value!r} is not one of "
+                                          f"{', '.join(map(repr, f.metadata['choices']))}")
                 if "none" in f.metadata and value == f.metadata["none"]:
                     value = None
             except (ParamsError, ValueError, TypeError) as e:

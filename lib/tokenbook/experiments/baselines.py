@@ -249,15 +249,12 @@ def throughput_decision(tp: pd.DataFrame, gain_needed: float = 1.1, run_s: float
 def floor_comparison(summary: pd.DataFrame, floor_table: pd.DataFrame) -> pd.DataFrame:
     """The small ViT beside the reference floors (:func:`tokenbook.floors.floors_table`) on the same split: top-1,
     parameters, training seconds, and how far each is above the logistic-regression floor."""
+    from tokenbook.floors import beside_floors
+
     vit = summary.iloc[0]
-    rows = [{"model": vit["model"], "kind": "from-scratch baseline", "top1": float(vit["top1"]),
-             "params": int(round(float(vit["params_m"]) * 1e6)), "train_s": float(vit["train_wall_s"])}]
-    rows += [{"model": r["model"], "kind": "floor", "top1": float(r["top1"]), "params": int(r["params"]),
-              "train_s": float(r["train_s"])} for _, r in floor_table.iterrows()]
-    df = pd.DataFrame(rows)
-    lr_top1 = float(floor_table.loc[floor_table["model"].str.startswith("logistic"), "top1"].iloc[0])
-    df["vs_logistic_floor_pts"] = df["top1"] - lr_top1
-    return df
+    return beside_floors([{"model": vit["model"], "kind": "from-scratch baseline", "top1": float(vit["top1"]),
+                           "params": int(round(float(vit["params_m"]) * 1e6)),
+                           "train_s": float(vit["train_wall_s"])}], floor_table)
 
 
 def seeds_decision(table: pd.DataFrame, target: float = 1.5) -> str:

@@ -70,9 +70,9 @@ class Params(_Params):
     preset: str = param("none", "per-sample augmentation preset, see tokenbook.data.PRESETS; deit is the paper's")
     embed_dim: int = param(64,
                            "fmnist scale: backbone width of the deep-narrow models; 0 keeps the registry's 128 [0, "
-                           "inf)")
-    depth: int = param(8, "fmnist scale: backbone depth, a multiple of 4; 0 keeps the registry's 8 [0, inf)")
-    num_heads: int = param(2, "fmnist scale: attention heads; 0 keeps the registry's 4 [0, inf)")
+                           "inf)", none=0)
+    depth: int = param(8, "fmnist scale: backbone depth, a multiple of 4; 0 keeps the registry's 8 [0, inf)", none=0)
+    num_heads: int = param(2, "fmnist scale: attention heads; 0 keeps the registry's 4 [0, inf)", none=0)
     train_variants: list[str] = param(["t2t_performer", "no_t2t", "t2t_transformer", "t2t_convolution", "deep_narrow", "shallow_wide", "vit"],
                                       "variants to train; t2t_performer and no_t2t are needed by the figures; vit is"
                                       " the plain ViT of similar size")
@@ -91,6 +91,12 @@ class Params(_Params):
     ema_decay: float = param(0.0, "EMA decay of the weights; 0 turns EMA off; the paper uses 0.99996 [0, 1)")
     max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
     num_workers: int = param(0, "DataLoader workers [0, inf)")
+    executor: str = param("kernel", "where the training runs go: kernel (one after the other) or processes (side by "
+                          "side, the cores divided among them); both keep every run in the run store",
+                          choices=("kernel", "processes"))
+    fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
+                             "a small CNN")
+    floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
     accelerator: str = param("auto", "cpu | cuda | auto")
     precision: str = param("32-true", "32-true | bf16-mixed")
     num_figure_images: int = param(3, "images in the attention figure [1, inf)")
@@ -103,8 +109,8 @@ __all__ = [
     "IMAGENET_DATA", "IMAGENET_MODEL_KWARGS", "imagenet_recipe", "TRANSFER_RECIPE", "TRANSFER_DATA",
     "transfer_recipe", "TransferLrHook", "PadCropFlipHook", "prepare_for_transfer", "recipe_table",
     "fmnist_ablations", "imagenet_ablations", "t2t_token_features", "vit_patch_features", "t2t_attention_maps",
-    "backbone_attention_maps", "plain_vit_like", "PLAIN_VIT", "SeededRuns", "train_seeds", "mean_by_variant",
-    "seed_summary", "CLAIM_ARMS", "MACS_MAIN", "structural_evidence", "run_scale", "empirical_evidence",
+    "backbone_attention_maps", "plain_vit_like", "PLAIN_VIT", "SeededRuns", "train_seeds", "variant_spec", "train_variant_run", "mean_by_variant",
+    "seed_summary", "CLAIM_ARMS", "MACS_MAIN", "structural_evidence", "run_scale", "empirical_evidence", "floor_rows",
 ]
 
 PAPER = "t2t_vit"
@@ -346,6 +352,36 @@ class TrainedVariants:
     results: dict = field(default_factory=dict)
 
 
+def _summary_row(key: str, name: str, model: nn.Module, res: Any, cfg: Any, n_train: int, chans: int,
+                 size: int) -> dict:
+    """One row of :func:`train_variants`' summary for a trained ``model`` and its ``fit`` result (``res``: a
+    ``FitResult`` or a :class:`tokenbook.runs.TrainedRun`)."""
+    from tokenbook import bench
+
+    pc = param_counts(model)  # T2T-ViT: + frozen tables as the paper counts; other models: count_params
+    mc = bench.count_macs(model.cpu() if next(model.parameters()).is_cuda else model, input_size=(chans, size, size))
+    return dict(variant=key, model=name, embed_dim=getattr(model, "embed_dim", None),
+                depth=len(getattr(model, "blocks", [])), top1=res.final.get("val_top1"),
+                top5=res.final.get("val_top5"), ema_top1=res.final.get("ema_top1"), params=pc["total"],
+                params_m=pc["total"] / 1e6, mmacs=mc["gmacs"] * 1e3, gmacs=mc["gmacs"], gflops=mc["gflops"],
+                epochs=cfg.epochs, train_images=n_train, train_wall_s=res.timing["wall_time_s"],
+                train_step_s=res.timing["step_time_s"], step_ms=res.timing["step_ms"],
+                train_img_s=res.timing["train_img_s"], device=res.timing["device"], same_run_as="")
+
+
+def _variant_kwargs(variants: dict[str, tuple[str, dict]], key: str, bundle, model_kwargs: Optional[dict]) -> dict:
+    name, kw = variants[key]
+    c = bundle.config
+    return {**kw, **(model_kwargs or {}), "num_classes": bundle.num_classes, "img_size": c.img_size,
+            "in_chans": c.channels}
+
+
+def _check_keys(variants: dict, keys: Sequence[str]) -> None:
+    unknown = [k for k in keys if k not in variants]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(variants)}")
+
+
 def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
                    seed: int = 0, num_workers: int = 0, model_kwargs: Optional[dict] = None,
                    hooks_factory: Optional[Callable[[], Sequence]] = None, log: Callable = print) -> TrainedVariants:
@@ -357,23 +393,22 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
     has top-1 (and EMA top-1 when ``cfg.ema_decay``), params, MACs/FLOPs at the data's input size and the times
     measured by ``fit``: ``train_wall_s`` (end to end), ``train_step_s`` (forward + backward + optimizer step),
     ``step_ms`` per step. Times of variants trained in the same call are comparable (same machine and run).
+    Trains in the calling process; :func:`train_seeds` with an ``executor`` trains through the run store instead.
     """
     import pandas as pd
     import timm
 
-    from tokenbook import bench, data, repro
+    from tokenbook import data, repro
     from tokenbook.train import fit
 
-    unknown = [k for k in keys if k not in variants]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; available: {sorted(variants)}")
+    _check_keys(variants, keys)
     chans, size = bundle.config.channels, bundle.config.img_size
     out = TrainedVariants(summary=None)
     done: dict[tuple, str] = {}
     rows = []
     for key in keys:
-        name, kw = variants[key]
-        kw = {**kw, **(model_kwargs or {}), "num_classes": bundle.num_classes, "img_size": size, "in_chans": chans}
+        name = variants[key][0]
+        kw = _variant_kwargs(variants, key, bundle, model_kwargs)
         sig = (name, tuple(sorted((k, str(v)) for k, v in kw.items())))
         if sig in done:  # same model as an earlier key: reuse its run
             first = done[sig]
@@ -387,22 +422,66 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
         res = fit(model, train_loader, val_loader, cfg, hooks=list(hooks_factory()) if hooks_factory else [],
                   preprocess=bundle.preprocess, desc=key)
         model = res.model
-        pc = param_counts(model)  # T2T-ViT: + frozen tables as the paper counts; other models: count_params
-        mc = bench.count_macs(model.cpu() if next(model.parameters()).is_cuda else model,
-                              input_size=(chans, size, size))
-        row = dict(variant=key, model=name, embed_dim=getattr(model, "embed_dim", None),
-                   depth=len(getattr(model, "blocks", [])), top1=res.final.get("val_top1"),
-                   top5=res.final.get("val_top5"), ema_top1=res.final.get("ema_top1"), params=pc["total"],
-                   params_m=pc["total"] / 1e6, mmacs=mc["gmacs"] * 1e3, gmacs=mc["gmacs"], gflops=mc["gflops"],
-                   epochs=cfg.epochs, train_images=len(bundle.train), train_wall_s=res.timing["wall_time_s"],
-                   train_step_s=res.timing["step_time_s"], step_ms=res.timing["step_ms"],
-                   train_img_s=res.timing["train_img_s"], device=res.timing["device"], same_run_as="")
+        row = _summary_row(key, name, model, res, cfg, len(bundle.train), chans, size)
         rows.append(row)
         done[sig] = key
         out.histories[key], out.models[key], out.results[key] = res.history, model, res
         log(f"{key:16s} {name:28s} top1 {row['top1']:.2f}  {row['mmacs']:.1f} MMACs  {row['train_wall_s']:.1f} s")
     out.summary = pd.DataFrame(rows)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the same runs through the workbook's run store (tokenbook.runs): trained once, read back by every later execution
+# ----------------------------------------------------------------------------------------------------------
+def variant_spec(name: str, model_kwargs: dict, data_config: Any, train_config: Any, batch_size: int,
+                 num_workers: int = 0, label: str = ""):
+    """The :class:`tokenbook.runs.RunSpec` of one variant run: model, data, recipe, batch and seed
+    (``train_config.seed``), everything that decides it. Two keys naming the same model give the same spec, so
+    the store trains it once (``deep_narrow`` = ``t2t_performer``)."""
+    from dataclasses import asdict
+
+    from tokenbook.runs import RunSpec
+
+    return RunSpec("tokenbook.experiments.t2t_vit:train_variant_run",
+                   {"model_name": name, "model_kwargs": dict(model_kwargs), "data": asdict(data_config),
+                    "train": asdict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers)},
+                   label=label or f"{name} seed {train_config.seed}")
+
+
+def train_variant_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int,
+                      num_workers: int = 0):
+    """Trainer of :func:`variant_spec` (runs in the kernel or in a launcher process): load the data, build the model
+    right after ``seed_everything(seed)``, ``fit`` it on loaders seeded with the same seed (the order of
+    :func:`train_variants`), and return a :class:`tokenbook.runs.TrainedRun` whose ``extra["row"]`` is the
+    summary row (params and MACs counted on the trained model)."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
+    from tokenbook import data as D
+    from tokenbook import repro
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig, fit
+
+    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
+    bundle = D.load_data(dcfg)
+    repro.seed_everything(tcfg.seed)
+    model = timm.create_model(model_name, **model_kwargs)
+    train_loader, val_loader = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
+    res = fit(model, train_loader, val_loader, tcfg, preprocess=bundle.preprocess, desc=model_name)
+    row = _summary_row("", model_name, res.model, res, tcfg, len(bundle.train), dcfg.channels, dcfg.img_size)
+    return TrainedRun.from_fit(res, row=row)
+
+
+def _rebuild(name: str, kw: dict, run: Any) -> nn.Module:
+    """The trained model of a store run (weights from ``run.state_dict``), on the CPU, in eval mode."""
+    import timm
+
+    import tokenbook.models  # noqa: F401
+
+    model = timm.create_model(name, **kw)  # on the CPU: buffers outside the state dict get their values
+    model.load_state_dict(run.state_dict)
+    return model.eval()
 
 
 def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
@@ -480,6 +559,7 @@ class SeededRuns:
     seeds: list
     summary: "Any"
     runs: dict = field(default_factory=dict)
+    launched: list = field(default_factory=list)  # the tokenbook.runs.Run records when trained through the store
 
     def curves(self, variant: str, metric: str = "val_top1") -> list[list[float]]:
         """The validation curve of ``variant`` in every seed's run."""
@@ -488,11 +568,17 @@ class SeededRuns:
 
 
 def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
-                seeds: Sequence[int], **kw: Any) -> SeededRuns:
+                seeds: Sequence[int], executor: Optional[str] = None, workers: Optional[int] = None,
+                store: Optional[str] = None, **kw: Any) -> SeededRuns:
     """:func:`train_variants` once per seed, paired by seed: for seed ``s`` every variant is built right after
     ``seed_everything(s)``, trained with ``cfg.seed = s`` and sees the same batches (the loader's generator is
-    seeded with ``s``). Seeds run one after the other (on a 2-core CPU, sequential runs with 2 threads are faster
-    than parallel ones)."""
+    seeded with ``s``).
+
+    ``executor=None``: in the calling process, one run after the other (hooks allowed). ``executor="kernel"`` or
+    ``"processes"``: through the workbook's run store (:func:`tokenbook.runs.launch`): every (variant, seed) run is
+    trained once, ``processes`` trains the missing ones side by side (``workers`` processes, the cores divided among
+    them), and a later execution with nothing changed reads them all back; the models are rebuilt from the stored
+    weights. The ``data`` config of the runs is ``bundle.config``."""
     import dataclasses
 
     import pandas as pd
@@ -500,6 +586,8 @@ def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequen
     if not seeds:
         raise ValueError("seeds is empty")
     out = SeededRuns(seeds=list(seeds), summary=None)
+    if executor is not None:
+        return _train_seeds_stored(out, variants, bundle, cfg, keys, batch_size, executor, workers, store, **kw)
     frames = []
     for s in seeds:
         run = train_variants(variants, bundle, dataclasses.replace(cfg, seed=int(s)), keys, batch_size=batch_size,
@@ -507,6 +595,56 @@ def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequen
         out.runs[s] = run
         frames.append(run.summary.assign(seed=int(s))[["seed", *run.summary.columns]])
     out.summary = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def _train_seeds_stored(out: SeededRuns, variants: dict, bundle, cfg, keys: Sequence[str], batch_size: int,
+                        executor: str, workers: Optional[int], store: Optional[str], num_workers: int = 0,
+                        model_kwargs: Optional[dict] = None, hooks_factory: Optional[Callable] = None,
+                        log: Callable = print) -> SeededRuns:
+    """:func:`train_seeds` through the run store (see there)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from tokenbook import runs as R
+
+    if hooks_factory is not None:
+        raise ValueError("training hooks are live objects and cannot be part of a stored run; use executor=None")
+    _check_keys(variants, keys)
+    plan = []  # (seed, key, name, kwargs, spec)
+    for s in out.seeds:
+        scfg = dataclasses.replace(cfg, seed=int(s))
+        for key in keys:
+            kw = _variant_kwargs(variants, key, bundle, model_kwargs)
+            spec = variant_spec(variants[key][0], kw, bundle.config, scfg, batch_size, num_workers,
+                                label=f"{key} seed {s}")
+            plan.append((int(s), key, variants[key][0], kw, spec))
+    done = R.launch([q[-1] for q in plan], executor=executor, workers=workers, store=store)
+    frames = []
+    for s in out.seeds:
+        tv_ = TrainedVariants(summary=None)
+        rows, first_of = [], {}
+        for (seed, key, name, kw, spec), run in zip(plan, done):
+            if seed != int(s):
+                continue
+            sig = spec.canonical()
+            if sig in first_of:  # the same run as an earlier key of this seed
+                first = first_of[sig]
+                tv_.histories[key], tv_.models[key], tv_.results[key] = (tv_.histories[first], tv_.models[first],
+                                                                         tv_.results[first])
+                rows.append({**next(r for r in rows if r["variant"] == first), "variant": key, "same_run_as": first})
+                continue
+            first_of[sig] = key
+            res = run.output
+            rows.append({**res.extra["row"], "variant": key, "same_run_as": ""})
+            tv_.histories[key], tv_.models[key], tv_.results[key] = res.history, _rebuild(name, kw, res), res
+            log(f"seed {s} {key:16s} {name:28s} top1 {rows[-1]['top1']:.2f}  ({run.source}, {run.seconds:.1f} s)")
+        tv_.summary = pd.DataFrame(rows)
+        out.runs[s] = tv_
+        frames.append(tv_.summary.assign(seed=int(s))[["seed", *tv_.summary.columns]])
+    out.summary = pd.concat(frames, ignore_index=True)
+    out.launched = done
     return out
 
 
@@ -641,11 +779,15 @@ def _arm(per_seed: "Any", key: str) -> str:
     return f"{key} = {r['model']} {r['embed_dim']}x{r['depth']}, {r['params'] / 1e6:.3f}M params"
 
 
-def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1") -> list:
+def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1", floors: Any = None) -> list:
     """Evidence of the empirical claims (:data:`CLAIM_ARMS`): per-seed ``metric`` of both arms, paired by seed,
     with the plateau note over the validation curves of every run behind the claim. Claims whose arms were not
-    trained get no evidence (the ledger shows them as failed)."""
+    trained get no evidence (the ledger shows them as failed). With ``floors`` (:func:`tokenbook.floors.floors_table`
+    on the same split), a claim whose arms have a run below the logistic-regression floor carries that failed run
+    (``Evidence.failed_run``): every arm here is trained from scratch, and one that has not learned the task
+    decides nothing."""
     from tokenbook.claims import paired_evidence
+    from tokenbook.floors import failed_baseline_runs
 
     s = runs.summary
     per_seed = {int(k): dict(zip(g["variant"], g[metric].astype(float))) for k, g in s.groupby("seed")}
@@ -657,8 +799,24 @@ def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1") -> li
                              curves=runs.curves(a) + runs.curves(b))
         ev.detail = (f"{metric} per seed: {a} {', '.join(f'{x:.2f}' for x in ev.a)}; "
                      f"{b} {', '.join(f'{x:.2f}' for x in ev.b)}" + (f"; {ev.detail}" if ev.detail else ""))
+        if floors is not None:
+            ev.failed_run = failed_baseline_runs({arm: {sd: v[arm] for sd, v in per_seed.items() if arm in v}
+                                                  for arm in (a, b)}, floors)
         out.append(ev)
     return out
+
+
+def floor_rows(runs: SeededRuns, metric: str = "top1") -> list[dict]:
+    """One row per trained variant for :func:`tokenbook.floors.beside_floors`: mean ``metric`` over the seeds, the
+    worst seed, params and mean training seconds."""
+    rows = []
+    for key, g in runs.summary.groupby("variant", sort=False):
+        if g["same_run_as"].astype(str).str.len().gt(0).all():
+            continue  # the same runs as another variant (deep_narrow = t2t_performer)
+        rows.append({"model": f"{key} ({g['model'].iloc[0]})", "kind": f"from scratch, mean of {len(g)} seed(s)",
+                     "top1": round(float(g[metric].mean()), 2), "worst_seed_top1": round(float(g[metric].min()), 2),
+                     "params": int(g["params"].iloc[0]), "train_s": round(float(g["train_wall_s"].mean()), 1)})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
