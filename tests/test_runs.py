@@ -27,6 +27,50 @@ def toy_trainer(x: int, fail: bool = False, sleep: float = 0.0) -> dict:
     return {"x": x, "square": x * x, "tensor": torch.full((3,), float(x)), "threads": torch.get_num_threads()}
 
 
+KILL_AT = "TOKENBOOK_TEST_RUNS_KILL_AT"
+
+
+class _Pace:
+    """fit hook: a pause after every epoch (time to interrupt a run), and os._exit at the start of epoch
+    $TOKENBOOK_TEST_RUNS_KILL_AT (a run killed in the middle, after the checkpoint of the epoch before)."""
+
+    def __init__(self, sleep: float):
+        self.sleep = sleep
+
+    def on_epoch_start(self, epoch, model):
+        if os.environ.get(KILL_AT) and epoch == int(os.environ[KILL_AT]):
+            os._exit(3)
+
+    def on_epoch_end(self, epoch, model, row):
+        import time
+
+        time.sleep(self.sleep)
+
+
+def fit_trainer(train: dict, sleep: float = 0.0):
+    """A trainer with fit() and a TrainConfig dict (``test_runs:fit_trainer``), so the launcher makes it resumable."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig, fit
+
+    with open(os.environ[COUNTER], "a") as f:
+        f.write(f"fit {os.getpid()}\n")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    res = fit(model, loader, loader, TrainConfig(**train), hooks=[_Pace(sleep)], num_classes=3)
+    return TrainedRun.from_fit(res)
+
+
+def _fit_spec(sleep: float = 0.0, epochs: int = 6) -> "runs.RunSpec":
+    train = dict(epochs=epochs, lr=1e-2, warmup_epochs=1.0, accelerator="cpu", progress=False, seed=0)
+    return runs.RunSpec("test_runs:fit_trainer", {"train": train, "sleep": sleep}, label="fit toy")
+
+
 def _calls(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.is_file() else []
 
@@ -139,3 +183,78 @@ def test_the_small_vit_from_the_store_equals_fit(tmp_path, monkeypatch, idx_dir,
     (back,) = runs.launch([exp.small_vit_spec("vit_fm_tiny_p4_28", dcfg, tcfg)], verbose=False)
     assert back.source == "store" and back.output.final == run.output.final
     assert json.dumps(back.output.timing, sort_keys=True) == json.dumps(run.output.timing, sort_keys=True)
+
+
+def _same_weights(a, b) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_weights(store, tmp_path, monkeypatch):
+    """An interrupted run (its process killed after epoch 2's checkpoint) continues from last.ckpt on the next
+    launch and ends with the weights and history of an uninterrupted run; the checkpoint goes once it is stored."""
+    (ref,) = runs.launch([_fit_spec()], executor="processes", workers=1, store=tmp_path / "ref", verbose=False)
+    assert not (tmp_path / "ref" / "checkpoints").exists() or not any((tmp_path / "ref" / "checkpoints").iterdir())
+    monkeypatch.setenv(KILL_AT, "3")
+    with pytest.raises(runs.RunFailedError, match="fit toy"):
+        runs.launch([_fit_spec()], executor="processes", workers=1, store=tmp_path / "cut", verbose=False)
+    key = runs.run_key(_fit_spec(), threads=ref.threads)
+    ckpt = runs.checkpoint_dir(tmp_path / "cut", key) / "last.ckpt"
+    assert ckpt.is_file()
+    monkeypatch.delenv(KILL_AT)
+    (resumed,) = runs.launch([_fit_spec()], executor="processes", workers=1, store=tmp_path / "cut", verbose=False)
+    assert resumed.source == "trained" and resumed.key == ref.key == key and not ckpt.exists()
+    assert _same_weights(resumed.output.state_dict, ref.output.state_dict)
+    assert resumed.output.history["val_top1"].tolist() == ref.output.history["val_top1"].tolist()
+    assert len(resumed.output.history) == 6
+
+
+def test_submitit_debug_executor_trains_into_the_store(store):
+    pytest.importorskip("submitit")
+    got = runs.launch([_spec(11), _spec(12)], executor="submitit", cluster="debug", verbose=False)
+    assert [r.source for r in got] == ["trained", "trained"] and [r.output["x"] for r in got] == [11, 12]
+    back = runs.launch([_spec(11)], executor="submitit", cluster="debug", verbose=False)
+    assert back[0].source == "store" and len(_calls(store)) == 2
+
+
+def test_a_failed_submitit_job_is_named_and_submitted_again_next_time(store, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    for _ in range(2):  # (the debug executor would stop in pdb on the error; local runs it in a subprocess)
+        with pytest.raises(runs.RunFailedError, match="(?s)toy 13.*diverged"):
+            runs.launch([_spec(13, fail=True)], executor="submitit", cluster="local", threads=1, verbose=False)
+    assert len(_calls(store)) == 2
+
+
+def test_submitit_job_is_collected_later_and_a_preempted_job_resumes(store, tmp_path, monkeypatch):
+    """The local submitit executor (a job per run, in a subprocess; what SLURM does on a cluster): wait=False
+    returns with the job pending, the next launch takes the same job over instead of submitting it again, and a job
+    preempted in the middle (submitit's own preemption signal) is requeued, resumes from last.ckpt and ends with
+    the weights of an uninterrupted run."""
+    import time
+
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    (ref,) = runs.launch([_fit_spec()], threads=1, store=tmp_path / "ref", verbose=False)
+    spec = _fit_spec(sleep=0.4)
+    with pytest.raises(runs.RunsPendingError) as info:
+        runs.launch([spec], executor="submitit", cluster="local", threads=1, wait=False, verbose=False)
+    (label, key, job_id), = info.value.pending
+    assert label == "fit toy" and key == runs.run_key(spec, threads=1)
+    from submitit.local.local import LocalJobEnvironment
+
+    assert runs._pending_job(runs.store_dir(), key).job_id == job_id
+    ckpt = runs.checkpoint_dir(runs.store_dir(), key) / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.is_file() and time.time() < deadline:  # epoch 1 checkpointed: preempt the job now
+        time.sleep(0.1)
+    assert ckpt.is_file(), "the job never checkpointed"
+    task_pid = int(_calls(store)[-1].split()[1])  # the job's task, as SLURM signals it before a preemption
+    os.kill(task_pid, LocalJobEnvironment._usr_sig())
+    (got,) = runs.launch([spec], executor="submitit", cluster="local", threads=1, verbose=False)
+    assert got.source == "trained" and got.key == key
+    assert len([c for c in _calls(store) if c.startswith("fit")]) == 3  # ref, the job, and its requeued restart
+    assert _same_weights(got.output.state_dict, ref.output.state_dict)
+    assert got.output.history["val_top1"].tolist() == ref.output.history["val_top1"].tolist()
+    assert not runs._job_record(runs.store_dir(), key).exists()

@@ -26,6 +26,20 @@ nothing.
 - ``executor="processes"``: the missing runs trained side by side in ``workers`` spawned processes, each with
   ``threads`` torch threads (default: the cores divided among the workers), for independent seeds and arms. Each
   process writes its run into the store itself, so a run that finished survives the others failing.
+- ``executor="submitit"``: one job per missing run through `submitit <https://github.com/facebookincubator/submitit>`_
+  (SLURM on a cluster, ``cluster="local"`` for processes on this machine, ``"debug"`` in this process); the
+  job's resources are ``resources`` updated by the spec's own (``nodes``, ``gpus_per_node``, ``timeout_min``,
+  ``slurm_partition``, ...). A preempted or timed-out job is requeued by submitit and resumes from its
+  checkpoint. ``wait=False`` returns at once with :class:`RunsPendingError` naming the jobs; the next
+  ``launch`` of the same specs does not submit them again, it waits for them (or reads them, once finished).
+  The store must be on a file system the jobs see.
+
+**Resumable runs.** A trainer whose arguments carry the train config as a dict (``args["train"]``, the fields of
+:class:`tokenbook.train.TrainConfig`) gets ``checkpoint_dir`` = ``<store>/checkpoints/<key>`` and ``resume=True``
+from the launcher, outside the key: a run killed in the middle (a preempted job, an interrupted ``./run_all.sh``)
+continues from its last epoch when it is launched again, with the same result as an uninterrupted run (``fit``
+restores weights, optimizer, schedule, RNG states and history). The checkpoint is removed once the run is in the
+store. ``RunSpec(resumable=False)`` opts out (a trainer that checkpoints by itself or cannot, like an ensemble).
 
 A run that fails raises :class:`RunFailedError` naming its label and key after the other runs finished; nothing is
 written for it. Shared core: imports no paper code (trainers are named by import path, never imported here).
@@ -42,14 +56,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "store_dir", "code_version", "float_environment",
-           "run_key", "launch", "runs_table", "EXECUTORS"]
+__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
+           "float_environment", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS"]
 
-EXECUTORS = ("kernel", "processes")
+EXECUTORS = ("kernel", "processes", "submitit")
 
 
 class RunFailedError(RuntimeError):
     """A run of :func:`launch` raised; its label, key and the original error are in the message."""
+
+
+class RunsPendingError(RuntimeError):
+    """``launch(executor="submitit", wait=False)``: runs are submitted or still running; ``pending`` lists
+    ``(label, key, job_id)``. Launch the same specs again to collect them."""
+
+    def __init__(self, message: str, pending: list):
+        super().__init__(message)
+        self.pending = pending
 
 
 @dataclass(frozen=True)
@@ -59,6 +82,10 @@ class RunSpec:
     trainer: str
     args: dict = field(default_factory=dict)
     label: str = ""
+    #: job resources for executor="submitit" (nodes, gpus_per_node, timeout_min, ...); not part of the key
+    resources: dict = field(default_factory=dict)
+    #: checkpoint and resume through args["train"] (see the module text); not part of the key
+    resumable: bool = True
 
     def __post_init__(self):
         if ":" not in self.trainer:
@@ -168,6 +195,19 @@ def store_dir(path: Optional[str | Path] = None) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 # the store (joblib.Memory) and the executors
 # ----------------------------------------------------------------------------------------------------------
+def checkpoint_dir(location: Path, key: str) -> Path:
+    """Where the run ``key`` of the store at ``location`` keeps its ``last.ckpt`` while it trains."""
+    return Path(location) / "checkpoints" / key[:16]
+
+
+def _resumable_args(spec: RunSpec, location: Path, key: str) -> dict:
+    """``spec.args`` with the train config's ``checkpoint_dir`` and ``resume`` set (see the module text)."""
+    if not spec.resumable or not isinstance(spec.args.get("train"), dict):
+        return spec.args
+    return {**spec.args, "train": {**spec.args["train"], "checkpoint_dir": str(checkpoint_dir(location, key)),
+                                   "resume": True}}
+
+
 def _execute(key: str, trainer: str, args: dict) -> Any:
     """The cached call: ``key`` (which already covers trainer, args, code and environment) is what joblib hashes;
     ``trainer`` and ``args`` are ignored by the hash (see :func:`_cached`)."""
@@ -189,14 +229,83 @@ def _in_store(location: Path, key: str, spec: RunSpec) -> bool:
     return _cached(location).check_call_in_cache(key, spec.trainer, spec.args)
 
 
-def _worker(location: str, key: str, trainer: str, args: dict, threads: int) -> float:
-    """Runs in a spawned process: train one run with ``threads`` threads into the store; returns seconds."""
+def _train_into_store(location: Path, key: str, spec: RunSpec) -> None:
+    """Train ``spec`` into the store (resuming from its checkpoint when one is there); drop the checkpoint after."""
+    import shutil
+
+    _cached(location)(key, spec.trainer, _resumable_args(spec, location, key))
+    shutil.rmtree(checkpoint_dir(location, key), ignore_errors=True)
+
+
+def _worker(location: str, key: str, spec: RunSpec, threads: int) -> float:
+    """Runs in a spawned process or a job: train one run with ``threads`` threads into the store; returns
+    seconds."""
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    _cached(Path(location))(key, trainer, args)
+    _train_into_store(Path(location), key, spec)
     return time.perf_counter() - t0
+
+
+class _Job:
+    """What a submitit job calls: :func:`_worker` for one run. On preemption or timeout submitit calls
+    :meth:`checkpoint` and requeues the same call, which resumes from the run's ``last.ckpt``."""
+
+    def __init__(self, location: str, key: str, spec: RunSpec, threads: int):
+        self.location, self.key, self.spec, self.threads = location, key, spec, threads
+
+    def __call__(self) -> float:
+        return _worker(self.location, self.key, self.spec, self.threads)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(self)
+
+
+def _job_record(location: Path, key: str) -> Path:
+    return location / "jobs" / "pending" / f"{key[:16]}.pkl"
+
+
+def _pending_job(location: Path, key: str) -> Any:
+    """The submitit job of ``key`` submitted by an earlier launch, or None."""
+    import pickle
+
+    path = _job_record(location, key)
+    if not path.is_file():
+        return None
+    try:
+        return pickle.loads(path.read_bytes())
+    except Exception:  # an unreadable record: submit again
+        return None
+
+
+def _submit(location: Path, todo: dict, threads: int, cluster: Optional[str], resources: Optional[dict],
+            verbose: bool) -> dict:
+    """Jobs for the runs of ``todo`` (those an earlier launch submitted are taken over, not submitted again)."""
+    import pickle
+
+    import submitit
+
+    from .io import atomic_write
+
+    jobs = {}
+    executor = None
+    for k, s in todo.items():
+        job = _pending_job(location, k)
+        if job is None:
+            if executor is None:
+                executor = submitit.AutoExecutor(folder=str(location / "jobs" / "%j"), cluster=cluster)
+            executor.update_parameters(**{"timeout_min": 24 * 60, "name": "tokenbook", **(resources or {}),
+                                          **s.resources})
+            job = executor.submit(_Job(str(location), k, s, threads))
+            _job_record(location, k).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(_job_record(location, k), pickle.dumps(job))
+            if verbose:
+                print(f"runs: submitted {s.label or s.trainer} as job {job.job_id}", flush=True)
+        jobs[k] = job
+    return jobs
 
 
 def _cores() -> int:
@@ -207,11 +316,14 @@ def _cores() -> int:
 
 
 def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional[int] = None,
-           threads: Optional[int] = None, store: Optional[str | Path] = None, verbose: bool = True) -> list[Run]:
+           threads: Optional[int] = None, store: Optional[str | Path] = None, verbose: bool = True,
+           wait: bool = True, cluster: Optional[str] = None, resources: Optional[dict] = None) -> list[Run]:
     """Every run of ``specs`` from the store, training the missing ones with ``executor`` (see the module text);
     returns one :class:`Run` per spec, in order. ``workers`` (processes): default ``min(missing runs, cores)``;
-    ``threads``: torch threads per run (default: the kernel's own for ``kernel``, cores // workers for
-    ``processes``). Identical specs are trained once."""
+    ``threads``: torch threads per run (default: the kernel's own for ``kernel`` and ``submitit``, cores // workers
+    for ``processes``). Identical specs are trained once. ``submitit`` only: ``cluster`` (None: SLURM when there is
+    one, else local), ``resources`` for every job, and ``wait=False`` (raise :class:`RunsPendingError` instead of
+    waiting for jobs that have not finished)."""
     import torch
 
     if executor not in EXECUTORS:
@@ -219,7 +331,7 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
     specs = list(specs)
     location = store_dir(store)
     location.mkdir(parents=True, exist_ok=True)
-    if executor == "kernel":
+    if executor in ("kernel", "submitit"):
         threads = int(threads or torch.get_num_threads())
     else:
         missing_n = len({s.canonical() for s in specs})
@@ -230,6 +342,8 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
     for s, k in zip(specs, keys):
         if k not in todo and not _in_store(location, k, s):
             todo[k] = s
+        elif k not in todo:
+            _job_record(location, k).unlink(missing_ok=True)  # a job of an earlier launch that has finished
     if verbose:
         print(f"runs: {len(specs)} requested, {len(specs) - sum(k in todo for k in keys)} from the store "
               f"({location}), {len(todo)} to train ({executor}, {threads} thread(s) each"
@@ -243,17 +357,31 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
             for k, s in todo.items():
                 t0 = time.perf_counter()
                 try:
-                    _cached(location)(k, s.trainer, s.args)
+                    _train_into_store(location, k, s)
                 except Exception as e:  # the others still run; reported together below
                     errors[k] = e
                 seconds[k] = time.perf_counter() - t0
         finally:
             torch.set_num_threads(old)
+    elif todo and executor == "submitit":
+        jobs = _submit(location, todo, threads, cluster, resources, verbose)
+        running = [(todo[k].label or todo[k].trainer, k, j.job_id) for k, j in jobs.items() if not j.done()]
+        if not wait and running:
+            raise RunsPendingError(f"{len(running)} run(s) submitted or still running (jobs "
+                                   f"{', '.join(str(r[2]) for r in running)}); launch them again to collect them",
+                                   running)
+        for k, job in jobs.items():
+            try:
+                seconds[k] = job.result()
+            except Exception as e:
+                errors[k] = e
+            finally:
+                _job_record(location, k).unlink(missing_ok=True)  # finished either way: a later launch resubmits
     elif todo:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=mp.get_context("spawn")) as pool:
-            futs = {k: pool.submit(_worker, str(location), k, s.trainer, s.args, threads) for k, s in todo.items()}
+            futs = {k: pool.submit(_worker, str(location), k, s, threads) for k, s in todo.items()}
             for k, f in futs.items():
                 try:
                     seconds[k] = f.result()
