@@ -532,3 +532,17 @@ def test_transfer_recipe_runs_on_fake_cifar(tmp_path):
               preprocess=bundle.preprocess)
     assert math.isfinite(res.history["train_loss"].iloc[-1]) and 0 <= res.final["val_top1"] <= 100
     assert torch.equal(res.model.cls_token.detach(), cls_before)  # frozen as in the official script
+
+
+def test_launch_options_from_the_parameters():
+    from tokenbook.params import ParamsError
+
+    assert t2t.launch_options(t2t.Params()) == {"executor": "kernel"}
+    assert t2t.launch_options(t2t.Params(executor="processes")) == {"executor": "processes"}
+    opts = t2t.launch_options(t2t.Params(executor="submitit", slurm_partition="gpu", gpus_per_node=8,
+                                         job_timeout_min=60, wait_for_jobs=False, num_workers=4))
+    assert opts == {"executor": "submitit", "cluster": None, "wait": False,
+                    "resources": {"gpus_per_node": 8, "timeout_min": 60, "tasks_per_node": 1, "cpus_per_task": 5,
+                                  "slurm_partition": "gpu"}}
+    with pytest.raises(ParamsError, match="'executor' = 'ray' is not one of"):
+        t2t.Params(executor="ray")

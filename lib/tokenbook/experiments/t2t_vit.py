@@ -96,9 +96,16 @@ class Params(_Params):
     ema_decay: float = param(0.0, "EMA decay of the weights; 0 turns EMA off; the paper uses 0.99996 [0, 1)")
     max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
     num_workers: int = param(0, "DataLoader workers [0, inf)")
-    executor: str = param("kernel", "where the training runs go: kernel (one after the other) or processes (side by "
-                          "side, the cores divided among them); both keep every run in the run store",
-                          choices=("kernel", "processes"))
+    executor: str = param("kernel", "where the training runs go: kernel (one after the other), processes (side by "
+                          "side, the cores divided among them) or submitit (a SLURM job per run); all keep every run "
+                          "in the run store", choices=("kernel", "processes", "submitit"))
+    cluster: str = param("", "submitit only: slurm, local or debug; empty means SLURM when there is one, else local")
+    slurm_partition: str = param("", "submitit only: the SLURM partition; empty means the cluster's default")
+    gpus_per_node: int = param(1, "submitit only: GPUs of each run's job [0, inf)")
+    job_timeout_min: int = param(4320, "submitit only: time limit of each job in minutes; a job that reaches it is "
+                                 "requeued and resumes from its checkpoint [1, inf)")
+    wait_for_jobs: bool = param(True, "submitit only: wait for the jobs; False stops the notebook after submitting "
+                                "them, and the next execution collects them")
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
@@ -115,7 +122,7 @@ __all__ = [
     "transfer_recipe", "TransferLrHook", "PadCropFlipHook", "prepare_for_transfer", "recipe_table",
     "fmnist_ablations", "imagenet_ablations", "t2t_token_features", "vit_patch_features", "t2t_attention_maps",
     "backbone_attention_maps", "plain_vit_like", "PLAIN_VIT", "SeededRuns", "train_seeds", "variant_spec", "train_variant_run", "mean_by_variant",
-    "seed_summary", "CLAIM_ARMS", "MACS_MAIN", "structural_evidence", "run_scale", "empirical_evidence", "floor_rows", "frozen_tables", "param_counts",
+    "seed_summary", "CLAIM_ARMS", "MACS_MAIN", "structural_evidence", "run_scale", "launch_options", "empirical_evidence", "floor_rows", "frozen_tables", "param_counts",
 ]
 
 PAPER = "t2t_vit"
@@ -527,6 +534,18 @@ def structural_evidence(measured: "Any") -> list:
                         f"{rows.loc['t2t_vit_14', 'gmacs']:.3f} G; T2T modules "
                         f"{rows.loc['t2t_vit_t_14', 't2t_gmacs']:.3f} vs {rows.loc['t2t_vit_14', 't2t_gmacs']:.3f} G"),
     ]
+
+
+def launch_options(p: "Params") -> dict:
+    """The ``train_seeds`` keywords that say where the runs train (``executor`` and, for submitit, the job
+    resources from the parameters)."""
+    if p.executor != "submitit":
+        return {"executor": p.executor}
+    res = {"gpus_per_node": p.gpus_per_node, "timeout_min": p.job_timeout_min, "tasks_per_node": 1,
+           "cpus_per_task": max(1, p.num_workers + 1)}
+    if p.slurm_partition:
+        res["slurm_partition"] = p.slurm_partition
+    return {"executor": "submitit", "cluster": p.cluster or None, "resources": res, "wait": p.wait_for_jobs}
 
 
 def run_scale(bundle, cfg, seeds: Sequence[int], batch_size: int) -> str:

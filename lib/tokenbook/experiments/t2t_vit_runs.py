@@ -180,7 +180,8 @@ class SeededRuns:
 
 def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
                 seeds: Sequence[int], executor: Optional[str] = None, workers: Optional[int] = None,
-                store: Optional[str] = None, **kw: Any) -> SeededRuns:
+                store: Optional[str] = None, cluster: Optional[str] = None, resources: Optional[dict] = None,
+                wait: bool = True, **kw: Any) -> SeededRuns:
     """:func:`train_variants` once per seed, paired by seed: for seed ``s`` every variant is built right after
     ``seed_everything(s)``, trained with ``cfg.seed = s`` and sees the same batches (the loader's generator is
     seeded with ``s``).
@@ -189,7 +190,8 @@ def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequen
     ``"processes"``: through the workbook's run store (:func:`tokenbook.runs.launch`): every (variant, seed) run is
     trained once, ``processes`` trains the missing ones side by side (``workers`` processes, the cores divided among
     them), and a later execution with nothing changed reads them all back; the models are rebuilt from the stored
-    weights. The ``data`` config of the runs is ``bundle.config``."""
+    weights. ``"submitit"``: a job per missing run (``cluster``, ``resources``, ``wait`` as in
+    :func:`tokenbook.runs.launch`). The ``data`` config of the runs is ``bundle.config``."""
     import dataclasses
 
     import pandas as pd
@@ -198,7 +200,8 @@ def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequen
         raise ValueError("seeds is empty")
     out = SeededRuns(seeds=list(seeds), summary=None)
     if executor is not None:
-        return _train_seeds_stored(out, variants, bundle, cfg, keys, batch_size, executor, workers, store, **kw)
+        launch = dict(executor=executor, workers=workers, store=store, cluster=cluster, resources=resources, wait=wait)
+        return _train_seeds_stored(out, variants, bundle, cfg, keys, batch_size, launch, **kw)
     frames = []
     for s in seeds:
         run = train_variants(variants, bundle, dataclasses.replace(cfg, seed=int(s)), keys, batch_size=batch_size,
@@ -210,7 +213,7 @@ def train_seeds(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequen
 
 
 def _train_seeds_stored(out: SeededRuns, variants: dict, bundle, cfg, keys: Sequence[str], batch_size: int,
-                        executor: str, workers: Optional[int], store: Optional[str], num_workers: int = 0,
+                        launch: dict, num_workers: int = 0,
                         model_kwargs: Optional[dict] = None, hooks_factory: Optional[Callable] = None,
                         log: Callable = print) -> SeededRuns:
     """:func:`train_seeds` through the run store (see there)."""
@@ -231,7 +234,7 @@ def _train_seeds_stored(out: SeededRuns, variants: dict, bundle, cfg, keys: Sequ
             spec = variant_spec(variants[key][0], kw, bundle.config, scfg, batch_size, num_workers,
                                 label=f"{key} seed {s}")
             plan.append((int(s), key, variants[key][0], kw, spec))
-    done = R.launch([q[-1] for q in plan], executor=executor, workers=workers, store=store)
+    done = R.launch([q[-1] for q in plan], **launch)
     frames = []
     for s in out.seeds:
         tv_ = TrainedVariants(summary=None)
