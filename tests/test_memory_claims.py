@@ -215,3 +215,12 @@ def test_run_finetune_seeds_pairs_by_seed():
     assert np.allclose(again.results["top1"], run.results[run.results.seed == 4]["top1"])
     with pytest.raises(ValueError, match="no seeds"):
         memory.run_finetune_seeds(bb, [task], methods, cfg, [])
+
+
+def test_claims_scale_writes_the_source_classes_as_the_ledger_always_has():
+    """The scale text of the ledger: class lists comma-joined (the YAML lists of the typed parameters must not leak
+    their Python spelling '[0, 1, 2, 3]' into the committed ledger)."""
+    p = memory.Params()
+    text = memory.claims_scale(p, [], [0, 1, 2])
+    assert "pre-trained here on Fashion-MNIST classes 0,1,2,3 (6000 images, 6 epochs)" in text and "[" not in text
+    assert "classes 0,1,2,3" in memory.claims_scale(p.to_dict(), [], [0])

@@ -439,8 +439,9 @@ def claims_scale(params: dict, tasks: Sequence[TargetTask], seeds: Sequence[int]
     if params.get("backbone_checkpoint"):
         bb = f"{params['model_name']} from {params['backbone_checkpoint']}"
     else:
+        src = ",".join(str(c) for c in as_list(params.get("source_classes") or [], "source_classes"))
         bb = (f"{params['model_name']} (patch {params.get('patch_size') or 'own'}) pre-trained here on "
-              f"Fashion-MNIST classes {params.get('source_classes')} ({params.get('pretrain_subset') or 'all'} "
+              f"Fashion-MNIST classes {src} ({params.get('pretrain_subset') or 'all'} "
               f"images, {params.get('pretrain_epochs')} epochs)")
     return (f"targets {task_txt}; {params['img_size']} px; fine-tuning {sched} at batch {params['batch_size']}, "
             f"{params['opt']} lr {params['lr']} (full {params.get('full_lr') or params['lr']}); backbone {bb}; "
