@@ -246,9 +246,14 @@ def test_smoke_runs_produce_a_ledger(smoke_results):
     expected = {c.id for s in stems for c in C.load_claims(s)}
     assert set(ledger["claim"]) == expected and ledger["claim"].is_unique
     assert set(ledger["verdict"]) <= set(C.VERDICTS)
+    # every notebook ran: a claim may be failed only by the failed-run rule (two smoke steps learn nothing, and 02's
+    # floors say so), never for want of evidence
     failed = ledger[ledger["verdict"] == "failed"]
-    assert failed.empty, failed[["claim", "detail"]].to_string()
-    emp = ledger[ledger["kind"].isin(["empirical", "composition"]) & (ledger["verdict"] != "not_testable_here")]
+    below = failed["detail"].astype(str).str.startswith("failed runs below the logistic-regression floor")
+    assert below.all(), failed.loc[~below, ["claim", "detail"]].to_string()
+    assert set(failed["claim"]) <= {c.id for c in C.load_claims("t2t_vit")}
+    emp = ledger[ledger["kind"].isin(["empirical", "composition"]) & (ledger["verdict"] != "not_testable_here")
+                 & (ledger["verdict"] != "failed")]
     timed = emp["method"].astype(str).str.contains("IQR")  # the compositions' speed-ups: interleaved timing
     assert set(emp.loc[timed, "claim"]) == {"cross_paper.toe_t2t_speedup", "cross_paper.toe_vittm_speedup"}
     assert (emp.loc[timed, "n"] == 1).all() and (emp.loc[~timed, "n"] >= 2).all(), emp[["claim", "n"]].to_string()

@@ -138,8 +138,20 @@ def test_smoke_claims_evidence_and_verdicts(smoke_results):
     tab = pd.read_csv(folder / "claims.csv", keep_default_na=False).set_index("claim")
     assert set(tab.index) == {c.id for c in sheet}
     assert tab.loc["t2t_vit.imagenet_top1", "verdict"] == "not_testable_here"
+    floors = pd.read_csv(folder / "floors.csv")
+    logistic = float(floors.loc[floors["kind"] == "floor", "top1"].iloc[0])
     for c in sheet:
-        if c.id in testable:
+        if c.id in testable and c.kind == "empirical":
+            # the smoke runs (2 steps) are below the floor fitted on their split: the ledger must say failed, naming
+            # the runs; a run above it would leave the verdict to the interval
+            below = min(e for e in ev[c.id]["a"] + ev[c.id]["b"]) < logistic
+            assert bool(ev[c.id]["failed_run"]) == below, c.id
+            if below:
+                assert tab.loc[c.id, "verdict"] == "failed", c.id
+                assert tab.loc[c.id, "detail"].startswith("failed runs below the logistic-regression floor"), c.id
+            else:
+                assert tab.loc[c.id, "verdict"] in ("reproduced", "contradicted", "inconclusive"), c.id
+        elif c.id in testable:
             assert tab.loc[c.id, "verdict"] in ("reproduced", "contradicted", "inconclusive"), c.id
         if c.kind == "empirical" and c.id in testable:
             assert int(tab.loc[c.id, "n"]) == len(seeds), c.id
