@@ -82,6 +82,9 @@ class Params(_Params):
     strategy: str = param("auto", "Fabric strategy; ddp_notebook for several GPUs from a notebook kernel")
     precision: str = param("32-true", "32-true | bf16-mixed | 16-mixed")
     run_baseline: bool = param(True, "also train the full-token baseline; needed for the speed-up")
+    fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
+                             "a small CNN")
+    floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
     expansion_step: list[int] = param([0, 100, 200], "stage start epochs of an official_epochs run")
     official_epochs: int = param(300, "run length expansion_step refers to; stages are scaled to epochs [1, inf)")
     keep_rate: list[float] = param([0.5, 0.75, 1.0], "kept fraction of patch tokens per stage")
@@ -100,7 +103,7 @@ __all__ = [
     "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
     "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
     "stage_step_table", "overhead_table", "expected_step_speedup", "interleaved_step_speedup",
-    "overhead_repeats_table", "removable_at_test", "claims_paragraph", "train_seeds", "per_seed", "val_curves", "top1_seeds_table",
+    "overhead_repeats_table", "removable_at_test", "claims_paragraph", "floor_rows", "train_seeds", "per_seed", "val_curves", "top1_seeds_table",
     "plot_token_selection", "plot_keep_schedule", "verdict",
 ]
 
@@ -601,12 +604,14 @@ def claims_evidence(*, deit_row: Any, removable: pd.DataFrame, runs_by_seed: dic
                     scale_train: str, model_name: str, img_size: int, n_patches: int,
                     interleaved: Optional[dict[str, Any]] = None, overhead_batch: int = 0, overhead_warmup: int = 0,
                     stage_epochs: Optional[dict[int, int]] = None, expected: Optional[float] = None,
-                    device: str = "cpu", deit_name: str = "deit_small_patch16_224") -> list:
+                    device: str = "cpu", deit_name: str = "deit_small_patch16_224", floors: Any = None) -> list:
     """Evidence for the sheet's testable claims from what the notebook measured: ``toe.compute_saving`` from the
     DeiT-S row of the schedule summary (``deit_row``), ``toe.removable_at_test`` from :func:`removable_at_test`'s
     rows (the worst logit, parameter and state-dict difference, a bound of 0), ``toe.train_speedup`` from
     :func:`interleaved_step_speedup` (median and IQR; absent without a baseline) and ``toe.lossless`` from the
-    final full-token top-1 of both arms per seed, with every run's validation curve for the plateau criterion."""
+    final full-token top-1 of both arms per seed, with every run's validation curve for the plateau criterion; with
+    ``floors`` (:func:`tokenbook.floors.floors_table` on the same split) a run of either arm below the logistic floor
+    makes it a failed run (both arms are trained from scratch)."""
     from tokenbook import claims
 
     ev = [
@@ -638,7 +643,28 @@ def claims_evidence(*, deit_row: Any, removable: pd.DataFrame, runs_by_seed: dic
     top1 = {s: {lab: float(run.result.final["val_top1"]) for lab, run in r.items()} for s, r in runs_by_seed.items()}
     ev.append(claims.paired_evidence("toe.lossless", top1, "ToE", "full-token", scale=scale_train,
                                      curves=val_curves(runs_by_seed)))
+    if floors is not None:
+        from tokenbook.floors import failed_baseline_runs
+
+        ev[-1].failed_run = failed_baseline_runs({arm: {s: v[arm] for s, v in top1.items() if arm in v}
+                                                  for arm in ("ToE", "full-token")}, floors)
     return ev
+
+
+def floor_rows(runs_by_seed: dict[int, dict[str, ToERun]]) -> list[dict]:
+    """One row per arm for :func:`tokenbook.floors.beside_floors`: final full-token top-1 (mean over the seeds and
+    the worst seed), parameters and mean training seconds."""
+    import numpy as np
+
+    rows = []
+    for label in next(iter(runs_by_seed.values())):
+        res = [r[label].result for r in runs_by_seed.values() if label in r]
+        top1 = [float(x.final["val_top1"]) for x in res]
+        rows.append({"model": label, "kind": f"from scratch, mean of {len(res)} seed(s)",
+                     "top1": round(float(np.mean(top1)), 2), "worst_seed_top1": round(min(top1), 2),
+                     "params": int(sum(q.numel() for q in res[0].model.parameters())),
+                     "train_s": round(float(np.mean([x.timing["wall_time_s"] for x in res])), 1)})
+    return rows
 
 
 def claims_paragraph(verdicts: pd.DataFrame) -> str:
