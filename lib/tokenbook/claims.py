@@ -472,10 +472,13 @@ def plateau_note(curves: Sequence[Sequence[float]]) -> str:
             f"evaluations ({sum(p for p, _ in res)}/{len(res)} runs gained < {PLATEAU_TOL:g} pt)")
 
 
-def paired_evidence(claim: str, per_seed: dict[int, dict[str, float]], a: str, b: str | float, **kw) -> Evidence:
+def paired_evidence(claim: str, per_seed: dict[int, dict[str, float]], a: str, b: str | float, floors: Any = None,
+                    **kw) -> Evidence:
     """Evidence for an empirical claim from ``{seed: {arm: value}}``: arm ``a`` against arm ``b`` (or against a
     constant, e.g. ``0``, when the claim bounds one quantity), paired by seed; seeds missing either arm are left out
-    (and named in ``detail``)."""
+    (and named in ``detail``). With ``floors`` (:func:`tokenbook.floors.floors_table` on the same split; the arms
+    trained from scratch, values top-1 in %), a run of either arm below the logistic floor is a failed run
+    (``Evidence.failed_run``)."""
     seeds = sorted(per_seed)
     keep = [s for s in seeds if a in per_seed[s] and (not isinstance(b, str) or b in per_seed[s])]
     xa = [float(per_seed[s][a]) for s in keep]
@@ -484,6 +487,11 @@ def paired_evidence(claim: str, per_seed: dict[int, dict[str, float]], a: str, b
     missing = [s for s in seeds if s not in keep]
     if missing:
         detail = (detail + "; " if detail else "") + f"seeds without both arms: {missing}"
+    if floors is not None:
+        from .floors import failed_baseline_runs
+
+        arms = [a] + ([b] if isinstance(b, str) else [])
+        kw["failed_run"] = failed_baseline_runs({arm: {s: per_seed[s][arm] for s in keep} for arm in arms}, floors)
     return Evidence(claim=claim, a=xa, b=xb, detail=detail, **kw)
 
 

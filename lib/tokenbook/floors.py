@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["pixels", "logistic_floor", "SmallCNN", "cnn_floor", "floors_table", "below_floor", "failed_baseline_runs", "beside_floors"]
+__all__ = ["pixels", "logistic_floor", "SmallCNN", "cnn_floor", "floors_table", "below_floor", "logistic_top1",
+           "failed_baseline_runs", "beside_floors", "arm_row", "runs_below"]
 
 
 def pixels(dataset: Any, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -107,11 +108,17 @@ def cnn_floor(bundle: Any, train_loader: Any, val_loader: Any, epochs: int = 5, 
             "params": int(sum(p.numel() for p in model.parameters()))}
 
 
-def floors_table(bundle: Any, train_loader: Any, val_loader: Any, cnn_epochs: int = 5, seed: int = 0,
-                 accelerator: str = "auto", max_steps_per_epoch: Optional[int] = None) -> "Any":
-    """Both floors on the notebook's split, one row each."""
+def floors_table(bundle: Any, train_loader: Any = None, val_loader: Any = None, cnn_epochs: int = 5, seed: int = 0,
+                 accelerator: str = "auto", max_steps_per_epoch: Optional[int] = None, batch_size: int = 128,
+                 num_workers: int = 0) -> "Any":
+    """Both floors on the notebook's split, one row each. Without loaders the CNN trains on
+    ``data.make_loaders(bundle, batch_size, seed=seed)``."""
     import pandas as pd
 
+    if train_loader is None or val_loader is None:
+        from .data import make_loaders
+
+        train_loader, val_loader = make_loaders(bundle, batch_size, num_workers=num_workers, seed=seed)
     rows = [logistic_floor(bundle, seed=seed),
             cnn_floor(bundle, train_loader, val_loader, epochs=cnn_epochs, seed=seed, accelerator=accelerator,
                       max_steps_per_epoch=max_steps_per_epoch)]
@@ -124,11 +131,17 @@ def floors_table(bundle: Any, train_loader: Any, val_loader: Any, cnn_epochs: in
 def below_floor(top1: float, floors: "Any") -> Optional[str]:
     """The failed-run rule: a from-scratch baseline whose ``top1`` is below the logistic-regression floor of
     ``floors`` (:func:`floors_table`) has not learned the task. Returns the reason, or None."""
-    lr = floors.loc[floors["model"].str.startswith("logistic"), "top1"]
-    if len(lr) and top1 < float(lr.iloc[0]):
-        return (f"failed run: top-1 {top1:.2f} % is below the logistic-regression floor {float(lr.iloc[0]):.2f} % on "
-                "the same split")
+    lr = logistic_top1(floors)
+    if lr is not None and top1 < lr:
+        return f"failed run: top-1 {top1:.2f} % is below the logistic-regression floor {lr:.2f} % on the same split"
     return None
+
+
+def logistic_top1(floors: "Any") -> Optional[float]:
+    """The logistic-regression floor's top-1 in a table with a ``model`` column (:func:`floors_table`,
+    :func:`beside_floors`), or None when it has none."""
+    lr = floors.loc[floors["model"].astype(str).str.startswith("logistic"), "top1"]
+    return float(lr.iloc[0]) if len(lr) else None
 
 
 def failed_baseline_runs(top1: "dict[str, dict[int, float]]", floors: "Any") -> str:
@@ -141,8 +154,7 @@ def failed_baseline_runs(top1: "dict[str, dict[int, float]]", floors: "Any") -> 
     bad = {arm: runs for arm, runs in bad.items() if runs}
     if not bad:
         return ""
-    lr = float(floors.loc[floors["model"].str.startswith("logistic"), "top1"].iloc[0])
-    return (f"failed runs below the logistic-regression floor {lr:.2f} % on the same split: "
+    return (f"failed runs below the logistic-regression floor {logistic_top1(floors):.2f} % on the same split: "
             + "; ".join(f"{arm} seed{'s' if len(runs) > 1 else ''} "
                         + ", ".join(f"{seed} ({v:.1f} %)" for seed, v in runs) for arm, runs in bad.items()))
 
@@ -157,6 +169,20 @@ def beside_floors(rows: "Sequence[dict]", floors: "Any") -> "Any":
     out += [{"model": r["model"], "kind": "floor", "top1": float(r["top1"]), "params": int(r["params"]),
              "train_s": float(r["train_s"])} for _, r in floors.iterrows()]
     df = pd.DataFrame(out)
-    lr_top1 = float(floors.loc[floors["model"].str.startswith("logistic"), "top1"].iloc[0])
-    df["vs_logistic_floor_pts"] = df["top1"] - lr_top1
+    df["vs_logistic_floor_pts"] = df["top1"] - logistic_top1(floors)
     return df
+
+
+def arm_row(model: str, top1: Sequence[float], params: int, train_s: Sequence[float]) -> dict:
+    """A row of :func:`beside_floors` for an arm trained once per seed: mean and worst-seed top-1, parameters and
+    mean training seconds."""
+    return {"model": model, "kind": f"from scratch, mean of {len(top1)} seed(s)",
+            "top1": round(float(np.mean(top1)), 2), "worst_seed_top1": round(float(min(top1)), 2),
+            "params": int(params), "train_s": round(float(np.mean(train_s)), 1)}
+
+
+def runs_below(table: "Any") -> "Any":
+    """The trained rows of a :func:`beside_floors` table with a run (the worst seed) below the logistic floor."""
+    trained = table[table["kind"] != "floor"]
+    worst = trained["worst_seed_top1"] if "worst_seed_top1" in trained else trained["top1"]
+    return trained[worst < logistic_top1(table)]

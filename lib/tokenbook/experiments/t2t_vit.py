@@ -572,7 +572,6 @@ def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1", floor
     (``Evidence.failed_run``): every arm here is trained from scratch, and one that has not learned the task
     decides nothing."""
     from tokenbook.claims import paired_evidence
-    from tokenbook.floors import failed_baseline_runs
 
     s = runs.summary
     per_seed = {int(k): dict(zip(g["variant"], g[metric].astype(float))) for k, g in s.groupby("seed")}
@@ -581,27 +580,22 @@ def empirical_evidence(runs: SeededRuns, scale: str, metric: str = "top1", floor
         if a not in set(s["variant"]) or b not in set(s["variant"]):
             continue
         ev = paired_evidence(claim, per_seed, a, b, scale=f"{scale}; a: {_arm(s, a)}; b: {_arm(s, b)}",
-                             curves=runs.curves(a) + runs.curves(b))
+                             curves=runs.curves(a) + runs.curves(b), floors=floors)
         ev.detail = (f"{metric} per seed: {a} {', '.join(f'{x:.2f}' for x in ev.a)}; "
                      f"{b} {', '.join(f'{x:.2f}' for x in ev.b)}" + (f"; {ev.detail}" if ev.detail else ""))
-        if floors is not None:
-            ev.failed_run = failed_baseline_runs({arm: {sd: v[arm] for sd, v in per_seed.items() if arm in v}
-                                                  for arm in (a, b)}, floors)
         out.append(ev)
     return out
 
 
 def floor_rows(runs: SeededRuns, metric: str = "top1") -> list[dict]:
-    """One row per trained variant for :func:`tokenbook.floors.beside_floors`: mean ``metric`` over the seeds, the
-    worst seed, params and mean training seconds."""
-    rows = []
-    for key, g in runs.summary.groupby("variant", sort=False):
-        if g["same_run_as"].astype(str).str.len().gt(0).all():
-            continue  # the same runs as another variant (deep_narrow = t2t_performer)
-        rows.append({"model": f"{key} ({g['model'].iloc[0]})", "kind": f"from scratch, mean of {len(g)} seed(s)",
-                     "top1": round(float(g[metric].mean()), 2), "worst_seed_top1": round(float(g[metric].min()), 2),
-                     "params": int(g["params"].iloc[0]), "train_s": round(float(g["train_wall_s"].mean()), 1)})
-    return rows
+    """One row per trained variant for :func:`tokenbook.floors.beside_floors` (:func:`tokenbook.floors.arm_row`):
+    mean ``metric`` over the seeds, the worst seed, params and mean training seconds."""
+    from tokenbook.floors import arm_row
+
+    return [arm_row(f"{key} ({g['model'].iloc[0]})", g[metric].astype(float).tolist(), g["params"].iloc[0],
+                    g["train_wall_s"].tolist())
+            for key, g in runs.summary.groupby("variant", sort=False)
+            if not g["same_run_as"].astype(str).str.len().gt(0).all()]  # deep_narrow: t2t_performer's runs
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -54,6 +54,31 @@ def _variant_kwargs(variants: dict[str, tuple[str, dict]], key: str, bundle, mod
             "in_chans": c.channels}
 
 
+def _fit_variant(name: str, kw: dict, bundle, cfg, batch_size: int, seed: int, num_workers: int = 0,
+                 hooks: Sequence = (), desc: str = "") -> Any:
+    """``fit`` one variant: the model built right after ``seed_everything(seed)``, loaders seeded with ``seed``
+    (so every variant of a seed sees the same batches). The one training body of :func:`train_variants` and of the
+    store's trainer :func:`train_variant_run`."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
+    from tokenbook import data, repro
+    from tokenbook.train import fit
+
+    repro.seed_everything(seed)
+    model = timm.create_model(name, **kw)
+    train_loader, val_loader = data.make_loaders(bundle, batch_size, num_workers=num_workers, seed=seed)
+    return fit(model, train_loader, val_loader, cfg, hooks=list(hooks), preprocess=bundle.preprocess,
+               desc=desc or name)
+
+
+def _reuse(out: "TrainedVariants", rows: list, key: str, first: str) -> None:
+    """Variant ``key`` is the same model as the earlier ``first`` (``deep_narrow`` = ``t2t_performer``): share its
+    run and copy its summary row."""
+    out.histories[key], out.models[key], out.results[key] = out.histories[first], out.models[first], out.results[first]
+    rows.append({**next(r for r in rows if r["variant"] == first), "variant": key, "same_run_as": first})
+
+
 def _check_keys(variants: dict, keys: Sequence[str]) -> None:
     unknown = [k for k in keys if k not in variants]
     if unknown:
@@ -74,10 +99,6 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
     Trains in the calling process; :func:`train_seeds` with an ``executor`` trains through the run store instead.
     """
     import pandas as pd
-    import timm
-
-    from tokenbook import data, repro
-    from tokenbook.train import fit
 
     _check_keys(variants, keys)
     chans, size = bundle.config.channels, bundle.config.img_size
@@ -89,16 +110,10 @@ def train_variants(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Seq
         kw = _variant_kwargs(variants, key, bundle, model_kwargs)
         sig = (name, tuple(sorted((k, str(v)) for k, v in kw.items())))
         if sig in done:  # same model as an earlier key: reuse its run
-            first = done[sig]
-            out.histories[key], out.models[key], out.results[key] = (out.histories[first], out.models[first],
-                                                                     out.results[first])
-            rows.append({**next(r for r in rows if r["variant"] == first), "variant": key, "same_run_as": first})
+            _reuse(out, rows, key, done[sig])
             continue
-        repro.seed_everything(seed)
-        model = timm.create_model(name, **kw)
-        train_loader, val_loader = data.make_loaders(bundle, batch_size, num_workers=num_workers, seed=seed)
-        res = fit(model, train_loader, val_loader, cfg, hooks=list(hooks_factory()) if hooks_factory else [],
-                  preprocess=bundle.preprocess, desc=key)
+        res = _fit_variant(name, kw, bundle, cfg, batch_size, seed, num_workers,
+                           hooks=hooks_factory() if hooks_factory else (), desc=key)
         model = res.model
         row = _summary_row(key, name, model, res, cfg, len(bundle.train), chans, size)
         rows.append(row)
@@ -133,20 +148,13 @@ def train_variant_run(model_name: str, model_kwargs: dict, data: dict, train: di
     right after ``seed_everything(seed)``, ``fit`` it on loaders seeded with the same seed (the order of
     :func:`train_variants`), and return a :class:`tokenbook.runs.TrainedRun` whose ``extra["row"]`` is the
     summary row (params and MACs counted on the trained model)."""
-    import timm
-
-    import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
     from tokenbook import data as D
-    from tokenbook import repro
     from tokenbook.runs import TrainedRun
-    from tokenbook.train import TrainConfig, fit
+    from tokenbook.train import TrainConfig
 
     dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
     bundle = D.load_data(dcfg)
-    repro.seed_everything(tcfg.seed)
-    model = timm.create_model(model_name, **model_kwargs)
-    train_loader, val_loader = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
-    res = fit(model, train_loader, val_loader, tcfg, preprocess=bundle.preprocess, desc=model_name)
+    res = _fit_variant(model_name, model_kwargs, bundle, tcfg, batch_size, tcfg.seed, num_workers)
     row = _summary_row("", model_name, res.model, res, tcfg, len(bundle.train), dcfg.channels, dcfg.img_size)
     return TrainedRun.from_fit(res, row=row)
 
@@ -244,10 +252,7 @@ def _train_seeds_stored(out: SeededRuns, variants: dict, bundle, cfg, keys: Sequ
                 continue
             sig = spec.canonical()
             if sig in first_of:  # the same run as an earlier key of this seed
-                first = first_of[sig]
-                tv_.histories[key], tv_.models[key], tv_.results[key] = (tv_.histories[first], tv_.models[first],
-                                                                         tv_.results[first])
-                rows.append({**next(r for r in rows if r["variant"] == first), "variant": key, "same_run_as": first})
+                _reuse(tv_, rows, key, first_of[sig])
                 continue
             first_of[sig] = key
             res = run.output
@@ -265,8 +270,6 @@ def _train_seeds_stored(out: SeededRuns, variants: dict, bundle, cfg, keys: Sequ
 # ----------------------------------------------------------------------------------------------------------
 # Parameter counts as the paper reports them (reporting, moved out of tokenbook.models.t2t_vit)
 # ----------------------------------------------------------------------------------------------------------
-
-
 def frozen_tables(model: nn.Module) -> list[str]:
     """Names (as in ``model.named_buffers()``) of the fixed tables the paper and the official code count as
     parameters: every T2T-ViT ``pos_embed`` (sinusoid table) and every performer's random features ``w``.

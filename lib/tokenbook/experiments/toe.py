@@ -642,28 +642,21 @@ def claims_evidence(*, deit_row: Any, removable: pd.DataFrame, runs_by_seed: dic
                    f"{overhead_warmup} warm-up; median-based prediction {expected:.3f}x"))
     top1 = {s: {lab: float(run.result.final["val_top1"]) for lab, run in r.items()} for s, r in runs_by_seed.items()}
     ev.append(claims.paired_evidence("toe.lossless", top1, "ToE", "full-token", scale=scale_train,
-                                     curves=val_curves(runs_by_seed)))
-    if floors is not None:
-        from tokenbook.floors import failed_baseline_runs
-
-        ev[-1].failed_run = failed_baseline_runs({arm: {s: v[arm] for s, v in top1.items() if arm in v}
-                                                  for arm in ("ToE", "full-token")}, floors)
+                                     curves=val_curves(runs_by_seed), floors=floors))
     return ev
 
 
 def floor_rows(runs_by_seed: dict[int, dict[str, ToERun]]) -> list[dict]:
-    """One row per arm for :func:`tokenbook.floors.beside_floors`: final full-token top-1 (mean over the seeds and
-    the worst seed), parameters and mean training seconds."""
-    import numpy as np
+    """One row per arm for :func:`tokenbook.floors.beside_floors` (:func:`tokenbook.floors.arm_row`): final
+    full-token top-1 (mean over the seeds and the worst seed), parameters and mean training seconds."""
+    from tokenbook.floors import arm_row
 
     rows = []
     for label in next(iter(runs_by_seed.values())):
         res = [r[label].result for r in runs_by_seed.values() if label in r]
-        top1 = [float(x.final["val_top1"]) for x in res]
-        rows.append({"model": label, "kind": f"from scratch, mean of {len(res)} seed(s)",
-                     "top1": round(float(np.mean(top1)), 2), "worst_seed_top1": round(min(top1), 2),
-                     "params": int(sum(q.numel() for q in res[0].model.parameters())),
-                     "train_s": round(float(np.mean([x.timing["wall_time_s"] for x in res])), 1)})
+        rows.append(arm_row(label, [float(x.final["val_top1"]) for x in res],
+                            sum(q.numel() for q in res[0].model.parameters()),
+                            [x.timing["wall_time_s"] for x in res]))
     return rows
 
 
