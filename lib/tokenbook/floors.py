@@ -89,8 +89,8 @@ class SmallCNN(nn.Module):
 
 
 def cnn_floor(bundle: Any, train_loader: Any, val_loader: Any, epochs: int = 5, lr: float = 3e-3,
-              width: int = 32, seed: int = 0, accelerator: str = "auto", max_steps_per_epoch: Optional[int] = None
-              ) -> dict:
+              width: int = 32, seed: int = 0, accelerator: str = "auto", max_steps_per_epoch: Optional[int] = None,
+              max_steps: Optional[int] = None) -> dict:
     """:class:`SmallCNN` trained with :func:`tokenbook.train.fit` (AdamW, warm-up + cosine) on the notebook's own
     loaders and preprocessing: ``{"model", "top1", "top5", "train_s", "params"}``."""
     from . import repro
@@ -100,19 +100,22 @@ def cnn_floor(bundle: Any, train_loader: Any, val_loader: Any, epochs: int = 5, 
     model = SmallCNN(bundle.num_classes, in_chans=bundle.config.channels, width=width)
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=0.05, warmup_epochs=min(1.0, epochs / 5), min_lr=1e-5,
                       seed=seed, accelerator=accelerator, progress=False,
-                      max_steps_per_epoch=max_steps_per_epoch)
+                      max_steps_per_epoch=max_steps_per_epoch, max_steps=max_steps)
     t0 = time.perf_counter()
     res = fit(model, train_loader, val_loader, cfg, preprocess=bundle.preprocess, desc="small CNN floor")
-    return {"model": f"small CNN (width {width}, {epochs} epochs)", "top1": float(res.final["val_top1"]),
+    capped = res.timing.get("capped_at_step")
+    what = f"{epochs} epochs" if not capped else f"{epochs} epochs, cut at step {capped}"
+    return {"model": f"small CNN (width {width}, {what})", "top1": float(res.final["val_top1"]),
             "top5": float(res.final.get("val_top5", float("nan"))), "train_s": time.perf_counter() - t0,
             "params": int(sum(p.numel() for p in model.parameters()))}
 
 
 def floors_table(bundle: Any, train_loader: Any = None, val_loader: Any = None, cnn_epochs: int = 5, seed: int = 0,
                  accelerator: str = "auto", max_steps_per_epoch: Optional[int] = None, batch_size: int = 128,
-                 num_workers: int = 0) -> "Any":
+                 num_workers: int = 0, max_steps: Optional[int] = None) -> "Any":
     """Both floors on the notebook's split, one row each. Without loaders the CNN trains on
-    ``data.make_loaders(bundle, batch_size, seed=seed)``."""
+    ``data.make_loaders(bundle, batch_size, seed=seed)``. ``max_steps`` caps the CNN's optimizer updates like every
+    run of a ``--proof`` (its row then says so)."""
     import pandas as pd
 
     if train_loader is None or val_loader is None:
@@ -121,7 +124,7 @@ def floors_table(bundle: Any, train_loader: Any = None, val_loader: Any = None, 
         train_loader, val_loader = make_loaders(bundle, batch_size, num_workers=num_workers, seed=seed)
     rows = [logistic_floor(bundle, seed=seed),
             cnn_floor(bundle, train_loader, val_loader, epochs=cnn_epochs, seed=seed, accelerator=accelerator,
-                      max_steps_per_epoch=max_steps_per_epoch)]
+                      max_steps_per_epoch=max_steps_per_epoch, max_steps=max_steps)]
     df = pd.DataFrame(rows, columns=["model", "top1", "top5", "params", "train_s"])
     df.insert(1, "train_images", len(bundle.train))
     df.insert(2, "val_images", len(bundle.val))

@@ -160,9 +160,14 @@ class Params(Mapping):
     profile: str = param("cpu", "run profile: smoke, cpu, gpu or full; set by run_all.sh")
     results_root: str = param("results", "results go to <results_root>/<notebook>/<profile>/, relative to the "
                                          "repo root")
+    max_steps: int = param(0, "stop every training run after this many optimizer updates, its recipe unchanged "
+                              "(run_all.sh --proof); 0 means no cap [0, inf)", none=0)
 
     #: the notebook these parameters belong to (``"03_toe"``); set by each subclass
     NOTEBOOK: ClassVar[str] = ""
+    #: overrides that make the ``full`` and ``gpu`` parameter sets run on a CPU in minutes for ``run_all.sh --proof``
+    #: (besides ``max_steps``): devices, precision, batch and latency budgets; the recipe otherwise as written
+    PROOF: ClassVar[dict] = {}
     #: fields that name a TrainConfig field differently (``{"vit_lr": "lr"}``) are not passed to train_config
     #: unless listed here
     TRAIN_FIELDS: ClassVar[Optional[tuple]] = None

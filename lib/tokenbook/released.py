@@ -407,3 +407,52 @@ def params_kwargs(params: Optional[Mapping[str, Any]] = None, **overrides: Any) 
         out["num_workers"] = int(p["num_workers"])
     out.update(overrides)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing the original ViT release format (for synthetic checkpoints in tests and run_all.sh --proof)
+# ----------------------------------------------------------------------------------------------------------
+def vit_npz_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A timm ``VisionTransformer``'s weights under the original JAX ViT / AugReg ``.npz`` names and layouts
+    (``embedding/kernel`` HWIO, ``Transformer/encoderblock_<i>/MultiHeadDotProductAttention_1/query/kernel`` as
+    ``(dim, heads, head_dim)``, ``MlpBlock_3/Dense_<r>``, ``head/kernel`` as ``(dim, classes)``, ...): the inverse
+    of timm's ``.npz`` reader (``timm.models.vision_transformer._load_weights``), for class-token ViTs with a
+    linear head, so that a synthetic file exercises the same loading path as a released one."""
+    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
+    heads = model.blocks[0].attn.num_heads
+    dim = sd["cls_token"].shape[-1]
+    out = {"embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+           "embedding/bias": sd["patch_embed.proj.bias"], "cls": sd["cls_token"],
+           "Transformer/posembed_input/pos_embedding": sd["pos_embed"],
+           "Transformer/encoder_norm/scale": sd["norm.weight"], "Transformer/encoder_norm/bias": sd["norm.bias"],
+           "head/kernel": sd["head.weight"].T, "head/bias": sd["head.bias"]}
+    for i in range(len(model.blocks)):
+        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
+        mha = p + "MultiHeadDotProductAttention_1/"
+        for n, (w, bias) in zip(("query", "key", "value"), zip(np.split(sd[b + "attn.qkv.weight"], 3),
+                                                                 np.split(sd[b + "attn.qkv.bias"], 3))):
+            out[f"{mha}{n}/kernel"] = w.T.reshape(dim, heads, -1)
+            out[f"{mha}{n}/bias"] = bias.reshape(heads, -1)
+        out[f"{mha}out/kernel"] = sd[b + "attn.proj.weight"].reshape(dim, heads, -1).transpose(1, 2, 0)
+        out[f"{mha}out/bias"] = sd[b + "attn.proj.bias"]
+        for ln, name in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            out[f"{p}{ln}/scale"], out[f"{p}{ln}/bias"] = sd[b + name + ".weight"], sd[b + name + ".bias"]
+        for r in range(2):
+            out[f"{p}MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
+            out[f"{p}MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def write_vit_npz(model: torch.nn.Module, path: PathLike) -> Path:
+    """:func:`vit_npz_arrays` written to ``path`` (``np.savez``, atomically: a temporary file renamed)."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **vit_npz_arrays(model))
+    os.replace(tmp, path)
+    return path
+
+
+__all__ += ["vit_npz_arrays", "write_vit_npz"]

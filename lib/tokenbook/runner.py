@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -98,6 +99,59 @@ def profile_parameters(root: Path, name: str, profile: str, overrides: Optional[
     return notebook_params(name, root).from_mapping(values, where=name)
 
 
+#: ``${NAME}`` or ``${NAME:-default}`` in a profile's string values (the ``full`` profiles' data paths,
+#: ``${TOKENBOOK_DATA:-/data}/imagenet``), expanded from the environment when the runner reads the YAML
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+#: the environment variable that holds the data root of the ``full`` profiles (``run_all.sh --data-root DIR``)
+DATA_ROOT_ENV = "TOKENBOOK_DATA"
+
+
+def expand_env(value, where: str = ""):
+    """``value`` with every ``${NAME}`` / ``${NAME:-default}`` in its strings (lists included) replaced from the
+    environment; an unset variable without a default is a RunnerError naming it."""
+    if isinstance(value, list):
+        return [expand_env(v, where) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m):
+        v = os.environ.get(m.group(1))
+        if v is None or (v == "" and m.group(2) is not None):
+            if m.group(2) is None:
+                raise RunnerError(f"{where}: {m.group(0)} is not set in the environment (write ${{{m.group(1)}:-"
+                                  "default}} for a default)")
+            return m.group(2)
+        return v
+
+    return _ENV_REF.sub(sub, value)
+
+
+def proof_overrides(cls, overrides: Optional[dict] = None) -> dict:
+    """What ``run_all.sh --proof`` sets for a notebook whose parameters are ``cls``: ``max_steps`` 2, then the
+    class's :attr:`~tokenbook.params.Params.PROOF` overrides (devices, precision, batch, latency budgets), then
+    the user's own ``-p`` (which win)."""
+    return {"max_steps": 2, **{k: v for k, v in cls.PROOF.items()}, **(overrides or {})}
+
+
+def _proof_weights(notebooks: list[str], data_root: Path) -> list[str]:
+    """Each selected notebook's experiments-module hook ``proof_data(data_root) -> list[str]`` (the synthetic weight
+    files its full profile names, under their official key names), found by stem; what was written."""
+    import importlib
+
+    from .params import module_name
+
+    written = []
+    for n in notebooks:
+        try:
+            mod = importlib.import_module(module_name(n))
+        except ImportError:
+            continue
+        hook = getattr(mod, "proof_data", None)
+        if hook is not None:
+            written += [w for w in hook(data_root) if w not in written]
+    return written
+
+
 def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> dict:
     """The parameters one notebook run sets (the profile's YAML plus ``overrides``), validated against the
     notebook's :class:`~tokenbook.params.Params`: names, types (YAML lists for lists) and ranges. Returns the values
@@ -117,6 +171,7 @@ def resolve_parameters(root: Path, name: str, profile: str, overrides: dict) -> 
         raise RunnerError(f"{pfile}: invalid YAML ({e})") from e
     if not isinstance(params, dict):
         raise RunnerError(f"{pfile}: must be a mapping of parameter names to values")
+    params = {k: expand_env(v, f"{pfile.relative_to(root)}: {k}") for k, v in params.items()}
     specs = cls.specs()
     unknown = sorted((set(params) | set(overrides)) - set(specs))
     if unknown:
@@ -514,6 +569,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--list", action="store_true", help="list notebooks and their profiles, then exit")
     ap.add_argument("--rebuild-site", action="store_true",
                     help="run nothing: rebuild the profile's claims ledger and results site from the results on disk")
+    ap.add_argument("--data-root", default=None, metavar="DIR",
+                    help=f"where the full profiles' datasets and weights are (${DATA_ROOT_ENV}; default /data)")
+    ap.add_argument("--proof", action="store_true",
+                    help="prove the full (or gpu) parameter sets end to end on the CPU in minutes: every run "
+                         "stops after 2 optimizer updates (-p max_steps), each notebook's PROOF overrides apply "
+                         "(devices, precision, batch, latency budgets), the data are synthetic copies of the "
+                         "papers' (written once into --data-root, default $TOKENBOOK_CACHE/proof-data) and the "
+                         "results go to results/proof/ (git-ignored)")
     args = ap.parse_args(argv)
 
     root = repo_root()
@@ -545,6 +608,26 @@ def main(argv: Optional[list[str]] = None) -> int:
             selected += [m for m in match if m not in selected]
     overrides_raw = {k: coerce(v) for k, v in args.param}
     results_dir = Path(args.results).resolve() if args.results else root / "results"
+    if args.proof:
+        if profile not in ("full", "gpu"):
+            print(f"error: --proof proves the full and gpu parameter sets, not {profile!r}", file=sys.stderr)
+            return 2
+        if not args.results:
+            results_dir = root / "results" / "proof"
+        from .data.synthetic import default_proof_root, write_proof_data
+
+        data_root = Path(args.data_root).expanduser() if args.data_root else default_proof_root()
+        try:
+            made = write_proof_data(data_root) + _proof_weights(selected, data_root)
+        except (OSError, ValueError, RunnerError) as e:
+            print(f"error: --proof data in {data_root}: {e}", file=sys.stderr)
+            return 2
+        print(f"proof data: {data_root}" + (f" (written now: {', '.join(made)})" if made else " (present)"),
+              flush=True)
+        os.environ[DATA_ROOT_ENV] = str(data_root)
+        os.environ.setdefault("TOKENBOOK_RUNS", str(results_dir / ".runs"))  # proof runs stay out of the real store
+    elif args.data_root:
+        os.environ[DATA_ROOT_ENV] = str(Path(args.data_root).expanduser().resolve())
     timeout = args.timeout or DEFAULT_TIMEOUT_MIN[profile]
     if args.rebuild_site:
         problem = check_results_dir(results_dir)
@@ -567,9 +650,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     known: set[str] = set()
     for n in selected:
         try:
-            specs = notebook_params(n, root).specs()
+            cls = notebook_params(n, root)
+            specs = cls.specs()
             known |= set(specs)
             ov = {k: v for k, v in overrides_raw.items() if k in specs}
+            if args.proof:
+                ov = {k: v for k, v in proof_overrides(cls, ov).items() if k in specs}
             params = resolve_parameters(root, n, profile, ov)
             plans.append((n, params))
         except (RunnerError, ValueError, FileNotFoundError) as e:

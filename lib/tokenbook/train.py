@@ -106,6 +106,8 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke runs)
+    max_steps: Optional[int] = None  # stop the whole run after this many optimizer updates (a proof of a long recipe:
+    # its schedule, data and model unchanged, evaluated after the last update; the history says the run was cut)
     eval_every: int = 1  # evaluate every n epochs (and always after the last)
     checkpoint_dir: Optional[str] = None  # where last.ckpt goes (None = no checkpoints)
     resume: bool = False  # continue from checkpoint_dir/last.ckpt when it exists
@@ -128,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_accum < 1:
             raise ValueError("grad_accum must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (None: no cap), got {self.max_steps}")
         if self.finite_check_every < 1:
             raise ValueError(f"finite_check_every must be >= 1, got {self.finite_check_every}")
 
@@ -536,6 +540,7 @@ class _Run:
     ckpt_path: Optional[Path]
     desc: str
     start_epoch: int = 0
+    end_epoch: int = 0  # epochs this run trains: cfg.epochs, fewer under cfg.max_steps
     global_step: int = 0
     history: list = field(default_factory=list)
     weights: Optional[list] = None
@@ -633,6 +638,9 @@ def _setup_fit(model, train_loader, val_loader, cfg: TrainConfig, hooks, preproc
                mixup_fn=mixup_fn, loss_fn=loss_fn, criterion=criterion, ema=ema, hooks=list(hooks),
                steps_per_epoch=steps_per_epoch, n_trainable=n_trainable, desc=desc,
                ckpt_path=Path(cfg.checkpoint_dir) / "last.ckpt" if cfg.checkpoint_dir else None)
+    run.end_epoch = cfg.epochs
+    if cfg.max_steps:
+        run.end_epoch = min(cfg.epochs, math.ceil(cfg.max_steps / max(1, steps_per_epoch // cfg.grad_accum)))
     if cfg.resume and run.ckpt_path is not None and run.ckpt_path.is_file():
         _resume(run)
     return run
@@ -707,7 +715,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict, float]:
     it = _progress(run.train_dl, run.steps_per_epoch, f"{run.desc} {epoch + 1}/{cfg.epochs}", cfg.progress and
                    fabric.is_global_zero)
     for i, batch in enumerate(it):
-        if i >= run.steps_per_epoch:
+        if i >= run.steps_per_epoch or (cfg.max_steps and run.global_step >= cfg.max_steps):
             break
         timer.start()
         x, y = batch
@@ -754,7 +762,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict, float]:
 def _end_epoch(run: _Run, epoch: int, row: dict, t_epoch: float) -> None:
     """Evaluate (raw and EMA model) when due, append the row to the history, call the hooks, print and checkpoint."""
     cfg, fabric = run.cfg, run.fabric
-    if run.val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+    if run.val_dl is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == run.end_epoch):
         t_eval = time.perf_counter()
         metrics = _evaluate_epoch(run.model, run.val_dl, run.preprocess, fabric, epoch, "", cfg.lr, run.global_step,
                                   row["train_loss"])
@@ -808,7 +816,7 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
     t_fit = time.perf_counter()
     run.last_lr = run.optimizer.param_groups[0]["lr"]
     seed_epoch = _epoch_seeder(train_loader)
-    for epoch in range(run.start_epoch, cfg.epochs):
+    for epoch in range(run.start_epoch, run.end_epoch):
         seed_epoch(epoch)
         row, t_epoch = _train_epoch(run, epoch)
         _end_epoch(run, epoch, row, t_epoch)
@@ -818,7 +826,8 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
     timing = {"wall_time_s": wall, "step_time_s": st, "eval_time_s": run.eval_time_total,
               "steps": run.steps_done, "step_ms": 1e3 * st / max(1, run.steps_done),
               "train_img_s": run.images_done / st if st else float("nan"),
-              "device": str(run.device), "world_size": run.fabric.world_size, "precision": cfg.precision}
+              "device": str(run.device), "world_size": run.fabric.world_size, "precision": cfg.precision,
+              "capped_at_step": run.global_step if cfg.max_steps and run.global_step >= cfg.max_steps else None}
     return FitResult(model=run.raw_model, ema=run.ema.module if run.ema is not None else None,
                      history=pd.DataFrame(run.history), final=final, timing=timing, config=cfg,
                      trainable_params=run.n_trainable, head_names=run.head_names)

@@ -47,7 +47,7 @@ import numpy as np
 __all__ = [
     "IMAGENET_SYNSETS", "CIFAR100_FINE", "CIFAR100_COARSE", "CIFAR100_FINE_TO_COARSE", "MARKER",
     "imagenet_classes", "class_image", "class_tokens", "write_imagenet_folder", "write_cifar100_parquet",
-    "write_seit_tokens", "write_all", "main",
+    "write_seit_tokens", "write_all", "main", "PROOF_LAYOUT", "PROOF_COUNTS", "default_proof_root", "write_proof_data",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -352,6 +352,55 @@ def write_all(out: PathLike, classes: int = 5, train_per_class: int = 10, val_pe
     return {"imagenet": write_imagenet_folder(out / "imagenet", size=size, **kw),
             "cifar100": write_cifar100_parquet(out / "cifar100", **kw),
             "seit-tokens": write_seit_tokens(out / "imagenet1k-tokens", **kw)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The proof tree: every dataset the full profiles name, under one data root
+# ----------------------------------------------------------------------------------------------------------
+#: ``<root>/<name>``: what writes it. The names are the full profiles' (``${TOKENBOOK_DATA:-/data}/<name>``):
+#: ImageNet-1k (01-03), ViTTM's ImageNet-21k-P pre-training folder (01, same layout), CIFAR-100 and the three
+#: ImageNet-style transfer folders (05; synthetic classes under WordNet ids, the layout is what is proved) and SeiT's
+#: token release (04). Weight files (TokenAdapt's, 05's backbone) are written by the experiments modules'
+#: ``proof_data`` hooks, which know the models.
+PROOF_LAYOUT: dict[str, tuple[str, int]] = {
+    "imagenet": ("imagenet", 0), "imagenet21k_p": ("imagenet", 1), "cifar100": ("cifar100", 2),
+    "places365": ("imagenet", 3), "sun397": ("imagenet", 4), "inat2017": ("imagenet", 5),
+    "imagenet1k-tokens": ("seit-tokens", 6),
+}
+#: the proof tree's size: 3 classes x 4 training and 2 validation images each (seconds to write, a few MB)
+PROOF_COUNTS = dict(classes=3, train_per_class=4, val_per_class=2)
+
+
+def default_proof_root() -> Path:
+    """``$TOKENBOOK_CACHE/proof-data`` (default ``~/.cache/tokenbook/proof-data``)."""
+    base = os.environ.get("TOKENBOOK_CACHE") or Path.home() / ".cache" / "tokenbook"
+    return Path(base).expanduser() / "proof-data"
+
+
+def write_proof_data(root: PathLike, names: Optional[Sequence[str]] = None) -> list[str]:
+    """Write the proof tree's datasets (``names``, default all of :data:`PROOF_LAYOUT`) under ``root``, each only
+    when it is missing (a folder with this module's marker counts as present; a folder without it is refused, so
+    real data under the same name is never touched). Returns the names written now."""
+    root = Path(root).expanduser()
+    written = []
+    for name in names if names is not None else PROOF_LAYOUT:
+        if name not in PROOF_LAYOUT:
+            raise ValueError(f"no proof dataset {name!r}; known: {', '.join(PROOF_LAYOUT)}")
+        out = root / name
+        if (out / MARKER).is_file():
+            continue
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise FileExistsError(f"{out} holds data not written by tokenbook.data.synthetic; a proof writes its "
+                                  "synthetic copies only beside them, never over them (choose another data root)")
+        layout, seed = PROOF_LAYOUT[name]
+        if layout == "imagenet":
+            write_imagenet_folder(out, seed=seed, **PROOF_COUNTS)
+        elif layout == "cifar100":
+            write_cifar100_parquet(out, seed=seed, **PROOF_COUNTS)
+        else:
+            write_seit_tokens(out, seed=seed, **PROOF_COUNTS)
+        written.append(name)
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------

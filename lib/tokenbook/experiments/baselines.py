@@ -33,6 +33,10 @@ class Params(_Params):
     """The parameters of notebooks/00_baselines.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "00_baselines"
+    #: run_all.sh --proof: a few hundred images, the shortest latency timing; the two training benchmarks are off
+    #: (the same code in every profile: the committed cpu profile runs them)
+    PROOF: ClassVar[dict] = {"train_subset": 500, "val_subset": 250, "num_workers": 0, "latency_batch": 1,
+                             "latency_min_run_time": 0.05, "bench_throughput": False, "bench_seeds": False}
 
     seed: int = param(0, "seed for model init and data order [0, inf)")
     dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
@@ -122,6 +126,7 @@ def small_vit_summary(model: nn.Module, model_name: str, dataset: str, bundle: A
         "train_wall_s": result.timing["wall_time_s"], "train_step_s": result.timing["step_time_s"],
         "step_ms": result.timing["step_ms"], "train_img_s": result.timing["train_img_s"],
         "device": result.timing["device"],
+        **({"cut_at_step": result.timing["capped_at_step"]} if result.timing.get("capped_at_step") else {}),
     }])
 
 

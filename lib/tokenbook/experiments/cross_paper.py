@@ -64,6 +64,13 @@ class Params(_Params):
     """The parameters of notebooks/06_cross_paper.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "06_cross_paper"
+    #: run_all.sh --proof: a few hundred images, two seeds, the tokenizer and TokenAdapt for two steps, the shortest
+    #: timings
+    PROOF: ClassVar[dict] = {"train_subset": 500, "val_subset": 250, "seeds": [0, 1], "tokenizer_steps": 2,
+                             "ta_steps": 2, "storage_images": 20, "ft_train_subset": 100, "ft_val_subset": 50,
+                             "latency_batch": 2, "latency_min_run_time": 0.05, "speedup_batch": 4,
+                             "speedup_steps": 3, "speedup_warmup": 0, "batch_size": 16, "ft_batch_size": 16,
+                             "tokenizer_batch": 8, "ta_batch": 8}
 
     seed: int = param(0, "seed of the data subsets, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
     seeds: list[int] = param([0, 1, 2],
@@ -220,14 +227,14 @@ def pixel_config(params: dict, seed: int):
                        min_lr=float(params["min_lr"]), cutmix=float(params["pixel_cutmix"]),
                        label_smoothing=float(params["label_smoothing"]), seed=int(seed), progress=False,
                        max_steps_per_epoch=params.get("max_steps_per_epoch") or None,
-                       accelerator=str(params.get("accelerator", "auto")),
+                       max_steps=params.get("max_steps") or None, accelerator=str(params.get("accelerator", "auto")),
                        precision=str(params.get("precision", "32-true")))
 
 
 def token_params(params: dict, seed: int) -> dict:
     """The parameters :mod:`tokenbook.experiments.seit` expects for a token arm, from this notebook's."""
     keys = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "accelerator", "precision",
-            "max_steps_per_epoch", "label_smoothing")
+            "max_steps_per_epoch", "max_steps", "label_smoothing")
     out = {k: params[k] for k in keys if k in params}
     out.update(seed=int(seed), ta_warmup_epochs=float(params["warmup_epochs"]), crop=int(params["crop"]),
                rrc_scale_min=float(params["rrc_scale_min"]))
@@ -480,7 +487,8 @@ def finetune_config(params: dict):
                        momentum=0.9, lr=float(params["ft_lr"]), weight_decay=0.0, clip_grad=1.0,
                        warmup_steps=int(params["ft_warmup_steps"]), warmup_lr=0.0, min_lr=0.0, sched="cosine",
                        progress=False, accelerator=str(params.get("accelerator", "auto")),
-                       max_steps_per_epoch=params.get("max_steps_per_epoch") or None)
+                       max_steps_per_epoch=params.get("max_steps_per_epoch") or None,
+                       max_steps=params.get("max_steps") or None)
 
 
 def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], params: dict, target: Any,

@@ -46,6 +46,9 @@ class Params(_Params):
     """The parameters of notebooks/05_memory.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "05_memory"
+    #: run_all.sh --proof: two seeds, a CPU batch, the shortest latency timing; every target task and method kept
+    PROOF: ClassVar[dict] = {"seeds": [0, 1], "batch_size": 4, "eval_batch_size": 8, "num_workers": 0,
+                             "latency_min_run_time": 0.05, "num_figure_images": 2}
 
     seed: int = param(0, "seed of the source pre-training and of the data subsets [0, inf)")
     seeds: list[int] = param([0, 1, 2], "fine-tuning seeds: every method runs once per seed, paired by seed")
@@ -185,7 +188,9 @@ def load_backbone(model_name: str, num_classes: int, img_size: Optional[int] = N
         if not Path(checkpoint_file).is_file():
             raise FileNotFoundError(f"backbone checkpoint {checkpoint_file} does not exist (for the paper: the "
                                     "ImageNet-21k ViT-B/32, e.g. big_vision's augreg B/32 .npz)")
-        overlay = {"file": str(checkpoint_file)}
+        overlay: dict[str, Any] = {"file": str(checkpoint_file)}
+        if str(checkpoint_file).endswith(".npz"):  # the original JAX format: timm's own reader (model.load_pretrained);
+            overlay["custom_load"] = True          # a local file otherwise resets custom_load and goes to torch.load
         if checkpoint_num_classes is not None:
             overlay["num_classes"] = checkpoint_num_classes
         return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
@@ -235,6 +240,7 @@ def finetune_train_config(params: dict, **overrides: Any):
         raise ValueError(f"fine-tuning parameters missing: {missing}")
     kw = {k: params[k] for k in FINETUNE_CONFIG_KEYS}
     kw["clip_grad"] = kw["clip_grad"] or None
+    kw["max_steps"] = params.get("max_steps") or None  # run_all.sh --proof
     kw.update(warmup_lr=0.0, eval_every=eval_every(kw["epochs"], int(params.get("val_evals", 0) or 0)),
               progress=False)
     kw.update(overrides)
@@ -1140,3 +1146,31 @@ def gpu_loops(params: dict) -> list:
         loops.append(G.latency_loop(nb, "merged vs separate models", len(tasks) + 1, p["latency_min_run_time"]))
     return loops + [G.not_charged(nb, "concatenation study, source-head checks",
                                   "forward passes of the merged models over the validation sets")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run_all.sh --proof: the backbone file the full profile names
+# ----------------------------------------------------------------------------------------------------------
+#: the full profile's backbone under the data root, and the architecture written there
+PROOF_BACKBONE = ("checkpoints/vit_b32_augreg_in21k.npz", "vit_base_patch32_224", 21843)
+
+
+def proof_data(root) -> list[str]:
+    """The runner's ``--proof`` hook: a ViT-B/32 with the 21,843-class ImageNet-21k head (seeded random weights)
+    as an original-format ``.npz`` (:func:`tokenbook.released.write_vit_npz`) at the path the full profile reads,
+    when it is missing, so the proof loads it through timm's ``.npz`` reader as a released AugReg file."""
+    import timm
+    from pathlib import Path
+
+    from tokenbook.released import write_vit_npz
+
+    rel, name, classes = PROOF_BACKBONE
+    path = Path(root).expanduser() / rel
+    if path.is_file():
+        return []
+    torch.manual_seed(0)
+    write_vit_npz(timm.create_model(name, num_classes=classes), path)
+    return [rel]
+
+
+__all__ += ["proof_data"]

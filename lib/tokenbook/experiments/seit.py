@@ -56,6 +56,10 @@ class Params(_Params):
     """The parameters of notebooks/04_seit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "04_seit"
+    #: run_all.sh --proof: one CPU process (bf16-mixed as the recipe), two seeds, a CPU batch (divisible by 4 for
+    #: TokenAdapt), small figures
+    PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "seeds": [0, 1],
+                             "batch_size": 4, "num_workers": 0, "num_figure_images": 2}
 
     seed: int = param(0, "seed of the data subset, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
     seeds: list[int] = param([0, 1, 2], "classifier seeds of the ablation, paired by seed (init and batch order)")
@@ -403,7 +407,7 @@ def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int,
 
 _CFG_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "ema_decay",
              "max_steps_per_epoch", "accelerator", "devices", "num_nodes", "strategy", "precision", "seed",
-             "clip_grad")
+             "clip_grad", "max_steps")
 
 
 def train_config(params: dict, variant: str, **overrides: Any):
@@ -1168,3 +1172,27 @@ def released_table(params: Optional[dict] = None, **kw: Any):
 
 
 __all__ += ["RELEASED", "released_table"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run_all.sh --proof: the weight file the full profile names
+# ----------------------------------------------------------------------------------------------------------
+def proof_data(root: Union[str, os.PathLike]) -> list[str]:
+    """The runner's ``--proof`` hook: ``<root>/seit/weights/tokenadapt.ckpt``, a TokenAdapt of the official sizes
+    (seeded random weights under the official ``conversion_function.*`` / ``reverse_transform.*`` names, in a
+    ``{"model": ...}`` dict as the release) when the file is missing. The token release itself is the proof tree's
+    (:func:`tokenbook.data.synthetic.write_proof_data`). Returns what was written."""
+    from tokenbook.models.seit import TokenAdapt
+
+    path = Path(root).expanduser() / "seit" / "weights" / "tokenadapt.ckpt"
+    if path.is_file():
+        return []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save({"model": TokenAdapt().state_dict()}, tmp)
+    os.replace(tmp, path)
+    return ["seit/weights/tokenadapt.ckpt"]
+
+
+__all__ += ["proof_data"]

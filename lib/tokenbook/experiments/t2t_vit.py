@@ -51,6 +51,8 @@ class Params(_Params):
     """The parameters of notebooks/02_t2t_vit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "02_t2t_vit"
+    #: run_all.sh --proof: two seeds (a paired claim needs two), a CPU batch, runs one after the other in the kernel
+    PROOF: ClassVar[dict] = {"seeds": [0, 1], "batch_size": 4, "num_workers": 0, "executor": "kernel"}
 
     seed: int = param(0, "seed of the data subsets and of the notebook's other random draws [0, inf)")
     seeds: list[int] = param([0, 1, 2],

@@ -50,6 +50,11 @@ class Params(_Params):
     """The parameters of notebooks/03_toe.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "03_toe"
+    #: run_all.sh --proof: one CPU process (bf16-mixed: 16-mixed needs CUDA), two seeds, a CPU batch, the shortest
+    #: overhead timing (3 repeats: its IQR needs them)
+    PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
+                             "precision": "bf16-mixed", "seeds": [3407, 0], "batch_size": 4, "num_workers": 0,
+                             "overhead_batch": 2, "overhead_steps": 3, "overhead_warmup": 0, "num_figure_images": 2}
 
     seed: int = param(0, "seed of the data subset (fixed for all seeds) and of the set-up cells [0, inf)")
     seeds: list[int] = param([0, 1, 2], "training seeds; per seed both runs share init weights and batches")

@@ -55,6 +55,10 @@ class Params(_Params):
     """The parameters of notebooks/01_vittm.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "01_vittm"
+    #: run_all.sh --proof: one CPU process (the recipes' bf16-mixed kept), a CPU batch, the shortest timings
+    PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "batch_size": 4, "num_workers": 0,
+                             "latency_batch": 1, "latency_min_run_time": 0.05, "latency_repeats": 1,
+                             "train_latency_batch": 2, "num_figure_images": 2}
 
     seed: int = param(0, "seed of the data subsets and of the figures' random inputs [0, inf)")
     seeds: list[int] = param([0, 1, 2],
@@ -607,7 +611,7 @@ def plot_memory_diagnostics(diag: pd.DataFrame, title: str = ""):
 # Recipes and pitfalls
 # ----------------------------------------------------------------------------------------------------------------------
 #: Notebook parameters that override a recipe when they are set (0 or empty keeps the recipe's value).
-_RECIPE_OVERRIDES = ("epochs", "devices", "num_nodes", "max_steps_per_epoch", "accelerator", "precision")
+_RECIPE_OVERRIDES = ("epochs", "devices", "num_nodes", "max_steps_per_epoch", "max_steps", "accelerator", "precision")
 
 
 def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overrides) -> TrainConfig:
