@@ -66,6 +66,26 @@ def fit_trainer(train: dict, sleep: float = 0.0):
     return TrainedRun.from_fit(res)
 
 
+def ddp_fit_trainer(train: dict):
+    """``fit_trainer`` as a 2-process DDP run on the CPU (gloo; ``test_runs:ddp_fit_trainer``): ``fit_launched``
+    starts the workers (``ddp_fork``), each sees half the batches, the gradients are all-reduced."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig, fit_launched
+
+    with open(os.environ[COUNTER], "a") as f:
+        f.write(f"ddp {os.getpid()}\n")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    res = fit_launched(model, loader, loader, TrainConfig(**train), hooks=[_Pace(0.0)], num_classes=3)
+    return TrainedRun.from_fit(res)
+
+
 def _fit_spec(sleep: float = 0.0, epochs: int = 6) -> "runs.RunSpec":
     train = dict(epochs=epochs, lr=1e-2, warmup_epochs=1.0, accelerator="cpu", progress=False, seed=0)
     return runs.RunSpec("test_runs:fit_trainer", {"train": train, "sleep": sleep}, label="fit toy")
@@ -208,6 +228,59 @@ def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_weights(store, t
     assert _same_weights(resumed.output.state_dict, ref.output.state_dict)
     assert resumed.output.history["val_top1"].tolist() == ref.output.history["val_top1"].tolist()
     assert len(resumed.output.history) == 6
+
+
+def test_a_killed_ddp_run_resumes_through_the_launcher_with_the_same_weights(store, tmp_path, monkeypatch):
+    """A 2-process gloo DDP run launched as a local process: killed at the start of epoch 3 (a worker exits, the
+    launcher sees the run fail, epoch 2's checkpoint stays), launched again it resumes and ends with the weights and
+    history of an uninterrupted DDP run."""
+    train = dict(epochs=4, lr=1e-2, warmup_epochs=1.0, accelerator="cpu", devices=2, strategy="ddp_fork",
+                 progress=False, seed=0)
+    spec = runs.RunSpec("test_runs:ddp_fit_trainer", {"train": train}, label="ddp toy")
+    (ref,) = runs.launch([spec], executor="processes", workers=1, store=tmp_path / "ref", verbose=False)
+    assert ref.output.timing["world_size"] == 2 and len(ref.output.history) == 4
+    monkeypatch.setenv(KILL_AT, "2")
+    with pytest.raises(runs.RunFailedError, match="ddp toy"):
+        runs.launch([spec], executor="processes", workers=1, store=tmp_path / "cut", verbose=False)
+    ckpt = runs.checkpoint_dir(tmp_path / "cut", runs.run_key(spec, threads=ref.threads)) / "last.ckpt"
+    assert ckpt.is_file()
+    monkeypatch.delenv(KILL_AT)
+    (resumed,) = runs.launch([spec], executor="processes", workers=1, store=tmp_path / "cut", verbose=False)
+    assert resumed.source == "trained" and not ckpt.exists()
+    assert _same_weights(resumed.output.state_dict, ref.output.state_dict)
+    assert resumed.output.history["val_top1"].tolist() == ref.output.history["val_top1"].tolist()
+
+
+def test_torchrun_executor_runs_one_ddp_job_per_run_and_resumes_a_killed_one(store, tmp_path, monkeypatch):
+    """executor='torchrun': each run is a ``torchrun --standalone`` job of 2 gloo ranks (strategy ddp; rank 0 writes
+    the store), the same weights as the same DDP run started by Fabric (ddp_fork); killed at epoch 3 it resumes
+    from its checkpoint to the weights of the uninterrupted run."""
+    train = dict(epochs=4, lr=1e-2, warmup_epochs=1.0, accelerator="cpu", devices=2, strategy="ddp",
+                 progress=False, seed=0)
+    spec = runs.RunSpec("test_runs:ddp_fit_trainer", {"train": train}, label="torchrun toy")
+    env_path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent)] + ([env_path] if env_path else [])))
+    (ref,) = runs.launch([spec], executor="torchrun", store=tmp_path / "ref", verbose=False, threads=1)
+    assert ref.source == "trained" and ref.output.timing["world_size"] == 2
+    assert len([c for c in _calls(store) if c.startswith("ddp")]) == 2  # both ranks ran the trainer
+    forked = runs.RunSpec("test_runs:ddp_fit_trainer", {"train": {**train, "strategy": "ddp_fork"}}, label="fork")
+    (fk,) = runs.launch([forked], executor="processes", workers=1, threads=1, store=tmp_path / "fork", verbose=False)
+    assert _same_weights(ref.output.state_dict, fk.output.state_dict)
+    (again,) = runs.launch([spec], executor="torchrun", store=tmp_path / "ref", verbose=False, threads=1)
+    assert again.source == "store"
+    monkeypatch.setenv(KILL_AT, "2")
+    with pytest.raises(runs.RunFailedError, match="torchrun toy.*torchrun exited"):
+        runs.launch([spec], executor="torchrun", store=tmp_path / "cut", verbose=False, threads=1)
+    ckpt = runs.checkpoint_dir(tmp_path / "cut", ref.key) / "last.ckpt"
+    assert ckpt.is_file()
+    monkeypatch.delenv(KILL_AT)
+    (resumed,) = runs.launch([spec], executor="torchrun", store=tmp_path / "cut", verbose=False, threads=1)
+    assert resumed.source == "trained" and not ckpt.exists()
+    assert _same_weights(resumed.output.state_dict, ref.output.state_dict)
+    assert resumed.output.history["val_top1"].tolist() == ref.output.history["val_top1"].tolist()
+    with pytest.raises(runs.RunFailedError, match="integer number of processes"):
+        runs.launch([runs.RunSpec("test_runs:toy_trainer", {"x": 1, "train": {"devices": "auto"}})],
+                    executor="torchrun", store=tmp_path / "bad", verbose=False)
 
 
 def test_submitit_debug_executor_trains_into_the_store(store):

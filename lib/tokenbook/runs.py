@@ -26,6 +26,10 @@ nothing.
 - ``executor="processes"``: the missing runs trained side by side in ``workers`` spawned processes, each with
   ``threads`` torch threads (default: the cores divided among the workers), for independent seeds and arms. Each
   process writes its run into the store itself, so a run that finished survives the others failing.
+- ``executor="torchrun"``: each missing run as one DDP job on this node, ``torchrun --standalone
+  --nproc-per-node N`` (N: ``resources["nproc_per_node"]``, else the spec's ``train["devices"]``): every rank runs
+  the trainer (whose train config says ``strategy="ddp"`` and ``devices=N``; Fabric joins the ranks torchrun
+  started), rank 0 writes the store. One run after the other; a killed run resumes like the others.
 - ``executor="submitit"``: one job per missing run through `submitit <https://github.com/facebookincubator/submitit>`_
   (SLURM on a cluster, ``cluster="local"`` for processes on this machine, ``"debug"`` in this process); the
   job's resources are ``resources`` updated by the spec's own (``nodes``, ``gpus_per_node``, ``timeout_min``,
@@ -59,7 +63,7 @@ from typing import Any, Optional, Sequence
 __all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
            "float_environment", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS"]
 
-EXECUTORS = ("kernel", "processes", "submitit")
+EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
 
 
 class RunFailedError(RuntimeError):
@@ -248,6 +252,52 @@ def _worker(location: str, key: str, spec: RunSpec, threads: int) -> float:
     return time.perf_counter() - t0
 
 
+def _torchrun(location: Path, key: str, spec: RunSpec, threads: int, nproc: int) -> float:
+    """One run as a ``torchrun --standalone`` DDP job of ``nproc`` ranks (:func:`_rank_main` in each); seconds."""
+    import pickle
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pkl", dir=location, delete=False) as f:
+        pickle.dump((str(location), key, spec, threads), f)
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "tokenbook.runs", "--rank-main", f.name],
+                             capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-12:]
+        raise RunFailedError(f"torchrun exited with {out.returncode}: " + " | ".join(tail))
+    return time.perf_counter() - t0
+
+
+def _rank_main(job_file: str) -> None:
+    """Each torchrun rank: rank 0 trains the run into the store (and drops its checkpoint), the other ranks run the
+    same trainer uncached, so that only one process writes."""
+    import pickle
+
+    import torch
+
+    with open(job_file, "rb") as f:
+        location, key, spec, threads = pickle.load(f)
+    torch.set_num_threads(threads)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _train_into_store(Path(location), key, spec)
+    else:
+        _execute(key, spec.trainer, _resumable_args(spec, Path(location), key))
+
+
+def _nproc(spec: RunSpec, resources: Optional[dict]) -> int:
+    n = (resources or {}).get("nproc_per_node") or (spec.args.get("train") or {}).get("devices") or 1
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"torchrun needs an integer number of processes per node, got {n!r} (resources "
+                         "nproc_per_node or the train config's devices)")
+    return n
+
+
 class _Job:
     """What a submitit job calls: :func:`_worker` for one run. On preemption or timeout submitit calls
     :meth:`checkpoint` and requeues the same call, which resumes from the run's ``last.ckpt``."""
@@ -331,7 +381,7 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
     specs = list(specs)
     location = store_dir(store)
     location.mkdir(parents=True, exist_ok=True)
-    if executor in ("kernel", "submitit"):
+    if executor in ("kernel", "submitit", "torchrun"):
         threads = int(threads or torch.get_num_threads())
     else:
         missing_n = len({s.canonical() for s in specs})
@@ -363,6 +413,12 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
                 seconds[k] = time.perf_counter() - t0
         finally:
             torch.set_num_threads(old)
+    elif todo and executor == "torchrun":
+        for k, s in todo.items():
+            try:
+                seconds[k] = _torchrun(location, k, s, threads, _nproc(s, resources))
+            except Exception as e:  # the others still run; reported together below
+                errors[k] = e
     elif todo and executor == "submitit":
         jobs = _submit(location, todo, threads, cluster, resources, verbose)
         running = [(todo[k].label or todo[k].trainer, k, j.job_id) for k, j in jobs.items() if not j.done()]
@@ -409,3 +465,13 @@ def runs_table(runs: Sequence[Run]) -> "Any":
     return pd.DataFrame([{"run": r.spec.label or r.spec.trainer, "key": r.key[:12], "source": r.source,
                           "seconds": round(r.seconds, 2), "executor": r.executor, "threads": r.threads}
                          for r in runs])
+
+
+if __name__ == "__main__":  # a torchrun rank (executor="torchrun"): python -m tokenbook.runs --rank-main JOB
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--rank-main":
+        sys.exit("usage: python -m tokenbook.runs --rank-main JOB_FILE (started by launch(executor='torchrun'))")
+    from tokenbook import runs as _runs  # the module itself, not __main__: joblib keys its cache by module name
+
+    _runs._rank_main(sys.argv[2])

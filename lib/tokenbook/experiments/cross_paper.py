@@ -65,12 +65,12 @@ class Params(_Params):
 
     NOTEBOOK: ClassVar[str] = "06_cross_paper"
     #: run_all.sh --proof: a few hundred images, two seeds, the tokenizer and TokenAdapt for two steps, the shortest
-    #: timings
+    #: timings, no latency of every trained model (the same code in every profile; the cpu profile runs it)
     PROOF: ClassVar[dict] = {"train_subset": 500, "val_subset": 250, "seeds": [0, 1], "tokenizer_steps": 2,
                              "ta_steps": 2, "storage_images": 20, "ft_train_subset": 100, "ft_val_subset": 50,
                              "latency_batch": 2, "latency_min_run_time": 0.05, "speedup_batch": 4,
                              "speedup_steps": 3, "speedup_warmup": 0, "batch_size": 16, "ft_batch_size": 16,
-                             "tokenizer_batch": 8, "ta_batch": 8}
+                             "tokenizer_batch": 8, "ta_batch": 8, "latency": False}
 
     seed: int = param(0, "seed of the data subsets, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
     seeds: list[int] = param([0, 1, 2],

@@ -46,6 +46,8 @@ from tokenbook.methods.token_aug import (
 )
 from tokenbook.params import Params as _Params
 from tokenbook.params import as_list, param
+# the released checkpoints and the --proof weight file live in seit_released (re-exported)
+from tokenbook.experiments.seit_released import RELEASED, proof_data, released_table  # noqa: F401,E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -127,6 +129,12 @@ class Params(_Params):
     paper_models: list[str] = param(["deit_small_token_32", "deit_base_token_32", "vit_small_patch16_224", "vit_base_patch16_224"],
                                     "models of the MACs table; empty skips it")
     num_figure_images: int = param(6, "images per figure [1, inf)")
+    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
+                                  "profile does); rows say what is missing")
+    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
+                                      "none given", none="")
+    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
+                                        "[0, inf)", none=0)
 
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",
@@ -1145,54 +1153,4 @@ def gpu_loops(params: dict) -> list:
     return loops
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Released checkpoints vs the paper (issue 20): the token-trained ViT-Bs, evaluated on the token release's val
-# split by tokenbook.released (token_val_dir = the unpacked IMNET1K-tokens.tar, with codebook.ckpt)
-# ----------------------------------------------------------------------------------------------------------
-RELEASED = [
-    dict(model="deit_base_token_32.seit_in1k", file="trained-vit.ckpt", ref="seit:tabB.seit.1.4gb", data="tokens",
-         paper_name="SeiT (ViT-B, 1.4 GB)", url="https://github.com/naver-ai/seit/releases/tag/v0.0 "
-                                              "(SeiT_weights.tar: trained-vit.ckpt)",
-         note="third-party number (SeiT++ review note), not checked against the PDF"),
-    dict(model="deit_base_token_32.tokenadapt_in1k", file=None, ref="seit:tabB.seit_ta_ca.1.4gb", data="tokens",
-         paper_name="SeiT + TokenAdapt + ColorAdapt (ViT-B, 1.4 GB)",
-         url="https://github.com/gaviotas/tokenadapt/releases/tag/v0.0 (file name not in the reference sheet)",
-         note="pass paths={'deit_base_token_32.tokenadapt_in1k': <file>}; [inferred] the release is taken to be the "
-              "Table B row of the Forging Tokens setting; third-party number, not checked against the PDF"),
-]
-
-
-def released_table(params: Optional[dict] = None, **kw: Any):
-    """:data:`RELEASED` evaluated on the token release's val split (:func:`tokenbook.released.released_table`;
-    arguments from ``params`` by :func:`tokenbook.released.params_kwargs`: ``token_source: "release:<root>"``)."""
-    import tokenbook.models  # noqa: F401  (registers the token ViTs)
-    from tokenbook import released as R
-
-    return R.released_table(RELEASED, **R.params_kwargs(params, **kw))
-
-
-__all__ += ["RELEASED", "released_table"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# run_all.sh --proof: the weight file the full profile names
-# ----------------------------------------------------------------------------------------------------------
-def proof_data(root: Union[str, os.PathLike]) -> list[str]:
-    """The runner's ``--proof`` hook: ``<root>/seit/weights/tokenadapt.ckpt``, a TokenAdapt of the official sizes
-    (seeded random weights under the official ``conversion_function.*`` / ``reverse_transform.*`` names, in a
-    ``{"model": ...}`` dict as the release) when the file is missing. The token release itself is the proof tree's
-    (:func:`tokenbook.data.synthetic.write_proof_data`). Returns what was written."""
-    from tokenbook.models.seit import TokenAdapt
-
-    path = Path(root).expanduser() / "seit" / "weights" / "tokenadapt.ckpt"
-    if path.is_file():
-        return []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"model": TokenAdapt().state_dict()}, tmp)
-    os.replace(tmp, path)
-    return ["seit/weights/tokenadapt.ckpt"]
-
-
-__all__ += ["proof_data"]
+__all__ += ["RELEASED", "released_table", "proof_data"]

@@ -111,6 +111,12 @@ class Params(_Params):
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
+    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
+                                  "profile does); rows say what is missing")
+    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
+                                      "none given", none="")
+    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
+                                        "[0, inf)", none=0)
     accelerator: str = param("auto", "cpu | cuda | auto")
     precision: str = param("32-true", "32-true | bf16-mixed")
     num_figure_images: int = param(3, "images in the attention figure [1, inf)")

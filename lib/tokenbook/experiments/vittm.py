@@ -57,7 +57,7 @@ class Params(_Params):
     NOTEBOOK: ClassVar[str] = "01_vittm"
     #: run_all.sh --proof: one CPU process (the recipes' bf16-mixed kept), a CPU batch, the shortest timings
     PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "batch_size": 4, "num_workers": 0,
-                             "latency_batch": 1, "latency_min_run_time": 0.05, "latency_repeats": 1,
+                             "latency_batch": 1, "latency_min_run_time": 0.05, "latency_repeats": 3,
                              "train_latency_batch": 2, "num_figure_images": 2}
 
     seed: int = param(0, "seed of the data subsets and of the figures' random inputs [0, inf)")
@@ -124,6 +124,12 @@ class Params(_Params):
     map_layers: list[int] = param([0, 2, 5], "layers of the read/write figure")
     head_map_layer: int = param(-1, "layer of the per-head figure; negative counts from the end")
     num_figure_images: int = param(3, "images in the figures [1, inf)")
+    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
+                                  "profile does); rows say what is missing")
+    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
+                                      "none given", none="")
+    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
+                                        "[0, inf)", none=0)
 
 __all__ = [
     "attention_maps", "memory_diagnostics", "ablation_configs",
