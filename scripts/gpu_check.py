@@ -10,7 +10,10 @@ Writes one table, ``results/gpu_check/gpu_check.csv`` and ``.md`` (atomically), 
 - ``latency``: ViTTM-B / ViT-B latency ratio at batch 128 the official way (ViTTM repo ``benchmark.py``: fp32, eval,
   no_grad, no AMP, no compile, ``torch.utils.benchmark`` ``blocked_autorange(min_run_time=8)``, median);
 - ``train_peak``: ViT-B/16 bf16 training images/s and the share of the GPU's dense bf16 peak it reaches;
-- ``ddp``: one 2-process DDP fit when two GPUs are present (skipped with the reason otherwise).
+- ``ddp``: one 2-process DDP fit when two GPUs are present (skipped with the reason otherwise);
+- ``launcher``: the run launcher's torchrun path (``tokenbook.runs.launch(executor="torchrun")``): a probe run as a
+  ``torchrun --standalone`` DDP job on the GPU(s) (1 rank, 2 with two GPUs) into a fresh run store, then read back
+  from it.
 
 Every check is a function taking a device, so the logic is tested on the CPU with tiny settings
 (``tests/test_gpu_check.py``); ``main()`` refuses to run without CUDA.
@@ -262,6 +265,33 @@ def ddp_check(device, n_gpus: Optional[int] = None, timeout: int = 300) -> list[
                 "" if ok else (out.stderr[-300:] or out.stdout[-300:]))]
 
 
+def launcher_check(device, store: Optional[Path] = None, nproc: Optional[int] = None) -> list[dict]:
+    """The launcher's torchrun path (``tokenbook.runs.launch(executor="torchrun")``): one probe run as a
+    ``torchrun --standalone`` DDP job of ``nproc`` ranks (default: the GPUs, at most 2) on ``device``'s kind, into a
+    fresh run store, then launched again (it must come from the store)."""
+    import tempfile
+
+    from tokenbook import runs
+
+    kind = torch.device(device).type
+    n = nproc or (max(1, min(2, torch.cuda.device_count())) if kind == "cuda" else 1)
+    train = dict(epochs=2, lr=1e-2, warmup_epochs=0.0, accelerator=kind, devices=n, strategy="ddp", progress=False)
+    spec = runs.RunSpec("tokenbook.runs:probe_trainer", {"train": train}, label="launcher probe")
+    with tempfile.TemporaryDirectory() as tmp:
+        where = store or Path(tmp)
+        t0 = time.perf_counter()
+        (first,) = runs.launch([spec], executor="torchrun", store=where, verbose=False)
+        dt = time.perf_counter() - t0
+        (again,) = runs.launch([spec], executor="torchrun", store=where, verbose=False)
+    loss = float(first.output.history["train_loss"].iloc[-1])
+    ok = (first.source == "trained" and again.source == "store" and first.output.timing["world_size"] == n
+          and loss == loss and abs(loss) != float("inf"))
+    return [row("launcher", f"torchrun, {n} rank(s)", "pass" if ok else "fail", f"{dt:.0f} s",
+                "trained, then read from the store", "", device,
+                f"world size {first.output.timing['world_size']}, final train loss {loss:.3f}, "
+                f"then {again.source}")]
+
+
 def notebooks_check(device, results: Path, runner: Optional[list[str]] = None, timeout: int = 480) -> list[dict]:
     """Every notebook with the smoke profile on CUDA, into ``results`` (one row per notebook)."""
     cmd = runner or [str(ROOT / "run_all.sh"), "--profile", "smoke", "-p", "accelerator", "cuda",
@@ -315,6 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows += _guarded(lambda: latency_check(dev), "latency", "vittm_b / vit_b", dev)
     rows += _guarded(lambda: train_throughput_check(dev, device_name=name), "train_peak", "vit_base_patch16_224", dev)
     rows += _guarded(lambda: ddp_check(dev), "ddp", "2-process fit", dev)
+    rows += _guarded(lambda: launcher_check(dev), "launcher", "torchrun", dev)
     write_table(rows, out)
     if not args.skip_notebooks:
         rows += _guarded(lambda: notebooks_check(dev, out / "notebooks"), "notebooks", "smoke", dev)

@@ -93,6 +93,13 @@ def test_ddp_skips_with_a_reason_on_one_gpu():
     assert r["status"] == "skip" and "needs 2 GPUs" in r["note"]
 
 
+def test_launcher_row_runs_the_torchrun_path_on_cpu(tmp_path):
+    """The launcher check on the CPU: a probe run as a torchrun job of 2 gloo ranks, trained, then from the store."""
+    (r,) = G.launcher_check("cpu", store=tmp_path / "store", nproc=2)
+    assert r["status"] == "pass" and r["subject"] == "torchrun, 2 rank(s)", r
+    assert "world size 2" in r["note"] and r["note"].endswith("then store")
+
+
 def test_notebooks_rows_from_the_runner(tmp_path):
     (tmp_path / "00_baselines" / "smoke").mkdir(parents=True)
     (tmp_path / "00_baselines" / "smoke" / "status.json").write_text("{}")
@@ -126,8 +133,10 @@ def test_main_on_a_faked_gpu_writes_one_table(monkeypatch, tmp_path):
 
     monkeypatch.setattr(G, "train_throughput_check", boom)
     monkeypatch.setattr(G, "ddp_check", lambda d: [G.row("ddp", "x", "skip")])
+    monkeypatch.setattr(G, "launcher_check", lambda d: [G.row("launcher", "torchrun, 1 rank(s)", "pass")])
     assert G.main(["--out", str(tmp_path), "--skip-notebooks"]) == 1
     text = (tmp_path / "gpu_check.md").read_text()
+    assert "| launcher |" in text
     assert "RuntimeError: no kernel" in text and text.count("| bf16 |") == len(G.FAMILY_MODELS)
 
 

@@ -81,7 +81,8 @@ def ddp_fit_trainer(train: dict):
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
     loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    # dropout: each rank draws its own masks, so a resume must restore every rank's RNG streams, not rank 0's
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
     res = fit_launched(model, loader, loader, TrainConfig(**train), hooks=[_Pace(0.0)], num_classes=3)
     return TrainedRun.from_fit(res)
 

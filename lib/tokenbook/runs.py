@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
-           "float_environment", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS"]
+           "float_environment", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
 
@@ -465,6 +465,23 @@ def runs_table(runs: Sequence[Run]) -> "Any":
     return pd.DataFrame([{"run": r.spec.label or r.spec.trainer, "key": r.key[:12], "source": r.source,
                           "seconds": round(r.seconds, 2), "executor": r.executor, "threads": r.threads}
                          for r in runs])
+
+
+def probe_trainer(train: dict, n: int = 256, dim: int = 32, classes: int = 4) -> TrainedRun:
+    """A small real training run on seeded random tensors (a 2-layer MLP, :func:`tokenbook.train.fit_launched`), for
+    checking a launcher path on a device (``scripts/gpu_check.py``'s ``launcher`` row; ``"tokenbook.runs:probe_trainer"``):
+    no data files, seconds on any device, resumable like every trainer with a train config."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .train import TrainConfig, fit_launched
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, dim, generator=g), torch.randint(0, classes, (n,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.GELU(), torch.nn.Linear(64, classes))
+    return TrainedRun.from_fit(fit_launched(model, loader, loader, TrainConfig(**train), num_classes=classes))
 
 
 if __name__ == "__main__":  # a torchrun rank (executor="torchrun"): python -m tokenbook.runs --rank-main JOB

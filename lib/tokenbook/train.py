@@ -662,7 +662,13 @@ def _resume(run: _Run) -> None:
     for h, hs in zip(run.hooks, state.get("hooks", [])):
         if hs is not None and hasattr(h, "load_state_dict"):
             h.load_state_dict(hs)
-    _set_rng_state(state["rng"])
+    rng = state["rng"]
+    rank_file = _rank_rng_path(path, run.fabric.global_rank)
+    if run.fabric.global_rank > 0 and rank_file.is_file():
+        rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+        if rank_state.get("epoch") == state["epoch"]:  # written at the same epoch end as last.ckpt
+            rng = rank_state["rng"]
+    _set_rng_state(rng)
     run.start_epoch, run.global_step, run.history = state["epoch"] + 1, state["global_step"], list(state["history"])
     run.fabric.print(f"resumed from {path} at epoch {run.start_epoch}")
 
@@ -886,4 +892,15 @@ def _save_checkpoint(fabric, path: Path, model, optimizer, scheduler, ema, hooks
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
+    else:  # each other rank keeps its own RNG streams (dropout, drop-path), so a resumed DDP run is exact too
+        rng_path = _rank_rng_path(path, fabric.global_rank)
+        rng_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = rng_path.with_name(rng_path.name + ".tmp")
+        torch.save({"rng": _rng_state(), "epoch": epoch}, tmp)
+        os.replace(tmp, rng_path)
     fabric.barrier()
+
+
+def _rank_rng_path(path: Path, rank: int) -> Path:
+    """Where rank ``rank`` (> 0) of a DDP run keeps its RNG states next to ``last.ckpt``."""
+    return path.with_name(f"{path.name}.rng{rank}")
