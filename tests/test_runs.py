@@ -47,21 +47,27 @@ class _Pace:
         time.sleep(self.sleep)
 
 
-def fit_trainer(train: dict, sleep: float = 0.0):
-    """A trainer with fit() and a TrainConfig dict (``test_runs:fit_trainer``), so the launcher makes it resumable."""
+def _toy_fit_setup(tag: str, batch_size: int, dropout: float = 0.0):
+    """The toy trainers' loader (96 seeded points, 3 classes, unshuffled) and MLP; logs ``tag pid`` to the counter."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
+    with open(os.environ[COUNTER], "a") as f:
+        f.write(f"{tag} {os.getpid()}\n")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 16), torch.nn.GELU()] + ([torch.nn.Dropout(dropout)] if dropout else [])
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(16, 3))
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False), model
+
+
+def fit_trainer(train: dict, sleep: float = 0.0):
+    """A trainer with fit() and a TrainConfig dict (``test_runs:fit_trainer``), so the launcher makes it resumable."""
     from tokenbook.runs import TrainedRun
     from tokenbook.train import TrainConfig, fit
 
-    with open(os.environ[COUNTER], "a") as f:
-        f.write(f"fit {os.getpid()}\n")
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    loader, model = _toy_fit_setup("fit", batch_size=16)
     res = fit(model, loader, loader, TrainConfig(**train), hooks=[_Pace(sleep)], num_classes=3)
     return TrainedRun.from_fit(res)
 
@@ -69,20 +75,11 @@ def fit_trainer(train: dict, sleep: float = 0.0):
 def ddp_fit_trainer(train: dict):
     """``fit_trainer`` as a 2-process DDP run on the CPU (gloo; ``test_runs:ddp_fit_trainer``): ``fit_launched``
     starts the workers (``ddp_fork``), each sees half the batches, the gradients are all-reduced."""
-    import torch
-    from torch.utils.data import DataLoader, TensorDataset
-
     from tokenbook.runs import TrainedRun
     from tokenbook.train import TrainConfig, fit_launched
 
-    with open(os.environ[COUNTER], "a") as f:
-        f.write(f"ddp {os.getpid()}\n")
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-    torch.manual_seed(0)
     # dropout: each rank draws its own masks, so a resume must restore every rank's RNG streams, not rank 0's
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 3))
+    loader, model = _toy_fit_setup("ddp", batch_size=8, dropout=0.3)
     res = fit_launched(model, loader, loader, TrainConfig(**train), hooks=[_Pace(0.0)], num_classes=3)
     return TrainedRun.from_fit(res)
 

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, Sequence
 
-__all__ = ["Params", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
+__all__ = ["Params", "ReleasedParams", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
 
 
 class ParamsError(ValueError):
@@ -322,6 +322,19 @@ class Params(Mapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self._names()
+
+
+@dataclass(frozen=True)
+class ReleasedParams(Params):
+    """The base of a notebook whose ``full`` profile evaluates the paper's released checkpoints
+    (:func:`tokenbook.released.released_table`, its arguments read by :func:`tokenbook.released.params_kwargs`)."""
+
+    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
+                                  "profile does); rows say what is missing")
+    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
+                                      "none given", none="")
+    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
+                                        "[0, inf)", none=0)
 
 
 def unknown_hints(unknown: Sequence[str], names: Sequence[str]) -> str:

@@ -44,7 +44,7 @@ from tokenbook.methods.token_aug import (
     TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
     sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
 )
-from tokenbook.params import Params as _Params
+from tokenbook.params import ReleasedParams
 from tokenbook.params import as_list, param
 # the released checkpoints and the --proof weight file live in seit_released (re-exported)
 from tokenbook.experiments.seit_released import RELEASED, proof_data, released_table  # noqa: F401,E402
@@ -54,7 +54,7 @@ from tokenbook.experiments.seit_released import RELEASED, proof_data, released_t
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(_Params):
+class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
     """The parameters of notebooks/04_seit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "04_seit"
@@ -129,12 +129,6 @@ class Params(_Params):
     paper_models: list[str] = param(["deit_small_token_32", "deit_base_token_32", "vit_small_patch16_224", "vit_base_patch16_224"],
                                     "models of the MACs table; empty skips it")
     num_figure_images: int = param(6, "images per figure [1, inf)")
-    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
-                                  "profile does); rows say what is missing")
-    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
-                                      "none given", none="")
-    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
-                                        "[0, inf)", none=0)
 
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from tokenbook.models import t2t_vit as tv
-from tokenbook.params import Params as _Params
+from tokenbook.params import ReleasedParams
 from tokenbook.params import param
 
 # the runs (in the kernel or through the run store) and the paper's parameter counts live in t2t_vit_runs
@@ -47,7 +47,7 @@ from tokenbook.experiments.t2t_vit_runs import (SeededRuns, TrainedVariants, fro
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(_Params):
+class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
     """The parameters of notebooks/02_t2t_vit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "02_t2t_vit"
@@ -111,12 +111,6 @@ class Params(_Params):
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
-    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
-                                  "profile does); rows say what is missing")
-    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
-                                      "none given", none="")
-    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
-                                        "[0, inf)", none=0)
     accelerator: str = param("auto", "cpu | cuda | auto")
     precision: str = param("32-true", "32-true | bf16-mixed")
     num_figure_images: int = param(3, "images in the attention figure [1, inf)")

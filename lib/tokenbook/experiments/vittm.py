@@ -43,7 +43,7 @@ from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
 from tokenbook.train import RECIPES, TrainConfig, all_heads, fit, recipe
-from tokenbook.params import Params as _Params
+from tokenbook.params import ReleasedParams
 from tokenbook.params import param
 
 
@@ -51,7 +51,7 @@ from tokenbook.params import param
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(_Params):
+class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
     """The parameters of notebooks/01_vittm.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "01_vittm"
@@ -124,12 +124,6 @@ class Params(_Params):
     map_layers: list[int] = param([0, 2, 5], "layers of the read/write figure")
     head_map_layer: int = param(-1, "layer of the per-head figure; negative counts from the end")
     num_figure_images: int = param(3, "images in the figures [1, inf)")
-    released: bool = param(False, "evaluate the paper's released checkpoints on the ImageNet val data (the full "
-                                  "profile does); rows say what is missing")
-    released_weights: str = param("", "folder with the released weight files under their official names; empty: "
-                                      "none given", none="")
-    released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
-                                        "[0, inf)", none=0)
 
 __all__ = [
     "attention_maps", "memory_diagnostics", "ablation_configs",
