@@ -106,6 +106,9 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
                                  "interleaved repeats of the ViT-B/16 vs ViTTM-B timing of the latency claim (batch "
                                  "latency_batch, even with latency False); 0 skips it [0, inf)")
     train_latency_batch: int = param(64, "batch of the latency of the section 2 models [1, inf)")
+    fit_floors: bool = param(True, "also fit the reference floors on section 2's split and on the ablations' split: "
+                                   "logistic regression on pixels, a small CNN")
+    floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
     ablation_claims: bool = param(True, "train the eight ablation arms of the claims once per seed in seeds")
     ablation_studies: list[str] = param(["head_fusion", "latent_scale", "patch_sizes", "memory_blocks"],
                                         "studies whose other settings run with the first seed only; empty: only the "
@@ -132,7 +135,7 @@ __all__ = [
     "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table",
     "REFERENCE_ALIASES",
     "pretrain_then_finetune", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
-    "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence",
+    "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence", "floor_rows",
 ]
 
 #: Efficiency-table rows: label (as in the reference file) -> (timm name, kwargs).
@@ -965,8 +968,18 @@ def efficiency_evidence(eff: pd.DataFrame, latency: Optional[Mapping[str, Any]] 
     return out
 
 
+def floor_rows(runs: pd.DataFrame, key: str = "model", value: str = "top1") -> list[dict]:
+    """One row per model (``key``) of :func:`train_seeds` or :func:`run_claim_arms` for
+    :func:`tokenbook.floors.beside_floors`: mean and worst-seed ``value`` (the memory head for a ViTTM), parameters
+    and mean training seconds."""
+    from tokenbook.floors import arm_row
+
+    return [arm_row(name, g[value].tolist(), int(g["params_total"].iloc[0]), g["train_wall_s"].tolist())
+            for name, g in runs.groupby(key, sort=False)]
+
+
 def beats_vit_evidence(runs: pd.DataFrame, histories: Mapping[int, Mapping[str, pd.DataFrame]], vittm: str, vit: str,
-                       scale: str) -> list:
+                       scale: str, floors: Any = None) -> list:
     """Evidence of ``vittm.beats_vit`` from :func:`train_seeds`: the ViTTM's ``top1`` (memory head) against the
     ViT's, paired by seed; the plateau note from both models' validation curves (ViTTM: memory head)."""
     from tokenbook.claims import paired_evidence
@@ -974,10 +987,11 @@ def beats_vit_evidence(runs: pd.DataFrame, histories: Mapping[int, Mapping[str, 
     curves = [h[m][col].dropna().tolist() for h in histories.values()
               for m, col in ((vittm, "val_top1_memory"), (vit, "val_top1")) if m in h and col in h[m]]
     return [paired_evidence("vittm.beats_vit", _per_seed(runs, "model", "top1"), vittm, vit, scale=scale,
-                            curves=curves, detail=f"{vittm} (memory head) vs {vit}")]
+                            curves=curves, detail=f"{vittm} (memory head) vs {vit}", floors=floors)]
 
 
-def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Sequence[float]], scale: str) -> list:
+def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Sequence[float]], scale: str,
+                      floors: Any = None) -> list:
     """Evidence of ``vittm.linear_heads``, ``vittm.add_fusion`` and ``vittm.no_memory_processing`` from
     :func:`run_claim_arms` (memory head, paired by seed). Where the claim's b is "the best of" several arms, the arm
     with the highest mean top-1 over the same seeds is taken (named in ``detail``). Plateau notes from every run
@@ -998,7 +1012,7 @@ def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Seque
         detail = "b = " + b + (" (best mean of " + ", ".join(f"{c} {means[c]:.2f}" for c in have) + ")"
                                if len(have) > 1 else "") + f"; a mean {means[a]:.2f}"
         used = [c for (s, arm), c in curves.items() if arm in (a, *have)]
-        out.append(paired_evidence(claim, per_seed, a, b, scale=scale, curves=used, detail=detail))
+        out.append(paired_evidence(claim, per_seed, a, b, scale=scale, curves=used, detail=detail, floors=floors))
     return out
 
 
