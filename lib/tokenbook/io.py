@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["NA", "PASS_COLUMNS", "SITE_PROFILE", "site_file", "atomic_write", "file_mode", "format_value",
+__all__ = ["NA", "PASS_COLUMNS", "SITE_PROFILE", "site_file", "atomic_write", "atomic_save", "cache_root", "file_mode", "format_value",
            "formatted", "to_markdown"]
 
 NA = "n/a"
@@ -50,6 +50,26 @@ def file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def cache_root() -> Path:
+    """The workbook's cache folder: ``$TOKENBOOK_CACHE``, else ``~/.cache/tokenbook``."""
+    return Path(os.environ.get("TOKENBOOK_CACHE") or Path.home() / ".cache" / "tokenbook").expanduser()
+
+
+def atomic_save(path: Path, save: "Any") -> Path:
+    """``save(tmp)`` writes a file (``torch.save``, ``np.savez``, ...) next to ``path``; it is then renamed into
+    place, so ``path`` is never half written. A failed ``save`` leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def atomic_write(path: Path, data: bytes | str) -> Path:

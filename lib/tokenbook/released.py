@@ -445,14 +445,15 @@ def vit_npz_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def write_vit_npz(model: torch.nn.Module, path: PathLike) -> Path:
     """:func:`vit_npz_arrays` written to ``path`` (``np.savez``, atomically: a temporary file renamed)."""
-    import os
+    from .io import atomic_save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **vit_npz_arrays(model))
-    os.replace(tmp, path)
-    return path
+    arrays = vit_npz_arrays(model)
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
+            np.savez(f, **arrays)
+
+    return atomic_save(path, save)
 
 
 __all__ += ["vit_npz_arrays", "write_vit_npz"]

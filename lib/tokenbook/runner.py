@@ -130,7 +130,7 @@ def proof_overrides(cls, overrides: Optional[dict] = None) -> dict:
     """What ``run_all.sh --proof`` sets for a notebook whose parameters are ``cls``: ``max_steps`` 2, then the
     class's :attr:`~tokenbook.params.Params.PROOF` overrides (devices, precision, batch, latency budgets), then
     the user's own ``-p`` (which win)."""
-    return {"max_steps": 2, **{k: v for k, v in cls.PROOF.items()}, **(overrides or {})}
+    return {"max_steps": 2, **cls.PROOF, **(overrides or {})}
 
 
 def _proof_weights(notebooks: list[str], data_root: Path) -> list[str]:

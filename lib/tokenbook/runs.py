@@ -192,8 +192,9 @@ def store_dir(path: Optional[str | Path] = None) -> Path:
         return Path(path).expanduser()
     if os.environ.get("TOKENBOOK_RUNS"):
         return Path(os.environ["TOKENBOOK_RUNS"]).expanduser()
-    base = os.environ.get("TOKENBOOK_CACHE") or Path.home() / ".cache" / "tokenbook"
-    return Path(base).expanduser() / "runs"
+    from .io import cache_root
+
+    return cache_root() / "runs"
 
 
 # ----------------------------------------------------------------------------------------------------------

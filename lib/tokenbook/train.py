@@ -45,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .io import atomic_save
+
 __all__ = [
     "TrainConfig", "FitResult", "fit", "evaluate", "save_weights", "load_weights", "TrainingDivergedError",
     "CheckpointMismatchError", "OutOfMemoryError", "RECIPES", "recipe", "fit_launched", "all_heads",
@@ -888,16 +890,10 @@ def _save_checkpoint(fabric, path: Path, model, optimizer, scheduler, ema, hooks
             "rng": _rng_state(), "epoch": epoch, "global_step": global_step, "history": history,
             "epochs_planned": cfg.epochs,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_save(path, lambda tmp: torch.save(state, tmp))
     else:  # each other rank keeps its own RNG streams (dropout, drop-path), so a resumed DDP run is exact too
-        rng_path = _rank_rng_path(path, fabric.global_rank)
-        rng_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = rng_path.with_name(rng_path.name + ".tmp")
-        torch.save({"rng": _rng_state(), "epoch": epoch}, tmp)
-        os.replace(tmp, rng_path)
+        rank_state = {"rng": _rng_state(), "epoch": epoch}
+        atomic_save(_rank_rng_path(path, fabric.global_rank), lambda tmp: torch.save(rank_state, tmp))
     fabric.barrier()
 
 

@@ -373,8 +373,9 @@ PROOF_COUNTS = dict(classes=3, train_per_class=4, val_per_class=2)
 
 def default_proof_root() -> Path:
     """``$TOKENBOOK_CACHE/proof-data`` (default ``~/.cache/tokenbook/proof-data``)."""
-    base = os.environ.get("TOKENBOOK_CACHE") or Path.home() / ".cache" / "tokenbook"
-    return Path(base).expanduser() / "proof-data"
+    from tokenbook.io import cache_root
+
+    return cache_root() / "proof-data"
 
 
 def write_proof_data(root: PathLike, names: Optional[Sequence[str]] = None) -> list[str]:

@@ -9,6 +9,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from tokenbook.io import atomic_save
+
 __all__ = ["RELEASED", "released_table", "proof_data"]
 
 
@@ -52,10 +54,8 @@ def proof_data(root: Union[str, os.PathLike]) -> list[str]:
     path = Path(root).expanduser() / "seit" / "weights" / "tokenadapt.ckpt"
     if path.is_file():
         return []
-    path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"model": TokenAdapt().state_dict()}, tmp)
-    os.replace(tmp, path)
+    state = {"model": TokenAdapt().state_dict()}
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
     return ["seit/weights/tokenadapt.ckpt"]
 
