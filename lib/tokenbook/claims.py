@@ -50,7 +50,7 @@ __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "C
            "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "plateau_window",
            "PLATEAU_FRACTION", "PLATEAU_TOL", "paired_evidence",
            "seeds_for", "margin_distance", "SEEDS_CAP",
-           "verdict_table", "RULES"]
+           "verdict_table", "verdict_summary", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
 VERDICTS = ("reproduced", "contradicted", "inconclusive", "not_testable_here", "failed")
@@ -503,6 +503,45 @@ def verdict_table(paper: str, evidence: Iterable[Evidence], method: str = "t") -
     ev = {e.claim: e for e in evidence}
     rows = [judge(c, ev.get(c.id), method=method).row() for c in load_claims(paper)]
     return pd.DataFrame(rows, columns=list(LEDGER_COLUMNS))
+
+
+def verdict_summary(table: "Any", kinds: Sequence[str] = ("empirical", "composition", "hardware")) -> str:
+    """A Markdown list written from a :func:`verdict_table` (never by hand, so the text cannot drift from the run it
+    describes): for each claim of ``kinds`` its verdict, the mean of ``a - b`` (or the ratio) with its interval and
+    ``n``, whether its runs plateaued, and the detail of a failed or inconclusive row (the floor a run fell below, the
+    seeds the measured spread needs)."""
+    def num(v: Any) -> Optional[float]:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            return None
+        return f if math.isfinite(f) else None
+
+    lines = []
+    for _, r in table.iterrows():
+        if r["kind"] not in kinds or r["verdict"] == "not_testable_here":
+            continue
+        ours, lo, hi = num(r.get("ours")), num(r.get("ci_low")), num(r.get("ci_high"))
+        unit = "x" if r["kind"] == "hardware" else " pt"
+        text = f"- `{r['claim']}` ({r['kind']}): **{r['verdict']}**"
+        if ours is not None:
+            text += f", {ours:+.2f}{unit}" if unit == " pt" else f", {ours:.3f}{unit}"
+            if lo is not None and hi is not None:
+                text += f" [{lo:+.2f}, {hi:+.2f}]" if unit == " pt" else f" [{lo:.3f}, {hi:.3f}]"
+            n = num(r.get("n"))
+            if n:
+                text += f", n = {int(n)}"
+        crit = r.get("criterion")
+        if isinstance(crit, str) and crit:
+            text += f" (claim: {crit})"
+        plat = r.get("plateau")
+        if isinstance(plat, str) and plat:
+            text += f"; plateau: {plat}"
+        detail = r.get("detail")
+        if r["verdict"] in ("failed", "inconclusive") and isinstance(detail, str) and detail:
+            text += f"; {detail}"
+        lines.append(text + ".")
+    return "\n".join(lines) if lines else "No empirical, composition or hardware claim in this table."
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -80,6 +80,8 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
                            "inf)", none=0)
     depth: int = param(8, "fmnist scale: backbone depth, a multiple of 4; 0 keeps the registry's 8 [0, inf)", none=0)
     num_heads: int = param(2, "fmnist scale: attention heads; 0 keeps the registry's 4 [0, inf)", none=0)
+    tokens: int = param(49, "fmnist scale: patch tokens into the backbone at 28 px: 49 (7 x 7, 4 px patches) or 16 "
+                              "(4 x 4, 7 px patches; the cpu scale) [16, 49]", choices=(49, 16))
     train_variants: list[str] = param(["t2t_performer", "no_t2t", "t2t_transformer", "t2t_convolution", "deep_narrow", "shallow_wide", "vit"],
                                       "variants to train; t2t_performer and no_t2t are needed by the figures; vit is"
                                       " the plain ViT of similar size")
@@ -875,7 +877,8 @@ def recipe_table(model_name: str = "t2t_vit_14", transfer_dataset: str = "cifar1
 # The paper's ablation sets, T2T features and attention read-outs
 # ----------------------------------------------------------------------------------------------------------
 def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 10, embed_dim: Optional[int] = None,
-                     depth: Optional[int] = None, num_heads: Optional[int] = None) -> dict[str, tuple[str, dict]]:
+                     depth: Optional[int] = None, num_heads: Optional[int] = None,
+                     tokens: int = 49) -> dict[str, tuple[str, dict]]:
     """The paper's ablations at Fashion-MNIST scale: variant -> (registry name, kwargs for ``timm.create_model``).
 
     - ``t2t_performer`` (the T2T-ViT, deep-narrow 128x8), ``t2t_transformer``, ``t2t_convolution``,
@@ -888,11 +891,18 @@ def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 1
     ``embed_dim`` / ``depth`` / ``num_heads`` replace the deep-narrow backbone (e.g. 64 x 8 for short CPU runs); the
     shallow-wide partner is then ``2 * embed_dim`` wide, ``depth // 4`` deep with ``2 * num_heads`` heads, which keeps
     the block weight matrices' parameter count equal (``D^2 * depth`` constant).
-    All work at 28 and 32 px (``FMNIST_SOFT_SPLIT``).
+    All work at 28 and 32 px. ``tokens`` is the backbone's token grid at 28 px: ``49`` (7 x 7; 64 at 32 px) with
+    ``FMNIST_SOFT_SPLIT`` and 4 px patches, the registry's default; ``16`` (4 x 4 at 28 and 32 px) with
+    ``FMNIST_SOFT_SPLIT_16`` for the T2T modules and a hard split of ``img_size // 4`` px (7 at 28 px) for ``no_t2t``
+    and ``vit``, a third of the tokens: the workbook's cpu scale, where the ablations train to a plateau.
     """
     if img_size < 8:
         raise ValueError(f"img_size {img_size} is too small for FMNIST_SOFT_SPLIT; use 28 or 32")
+    if tokens not in (49, 16):
+        raise ValueError(f"tokens must be 49 (FMNIST_SOFT_SPLIT) or 16 (FMNIST_SOFT_SPLIT_16), got {tokens!r}")
     common = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    if tokens == 16:
+        common["soft_split"] = tv.FMNIST_SOFT_SPLIT_16
     base = tv.OFFICIAL_CONFIGS["t2t_vit_tiny_fmnist"]
     d, L, h = embed_dim or base["embed_dim"], depth or base["depth"], num_heads or base["num_heads"]
     if d % h:
@@ -907,15 +917,17 @@ def fmnist_ablations(img_size: int = 28, in_chans: int = 1, num_classes: int = 1
 
     with torch.device("meta"):
         target = param_counts(timm.create_model("t2t_vit_tiny_fmnist", **dn))["total"]
+    patch = 4 if tokens == 49 else img_size // 4
+    hard = {} if tokens == 49 else {"soft_split": ((patch, patch, 0),)}  # tokens_type none: patch = the stride
     return {
         "t2t_performer": ("t2t_vit_tiny_fmnist", dict(dn)),
         "t2t_transformer": ("t2t_vit_t_tiny_fmnist", dict(dn)),
         "t2t_convolution": ("t2t_vit_c_tiny_fmnist", dict(dn)),
-        "no_t2t": ("t2t_vit_tiny_fmnist_wo_t2t", dict(dn)),
+        "no_t2t": ("t2t_vit_tiny_fmnist_wo_t2t", {**dn, **hard}),
         "deep_narrow": ("t2t_vit_tiny_fmnist", dict(dn)),
         "shallow_wide": ("t2t_vit_sw_tiny_fmnist", dict(sw)),
         "vit": plain_vit_like(target, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
-                              embed_dim=d, num_heads=h),
+                              embed_dim=d, num_heads=h, patch_size=patch),
     }
 
 
@@ -1053,7 +1065,7 @@ def gpu_loops(params: dict) -> list:
     img, ch, (n, nv), S = p["img_size"], p["channels"], G.fm_sizes(p), len(parse_seeds(p["seeds"]))
     cfg = TrainConfig.from_params(p, max_steps_per_epoch=p["max_steps_per_epoch"] or None)
     variants = fmnist_ablations(img_size=img, in_chans=ch, num_classes=10, embed_dim=p["embed_dim"] or None,
-                                depth=p["depth"] or None, num_heads=p["num_heads"] or None)
+                                depth=p["depth"] or None, num_heads=p["num_heads"] or None, tokens=p.get("tokens", 49))
     runs: dict = {}  # train_variants trains keys naming the same model and kwargs once
     for key in p["train_variants"]:
         name, kw = variants[key]

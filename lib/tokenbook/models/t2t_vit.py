@@ -89,7 +89,7 @@ from timm.models.vision_transformer import Block
 from ._t2t_vit_blocks import DenseBlock, GhostAttention, GhostMlp, SEAttention, Transition, _attend
 
 __all__ = [
-    "OFFICIAL_SOFT_SPLIT", "FMNIST_SOFT_SPLIT", "TOKENS_TYPES", "OFFICIAL_CONFIGS",
+    "OFFICIAL_SOFT_SPLIT", "FMNIST_SOFT_SPLIT", "FMNIST_SOFT_SPLIT_16", "TOKENS_TYPES", "OFFICIAL_CONFIGS",
     "TokenPerformer", "TokenTransformer", "T2TModule", "T2TViT", "T2TViTDense",
     "SEAttention", "GhostAttention", "GhostMlp", "DenseBlock", "Transition",
     "sinusoid_table", "soft_split_grids", "soft_split_receptive_fields", "token_receptive_field",
@@ -106,6 +106,12 @@ OFFICIAL_SOFT_SPLIT: tuple[SoftSplit, ...] = ((7, 4, 2), (3, 2, 1), (3, 2, 1))
 #: (k3 s2), SS2 keeps the grid (k3 s1) and only mixes each token with its 3x3 neighbourhood, as the paper's last
 #: soft split does.
 FMNIST_SOFT_SPLIT: tuple[SoftSplit, ...] = ((5, 2, 2), (3, 2, 1), (3, 1, 1))
+
+#: coarser soft splits for 28 or 32 px inputs: a 4 x 4 grid of 16 tokens into the backbone (the token count of a ViT
+#: with 7 px patches at 28 px), the official SS0/SS1 (k7 s4, k3 s2) followed by a grid-keeping SS2 (k3 s1):
+#: 28 -> 7 -> 4 -> 4, 32 -> 8 -> 4 -> 4. The workbook's cpu scale (issue 19): a third of the backbone's tokens, so the
+#: ablations train to convergence within the CPU budget.
+FMNIST_SOFT_SPLIT_16: tuple[SoftSplit, ...] = ((7, 4, 2), (3, 2, 1), (3, 1, 1))
 
 TOKENS_TYPES = ("performer", "transformer", "convolution", "none")
 POS_EMBED_MODES = ("interpolate", "regenerate")

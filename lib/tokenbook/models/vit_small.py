@@ -20,6 +20,7 @@ def _cfg(size: int, **kw):
 
 default_cfgs = generate_default_cfgs({
     "vit_fm_tiny_p4_28.untrained": _cfg(28),
+    "vit_fm_tiny_p7_28.untrained": _cfg(28),
     "vit_fm_small_p4_28.untrained": _cfg(28),
     "vit_fm_tiny_p4_32.untrained": _cfg(32),
     "vit_fm_small_p4_32.untrained": _cfg(32),
@@ -43,6 +44,13 @@ def _args(img_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs):
 def vit_fm_tiny_p4_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
     """ViT, width 64, depth 6, 4 heads, patch 4 at 28 px (49 patches + class token)."""
     return _create("vit_fm_tiny_p4_28", pretrained, **{**_args(28, 64, 6, 4), **kwargs})
+
+
+@register_model
+def vit_fm_tiny_p7_28(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT, width 64, depth 6, 4 heads, patch 7 at 28 px (16 patches + class token): the workbook's cpu scale, about
+    3x the training throughput of ``vit_fm_tiny_p4_28`` on a CPU, so that its runs train to a plateau."""
+    return _create("vit_fm_tiny_p7_28", pretrained, **{**_args(28, 64, 6, 4), "patch_size": 7, **kwargs})
 
 
 @register_model
