@@ -178,7 +178,7 @@ def test_smoke_claims(smoke_results):
 # ------------------------------------------------------------------------------------------------------------
 # profiles
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("profile, steps", [("smoke", [0, 1, 2]), ("cpu", [0, 2, 4]), ("gpu", [0, 4, 8]),
+@pytest.mark.parametrize("profile, steps", [("smoke", [0, 1, 2]), ("cpu", [0, 5, 10]), ("gpu", [0, 4, 8]),
                                             ("full", [0, 100, 200])])
 def test_profile_toe_schedule(profile, steps):
     p = profile_params(profile)
@@ -421,7 +421,7 @@ def test_train_seeds_pairs_by_seed(idx_dir, monkeypatch):
             again[0][lab].result.history["train_loss"].tolist()
 
 
-def test_verdict_over_seeds_and_claims_paragraph():
+def test_verdict_over_seeds_and_the_claims_paragraph():
     from tokenbook import claims as C
 
     summary = pd.DataFrame([
@@ -437,11 +437,12 @@ def test_verdict_over_seeds_and_claims_paragraph():
           C.paired_evidence("toe.lossless", {0: {"ToE": 80.0, "full-token": 79.0}, 1: {"ToE": 79.0, "full-token": 79.5},
                                              2: {"ToE": 80.0, "full-token": 79.0}}, "ToE", "full-token", scale="s",
                             plateau="no: at most +2.0 pt")]
-    para = toe_runs.claims_paragraph(C.verdict_table("toe", ev))
+    para = C.verdict_summary(C.verdict_table("toe", ev), kinds=None)  # 03's claims paragraph: every claim
     lines = para.splitlines()
     assert len(lines) == 5
-    assert "`toe.compute_saving`: **reproduced**: ours 1.313" in para
-    assert "`toe.train_speedup`: **contradicted**: median 1.100x, IQR 1.050-1.150" in para
-    assert "`toe.lossless`: **inconclusive**: mean paired difference +0.50 pt" in para and "over 3 seeds" in para
+    assert "`toe.compute_saving` (structural): **reproduced**, ours 1.313" in para
+    assert "`toe.train_speedup` (hardware): **contradicted**, median 1.100x, IQR 1.050-1.150" in para
+    assert "`toe.lossless` (empirical): **inconclusive**, +0.50 pt [" in para and "n = 3" in para
     assert "plateau: no: at most +2.0 pt" in para
-    assert "`toe.removable_at_test`: **failed**" in para and "`toe.imagenet_deit_s`: **not_testable_here**" in para
+    assert "`toe.removable_at_test` (structural): **failed**" in para
+    assert "`toe.imagenet_deit_s` (empirical): **not_testable_here**; needs:" in para

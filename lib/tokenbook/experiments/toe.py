@@ -16,7 +16,7 @@ registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
 - claims ledger (issue 12): :func:`train_seeds` (``train_pair`` per seed, paired by seed), :func:`per_seed`,
   :func:`top1_seeds_table` (mean and 95 % t-interval over the seeds), :func:`val_curves` (for the plateau note),
   :func:`interleaved_step_speedup` / :func:`overhead_repeats_table` (per-repeat epoch-weighted speed-up, median and
-  IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT), :func:`claims_paragraph`.
+  IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT).
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
 
 Size: about 850 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace and
@@ -108,7 +108,7 @@ __all__ = [
     "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
     "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
     "stage_step_table", "overhead_table", "expected_step_speedup", "interleaved_step_speedup",
-    "overhead_repeats_table", "removable_at_test", "claims_paragraph", "floor_rows", "train_seeds", "per_seed", "val_curves", "top1_seeds_table",
+    "overhead_repeats_table", "removable_at_test", "floor_rows", "train_seeds", "per_seed", "val_curves", "top1_seeds_table",
     "plot_token_selection", "plot_keep_schedule", "verdict",
 ]
 
@@ -663,30 +663,6 @@ def floor_rows(runs_by_seed: dict[int, dict[str, ToERun]]) -> list[dict]:
                             sum(q.numel() for q in res[0].model.parameters()),
                             [x.timing["wall_time_s"] for x in res]))
     return rows
-
-
-def claims_paragraph(verdicts: pd.DataFrame) -> str:
-    """Markdown bullets, one per claim of :func:`tokenbook.claims.verdict_table`, written from its numbers: the
-    verdict, what was measured (value, interval or IQR, n) and the plateau note."""
-    lines = []
-    for r in verdicts.itertuples():
-        v = f"**{r.verdict}**"
-        if r.verdict == "not_testable_here":
-            lines.append(f"* `{r.claim}`: {v} ({r.detail})")
-            continue
-        if r.verdict == "failed" or pd.isna(r.ours):
-            lines.append(f"* `{r.claim}`: {v} ({r.detail})")
-            continue
-        if r.kind == "structural":
-            got = f"ours {r.ours:.4g} ({r.method})"
-        elif r.kind == "hardware":
-            got = f"median {r.ours:.3f}x, IQR {r.ci_low:.3f}-{r.ci_high:.3f}"
-        else:
-            got = (f"mean paired difference {r.ours:+.2f} pt, 95 % CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}] over "
-                   f"{r.n} seeds")
-        plat = f"; plateau: {r.plateau}" if isinstance(r.plateau, str) and r.plateau else ""
-        lines.append(f"* `{r.claim}`: {v}: {got}{plat}.")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
