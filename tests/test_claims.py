@@ -320,3 +320,25 @@ def test_seeds_by_power_and_the_seeds_an_inconclusive_claim_needs():
     assert judge(c, Evidence("p.c", a=[80.0, 75.0, 82.0], b=[79.0, 79.0, 79.0])).seeds_needed == f"> {SEEDS_CAP}"
     assert v.row()["seeds_needed"] == v.seeds_needed
     assert judge(c, Evidence("p.c", a=[80.0, 81.0, 82.0], b=[79.0, 79.5, 80.5])).row()["seeds_needed"] is None
+
+
+def test_verdict_summary_is_written_from_the_table():
+    """The notebooks' verdict paragraph comes from the claims table: each empirical row's verdict, mean and interval,
+    plateau and, for a failed or inconclusive row, its reason; structural rows and untestable ones are left out."""
+    from tokenbook import claims as C
+
+    curves = [[50.0, 80.0, 85.0, 85.2], [50.0, 79.0, 84.0, 84.1]]
+    ev = [C.Evidence("memory.beats_head", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5], curves=curves),
+          C.Evidence("memory.beats_head_cls", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5],
+                     failed_run="failed runs below the logistic-regression floor 84.0 %: head seed 1 (71.0 %)"),
+          C.Evidence("memory.source_head_exact", value=0.0)]
+    text = C.verdict_summary(C.verdict_table("memory", ev))
+    lines = text.splitlines()
+    first = next(x for x in lines if "`memory.beats_head`" in x)
+    assert "**reproduced**" in first and "+9.83 pt" in first and "n = 3" in first and "plateau: yes" in first
+    failed = next(x for x in lines if "`memory.beats_head_cls`" in x)
+    assert "**failed**" in failed and "head seed 1 (71.0 %)" in failed
+    assert not any("source_head_exact" in x or "cifar100" in x for x in lines)  # structural / not testable here
+    assert all(x.startswith("- `") for x in lines)
+    empty = C.verdict_table("memory", [])
+    assert "no evidence" in C.verdict_summary(empty)

@@ -161,3 +161,15 @@ def test_same_seed_identical_tables(tmp_path):
         return (root / "00_det" / "smoke" / "history.csv").read_bytes()
 
     assert run(tmp_path / "a") == run(tmp_path / "b")
+
+
+def test_a_run_is_stamped_with_the_commit_it_started_from():
+    """meta.json's git record: the start's commit; dirty when the tree was dirty at either end or HEAD moved."""
+    from tokenbook.results import run_git_info
+
+    a, b = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": False}
+    assert run_git_info(a, a) == {"commit": "a" * 40, "dirty": False}
+    assert run_git_info(a, {**a, "dirty": True}) == {"commit": "a" * 40, "dirty": True}
+    assert run_git_info({**a, "dirty": True}, a)["dirty"] is True
+    assert run_git_info(a, b) == {"commit": "a" * 40, "dirty": True, "commit_now": "b" * 40}
+    assert run_git_info({"commit": None, "dirty": None}, {"commit": None, "dirty": None})["dirty"] is None

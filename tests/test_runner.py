@@ -270,6 +270,34 @@ def test_kernel_launcher_records_the_signal_and_dies_with_its_manager(tmp_path):
         pytest.fail("the kernel outlived its manager")
 
 
+def test_kernel_launcher_ends_what_the_kernel_left_running(tmp_path):
+    """A kernel that spawned a training process and ended (killed by the runner's time limit, or done) does not leave
+    that process running: the launcher leads the kernel's process group and ends the rest of it."""
+    import time
+
+    pidfile = tmp_path / "orphan.pid"
+    kernel = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              f"open(r'{pidfile}', 'w').write(str(p.pid))")
+    launcher = ("import sys; from tokenbook.kernel_launcher import run; "
+                f"sys.exit(run([sys.executable, '-c', {kernel!r}]))")
+    done = subprocess.run([sys.executable, "-c", launcher], timeout=60, start_new_session=True)  # as jupyter_client
+    assert done.returncode == 0
+    orphan = int(pidfile.read_text())
+    for _ in range(100):
+        try:
+            os.kill(orphan, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(orphan, 9)
+        pytest.fail("the kernel's child outlived the kernel")
+    # run by hand (not a group leader), the launcher leaves its group alone
+    from tokenbook.kernel_launcher import end_group
+
+    assert os.getpgrp() != os.getpid() and end_group() == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rough edges (issue 22): file modes, an unwritable results folder, parameter ranges, two runs at once
 # ----------------------------------------------------------------------------------------------------------

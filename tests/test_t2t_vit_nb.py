@@ -386,6 +386,26 @@ def test_fmnist_ablations_backbone_override():
         == ["t2t_vit_14", "t2t_vit_t_14", "t2t_vit_c_14", "t2t_vit_14_wo_t2t", "t2t_vit_14_wide"]
 
 
+@pytest.mark.parametrize("img", [28, 32])
+def test_fmnist_ablations_16_tokens(img):
+    """tokens=16 (the cpu scale): every variant, T2T modules and hard splits alike, feeds a 4 x 4 grid to the same
+    backbone; tokens=49 keeps the registry's models; anything else is refused."""
+    v = t2t.fmnist_ablations(img, 1, 10, embed_dim=32, depth=4, num_heads=2, tokens=16)
+    x = torch.randn(2, 1, img, img)
+    for key, (name, kw) in v.items():
+        m = timm.create_model(name, **kw).eval()
+        grid = m.patch_embed.grid_size if key == "vit" else m.tokens_to_token.grid_size
+        assert tuple(grid) == (4, 4), key
+        assert m(x).shape == (2, 10)
+    assert v["t2t_performer"][1]["soft_split"] == tv.FMNIST_SOFT_SPLIT_16 == ((7, 4, 2), (3, 2, 1), (3, 1, 1))
+    assert v["no_t2t"][1]["soft_split"] == ((img // 4, img // 4, 0),) and v["vit"][1]["patch_size"] == img // 4
+    v49 = t2t.fmnist_ablations(img, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    assert "soft_split" not in v49["t2t_performer"][1] and v49["vit"][1]["patch_size"] == 4
+    with pytest.raises(ValueError, match="tokens must be 49"):
+        t2t.fmnist_ablations(tokens=25)
+    assert timm.create_model("vit_fm_tiny_p7_28").patch_embed.num_patches == 16  # 00's ViT at the same scale
+
+
 def test_figure_helpers():
     torch.manual_seed(0)
     v = t2t.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)

@@ -21,6 +21,7 @@ from tokenbook.experiments.t2t_vit import param_counts
 #: family -> (registry name, kwargs, input shape (B, C, H, W)); add a family with one line
 FAMILIES: dict[str, tuple[str, dict, tuple[int, ...]]] = {
     "vit_fm": ("vit_fm_tiny_p4_28", dict(depth=2), (2, 3, 28, 28)),
+    "vit_fm_p7": ("vit_fm_tiny_p7_28", dict(depth=2), (2, 3, 28, 28)),  # the cpu scale: 16 tokens
     "t2t_vit": ("t2t_vit_tiny_fmnist", dict(depth=2, performer_dropout=0.0), (2, 1, 28, 28)),
     "toe_deit": ("toe_deit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), (2, 3, 32, 32)),
     "seit": ("deit_fm_micro_token_32", dict(depth=2), (2, 32, 12, 12)),

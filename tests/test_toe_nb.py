@@ -178,7 +178,7 @@ def test_smoke_claims(smoke_results):
 # ------------------------------------------------------------------------------------------------------------
 # profiles
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("profile, steps", [("smoke", [0, 1, 2]), ("cpu", [0, 2, 4]), ("gpu", [0, 4, 8]),
+@pytest.mark.parametrize("profile, steps", [("smoke", [0, 1, 2]), ("cpu", [0, 5, 10]), ("gpu", [0, 4, 8]),
                                             ("full", [0, 100, 200])])
 def test_profile_toe_schedule(profile, steps):
     p = profile_params(profile)
@@ -421,7 +421,137 @@ def test_train_seeds_pairs_by_seed(idx_dir, monkeypatch):
             again[0][lab].result.history["train_loss"].tolist()
 
 
-def test_verdict_over_seeds_and_claims_paragraph():
+def _tiny_toe_setup(idx_dir, **train):
+    from tokenbook.train import TrainConfig
+
+    bundle = data.load_data(data.DataConfig(dataset="fashion_mnist", data_dir=str(idx_dir), img_size=32,
+                                            train_subset=32, val_subset=16))
+    cfg = TrainConfig(epochs=3, max_steps_per_epoch=1, lr=1e-3, warmup_epochs=0.0, accelerator="cpu",
+                      progress=False, **train)
+    return bundle, cfg, dict(expansion_step=[0, 1, 2], keep_rate=[0.5, 0.75, 1.0]), dict(num_classes=10, img_size=32)
+
+
+_TIMES = ("step_time_s", "eval_time_s", "epoch_time_s", "wall_time_s", "train_img_s")
+
+
+def _same_runs(a: "toe_runs.ToERun", b: "toe_runs.ToERun") -> None:
+    """Same trained weights (and EMA), same per-epoch history apart from the measured times, same final metrics,
+    same ToE stage history and TokenSelect state."""
+    sa, sb = a.result.model.state_dict(), b.result.model.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa), a.label
+    if a.result.ema is not None:
+        ea, eb = a.result.ema.state_dict(), b.result.ema.state_dict()
+        assert all(torch.equal(ea[k], eb[k].to(ea[k].device)) for k in ea), a.label
+    cols = [c for c in a.result.history.columns if c not in _TIMES]
+    pd.testing.assert_frame_equal(a.result.history[cols], b.result.history[cols])
+    assert {k: v for k, v in a.result.final.items() if k not in _TIMES} == \
+        {k: v for k, v in b.result.final.items() if k not in _TIMES}
+    assert a.result.model.training == b.result.model.training and a.result.config.epochs == b.result.config.epochs
+    if a.hook is not None:
+        assert [tuple(h) for h in a.hook.history] == [tuple(h) for h in b.hook.history]
+        assert b.token_select is toe.find_token_selects(b.result.model)[0]
+        assert (a.token_select.expansion_stage, a.token_select.sparse_inference) == \
+            (b.token_select.expansion_stage, b.token_select.sparse_inference)
+    else:
+        assert b.hook is None and b.token_select is None
+
+
+def test_train_seeds_kernel_path_is_train_pair_of_before(idx_dir, one_thread):
+    """executor='kernel' (the default) still trains in this process, nothing stored, with the weights and histories
+    of the body train_pair had before the run store (written out here as it was)."""
+    import dataclasses
+
+    bundle, cfg, toe_cfg, mk = _tiny_toe_setup(idx_dir, ema_decay=0.9)
+    out = toe_runs.train_seeds("vit_fm_tiny_p4_32", bundle, 8, cfg, toe_cfg, [0, 1], model_kwargs=mk)
+    assert out.launched == [] and sorted(out) == [0, 1]
+    for s in (0, 1):
+        c = dataclasses.replace(cfg, seed=s)
+        tl, vl = data.make_loaders(bundle, 8, seed=s)
+        m = toe_runs.build_model("vit_fm_tiny_p4_32", s, None, 0, **mk)
+        before = {"full-token": toe_runs.ToERun("full-token", toe_runs._fit(m, tl, vl, c, preprocess=bundle.preprocess,
+                                                                            desc="full-token"))}
+        m = toe_runs.build_model("vit_fm_tiny_p4_32", s, toe_cfg, 0, **mk)
+        hook = toe.ToEStageHook()
+        res = toe_runs._fit(m, tl, vl, c, hooks=[hook], preprocess=bundle.preprocess, desc="ToE")
+        before["ToE"] = toe_runs.ToERun("ToE", res, hook, toe.find_token_selects(m)[0])
+        assert hook.history == [(0, 1, 0.5), (1, 2, 0.75), (2, 3, 1.0)]
+        for lab in ("full-token", "ToE"):
+            _same_runs(before[lab], out[s][lab])
+    with pytest.raises(ValueError, match="run store"):
+        toe_runs.train_seeds("vit_fm_tiny_p4_32", bundle, 8, cfg, toe_cfg, [0], model_kwargs=mk,
+                             executor="processes", via_store=False)
+
+
+def test_train_seeds_through_the_run_store(idx_dir, tmp_path, monkeypatch, one_thread):
+    """Through tokenbook.runs (in the kernel with via_store=True, and in 2 processes of 1 thread): one stored run
+    per (arm, seed) with the kernel path's weights, histories and ToE stages; the rebuilt runs serve the notebook's
+    helpers; a second launch trains nothing."""
+    from tokenbook import runs as R
+
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "runs"))
+    bundle, cfg, toe_cfg, mk = _tiny_toe_setup(idx_dir, ema_decay=0.9)
+    args = ("vit_fm_tiny_p4_32", bundle, 8, cfg, toe_cfg, [0, 1])
+    ref = toe_runs.train_seeds(*args, model_kwargs=mk)
+    got = toe_runs.train_seeds(*args, model_kwargs=mk, via_store=True)
+    assert [r.source for r in got.launched] == ["trained"] * 4 and len({r.key for r in got.launched}) == 4
+    assert [r.spec.label for r in got.launched] == [f"{a} vit_fm_tiny_p4_32 seed {s}" for s in (0, 1)
+                                                    for a in ("full-token", "ToE")]
+    assert (tmp_path / "runs").is_dir()
+    for s in (0, 1):
+        assert list(got[s]) == ["full-token", "ToE"]
+        for lab in ("full-token", "ToE"):
+            _same_runs(ref[s][lab], got[s][lab])
+    # the notebook's helpers read the rebuilt runs as they read the kernel's
+    cols = ["run", "epochs", "steps", "top1", "top5", "ema_top1", "final_train_loss"]
+    pd.testing.assert_frame_equal(toe_runs.run_summary(got[0])[cols], toe_runs.run_summary(ref[0])[cols])
+    pd.testing.assert_frame_equal(toe_runs.top1_seeds_table(got), toe_runs.top1_seeds_table(ref))
+    assert toe_runs.val_curves(got) == toe_runs.val_curves(ref)
+    assert [r["params"] for r in toe_runs.floor_rows(got)] == [r["params"] for r in toe_runs.floor_rows(ref)]
+    x = torch.randn(2, 3, 32, 32)
+    rem = toe_runs.removable_at_test(got[0]["ToE"].result.model, "vit_fm_tiny_p4_32", x, **mk)
+    assert rem["max_abs_diff"] == 0 and rem["train_mode_max_abs_diff"] > 0
+    assert not toe.find_token_selects(got[0]["ToE"].result.ema)[0].sparse_inference  # the EMA copy: ToE off
+    table = R.runs_table(got.launched)
+    assert table["source"].tolist() == ["trained"] * 4 and set(table["executor"]) == {"kernel"}
+
+    again = toe_runs.train_seeds(*args, model_kwargs=mk, via_store=True)
+    assert {r.source for r in again.launched} == {"store"}
+    assert [r.key for r in again.launched] == [r.key for r in got.launched]
+    for s in (0, 1):
+        for lab in ("full-token", "ToE"):
+            _same_runs(got[s][lab], again[s][lab])
+            assert again[s][lab].result.timing == got[s][lab].result.timing  # the stored times, not new ones
+
+    par = toe_runs.train_seeds(*args, model_kwargs=mk, executor="processes", workers=2, store=str(tmp_path / "par"))
+    assert [r.source for r in par.launched] == ["trained"] * 4 and {r.threads for r in par.launched} == {1}
+    assert {r.executor for r in par.launched} == {"processes"}
+    for s in (0, 1):
+        for lab in ("full-token", "ToE"):
+            _same_runs(ref[s][lab], par[s][lab])
+    base_less = toe_runs.train_seeds(*args, model_kwargs=mk, via_store=True, run_baseline=False)
+    assert [list(r) for r in base_less.values()] == [["ToE"], ["ToE"]]
+    assert {r.source for r in base_less.launched} == {"store"}  # the same ToE runs as above
+
+
+def test_launch_options_and_the_executor_parameter():
+    from tokenbook.params import ParamsError
+
+    P = toe_runs.Params
+    assert toe_runs.launch_options(P()) == {"executor": "kernel"}
+    for ex in ("processes", "torchrun"):
+        assert toe_runs.launch_options(P(executor=ex)) == {"executor": ex}
+    opts = toe_runs.launch_options(P(executor="submitit", slurm_partition="gpu", gpus_per_node=4,
+                                     job_timeout_min=60, wait_for_jobs=False, num_workers=3))
+    assert opts == {"executor": "submitit", "cluster": None, "wait": False,
+                    "resources": {"gpus_per_node": 4, "timeout_min": 60, "tasks_per_node": 1, "cpus_per_task": 4,
+                                  "slurm_partition": "gpu"}}
+    with pytest.raises(ParamsError, match="'executor' = 'ray' is not one of"):
+        P(executor="ray")
+    assert profile_params("cpu")["executor"] == "processes"
+    assert profile_params("smoke")["executor"] == "kernel" and P.PROOF["executor"] == "kernel"
+
+
+def test_verdict_over_seeds_and_the_claims_paragraph():
     from tokenbook import claims as C
 
     summary = pd.DataFrame([
@@ -437,11 +567,12 @@ def test_verdict_over_seeds_and_claims_paragraph():
           C.paired_evidence("toe.lossless", {0: {"ToE": 80.0, "full-token": 79.0}, 1: {"ToE": 79.0, "full-token": 79.5},
                                              2: {"ToE": 80.0, "full-token": 79.0}}, "ToE", "full-token", scale="s",
                             plateau="no: at most +2.0 pt")]
-    para = toe_runs.claims_paragraph(C.verdict_table("toe", ev))
+    para = C.verdict_summary(C.verdict_table("toe", ev), kinds=None)  # 03's claims paragraph: every claim
     lines = para.splitlines()
     assert len(lines) == 5
-    assert "`toe.compute_saving`: **reproduced**: ours 1.313" in para
-    assert "`toe.train_speedup`: **contradicted**: median 1.100x, IQR 1.050-1.150" in para
-    assert "`toe.lossless`: **inconclusive**: mean paired difference +0.50 pt" in para and "over 3 seeds" in para
+    assert "`toe.compute_saving` (structural): **reproduced**, ours 1.313" in para
+    assert "`toe.train_speedup` (hardware): **contradicted**, median 1.100x, IQR 1.050-1.150" in para
+    assert "`toe.lossless` (empirical): **inconclusive**, +0.50 pt [" in para and "n = 3" in para
     assert "plateau: no: at most +2.0 pt" in para
-    assert "`toe.removable_at_test`: **failed**" in para and "`toe.imagenet_deit_s`: **not_testable_here**" in para
+    assert "`toe.removable_at_test` (structural): **failed**" in para
+    assert "`toe.imagenet_deit_s` (empirical): **not_testable_here**; needs:" in para

@@ -505,11 +505,12 @@ def verdict_table(paper: str, evidence: Iterable[Evidence], method: str = "t") -
     return pd.DataFrame(rows, columns=list(LEDGER_COLUMNS))
 
 
-def verdict_summary(table: "Any", kinds: Sequence[str] = ("empirical", "composition", "hardware")) -> str:
+def verdict_summary(table: "Any", kinds: Optional[Sequence[str]] = ("empirical", "composition", "hardware")) -> str:
     """A Markdown list written from a :func:`verdict_table` (never by hand, so the text cannot drift from the run it
-    describes): for each claim of ``kinds`` its verdict, the mean of ``a - b`` (or the ratio) with its interval and
-    ``n``, whether its runs plateaued, and the detail of a failed or inconclusive row (the floor a run fell below, the
-    seeds the measured spread needs)."""
+    describes), one line per claim of ``kinds`` (None: every claim): its verdict; for an empirical or composition
+    claim the mean of ``a - b`` with its interval and ``n``, for a hardware claim the median ratio and its IQR, for a
+    structural one our value and how it was compared; whether its runs plateaued; and the detail of a failed,
+    inconclusive or untestable row (the run below the floor, the seeds the measured spread needs, what it needs)."""
     def num(v: Any) -> Optional[float]:
         try:
             f = float(v)
@@ -519,29 +520,31 @@ def verdict_summary(table: "Any", kinds: Sequence[str] = ("empirical", "composit
 
     lines = []
     for _, r in table.iterrows():
-        if r["kind"] not in kinds or r["verdict"] == "not_testable_here":
+        if kinds is not None and (r["kind"] not in kinds or r["verdict"] == "not_testable_here"):
             continue
-        ours, lo, hi = num(r.get("ours")), num(r.get("ci_low")), num(r.get("ci_high"))
-        unit = "x" if r["kind"] == "hardware" else " pt"
+        ours, lo, hi, n = num(r.get("ours")), num(r.get("ci_low")), num(r.get("ci_high")), num(r.get("n"))
         text = f"- `{r['claim']}` ({r['kind']}): **{r['verdict']}**"
-        if ours is not None:
-            text += f", {ours:+.2f}{unit}" if unit == " pt" else f", {ours:.3f}{unit}"
-            if lo is not None and hi is not None:
-                text += f" [{lo:+.2f}, {hi:+.2f}]" if unit == " pt" else f" [{lo:.3f}, {hi:.3f}]"
-            n = num(r.get("n"))
-            if n:
-                text += f", n = {int(n)}"
+        if ours is not None and r["verdict"] != "not_testable_here":
+            if r["kind"] == "structural":
+                text += f", ours {ours:.4g}" + (f" ({r['method']})" if isinstance(r.get("method"), str) and
+                                                 r.get("method") else "")
+            elif r["kind"] == "hardware" or (lo is not None and n == 1):
+                text += f", median {ours:.3f}x" + (f", IQR {lo:.3f}-{hi:.3f}" if lo is not None and hi is not None
+                                                   else "")
+            else:
+                text += f", {ours:+.2f} pt" + (f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None and hi is not None
+                                               else "") + (f", n = {int(n)}" if n else "")
         crit = r.get("criterion")
-        if isinstance(crit, str) and crit:
+        if isinstance(crit, str) and crit and r["verdict"] != "not_testable_here":
             text += f" (claim: {crit})"
         plat = r.get("plateau")
         if isinstance(plat, str) and plat:
             text += f"; plateau: {plat}"
         detail = r.get("detail")
-        if r["verdict"] in ("failed", "inconclusive") and isinstance(detail, str) and detail:
+        if r["verdict"] in ("failed", "inconclusive", "not_testable_here") and isinstance(detail, str) and detail:
             text += f"; {detail}"
         lines.append(text + ".")
-    return "\n".join(lines) if lines else "No empirical, composition or hardware claim in this table."
+    return "\n".join(lines) if lines else "No claim of these kinds in this table."
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import pandas as pd
 # the leaf I/O module; re-exported here for the notebooks and older callers
 from .io import NA, PASS_COLUMNS, atomic_write, format_value, formatted, to_markdown  # noqa: F401
 
-__all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "repo_root",
+__all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "run_git_info", "repo_root",
            "to_markdown", "NA", "format_value", "formatted", "style_table", "show_table", "display_path", "swap_in",
            "parameter_range", "check_param_range"]
 
@@ -72,6 +72,18 @@ def swap_in(src: Path, dst: Path) -> None:
         os.replace(dst, old)
     os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def run_git_info(start: dict, now: dict) -> dict:
+    """The ``git`` record of a run's ``meta.json``: the commit the run started from, and ``dirty`` when the tree was
+    dirty at the start or is now, or when HEAD moved during the run (a commit or a checkout while a long run went on
+    would otherwise stamp its results with code that did not produce them; ``commit_now`` then names the new HEAD)."""
+    out = {"commit": start.get("commit"), "dirty": start.get("dirty")}
+    if now.get("commit") != start.get("commit"):
+        out["dirty"], out["commit_now"] = True, now.get("commit")
+    elif now.get("dirty") and out["dirty"] is not None:
+        out["dirty"] = True
+    return out
 
 
 def git_info(root: Optional[Path] = None) -> dict:
@@ -256,6 +268,7 @@ class RunContext:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.seed = seed if seed is not None else params.get("seed")
         self.started = time.time()
+        self._git_start = git_info()  # the code that runs is the code at the start (see run_git_info)
         self.timings: dict[str, float] = {}
         self.tables: dict[str, dict] = {}
         self.figures: dict[str, dict] = {}
@@ -397,7 +410,8 @@ class RunContext:
             "started_utc": _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc).isoformat(),
             "elapsed_s": time.time() - self.started, "seed": self.seed, "parameters": self.params,
             "timings_s": self.timings, "tables": list(self.tables.values()), "figures": list(self.figures.values()),
-            "notes": self.notes, "git": git_info(), "repro": repro_settings(), **environment_info(),
+            "notes": self.notes, "git": run_git_info(self._git_start, git_info()), "repro": repro_settings(),
+            **environment_info(),
         }
         atomic_write(self.out_dir / "meta.json", json.dumps(meta, indent=2, default=str))
         return meta

@@ -50,7 +50,7 @@ from .results import repo_root, swap_in
 
 PROFILES = ("smoke", "cpu", "gpu", "full")
 RESERVED = ("profile", "results_root")
-DEFAULT_TIMEOUT_MIN = {"smoke": 5, "cpu": 20, "gpu": 240, "full": 10_000}
+DEFAULT_TIMEOUT_MIN = {"smoke": 5, "cpu": 30, "gpu": 240, "full": 10_000}
 
 
 class RunnerError(ValueError):

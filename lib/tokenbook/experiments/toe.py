@@ -13,14 +13,18 @@ registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
 - :func:`train_pair`: the same model trained with and without ToE from the same seed (same init, same data order),
   ToE stages switched by :class:`~tokenbook.methods.toe.ToEStageHook`, evaluation always full-token.
 - :func:`run_summary`, :func:`speedup_table`, :func:`stage_step_table`, :func:`overhead_table`: the measured numbers.
-- claims ledger (issue 12): :func:`train_seeds` (``train_pair`` per seed, paired by seed), :func:`per_seed`,
+- claims ledger (issue 12): :func:`train_seeds` (``train_pair`` per seed, paired by seed; in the kernel, or one
+  run-store entry per (arm, seed) through :mod:`tokenbook.runs`: :func:`arm_spec`, :func:`train_arm_run`,
+  :func:`rebuild_arm`, :func:`launch_options`), :func:`per_seed`,
   :func:`top1_seeds_table` (mean and 95 % t-interval over the seeds), :func:`val_curves` (for the plateau note),
   :func:`interleaved_step_speedup` / :func:`overhead_repeats_table` (per-repeat epoch-weighted speed-up, median and
-  IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT), :func:`claims_paragraph`.
+  IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT).
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
 
-Size: about 850 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace and
-the claims evidence) that share the ToERun/overhead structures; split by the notebook's sections if it grows.
+Size: about 1,150 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace,
+the claims evidence and the run-store trainer) that share the ToERun/overhead structures; the trainer stays here
+because it must run the kernel path's own training body (``_fit_arm``, ``_fit``); split by the notebook's sections if
+it grows.
 """
 from __future__ import annotations
 
@@ -51,10 +55,11 @@ class Params(_Params):
 
     NOTEBOOK: ClassVar[str] = "03_toe"
     #: run_all.sh --proof: one CPU process (bf16-mixed: 16-mixed needs CUDA), two seeds, a CPU batch, the shortest
-    #: overhead timing (3 repeats: its IQR needs them)
+    #: overhead timing (3 repeats: its IQR needs them), the runs in the kernel
     PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto",
                              "precision": "bf16-mixed", "seeds": [3407, 0], "batch_size": 4, "num_workers": 0,
-                             "overhead_batch": 2, "overhead_steps": 3, "overhead_warmup": 0, "num_figure_images": 2}
+                             "overhead_batch": 2, "overhead_steps": 3, "overhead_warmup": 0, "num_figure_images": 2,
+                             "executor": "kernel"}
 
     seed: int = param(0, "seed of the data subset (fixed for all seeds) and of the set-up cells [0, inf)")
     seeds: list[int] = param([0, 1, 2], "training seeds; per seed both runs share init weights and batches")
@@ -86,6 +91,17 @@ class Params(_Params):
     num_nodes: int = param(1, "nodes for training [1, inf)")
     strategy: str = param("auto", "Fabric strategy; ddp_notebook for several GPUs from a notebook kernel")
     precision: str = param("32-true", "32-true | bf16-mixed | 16-mixed")
+    executor: str = param("kernel", "where the training runs go: kernel (in this process, one after the other, not "
+                          "stored), processes (side by side, the cores divided among them), torchrun (a DDP job per "
+                          "run on this node) or submitit (a SLURM job per run); all but kernel keep every run in the "
+                          "run store", choices=("kernel", "processes", "torchrun", "submitit"))
+    cluster: str = param("", "submitit only: slurm, local or debug; empty means SLURM when there is one, else local")
+    slurm_partition: str = param("", "submitit only: the SLURM partition; empty means the cluster's default")
+    gpus_per_node: int = param(1, "submitit only: GPUs of each run's job [0, inf)")
+    job_timeout_min: int = param(4320, "submitit only: time limit of each job in minutes; a job that reaches it is "
+                                 "requeued and resumes from its checkpoint [1, inf)")
+    wait_for_jobs: bool = param(True, "submitit only: wait for the jobs; False stops the notebook after submitting "
+                                "them, and the next execution collects them")
     run_baseline: bool = param(True, "also train the full-token baseline; needed for the speed-up")
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
@@ -108,7 +124,8 @@ __all__ = [
     "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
     "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
     "stage_step_table", "overhead_table", "expected_step_speedup", "interleaved_step_speedup",
-    "overhead_repeats_table", "removable_at_test", "claims_paragraph", "floor_rows", "train_seeds", "per_seed", "val_curves", "top1_seeds_table",
+    "overhead_repeats_table", "removable_at_test", "floor_rows", "train_seeds", "SeededToERuns", "arm_spec",
+    "train_arm_run", "rebuild_arm", "launch_options", "per_seed", "val_curves", "top1_seeds_table",
     "plot_token_selection", "plot_keep_schedule", "verdict",
 ]
 
@@ -168,6 +185,14 @@ def train_config(params: dict, **overrides: Any):
             kw[k] = None
     kw.setdefault("progress", False)
     return TrainConfig.from_params(kw, **overrides)
+
+
+def launch_options(p: "Params") -> dict:
+    """The :func:`train_seeds` keywords that say where the runs train: 02's rule
+    (:func:`tokenbook.experiments.t2t_vit.launch_options`: ``executor`` and, for submitit, the job resources)."""
+    from tokenbook.experiments.t2t_vit import launch_options as shared
+
+    return shared(p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,6 +319,25 @@ def build_model(model_name: str, seed: int, toe_kwargs: Optional[dict] = None, b
     return model
 
 
+def _fit_arm(model_name: str, train_loader: Any, val_loader: Any, cfg: Any, toe_kwargs: Optional[dict], *,
+             preprocess: Optional[nn.Module] = None, block_index: int = 0,
+             model_kwargs: Optional[dict] = None) -> ToERun:
+    """One arm of :func:`train_pair`: ``"full-token"`` (``toe_kwargs`` None) or ``"ToE"`` (stages switched per epoch
+    by a :class:`~tokenbook.methods.toe.ToEStageHook`), built right after seeding with ``cfg.seed``. The one training
+    body of the kernel path and of the store's trainer :func:`train_arm_run`."""
+    m = build_model(model_name, cfg.seed, toe_kwargs, block_index, **dict(model_kwargs or {}))
+    if toe_kwargs is None:
+        return ToERun("full-token", _fit(m, train_loader, val_loader, cfg, preprocess=preprocess, desc="full-token"))
+    hook = toe.ToEStageHook()
+    res = _fit(m, train_loader, val_loader, cfg, hooks=[hook], preprocess=preprocess, desc="ToE")
+    if not hook.history:  # the epochs ran in worker processes: rebuild the per-epoch stages
+        ts0 = toe.find_token_selects(m)[0]
+        for e in range(cfg.epochs):
+            s = toe.stage_for_epoch(ts0.expansion_step, e)
+            hook.history.append((e, s, ts0.keep_rate[s - 1] if ts0.stage_active(s) else 1.0))
+    return ToERun("ToE", res, hook, toe.find_token_selects(m)[0])
+
+
 def train_pair(model_name: str, train_loader: Any, val_loader: Any, cfg: Any, toe_kwargs: dict, *,
                preprocess: Optional[nn.Module] = None, block_index: int = 0, run_baseline: bool = True,
                model_kwargs: Optional[dict] = None) -> dict[str, ToERun]:
@@ -303,21 +347,11 @@ def train_pair(model_name: str, train_loader: Any, val_loader: Any, cfg: Any, to
     data order per epoch); ToE's stage follows the epoch through :class:`~tokenbook.methods.toe.ToEStageHook`, and evaluation
     is full-token (ToE is off in ``eval()`` and in the EMA copy). Returns ``{label: ToERun}``.
     """
-    model_kwargs = dict(model_kwargs or {})
+    kw = dict(preprocess=preprocess, block_index=block_index, model_kwargs=model_kwargs)
     runs: dict[str, ToERun] = {}
     if run_baseline:
-        m = build_model(model_name, cfg.seed, None, block_index, **model_kwargs)
-        runs["full-token"] = ToERun("full-token", _fit(m, train_loader, val_loader, cfg, preprocess=preprocess,
-                                                          desc="full-token"))
-    m = build_model(model_name, cfg.seed, toe_kwargs, block_index, **model_kwargs)
-    hook = toe.ToEStageHook()
-    res = _fit(m, train_loader, val_loader, cfg, hooks=[hook], preprocess=preprocess, desc="ToE")
-    if not hook.history:  # the epochs ran in worker processes: rebuild the per-epoch stages
-        ts0 = toe.find_token_selects(m)[0]
-        for e in range(cfg.epochs):
-            s = toe.stage_for_epoch(ts0.expansion_step, e)
-            hook.history.append((e, s, ts0.keep_rate[s - 1] if ts0.stage_active(s) else 1.0))
-    runs["ToE"] = ToERun("ToE", res, hook, toe.find_token_selects(m)[0])
+        runs["full-token"] = _fit_arm(model_name, train_loader, val_loader, cfg, None, **kw)
+    runs["ToE"] = _fit_arm(model_name, train_loader, val_loader, cfg, toe_kwargs, **kw)
     return runs
 
 
@@ -514,23 +548,125 @@ def removable_at_test(toe_model: nn.Module, model_name: str, x: torch.Tensor, st
 # ----------------------------------------------------------------------------------------------------------
 # several seeds, paired by seed
 # ----------------------------------------------------------------------------------------------------------
+class SeededToERuns(dict):
+    """What :func:`train_seeds` returns: ``{seed: {label: ToERun}}`` (a dict), with ``launched``, the
+    :class:`tokenbook.runs.Run` records of the runs that went through the run store (empty in the kernel path)."""
+
+    def __init__(self, *args: Any, launched: Sequence = (), **kw: Any):
+        super().__init__(*args, **kw)
+        self.launched = list(launched)
+
+
 def train_seeds(model_name: str, bundle: Any, batch_size: int, cfg: Any, toe_kwargs: dict, seeds: Sequence[int], *,
                 num_workers: int = 0, block_index: int = 0, run_baseline: bool = True,
-                model_kwargs: Optional[dict] = None) -> dict[int, dict[str, ToERun]]:
-    """:func:`train_pair` for every seed, one after the other: for seed ``s`` both runs start from
-    ``seed_everything(s)`` (same initial weights) and read a train loader seeded with ``s`` (same batches in both
-    runs, a different order per seed); the data subset (``bundle``) is the same for every seed.
-    Returns ``{seed: {label: ToERun}}``."""
-    import dataclasses
+                model_kwargs: Optional[dict] = None, executor: str = "kernel", via_store: Optional[bool] = None,
+                store: Optional[str] = None, workers: Optional[int] = None, threads: Optional[int] = None,
+                cluster: Optional[str] = None, resources: Optional[dict] = None, wait: bool = True) -> SeededToERuns:
+    """:func:`train_pair` for every seed: for seed ``s`` both runs start from ``seed_everything(s)`` (same initial
+    weights) and read a train loader seeded with ``s`` (same batches in both runs, a different order per seed); the
+    data subset (``bundle``) is the same for every seed. Returns ``{seed: {label: ToERun}}``.
 
+    ``executor="kernel"`` (``via_store`` None or False): in this process, one run after the other, nothing stored.
+    Any other executor (``processes``, ``torchrun``, ``submitit``; or ``kernel`` with ``via_store=True``): every
+    (arm, seed) run is one entry of the workbook's run store (:func:`arm_spec`, :func:`train_arm_run`), trained once
+    by :func:`tokenbook.runs.launch` (``store``, ``workers``, ``threads``, ``cluster``, ``resources``, ``wait`` as
+    there) and read back by every later execution; the models are rebuilt from the stored weights
+    (:func:`rebuild_arm`). The runs' data config is ``bundle.config``; ``launched`` holds the Run records."""
     from tokenbook import data
 
-    out: dict[int, dict[str, ToERun]] = {}
+    if via_store is None:
+        via_store = executor != "kernel"
+    if via_store:
+        return _train_seeds_stored(model_name, bundle, batch_size, cfg, toe_kwargs, seeds, num_workers=num_workers,
+                                   block_index=block_index, run_baseline=run_baseline, model_kwargs=model_kwargs,
+                                   launch=dict(executor=executor, store=store, workers=workers, threads=threads,
+                                               cluster=cluster, resources=resources, wait=wait))
+    if executor != "kernel":
+        raise ValueError(f"executor {executor!r} trains through the run store; via_store=False needs 'kernel'")
+    out = SeededToERuns()
     for s in seeds:
         tl, vl = data.make_loaders(bundle, batch_size, num_workers=num_workers, seed=int(s))
         out[int(s)] = train_pair(model_name, tl, vl, dataclasses.replace(cfg, seed=int(s)), toe_kwargs,
                                  preprocess=bundle.preprocess, block_index=block_index, run_baseline=run_baseline,
                                  model_kwargs=model_kwargs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the same runs through the workbook's run store (tokenbook.runs): one stored run per (arm, seed)
+# ----------------------------------------------------------------------------------------------------------
+def arm_spec(model_name: str, model_kwargs: Optional[dict], toe_kwargs: Optional[dict], block_index: int,
+             data_config: Any, train_config: Any, batch_size: int, seed: int, num_workers: int = 0, label: str = ""):
+    """The :class:`tokenbook.runs.RunSpec` of one arm (``toe_kwargs`` None: full-token) for one seed: model, ToE,
+    data, recipe (its ``seed`` set to ``seed``), batch and loader workers, everything that decides the run."""
+    from tokenbook.runs import RunSpec
+
+    asdict = lambda c: dict(c) if isinstance(c, dict) else dataclasses.asdict(c)  # noqa: E731
+    args = {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}), "toe_kwargs": toe_kwargs,
+            "block_index": int(block_index), "data": asdict(data_config),
+            "train": {**asdict(train_config), "seed": int(seed)}, "batch_size": int(batch_size), "seed": int(seed),
+            "num_workers": int(num_workers)}
+    arm = "full-token" if toe_kwargs is None else "ToE"
+    return RunSpec("tokenbook.experiments.toe:train_arm_run", args, label=label or f"{arm} {model_name} seed {seed}")
+
+
+def train_arm_run(model_name: str, model_kwargs: dict, toe_kwargs: Optional[dict], block_index: int, data: dict,
+                  train: dict, batch_size: int, seed: int, num_workers: int = 0):
+    """Trainer of :func:`arm_spec` (in the kernel, a launcher process or a job): load the data, loaders seeded with
+    ``seed``, the arm built right after ``seed_everything(seed)`` and fitted (:func:`_fit_arm`, the kernel path's
+    body). Returns a :class:`tokenbook.runs.TrainedRun`; ``extra["toe_hook"]`` is the ToE run's stage hook state
+    (``history``: ``(epoch, stage, kept fraction)`` per epoch), None for the full-token arm."""
+    from tokenbook import data as D
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig
+
+    bundle = D.load_data(D.DataConfig(**data))
+    cfg = TrainConfig(**{**train, "seed": int(seed)})
+    tl, vl = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=int(seed))
+    run = _fit_arm(model_name, tl, vl, cfg, toe_kwargs, preprocess=bundle.preprocess, block_index=block_index,
+                   model_kwargs=model_kwargs)
+    return TrainedRun.from_fit(run.result, toe_hook=run.hook.state_dict() if run.hook is not None else None)
+
+
+def rebuild_arm(args: dict, out: Any, label: str = "") -> ToERun:
+    """The :class:`ToERun` of a stored run (``args``: its spec's arguments, ``out``: its TrainedRun): the model from
+    :func:`build_model` (ToE attached for the ToE arm) with the stored weights, on the CPU in training mode as
+    ``fit`` leaves it; ``result`` a :class:`tokenbook.train.FitResult` (EMA copy rebuilt when stored); the hook's
+    state restored (stage history, and the TokenSelect's last stage)."""
+    import copy
+
+    from tokenbook.train import FitResult, TrainConfig
+
+    a = args
+    model = build_model(a["model_name"], a["seed"], a["toe_kwargs"], a["block_index"], **a["model_kwargs"])
+    model.load_state_dict(out.state_dict)
+    ema = None
+    if out.ema_state_dict is not None:
+        ema = copy.deepcopy(model)  # a deep copy: ToE off, as in fit's EMA model
+        ema.load_state_dict(out.ema_state_dict)
+    res = FitResult(model=model, ema=ema, history=out.history, final=dict(out.final), timing=dict(out.timing),
+                    config=TrainConfig(**a["train"]), trainable_params=out.trainable_params)
+    if a["toe_kwargs"] is None:
+        return ToERun(label or "full-token", res)
+    ts = toe.find_token_selects(model)[0]
+    hook = toe.ToEStageHook(ts)
+    hook.load_state_dict(out.extra.get("toe_hook") or {})
+    return ToERun(label or "ToE", res, hook, ts)
+
+
+def _train_seeds_stored(model_name: str, bundle: Any, batch_size: int, cfg: Any, toe_kwargs: dict,
+                        seeds: Sequence[int], *, num_workers: int, block_index: int, run_baseline: bool,
+                        model_kwargs: Optional[dict], launch: dict) -> SeededToERuns:
+    """:func:`train_seeds` through the run store (see there)."""
+    from tokenbook import runs as R
+
+    arms = ([("full-token", None)] if run_baseline else []) + [("ToE", toe_kwargs)]
+    plan = [(int(s), label, arm_spec(model_name, model_kwargs, kw, block_index, bundle.config, cfg, batch_size, int(s),
+                                     num_workers)) for s in seeds for label, kw in arms]
+    done = R.launch([spec for _, _, spec in plan], **launch)
+    out = SeededToERuns(launched=done)
+    for (s, label, spec), run in zip(plan, done):
+        out.setdefault(s, {})[label] = rebuild_arm(spec.args, run.output, label)
     return out
 
 
@@ -599,7 +735,7 @@ def verdict(speedups: pd.DataFrame, expected: Optional[float] = None, mac_saving
                    else f"{float(same.iloc[0]):.2f}")
             parts.append(f"In the final full-token stage both runs do identical work; the measured ratio there is "
                          f"{rng} (1.00 on a steady machine), a direct read of the machine-load "
-                         f"drift between the two sequential runs, which the sequential wall-clock ratios also carry.")
+                         f"drift between the two runs, which the wall-clock ratios also carry.")
     parts.append("Target (>= 1.2x wall-clock at <= 0.5 pt lost" + (", every seed" if n > 1 else "") + "): **"
                  + ("met" if met else "not met") + "** here.")
     return " ".join(parts)
@@ -663,30 +799,6 @@ def floor_rows(runs_by_seed: dict[int, dict[str, ToERun]]) -> list[dict]:
                             sum(q.numel() for q in res[0].model.parameters()),
                             [x.timing["wall_time_s"] for x in res]))
     return rows
-
-
-def claims_paragraph(verdicts: pd.DataFrame) -> str:
-    """Markdown bullets, one per claim of :func:`tokenbook.claims.verdict_table`, written from its numbers: the
-    verdict, what was measured (value, interval or IQR, n) and the plateau note."""
-    lines = []
-    for r in verdicts.itertuples():
-        v = f"**{r.verdict}**"
-        if r.verdict == "not_testable_here":
-            lines.append(f"* `{r.claim}`: {v} ({r.detail})")
-            continue
-        if r.verdict == "failed" or pd.isna(r.ours):
-            lines.append(f"* `{r.claim}`: {v} ({r.detail})")
-            continue
-        if r.kind == "structural":
-            got = f"ours {r.ours:.4g} ({r.method})"
-        elif r.kind == "hardware":
-            got = f"median {r.ours:.3f}x, IQR {r.ci_low:.3f}-{r.ci_high:.3f}"
-        else:
-            got = (f"mean paired difference {r.ours:+.2f} pt, 95 % CI [{r.ci_low:+.2f}, {r.ci_high:+.2f}] over "
-                   f"{r.n} seeds")
-        plat = f"; plateau: {r.plateau}" if isinstance(r.plateau, str) and r.plateau else ""
-        lines.append(f"* `{r.claim}`: {v}: {got}{plat}.")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------
