@@ -200,6 +200,12 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path):
     for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n
     assert list(resumed.history["epoch"]) == [1, 2, 3]
+    # the timing covers all three epochs (the first one's from its history row), and says where the run resumed
+    t, h = resumed.timing, resumed.history
+    assert t["resumed_at_epoch"] == 1 and full.timing["resumed_at_epoch"] is None
+    assert t["steps"] == full.timing["steps"] == int(h["steps"].sum())
+    assert t["step_time_s"] == pytest.approx(float(h["step_time_s"].sum()))
+    assert t["wall_time_s"] >= float(h["epoch_time_s"].iloc[0])
 
 
 def test_resume_refuses_other_epoch_count(tmp_path):

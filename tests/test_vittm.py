@@ -239,10 +239,14 @@ def test_registered_names_and_cfgs():
         384, 6, 96, 64, 64)
     s16 = meta_model("vittm_small_m16p32_224")
     assert (s16.num_memory_tokens, s16.num_process_tokens) == (196, 49)
-    # CPU variants keep the token ratios: 64/64 at 32 px, 49/49 and 196/49 at 28 px
+    # CPU variants keep the token ratios: 64/64 at 32 px, 49/49 and 196/49 at 28 px; 16/16 (7 px) is the cpu scale
     assert [(m.num_memory_tokens, m.num_process_tokens) for m in (
-        meta_model("vittm_cpu_m4p4_32"), meta_model("vittm_cpu_m4p4_28"), meta_model("vittm_cpu_m2p4_28"))] == [
-        (64, 64), (49, 49), (196, 49)]
+        meta_model("vittm_cpu_m4p4_32"), meta_model("vittm_cpu_m4p4_28"), meta_model("vittm_cpu_m2p4_28"),
+        meta_model("vittm_cpu_m7p7_28"))] == [(64, 64), (49, 49), (196, 49), (16, 16)]
+    m7 = meta_model("vittm_cpu_m7p7_28")
+    assert m7.pretrained_cfg == {**meta_model("vittm_cpu_m4p4_28").pretrained_cfg, "architecture": "vittm_cpu_m7p7_28"}
+    assert (m7.memory_ps, m7.process_ps, m7.rw_head_type, m7.fusion_type, m7.latent_size_scale) == (
+        7, 7, "lin", "residual", 4)
     # CPU variants: same width/depth/normalization as the lead's small ViT baseline
     cpu, vit = meta_model("vittm_cpu_m4p4_28"), meta_model("vit_fm_small_p4_28")
     assert (cpu.embed_dim, cpu.depth, cpu.num_heads) == (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads)

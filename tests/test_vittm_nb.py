@@ -166,6 +166,11 @@ def test_claim_arms_and_evidence(smoke):
     below = fl[(fl["kind"] != "floor") & (fl["worst_seed_top1"].astype(float) < floor)]
     assert ("vittm.beats_vit" in failed.index) == (len(below) > 0)
     assert "ablation_floors" in {t.stem for t in smoke.glob("*.csv")}
+    # every run came through the run store, each listed once in meta.json: section 2's, the claim arms (memory
+    # blocks none is lin+residual) and the other settings' new ones
+    stored = json.loads((smoke / "meta.json").read_text())["notes"]["runs"]
+    assert len({r["key"] for r in stored}) == len(stored) >= 2 * len(seeds) + (len(X.CLAIM_ARMS) - 1) * len(seeds)
+    assert {r["source"] for r in stored} <= {"trained", "store"} and {r["executor"] for r in stored} == {"kernel"}
 
 
 def test_claim_evidence_builders():
@@ -221,6 +226,110 @@ def test_interleaved_latency_and_seed_means(one_thread):
     m = X.seed_means(runs).set_index("model")
     assert m.loc["a", "top1"] == 2.0 and m.loc["b", "top1_sd"] == pytest.approx(3 / 2 ** 0.5)
     assert m.loc["a", "latency_ms"] == 4.0 and m.loc["b", "n_seeds"] == 2 and "seed" not in m.columns
+
+
+def test_runs_through_the_store_are_the_kernel_runs(idx_dir, tmp_path, one_thread):
+    """executor='kernel' trains section 2's models, the claim arms and other ablation settings through
+    tokenbook.runs with the numbers, weights and curves of training them in the kernel; a claim arm that is section
+    2's ViTTM (same architecture, split, recipe and seed, asked for with other keywords) is the same stored run; a
+    second call reads every run back; 'processes' trains side by side, one thread each."""
+    from dataclasses import replace
+
+    from tokenbook.train import TrainConfig
+
+    bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), train_subset=64, val_subset=32))
+    cfg = TrainConfig(epochs=2, lr=2e-3, max_steps_per_epoch=2, label_smoothing=0.1, progress=False,
+                      accelerator="cpu")
+    models = {"ttm": ("vittm_cpu_m7p7_28", dict(embed_dim=32, depth=1, img_size=28, drop_path_rate=0.0)),
+              "vit": ("vit_fm_tiny_p7_28", dict(depth=1, img_size=28, drop_path_rate=0.0))}
+    store = dict(store=str(tmp_path / "runs"))
+    ref = X.train_seeds(models, bundle, 16, cfg, [0, 1], latency=False)
+    launched: list = []
+    got = X.train_seeds(models, bundle, 16, cfg, [0, 1], latency=False, executor="kernel", launched=launched, **store)
+    cols = ["model", "seed", "memory_tokens", "process_tokens", "params_total", "gmacs", "top1", "top1_memory",
+            "top1_process", "epochs", "steps"]
+    pd.testing.assert_frame_equal(got[0][cols], ref[0][cols])
+    assert (got[0].loc[got[0]["model"] == "ttm", ["memory_tokens", "process_tokens"]] == 16).all().all()
+    for s in (0, 1):
+        for m in models:
+            h = [c for c in ref[1][s][m].columns if c.startswith(("val_", "train_loss", "lr"))]
+            pd.testing.assert_frame_equal(got[1][s][m][h], ref[1][s][m][h])
+    for m in models:
+        a, b = ref[2][m].state_dict(), got[2][m].state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k]) for k in a), m
+    assert [r.source for r in launched] == ["trained"] * 4
+    again: list = []
+    X.train_seeds(models, bundle, 16, cfg, [0, 1], latency=False, executor="kernel", launched=again, **store)
+    assert [r.source for r in again] == ["store"] * 4 and [r.key for r in again] == [r.key for r in launched]
+
+    base = dict(embed_dim=32, depth=1, img_size=28)
+    arms = X.claim_arm_names(["vittm.add_fusion", "vittm.no_memory_processing"])
+    assert arms == ["lin+residual", "lin+erase", "lin+add_erase", "memory_blocks none", "memory_blocks mlp"]
+    ra, ca = X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, [0, 1], arms=arms)
+    la: list = []
+    rk, ck = X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, [0, 1], arms=arms, executor="kernel",
+                              launched=la, **store)
+    c = ["arm", "seed", "setting", "top1_memory", "top1_process", "train_loss", "gmacs", "params_total", "reused"]
+    pd.testing.assert_frame_equal(rk[c], ra[c])
+    assert ck == ca and set(rk["arm"]) == set(arms)
+    src = {r.spec.label: r.source for r in la}  # memory_blocks none is lin+residual: not asked for twice
+    assert len(la) == 8 and src["lin+residual seed 0"] == src["lin+residual seed 1"] == "store"  # section 2's ttm
+    assert sorted(src.values()).count("trained") == 6
+    assert X.canonical_kwargs("vittm_cpu_m7p7_28", {**models["ttm"][1], "num_classes": 10}) == X.canonical_kwargs(
+        "vittm_cpu_m7p7_28", {**base, "rw_head_type": "lin", "memory_blocks": "none", "num_classes": 10})
+    assert X.canonical_kwargs("vittm_cpu_m7p7_28", {**base, "drop_path_rate": 0.1})["drop_path_rate"] == 0.1
+
+    # the other settings of a study: the claim arms' runs reused, the new ones from the store, same numbers
+    cache_k: dict = {}
+    X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, [0], arms=["lin+residual"], executor="kernel",
+                     cache=cache_k, **store)
+    cache_r: dict = {}
+    X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, [0], arms=["lin+residual"], cache=cache_r)
+    tl, vl = data.make_loaders(bundle, 16, seed=0)
+    lr_: list = []
+    dk = X.run_ablation("latent_scale", "vittm_cpu_m7p7_28", base, None, None, cfg, bundle, labels=["r=2", "r=4"],
+                        seed=0, cache=cache_k, executor="kernel", batch_size=16, launched=lr_, **store)
+    dr = X.run_ablation("latent_scale", "vittm_cpu_m7p7_28", base, tl, vl, cfg, bundle, labels=["r=2", "r=4"],
+                        seed=0, cache=cache_r)
+    timing = ["train_wall_s", "step_ms"]
+    pd.testing.assert_frame_equal(dk.drop(columns=timing), dr.drop(columns=timing))
+    assert list(dk["reused"]) == [False, True] and [r.spec.label for r in lr_] == ["latent_scale r=2 seed 0"]
+
+    lp: list = []
+    X.train_seeds({"vit": models["vit"]}, bundle, 16, replace(cfg, epochs=1), [0, 1], latency=False,
+                  executor="processes", workers=2, launched=lp, store=str(tmp_path / "par"))
+    assert [r.source for r in lp] == ["trained", "trained"] and {r.threads for r in lp} == {1}
+
+
+def test_cpu_profile_is_the_cpu_scale():
+    """The cpu profile (issue 19): 16 + 16 ViTTM tokens against a 16-token ViT of the same width and depth on
+    10,000 / 2,000 images for 15 epochs with the workbook's recipe, 3 seeds through the store in processes; its
+    claim arms on section 2's split and recipe, so that lin+residual is section 2's ViTTM run and the floors are
+    shared, and only the arms of the claim that fits the budget."""
+    from dataclasses import replace
+
+    p = profile_parameters(ROOT, NB, "cpu")
+    ttm = X.create(p.model_name, meta=True, img_size=p.img_size, embed_dim=p.embed_dim)
+    vit = X.create(p.vit_name, meta=True, img_size=p.img_size)
+    assert (ttm.num_memory_tokens, ttm.num_process_tokens, vit.patch_embed.num_patches) == (16, 16, 16)
+    assert (ttm.embed_dim, ttm.depth) == (vit.embed_dim, len(vit.blocks)) == (64, 6)
+    tcfg = X.make_train_config(p, p.recipe)
+    assert (p.train_subset, p.val_subset, tcfg.epochs, p.batch_size) == (10000, 2000, 15, 128)
+    assert (tcfg.opt, tcfg.lr, tcfg.weight_decay, tcfg.label_smoothing, tcfg.warmup_epochs, tcfg.sched) == (
+        "adamw", 0.002, 0.05, 0.1, 1.0, "cosine")
+    assert p.executor == "processes" and list(p.seeds) == [0, 1, 2] and p.fit_floors
+    ab_dcfg, ab_cfg, base = X.ablation_setup(p)
+    assert ab_dcfg == p.data_config() and replace(ab_cfg, progress=True) == tcfg
+    assert X.claim_arm_names(p.ablation_claim_ids) == ["memory_blocks none", "memory_blocks mlp"]
+    arms = {s.canonical() for s in X.claim_arm_specs(p, 10, p.seeds)}
+    s2 = {X.run_spec(p.model_name, dict(drop_path_rate=p.drop_path_rate, embed_dim=p.embed_dim, img_size=p.img_size,
+                                        num_classes=10), p.data_config(), replace(tcfg, seed=s), p.batch_size,
+                     p.num_workers).canonical() for s in p.seeds}
+    assert s2 < arms and len(arms) == 2 * len(p.seeds)  # lin+residual = section 2's ViTTM; memory_blocks mlp
+    assert X.claim_arm_specs(profile_parameters(ROOT, NB, "cpu", {"ablation_claims": False}), 10, p.seeds) == []
+    with pytest.raises(ValueError, match="unknown ablation claims"):
+        X.claim_arm_names(["vittm.beats_vit"])
+    assert X.claim_arm_names() == list(X.CLAIM_ARMS)
 
 
 def test_recipe_pitfall_tables_and_figures(smoke):

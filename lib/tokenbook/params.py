@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, Sequence
 
-__all__ = ["Params", "ReleasedParams", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
+__all__ = ["Params", "ReleasedParams", "LaunchParams", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
 
 
 class ParamsError(ValueError):
@@ -335,6 +335,37 @@ class ReleasedParams(Params):
                                       "none given", none="")
     released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
                                         "[0, inf)", none=0)
+
+
+@dataclass(frozen=True)
+class LaunchParams(Params):
+    """The base of a notebook whose training runs go through the workbook's run store and launcher
+    (:func:`tokenbook.runs.launch`): where they train, and the job resources for submitit; :meth:`launch_options`
+    turns them into the launcher's keywords."""
+
+    executor: str = param("kernel", "where the training runs go: kernel (in this process, one after the other), "
+                                    "processes (side by side, the cores divided among them), torchrun (one DDP job "
+                                    "per run on this node) or submitit (one SLURM job per run)",
+                          choices=("kernel", "processes", "torchrun", "submitit"))
+    cluster: str = param("", "submitit only: slurm, local or debug; empty means SLURM when there is one, else local")
+    slurm_partition: str = param("", "submitit only: the SLURM partition; empty means the cluster's default")
+    gpus_per_node: int = param(1, "submitit only: GPUs of each run's job [0, inf)")
+    job_timeout_min: int = param(4320, "submitit only: time limit of each job in minutes; a job that reaches it is "
+                                       "requeued and resumes from its checkpoint [1, inf)")
+    wait_for_jobs: bool = param(True, "submitit only: wait for the jobs; False stops the notebook after submitting "
+                                      "them, and the next execution collects them")
+
+    def launch_options(self) -> dict:
+        """The launcher keywords these parameters say: ``executor``, and for submitit the cluster, the job
+        resources (GPUs, time limit, one task with a CPU per loader worker and one, the partition) and ``wait``."""
+        if self.executor != "submitit":
+            return {"executor": self.executor}
+        res = {"gpus_per_node": self.gpus_per_node, "timeout_min": self.job_timeout_min, "tasks_per_node": 1,
+               "cpus_per_task": max(1, int(self.get("num_workers", 0) or 0) + 1)}
+        if self.slurm_partition:
+            res["slurm_partition"] = self.slurm_partition
+        return {"executor": "submitit", "cluster": self.cluster or None, "resources": res,
+                "wait": self.wait_for_jobs}
 
 
 def unknown_hints(unknown: Sequence[str], names: Sequence[str]) -> str:

@@ -830,10 +830,18 @@ def fit(model: nn.Module, train_loader, val_loader=None, cfg: Optional[TrainConf
         _end_epoch(run, epoch, row, t_epoch)
     wall = time.perf_counter() - t_fit
     final = dict(run.history[-1]) if run.history else {}
-    st = run.step_time_total
+    st, steps, images = run.step_time_total, run.steps_done, float(run.images_done)
+    prior = run.history[:run.start_epoch]  # a resumed run: its earlier epochs' rows came with the checkpoint
+    if prior:  # the run's timing covers every epoch, not only those after the resume
+        per_step = images / steps if steps else float(cfg.batch_size * run.fabric.world_size)
+        prior_steps = sum(int(r.get("steps", 0)) for r in prior)
+        wall += sum(float(r.get("epoch_time_s", 0.0)) for r in prior)
+        st += sum(float(r.get("step_time_s", 0.0)) for r in prior)
+        steps, images = steps + prior_steps, images + prior_steps * per_step
     timing = {"wall_time_s": wall, "step_time_s": st, "eval_time_s": run.eval_time_total,
-              "steps": run.steps_done, "step_ms": 1e3 * st / max(1, run.steps_done),
-              "train_img_s": run.images_done / st if st else float("nan"),
+              "steps": steps, "step_ms": 1e3 * st / max(1, steps),
+              "train_img_s": images / st if st else float("nan"),
+              "resumed_at_epoch": run.start_epoch or None,
               "device": str(run.device), "world_size": run.fabric.world_size, "precision": cfg.precision,
               "capped_at_step": run.global_step if cfg.max_steps and run.global_step >= cfg.max_steps else None}
     return FitResult(model=run.raw_model, ema=run.ema.module if run.ema is not None else None,

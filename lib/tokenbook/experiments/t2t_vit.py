@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from tokenbook.models import t2t_vit as tv
-from tokenbook.params import ReleasedParams
+from tokenbook.params import LaunchParams, ReleasedParams
 from tokenbook.params import param
 
 # the runs (in the kernel or through the run store) and the paper's parameter counts live in t2t_vit_runs
@@ -47,7 +47,7 @@ from tokenbook.experiments.t2t_vit_runs import (SeededRuns, TrainedVariants, fro
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
+class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher fields: the bases (tokenbook.params)
     """The parameters of notebooks/02_t2t_vit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "02_t2t_vit"
@@ -100,16 +100,6 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     ema_decay: float = param(0.0, "EMA decay of the weights; 0 turns EMA off; the paper uses 0.99996 [0, 1)")
     max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
     num_workers: int = param(0, "DataLoader workers [0, inf)")
-    executor: str = param("kernel", "where the training runs go: kernel (one after the other), processes (side by "
-                          "side, the cores divided among them) or submitit (a SLURM job per run); all keep every run "
-                          "in the run store", choices=("kernel", "processes", "submitit"))
-    cluster: str = param("", "submitit only: slurm, local or debug; empty means SLURM when there is one, else local")
-    slurm_partition: str = param("", "submitit only: the SLURM partition; empty means the cluster's default")
-    gpus_per_node: int = param(1, "submitit only: GPUs of each run's job [0, inf)")
-    job_timeout_min: int = param(4320, "submitit only: time limit of each job in minutes; a job that reaches it is "
-                                 "requeued and resumes from its checkpoint [1, inf)")
-    wait_for_jobs: bool = param(True, "submitit only: wait for the jobs; False stops the notebook after submitting "
-                                "them, and the next execution collects them")
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
@@ -541,15 +531,9 @@ def structural_evidence(measured: "Any") -> list:
 
 
 def launch_options(p: "Params") -> dict:
-    """The ``train_seeds`` keywords that say where the runs train (``executor`` and, for submitit, the job
-    resources from the parameters)."""
-    if p.executor != "submitit":
-        return {"executor": p.executor}
-    res = {"gpus_per_node": p.gpus_per_node, "timeout_min": p.job_timeout_min, "tasks_per_node": 1,
-           "cpus_per_task": max(1, p.num_workers + 1)}
-    if p.slurm_partition:
-        res["slurm_partition"] = p.slurm_partition
-    return {"executor": "submitit", "cluster": p.cluster or None, "resources": res, "wait": p.wait_for_jobs}
+    """The ``train_seeds`` keywords that say where the runs train (:meth:`tokenbook.params.LaunchParams.launch_options`:
+    ``executor`` and, for submitit, the job resources)."""
+    return p.launch_options()
 
 
 def run_scale(bundle, cfg, seeds: Sequence[int], batch_size: int) -> str:

@@ -42,7 +42,7 @@ import torch.nn as nn
 from tokenbook.methods import toe
 from tokenbook.methods.toe import _forced_stage, find_token_selects
 from tokenbook.results import NA
-from tokenbook.params import Params as _Params
+from tokenbook.params import LaunchParams
 from tokenbook.params import as_list, param
 
 
@@ -50,7 +50,7 @@ from tokenbook.params import as_list, param
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(_Params):
+class Params(LaunchParams):  # the launcher fields come from the base (tokenbook.params)
     """The parameters of notebooks/03_toe.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "03_toe"
@@ -91,17 +91,6 @@ class Params(_Params):
     num_nodes: int = param(1, "nodes for training [1, inf)")
     strategy: str = param("auto", "Fabric strategy; ddp_notebook for several GPUs from a notebook kernel")
     precision: str = param("32-true", "32-true | bf16-mixed | 16-mixed")
-    executor: str = param("kernel", "where the training runs go: kernel (in this process, one after the other, not "
-                          "stored), processes (side by side, the cores divided among them), torchrun (a DDP job per "
-                          "run on this node) or submitit (a SLURM job per run); all but kernel keep every run in the "
-                          "run store", choices=("kernel", "processes", "torchrun", "submitit"))
-    cluster: str = param("", "submitit only: slurm, local or debug; empty means SLURM when there is one, else local")
-    slurm_partition: str = param("", "submitit only: the SLURM partition; empty means the cluster's default")
-    gpus_per_node: int = param(1, "submitit only: GPUs of each run's job [0, inf)")
-    job_timeout_min: int = param(4320, "submitit only: time limit of each job in minutes; a job that reaches it is "
-                                 "requeued and resumes from its checkpoint [1, inf)")
-    wait_for_jobs: bool = param(True, "submitit only: wait for the jobs; False stops the notebook after submitting "
-                                "them, and the next execution collects them")
     run_baseline: bool = param(True, "also train the full-token baseline; needed for the speed-up")
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
@@ -188,11 +177,9 @@ def train_config(params: dict, **overrides: Any):
 
 
 def launch_options(p: "Params") -> dict:
-    """The :func:`train_seeds` keywords that say where the runs train: 02's rule
-    (:func:`tokenbook.experiments.t2t_vit.launch_options`: ``executor`` and, for submitit, the job resources)."""
-    from tokenbook.experiments.t2t_vit import launch_options as shared
-
-    return shared(p)
+    """The :func:`train_seeds` keywords that say where the runs train
+    (:meth:`tokenbook.params.LaunchParams.launch_options`: ``executor`` and, for submitit, the job resources)."""
+    return p.launch_options()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -18,15 +18,20 @@ notebook stays a thin driver:
   code's pitfalls with how this implementation avoids them.
 - The claims ledger (``references/vittm.yaml``): :func:`train_seeds` / :func:`seed_means` (section 2 once per seed),
   :data:`CLAIM_ARMS` / :func:`run_claim_arms` / :func:`plot_claim_arms` (the eight ablation trainings the claims
-  compare, once per seed), :func:`interleaved_latency` (ViT-B/16 vs ViTTM-B timed A/B) and the evidence builders
+  compare, once per seed; :data:`CLAIM_ARM_SETS` / :func:`claim_arm_names` which arms each claim needs),
+  :func:`interleaved_latency` (ViT-B/16 vs ViTTM-B timed A/B) and the evidence builders
   :func:`efficiency_evidence`, :func:`beats_vit_evidence`, :func:`ablation_evidence`.
+- The run store (``executor``): section 2's runs, the claim arms and the other ablation settings are trained once
+  and read back by later executions (:func:`train_seeds`, :func:`run_claim_arms`, :func:`run_ablation` with an
+  ``executor``; :func:`ablation_setup`, :func:`claim_arm_specs`). The store's trainer and specs, the model factory
+  :func:`create` and the summary rows live in :mod:`tokenbook.experiments.vittm_runs` (re-exported here), which
+  launcher processes import without this module.
 
-Size: about 900 lines, over the 800-line guide: the notebook's five sections and its claims share the same model
-factory, reference loading and ablation runner, and splitting them would scatter one paper's experiments.
+Size: about 1150 lines, over the 800-line guide: the notebook's five sections and its claims share the same model
+factory, reference loading and ablation runner, and splitting them further would scatter one paper's experiments.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import replace
@@ -39,6 +44,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tokenbook import bench, references
+from tokenbook.experiments.vittm_runs import (  # noqa: F401  (re-exported: the model factory, the run store's parts)
+    _cache_entry, _config_key, _model_latency, _model_row, _tokens, _train_seeds_stored, canonical_kwargs, create,
+    run_spec, store_runs_into_cache, train_run)
 from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
@@ -58,7 +66,7 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     #: run_all.sh --proof: one CPU process (the recipes' bf16-mixed kept), a CPU batch, the shortest timings
     PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "batch_size": 4, "num_workers": 0,
                              "latency_batch": 1, "latency_min_run_time": 0.05, "latency_repeats": 3,
-                             "train_latency_batch": 2, "num_figure_images": 2}
+                             "train_latency_batch": 2, "num_figure_images": 2, "executor": "kernel"}
 
     seed: int = param(0, "seed of the data subsets and of the figures' random inputs [0, inf)")
     seeds: list[int] = param([0, 1, 2],
@@ -83,8 +91,14 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     weight_decay: float = param(0.05, "AdamW weight decay, without a recipe [0, inf)")
     warmup_epochs: float = param(0.5, "linear warmup in epochs, without a recipe [0, inf)")
     ema_decay: float = param(0.0, "EMA decay of the weights, without a recipe; 0 turns EMA off [0, 1)")
+    label_smoothing: float = param(0.0, "label smoothing of both heads' cross-entropy, without a recipe [0, 1)")
     max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
     num_workers: int = param(0, "DataLoader workers [0, inf)")
+    executor: str = param("kernel", "where the runs of section 2 and of the ablations train: kernel (one after the "
+                          "other) or processes (side by side, the cores divided among them); both keep every run in "
+                          "the run store (tokenbook.runs), so a later execution reads it back instead of training it; "
+                          "a pre-training stage trains in the kernel without the store",
+                          choices=("kernel", "processes"))
     accelerator: str = param("auto", "cpu | cuda | auto")
     precision: str = param("32-true", "32-true | bf16-mixed; with a recipe 32-true keeps the recipe value bf16-mixed")
     devices: int = param(1, "devices per node; with a recipe 0 keeps the recipe value [0, inf)")
@@ -109,7 +123,10 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     fit_floors: bool = param(True, "also fit the reference floors on section 2's split and on the ablations' split: "
                                    "logistic regression on pixels, a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
-    ablation_claims: bool = param(True, "train the eight ablation arms of the claims once per seed in seeds")
+    ablation_claims: bool = param(True, "train the ablation arms of the claims once per seed in seeds")
+    ablation_claim_ids: list[str] = param(["vittm.linear_heads", "vittm.add_fusion", "vittm.no_memory_processing"],
+                                          "claims whose arms are trained (their union; a claim left out gets no "
+                                          "evidence and shows as failed: not run)")
     ablation_studies: list[str] = param(["head_fusion", "latent_scale", "patch_sizes", "memory_blocks"],
                                         "studies whose other settings run with the first seed only; empty: only the "
                                         "claim arms")
@@ -136,6 +153,8 @@ __all__ = [
     "REFERENCE_ALIASES",
     "pretrain_then_finetune", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
     "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence", "floor_rows",
+    "CLAIM_ARM_SETS", "claim_arm_names", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache",
+    "ablation_setup", "claim_arm_specs",
 ]
 
 #: Efficiency-table rows: label (as in the reference file) -> (timm name, kwargs).
@@ -155,24 +174,6 @@ REFERENCE_ALIASES: dict[str, tuple[str, ...]] = {"ViT-B/16": ("ViT-B",), "ViT-S/
 _COMPARABLE = ("top1", "params_total", "params_used", "gmacs", "gmacs_ratio_vit_b_over_vittm_b",
                "flops_ratio_vit_b_over_vittm_b", "memory_tokens", "process_tokens", "latency_speedup_vs_vit_b",
                "latency_reduction_vs_vit_b")
-
-
-def create(name: str, meta: bool = False, **kwargs) -> nn.Module:
-    """``timm.create_model`` for the workbook's names (registers them first); ``meta`` builds on the meta device."""
-    import timm
-
-    import tokenbook.models  # noqa: F401  (registers the families)
-
-    if meta:
-        with torch.device("meta"):
-            return timm.create_model(name, **kwargs)
-    return timm.create_model(name, **kwargs)
-
-
-def _tokens(model: nn.Module, img_size: int) -> tuple[Any, Any]:
-    if isinstance(model, V.ViTTM):
-        return model.num_memory_tokens, model.num_process_tokens
-    return None, getattr(getattr(model, "patch_embed", None), "num_patches", None)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -334,12 +335,6 @@ def small_scale_vs_paper(summary: pd.DataFrame, vittm: str, vit: str) -> pd.Data
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------------
-def _headline(final: dict, is_vittm: bool) -> tuple[Optional[float], Optional[float], float]:
-    if is_vittm:
-        return final.get("val_top1_memory"), final.get("val_top1_process"), final.get("val_top1_memory")
-    return None, None, final.get("val_top1")
-
-
 def train_models(models: Mapping[str, tuple[str, dict]], train_loader, val_loader, cfg: TrainConfig, bundle,
                  seed: int = 0, latency: bool = True, latency_batch: int = 64, latency_device: str = "cpu",
                  min_run_time: float = 1.0, initial: Optional[Mapping[str, nn.Module]] = None
@@ -358,26 +353,9 @@ def train_models(models: Mapping[str, tuple[str, dict]], train_loader, val_loade
         seed_everything(seed)
         model = initial[label] if initial and label in initial else create(name, num_classes=bundle.num_classes, **kw)
         res = fit(model, train_loader, val_loader, cfg, preprocess=bundle.preprocess, desc=label)
-        is_ttm = isinstance(model, V.ViTTM)
-        mem, proc, top1 = _headline(res.final, is_ttm)
-        ntok = _tokens(model, img)
-        counted = copy.deepcopy(model).cpu()
-        with all_heads(counted):
-            gmacs = bench.count_macs(counted, input_size=(3, img, img))["gmacs"]
-        row = {"model": label, "timm_name": name, "memory_tokens": ntok[0], "process_tokens": ntok[1],
-               "params_total": bench.count_params(model)["total"],
-               "gmacs": gmacs,
-               "top1": top1, "headline_head": "memory" if is_ttm else "cls",
-               "top1_memory": mem, "top1_process": proc,
-               "ema_top1": res.final.get("ema_top1_memory" if is_ttm else "ema_top1"),
-               "epochs": cfg.epochs, "steps": res.timing["steps"], "train_wall_s": res.timing["wall_time_s"],
-               "step_ms": res.timing["step_ms"], "train_img_s": res.timing["train_img_s"],
-               "device": res.timing["device"]}
+        row = _model_row(label, name, model, res.final, res.timing, cfg.epochs, img)
         if latency:
-            with all_heads(res.model):
-                lat = bench.measure_latency(res.model, input_size=(3, img, img), batch_size=latency_batch,
-                                            device=latency_device, min_run_time=min_run_time, name=label)
-            row.update(latency_ms=lat.median_ms, latency_batch=latency_batch, throughput_img_s=lat.throughput_img_s)
+            row.update(_model_latency(res.model, label, img, latency_batch, latency_device, min_run_time))
         rows.append(row)
         hist[label], trained[label] = res.history, res.model
     return pd.DataFrame(rows), hist, trained
@@ -406,21 +384,21 @@ def pretrain_then_finetune(name: str, model_kwargs: dict, pretrain_bundle, pretr
 PAPER_CHOICE = {"head_fusion": "lin+residual", "latent_scale": "r=4", "memory_blocks": "none", "patch_sizes": "m4p4"}
 
 
-def _config_key(model: nn.Module) -> tuple:
-    return (model.embed_dim, model.depth, model.num_heads, model.rw_head_type, model.fusion_type,
-            model.latent_size_scale, model.memory_blocks_type, model.memory_ps, model.process_ps, model.img_size)
-
-
 def run_ablation(study: str, base_model: str, base_kwargs: dict, train_loader, val_loader, cfg: TrainConfig, bundle,
                  labels: Optional[Iterable[str]] = None, seed: int = 0, cache: Optional[dict] = None,
-                 curves: Optional[dict] = None) -> pd.DataFrame:
+                 curves: Optional[dict] = None, executor: Optional[str] = None, batch_size: Optional[int] = None,
+                 num_workers: int = 0, launched: Optional[list] = None, **launch_kw: Any) -> pd.DataFrame:
     """Train one short run per setting of ``study`` (see :func:`ablation_configs`) on top of
     ``base_model`` + ``base_kwargs``; ``labels`` picks a subset (in the study's order). ``seed`` seeds the model's
     initialization and the run (the loaders carry their own seed). Configurations that resolve to the same model
     (e.g. lin+residual and r=4 on the paper's base) are trained once per seed when a shared ``cache`` dict is passed.
     One row per setting: the options, the seed, token counts, parameters, GMACs, top-1 of both heads, train time,
     whether it is the paper's choice and whether the result came from the cache. ``curves``, a dict, receives the
-    memory head's validation top-1 per evaluation under ``(seed, study, setting)``."""
+    memory head's validation top-1 per evaluation under ``(seed, study, setting)``.
+
+    ``executor`` (``"kernel"`` / ``"processes"``): the runs missing from ``cache`` come from the run store
+    (:func:`store_runs_into_cache`, trained there when missing, with ``batch_size`` and ``num_workers``; the loaders
+    are then not used), the same numbers as training them here; ``launched`` receives the store's records."""
     configs = ablation_configs(study, img_size=bundle.config.img_size)
     if labels is not None:
         wanted = [l.strip() for l in labels if l.strip()]
@@ -430,22 +408,24 @@ def run_ablation(study: str, base_model: str, base_kwargs: dict, train_loader, v
         configs = {l: configs[l] for l in configs if l in wanted}
     cache = {} if cache is None else cache
     img = bundle.config.img_size
+    if executor is not None:
+        if batch_size is None:
+            raise ValueError("run_ablation through the run store needs batch_size")
+        jobs = [(f"{study} {label}", {**base_kwargs, **kw, "num_classes": bundle.num_classes}, seed)
+                for label, kw in configs.items()]
+        store_runs_into_cache(cache, base_model, jobs, bundle.config, cfg, batch_size, num_workers, executor,
+                              launched=launched, **launch_kw)
     rows = []
     for label, kw in configs.items():
         args = {**base_kwargs, **kw, "num_classes": bundle.num_classes}
         seed_everything(seed)
         model = create(base_model, **args)
         key = (_config_key(model), seed)
-        cached = key in cache
-        if not cached:
+        cached = key in cache and not cache[key].pop("_fresh", False)  # a run the store just gave is not a reuse
+        if key not in cache:
             res = fit(model, train_loader, val_loader, replace(cfg, progress=False, seed=seed),
                       preprocess=bundle.preprocess, desc=f"{study} {label}")
-            h = res.history
-            cache[key] = {"top1_memory": res.final.get("val_top1_memory"),
-                          "top1_process": res.final.get("val_top1_process"),
-                          "train_loss": res.final.get("train_loss"), "train_wall_s": res.timing["wall_time_s"],
-                          "step_ms": res.timing["step_ms"],
-                          "_curve": h["val_top1_memory"].dropna().tolist() if "val_top1_memory" in h else []}
+            cache[key] = _cache_entry(res.final, res.timing, res.history)
         r = {k: v for k, v in cache[key].items() if not k.startswith("_")}
         if curves is not None:
             curves[(seed, study, label)] = list(cache[key]["_curve"])
@@ -828,19 +808,51 @@ CLAIM_ARMS: dict[str, tuple[str, str]] = {
 }
 
 
+#: The arms each ablation claim compares: claim -> (a, candidates for b). See :func:`ablation_evidence`.
+CLAIM_ARM_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "vittm.linear_heads": ("lin+residual", ("tl+residual", "ca+residual", "la+residual", "lca+residual")),
+    "vittm.add_fusion": ("lin+residual", ("lin+erase", "lin+add_erase")),
+    "vittm.no_memory_processing": ("memory_blocks none", ("memory_blocks mlp",)),
+}
+
+
+def claim_arm_names(claim_ids: Optional[Iterable[str]] = None) -> list[str]:
+    """The arms of :data:`CLAIM_ARMS` that the claims ``claim_ids`` compare (None: every ablation claim), in the
+    order of :data:`CLAIM_ARMS`."""
+    ids = list(CLAIM_ARM_SETS) if claim_ids is None else list(claim_ids)
+    bad = [c for c in ids if c not in CLAIM_ARM_SETS]
+    if bad:
+        raise ValueError(f"unknown ablation claims {bad}; choose from {list(CLAIM_ARM_SETS)}")
+    need = {arm for c in ids for arm in (CLAIM_ARM_SETS[c][0], *CLAIM_ARM_SETS[c][1])}
+    return [a for a in CLAIM_ARMS if a in need]
+
+
 def train_seeds(models: Mapping[str, tuple[str, dict]], bundle, batch_size: int, cfg: TrainConfig,
                 seeds: Sequence[int], num_workers: int = 0, latency: bool = True, latency_batch: int = 64,
                 latency_device: str = "cpu", min_run_time: float = 1.0,
-                initial: Optional[Mapping[str, nn.Module]] = None
+                initial: Optional[Mapping[str, nn.Module]] = None, executor: Optional[str] = None,
+                also: Sequence[Any] = (), launched: Optional[list] = None, **launch_kw: Any
                 ) -> tuple[pd.DataFrame, dict[int, dict[str, pd.DataFrame]], dict[str, nn.Module]]:
     """:func:`train_models` once per seed: the seed sets the initialization, the run and the data order (the
     images are the same for every seed, so the models are paired by seed). Latency (independent of the weights) is
     measured for the first seed only. Returns ``(summary of every seed with a seed column, {seed: histories}, the
-    first seed's trained models)``. ``initial`` (pre-trained models) needs a single seed."""
+    first seed's trained models)``. ``initial`` (pre-trained models) needs a single seed.
+
+    ``executor=None``: trained here, one after the other. ``"kernel"`` or ``"processes"``: every (model, seed) run
+    through the workbook's run store (:func:`tokenbook.runs.launch`, trainer :func:`train_run`): trained once
+    (``processes``: side by side, the cores divided among the processes) and read back by every later execution
+    with nothing changed; the same numbers as ``None`` (:func:`train_run` repeats :func:`train_models`' steps). The
+    models are rebuilt from the stored weights (CPU, eval mode). ``also``: more run specs launched in the same call
+    (e.g. :func:`claim_arm_specs`, so that the processes stay busy); ``launched`` receives the store's records;
+    ``launch_kw`` (``workers``, ``store``) go to the launcher. Pre-trained ``initial`` models are live objects and
+    train here whatever ``executor`` says."""
     from tokenbook.data import make_loaders
 
     if initial and len(seeds) > 1:
         raise ValueError(f"pre-trained initial models are one training; use one seed, not {list(seeds)}")
+    if executor is not None and not initial:
+        return _train_seeds_stored(models, bundle, batch_size, cfg, seeds, num_workers, latency, latency_batch,
+                                   latency_device, min_run_time, executor, also, launched, launch_kw)
     frames, hist, first = [], {}, {}
     for i, s in enumerate(seeds):
         tl, vl = make_loaders(bundle, batch_size, num_workers=num_workers, seed=s)
@@ -873,28 +885,51 @@ def seed_means(runs: pd.DataFrame, by: str = "model") -> pd.DataFrame:
 
 
 def run_claim_arms(base_model: str, base_kwargs: dict, bundle, batch_size: int, cfg: TrainConfig,
-                   seeds: Sequence[int], num_workers: int = 0, cache: Optional[dict] = None
+                   seeds: Sequence[int], num_workers: int = 0, cache: Optional[dict] = None,
+                   arms: Optional[Sequence[str]] = None, executor: Optional[str] = None,
+                   launched: Optional[list] = None, **launch_kw: Any
                    ) -> tuple[pd.DataFrame, dict[tuple[int, str], list[float]]]:
-    """Every arm of :data:`CLAIM_ARMS` trained once per seed (seeded loaders, init and run; same images for every
-    seed). Returns the long table, one row per (seed, arm) with the :func:`run_ablation` columns, and the
-    validation curves of the memory head ``{(seed, arm): [top-1 per evaluation]}``. Pass the ``cache`` on to
-    :func:`run_ablation` so that the other settings of one seed reuse these runs."""
+    """Every arm of :data:`CLAIM_ARMS` (or the subset ``arms``, e.g. :func:`claim_arm_names` of some claims)
+    trained once per seed (seeded loaders, init and run; same images for every seed). Returns the long table, one
+    row per (seed, arm) with the :func:`run_ablation` columns, and the validation curves of the memory head
+    ``{(seed, arm): [top-1 per evaluation]}``. Pass the ``cache`` on to :func:`run_ablation` so that the other
+    settings of one seed reuse these runs. ``executor`` (``"kernel"`` / ``"processes"``): every (arm, seed) run
+    comes from the run store, all seeds in one launch (:func:`store_runs_into_cache`); ``launched`` receives the
+    store's records."""
     from tokenbook.data import make_loaders
 
     cache = {} if cache is None else cache
+    chosen = list(CLAIM_ARMS) if arms is None else list(arms)
+    unknown = [a for a in chosen if a not in CLAIM_ARMS]
+    if unknown:
+        raise ValueError(f"unknown claim arms {unknown}; choose from {list(CLAIM_ARMS)}")
     arms_of: dict[str, dict[str, str]] = {}
     for arm, (study, setting) in CLAIM_ARMS.items():
-        arms_of.setdefault(study, {})[setting] = arm
+        if arm in chosen:
+            arms_of.setdefault(study, {})[setting] = arm
+    if executor is not None:
+        store_runs_into_cache(cache, base_model, _claim_jobs(base_kwargs, bundle.config.img_size, bundle.num_classes,
+                                                             seeds, chosen),
+                              bundle.config, cfg, batch_size, num_workers, executor, launched=launched, **launch_kw)
     frames, got = [], {}
     for s in seeds:
-        tl, vl = make_loaders(bundle, batch_size, num_workers=num_workers, seed=s)
-        for study, arms in arms_of.items():
-            df = run_ablation(study, base_model, base_kwargs, tl, vl, cfg, bundle, labels=list(arms), seed=s,
+        tl, vl = (None, None) if executor is not None else make_loaders(bundle, batch_size, num_workers=num_workers,
+                                                                         seed=s)
+        for study, arms_ in arms_of.items():
+            df = run_ablation(study, base_model, base_kwargs, tl, vl, cfg, bundle, labels=list(arms_), seed=s,
                               cache=cache, curves=got)
-            df.insert(0, "arm", df["setting"].map(arms))
+            df.insert(0, "arm", df["setting"].map(arms_))
             frames.append(df)
     curves = {(seed, arms_of[study][setting]): c for (seed, study, setting), c in got.items()}
     return pd.concat(frames, ignore_index=True), curves
+
+
+def _claim_jobs(base_kwargs: dict, img_size: int, num_classes: int, seeds: Sequence[int],
+                arms: Sequence[str]) -> list[tuple[str, dict, int]]:
+    """``(label, model kwargs, seed)`` of every claim-arm run of :func:`run_claim_arms`, seeds outermost."""
+    return [(f"{arm}", {**base_kwargs, **ablation_configs(study, img_size)[setting], "num_classes": num_classes},
+             int(s))
+            for s in seeds for arm, (study, setting) in CLAIM_ARMS.items() if arm in arms]
 
 
 def plot_claim_arms(summary: pd.DataFrame, title: str = ""):
@@ -1001,10 +1036,7 @@ def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Seque
     per_seed = _per_seed(runs, "arm", "top1_memory")
     means = runs.groupby("arm")["top1_memory"].mean()
     out = []
-    for claim, a, candidates in (
-            ("vittm.linear_heads", "lin+residual", ["tl+residual", "ca+residual", "la+residual", "lca+residual"]),
-            ("vittm.add_fusion", "lin+residual", ["lin+erase", "lin+add_erase"]),
-            ("vittm.no_memory_processing", "memory_blocks none", ["memory_blocks mlp"])):
+    for claim, (a, candidates) in CLAIM_ARM_SETS.items():
         have = [c for c in candidates if c in means.index]
         if a not in means.index or not have:
             continue
@@ -1014,6 +1046,33 @@ def ablation_evidence(runs: pd.DataFrame, curves: Mapping[tuple[int, str], Seque
         used = [c for (s, arm), c in curves.items() if arm in (a, *have)]
         out.append(paired_evidence(claim, per_seed, a, b, scale=scale, curves=used, detail=detail, floors=floors))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runs the notebook asks the run store for (the store's trainer and specs: tokenbook.experiments.vittm_runs)
+# ----------------------------------------------------------------------------------------------------------
+def ablation_setup(params: Mapping[str, Any]) -> tuple[Any, TrainConfig, dict]:
+    """The ablation runs' data config (``ablation_train_subset`` / ``ablation_val_subset`` of the notebook's data;
+    equal to section 2's when the sizes are), train config (``ablation_epochs``, ``ablation_lr``, no EMA) and base
+    model kwargs (``ablation_embed_dim``, ``ablation_depth``)."""
+    p = params
+    dcfg = p.data_config(train_subset=p["ablation_train_subset"] or None, val_subset=p["ablation_val_subset"] or None)
+    cfg = make_train_config(p, "", epochs=p["ablation_epochs"], lr=p["ablation_lr"], ema_decay=0.0, progress=False)
+    return dcfg, cfg, dict(embed_dim=p["ablation_embed_dim"], depth=p["ablation_depth"], img_size=p["img_size"])
+
+
+def claim_arm_specs(params: Mapping[str, Any], num_classes: int, seeds: Sequence[int]) -> list:
+    """The run specs of the claim arms that :func:`run_claim_arms` asks the store for under ``params``
+    (``ablation_claims``, ``ablation_claim_ids``, :func:`ablation_setup`), for launching them early together with
+    section 2's runs (:func:`train_seeds` ``also``); empty without ``ablation_claims``."""
+    p = params
+    if not p["ablation_claims"]:
+        return []
+    dcfg, cfg, base = ablation_setup(p)
+    return [run_spec(p["model_name"], args, dcfg, replace(cfg, seed=seed), p["batch_size"], p["num_workers"],
+                     label=f"{label} seed {seed}")
+            for label, args, seed in _claim_jobs(base, p["img_size"], num_classes, seeds,
+                                                 claim_arm_names(p["ablation_claim_ids"]))]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1053,8 +1112,10 @@ def gpu_loops(params: Mapping[str, Any]) -> list:
         if key not in seen:
             seen.add(key)
             todo.setdefault((part, G.freeze(args)), [args, 0])[1] += 1
-    for s in seeds if p["ablation_claims"] else []:
-        for study, setting in CLAIM_ARMS.values():
+    arms = claim_arm_names(p.get("ablation_claim_ids")) if p["ablation_claims"] else []
+    for s in seeds:
+        for arm in arms:
+            study, setting = CLAIM_ARMS[arm]
             add(ablation_configs(study, img)[setting], s, f"ablations: claim arms x {S} seeds")
     for study in studies:
         cfgs = ablation_configs(study, img)

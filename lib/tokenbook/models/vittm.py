@@ -63,7 +63,7 @@ Read/write maps, memory diagnostics and the ablation settings of the notebook ``
 :mod:`tokenbook.experiments.vittm`.
 
 Size: about 1000 lines, over the 800-line guide: one architecture with five read/write heads, three fusions and two
-memory-block kinds, timm's two-head and feature-extraction APIs, its checkpoint filter and eight registered variants.
+memory-block kinds, timm's two-head and feature-extraction APIs, its checkpoint filter and nine registered variants.
 """
 from __future__ import annotations
 
@@ -966,6 +966,7 @@ default_cfgs = generate_default_cfgs({
     "vittm_cpu_m4p4_32": _cfg(input_size=(3, 32, 32), **_FM),
     "vittm_cpu_m4p4_28": _cfg(input_size=(3, 28, 28), **_FM),
     "vittm_cpu_m2p4_28": _cfg(input_size=(3, 28, 28), **_FM),
+    "vittm_cpu_m7p7_28": _cfg(input_size=(3, 28, 28), **_FM),
 })
 
 
@@ -1032,7 +1033,14 @@ def vittm_cpu_m2p4_28(pretrained: bool = False, **kwargs) -> ViTTM:
     return _create("vittm_cpu_m2p4_28", pretrained, dict(_CPU, img_size=28, memory_ps=2, process_ps=4), **kwargs)
 
 
+@register_model
+def vittm_cpu_m7p7_28(pretrained: bool = False, **kwargs) -> ViTTM:
+    """CPU ViTTM at 28 px with patch 7/7: 16 + 16 tokens, the workbook's cpu scale (the token grid of
+    ``vit_fm_tiny_p7_28``), equal memory and process counts as in the README's 28/28."""
+    return _create("vittm_cpu_m7p7_28", pretrained, dict(_CPU, img_size=28, memory_ps=7, process_ps=7), **kwargs)
+
+
 MODEL_NAMES = (
     "vittm_small_m28p28_224", "vittm_base_m28p28_224", "vittm_tiny_m28p28_224", "vittm_small_m16p32_224",
-    "vittm_base_m16p32_224", "vittm_cpu_m4p4_32", "vittm_cpu_m4p4_28", "vittm_cpu_m2p4_28",
+    "vittm_base_m16p32_224", "vittm_cpu_m4p4_32", "vittm_cpu_m4p4_28", "vittm_cpu_m2p4_28", "vittm_cpu_m7p7_28",
 )

@@ -1,0 +1,226 @@
+"""The ViTTM notebook's training runs (``notebooks/01_vittm.ipynb``), re-exported by
+:mod:`tokenbook.experiments.vittm`: the model factory and the summary rows of a trained model, and the runs through the
+workbook's run store (:mod:`tokenbook.runs`): one spec per (model, seed) (:func:`run_spec`, with the model's keywords
+in one form per architecture, :func:`canonical_kwargs`, so that section 2's ViTTM and an ablation arm of the same
+configuration are one run), its trainer (:func:`train_run`, the steps and numbers of training in the kernel),
+section 2's seeds (:func:`_train_seeds_stored`) and the ablations' cache (:func:`store_runs_into_cache`).
+Imports nothing of :mod:`~tokenbook.experiments.vittm` (the trainer runs in launcher processes too).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from typing import Any, Mapping, Optional, Sequence
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from tokenbook import bench
+from tokenbook.models import vittm as V
+from tokenbook.repro import seed_everything
+from tokenbook.train import TrainConfig, all_heads, fit
+
+__all__ = ["create", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache"]
+
+
+def create(name: str, meta: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for the workbook's names (registers them first); ``meta`` builds on the meta device."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the families)
+
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(name, **kwargs)
+    return timm.create_model(name, **kwargs)
+
+
+def _tokens(model: nn.Module, img_size: int) -> tuple[Any, Any]:
+    if isinstance(model, V.ViTTM):
+        return model.num_memory_tokens, model.num_process_tokens
+    return None, getattr(getattr(model, "patch_embed", None), "num_patches", None)
+
+
+def _headline(final: dict, is_vittm: bool) -> tuple[Optional[float], Optional[float], float]:
+    if is_vittm:
+        return final.get("val_top1_memory"), final.get("val_top1_process"), final.get("val_top1_memory")
+    return None, None, final.get("val_top1")
+
+
+def _model_row(label: str, name: str, model: nn.Module, final: Mapping[str, Any], timing: Mapping[str, Any],
+               epochs: int, img: int) -> dict:
+    """One row of :func:`train_models`' summary for a trained ``model``, its final metrics and its timing."""
+    is_ttm = isinstance(model, V.ViTTM)
+    mem, proc, top1 = _headline(dict(final), is_ttm)
+    ntok = _tokens(model, img)
+    counted = copy.deepcopy(model).cpu()
+    with all_heads(counted):
+        gmacs = bench.count_macs(counted, input_size=(3, img, img))["gmacs"]
+    return {"model": label, "timm_name": name, "memory_tokens": ntok[0], "process_tokens": ntok[1],
+            "params_total": bench.count_params(model)["total"],
+            "gmacs": gmacs,
+            "top1": top1, "headline_head": "memory" if is_ttm else "cls",
+            "top1_memory": mem, "top1_process": proc,
+            "ema_top1": final.get("ema_top1_memory" if is_ttm else "ema_top1"),
+            "epochs": epochs, "steps": timing["steps"], "train_wall_s": timing["wall_time_s"],
+            "step_ms": timing["step_ms"], "train_img_s": timing["train_img_s"],
+            "device": timing["device"]}
+
+
+def _model_latency(model: nn.Module, label: str, img: int, batch: int, device: str, min_run_time: float) -> dict:
+    """The latency columns of :func:`train_models` (both ViTTM heads computed)."""
+    with all_heads(model):
+        lat = bench.measure_latency(model, input_size=(3, img, img), batch_size=batch, device=device,
+                                    min_run_time=min_run_time, name=label)
+    return dict(latency_ms=lat.median_ms, latency_batch=batch, throughput_img_s=lat.throughput_img_s)
+
+
+def _config_key(model: nn.Module) -> tuple:
+    return (model.embed_dim, model.depth, model.num_heads, model.rw_head_type, model.fusion_type,
+            model.latent_size_scale, model.memory_blocks_type, model.memory_ps, model.process_ps, model.img_size)
+
+
+def _cache_entry(final: Mapping[str, Any], timing: Mapping[str, Any], history: pd.DataFrame) -> dict:
+    """What :func:`run_ablation`'s cache keeps of one run (``_curve``: the memory head's validation top-1)."""
+    h = history
+    return {"top1_memory": final.get("val_top1_memory"), "top1_process": final.get("val_top1_process"),
+            "train_loss": final.get("train_loss"), "train_wall_s": timing["wall_time_s"], "step_ms": timing["step_ms"],
+            "_curve": h["val_top1_memory"].dropna().tolist() if "val_top1_memory" in h else []}
+
+
+#: ViTTM constructor arguments -> the attributes that hold their resolved values (see :func:`canonical_kwargs`)
+_TTM_OPTIONS = {"embed_dim": "embed_dim", "depth": "depth", "num_heads": "num_heads", "rw_head_type": "rw_head_type",
+                "fusion_type": "fusion_type", "latent_size_scale": "latent_size_scale",
+                "memory_blocks": "memory_blocks_type", "memory_ps": "memory_ps", "process_ps": "process_ps",
+                "process_embedder_type": "process_embedder_type", "in_chans": "in_chans",
+                "num_classes": "num_classes"}
+
+
+def canonical_kwargs(name: str, kwargs: Mapping[str, Any]) -> dict:
+    """``kwargs`` of ``create(name, **kwargs)`` in one form per model, so that two ways of asking for the same ViTTM
+    (section 2's ``embed_dim`` and ``img_size``; a claim arm's ``depth``, ``rw_head_type="lin"``,
+    ``memory_blocks="none"``) give the same run in the store: the resolved architecture (every option
+    :func:`_config_key` compares, the classes, channels and process embedder, ``img_size``) plus each other keyword
+    whose value differs from the constructor's default. Building with these gives the same model, draw for draw.
+    Other models: ``kwargs`` unchanged. The model is built on the meta device (no memory, no random draws)."""
+    import inspect
+
+    m = create(name, meta=True, **kwargs)
+    if not isinstance(m, V.ViTTM):
+        return dict(kwargs)
+    out = {k: getattr(m, a) for k, a in _TTM_OPTIONS.items()}
+    h, w = m.img_size
+    out["img_size"] = h if h == w else [h, w]
+    defaults = inspect.signature(V.ViTTM.__init__).parameters
+    for k, v in kwargs.items():
+        if k not in out and not (k in defaults and defaults[k].default == v):
+            out[k] = v
+    return out
+
+
+def run_spec(name: str, model_kwargs: Mapping[str, Any], data_config: Any, train_config: TrainConfig,
+             batch_size: int, num_workers: int = 0, label: str = ""):
+    """The :class:`tokenbook.runs.RunSpec` of one training run of this notebook (trainer :func:`train_run`): model
+    (:func:`canonical_kwargs`), data, recipe (``train_config.seed`` is the run's seed; the progress bar is off, it
+    decides nothing), batch and loader workers."""
+    from dataclasses import asdict
+
+    from tokenbook.runs import RunSpec
+
+    return RunSpec("tokenbook.experiments.vittm_runs:train_run",
+                   {"model_name": name, "model_kwargs": canonical_kwargs(name, model_kwargs),
+                    "data": asdict(data_config), "train": asdict(replace(train_config, progress=False)),
+                    "batch_size": int(batch_size), "num_workers": int(num_workers)},
+                   label=label or f"{name} seed {train_config.seed}")
+
+
+def train_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, num_workers: int = 0):
+    """Trainer of :func:`run_spec` (in the kernel or in a launcher process), the steps of :func:`train_models` and
+    :func:`run_ablation`: load the data, make the loaders seeded with the run's seed, ``seed_everything(seed)``,
+    build the model, ``fit`` it. Returns a :class:`tokenbook.runs.TrainedRun` (weights on the CPU, history, final
+    metrics, timing)."""
+    from tokenbook import data as D
+    from tokenbook.runs import TrainedRun
+
+    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
+    bundle = D.load_data(dcfg)
+    tl, vl = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
+    seed_everything(tcfg.seed)
+    model = create(model_name, **model_kwargs)
+    return TrainedRun.from_fit(fit(model, tl, vl, tcfg, preprocess=bundle.preprocess, desc=model_name))
+
+
+def _rebuild(name: str, kwargs: Mapping[str, Any], run: Any) -> nn.Module:
+    """The trained model of a stored run (weights from ``run.state_dict``), on the CPU, in eval mode."""
+    model = create(name, **kwargs)
+    model.load_state_dict(run.state_dict)
+    return model.eval()
+
+
+def _launch(specs: Sequence[Any], executor: str, launched: Optional[list] = None, **launch_kw: Any) -> list:
+    from tokenbook import runs as R
+
+    done = R.launch(list(specs), executor=executor, **launch_kw)
+    if launched is not None:
+        launched.extend(done)
+    return done
+
+
+def store_runs_into_cache(cache: dict, base_model: str, jobs: Sequence[tuple[str, dict, int]], data_config: Any,
+                          cfg: TrainConfig, batch_size: int, num_workers: int, executor: str,
+                          launched: Optional[list] = None, **launch_kw: Any) -> None:
+    """The ablation runs ``jobs`` (``(label, model kwargs, seed)`` on ``base_model``) that ``cache`` lacks, from
+    the run store in one launch (trained there when missing), as ``run_ablation``'s cache entries, marked as
+    new so that the first setting asking for one is not counted as a reuse."""
+    todo: dict[tuple, Any] = {}
+    for label, args, seed in jobs:
+        key = (_config_key(create(base_model, meta=True, **args)), seed)
+        if key not in cache and key not in todo:
+            todo[key] = run_spec(base_model, args, data_config, replace(cfg, seed=seed), batch_size, num_workers,
+                                 label=f"{label} seed {seed}")
+    if not todo:
+        return
+    for key, run in zip(todo, _launch(list(todo.values()), executor, launched, **launch_kw)):
+        res = run.output
+        cache[key] = {**_cache_entry(res.final, res.timing, res.history), "_fresh": True}
+
+
+def _train_seeds_stored(models: Mapping[str, tuple[str, dict]], bundle, batch_size: int, cfg: TrainConfig,
+                        seeds: Sequence[int], num_workers: int, latency: bool, latency_batch: int,
+                        latency_device: str, min_run_time: float, executor: str, also: Sequence[Any],
+                        launched: Optional[list], launch_kw: dict
+                        ) -> tuple[pd.DataFrame, dict[int, dict[str, pd.DataFrame]], dict[str, nn.Module]]:
+    """``train_seeds`` of :mod:`tokenbook.experiments.vittm` through the run store (see there): one spec per (model,
+    seed), launched after ``also``; the rows of ``train_models`` from each run's final metrics and timing, the
+    models rebuilt from the stored weights, latency for the first seed."""
+    img = bundle.config.img_size
+    plan = []  # (seed, label, name, spec)
+    for s in seeds:
+        for label, (name, kw) in models.items():
+            spec = run_spec(name, {**kw, "num_classes": bundle.num_classes}, bundle.config, replace(cfg, seed=s),
+                            batch_size, num_workers, label=f"{label} seed {s}")
+            plan.append((s, label, name, spec))
+    also = list(also)
+    every = _launch(also + [q[-1] for q in plan], executor, **launch_kw)  # ``also`` (the claim arms) first
+    done = every[len(also):]
+    if launched is not None:  # section 2's records first: a run that is also a claim arm keeps section 2's label
+        launched.extend(done + every[:len(also)])
+    frames, hist, first = [], {}, {}
+    for i, s in enumerate(seeds):
+        rows, h, trained = [], {}, {}
+        for (seed, label, name, spec), run in zip(plan, done):
+            if seed != s:
+                continue
+            res = run.output
+            model = _rebuild(name, spec.args["model_kwargs"], res)
+            row = _model_row(label, name, model, res.final, res.timing, cfg.epochs, img)
+            if latency and i == 0:
+                row.update(_model_latency(model, label, img, latency_batch, latency_device, min_run_time))
+            rows.append(row)
+            h[label], trained[label] = res.history, model
+        frames.append(pd.DataFrame(rows).assign(seed=s))
+        hist[s] = h
+        if i == 0:
+            first = trained
+    return pd.concat(frames, ignore_index=True), hist, first
