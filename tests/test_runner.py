@@ -258,23 +258,27 @@ def test_kernel_launcher_records_the_signal_and_dies_with_its_manager(tmp_path):
         if pidfile.is_file() and pidfile.read_text():
             break
         time.sleep(0.1)
-    kernel = int(pidfile.read_text())
-    for _ in range(150):
+    _ends_within(int(pidfile.read_text()), 15.0, "the kernel outlived its manager")
+
+
+def _ends_within(pid: int, seconds: float, failure: str) -> None:
+    """Wait until process ``pid`` is gone; past ``seconds`` kill it and fail with ``failure``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
-            os.kill(kernel, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
-            break
+            return
         time.sleep(0.1)
-    else:
-        os.kill(kernel, 9)
-        pytest.fail("the kernel outlived its manager")
+    os.kill(pid, 9)
+    pytest.fail(failure)
 
 
 def test_kernel_launcher_ends_what_the_kernel_left_running(tmp_path):
     """A kernel that spawned a training process and ended (killed by the runner's time limit, or done) does not leave
     that process running: the launcher leads the kernel's process group and ends the rest of it."""
-    import time
-
     pidfile = tmp_path / "orphan.pid"
     kernel = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
               f"open(r'{pidfile}', 'w').write(str(p.pid))")
@@ -282,16 +286,7 @@ def test_kernel_launcher_ends_what_the_kernel_left_running(tmp_path):
                 f"sys.exit(run([sys.executable, '-c', {kernel!r}]))")
     done = subprocess.run([sys.executable, "-c", launcher], timeout=60, start_new_session=True)  # as jupyter_client
     assert done.returncode == 0
-    orphan = int(pidfile.read_text())
-    for _ in range(100):
-        try:
-            os.kill(orphan, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(orphan, 9)
-        pytest.fail("the kernel's child outlived the kernel")
+    _ends_within(int(pidfile.read_text()), 10.0, "the kernel's child outlived the kernel")
     # run by hand (not a group leader), the launcher leaves its group alone
     from tokenbook.kernel_launcher import end_group
 
