@@ -170,3 +170,42 @@ def test_a_notebook_without_an_experiments_module_gets_params_from_its_cell(tmp_
     assert cls().epochs == 2 and cls(epochs=5).epochs == 5 and cls().name == "x"
     with pytest.raises(ParamsError, match="out of its range"):
         cls(epochs=0)
+
+
+def test_launch_params_give_the_launcher_keywords():
+    """LaunchParams (02 and 03): executor alone, or for submitit the cluster, the job resources and wait."""
+    from tokenbook.experiments.toe import Params as ToeParams
+
+    assert ToeParams().launch_options() == {"executor": "kernel"}
+    assert ToeParams(executor="processes").launch_options() == {"executor": "processes"}
+    sub = ToeParams(executor="submitit", cluster="local", slurm_partition="gpu", gpus_per_node=4, job_timeout_min=60,
+                    wait_for_jobs=False, num_workers=3).launch_options()
+    assert sub == {"executor": "submitit", "cluster": "local", "wait": False,
+                   "resources": {"gpus_per_node": 4, "timeout_min": 60, "tasks_per_node": 1, "cpus_per_task": 4,
+                                 "slurm_partition": "gpu"}}
+    with pytest.raises(ParamsError, match="executor"):
+        ToeParams(executor="ray")
+
+
+@pytest.mark.parametrize("nb", ["00_baselines", "01_vittm", "02_t2t_vit", "03_toe"])
+def test_the_cpu_scale_is_one_scale(nb):
+    """The workbook's cpu scale (issue 19) is the same in every notebook that uses it: 10,000 / 2,000 Fashion-MNIST
+    images, 28 px, 16 tokens into the backbone, 15 epochs of batch 128, AdamW lr 2e-3, label smoothing 0.1, so the
+    floors are the same and the sweep in 00's cpu.yaml holds for all of them."""
+    import timm
+
+    import tokenbook.models  # noqa: F401
+    from tokenbook.runner import profile_parameters
+
+    p = profile_parameters(ROOT, nb, "cpu")
+    assert (p.train_subset, p.val_subset, p.img_size, p.epochs, p.batch_size, p.lr, p.label_smoothing) == \
+        (10000, 2000, 28, 15, 128, 0.002, 0.1), nb
+    names = {"00_baselines": [p.get("model_name")], "03_toe": [p.get("model_name")],
+             "01_vittm": [p.get("vit_name")], "02_t2t_vit": []}[nb]
+    for name in names:
+        assert timm.create_model(name, num_classes=10).patch_embed.num_patches == 16, name
+    if nb == "02_t2t_vit":
+        assert p.tokens == 16
+    if nb == "01_vittm":
+        m = timm.create_model(p.model_name, num_classes=10)
+        assert (m.num_memory_tokens, m.num_process_tokens) == (16, 16)
