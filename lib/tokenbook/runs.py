@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
-           "float_environment", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
+           "float_environment", "fit_args", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
 
@@ -124,6 +124,11 @@ class TrainedRun:
                    timing=dict(result.timing), trainable_params=int(result.trainable_params),
                    ema_state_dict=cpu(result.ema) if result.ema is not None else None, extra=extra)
 
+    def load_into(self, model: Any) -> Any:
+        """``model`` (built as the trainer built it) with the stored weights, strictly; returns it."""
+        model.load_state_dict(self.state_dict)
+        return model
+
 
 @dataclass
 class Run:
@@ -175,6 +180,18 @@ def float_environment(threads: int, accelerator: str = "auto") -> dict:
     from .results import _cpu_model
 
     return {"device": _cpu_model().get("cpu_model", "cpu"), "threads": int(threads)}
+
+
+def fit_args(model_name: str, model_kwargs: dict, data_config: Any, train_config: Any, batch_size: int,
+             num_workers: int = 0, **extra: Any) -> dict:
+    """The arguments of a trainer that fits one timm model on one data set (the notebooks' store trainers): model
+    name and keywords, the data and train configs as dicts (dataclasses or dicts), batch, loader workers, and any
+    ``extra`` argument of that trainer. Everything that decides such a run, in one shape for every notebook."""
+    import dataclasses
+
+    as_dict = lambda c: dict(c) if isinstance(c, dict) else dataclasses.asdict(c)  # noqa: E731
+    return {"model_name": model_name, "model_kwargs": dict(model_kwargs), "data": as_dict(data_config),
+            "train": as_dict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers), **extra}
 
 
 def run_key(spec: RunSpec, threads: int) -> str:

@@ -132,13 +132,10 @@ def variant_spec(name: str, model_kwargs: dict, data_config: Any, train_config: 
     """The :class:`tokenbook.runs.RunSpec` of one variant run: model, data, recipe, batch and seed
     (``train_config.seed``), everything that decides it. Two keys naming the same model give the same spec, so
     the store trains it once (``deep_narrow`` = ``t2t_performer``)."""
-    from dataclasses import asdict
-
-    from tokenbook.runs import RunSpec
+    from tokenbook.runs import RunSpec, fit_args
 
     return RunSpec("tokenbook.experiments.t2t_vit_runs:train_variant_run",
-                   {"model_name": name, "model_kwargs": dict(model_kwargs), "data": asdict(data_config),
-                    "train": asdict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers)},
+                   fit_args(name, model_kwargs, data_config, train_config, batch_size, num_workers),
                    label=label or f"{name} seed {train_config.seed}")
 
 
@@ -165,9 +162,7 @@ def _rebuild(name: str, kw: dict, run: Any) -> nn.Module:
 
     import tokenbook.models  # noqa: F401
 
-    model = timm.create_model(name, **kw)  # on the CPU: buffers outside the state dict get their values
-    model.load_state_dict(run.state_dict)
-    return model.eval()
+    return run.load_into(timm.create_model(name, **kw)).eval()  # on the CPU: buffers outside the state dict too
 
 
 @dataclass

@@ -586,13 +586,12 @@ def arm_spec(model_name: str, model_kwargs: Optional[dict], toe_kwargs: Optional
              data_config: Any, train_config: Any, batch_size: int, seed: int, num_workers: int = 0, label: str = ""):
     """The :class:`tokenbook.runs.RunSpec` of one arm (``toe_kwargs`` None: full-token) for one seed: model, ToE,
     data, recipe (its ``seed`` set to ``seed``), batch and loader workers, everything that decides the run."""
-    from tokenbook.runs import RunSpec
+    from tokenbook.runs import RunSpec, fit_args
 
-    asdict = lambda c: dict(c) if isinstance(c, dict) else dataclasses.asdict(c)  # noqa: E731
-    args = {"model_name": model_name, "model_kwargs": dict(model_kwargs or {}), "toe_kwargs": toe_kwargs,
-            "block_index": int(block_index), "data": asdict(data_config),
-            "train": {**asdict(train_config), "seed": int(seed)}, "batch_size": int(batch_size), "seed": int(seed),
-            "num_workers": int(num_workers)}
+    train = dataclasses.replace(train_config, seed=int(seed)) if not isinstance(train_config, dict) else \
+        {**train_config, "seed": int(seed)}
+    args = fit_args(model_name, model_kwargs or {}, data_config, train, batch_size, num_workers,
+                    toe_kwargs=toe_kwargs, block_index=int(block_index), seed=int(seed))
     arm = "full-token" if toe_kwargs is None else "ToE"
     return RunSpec("tokenbook.experiments.toe:train_arm_run", args, label=label or f"{arm} {model_name} seed {seed}")
 
@@ -625,8 +624,8 @@ def rebuild_arm(args: dict, out: Any, label: str = "") -> ToERun:
     from tokenbook.train import FitResult, TrainConfig
 
     a = args
-    model = build_model(a["model_name"], a["seed"], a["toe_kwargs"], a["block_index"], **a["model_kwargs"])
-    model.load_state_dict(out.state_dict)
+    model = out.load_into(build_model(a["model_name"], a["seed"], a["toe_kwargs"], a["block_index"],
+                                      **a["model_kwargs"]))
     ema = None
     if out.ema_state_dict is not None:
         ema = copy.deepcopy(model)  # a deep copy: ToE off, as in fit's EMA model

@@ -124,14 +124,11 @@ def run_spec(name: str, model_kwargs: Mapping[str, Any], data_config: Any, train
     """The :class:`tokenbook.runs.RunSpec` of one training run of this notebook (trainer :func:`train_run`): model
     (:func:`canonical_kwargs`), data, recipe (``train_config.seed`` is the run's seed; the progress bar is off, it
     decides nothing), batch and loader workers."""
-    from dataclasses import asdict
-
-    from tokenbook.runs import RunSpec
+    from tokenbook.runs import RunSpec, fit_args
 
     return RunSpec("tokenbook.experiments.vittm_runs:train_run",
-                   {"model_name": name, "model_kwargs": canonical_kwargs(name, model_kwargs),
-                    "data": asdict(data_config), "train": asdict(replace(train_config, progress=False)),
-                    "batch_size": int(batch_size), "num_workers": int(num_workers)},
+                   fit_args(name, canonical_kwargs(name, model_kwargs), data_config,
+                            replace(train_config, progress=False), batch_size, num_workers),
                    label=label or f"{name} seed {train_config.seed}")
 
 
@@ -153,9 +150,7 @@ def train_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batc
 
 def _rebuild(name: str, kwargs: Mapping[str, Any], run: Any) -> nn.Module:
     """The trained model of a stored run (weights from ``run.state_dict``), on the CPU, in eval mode."""
-    model = create(name, **kwargs)
-    model.load_state_dict(run.state_dict)
-    return model.eval()
+    return run.load_into(create(name, **kwargs)).eval()
 
 
 def _launch(specs: Sequence[Any], executor: str, launched: Optional[list] = None, **launch_kw: Any) -> list:
