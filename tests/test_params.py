@@ -181,8 +181,10 @@ def test_launch_params_give_the_launcher_keywords():
     sub = ToeParams(executor="submitit", cluster="local", slurm_partition="gpu", gpus_per_node=4, job_timeout_min=60,
                     wait_for_jobs=False, num_workers=3).launch_options()
     assert sub == {"executor": "submitit", "cluster": "local", "wait": False,
-                   "resources": {"gpus_per_node": 4, "timeout_min": 60, "tasks_per_node": 1, "cpus_per_task": 4,
+                   "resources": {"gpus_per_node": 4, "timeout_min": 60, "cpus_per_task": 4,
                                  "slurm_partition": "gpu"}}
+    # no gpus_per_node: the launcher takes nodes, tasks and GPUs from each run's recipe (runs.job_resources)
+    assert ToeParams(executor="submitit").launch_options()["resources"] == {"timeout_min": 4320, "cpus_per_task": 1}
     with pytest.raises(ParamsError, match="executor"):
         ToeParams(executor="ray")
 
@@ -209,3 +211,34 @@ def test_the_cpu_scale_is_one_scale(nb):
     if nb == "01_vittm":
         m = timm.create_model(p.model_name, num_classes=10)
         assert (m.num_memory_tokens, m.num_process_tokens) == (16, 16)
+
+
+def test_launch_params_refuse_a_strategy_the_executor_cannot_start():
+    """A run over several devices needs its ranks started once: by the launcher (torchrun, submitit: strategy ddp)
+    or from the kernel (strategy ddp_notebook with executor kernel); the two other pairings are refused up front."""
+    from tokenbook.experiments.toe import Params as ToeParams
+
+    assert ToeParams(devices=4, strategy="ddp", executor="torchrun").launch_options() == {"executor": "torchrun"}
+    assert ToeParams(devices=4, strategy="ddp_notebook").executor == "kernel"
+    assert ToeParams(devices=1, strategy="ddp").executor == "kernel"  # one device: nothing to start
+    with pytest.raises(ParamsError, match="needs ranks started from outside: executor torchrun"):
+        ToeParams(devices=4, strategy="ddp")
+    with pytest.raises(ParamsError, match="starts the 4 ranks of a run itself: use strategy 'ddp'"):
+        ToeParams(devices=4, strategy="ddp_notebook", executor="submitit")
+
+
+def test_the_full_toe_profile_is_one_ddp_run_per_arm_over_the_node():
+    """03's full profile: each (arm, seed) is one torchrun DDP run over the recipe's 4 GPUs; as a submitit job it is
+    4 tasks with 4 GPUs (taken from the recipe)."""
+    import yaml
+
+    from tokenbook import runs
+    from tokenbook.experiments import toe
+    from tokenbook.experiments.toe import Params as ToeParams
+
+    p = ToeParams.from_mapping(yaml.safe_load((ROOT / "notebooks/params/03_toe/full.yaml").read_text()))
+    assert p.launch_options() == {"executor": "torchrun"} and (p.devices, p.strategy) == (4, "ddp")
+    spec = toe.arm_spec(p.model_name, None, None, 0, {"dataset": "folder:/data/imagenet"}, p.train_config(),
+                        p.batch_size, p.seeds[0])
+    assert spec.args["train"]["devices"] == 4 and runs._nproc(spec, None) == 4
+    assert runs.job_resources(spec) == {"tasks_per_node": 4, "gpus_per_node": 4}

@@ -329,3 +329,39 @@ def test_submitit_job_is_collected_later_and_a_preempted_job_resumes(store, tmp_
     assert _same_weights(got.output.state_dict, ref.output.state_dict)
     assert got.output.history["val_top1"].tolist() == ref.output.history["val_top1"].tolist()
     assert not runs._job_record(runs.store_dir(), key).exists()
+
+
+def test_job_resources_come_from_the_recipe():
+    """The submitit job's shape is the run's recipe: one task per device (each a DDP rank), GPUs on a GPU recipe,
+    nodes from num_nodes; a one-process run asks for nothing; a multi-node run without a device count is refused."""
+    def spec(**train):
+        return runs.RunSpec("test_runs:toy_trainer", {"x": 1, "train": train}, label="shape")
+
+    assert runs.job_resources(spec(devices=1)) == {}
+    assert runs.job_resources(runs.RunSpec("test_runs:toy_trainer", {"x": 1})) == {}
+    assert runs.job_resources(spec(devices=4, accelerator="cuda")) == {"tasks_per_node": 4, "gpus_per_node": 4}
+    assert runs.job_resources(spec(devices=8, num_nodes=2)) == {"nodes": 2, "tasks_per_node": 8, "gpus_per_node": 8}
+    assert runs.job_resources(spec(devices=2, accelerator="cpu")) == {"tasks_per_node": 2}
+    with pytest.raises(ValueError, match="2 nodes need an integer number of devices"):
+        runs.job_resources(spec(devices="auto", num_nodes=2))
+
+
+def test_a_multi_device_submitit_job_is_one_ddp_run(store, tmp_path, monkeypatch):
+    """A run whose recipe says 2 devices becomes one submitit job of 2 tasks (the local executor here; SLURM tasks on
+    a cluster); the tasks join as the 2 gloo ranks of one DDP run (rank 0 writes the store) and end with the
+    weights of the same run under torchrun."""
+    pytest.importorskip("submitit")
+    train = dict(epochs=3, lr=1e-2, warmup_epochs=1.0, accelerator="cpu", devices=2, strategy="ddp",
+                 progress=False, seed=0)
+    spec = runs.RunSpec("test_runs:ddp_fit_trainer", {"train": train}, label="job toy")
+    env_path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent)] + ([env_path] if env_path else [])))
+    (job,) = runs.launch([spec], executor="submitit", cluster="local", threads=1, store=tmp_path / "job",
+                         verbose=False)
+    assert job.source == "trained" and job.output.timing["world_size"] == 2
+    assert len([c for c in _calls(store) if c.startswith("ddp")]) == 2  # both tasks ran the trainer
+    (tr,) = runs.launch([spec], executor="torchrun", threads=1, store=tmp_path / "tr", verbose=False)
+    assert _same_weights(job.output.state_dict, tr.output.state_dict)
+    (again,) = runs.launch([spec], executor="submitit", cluster="local", threads=1, store=tmp_path / "job",
+                           verbose=False)
+    assert again.source == "store"

@@ -574,7 +574,7 @@ def test_launch_options_from_the_parameters():
     opts = t2t.launch_options(t2t.Params(executor="submitit", slurm_partition="gpu", gpus_per_node=8,
                                          job_timeout_min=60, wait_for_jobs=False, num_workers=4))
     assert opts == {"executor": "submitit", "cluster": None, "wait": False,
-                    "resources": {"gpus_per_node": 8, "timeout_min": 60, "tasks_per_node": 1, "cpus_per_task": 5,
+                    "resources": {"gpus_per_node": 8, "timeout_min": 60, "cpus_per_task": 5,
                                   "slurm_partition": "gpu"}}
     with pytest.raises(ParamsError, match="'executor' = 'ray' is not one of"):
         t2t.Params(executor="ray")

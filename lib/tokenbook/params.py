@@ -349,19 +349,38 @@ class LaunchParams(Params):
                           choices=("kernel", "processes", "torchrun", "submitit"))
     cluster: str = param("", "submitit only: slurm, local or debug; empty means SLURM when there is one, else local")
     slurm_partition: str = param("", "submitit only: the SLURM partition; empty means the cluster's default")
-    gpus_per_node: int = param(1, "submitit only: GPUs of each run's job [0, inf)")
+    gpus_per_node: int = param(0, "submitit only: GPUs of each run's job; 0 takes them from the recipe (one per "
+                                  "device of a GPU run, one task per device: tokenbook.runs.job_resources) [0, inf)",
+                               none=0)
     job_timeout_min: int = param(4320, "submitit only: time limit of each job in minutes; a job that reaches it is "
                                        "requeued and resumes from its checkpoint [1, inf)")
     wait_for_jobs: bool = param(True, "submitit only: wait for the jobs; False stops the notebook after submitting "
                                       "them, and the next execution collects them")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        devices, strategy = self.get("devices", 1), str(self.get("strategy", "auto") or "auto")
+        if not isinstance(devices, int) or devices <= 1 and int(self.get("num_nodes", 1) or 1) <= 1:
+            return
+        starts_ranks = strategy.startswith(("ddp_notebook", "ddp_fork", "ddp_spawn"))
+        if self.executor in ("torchrun", "submitit") and starts_ranks:
+            raise ParamsError(f"executor {self.executor!r} starts the {devices} ranks of a run itself: use strategy "
+                              f"'ddp', not {strategy!r} (which starts them from the kernel)")
+        if self.executor in ("kernel", "processes") and strategy.startswith("ddp") and not starts_ranks:
+            raise ParamsError(f"strategy {strategy!r} over {devices} devices needs ranks started from outside: "
+                              "executor torchrun (this node) or submitit (a cluster), or strategy ddp_notebook to "
+                              "start them from the kernel")
+
     def launch_options(self) -> dict:
         """The launcher keywords these parameters say: ``executor``, and for submitit the cluster, the job
-        resources (GPUs, time limit, one task with a CPU per loader worker and one, the partition) and ``wait``."""
+        resources (time limit, a CPU per loader worker and one for each task, the partition, and GPUs only when
+        ``gpus_per_node`` is set: otherwise the launcher takes nodes, tasks and GPUs from each run's recipe,
+        :func:`tokenbook.runs.job_resources`) and ``wait``."""
         if self.executor != "submitit":
             return {"executor": self.executor}
-        res = {"gpus_per_node": self.gpus_per_node, "timeout_min": self.job_timeout_min, "tasks_per_node": 1,
-               "cpus_per_task": max(1, int(self.get("num_workers", 0) or 0) + 1)}
+        res = {"timeout_min": self.job_timeout_min, "cpus_per_task": max(1, int(self.get("num_workers", 0) or 0) + 1)}
+        if self.gpus_per_node:
+            res["gpus_per_node"] = self.gpus_per_node
         if self.slurm_partition:
             res["slurm_partition"] = self.slurm_partition
         return {"executor": "submitit", "cluster": self.cluster or None, "resources": res,

@@ -32,8 +32,9 @@ nothing.
   started), rank 0 writes the store. One run after the other; a killed run resumes like the others.
 - ``executor="submitit"``: one job per missing run through `submitit <https://github.com/facebookincubator/submitit>`_
   (SLURM on a cluster, ``cluster="local"`` for processes on this machine, ``"debug"`` in this process); the
-  job's resources are ``resources`` updated by the spec's own (``nodes``, ``gpus_per_node``, ``timeout_min``,
-  ``slurm_partition``, ...). A preempted or timed-out job is requeued by submitit and resumes from its
+  job's shape comes from the run's recipe (:func:`job_resources`: ``nodes`` = ``num_nodes``, one task and GPU per
+  device), then ``resources``, then the spec's own (``timeout_min``, ``slurm_partition``, ...). A job of several
+  tasks is one DDP run over all of them (train config ``strategy="ddp"``): global rank 0 writes the store. A preempted or timed-out job is requeued by submitit and resumes from its
   checkpoint. ``wait=False`` returns at once with :class:`RunsPendingError` naming the jobs; the next
   ``launch`` of the same specs does not submit them again, it waits for them (or reads them, once finished).
   The store must be on a file system the jobs see.
@@ -61,7 +62,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
-           "float_environment", "fit_args", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
+           "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
 
@@ -316,14 +317,64 @@ def _nproc(spec: RunSpec, resources: Optional[dict]) -> int:
     return n
 
 
+def job_resources(spec: RunSpec) -> dict:
+    """The job shape a run's recipe asks for (``executor="submitit"``), from its train config (``args["train"]``):
+    ``nodes`` = ``num_nodes``, and for ``devices`` > 1 one task per device on each node (``tasks_per_node``), each
+    task one DDP rank (``strategy="ddp"``), with ``gpus_per_node`` = ``devices`` on a GPU recipe (accelerator
+    ``cuda``/``gpu``/``auto``; none on ``cpu``). ``{}`` for a one-process run or a trainer without a train config.
+    :func:`launch` lays ``resources`` and then the spec's own ``resources`` over it."""
+    train = spec.args.get("train")
+    if not isinstance(train, dict):
+        return {}
+    devices, nodes = train.get("devices", 1), train.get("num_nodes", 1) or 1
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"run {spec.label or spec.trainer}: num_nodes must be a positive integer, got {nodes!r}")
+    out: dict = {"nodes": nodes} if nodes > 1 else {}
+    if isinstance(devices, int) and devices > 1:
+        out["tasks_per_node"] = devices
+        if train.get("accelerator", "auto") in ("cuda", "gpu", "auto"):
+            out["gpus_per_node"] = devices
+    elif nodes > 1:
+        raise ValueError(f"run {spec.label or spec.trainer}: {nodes} nodes need an integer number of devices per "
+                         f"node in the train config, got {devices!r}")
+    return out
+
+
+def _export_ddp_env() -> int:
+    """In a task of a multi-task submitit job: the torch.distributed variables of this task (master address and
+    port, rank, world size, local rank, node as ``GROUP_RANK``) and ``TORCHELASTIC_RUN_ID``, so that Fabric joins
+    the job's tasks as it joins torchrun's ranks (its TorchElastic environment, which it prefers inside SLURM
+    too). Every task keeps all of its node's GPUs visible (Fabric picks the one of its local rank). Returns the
+    global rank."""
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    env = JobEnvironment()
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    os.environ["GROUP_RANK"] = str(env.node)
+    os.environ["TORCHELASTIC_RUN_ID"] = f"tokenbook-{env.job_id}"
+    return int(env.global_rank)
+
+
 class _Job:
-    """What a submitit job calls: :func:`_worker` for one run. On preemption or timeout submitit calls
-    :meth:`checkpoint` and requeues the same call, which resumes from the run's ``last.ckpt``."""
+    """What a submitit job calls: :func:`_worker` for one run. A job of several tasks (a run over several GPUs or
+    nodes, :func:`job_resources`) is one DDP run: every task is a rank (:func:`_export_ddp_env`), global rank 0
+    trains into the store, the others run the same trainer uncached, as under torchrun. On preemption or timeout
+    submitit calls :meth:`checkpoint` and requeues the same call, which resumes from the run's ``last.ckpt``."""
 
     def __init__(self, location: str, key: str, spec: RunSpec, threads: int):
         self.location, self.key, self.spec, self.threads = location, key, spec, threads
 
     def __call__(self) -> float:
+        from submitit import JobEnvironment
+
+        if JobEnvironment().num_tasks > 1 and _export_ddp_env() != 0:
+            import torch
+
+            torch.set_num_threads(self.threads)
+            t0 = time.perf_counter()
+            _execute(self.key, self.spec.trainer, _resumable_args(self.spec, Path(self.location), self.key))
+            return time.perf_counter() - t0
         return _worker(self.location, self.key, self.spec, self.threads)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -365,8 +416,8 @@ def _submit(location: Path, todo: dict, threads: int, cluster: Optional[str], re
         if job is None:
             if executor is None:
                 executor = submitit.AutoExecutor(folder=str(location / "jobs" / "%j"), cluster=cluster)
-            executor.update_parameters(**{"timeout_min": 24 * 60, "name": "tokenbook", **(resources or {}),
-                                          **s.resources})
+            executor.update_parameters(**{"timeout_min": 24 * 60, "name": "tokenbook", **job_resources(s),
+                                          **(resources or {}), **s.resources})
             job = executor.submit(_Job(str(location), k, s, threads))
             _job_record(location, k).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(_job_record(location, k), pickle.dumps(job))
@@ -446,7 +497,7 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
                                    running)
         for k, job in jobs.items():
             try:
-                seconds[k] = job.result()
+                seconds[k] = job.results()[0]  # task 0's (the only one, or DDP rank 0 of a multi-task job)
             except Exception as e:
                 errors[k] = e
             finally:
