@@ -98,6 +98,15 @@ def test_baselines_smoke_tables(smoke_results):
 
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["notes"]["runs"][0]["source"] == "trained" and len(meta["notes"]["runs"][0]["key"]) == 12
+    # the small ViT over its seeds (smoke: 2): one row per seed, then mean, sd and the 95 % interval of the top-1
+    spread = pd.read_csv(folder / "seed_spread.csv")
+    assert list(spread["seed"].astype(str)) == ["0", "1", "mean", "sd (ddof 1)", "95 % CI low", "95 % CI high"]
+    per_seed = spread["top1"].iloc[:2]
+    assert spread["top1"].iloc[2] == pytest.approx(per_seed.mean()) and spread["top1"].iloc[3] == pytest.approx(
+        per_seed.std(ddof=1))
+    assert spread["top1"].iloc[4] <= spread["top1"].iloc[2] <= spread["top1"].iloc[5]
+    assert meta["notes"]["small_vit_top1_seeds"] == pytest.approx(list(per_seed))
+    assert set(spread["plateaued"].iloc[:2]) <= {"yes", "no"} and len(meta["notes"]["runs"]) == 2
     assert meta["notes"]["below_floor"].startswith("failed run") == (fl.loc["from-scratch baseline", "top1"] < lr_floor)
 
 

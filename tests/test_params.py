@@ -242,3 +242,36 @@ def test_the_full_toe_profile_is_one_ddp_run_per_arm_over_the_node():
                         p.batch_size, p.seeds[0])
     assert spec.args["train"]["devices"] == 4 and runs._nproc(spec, None) == 4
     assert runs.job_resources(spec) == {"tasks_per_node": 4, "gpus_per_node": 4}
+
+
+def test_the_workbook_vit_is_one_stored_run_for_00_01_and_03():
+    """Issue 19 item 4: at the cpu scale 00's small ViT, 01's ViT baseline and 03's full-token arm are the same run
+    (model, recipe, data, batch, seed, executor threads), built the way each notebook builds it, so the store trains
+    each seed once for the workbook. Fails when one notebook's profile or spec drifts from the others."""
+    import dataclasses
+
+    import yaml
+
+    from tokenbook import runs
+    from tokenbook.experiments import baselines, toe, vittm
+    from tokenbook.experiments.vittm_runs import run_spec
+
+    def load(nb, cls):
+        return cls.from_mapping(yaml.safe_load((ROOT / "notebooks/params" / nb / "cpu.yaml").read_text()))
+
+    p0, p1, p3 = load("00_baselines", baselines.Params), load("01_vittm", vittm.Params), load("03_toe", toe.Params)
+    assert p0.seeds == p1.seeds == p3.seeds and p0.executor == p1.executor == p3.executor == "processes"
+    classes = 10
+    t1 = vittm.make_train_config(p1, p1.recipe)
+    for s in p0.seeds:
+        s0 = baselines.small_vit_spec(p0.model_name, p0.data_config(), dataclasses.replace(p0.train_config(), seed=s),
+                                      p0.num_workers, classes)
+        s1 = run_spec(p1.vit_name, {"drop_path_rate": p1.drop_path_rate, "img_size": p1.img_size,
+                                    "num_classes": classes}, p1.data_config(), dataclasses.replace(t1, seed=s),
+                      p1.batch_size, p1.num_workers)
+        s3 = toe.arm_spec(p3.model_name, {"num_classes": classes, "img_size": p3.img_size,
+                                          "drop_path_rate": p3.drop_path_rate}, None, p3.toe_block_index,
+                          p3.data_config(), toe.train_config(p3), p3.batch_size, s, p3.num_workers)
+        assert s0.trainer == s1.trainer == s3.trainer == "tokenbook.runs:train_classifier"
+        assert s0.args == s1.args == s3.args, (s0.args, s1.args, s3.args)
+        assert runs.run_key(s0, 1) == runs.run_key(s1, 1) == runs.run_key(s3, 1)

@@ -543,7 +543,7 @@ def test_launch_options_and_the_executor_parameter():
     opts = toe_runs.launch_options(P(executor="submitit", slurm_partition="gpu", gpus_per_node=4,
                                      job_timeout_min=60, wait_for_jobs=False, num_workers=3))
     assert opts == {"executor": "submitit", "cluster": None, "wait": False,
-                    "resources": {"gpus_per_node": 4, "timeout_min": 60, "tasks_per_node": 1, "cpus_per_task": 4,
+                    "resources": {"gpus_per_node": 4, "timeout_min": 60, "cpus_per_task": 4,
                                   "slurm_partition": "gpu"}}
     with pytest.raises(ParamsError, match="'executor' = 'ray' is not one of"):
         P(executor="ray")

@@ -13,8 +13,9 @@ the attention-map figure.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
@@ -38,7 +39,12 @@ class Params(_Params):
     PROOF: ClassVar[dict] = {"train_subset": 500, "val_subset": 250, "num_workers": 0, "latency_batch": 1,
                              "latency_min_run_time": 0.05, "bench_throughput": False, "bench_seeds": False}
 
-    seed: int = param(0, "seed for model init and data order [0, inf)")
+    seed: int = param(0, "seed of the floors, the benchmarks and the figures' images [0, inf)")
+    seeds: list[int] = param([0], "training seeds of the small ViT, each one stored run; the first is the model "
+                                  "shown, several give its seed-to-seed spread (the noise the power rule uses)")
+    executor: str = param("kernel", "where the small ViT's runs train: kernel (one after the other) or processes "
+                                    "(side by side, one thread each: the same stored runs as 01's ViT and 03's "
+                                    "full-token arm)", choices=("kernel", "processes"))
     dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
     data_dir: str = param(
         "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
@@ -87,7 +93,7 @@ class Params(_Params):
     seeds_bench_repeats: int = param(3, "interleaved repeats of the seeds-per-hour benchmark (median and IQR) [3, inf)")
 
 __all__ = ["parse_models", "efficiency", "vs_published", "small_vit_summary", "attention_figure", "throughput",
-           "throughput_decision", "train_small_vit", "small_vit_spec", "floor_comparison", "seeds_decision"]
+           "throughput_decision", "small_vit_spec", "seed_spread", "floor_comparison", "seeds_decision"]
 
 PAPER = "baselines"
 
@@ -130,36 +136,16 @@ def small_vit_summary(model: nn.Module, model_name: str, dataset: str, bundle: A
     }])
 
 
-def small_vit_spec(model_name: str, data_config: Any, train_config: Any, num_workers: int = 0):
-    """The run description (:class:`tokenbook.runs.RunSpec`) of the small ViT of section 2: everything that decides
-    it (model, data, recipe, seed), so that the run store trains it once."""
-    from dataclasses import asdict
+def small_vit_spec(model_name: str, data_config: Any, train_config: Any, num_workers: int = 0,
+                   num_classes: Optional[int] = None):
+    """The run description (:class:`tokenbook.runs.RunSpec`) of the small ViT of section 2: the workbook's plain
+    classifier run (:func:`tokenbook.runs.classifier_spec`), so that the store trains it once for every notebook that
+    uses the same model, recipe, data and seed (01's ViT baseline, 03's full-token arm at the cpu scale).
+    ``num_classes``: the data's (default: the model's own)."""
+    from tokenbook.runs import classifier_spec
 
-    from tokenbook.runs import RunSpec
-
-    return RunSpec("tokenbook.experiments.baselines:train_small_vit",
-                   {"model_name": model_name, "data": asdict(data_config), "train": asdict(train_config),
-                    "num_workers": int(num_workers)}, label=f"{model_name} seed {train_config.seed}")
-
-
-def train_small_vit(model_name: str, data: dict, train: dict, num_workers: int = 0):
-    """Trainer of :func:`small_vit_spec`: load the data, build the timm model from the seed, :func:`fit` it, and
-    return a :class:`tokenbook.runs.TrainedRun` (weights on the CPU, history, final metrics, timing)."""
-    import timm
-
-    import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
-    from tokenbook import data as D
-    from tokenbook import repro
-    from tokenbook.runs import TrainedRun
-    from tokenbook.train import TrainConfig, fit
-
-    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
-    bundle = D.load_data(dcfg)
-    train_loader, val_loader = D.make_loaders(bundle, tcfg.batch_size, num_workers=num_workers, seed=tcfg.seed)
-    repro.seed_everything(tcfg.seed)
-    model = timm.create_model(model_name, num_classes=bundle.num_classes, img_size=dcfg.img_size)
-    res = fit(model, train_loader, val_loader, tcfg, preprocess=bundle.preprocess, desc=model_name)
-    return TrainedRun.from_fit(res)
+    kw = {"img_size": data_config.img_size, **({"num_classes": num_classes} if num_classes else {})}
+    return classifier_spec(model_name, kw, data_config, train_config, train_config.batch_size, num_workers)
 
 
 def attention_figure(model: nn.Module, bundle: Any, num_images: int, title: str):
@@ -249,6 +235,33 @@ def throughput_decision(tp: pd.DataFrame, gain_needed: float = 1.1, run_s: float
                      "measured": f"{float(r['vs_fit']):.2f}x fit() on batches in memory",
                      "decision": "kept: the runs read the Arrow-backed dataset as a user's would"})
     return pd.DataFrame(rows)
+
+
+def seed_spread(runs: Sequence[Any]) -> pd.DataFrame:
+    """The small ViT's runs over its seeds (:class:`tokenbook.runs.Run`, one per seed): one row per seed (final
+    top-1/top-5, best top-1, the gain over the last 20 % of the evaluations by the library's plateau criterion,
+    training seconds, where the run came from), then the mean, the sample standard deviation and a Student-t 95 %
+    interval of the final top-1 (one row each; with one seed only the mean)."""
+    from tokenbook.claims import mean_ci, plateau
+
+    rows = []
+    for r in runs:
+        h, out = r.output.history, r.output
+        done, gain = plateau(list(h["val_top1"].dropna()))
+        rows.append({"seed": str(r.spec.args["train"]["seed"]),
+                     "top1": float(out.final["val_top1"]), "top5": float(out.final.get("val_top5", float("nan"))),
+                     "best_top1": float(h["val_top1"].max()), "last_20pct_gain_pts": gain,
+                     "plateaued": "yes" if done else "no", "train_wall_s": float(out.timing["wall_time_s"]),
+                     "source": r.source})
+    top1 = [row["top1"] for row in rows]
+    df = pd.DataFrame(rows)
+    if len(top1) >= 2:
+        m, lo, hi = mean_ci(top1)
+        sd = float(np.std(top1, ddof=1))
+        extra = [{"seed": "mean", "top1": m}, {"seed": "sd (ddof 1)", "top1": sd},
+                 {"seed": "95 % CI low", "top1": lo}, {"seed": "95 % CI high", "top1": hi}]
+        df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+    return df
 
 
 def floor_comparison(summary: pd.DataFrame, floor_table: pd.DataFrame) -> pd.DataFrame:

@@ -586,10 +586,13 @@ def arm_spec(model_name: str, model_kwargs: Optional[dict], toe_kwargs: Optional
              data_config: Any, train_config: Any, batch_size: int, seed: int, num_workers: int = 0, label: str = ""):
     """The :class:`tokenbook.runs.RunSpec` of one arm (``toe_kwargs`` None: full-token) for one seed: model, ToE,
     data, recipe (its ``seed`` set to ``seed``), batch and loader workers, everything that decides the run."""
-    from tokenbook.runs import RunSpec, fit_args
+    from tokenbook.runs import RunSpec, classifier_spec, fit_args
 
     train = dataclasses.replace(train_config, seed=int(seed)) if not isinstance(train_config, dict) else \
         {**train_config, "seed": int(seed)}
+    if toe_kwargs is None:  # the full-token arm is the workbook's plain classifier run (00's and 01's ViT too)
+        return classifier_spec(model_name, model_kwargs or {}, data_config, train, batch_size, num_workers,
+                               label=label or f"full-token {model_name} seed {seed}")
     args = fit_args(model_name, model_kwargs or {}, data_config, train, batch_size, num_workers,
                     toe_kwargs=toe_kwargs, block_index=int(block_index), seed=int(seed))
     arm = "full-token" if toe_kwargs is None else "ToE"
@@ -623,9 +626,9 @@ def rebuild_arm(args: dict, out: Any, label: str = "") -> ToERun:
 
     from tokenbook.train import FitResult, TrainConfig
 
-    a = args
-    model = out.load_into(build_model(a["model_name"], a["seed"], a["toe_kwargs"], a["block_index"],
-                                      **a["model_kwargs"]))
+    a = {"toe_kwargs": None, "block_index": 0, **args}  # a full-token arm is a plain classifier run (no ToE)
+    seed = a.get("seed", a["train"]["seed"])
+    model = out.load_into(build_model(a["model_name"], seed, a["toe_kwargs"], a["block_index"], **a["model_kwargs"]))
     ema = None
     if out.ema_state_dict is not None:
         ema = copy.deepcopy(model)  # a deep copy: ToE off, as in fit's EMA model
