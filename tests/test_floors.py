@@ -57,3 +57,39 @@ def test_failed_baseline_runs_names_every_run_below_the_logistic_floor_and_the_t
                                 "worst_seed_top1": 82.0}], table)
     assert list(df["kind"]) == ["from scratch", "floor", "floor"]
     assert list(df["vs_logistic_floor_pts"]) == [3.0, 0.0, 8.0]
+
+
+def test_floors_are_fitted_once_per_split_and_kept_in_the_store(monkeypatch, tmp_path):
+    """floors_table without loaders is fitted once per split for the workbook (00-03 share the cpu scale's split):
+    the second call reads the store; another split (one pixel changed), other arguments or store=False fit again."""
+    from tokenbook import floors
+
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "store"))
+    calls = []
+
+    def logistic(bundle, seed=0, **kw):
+        calls.append(("logistic", seed))
+        return {"model": "logistic regression on pixels", "top1": 50.0 + len(calls), "top5": None, "train_s": 1.0,
+                "params": 21}
+
+    def cnn(bundle, tl, vl, epochs=5, seed=0, **kw):
+        calls.append(("cnn", epochs))
+        return {"model": "small CNN", "top1": 60.0, "top5": 90.0, "train_s": 2.0, "params": 99}
+
+    monkeypatch.setattr(floors, "logistic_floor", logistic)
+    monkeypatch.setattr(floors, "cnn_floor", cnn)
+    monkeypatch.setattr("tokenbook.data.make_loaders", lambda *a, **k: (None, None))
+    b = _Bundle()
+    first = floors.floors_table(b, cnn_epochs=3)
+    again = floors.floors_table(b, cnn_epochs=3)
+    assert len(calls) == 2 and again.equals(first)  # read back: the same table, nothing fitted
+    floors.floors_table(b, cnn_epochs=4)  # another recipe
+    assert len(calls) == 4
+    other = _Bundle()
+    other.val.x = other.val.x.clone()
+    other.val.x[0, 0, 0, 0] += 1.0  # one pixel of the split differs
+    assert floors.data_fingerprint(other) != floors.data_fingerprint(b)
+    floors.floors_table(other, cnn_epochs=3)
+    assert len(calls) == 6
+    floors.floors_table(b, cnn_epochs=3, store=False)  # asked not to keep it
+    assert len(calls) == 8

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["pixels", "logistic_floor", "SmallCNN", "cnn_floor", "floors_table", "below_floor", "logistic_top1",
-           "failed_baseline_runs", "beside_floors", "arm_row", "runs_below"]
+           "failed_baseline_runs", "beside_floors", "arm_row", "runs_below", "data_fingerprint"]
 
 
 def pixels(dataset: Any, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -110,14 +110,62 @@ def cnn_floor(bundle: Any, train_loader: Any, val_loader: Any, epochs: int = 5, 
             "params": int(sum(p.numel() for p in model.parameters()))}
 
 
+def data_fingerprint(bundle: Any) -> str:
+    """sha256 of every training and validation item of ``bundle`` (image tensor bytes, shape, dtype and label, in
+    order), its data config and its preprocessing: what the floors are fitted on, whatever built the bundle."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in (bundle.train, bundle.val):
+        h.update(f"{len(part)}|".encode())
+        for i in range(len(part)):
+            x, y = part[i]
+            t = torch.as_tensor(x).contiguous()
+            h.update(f"{tuple(t.shape)}{t.dtype}{int(y)}|".encode())
+            h.update(t.numpy().tobytes())
+    h.update(repr(getattr(bundle, "config", None)).encode() + repr(getattr(bundle, "preprocess", None)).encode())
+    return h.hexdigest()
+
+
+def _floors_fit(key: str, bundle: Any, cnn_epochs: int, seed: int, accelerator: str,
+                max_steps_per_epoch: Optional[int], batch_size: int, num_workers: int,
+                max_steps: Optional[int]) -> "Any":
+    """The cached call of :func:`floors_table` (``key`` covers everything; ``bundle`` is not hashed)."""
+    return floors_table(bundle, cnn_epochs=cnn_epochs, seed=seed, accelerator=accelerator,
+                        max_steps_per_epoch=max_steps_per_epoch, batch_size=batch_size, num_workers=num_workers,
+                        max_steps=max_steps, store=False)
+
+
 def floors_table(bundle: Any, train_loader: Any = None, val_loader: Any = None, cnn_epochs: int = 5, seed: int = 0,
                  accelerator: str = "auto", max_steps_per_epoch: Optional[int] = None, batch_size: int = 128,
-                 num_workers: int = 0, max_steps: Optional[int] = None) -> "Any":
+                 num_workers: int = 0, max_steps: Optional[int] = None, store: bool = True) -> "Any":
     """Both floors on the notebook's split, one row each. Without loaders the CNN trains on
     ``data.make_loaders(bundle, batch_size, seed=seed)``. ``max_steps`` caps the CNN's optimizer updates like every
-    run of a ``--proof`` (its row then says so)."""
+    run of a ``--proof`` (its row then says so).
+
+    Without loaders and with ``store`` (the default) the table is fitted once per split for the whole workbook: it
+    is kept in the run store (``<store>/floors``, a :class:`joblib.Memory` cache) under a key of the split's
+    content (:func:`data_fingerprint`), these arguments, the code version and the float environment (device, torch
+    threads), so 00-03, which share the cpu scale's split, fit it once. The rows then carry the seconds of the fit
+    that made them."""
     import pandas as pd
 
+    if store and train_loader is None and val_loader is None:
+        import hashlib
+        import json
+
+        from joblib import Memory
+
+        from .runs import code_version, float_environment, store_dir
+
+        args = dict(cnn_epochs=int(cnn_epochs), seed=int(seed), accelerator=accelerator,
+                    max_steps_per_epoch=max_steps_per_epoch, batch_size=int(batch_size), num_workers=int(num_workers),
+                    max_steps=max_steps)
+        key = hashlib.sha256(json.dumps({"data": data_fingerprint(bundle), "args": args, "code": code_version(),
+                                         "env": float_environment(torch.get_num_threads(), accelerator)},
+                                        sort_keys=True).encode()).hexdigest()
+        cached = Memory(str(store_dir() / "floors"), verbose=0).cache(_floors_fit, ignore=["bundle"])
+        return cached(key, bundle, **args)
     if train_loader is None or val_loader is None:
         from .data import make_loaders
 

@@ -88,6 +88,8 @@ class Params(_Params):
     fit_floors: bool = param(True,
                              "also fit the reference floors on the same split: logistic regression on pixels, a "
                              "small CNN")
+    floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor (01-03's, so the workbook fits the split's "
+                                      "floors once) [1, inf)")
     bench_seeds: bool = param(True, "seeds-per-hour benchmark: one seed after another vs processes vs a vmap ensemble")
     seeds_bench_steps: int = param(2, "timed steps per way and repeat of the seeds-per-hour benchmark [1, inf)")
     seeds_bench_repeats: int = param(3, "interleaved repeats of the seeds-per-hour benchmark (median and IQR) [3, inf)")
