@@ -236,6 +236,10 @@ def test_plateau_is_less_than_half_a_point_over_the_last_fifth_of_the_evaluation
     ok, gain = plateau([50, 60, 70, 80])
     assert not ok and gain == pytest.approx(10)
     assert plateau([50])[0] is False  # too short to tell
+    # a dip at the window's start that comes back to the earlier best gained nothing; a new best beyond it did
+    assert plateau([70, 80, 86, 85.2, 85.9]) == (True, pytest.approx(-0.1))
+    assert plateau([70, 80, 86, 85.2, 86.6]) == (False, pytest.approx(0.6))
+    assert plateau([50, 60, 70, 75, 78, 79, 79.5, 80.0, 79.0, 80.4]) == (True, pytest.approx(0.4))
     note = plateau_note([[50, 70, 80, 80.2], [40, 60, 75, 78]])
     assert note.startswith("no:") and "+3.0" in note and "1/2 runs" in note and "20 %" in note
     assert plateau_note([[70, 80, 80.2], [75, 78, 78.1]]).startswith("yes:")
