@@ -304,3 +304,32 @@ def test_full_profile_recipe_runs_on_fake_folder(tmp_path):
     assert "[paper]" in row["paper_source"]
     with pytest.raises(FileNotFoundError, match="ImageNet-21k"):
         memory.load_backbone(p["model_name"], 10, checkpoint_file=str(tmp_path / "missing.npz"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cpu profile's recipe, the store's backbone refs
+# ----------------------------------------------------------------------------------------------------------
+def test_cpu_profile_pretraining_recipe_is_the_workbooks():
+    p = profile_params("cpu")
+    cfg = memory.pretrain_config(p)
+    assert (cfg.opt, cfg.lr, cfg.weight_decay, cfg.label_smoothing, cfg.warmup_epochs, cfg.sched, cfg.batch_size) == (
+        "adamw", 2e-3, 0.05, 0.1, 1.0, "cosine", 128)
+    assert cfg.max_steps is None and memory.pretrain_config({**p, "max_steps": 3}).max_steps == 3
+    ft = memory.finetune_train_config(p)
+    assert memory.finetune_config(ft, "full", 1000, 0, p["full_lr"]).lr == p["full_lr"] != p["lr"]
+    assert ft.eval_every == 1 and ft.epochs == p["epochs"]  # every epoch evaluated: the plateau curves
+    assert not profile_params("full")["fit_floors"] and profile_params("gpu")["fit_floors"]
+
+
+def test_checkpoint_backbone_ref_loads_the_file(tmp_path):
+    src = timm.create_model("vit_fm_tiny_p7_28", num_classes=3)
+    ckpt = tmp_path / "bb.pth"
+    torch.save(src.state_dict(), ckpt)
+    ref = memory.backbone_ref("vit_fm_tiny_p7_28", 3, 28, 0, str(ckpt), 3)
+    bb = memory.load_ref_backbone(ref)
+    assert not bb.training and not any(q.requires_grad for q in bb.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), bb.state_dict().values()))
+    targ = memory.task_args("digits", 28, 40, 20, (0.5,) * 3, (0.5,) * 3)
+    task = memory.load_task(targ)
+    assert task.name == "digits" and len(task.bundle.train) == 40 and len(task.bundle.val) == 20
+    assert memory.task_args("digits", 28, 0, 0, (0.5,), (0.5,))["train_subset"] is None  # 0 means all

@@ -34,7 +34,7 @@ from tokenbook.methods.memory_finetune import finetune_model, set_trainable, tra
 from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_option, build_attention_mask,
                                      concatenate, create_memory_vit, memory_task_params, naive_concatenate,
                                      record_attention, table1_mask, task_parameter_count)
-from tokenbook.params import Params as _Params
+from tokenbook.params import LaunchParams
 from tokenbook.params import as_list, param
 
 
@@ -42,13 +42,14 @@ from tokenbook.params import as_list, param
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(_Params):
+class Params(LaunchParams):  # the launcher fields (executor, ...) come from the base (tokenbook.params)
     """The parameters of notebooks/05_memory.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "05_memory"
     #: run_all.sh --proof: two seeds, a CPU batch, the shortest latency timing; every target task and method kept
     PROOF: ClassVar[dict] = {"seeds": [0, 1], "batch_size": 4, "eval_batch_size": 8, "num_workers": 0,
-                             "latency_min_run_time": 0.05, "num_figure_images": 2}
+                             "latency_min_run_time": 0.05, "num_figure_images": 2,
+                             "executor": "kernel", "floor_cnn_epochs": 1}
 
     seed: int = param(0, "seed of the source pre-training and of the data subsets [0, inf)")
     seeds: list[int] = param([0, 1, 2], "fine-tuning seeds: every method runs once per seed, paired by seed")
@@ -65,6 +66,11 @@ class Params(_Params):
     pretrain_epochs: int = param(6, "source pre-training epochs, AdamW [0, inf)")
     pretrain_lr: float = param(0.002, "source pre-training peak learning rate (0, inf)")
     pretrain_batch_size: int = param(128, "source pre-training batch size [1, inf)")
+    pretrain_label_smoothing: float = param(0.0, "label smoothing of the source pre-training [0, 1)")
+    pretrain_warmup_epochs: float = param(1.0, "linear warm-up epochs of the source pre-training [0, inf)")
+    fit_floors: bool = param(True, "fit the reference floors (logistic regression on pixels, small CNN) on the "
+                                   "source split and on every target task's split")
+    floor_cnn_epochs: int = param(5, "epochs of the small-CNN floor [1, inf)")
     targets: list[str] = param(["fm:4,5,6", "fm:7,8,9", "digits"],
                                "target tasks fm:<classes>, digits, folder:<path>, hf:<id>")
     train_subset: int = param(1200, "training images per target task; 0 means all [0, inf)", none=0)
@@ -104,7 +110,9 @@ __all__ = [
     "finetune_config", "FinetuneRun", "run_finetune_table", "run_finetune_seeds", "seed_summary", "per_seed_table",
     "arm_means", "val_curves", "source_head_max_diff", "claims_scale", "claims_evidence", "claims_markdown", "paper_finetune_table", "finetune_side_by_side",
     "finetune_vs_paper", "parameter_table", "collect_logits", "concatenation_study", "naive_merge_vs_paper",
-    "train_extension", "extension_study", "merged_efficiency", "recipe_table", "PUBLIC_TRAIN_SIZES",
+    "train_extension", "extension_study", "Pretrained", "pretrain_spec", "train_source_run", "pretrain_backbone",
+    "backbone_ref", "load_ref_backbone", "task_args", "load_task", "finetune_spec", "train_finetune_run",
+    "rebuild_finetune", "launch_finetune_seeds", "pretrain_config", "finetune_seeds", "task_floors", "finetune_beside_floors", "pretrain_beside_floors", "merged_efficiency", "recipe_table", "PUBLIC_TRAIN_SIZES",
     "paper_schedule_examples", "plot_accuracy_vs_cells", "plot_memory_attention", "plot_masks",
     "patch_attention_figure", "findings_markdown",
     # re-exported for the notebook (one import): the model API and the task data
@@ -274,6 +282,46 @@ class FinetuneRun:
     histories: dict
 
 
+def _finetune_one(backbone: nn.Module, task: TargetTask, mode: str, cells: int, tcfg, seed: int,
+                  memory_norm: str = "pre", impl: str = "exact", num_workers: int = 0):
+    """One fine-tuning run (the body shared by the kernel path and the store trainer :func:`train_finetune_run`):
+    fresh loaders seeded with ``seed`` (``fit`` re-seeds the loader's generator per epoch from its current seed, so
+    a shared loader would give a run a data order that depends on the runs before it), the task model built right
+    after ``seed_everything(seed)``, then ``fit`` with the run's own ``TrainConfig`` ``tcfg``. Returns
+    ``(model, FitResult)``."""
+    from tokenbook.data import make_loaders
+    from tokenbook.repro import seed_everything
+    from tokenbook.train import fit
+
+    train_loader, val_loader = make_loaders(task.bundle, tcfg.batch_size, num_workers=num_workers, seed=seed)
+    seed_everything(seed)
+    model = finetune_model(backbone, mode, task.num_classes, cells=cells, task=task.name, memory_norm=memory_norm,
+                           impl=impl)
+    res = fit(model, train_loader, val_loader, tcfg, preprocess=task.bundle.preprocess,
+              desc=f"{task.name} {method_label(mode, cells)}")
+    return model, res
+
+
+def _finetune_row(model: nn.Module, task: TargetTask, mode: str, cells: int, tcfg, final: dict, timing: dict,
+                  macs: bool = True) -> dict:
+    """The result row of one fine-tuning run (top-1, trainable and per-task parameters, schedule, timing; MACs with
+    attention counted when ``macs``)."""
+    from tokenbook import bench
+
+    counts = bench.count_params(model)
+    row = {"task": task.name, "method": method_label(mode, cells), "mode": mode, "cells": cells,
+           "top1": final.get("val_top1"), "trainable_params": counts["trainable"],
+           "task_params": (counts["trainable"] if mode == "full" else task_parameter_count(model, task.name)["total"]),
+           "epochs": tcfg.epochs, "steps": timing["steps"], "lr": tcfg.lr,
+           "train_images": len(task.bundle.train), "val_images": len(task.bundle.val),
+           "train_s": timing["wall_time_s"], "step_ms": timing["step_ms"], "paper_dataset": task.paper_dataset}
+    if macs:
+        x = task.bundle.val[0][0].unsqueeze(0).to(next(model.parameters()).device)
+        mc = bench.count_macs(model, example=task.bundle.preprocess.to(x.device)(x))
+        row.update(gmacs=mc["gmacs"], gflops=mc["gflops"])
+    return row
+
+
 def run_finetune_table(backbone: nn.Module, tasks: Sequence[TargetTask], methods: Sequence[tuple[str, int]], cfg,
                        train_steps: int = 0, full_lr: float = 0.0, seed: int = 0, memory_norm: str = "pre",
                        impl: str = "exact", num_workers: int = 0, keep_full: bool = False, macs: bool = True,
@@ -287,37 +335,13 @@ def run_finetune_table(backbone: nn.Module, tasks: Sequence[TargetTask], methods
     """
     import pandas as pd
 
-    from tokenbook import bench
-    from tokenbook.data import make_loaders
-    from tokenbook.repro import seed_everything
-    from tokenbook.train import fit
-
     rows, models, histories = [], {}, {}
     for task in tasks:
         for mode, cells in methods:
             label = method_label(mode, cells)
-            # fresh loaders per run: fit() re-seeds the loader's generator per epoch from its current seed, so a
-            # shared loader would give a run a data order that depends on the runs before it
-            train_loader, val_loader = make_loaders(task.bundle, cfg.batch_size, num_workers=num_workers, seed=seed)
-            seed_everything(seed)
-            model = finetune_model(backbone, mode, task.num_classes, cells=cells, task=task.name,
-                                   memory_norm=memory_norm, impl=impl)
             tcfg = finetune_config(cfg, mode, len(task.bundle.train), train_steps, full_lr, val_evals)
-            res = fit(model, train_loader, val_loader, tcfg, preprocess=task.bundle.preprocess,
-                      desc=f"{task.name} {label}")
-            counts = bench.count_params(model)
-            row = {"task": task.name, "method": label, "mode": mode, "cells": cells,
-                   "top1": res.final.get("val_top1"), "trainable_params": counts["trainable"],
-                   "task_params": (counts["trainable"] if mode == "full"
-                                   else task_parameter_count(model, task.name)["total"]),
-                   "epochs": tcfg.epochs, "steps": res.timing["steps"], "lr": tcfg.lr,
-                   "train_images": len(task.bundle.train), "val_images": len(task.bundle.val),
-                   "train_s": res.timing["wall_time_s"], "step_ms": res.timing["step_ms"],
-                   "paper_dataset": task.paper_dataset}
-            if macs:
-                x = next(iter(val_loader))[0][:1].to(next(model.parameters()).device)
-                mc = bench.count_macs(model, example=task.bundle.preprocess.to(x.device)(x))
-                row.update(gmacs=mc["gmacs"], gflops=mc["gflops"])
+            model, res = _finetune_one(backbone, task, mode, cells, tcfg, seed, memory_norm, impl, num_workers)
+            row = _finetune_row(model, task, mode, cells, tcfg, res.final, res.timing, macs=macs)
             rows.append(row)
             histories[(task.name, label)] = res.history
             models[(task.name, label)] = model if (mode != "full" or keep_full) else None
@@ -357,6 +381,325 @@ def run_finetune_seeds(backbone: nn.Module, tasks: Sequence[TargetTask], methods
     res = pd.concat(frames, ignore_index=True)
     return FinetuneRun(res[["seed", *[c for c in res.columns if c != "seed"]]], models, histories)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# the same runs through the workbook's run store (tokenbook.runs): the source pre-training is one stored run, every
+# fine-tuning run (task, method, seed) another, keyed by everything that decides it, the backbone's spec included
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Pretrained:
+    """The backbone of the fine-tuning runs: ``backbone`` (frozen, eval mode), the pre-training's ``history`` /
+    ``final`` / ``timing`` (None for a checkpoint file), and ``ref``: what a fine-tuning run's spec names as its
+    backbone (:func:`backbone_ref`; None on the kernel path, where the fine-tuning runs are not stored); ``launched``
+    the run store's records."""
+
+    backbone: nn.Module
+    history: Any = None
+    final: Optional[dict] = None
+    timing: Optional[dict] = None
+    ref: Optional[dict] = None
+    launched: list = dataclasses.field(default_factory=list)
+
+
+def pretrain_spec(model_name: str, model_kwargs: dict, data_config: Any, train_config: Any, batch_size: int,
+                  num_workers: int = 0, label: str = ""):
+    """The :class:`tokenbook.runs.RunSpec` of the source pre-training (:func:`train_source_run`): model, data, recipe,
+    batch, loader workers (``runs.fit_args``)."""
+    from tokenbook.runs import RunSpec, fit_args
+
+    args = fit_args(model_name, model_kwargs, data_config, train_config, batch_size, num_workers)
+    return RunSpec("tokenbook.experiments.memory:train_source_run", args,
+                   label=label or f"source pre-training {model_name}")
+
+
+def _build_backbone(model_name: str, model_kwargs: dict, seed: int) -> nn.Module:
+    from tokenbook.repro import seed_everything
+
+    kw = dict(model_kwargs)
+    seed_everything(seed)
+    return load_backbone(model_name, kw.pop("num_classes"), **kw)
+
+
+def _fit_source(model_name: str, model_kwargs: dict, bundle: Any, cfg, batch_size: int, num_workers: int = 0):
+    """The pre-training body shared by the kernel path and :func:`train_source_run`: the backbone built after
+    ``seed_everything(cfg.seed)``, loaders seeded with ``cfg.seed``, ``fit``. Returns ``(model, FitResult)``."""
+    from tokenbook.data import make_loaders
+    from tokenbook.train import fit
+
+    model = _build_backbone(model_name, model_kwargs, cfg.seed)
+    tl, vl = make_loaders(bundle, batch_size, num_workers=num_workers, seed=cfg.seed)
+    return model, fit(model, tl, vl, cfg, preprocess=bundle.preprocess, desc="source")
+
+
+def train_source_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int,
+                     num_workers: int = 0):
+    """Trainer of :func:`pretrain_spec` (in the kernel, a launcher process or a job): the source data, then
+    :func:`_fit_source`. Returns a :class:`tokenbook.runs.TrainedRun`."""
+    from tokenbook import data as D
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig
+
+    bundle = D.load_data(D.DataConfig(**data))
+    _, res = _fit_source(model_name, model_kwargs, bundle, TrainConfig(**train), batch_size, num_workers)
+    return TrainedRun.from_fit(res)
+
+
+def pretrain_backbone(model_name: str, model_kwargs: dict, bundle: Any, cfg, batch_size: int, num_workers: int = 0,
+                      executor: str = "kernel", via_store: Optional[bool] = None, **launch: Any) -> Pretrained:
+    """Pre-train the backbone on the source task ``bundle`` with ``cfg`` (``model_kwargs``: ``num_classes``, the
+    source head, and ``timm.create_model`` keywords such as ``img_size`` / ``patch_size``).
+
+    ``executor="kernel"`` (``via_store`` None or False): ``fit`` in this process, nothing stored. Any other executor
+    (or ``via_store=True``): one run of the run store (:func:`pretrain_spec`, :func:`train_source_run`), trained once
+    by :func:`tokenbook.runs.launch` (``launch``: ``store``, ``workers``, ``threads``, ... as there) and read back by
+    every later execution; the returned ``ref`` names it for the fine-tuning runs' specs."""
+    from tokenbook import runs as R
+
+    if via_store is None:
+        via_store = executor != "kernel"
+    if not via_store:
+        if executor != "kernel":
+            raise ValueError(f"executor {executor!r} trains through the run store; via_store=False needs 'kernel'")
+        model, res = _fit_source(model_name, model_kwargs, bundle, cfg, batch_size, num_workers)
+        return Pretrained(model.eval().requires_grad_(False), res.history, dict(res.final), dict(res.timing))
+    spec = pretrain_spec(model_name, model_kwargs, bundle.config, cfg, batch_size, num_workers)
+    done = R.launch([spec], executor=executor, **launch)
+    run = done[0]
+    model = run.output.load_into(_build_backbone(model_name, model_kwargs, cfg.seed))
+    ref = {"kind": "stored", "trainer": spec.trainer, "args": spec.args, "threads": run.threads,
+           "accelerator": cfg.accelerator, "store": str(launch["store"]) if launch.get("store") else ""}
+    return Pretrained(model.eval().requires_grad_(False), run.output.history, dict(run.output.final),
+                      dict(run.output.timing), ref, done)
+
+
+def backbone_ref(model_name: str, num_classes: int, img_size: int = 0, patch_size: int = 0,
+                 checkpoint_file: str = "", checkpoint_num_classes: Optional[int] = None) -> dict:
+    """What a fine-tuning run's spec names as its backbone when it is a checkpoint file (the ``full`` profile;
+    :func:`pretrain_backbone` gives the ref of a pre-training of the run store): model, head size, file."""
+    return {"kind": "checkpoint", "model_name": model_name, "num_classes": int(num_classes), "img_size": int(img_size),
+            "patch_size": int(patch_size), "checkpoint_file": str(checkpoint_file),
+            "checkpoint_num_classes": checkpoint_num_classes}
+
+
+def load_ref_backbone(ref: dict) -> nn.Module:
+    """The frozen backbone a fine-tuning spec names (:func:`backbone_ref` or :func:`pretrain_backbone`'s ``ref``):
+    the checkpoint file, or the stored pre-training read from the run store (``ref["store"]``, else the default
+    store; the threads it was trained with are part of its key; trained there when missing)."""
+    from tokenbook import runs as R
+
+    if ref.get("kind") == "checkpoint":
+        bb = load_backbone(ref["model_name"], ref["num_classes"], img_size=ref["img_size"] or None,
+                           patch_size=ref["patch_size"], checkpoint_file=ref["checkpoint_file"],
+                           checkpoint_num_classes=ref["checkpoint_num_classes"])
+    elif ref.get("kind") == "stored":
+        spec = R.RunSpec(ref["trainer"], ref["args"])
+        out = R.launch([spec], executor="kernel", threads=int(ref["threads"]), store=ref.get("store") or None,
+                       verbose=False)[0].output
+        a = ref["args"]
+        bb = out.load_into(_build_backbone(a["model_name"], a["model_kwargs"], a["train"]["seed"]))
+    else:
+        raise ValueError(f"unknown backbone ref kind {ref.get('kind')!r}; use pretrain_backbone or backbone_ref")
+    return bb.eval().requires_grad_(False)
+
+
+def task_args(spec: str, img_size: int, train_subset: Optional[int], val_subset: Optional[int], mean: Sequence[float],
+              std: Sequence[float], preset: str = "none", data_dir: Optional[str] = "", seed: int = 0,
+              channels: int = 3) -> dict:
+    """One target task as JSON-able arguments of :func:`load_target_tasks` (what a fine-tuning spec names)."""
+    return {"spec": str(spec), "img_size": int(img_size), "channels": int(channels),
+            "train_subset": int(train_subset or 0) or None, "val_subset": int(val_subset or 0) or None,
+            "preset": str(preset), "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "data_dir": str(data_dir or ""), "seed": int(seed)}
+
+
+def load_task(args: dict) -> TargetTask:
+    """The target task of :func:`task_args`."""
+    a = dict(args)
+    return load_target_tasks([a.pop("spec")], a.pop("img_size"), data_dir=a.pop("data_dir") or None, **a)[0]
+
+
+def finetune_spec(backbone: dict, task: dict, mode: str, cells: int, train_config: Any, seed: int,
+                  memory_norm: str = "pre", impl: str = "exact", num_workers: int = 0, label: str = ""):
+    """The :class:`tokenbook.runs.RunSpec` of one fine-tuning run: the backbone's ref (a changed pre-training
+    re-runs the fine-tuning), the task (:func:`task_args`), the method, the run's own ``TrainConfig`` (its ``seed``
+    set to ``seed``; :func:`finetune_config` already applied), memory placement and loader workers."""
+    from tokenbook.runs import RunSpec
+
+    _check_option("fine-tuning mode", mode, FINETUNE_MODES)
+    train = dataclasses.asdict(train_config) if not isinstance(train_config, dict) else dict(train_config)
+    train["seed"] = int(seed)
+    args = {"backbone": backbone, "task": task, "mode": mode, "cells": int(cells), "train": train,
+            "batch_size": int(train["batch_size"]), "seed": int(seed), "memory_norm": memory_norm, "impl": impl,
+            "num_workers": int(num_workers)}
+    return RunSpec("tokenbook.experiments.memory:train_finetune_run", args,
+                   label=label or f"{task['spec']} {method_label(mode, cells)} seed {seed}")
+
+
+def train_finetune_run(backbone: dict, task: dict, mode: str, cells: int, train: dict, batch_size: int, seed: int,
+                       memory_norm: str = "pre", impl: str = "exact", num_workers: int = 0):
+    """Trainer of :func:`finetune_spec`: the backbone (:func:`load_ref_backbone`), the task (:func:`load_task`),
+    then the kernel path's body (:func:`_finetune_one`). Returns a :class:`tokenbook.runs.TrainedRun` holding only
+    the trainable tensors (the frozen backbone is the ref's; ``extra["keys"]``: the model's state-dict keys)."""
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig
+
+    bb = load_ref_backbone(backbone)
+    t = load_task(task)
+    cfg = TrainConfig(**{**train, "seed": int(seed), "batch_size": int(batch_size)})
+    model, res = _finetune_one(bb, t, mode, cells, cfg, int(seed), memory_norm, impl, num_workers)
+    out = TrainedRun.from_fit(res)
+    if mode != "full":  # the frozen backbone's tensors are the ref's: keep only what was trained
+        names = set(trainable_parameter_names(model))
+        out.state_dict = {k: v for k, v in out.state_dict.items() if k in names}
+    return out
+
+
+def rebuild_finetune(args: dict, out: Any, backbone: nn.Module, task: TargetTask) -> nn.Module:
+    """The model of a stored fine-tuning run (``args``: its spec's arguments, ``out``: its TrainedRun) on
+    ``backbone`` (the ref's, already loaded) and ``task``, as ``fit`` leaves it (training mode)."""
+    model = finetune_model(backbone, args["mode"], task.num_classes, cells=args["cells"], task=task.name,
+                           memory_norm=args["memory_norm"], impl=args["impl"])
+    if args["mode"] == "full":
+        return out.load_into(model)
+    missing = set(trainable_parameter_names(model)) - set(out.state_dict)
+    if missing:
+        raise ValueError(f"stored run {args['task']['spec']} {method_label(args['mode'], args['cells'])} lacks "
+                         f"{sorted(missing)[:3]}")
+    model.load_state_dict(out.state_dict, strict=False)
+    return model
+
+
+def launch_finetune_seeds(pretrained: Pretrained, tasks: Sequence[TargetTask], task_arguments: Sequence[dict],
+                          methods: Sequence[tuple[str, int]], cfg, seeds: Sequence[int], train_steps: int = 0,
+                          full_lr: float = 0.0, memory_norm: str = "pre", impl: str = "exact", num_workers: int = 0,
+                          keep_full: bool = False, macs: bool = True, val_evals: int = 0, executor: str = "kernel",
+                          **launch: Any) -> FinetuneRun:
+    """:func:`run_finetune_seeds` through the run store: every (seed, task, method) run is one stored run
+    (:func:`finetune_spec`, its backbone ``pretrained.ref``), trained once by :func:`tokenbook.runs.launch`
+    (``executor`` and ``launch`` as there) and read back by every later execution; the models are rebuilt on
+    ``pretrained.backbone`` and the rows written as the kernel path writes them. ``task_arguments[i]`` is
+    ``tasks[i]``'s :func:`task_args` (the tasks are loaded here too, for the rows and the rebuilt models). The
+    result's ``launched`` attribute holds the Run records."""
+    import pandas as pd
+
+    from tokenbook import runs as R
+
+    if pretrained.ref is None:
+        raise ValueError("the backbone has no ref: pre-train it through the store (pretrain_backbone with "
+                         "via_store=True) or name its checkpoint file (backbone_ref)")
+    if len(tasks) != len(task_arguments):
+        raise ValueError(f"{len(tasks)} tasks but {len(task_arguments)} task arguments")
+    if not len(seeds):
+        raise ValueError("no seeds given")
+    plan = []
+    for s in seeds:
+        for task, targs in zip(tasks, task_arguments):
+            for mode, cells in methods:
+                tcfg = finetune_config(dataclasses.replace(cfg, seed=int(s)), mode, len(task.bundle.train),
+                                       train_steps, full_lr, val_evals)
+                plan.append((int(s), task, mode, cells, tcfg,
+                             finetune_spec(pretrained.ref, targs, mode, cells, tcfg, int(s), memory_norm, impl,
+                                           num_workers)))
+    done = R.launch([q[-1] for q in plan], executor=executor, **launch)
+    rows, models, histories, first = [], {}, {}, {}
+    for (s, task, mode, cells, tcfg, spec), run in zip(plan, done):
+        label = method_label(mode, cells)
+        model = rebuild_finetune(spec.args, run.output, pretrained.backbone, task)
+        need_macs = macs and (task.name, label) not in first
+        row = _finetune_row(model, task, mode, cells, tcfg, run.output.final, run.output.timing, macs=need_macs)
+        if macs and not need_macs:
+            row.update(first[(task.name, label)])
+        elif macs:
+            first[(task.name, label)] = {"gmacs": row["gmacs"], "gflops": row["gflops"]}
+        rows.append({"seed": s, **row})
+        histories[(s, task.name, label)] = run.output.history
+        models[(s, task.name, label)] = model if (mode != "full" or keep_full) else None
+    out = FinetuneRun(pd.DataFrame(rows), models, histories)
+    out.launched = done
+    return out
+
+def pretrain_config(params: dict, **overrides: Any):
+    """The source pre-training's ``TrainConfig`` from the notebook's parameters: AdamW (weight decay 0.05), peak
+    ``pretrain_lr``, ``pretrain_warmup_epochs`` of linear warm-up, cosine decay, ``pretrain_label_smoothing``,
+    batch ``pretrain_batch_size``, seed ``seed``, no progress bars (``max_steps``: run_all.sh --proof)."""
+    from tokenbook.train import TrainConfig
+
+    kw = dict(epochs=params["pretrain_epochs"], batch_size=params["pretrain_batch_size"], lr=params["pretrain_lr"],
+              warmup_epochs=float(params.get("pretrain_warmup_epochs", 1.0)),
+              label_smoothing=float(params.get("pretrain_label_smoothing", 0.0)), accelerator=params["accelerator"],
+              precision=params["precision"], seed=params["seed"], progress=False,
+              max_steps=params.get("max_steps") or None)
+    kw.update(overrides)
+    return TrainConfig(**kw)
+
+
+def finetune_seeds(pretrained: Pretrained, tasks: Sequence[TargetTask], task_arguments: Sequence[dict],
+                   methods: Sequence[tuple[str, int]], cfg, seeds: Sequence[int], executor: str = "kernel",
+                   **kw: Any) -> FinetuneRun:
+    """The fine-tuning table over the seeds, where the backbone says: through the run store
+    (:func:`launch_finetune_seeds`) when ``pretrained`` has a ref (pre-trained through the store, or a checkpoint
+    file named with :func:`backbone_ref`), else in this process (:func:`run_finetune_seeds`, ``executor`` must be
+    ``kernel``). ``kw``: ``train_steps``, ``full_lr``, ``memory_norm``, ``num_workers``, ``val_evals``, and for the
+    store path the launcher's keywords."""
+    if pretrained.ref is not None:
+        return launch_finetune_seeds(pretrained, tasks, task_arguments, methods, cfg, seeds, executor=executor, **kw)
+    if executor != "kernel":
+        raise ValueError(f"executor {executor!r} trains through the run store; the backbone needs a ref")
+    launch_keys = {"store", "workers", "threads", "cluster", "resources", "wait"}
+    run = run_finetune_seeds(pretrained.backbone, tasks, methods, cfg, seeds, verbose=False,
+                             **{k: v for k, v in kw.items() if k not in launch_keys})
+    run.launched = []
+    return run
+
+# ----------------------------------------------------------------------------------------------------------
+# reference floors (tokenbook.floors) on every target task's split and on the source task's
+# ----------------------------------------------------------------------------------------------------------
+def task_floors(tasks: Sequence[TargetTask], cnn_epochs: int = 5, seed: int = 0, batch_size: int = 128,
+                accelerator: str = "auto", max_steps: Optional[int] = None) -> "Any":
+    """:func:`tokenbook.floors.floors_table` (logistic regression on pixels, small CNN) on every target task's own
+    split, one table with a leading ``task`` column."""
+    import pandas as pd
+
+    from tokenbook import floors
+
+    return pd.concat([floors.floors_table(t.bundle, cnn_epochs=cnn_epochs, seed=seed, batch_size=batch_size,
+                                          accelerator=accelerator, max_steps=max_steps).assign(task=t.name)
+                      [lambda d: ["task", *[c for c in d.columns if c != "task"]]] for t in tasks],
+                     ignore_index=True)
+
+
+def finetune_beside_floors(results, floors_by_task) -> "Any":
+    """Every fine-tuned arm beside the floors of its target task (:func:`tokenbook.floors.beside_floors`, one block
+    per task): mean and worst-seed top-1 over the seeds, trainable parameters, mean training seconds, and how far
+    each row is above that task's logistic-regression floor."""
+    import pandas as pd
+
+    from tokenbook import floors
+
+    out = []
+    for task, d in results.groupby("task", sort=False):
+        rows = []
+        for m, r in d.groupby("method", sort=False):
+            rows.append({"model": m, "kind": f"fine-tuned from the pre-trained backbone, mean of {len(r)} seed(s)",
+                         "top1": round(float(r["top1"].mean()), 2), "worst_seed_top1": round(float(r["top1"].min()), 2),
+                         "params": int(r["trainable_params"].iloc[0]), "train_s": round(float(r["train_s"].mean()), 1)})
+        fl = floors_by_task[floors_by_task["task"] == task].drop(columns="task")
+        if fl.empty:
+            raise ValueError(f"no floors for target task {task!r}")
+        out.append(floors.beside_floors(rows, fl).assign(task=task))
+    df = pd.concat(out, ignore_index=True)
+    return df[["task", *[c for c in df.columns if c != "task"]]]
+
+
+def pretrain_beside_floors(pretrained: "Pretrained", source_floors, params: int) -> tuple["Any", str]:
+    """The pre-trained backbone beside the source task's floors, and the failed-run reason
+    (:func:`tokenbook.floors.below_floor`: a pre-training below its logistic floor is a failed run; "" when above)."""
+    from tokenbook import floors
+
+    top1 = float(pretrained.final["val_top1"])
+    row = {"model": "pre-trained ViT (source head)", "kind": "pre-trained here on the source task", "top1": top1,
+           "params": int(params), "train_s": round(float(pretrained.timing["wall_time_s"]), 1)}
+    return floors.beside_floors([row], source_floors), floors.below_floor(top1, source_floors) or ""
 
 def _ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
     """Mean and Student-t interval (``tokenbook.claims.mean_ci``); NaN bounds for a single value."""
@@ -455,12 +798,13 @@ def claims_scale(params: dict, tasks: Sequence[TargetTask], seeds: Sequence[int]
 
 
 def claims_evidence(run: FinetuneRun, scale: str, structural: dict[str, tuple[float, str]],
-                    paper: str = "memory") -> list:
+                    paper: str = "memory", failed_run: str = "") -> list:
     """Evidence for every testable claim of the reference sheet: empirical claims from the per-seed mean top-1 over
     target tasks of their two arms (``compare: a, b``), paired by seed, with the plateau note of every run behind
     them (both arms, every task and seed); structural claims from ``structural`` (``{claim id: (value, detail)}``).
     A claim whose arm did not run gets evidence without seeds (judged ``failed``), a structural claim missing from
-    ``structural`` gets none (``failed`` too)."""
+    ``structural`` gets none (``failed`` too). ``failed_run`` (e.g. a pre-training below its source task's
+    logistic floor, :func:`pretrain_beside_floors`) marks every empirical claim's evidence as a failed run."""
     from tokenbook import claims
 
     per_seed = arm_means(run.results)
@@ -480,7 +824,7 @@ def claims_evidence(run: FinetuneRun, scale: str, structural: dict[str, tuple[fl
         detail = "; ".join(f"seed {int(r['seed'])} {r['method']}: " + ", ".join(f"{t} {r[t]:.2f}" for t in tasks)
                            for _, r in per_task.iterrows())
         out.append(claims.paired_evidence(c.id, per_seed, c.a, c.b, scale=scale, detail=f"per task top-1: {detail}",
-                                          curves=curves))
+                                          curves=curves, failed_run=failed_run))
     return out
 
 
