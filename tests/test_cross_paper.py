@@ -145,8 +145,11 @@ def test_parse_arms_and_classes():
     for bad in ([0, 0], [10], ["a"], []):
         with pytest.raises(ValueError):
             X.parse_classes(bad)
-    with pytest.raises(ValueError, match="overlap"):
-        X.target_task({"source_classes": [0, 1, 2], "target_classes": [2, 3], "ft_train_subset": 10,
+    with pytest.raises(ValueError, match="overlaps"):
+        X.target_task({"source_classes": [0, 1, 2], "ft_target": "fm:2,3", "ft_train_subset": 10,
+                       "ft_val_subset": 10, "seed": 0})
+    with pytest.raises(ValueError, match="digits or fm"):
+        X.target_task({"source_classes": [0, 1, 2], "ft_target": "mnist", "ft_train_subset": 10,
                        "ft_val_subset": 10, "seed": 0})
 
 

@@ -52,7 +52,7 @@ import torch.nn as nn
 from tokenbook import bench
 from tokenbook.claims import Evidence, mean_ci, paired_evidence
 from tokenbook.methods import toe as toe_method
-from tokenbook.params import Params as _Params
+from tokenbook.params import LaunchParams as _Params
 from tokenbook.params import as_list, param
 
 
@@ -78,10 +78,23 @@ class Params(_Params):
                              "same batches)")
     data_dir: str = param(
         "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
-    source_classes: list[int] = param([0, 1, 2, 3, 4],
+    source_classes: list[int] = param([0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
                                       "Fashion-MNIST classes of the comparison (and of pre-training for fine-tuning)")
-    target_classes: list[int] = param([5, 6, 7, 8, 9],
-                                      "held-out classes of the fine-tuning rows; never seen in pre-training")
+    ft_target: str = param("digits", "task of the fine-tuning rows, new to the backbones: digits (scikit-learn's "
+                                     "8x8 digits, offline) or fm:<classes> disjoint from source_classes")
+    reuse_notebook_runs: bool = param(False, "build the arms that 01_vittm, 02_t2t_vit and 03_toe train (ViTTM, "
+                                             "T2T-ViT, ViT, ViT + ToE) with those notebooks' spec functions and "
+                                             "parameters of the same profile, so that the run store trains each once "
+                                             "(their split and epochs must equal this notebook's); the compositions "
+                                             "then use their partner's data and recipe")
+    vit_model: str = param("vit_fm_tiny_p4_28", "timm name of the ViT arms (with reuse: 03_toe's model_name)")
+    vittm_model: str = param("vittm_cpu_m2p4_28", "timm name of the ViTTM arms (with reuse: 01_vittm's model_name)")
+    t2t_tokens: int = param(49, "backbone tokens of the T2T-ViT arms at 28 px: 49 or 16 (FMNIST_SOFT_SPLIT_16) [16, 49]",
+                            choices=(16, 49))
+    t2t_depth: int = param(0, "blocks of the T2T-ViT arms; 0 means depth [0, inf)")
+    t2t_num_heads: int = param(0, "attention heads of the T2T-ViT arms; 0 means num_heads [0, inf)")
+    fit_floors: bool = param(True, "fit the reference floors (logistic regression, small CNN) on the source split")
+    floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
     train_subset: int = param(
         2048, "training images of the source classes, class-balanced; 0 means all [0, inf)", none=0)
     val_subset: int = param(1000, "validation images of the source classes; 0 means all [0, inf)", none=0)
@@ -116,7 +129,7 @@ class Params(_Params):
     ta_heads: int = param(2, "TokenAdapt attention heads; official 6 [1, inf)")
     ta_dim_head: int = param(32, "TokenAdapt head width; official 64 [1, inf)")
     storage_images: int = param(500, "validation images encoded as PNG and as tokens for the storage column [1, inf)")
-    ft_train_subset: int = param(1000, "fine-tuning images of the held-out classes; 0 means all [0, inf)")
+    ft_train_subset: int = param(1000, "fine-tuning images of the target task; 0 means all [0, inf)")
     ft_val_subset: int = param(500, "fine-tuning validation images; 0 means all [0, inf)")
     ft_epochs: int = param(3, "fine-tuning epochs (memory and full) [1, inf)")
     ft_batch_size: int = param(64, "fine-tuning batch size [1, inf)")
@@ -136,7 +149,8 @@ class Params(_Params):
 
 __all__ = [
     "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
-    "run_seeds", "finetune_arms", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
+    "run_seeds", "finetune_arms", "pixel_specs", "reused_recipes", "stored_arm", "floor_rows", "arm_model",
+    "source_data_config", "notebook_params", "ft_scale_text", "REUSED_FROM", "PARTNER", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
     "finetune_config",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
@@ -207,14 +221,23 @@ def parse_classes(text: Sequence[int]) -> list[int]:
 # ----------------------------------------------------------------------------------------------------------
 # data and recipes
 # ----------------------------------------------------------------------------------------------------------
-def source_bundle(params: dict):
-    """The pre-training data: Fashion-MNIST ``source_classes`` at 28 px, one channel, class-balanced subsets."""
-    from tokenbook.data import DataConfig, load_data
+def source_data_config(params: dict):
+    """The source split's ``DataConfig``: Fashion-MNIST ``source_classes`` at 28 px, one channel, class-balanced
+    subsets (``classes`` None when all ten: the split 00-03 train on)."""
+    from tokenbook.data import DataConfig
 
-    return load_data(DataConfig(dataset="fashion_mnist", data_dir=params.get("data_dir") or None, img_size=28,
-                                channels=1, train_subset=params["train_subset"] or None,
-                                val_subset=params["val_subset"] or None,
-                                classes=parse_classes(params["source_classes"]), subset_seed=int(params["seed"])))
+    classes = parse_classes(params["source_classes"])
+    return DataConfig(dataset="fashion_mnist", data_dir=params.get("data_dir") or None, img_size=28, channels=1,
+                      train_subset=params["train_subset"] or None, val_subset=params["val_subset"] or None,
+                      classes=None if sorted(classes) == list(range(10)) else classes,
+                      subset_seed=int(params["seed"]))
+
+
+def source_bundle(params: dict):
+    """The pre-training data (:func:`source_data_config`)."""
+    from tokenbook.data import load_data
+
+    return load_data(source_data_config(params))
 
 
 def pixel_config(params: dict, seed: int):
@@ -241,13 +264,27 @@ def token_params(params: dict, seed: int) -> dict:
     return out
 
 
+def arm_model(arm: Arm, params: dict) -> str:
+    """The timm name of ``arm`` under ``params`` (``vit_model`` / ``vittm_model`` for the pixel ViT and ViTTM arms)."""
+    if arm.input == "pixels" and arm.family == "vit":
+        return str(params.get("vit_model", arm.model))
+    if arm.input == "pixels" and arm.family == "vittm":
+        return str(params.get("vittm_model", arm.model))
+    return arm.model
+
+
 def _model_kwargs(arm: Arm, params: dict, num_classes: int) -> dict:
     d, L, h = int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"])
     kw: dict[str, Any] = dict(num_classes=num_classes, embed_dim=d, depth=L, num_heads=h)
     if arm.input == "pixels":
         kw["in_chans"] = 1
         if arm.family == "t2t":
-            kw["img_size"] = 28
+            from tokenbook.models import t2t_vit as tv
+
+            kw.update(img_size=28, depth=int(params.get("t2t_depth") or L),
+                      num_heads=int(params.get("t2t_num_heads") or h))
+            if int(params.get("t2t_tokens", 49)) == 16:
+                kw["soft_split"] = tv.FMNIST_SOFT_SPLIT_16
     else:
         kw.update(in_chans=int(params["code_dim"]), img_size=int(params["crop"]))
     return kw
@@ -269,7 +306,7 @@ def build_arm_model(arm: Arm, params: dict, num_classes: int, seed: int) -> nn.M
     from tokenbook.repro import seed_everything
 
     seed_everything(int(seed))
-    model = timm.create_model(arm.model, **_model_kwargs(arm, params, num_classes))
+    model = timm.create_model(arm_model(arm, params), **_model_kwargs(arm, params, num_classes))
     if arm.toe:
         toe_method.attach_token_select(model, **toe_kwargs(params))
     return model
@@ -278,18 +315,19 @@ def build_arm_model(arm: Arm, params: dict, num_classes: int, seed: int) -> nn.M
 # ----------------------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------------------
-def _example(arm: Arm, params: dict, n: int = 2) -> torch.Tensor:
+def _example(arm: Arm, params: dict, n: int = 2, chans: int = 1) -> torch.Tensor:
     if arm.input == "pixels":
-        return torch.randn(n, 1, 28, 28)
+        return torch.randn(n, int(chans), 28, 28)
     c = int(params["crop"])
     return torch.randn(n, int(params["code_dim"]), c, c)
 
 
-def training_macs(model: nn.Module, arm: Arm, params: dict, steps_per_epoch: int, batch_size: int) -> dict:
+def training_macs(model: nn.Module, arm: Arm, params: dict, steps_per_epoch: int, batch_size: int,
+                  chans: int = 1, epochs: Optional[int] = None) -> dict:
     """Training compute of a run: MACs per training image of one step (forward + backward, counted) x images seen;
     ToE: per epoch at that epoch's stage. Returns total TMACs, per-image GMACs (epoch mean) and per-stage detail."""
-    epochs = int(params["epochs"])
-    x = _example(arm, params)
+    epochs = int(params["epochs"] if epochs is None else epochs)
+    x = _example(arm, params, chans=chans)
     model = model.cpu()
     ts = toe_method.find_token_selects(model)
     per_epoch = []
@@ -393,20 +431,208 @@ def run_arm(key: str, seed: int, params: dict, bundle: Any, tokens: Any = None, 
     return ArmRun(key, int(seed), row, res.history, model)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the pixel arms through the workbook's run store: one run per (arm, seed), trained once for the whole workbook
+# ----------------------------------------------------------------------------------------------------------
+#: the notebook whose run a reused arm is (``reuse_notebook_runs``)
+REUSED_FROM = {"vit": "03_toe", "vit_toe": "03_toe", "t2t": "02_t2t_vit", "vittm": "01_vittm"}
+#: a composition's partner notebook: its data config, recipe, batch and model keywords (paired by seed with it)
+PARTNER = {"t2t_toe": "02_t2t_vit", "vittm_toe": "01_vittm"}
+
+
+def notebook_params(notebook: str, profile: str, root: Any = None):
+    """Another notebook's parameters under ``profile`` (its defaults + its profile's YAML), as its run sees them."""
+    from pathlib import Path
+
+    from tokenbook.results import repo_root
+    from tokenbook.runner import profile_parameters
+
+    return profile_parameters(Path(root) if root is not None else repo_root(), notebook, profile)
+
+
+def reused_recipes(profile: str, num_classes: int, root: Any = None) -> dict[str, dict]:
+    """What 01_vittm, 02_t2t_vit and 03_toe's notebooks hand their store trainers under ``profile``, built as
+    their notebooks build it (their ``Params``, ``data_config()``, train config, model keywords and spec function):
+    ``{notebook: {params, data, train, batch_size, num_workers, models: {arm: (name, kwargs)}, ...}}``."""
+    from tokenbook.experiments import t2t_vit as t2t_exp
+    from tokenbook.experiments import toe as toe_exp
+    from tokenbook.experiments import vittm as vittm_exp
+
+    p1, p2, p3 = (notebook_params(nb, profile, root) for nb in ("01_vittm", "02_t2t_vit", "03_toe"))
+    ttm_kw = dict(drop_path_rate=p1.drop_path_rate, **({"embed_dim": p1.embed_dim} if p1.embed_dim else {}))
+    v = t2t_exp.fmnist_ablations(img_size=p2.img_size, in_chans=p2.channels, num_classes=num_classes,
+                                 embed_dim=p2.embed_dim, depth=p2.depth, num_heads=p2.num_heads, tokens=p2.tokens)
+    t2t_name, t2t_kw = v["t2t_performer"]
+    return {
+        "01_vittm": dict(params=p1, data=p1.data_config(), train=vittm_exp.make_train_config(p1, p1.recipe),
+                         batch_size=p1.batch_size, num_workers=p1.num_workers,
+                         models={"vittm": (p1.model_name, dict(ttm_kw, img_size=p1.img_size, num_classes=num_classes))}),
+        "02_t2t_vit": dict(params=p2, data=p2.data_config(), train=p2.train_config(), batch_size=p2.batch_size,
+                           num_workers=p2.num_workers,
+                           models={"t2t": (t2t_name, {**t2t_kw, "drop_path_rate": p2.drop_path_rate,
+                                                      "num_classes": num_classes, "img_size": p2.img_size,
+                                                      "in_chans": p2.channels})}),
+        "03_toe": dict(params=p3, data=p3.data_config(), train=toe_exp.train_config(p3), batch_size=p3.batch_size,
+                       num_workers=p3.num_workers, toe=toe_exp.toe_config(p3), block_index=p3.toe_block_index,
+                       models={"vit": (p3.model_name, dict(num_classes=num_classes, img_size=p3.img_size,
+                                                           drop_path_rate=p3.drop_path_rate))}),
+    }
+
+
+def _check_reuse(recipes: dict, params: dict) -> None:
+    """Refuse reuse when another notebook's split, epochs or models are not this notebook's (the arms would not
+    be comparable), naming what differs."""
+    own = (params["train_subset"] or None, params["val_subset"] or None, int(params["seed"]), int(params["epochs"]))
+    bad = []
+    for nb, r in recipes.items():
+        d, t = r["data"], r["train"]
+        theirs = (d.train_subset, d.val_subset, d.subset_seed, t.epochs)
+        if d.dataset != "fashion_mnist" or d.classes is not None or theirs != own:
+            bad.append(f"{nb}: {d.dataset} classes {d.classes}, train/val/subset seed/epochs {theirs}")
+    if sorted(int(c) for c in params["source_classes"]) != list(range(10)):
+        bad.append(f"this notebook's source_classes {params['source_classes']} (the others train on all 10)")
+    names = {"vit": recipes["03_toe"]["models"]["vit"][0], "vittm": recipes["01_vittm"]["models"]["vittm"][0]}
+    for k, n in names.items():
+        if n != arm_model(ARMS[k], params):
+            bad.append(f"{k}: the other notebook trains {n}, this one names {arm_model(ARMS[k], params)}")
+    if bad:
+        raise ValueError("reuse_notebook_runs: the other notebooks' runs are not this notebook's arms (own: train/val/"
+                         f"subset seed/epochs {own}): " + "; ".join(bad) + ". Align the profiles or set "
+                         "reuse_notebook_runs false.")
+
+
+def pixel_specs(arms: Sequence[str], seeds: Sequence[int], params: dict, num_classes: int, profile: str = "",
+                root: Any = None) -> dict[tuple[int, str], Any]:
+    """The :class:`tokenbook.runs.RunSpec` of every pixel arm and seed, ``{(seed, arm): spec}``.
+
+    ``reuse_notebook_runs``: ``vit`` / ``vit_toe`` are 03_toe's full-token and ToE arms (:func:`toe.arm_spec`),
+    ``t2t`` is 02_t2t_vit's ``t2t_performer`` (:func:`t2t_vit_runs.variant_spec`), ``vittm`` is 01_vittm's ViTTM
+    (:func:`vittm_runs.run_spec`), each from that notebook's parameters of ``profile`` as its notebook builds it, so
+    the store key is the same run; the compositions ``t2t_toe`` / ``vittm_toe`` are :func:`toe.arm_spec` on their
+    partner's model keywords, data, recipe and batch, with this notebook's ToE (:func:`toe_kwargs`): the same
+    initial weights and batches as the partner's run of the seed. Otherwise every pixel arm is a
+    :func:`toe.arm_spec` of this notebook's own models, data (:func:`source_data_config`) and recipe
+    (:func:`pixel_config`)."""
+    import dataclasses
+
+    from tokenbook.experiments import t2t_vit_runs, vittm_runs
+    from tokenbook.experiments import toe as toe_exp
+
+    pix = [k for k in arms if ARMS[k].input == "pixels"]
+    out: dict[tuple[int, str], Any] = {}
+    if params.get("reuse_notebook_runs"):
+        rec = reused_recipes(profile or str(params.get("profile", "cpu")), num_classes, root)
+        _check_reuse(rec, params)
+        for s in seeds:
+            for k in pix:
+                lab = f"06 {k} seed {s}"
+                if k in ("vit", "vit_toe"):
+                    r = rec["03_toe"]
+                    name, kw = r["models"]["vit"]
+                    out[(s, k)] = toe_exp.arm_spec(name, kw, r["toe"] if k == "vit_toe" else None, r["block_index"],
+                                                   r["data"], r["train"], r["batch_size"], int(s), r["num_workers"])
+                elif k == "t2t":
+                    r = rec["02_t2t_vit"]
+                    name, kw = r["models"]["t2t"]
+                    out[(s, k)] = t2t_vit_runs.variant_spec(name, kw, r["data"], dataclasses.replace(
+                        r["train"], seed=int(s)), r["batch_size"], r["num_workers"], label=f"t2t_performer seed {s}")
+                elif k == "vittm":
+                    r = rec["01_vittm"]
+                    name, kw = r["models"]["vittm"]
+                    out[(s, k)] = vittm_runs.run_spec(name, kw, r["data"], dataclasses.replace(r["train"], seed=int(s)),
+                                                      r["batch_size"], r["num_workers"], label=f"{name} seed {s}")
+                else:  # a composition on its partner's run
+                    r = rec[PARTNER[k]]
+                    name, kw = next(iter(r["models"].values()))
+                    if k == "vittm_toe":
+                        kw = vittm_runs.canonical_kwargs(name, kw)
+                    train = dataclasses.replace(r["train"], progress=False) if k == "vittm_toe" else r["train"]
+                    out[(s, k)] = toe_exp.arm_spec(name, kw, toe_kwargs(params), 0, r["data"], train, r["batch_size"],
+                                                   int(s), r["num_workers"], label=lab)
+        return out
+    dcfg = source_data_config(params)
+    for s in seeds:
+        for k in pix:
+            arm = ARMS[k]
+            out[(s, k)] = toe_exp.arm_spec(arm_model(arm, params), _model_kwargs(arm, params, num_classes),
+                                           toe_kwargs(params) if arm.toe else None, 0, dcfg, pixel_config(params, s),
+                                           int(params["batch_size"]), int(s), int(params.get("num_workers", 0)),
+                                           label=f"06 {k} seed {s}")
+    return out
+
+
+def _stored_model(spec: Any, out: Any) -> nn.Module:
+    """The trained model of a stored pixel-arm run on the CPU (ToE attached for a ToE arm, off in ``eval()``)."""
+    from tokenbook.experiments import toe as toe_exp
+    from tokenbook.experiments import vittm_runs
+
+    if spec.trainer == "tokenbook.experiments.toe:train_arm_run":
+        return toe_exp.rebuild_arm(spec.args, out).result.model.cpu()
+    return out.load_into(vittm_runs.create(spec.args["model_name"], **spec.args["model_kwargs"])).cpu()
+
+
+def _headline_history(history: Any) -> Any:
+    """``history`` with ``val_top1`` (a ViTTM's memory head, its headline, as 01_vittm reads it)."""
+    if history is not None and "val_top1" not in history and "val_top1_memory" in history:
+        history = history.assign(val_top1=history["val_top1_memory"])
+    return history
+
+
+def stored_arm(key: str, seed: int, spec: Any, out: Any, params: dict, measure: bool, latency: bool,
+               source: str = "") -> "ArmRun":
+    """An :class:`ArmRun` from a stored pixel-arm run (``out``: its :class:`tokenbook.runs.TrainedRun`); ``measure``:
+    count MACs and time inference (first seed only)."""
+    arm = ARMS[key]
+    model = _stored_model(spec, out)
+    a = spec.args
+    final = dict(out.final)
+    top1 = final.get("val_top1", final.get("val_top1_memory"))
+    chans, epochs, batch = int(a["data"]["channels"]), int(a["train"]["epochs"]), int(a["batch_size"])
+    steps = int(out.timing["steps"])
+    row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
+           "input": arm.input, "seed": int(seed), "top1": top1, "top5": final.get("val_top5"), "epochs": epochs,
+           "steps": steps, "batch_size": batch, "train_s": out.timing["wall_time_s"], "step_ms": out.timing["step_ms"],
+           "trainable_params": int(out.trainable_params), "params": bench.count_params(model)["total"],
+           "in_chans": chans, "timm_name": a["model_name"], "store": source, "run_trainer": spec.trainer.split(":")[0]}
+    if measure:
+        spe = max(1, steps // epochs)
+        row.update(training_macs(model, arm, params, spe, batch, chans=chans, epochs=epochs))
+        row.pop("train_gmacs_per_epoch_image")
+        row["hook_gmacs_per_image"] = 0.0
+        from tokenbook.train import all_heads
+
+        with all_heads(model):
+            row.update(inference_numbers(model, _example(arm, params, 2, chans), params, latency))
+    return ArmRun(key, int(seed), row, _headline_history(out.history), model)
+
+
 def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: Any, tokens: Any = None,
               tokenadapt: Optional[nn.Module] = None, latency: bool = True,
-              callback: Optional[Callable[[dict], None]] = None) -> dict[tuple[int, str], ArmRun]:
-    """Every arm for every seed (seed-major, so a cut-short run still has complete seeds). MACs, latency and
+              callback: Optional[Callable[[dict], None]] = None, launch: Optional[dict] = None,
+              profile: str = "", launched: Optional[list] = None) -> dict[tuple[int, str], ArmRun]:
+    """Every arm for every seed. The pixel arms come from the workbook's run store (:func:`pixel_specs`, one launch
+    of every missing run, ``launch``: :func:`tokenbook.runs.launch` keywords, e.g. ``params.launch_options()``;
+    ``launched`` receives the store's records); the token arms train here, seed-major. MACs, latency and
     storage-independent numbers are measured on the first seed and copied to the others (they do not depend on it;
     wall time and top-1 are per seed)."""
+    from tokenbook import runs as R
+
     runs: dict[tuple[int, str], ArmRun] = {}
     first: dict[str, dict] = {}
     measured = ("train_tmacs", "train_gmacs_per_image", "hook_gmacs_per_image", "infer_gmacs", "infer_gflops",
                 "latency_ms", "latency_iqr_ms")
+    specs = pixel_specs(arms, [int(s) for s in seeds], params, bundle.num_classes, profile)
+    done = dict(zip(specs, R.launch(list(specs.values()), **(launch or {"executor": "kernel"})))) if specs else {}
+    if launched is not None:
+        launched.extend(done.values())
     for i, s in enumerate(seeds):
         for k in arms:
-            r = run_arm(k, int(s), params, bundle, tokens, tokenadapt, measure=i == 0,
-                        latency=latency and not ARMS[k].toe)
+            lat = latency and not ARMS[k].toe
+            if (int(s), k) in done:
+                run = done[(int(s), k)]
+                r = stored_arm(k, int(s), run.spec, run.output, params, measure=i == 0, latency=lat, source=run.source)
+            else:
+                r = run_arm(k, int(s), params, bundle, tokens, tokenadapt, measure=i == 0, latency=lat)
             if i == 0:
                 first[k] = {m: r.row.get(m) for m in measured}
             else:
@@ -462,7 +688,8 @@ def toe_speedups(runs: dict[tuple[int, str], ArmRun], params: dict, batch_size: 
         model = runs[(first, key)].model
         try:
             over = toe_exp.overhead_table(model, batch_size=int(batch_size), steps=int(steps), warmup=int(warmup),
-                                          input_size=tuple(_example(arm, params, 1).shape[1:]), device=device)
+                                          input_size=tuple(_example(arm, params, 1, runs[(first, key)].row.get(
+                                              "in_chans", 1)).shape[1:]), device=device)
         finally:
             model.cpu()
         sp = toe_exp.interleaved_step_speedup(over, stage_epochs)
@@ -505,11 +732,16 @@ def finetune_arms(runs: dict[tuple[int, str], ArmRun], seeds: Sequence[int], par
     s0 = int(seeds[0])
     cfg = finetune_config(params)
     cells = int(params["memory_cells"])
-    x_val = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
     rows, hists, exact = [], {}, {}
+    tasks = {1: target}
     for key, label, base, mode in FINETUNE_ROWS:
         if (s0, base) not in runs:
             continue
+        chans = int(runs[(s0, base)].row.get("in_chans", 1))
+        if chans not in tasks:  # the same images with the backbone's channels (03's ViT reads 3)
+            tasks[chans] = target_task(params, chans)
+        target = tasks[chans]
+        x_val = target.bundle.preprocess(next(iter(torch.utils.data.DataLoader(target.bundle.val, batch_size=64)))[0])
         backbone = runs[(s0, base)].model.eval()
         run = mem_exp.run_finetune_seeds(backbone, [target], [(mode, cells if mode == "memory" else 0)], cfg,
                                          [int(s) for s in seeds], full_lr=float(params["ft_full_lr"]),
@@ -721,12 +953,21 @@ def toe_placement_table(params: dict, num_classes: int):
 # claims
 # ----------------------------------------------------------------------------------------------------------
 def scale_text(params: dict, bundle: Any, target: Any, seeds: Sequence[int]) -> str:
-    src, tgt = (",".join(str(c) for c in parse_classes(params[k])) for k in ("source_classes", "target_classes"))
+    src, tgt = ",".join(str(c) for c in parse_classes(params["source_classes"])), params["ft_target"]
     return (f"Fashion-MNIST classes {src} ({len(bundle.train)} train / {len(bundle.val)} val "
             f"images, 28 px, 1 channel), {params['epochs']} epochs x batch {params['batch_size']}, width "
             f"{params['embed_dim']} x depth {params['depth']}, {params['num_heads']} heads; fine-tuning on held-out "
             f"classes {tgt} ({len(target.bundle.train)} / {len(target.bundle.val)} images, "
             f"{params['ft_epochs']} epochs); seeds {','.join(str(s) for s in seeds)}")
+
+
+def ft_scale_text(params: dict, target: Any, seeds: Sequence[int]) -> str:
+    """The scale column of the fine-tuning claims: the backbone and the fine-tuning task and budget."""
+    return (f"T2T-ViT backbone of seed {seeds[0]} trained on the source split; fine-tuned on {params['ft_target']} "
+            f"({len(target.bundle.train)} train / {len(target.bundle.val)} val images, 28 px), {params['ft_epochs']} "
+            f"epochs x batch {params['ft_batch_size']}, SGD lr {params['ft_lr']} (memory, "
+            f"{params['memory_cells']} cells) / {params['ft_full_lr']} (full); seeds "
+            f"{','.join(str(s) for s in seeds)}")
 
 
 def _timing_device(params: dict) -> str:
@@ -759,12 +1000,32 @@ def _curves(histories: dict, arms: Sequence[str]) -> list[list[float]]:
     return out
 
 
+def floor_rows(per_seed: Any) -> list[dict]:
+    """One row per arm trained from scratch on the source split for :func:`tokenbook.floors.beside_floors`: mean and
+    worst-seed top-1, parameters and mean training seconds (:func:`tokenbook.floors.arm_row`)."""
+    from tokenbook.floors import arm_row
+
+    rows = []
+    ft = {k for k, *_ in FINETUNE_ROWS}
+    for key in dict.fromkeys(per_seed["arm"]):
+        if key in ft:
+            continue
+        g = per_seed[per_seed["arm"] == key]
+        rows.append({**arm_row(str(g["model"].iloc[0]), g["top1"].astype(float).tolist(), int(g["params"].iloc[0]),
+                               g["train_s"].astype(float).tolist()), "arm": key})
+    return rows
+
+
 def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale: str, report: str = "",
                          speedups: Optional[dict[str, dict]] = None,
-                         speedup_scale: str = "") -> list[Evidence]:
+                         speedup_scale: str = "", floors: Any = None, ft_scale: str = "") -> list[Evidence]:
     """Evidence for every composition claim of ``cross_paper.yaml`` from the per-seed table; the speed-up claims
     from the interleaved step timing of :func:`toe_speedups` (``speedups``; without it they get no evidence and
-    show as ``failed``)."""
+    show as ``failed``). ``floors`` (:func:`tokenbook.floors.floors_table` of the source split): a run of an arm
+    trained from scratch below the logistic floor is a failed run (the fine-tuning rows train on another task and
+    are not judged by it). ``ft_scale``: the scale column of the fine-tuning claims (default ``scale``)."""
+    from tokenbook.floors import failed_baseline_runs
+
     top = _by_seed(per_seed)
     wall = _by_seed(per_seed, "train_s")
     speedups = speedups or {}
@@ -777,7 +1038,7 @@ def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale:
     for fam in ("t2t", "vittm"):
         if not have(fam, f"{fam}_toe"):
             continue
-        ev.append(paired_evidence(f"cross_paper.toe_{fam}_lossless", top, f"{fam}_toe", fam,
+        ev.append(paired_evidence(f"cross_paper.toe_{fam}_lossless", top, f"{fam}_toe", fam, floors=floors,
                                   curves=_curves(histories, [fam, f"{fam}_toe"]),
                                   detail=f"top-1 of {fam} + ToE minus {fam}, same seed, same init and batches", **kw))
         sp = speedups.get(f"{fam}_toe")
@@ -794,15 +1055,20 @@ def composition_evidence(per_seed: Any, histories: dict, exactness: dict, scale:
         ex = exactness["t2t"]
         ev.append(Evidence(claim="cross_paper.memory_t2t_exact", a=[ex[s] for s in sorted(ex)], b=[0.0] * len(ex),
                            detail="max |difference| per seed of the source head (vs the plain backbone) and of the "
-                                  "task's logits in the concatenation of all seeds' tasks (vs stand-alone)", **kw))
+                                  "task's logits in the concatenation of all seeds' tasks (vs stand-alone)",
+                           scale=ft_scale or scale, report=report))
     if have("t2t_memory", "t2t_full"):
         ev.append(paired_evidence("cross_paper.memory_t2t_approaches_full", top, "t2t_full", "t2t_memory",
-                                  curves=_curves(histories, ["t2t_memory", "t2t_full"]), detail="full minus memory fine-tuning top-1 on the held-out classes",
-                                  **kw))
+                                  curves=_curves(histories, ["t2t_memory", "t2t_full"]),
+                                  detail="full minus memory fine-tuning top-1 on the fine-tuning task",
+                                  scale=ft_scale or scale, report=report))
     if have("t2t", "t2t_tokens", "vit", "seit"):
         cost = {s: {"t2t": d["t2t"] - d["t2t_tokens"], "vit": d["vit"] - d["seit"]} for s, d in top.items()
                 if {"t2t", "t2t_tokens", "vit", "seit"} <= set(d)}
-        ev.append(paired_evidence("cross_paper.tokens_t2t_cost", cost, "t2t", "vit",
+        arms4 = ("t2t", "t2t_tokens", "vit", "seit")
+        extra = {} if floors is None else {"failed_run": failed_baseline_runs(
+            {a: {s: d[a] for s, d in top.items() if a in d} for a in arms4}, floors)}
+        ev.append(paired_evidence("cross_paper.tokens_t2t_cost", cost, "t2t", "vit", **extra,
                                   curves=_curves(histories, ["t2t", "t2t_tokens", "vit", "seit"]),
                                   detail="(T2T-ViT pixels - T2T-ViT tokens) minus (ViT pixels - SeiT tokens), "
                                          "top-1 points per seed", **kw))
@@ -858,16 +1124,22 @@ def storage_per_image(bundle: Any, tokens: Any, n: int) -> tuple[dict[str, float
     return {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}, st
 
 
-def target_task(params: dict):
-    """The held-out fine-tuning task (Fashion-MNIST ``target_classes``, never seen in pre-training)."""
+def target_task(params: dict, channels: int = 1):
+    """The fine-tuning task ``ft_target``, new to the backbones: ``digits`` (scikit-learn's 1,797 8x8 digits, offline,
+    as 05_memory uses) or ``fm:<classes>`` disjoint from ``source_classes``; at 28 px with ``channels`` (the
+    backbone's)."""
     from tokenbook.experiments import memory as mem_exp
 
-    src = set(parse_classes(params["source_classes"]))
-    tgt = parse_classes(params["target_classes"])
-    if src & set(tgt):
-        raise ValueError(f"target_classes {tgt} overlap source_classes {sorted(src)}: the fine-tuning split must be "
-                         "held out from pre-training")
-    return mem_exp.load_target_tasks(["fm:" + ",".join(str(c) for c in tgt)], img_size=28, channels=1,
+    item = str(params["ft_target"]).strip()
+    if item.startswith("fm:"):
+        src = set(parse_classes(params["source_classes"]))
+        tgt = parse_classes([int(c) for c in item[3:].split(",") if c.strip()])
+        if src & set(tgt):
+            raise ValueError(f"ft_target {item!r} overlaps source_classes {sorted(src)}: the fine-tuning task must be "
+                             "new to the backbones (use digits)")
+    elif item != "digits":
+        raise ValueError(f"ft_target must be digits or fm:<classes>, got {item!r}")
+    return mem_exp.load_target_tasks([item], img_size=28, channels=int(channels),
                                      train_subset=int(params["ft_train_subset"]) or None,
                                      val_subset=int(params["ft_val_subset"]) or None,
                                      data_dir=params.get("data_dir") or None, seed=int(params["seed"]))[0]
@@ -901,7 +1173,7 @@ def load_splits(params: dict):
     bundle, target = source_bundle(params), target_task(params)
     table = pd.DataFrame([{"split": "source (comparison, pre-training)", **bundle.describe(),
                            "classes": ", ".join(bundle.class_names)},
-                          {"split": "held-out (fine-tuning)", **target.bundle.describe(),
+                          {"split": "fine-tuning task (new to the backbones)", **target.bundle.describe(),
                            "classes": ", ".join(target.bundle.class_names)}])
     return bundle, target, table
 
@@ -995,10 +1267,16 @@ def gpu_loops(params: dict) -> list:
     from tokenbook.experiments import seit as seit_exp
 
     nb = "06_cross_paper"
-    src, tgt = parse_classes(params["source_classes"]), parse_classes(params["target_classes"])
+    src = parse_classes(params["source_classes"])
     n_tr, n_va = G.fm_images(params["train_subset"], len(src)), G.fm_images(params["val_subset"], len(src), G.FM_VAL)
-    n_ft = G.fm_images(params["ft_train_subset"], len(tgt))
-    nv_ft = G.fm_images(params["ft_val_subset"], len(tgt), G.FM_VAL)
+    ft = str(params["ft_target"])
+    tgt = list(range(10)) if ft == "digits" else parse_classes([int(c) for c in ft[3:].split(",")])
+    if ft == "digits":  # tokenbook.data.tasks.digits_data: 1,797 images, the rest of the train subset validates
+        n_ft = min(int(params["ft_train_subset"]) or 1797, 1797)
+        nv_ft = min(int(params["ft_val_subset"]) or 1797 - n_ft, 1797 - n_ft)
+    else:
+        n_ft = G.fm_images(params["ft_train_subset"], len(tgt))
+        nv_ft = G.fm_images(params["ft_val_subset"], len(tgt), G.FM_VAL)
     seeds, w = len(params["seeds"]), int(params.get("num_workers", 0))
     dims = (int(params["embed_dim"]), int(params["depth"]), int(params["num_heads"]))
     loops: list = []

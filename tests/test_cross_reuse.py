@@ -1,0 +1,109 @@
+"""06_cross_paper reuses 01-03's runs of the store: its specs of those arms must have the same store key as the
+specs 01_vittm, 02_t2t_vit and 03_toe's notebooks build from their cpu profiles (built here the way their notebooks'
+cells build them), so that ./run_all.sh trains each run once. Fails when either side changes."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from tokenbook import runs as R
+from tokenbook.experiments import cross_paper as X
+from tokenbook.experiments import t2t_vit, toe, vittm
+from tokenbook.runner import profile_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = [0, 1, 2]
+
+
+def _notebook_specs(num_classes: int = 10) -> dict:
+    """{(seed, arm): spec} as the notebooks' cells build them (01 cell 'models', 02 'variants', 03 'train_seeds')."""
+    from tokenbook.experiments import t2t_vit_runs, vittm_runs
+
+    out = {}
+    p1 = profile_parameters(ROOT, "01_vittm", "cpu")  # 01: dcfg, tcfg, models[p.model_name]
+    ttm_kwargs = dict(drop_path_rate=p1.drop_path_rate, **({"embed_dim": p1.embed_dim} if p1.embed_dim else {}))
+    tcfg1 = vittm.make_train_config(p1, p1.recipe)
+    p2 = profile_parameters(ROOT, "02_t2t_vit", "cpu")  # 02: fmnist_ablations, p.train_config(), train_seeds
+    variants = t2t_vit.fmnist_ablations(img_size=p2.img_size, in_chans=p2.channels, num_classes=num_classes,
+                                        embed_dim=p2.embed_dim, depth=p2.depth, num_heads=p2.num_heads, tokens=p2.tokens)
+    name2, kw2 = variants["t2t_performer"]
+    kw2 = {**kw2, "drop_path_rate": p2.drop_path_rate, "num_classes": num_classes, "img_size": p2.img_size,
+           "in_chans": p2.channels}
+    p3 = profile_parameters(ROOT, "03_toe", "cpu")  # 03: model_kwargs, toe_config, train_config
+    kw3 = dict(num_classes=num_classes, img_size=p3.img_size, drop_path_rate=p3.drop_path_rate)
+    for s in SEEDS:
+        out[(s, "vittm")] = vittm_runs.run_spec(p1.model_name, {**dict(ttm_kwargs, img_size=p1.img_size),
+                                                                "num_classes": num_classes},
+                                                p1.data_config(), dataclasses.replace(tcfg1, seed=s), p1.batch_size,
+                                                p1.num_workers)
+        out[(s, "t2t")] = t2t_vit_runs.variant_spec(name2, kw2, p2.data_config(),
+                                                    dataclasses.replace(p2.train_config(), seed=s), p2.batch_size,
+                                                    p2.num_workers)
+        for arm, tk in (("vit", None), ("vit_toe", toe.toe_config(p3))):
+            out[(s, arm)] = toe.arm_spec(p3.model_name, kw3, tk, p3.toe_block_index, p3.data_config(),
+                                         toe.train_config(p3), p3.batch_size, s, p3.num_workers)
+    return out
+
+
+def _cross_cpu():
+    p = profile_parameters(ROOT, "06_cross_paper", "cpu")
+    return p, X.pixel_specs(X.parse_arms(p.arms), list(p.seeds), p, 10, "cpu", ROOT)
+
+
+def test_cross_paper_reuses_01_to_03_runs_by_key():
+    p, ours = _cross_cpu()
+    assert p.reuse_notebook_runs and p.executor == "processes" and list(p.seeds) == SEEDS
+    theirs = _notebook_specs()
+    for (s, arm), spec in theirs.items():
+        assert (s, arm) in ours, (s, arm)
+        # the key of the run store (threads: 2 processes x 1 thread on the 2-core machine, as 01-03 launch)
+        assert R.run_key(ours[(s, arm)], 1) == R.run_key(spec, 1), f"{arm} seed {s}: {ours[(s, arm)].args} != {spec.args}"
+        assert ours[(s, arm)].trainer == spec.trainer
+    # the compositions are new runs, paired with their partner: same data, recipe, batch, model, seed
+    for s in SEEDS:
+        for comp, base in (("t2t_toe", "t2t"), ("vittm_toe", "vittm")):
+            a, b = ours[(s, comp)].args, theirs[(s, base)].args
+            assert a["toe_kwargs"] is not None and a["model_name"] == b["model_name"]
+            assert a["data"] == b["data"] and a["batch_size"] == b["batch_size"]
+            assert {k: v for k, v in a["train"].items() if k != "progress"} == \
+                {k: v for k, v in b["train"].items() if k != "progress"}
+            from tokenbook.experiments import vittm_runs
+            assert vittm_runs.canonical_kwargs(a["model_name"], a["model_kwargs"]) == \
+                vittm_runs.canonical_kwargs(b["model_name"], b["model_kwargs"])
+            assert R.run_key(ours[(s, comp)], 1) != R.run_key(theirs[(s, base)], 1)
+
+
+def test_a_changed_side_changes_the_key():
+    p, ours = _cross_cpu()
+    theirs = _notebook_specs()
+
+
+
+    spec = theirs[(0, "vit")]
+    other = toe.arm_spec(spec.args["model_name"], spec.args["model_kwargs"], None, 0, spec.args["data"],
+                         {**spec.args["train"], "lr": 0.003}, spec.args["batch_size"], 0)
+    assert R.run_key(other, 1) != R.run_key(ours[(0, "vit")], 1)
+
+
+def test_reuse_refuses_a_split_that_is_not_the_other_notebooks():
+    p = profile_parameters(ROOT, "06_cross_paper", "cpu")
+    for change, what in ((dict(train_subset=5000), "train/val"), (dict(epochs=10), "train/val"),
+                         (dict(source_classes=[0, 1, 2, 3, 4]), "source_classes"),
+                         (dict(vit_model="vit_fm_tiny_p4_28"), "vit:")):
+        with pytest.raises(ValueError, match=what):
+            X.pixel_specs(["vit", "vittm", "t2t"], [0], p.replace(**change), 10, "cpu", ROOT)
+
+
+def test_own_specs_without_reuse_use_this_notebooks_split_and_recipe():
+    p = profile_parameters(ROOT, "06_cross_paper", "smoke")
+    assert not p.reuse_notebook_runs
+    specs = X.pixel_specs(X.parse_arms(["vit", "vit_toe", "t2t"]), [0, 1], p, 10, "smoke", ROOT)
+    assert set(specs) == {(s, k) for s in (0, 1) for k in ("vit", "vit_toe", "t2t")}
+    a = specs[(0, "vit")].args
+    assert specs[(0, "vit")].trainer == "tokenbook.experiments.toe:train_arm_run"
+    assert a["data"]["channels"] == 1 and a["data"]["train_subset"] == p.train_subset and a["train"]["epochs"] == p.epochs
+    assert a["toe_kwargs"] is None and specs[(0, "vit_toe")].args["toe_kwargs"]["keep_rate"] == [0.5, 0.75, 1.0]
+    # an arm and its ToE twin share everything but ToE; seeds differ only in the seed
+    b = specs[(0, "vit_toe")].args
+    assert {k: v for k, v in a.items() if k != "toe_kwargs"} == {k: v for k, v in b.items() if k != "toe_kwargs"}
+    assert specs[(1, "vit")].args["seed"] == 1 and specs[(1, "vit")].args["train"]["seed"] == 1
