@@ -100,10 +100,15 @@ def test_own_specs_without_reuse_use_this_notebooks_split_and_recipe():
     specs = X.pixel_specs(X.parse_arms(["vit", "vit_toe", "t2t"]), [0, 1], p, 10, "smoke", ROOT)
     assert set(specs) == {(s, k) for s in (0, 1) for k in ("vit", "vit_toe", "t2t")}
     a = specs[(0, "vit")].args
-    assert specs[(0, "vit")].trainer == "tokenbook.experiments.toe:train_arm_run"
+    # the full-token arm is the workbook's plain classifier run (the same stored run as 00's ViT where they agree)
+    assert specs[(0, "vit")].trainer == "tokenbook.runs:train_classifier"
+    assert specs[(0, "vit_toe")].trainer == "tokenbook.experiments.toe:train_arm_run"
     assert a["data"]["channels"] == 1 and a["data"]["train_subset"] == p.train_subset and a["train"]["epochs"] == p.epochs
-    assert a["toe_kwargs"] is None and specs[(0, "vit_toe")].args["toe_kwargs"]["keep_rate"] == [0.5, 0.75, 1.0]
-    # an arm and its ToE twin share everything but ToE; seeds differ only in the seed
+    assert "toe_kwargs" not in a and specs[(0, "vit_toe")].args["toe_kwargs"]["keep_rate"] == [0.5, 0.75, 1.0]
+    # an arm and its ToE twin share model, data, recipe and batch; only ToE differs (and the bar, which decides nothing)
     b = specs[(0, "vit_toe")].args
-    assert {k: v for k, v in a.items() if k != "toe_kwargs"} == {k: v for k, v in b.items() if k != "toe_kwargs"}
-    assert specs[(1, "vit")].args["seed"] == 1 and specs[(1, "vit")].args["train"]["seed"] == 1
+    assert a["model_name"] == b["model_name"] and a["data"] == b["data"] and a["batch_size"] == b["batch_size"]
+    assert R.canonical_model_kwargs(b["model_name"], b["model_kwargs"]) == a["model_kwargs"]
+    assert {k: v for k, v in a["train"].items() if k != "progress"} == \
+        {k: v for k, v in b["train"].items() if k != "progress"}
+    assert specs[(1, "vit")].args["train"]["seed"] == 1 and specs[(1, "vit_toe")].args["seed"] == 1
