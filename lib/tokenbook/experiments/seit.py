@@ -44,7 +44,7 @@ from tokenbook.methods.token_aug import (
     TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
     sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
 )
-from tokenbook.params import ReleasedParams
+from tokenbook.params import LaunchParams, ReleasedParams
 from tokenbook.params import as_list, param
 # the released checkpoints and the --proof weight file live in seit_released (re-exported)
 from tokenbook.experiments.seit_released import RELEASED, proof_data, released_table  # noqa: F401,E402
@@ -54,7 +54,7 @@ from tokenbook.experiments.seit_released import RELEASED, proof_data, released_t
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
+class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launcher fields come from the bases
     """The parameters of notebooks/04_seit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "04_seit"
@@ -76,6 +76,8 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
                               "release")
     token_dir: str = param("", "where the token files go; empty: the tokenbook cache dir, seit/<dataset>-<profile>")
     tokenizer_downsample: int = param(2, "pixels per token side; 2 gives a 14x14 grid on 28 px [1, inf)")
+    tokenizer_pad: int = param(0, "zero pixels added on each side before tokenizing; 2 with downsample 4 gives an 8x8 "
+                                  "grid on 28 px [0, inf)")
     codebook_size: int = param(391,
                                "codebook entries, as the released codebook; ids above 254 use the escape byte [2, "
                                "inf)")
@@ -129,6 +131,9 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     paper_models: list[str] = param(["deit_small_token_32", "deit_base_token_32", "vit_small_patch16_224", "vit_base_patch16_224"],
                                     "models of the MACs table; empty skips it")
     num_figure_images: int = param(6, "images per figure [1, inf)")
+    fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, a "
+                                   "small CNN, and logistic regression on the token embeddings")
+    floor_cnn_epochs: int = param(5, "epochs of the small-CNN floor [1, inf)")
 
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",
@@ -202,9 +207,19 @@ class TokenData:
                 "root": display_path(self.root)}
 
 
-def _images_uint8(ds, n: Optional[int] = None) -> torch.Tensor:
-    """(N, C, H, W) uint8 images of an ImageDataset (grey stays 1 channel)."""
-    return ds.images_tensor(n)
+def _images_uint8(ds, n: Optional[int] = None, pad: int = 0) -> torch.Tensor:
+    """(N, C, H, W) uint8 images of an ImageDataset (grey stays 1 channel), ``pad`` zero pixels on each side."""
+    x = ds.images_tensor(n)
+    return F.pad(x, (int(pad),) * 4) if pad else x
+
+
+def token_images(ds: Any, pad: int = 0, n: Optional[int] = None) -> torch.Tensor:
+    """The images the tokenizer sees: the first ``n`` of ``ds`` as uint8 (N, C, H, W) with ``pad`` zero pixels on
+    each side (Fashion-MNIST's background is 0, so padding 28 px to 32 adds background; with downsample 4 the
+    token grid is 8x8)."""
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    return _images_uint8(ds, n, pad)
 
 
 def build_default_tokens(
@@ -221,17 +236,19 @@ def build_default_tokens(
     seed: int = 0,
     synonym_top: int = 5,
     device: str = "cpu",
+    pad: int = 0,
 ) -> TokenData:
     """Train the VQ tokenizer on ``bundle.train``, write train/val in SeiT's format under ``root`` and read them back.
 
     Files (release naming): ``{name}-{split}-token.data.bin.gz``, ``...index.npy.gz``, ``{name}-{split}-label.txt``,
     ``codebook.ckpt`` (raw rows, 391 x 32 by default), ``codebook-synonyms.json`` (top-``synonym_top`` cosine
     neighbours; how the release built its list is unknown), ``tokenizer.pt``. The files are rewritten on every call.
+    ``pad``: zero pixels added on each side of every image before training and tokenizing (:func:`token_images`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    imgs_tr = _images_uint8(bundle.train)
-    imgs_va = _images_uint8(bundle.val)
+    imgs_tr = token_images(bundle.train, pad)
+    imgs_va = token_images(bundle.val, pad)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = T.VQTokenizer(in_chans=imgs_tr.shape[1], image_size=imgs_tr.shape[-1], downsample=downsample,
@@ -469,39 +486,35 @@ def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bu
     pixel ViT on ``bundle`` (uint8 batches + ``bundle.preprocess``). Token variants: the token ViT with the codebook
     attached (evaluation on centre-cropped ids), Token-EDA in the dataset and the variant's batch hook.
     """
-    import timm
-
-    from tokenbook import data as D
-    from tokenbook.repro import seed_everything
-
     seed = int(params.get("seed", 0))
-    cfg = train_config(params, variant, **cfg_overrides)
-    kind = VARIANTS[variant][0]
-    seed_everything(seed)
-    dp = float(params.get("drop_path", 0.0))
-    if kind == "pixels":
+    cfg = train_config({**params, "seed": seed}, variant, **cfg_overrides)
+    if VARIANTS[variant][0] == "pixels":
         if bundle is None:
             raise ValueError("the pixel variant needs the image bundle")
-        model = timm.create_model(params["pixel_model"], num_classes=bundle.num_classes,
-                                  img_size=bundle.config.img_size, drop_path_rate=dp)
-        tl, vl = D.make_loaders(bundle, cfg.batch_size, num_workers=int(params.get("num_workers", 0)), seed=seed)
-        res = fit_launched(model, tl, vl, cfg, preprocess=bundle.preprocess, desc=variant)
-        size = (bundle.config.channels, bundle.config.img_size, bundle.config.img_size)
+        name, mkw = _variant_model(variant, params, bundle.num_classes, bundle.config.img_size, 0)
+        res = _fit_variant(variant, name, mkw, cfg, int(params.get("num_workers", 0)), bundle=bundle)
     else:
         if data is None:
             raise ValueError(f"{variant} needs token data")
-        crop = int(params["crop"])
-        model = timm.create_model(params["token_model"], num_classes=data.num_classes, img_size=crop,
-                                  in_chans=int(data.codebook.shape[1]), drop_path_rate=dp)
-        model.set_codebook(data.codebook)
-        tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(params.get("token_eda", True)),
-                               num_workers=int(params.get("num_workers", 0)))
-        hook = make_hook(variant, data.codebook, data.num_classes, crop, tokenadapt,
-                         float(params.get("rrc_scale_min", 0.08)), bool(params.get("ta_per_sample", True)))
-        res = fit_launched(model, tl, vl, cfg, hooks=[hook], num_classes=data.num_classes, desc=variant)
-        size = (int(data.codebook.shape[1]), crop, crop)
+        name, mkw = _variant_model(variant, params, data.num_classes, 0, int(data.codebook.shape[1]))
+        res = _fit_variant(variant, name, mkw, cfg, int(params.get("num_workers", 0)), data=data,
+                           tokenadapt=tokenadapt, hook=_hook_settings(params))
+    return _result_row(variant, res, bundle, data, params, storage_bpi), res
+
+
+def _hook_settings(params: dict) -> dict:
+    return {"crop": int(params["crop"]), "rrc_scale_min": float(params.get("rrc_scale_min", 0.08)),
+            "per_sample": bool(params.get("ta_per_sample", True)), "token_eda": bool(params.get("token_eda", True))}
+
+
+def _result_row(variant: str, res: Any, bundle: Any, data: Optional[TokenData], params: dict,
+                storage_bpi: Optional[float]) -> dict:
+    if VARIANTS[variant][0] == "pixels":
+        size = (bundle.config.channels, bundle.config.img_size, bundle.config.img_size)
+    else:
+        size = (int(data.codebook.shape[1]), int(params["crop"]), int(params["crop"]))
     model = res.model.cpu()
-    return _model_row(variant, model, res, size, float("nan") if storage_bpi is None else storage_bpi), res
+    return _model_row(variant, model, res, size, float("nan") if storage_bpi is None else storage_bpi)
 
 
 def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData], bundle: Any = None,
@@ -512,12 +525,7 @@ def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData
     ``storage`` (from :func:`storage_table`) gives the bytes per image of each input: PNG for pixels (lossless, per
     image), the gzip'd token stream + index for tokens. ``gain_vs_seit_pts`` = top-1 minus the SeiT row's top-1.
     """
-    import pandas as pd
-
-    bpi = {}
-    if storage is not None:
-        s = storage.set_index("format")["bytes_per_image"]
-        bpi = {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}
+    bpi = _bytes_per_image(storage)
     rows, hist = [], {}
     for v in variants:
         row, res = run_variant(v, params, data, bundle, tokenadapt, bpi.get(VARIANTS[v][0]))
@@ -525,10 +533,23 @@ def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData
         hist[v] = res.history
         if callback:
             callback(row)
+    return _ablation_frame(rows), hist
+
+
+def _bytes_per_image(storage: Any) -> dict:
+    if storage is None:
+        return {}
+    s = storage.set_index("format")["bytes_per_image"]
+    return {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}
+
+
+def _ablation_frame(rows: list):
+    import pandas as pd
+
     df = pd.DataFrame(rows)
     base = df.loc[df["variant"] == "seit", "top1"]
     df["gain_vs_seit_pts"] = df["top1"] - float(base.iloc[0]) if len(base) else float("nan")
-    return df, hist
+    return df
 
 
 def ablation_vs_paper(summary: Any):
@@ -757,10 +778,11 @@ def token_device(accelerator: str = "auto") -> str:
 
 def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int = 150, batch_size: int = 64,
                              lr: float = 1e-3, dim: int = 384, heads: int = 6, dim_head: int = 64, seed: int = 0,
-                             per_sample: bool = True, mix_prob: float = 0.0, device: str = "cpu"):
+                             per_sample: bool = True, mix_prob: float = 0.0, device: str = "cpu", pad: int = 0):
     """Train f/g on the default data's pixels with :func:`tokenbook.methods.token_aug.train_tokenadapt` (CE of g's code
     logits against the tokens of the pixel-augmented image) on ``device`` (:func:`token_device`); returns
-    ``(TokenAdapt, history DataFrame)`` with TokenAdapt and the tokenizer back on the CPU."""
+    ``(TokenAdapt, history DataFrame)`` with TokenAdapt and the tokenizer back on the CPU. ``pad``: as the tokenizer's
+    (:func:`build_default_tokens`)."""
     import pandas as pd
 
     from tokenbook.methods.token_aug import train_tokenadapt
@@ -769,7 +791,7 @@ def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int
         raise ValueError("training TokenAdapt needs the tokenizer (and pixels); for the release load tokenadapt.ckpt")
     torch.manual_seed(seed)
     ta = build_tokenadapt(data, crop, dim, heads, dim_head)
-    imgs = _images_uint8(bundle.train)
+    imgs = token_images(bundle.train, pad)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs), batch_size=batch_size, shuffle=True,
                                          drop_last=True, generator=g)
@@ -828,17 +850,64 @@ def paper_models_table(names: Sequence[str], num_classes: int = 1000):
 # ----------------------------------------------------------------------------------------------------------
 # Seeds and claims (issue 12)
 # ----------------------------------------------------------------------------------------------------------
+class AblationHistories(dict):
+    """``{(variant, seed): history DataFrame}`` (a dict) with ``launched``: the :class:`tokenbook.runs.Run` records
+    of the runs that went through the run store (empty in the kernel path)."""
+
+    def __init__(self, *args: Any, launched: Sequence = (), **kw: Any):
+        super().__init__(*args, **kw)
+        self.launched = list(launched)
+
+
 def run_ablation_seeds(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
                        bundle: Any = None, tokenadapt: Optional[nn.Module] = None, storage: Any = None,
-                       callback: Optional[Callable[[dict], None]] = None):
+                       callback: Optional[Callable[[dict], None]] = None, executor: str = "kernel",
+                       via_store: Optional[bool] = None, store: Optional[str] = None, workers: Optional[int] = None,
+                       threads: Optional[int] = None, cluster: Optional[str] = None,
+                       resources: Optional[dict] = None, wait: bool = True):
     """:func:`run_ablation` once per seed, paired by seed: for a seed s every variant starts from
     ``repro.seed_everything(s)`` (the four token variants share the architecture, so the same initial weights) and
     sees the same batch order (``loader_generator(s)``). The tokenizer and TokenAdapt's f/g are shared (trained once
     by the caller). Returns ``(runs, histories)``: one row per (seed, variant) with a ``seed`` column, and
-    ``{(variant, seed): history DataFrame}``."""
+    ``{(variant, seed): history DataFrame}``.
+
+    ``executor="kernel"`` (``via_store`` None or False): in this process, nothing stored. Any other executor
+    (``processes``, ``torchrun``, ``submitit``; or ``kernel`` with ``via_store=True``): every (variant, seed) run is
+    one entry of the workbook's run store (:func:`ablation_specs`, :func:`train_variant_run`), trained once by
+    :func:`tokenbook.runs.launch` (``store``, ``workers``, ``threads``, ``cluster``, ``resources``, ``wait`` as
+    there) and read back by every later execution; the classifiers are rebuilt from the stored weights
+    (:func:`rebuild_variant`). The histories are then an :class:`AblationHistories` whose ``launched`` holds the
+    :class:`tokenbook.runs.Run` records (empty in the kernel path)."""
     import pandas as pd
 
-    frames, hist = [], {}
+    if via_store is None:
+        via_store = executor != "kernel"
+    if via_store:
+        from tokenbook import runs as R
+
+        plan = ablation_specs(variants, params, seeds, data, bundle, tokenadapt)
+        done = R.launch([spec for _, _, spec in plan], executor=executor, store=store, workers=workers,
+                        threads=threads, cluster=cluster, resources=resources, wait=wait)
+        bpi = _bytes_per_image(storage)
+        frames, hist = [], AblationHistories(launched=done)
+        for s in dict.fromkeys(int(x) for x in seeds):
+            rows = []
+            for (v, sd, spec), run in zip(plan, done):
+                if sd != s:
+                    continue
+                res = rebuild_variant(spec.args, run.output)
+                row = _result_row(v, res, bundle, data, params, bpi.get(VARIANTS[v][0]))
+                rows.append(row)
+                hist[(v, s)] = res.history
+                if callback:
+                    callback({**row, "seed": s})
+            df = _ablation_frame(rows)
+            df.insert(0, "seed", s)
+            frames.append(df)
+        return pd.concat(frames, ignore_index=True), hist
+    if executor != "kernel":
+        raise ValueError(f"executor {executor!r} trains through the run store; via_store=False needs 'kernel'")
+    frames, hist = [], AblationHistories()
     for s in seeds:
         df, h = run_ablation(variants, {**params, "seed": int(s)}, data, bundle, tokenadapt, storage,
                              callback=None if callback is None else (lambda r, s=s: callback({**r, "seed": s})))
@@ -967,13 +1036,21 @@ CLAIM_ARMS = {
 }
 
 
-def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, report: str = "") -> list:
+def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, report: str = "",
+                    pixel_floors: Any = None, token_floors: Any = None) -> list:
     """Evidence for the sheet's testable claims: the four ablation claims paired by seed from ``runs``
     (:func:`run_ablation_seeds`; claims whose arms did not run are left out, so they show ``failed``), with
     ``plateau`` from the val top-1 curves of both arms over all seeds; and ``seit.storage_under_1pct`` from
     :func:`photo_storage` (``value``: the pooled token % of the JPEG files, a bound; the per-photo range in
-    ``detail``)."""
+    ``detail``).
+
+    Floors (the failed-run rule of :func:`tokenbook.floors.failed_baseline_runs`): every arm is trained from scratch
+    and judged against the logistic floor of its own input on the same split: a pixel arm against
+    ``pixel_floors`` (:func:`tokenbook.floors.floors_table`), a token arm against ``token_floors``
+    (:func:`token_floors_table`). A claim between two token arms passes ``token_floors`` to
+    ``claims.paired_evidence``; the pixel-vs-SeiT claim joins the two arms' reasons."""
     from tokenbook import claims as C
+    from tokenbook.floors import failed_baseline_runs
 
     ev = []
     per_seed: dict = {}
@@ -982,10 +1059,24 @@ def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, 
     for cid, (a, b) in CLAIM_ARMS.items():
         if not any(a in d and b in d for d in per_seed.values()):
             continue
-        curves = [list(h["val_top1"]) for (v, s), h in histories.items() if v in (a, b) and "val_top1" in h]
-        ev.append(C.paired_evidence(cid, per_seed, a, b, scale=scale, report=report,
-                                    curves=curves,
-                                    detail=f"a = {a}, b = {b}: top-1 per seed {sorted(per_seed)}"))
+        curves = [list(h["val_top1"].dropna()) for (v, s), h in histories.items() if v in (a, b) and "val_top1" in h]
+        detail = f"a = {a}, b = {b}: top-1 per seed {sorted(per_seed)}"
+        floors_of = {"pixels": pixel_floors, "tokens": token_floors}
+        kinds = {VARIANTS[a][0], VARIANTS[b][0]}
+        if len(kinds) == 1:
+            ev.append(C.paired_evidence(cid, per_seed, a, b, scale=scale, report=report, curves=curves,
+                                        floors=floors_of[kinds.pop()], detail=detail))
+            continue
+        reasons = []
+        for arm in (a, b):
+            fl = floors_of[VARIANTS[arm][0]]
+            if fl is not None:
+                why = failed_baseline_runs({arm: {s: d[arm] for s, d in per_seed.items() if a in d and b in d}}, fl)
+                if why:
+                    reasons.append(why.replace("the logistic-regression floor", f"the {VARIANTS[arm][0]} "
+                                               "logistic-regression floor"))
+        ev.append(C.paired_evidence(cid, per_seed, a, b, scale=scale, report=report, curves=curves,
+                                    failed_run="; ".join(reasons), detail=detail))
     if photos is not None and len(photos):
         agg = 100.0 * float(photos["token_bytes"].sum()) / float(photos["jpeg_file_bytes"].sum())
         agg_r = 100.0 * float(photos["token_bytes"].sum()) / float(photos["jpeg_resized_bytes"].sum())
@@ -1148,3 +1239,295 @@ def gpu_loops(params: dict) -> list:
 
 
 __all__ += ["RELEASED", "released_table", "proof_data"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the ablation through the workbook's run store (tokenbook.runs): one stored run per (variant, seed)
+# ----------------------------------------------------------------------------------------------------------
+def token_fingerprint(data: TokenData) -> str:
+    """sha256 (16 hex digits) of what a token run reads: the ids and labels of both splits, the codebook and the
+    synonyms. Part of every token run's spec, so new token files (another tokenizer) are other runs."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for ts in (data.train, data.val):
+        h.update(np.ascontiguousarray(np.asarray(ts.ids), dtype=np.uint16).tobytes())
+        h.update(np.asarray(ts.labels, dtype=np.int64).tobytes() if ts.labels is not None else b"-")
+    h.update(data.codebook.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps({str(k): [int(x) for x in v] for k, v in data.synonyms.items()}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 (16 hex digits) of a module's state dict (names, shapes and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _tokenadapt_config(ta: nn.Module) -> dict:
+    """The :class:`tokenbook.models.seit.TokenAdapt` keywords that rebuild ``ta`` (read off its layers)."""
+    from tokenbook.models.seit import _Attention, _FeedForward
+
+    attn = [m for m in ta.conversion_function.modules() if isinstance(m, _Attention)]
+    lin = ta.conversion_function[0]
+    hidden = [m.net[0] for m in ta.conversion_function.modules() if isinstance(m, _FeedForward)]
+    return {"code_dim": int(ta.code_dim), "codebook_size": int(ta.codebook_size), "in_grid": int(ta.in_grid),
+            "out_grid": int(ta.out_grid), "dim": int(lin.out_features), "depth": len(attn), "heads": int(attn[0].heads),
+            "dim_head": int(attn[0].to_qkv.out_features // (3 * attn[0].heads)),
+            "mlp_ratio": float(hidden[0].out_features / lin.out_features) if hidden else 4.0}
+
+
+def save_tokenadapt(ta: nn.Module, path: PathLike) -> dict:
+    """Write f/g's state dict to ``path`` (read back by :func:`tokenbook.models.seit.load_tokenadapt`); returns
+    ``{"path", "sha", "config"}`` for a run spec (the config rebuilds the module, the sha is checked on reading)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in ta.state_dict().items()}, path)
+    return {"path": str(path), "sha": module_fingerprint(ta), "config": _tokenadapt_config(ta)}
+
+
+def _variant_model(variant: str, params: dict, num_classes: int, img_size: int, code_dim: int) -> tuple[str, dict]:
+    """(timm name, keywords) of a variant's classifier."""
+    dp = float(params.get("drop_path", 0.0))
+    if VARIANTS[variant][0] == "pixels":
+        return params["pixel_model"], {"num_classes": int(num_classes), "img_size": int(img_size), "drop_path_rate": dp}
+    return params["token_model"], {"num_classes": int(num_classes), "img_size": int(params["crop"]),
+                                   "in_chans": int(code_dim), "drop_path_rate": dp}
+
+
+def variant_spec(variant: str, params: dict, seed: int, data_config: Any, tokens: Optional[dict] = None,
+                 tokenadapt: Optional[dict] = None, num_classes: int = 10):
+    """The :class:`tokenbook.runs.RunSpec` of one (variant, seed) run: the classifier (name and keywords), the data
+    config (pixels), the resolved ``TrainConfig`` of :func:`train_config` (its seed ``seed``), batch and loader
+    workers (:func:`tokenbook.runs.fit_args`), and for a token variant the token files (``tokens``: ``{"root",
+    "name", "sha"}``, :func:`token_fingerprint`), the hook's settings and, for a TokenAdapt variant, f/g
+    (``tokenadapt``: :func:`save_tokenadapt`'s answer)."""
+    from tokenbook.runs import RunSpec, fit_args
+
+    params = {**params, "seed": int(seed)}
+    cfg = train_config(params, variant)
+    kind, _, ta = VARIANTS[variant]
+    extra: dict = {"variant": variant, "seed": int(seed)}
+    code_dim = 0
+    if kind == "tokens":
+        if tokens is None:
+            raise ValueError(f"{variant} needs the token files ({{'root', 'name', 'sha'}})")
+        if ta and tokenadapt is None:
+            raise ValueError(f"{variant} needs TokenAdapt f/g (save_tokenadapt)")
+        code_dim = int(tokens["code_dim"])
+        extra.update(tokens=dict(tokens), tokenadapt=dict(tokenadapt) if ta else None, hook=_hook_settings(params))
+    img = int(data_config.img_size if not isinstance(data_config, dict) else data_config["img_size"])
+    name, mkw = _variant_model(variant, params, num_classes, img, code_dim)
+    args = fit_args(name, mkw, data_config, cfg, cfg.batch_size, int(params.get("num_workers", 0)), **extra)
+    return RunSpec("tokenbook.experiments.seit:train_variant_run", args, label=f"{variant} seed {seed}")
+
+
+def _read_tokens(tokens: dict) -> TokenData:
+    """The token data of a run spec, read back from its files and checked against its fingerprint."""
+    root, name = Path(tokens["root"]), tokens.get("name", "fmnist")
+    syn_path = root / "codebook-synonyms.json"
+    td = TokenData(train=T.read_token_file(T.token_file_paths(root, name, "train")),
+                   val=T.read_token_file(T.token_file_paths(root, name, "val")),
+                   codebook=T.load_codebook(root / "codebook.ckpt"), synonyms=load_synonyms(syn_path),
+                   num_classes=int(tokens["num_classes"]), source=f"token files {display_path(root)}", root=root)
+    sha = token_fingerprint(td)
+    if sha != tokens["sha"]:
+        raise ValueError(f"the token files in {root} changed since this run was specified (fingerprint {sha}, spec "
+                         f"{tokens['sha']}): rebuild the tokens or specify the runs again")
+    return td
+
+
+def _read_tokenadapt(spec: dict) -> nn.Module:
+    from tokenbook.models.seit import TokenAdapt, load_tokenadapt
+
+    ta = load_tokenadapt(spec["path"], module=TokenAdapt(**spec["config"])).eval()
+    if module_fingerprint(ta) != spec["sha"]:
+        raise ValueError(f"{spec['path']} changed since this run was specified: save TokenAdapt again")
+    return ta
+
+
+def _fit_variant(variant: str, model_name: str, model_kwargs: dict, cfg: Any, num_workers: int,
+                 bundle: Any = None, data: Optional[TokenData] = None, tokenadapt: Optional[nn.Module] = None,
+                 hook: Optional[dict] = None):
+    """The body of every run of the ablation (kernel path :func:`run_variant` and store trainer
+    :func:`train_variant_run`): the classifier built right after ``seed_everything(cfg.seed)``, loaders seeded with
+    ``cfg.seed`` and ``fit``. Returns the ``FitResult``."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the pixel and token ViTs)
+    from tokenbook import data as D
+    from tokenbook.repro import seed_everything
+
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    model = timm.create_model(model_name, **model_kwargs)
+    if VARIANTS[variant][0] == "pixels":
+        if bundle is None:
+            raise ValueError("the pixel variant needs the image bundle")
+        tl, vl = D.make_loaders(bundle, cfg.batch_size, num_workers=num_workers, seed=seed)
+        return fit_launched(model, tl, vl, cfg, preprocess=bundle.preprocess, desc=variant)
+    if data is None:
+        raise ValueError(f"{variant} needs token data")
+    model.set_codebook(data.codebook)
+    tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(hook["token_eda"]), num_workers=num_workers)
+    h = make_hook(variant, data.codebook, data.num_classes, int(hook["crop"]), tokenadapt,
+                  float(hook["rrc_scale_min"]), bool(hook["per_sample"]))
+    return fit_launched(model, tl, vl, cfg, hooks=[h], num_classes=data.num_classes, desc=variant)
+
+
+def train_variant_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, variant: str,
+                      seed: int, num_workers: int = 0, tokens: Optional[dict] = None,
+                      tokenadapt: Optional[dict] = None, hook: Optional[dict] = None):
+    """Trainer of :func:`variant_spec` (in the kernel, a launcher process or a job): the pixel variant loads the
+    pixel data, a token variant reads its token files (and f/g), then :func:`_fit_variant`. Returns a
+    :class:`tokenbook.runs.TrainedRun`."""
+    from tokenbook import data as D
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig
+
+    cfg = TrainConfig(**{**train, "seed": int(seed), "batch_size": int(batch_size)})
+    if VARIANTS[variant][0] == "pixels":
+        res = _fit_variant(variant, model_name, model_kwargs, cfg, num_workers, bundle=D.load_data(D.DataConfig(**data)))
+    else:
+        td = _read_tokens(tokens)
+        ta = _read_tokenadapt(tokenadapt) if tokenadapt else None
+        res = _fit_variant(variant, model_name, model_kwargs, cfg, num_workers, data=td, tokenadapt=ta, hook=hook)
+    return TrainedRun.from_fit(res)
+
+
+def rebuild_variant(args: dict, out: Any):
+    """The ``FitResult`` of a stored run (``args``: its spec's arguments, ``out``: its TrainedRun): the classifier
+    built as the trainer built it, with the stored weights, on the CPU; a token classifier gets the codebook of its
+    token files (a buffer outside the state dict)."""
+    import timm
+
+    import tokenbook.models  # noqa: F401
+    from tokenbook.train import FitResult, TrainConfig
+
+    model = out.load_into(timm.create_model(args["model_name"], **args["model_kwargs"]))
+    if args.get("tokens"):  # the codebook is a buffer outside the state dict: the run's own codebook file
+        model.set_codebook(T.load_codebook(Path(args["tokens"]["root"]) / "codebook.ckpt"))
+    cfg = TrainConfig(**{k: v for k, v in args["train"].items() if k not in ("checkpoint_dir", "resume")})
+    return FitResult(model=model, ema=None, history=out.history, final=dict(out.final), timing=dict(out.timing),
+                     config=cfg, trainable_params=out.trainable_params)
+
+
+def ablation_specs(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
+                   bundle: Any = None, tokenadapt: Optional[nn.Module] = None) -> list:
+    """``[(variant, seed, RunSpec)]`` of the seeded ablation (:func:`variant_spec`); the token data must have been
+    written to files (:func:`build_default_tokens`: ``data.root``) and TokenAdapt is saved next to them."""
+    tokens = ta = None
+    variants = parse_variants(variants)
+    if any(VARIANTS[v][0] == "tokens" for v in variants):
+        if data is None or data.root is None:
+            raise ValueError("the token variants need token data read from files (build_default_tokens)")
+        names = {p.name.split("-train-token")[0] for p in Path(data.root).glob("*-train-token.data.bin.gz")}
+        name = next(iter(names)) if len(names) == 1 else "fmnist"
+        tokens = {"root": str(Path(data.root).resolve()), "name": name, "sha": token_fingerprint(data),
+                  "num_classes": int(data.num_classes), "code_dim": int(data.codebook.shape[1])}
+        if any(VARIANTS[v][2] for v in variants):
+            if tokenadapt is None:
+                raise ValueError("the TokenAdapt variants need f/g")
+            sha = module_fingerprint(tokenadapt)
+            ta = save_tokenadapt(tokenadapt, Path(data.root) / f"tokenadapt-{sha}.pt")
+    cfg = bundle.config if bundle is not None else None
+    if cfg is None:
+        from tokenbook.data import DataConfig
+
+        cfg = DataConfig(img_size=int(params.get("img_size", 28)))
+    nc = bundle.num_classes if bundle is not None else data.num_classes
+    return [(v, int(s), variant_spec(v, params, int(s), cfg, tokens, ta, nc)) for s in seeds for v in variants]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# floors (issue 19): the pixel floors of tokenbook.floors on the same split, and the same logistic regression on
+# the token embeddings the token classifiers see
+# ----------------------------------------------------------------------------------------------------------
+def token_features(data: TokenData, split: str, crop: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)``: the embedded ids of ``split`` (the codebook rows, centre-cropped to ``crop`` as the classifiers
+    evaluate), one flattened row per image, and the labels."""
+    from tokenbook.models.seit import embed_token_ids
+
+    ts = data.train if split == "train" else data.val
+    ids = torch.from_numpy(np.asarray(ts.ids).astype(np.int64))
+    g = ids.shape[-1]
+    crop = int(crop or g)
+    x = embed_token_ids(data.codebook.float(), ids, crop)
+    return x.reshape(x.shape[0], -1).numpy(), np.asarray(ts.labels)
+
+
+def token_floor(data: TokenData, crop: Optional[int] = None, C: float = 0.01, max_iter: int = 100,
+                seed: int = 0) -> dict:
+    """The logistic-regression floor of the token variants: :func:`tokenbook.floors.logistic_floor`'s model
+    (standardised features, multinomial, ``C``, ``max_iter``, one BLAS thread) on the embedded token maps
+    (:func:`token_features`) of the same split. A token classifier below it has not learned its own input.
+    ``{"model", "top1", "top5", "train_s", "params"}`` (top-1 in %)."""
+    import time
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    t0 = time.perf_counter()
+    xtr, ytr = token_features(data, "train", crop)
+    xva, yva = token_features(data, "val", crop)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, random_state=seed))
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(xtr, ytr)
+        top1 = 100.0 * float((clf.predict(xva) == yva).mean())
+    lr = clf[-1]
+    return {"model": "logistic regression on token embeddings", "top1": top1, "top5": None,
+            "train_s": time.perf_counter() - t0, "params": int(lr.coef_.size + lr.intercept_.size)}
+
+
+def token_floors_table(data: TokenData, crop: Optional[int] = None, seed: int = 0):
+    """:func:`token_floor` as a one-row table shaped like :func:`tokenbook.floors.floors_table` (so that
+    ``floors.logistic_top1`` and ``claims.paired_evidence(floors=...)`` read it)."""
+    import pandas as pd
+
+    df = pd.DataFrame([token_floor(data, crop, seed=seed)], columns=["model", "top1", "top5", "params", "train_s"])
+    df.insert(1, "train_images", len(data.train))
+    df.insert(2, "val_images", len(data.val))
+    return df
+
+
+def floor_rows(runs: Any) -> list[dict]:
+    """One row per variant of :func:`run_ablation_seeds`'s runs for :func:`tokenbook.floors.beside_floors`
+    (:func:`tokenbook.floors.arm_row`: mean and worst-seed top-1, parameters, mean training seconds), ``input``
+    added."""
+    from tokenbook.floors import arm_row
+
+    rows = []
+    for v in dict.fromkeys(runs["variant"]):
+        r = runs[runs["variant"] == v]
+        row = arm_row(f"{PAPER_LABELS[v]} ({v})", r["top1"].astype(float).tolist(), int(round(r["params_m"].iloc[0] * 1e6)),
+                      r["train_wall_s"].astype(float).tolist())
+        rows.append({**row, "input": VARIANTS[v][0]})
+    return rows
+
+
+def arms_beside_floors(runs: Any, pixel_floors: Any, token_floors: Any = None):
+    """Every variant beside the floors of its split: the pixel floors (:func:`tokenbook.floors.floors_table`) and
+    the token floor (:func:`token_floors_table`), one table; ``vs_logistic_floor_pts`` is the distance to the
+    logistic floor of the row's own input (pixels or token embeddings)."""
+    import pandas as pd
+
+    from tokenbook.floors import beside_floors, logistic_top1
+
+    floors_all = pixel_floors if token_floors is None else pd.concat([pixel_floors, token_floors], ignore_index=True)
+    df = beside_floors(floor_rows(runs), floors_all)
+    px, tk = logistic_top1(pixel_floors), logistic_top1(token_floors) if token_floors is not None else None
+    df.loc[df["model"].eq("logistic regression on token embeddings"), "input"] = "tokens"
+    df.loc[df["kind"].eq("floor") & df["input"].isna(), "input"] = "pixels"
+    ref = df["input"].map({"pixels": px, "tokens": tk if tk is not None else float("nan")})
+    df["vs_logistic_floor_pts"] = df["top1"] - ref
+    return df
