@@ -107,6 +107,8 @@ class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launc
     rrc_scale_min: float = param(0.35,
                                  "lower scale of the random resized crop on the embedding map; official 0.08 (0, 1]")
     token_eda: bool = param(True, "Token-EDA per sample: synonym replacement 0.25, block swap 0.25")
+    emb_noise: float = param(1.0, "std of Emb-Noise's channel shift and per-element noise; official 1.0 on ViT-VQGAN's "
+                                  "codebook rows [0, inf)")
     epochs: int = param(1, "training epochs of every variant [1, inf)")
     batch_size: int = param(64, "batch size per device; divisible by 4 for TokenAdapt [1, inf)")
     lr: float = param(0.002, "peak AdamW learning rate (0, inf)")
@@ -405,17 +407,23 @@ def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = T
 
 def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int, tokenadapt: Optional[nn.Module],
               rrc_scale_min: float = 0.08, per_sample: bool = True,
-              coloradapt_eps: float = 1e-5) -> TokenBatchAugment:
+              coloradapt_eps: float = 1e-5, emb_noise: float = 1.0) -> TokenBatchAugment:
     """The batch hook of a token variant: SeiT (Emb-Noise on half of every batch) or Forging Tokens (noise 0.75 /
     ColorAdapt 0.25 per batch; ``noise 1 / ColorAdapt 0`` without ColorAdapt), with the TokenAdapt half if asked.
 
     ``coloradapt_eps``: the official ColorAdapt divides by the std without an epsilon; on the default data a map
     (or the partner's) is often a single code (black background), whose zero std gives NaN, so we add 1e-5.
+
+    ``emb_noise``: the standard deviation of Emb-Noise's channel shift and per-element noise (official 1.0 and 1.0,
+    ``token-noise-scale`` / ``token-noise-std``, on ViT-VQGAN's codebook rows, whose scale is unknown).
     """
     kind, ca, ta = VARIANTS[variant]
     if kind != "tokens":
         raise ValueError(f"{variant} is not a token variant")
-    kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps)
+    if not emb_noise >= 0:
+        raise ValueError(f"emb_noise must be >= 0, got {emb_noise}")
+    kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps,
+              noise_scale=float(emb_noise), noise_std=float(emb_noise))
     if not ca and not ta:
         return TokenBatchAugment.seit(codebook, num_classes, crop, **kw)
     if ta and tokenadapt is None:
@@ -504,7 +512,8 @@ def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bu
 
 def _hook_settings(params: dict) -> dict:
     return {"crop": int(params["crop"]), "rrc_scale_min": float(params.get("rrc_scale_min", 0.08)),
-            "per_sample": bool(params.get("ta_per_sample", True)), "token_eda": bool(params.get("token_eda", True))}
+            "per_sample": bool(params.get("ta_per_sample", True)), "token_eda": bool(params.get("token_eda", True)),
+            "emb_noise": float(params.get("emb_noise", 1.0))}
 
 
 def _result_row(variant: str, res: Any, bundle: Any, data: Optional[TokenData], params: dict,
@@ -1376,7 +1385,7 @@ def _fit_variant(variant: str, model_name: str, model_kwargs: dict, cfg: Any, nu
     model.set_codebook(data.codebook)
     tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(hook["token_eda"]), num_workers=num_workers)
     h = make_hook(variant, data.codebook, data.num_classes, int(hook["crop"]), tokenadapt,
-                  float(hook["rrc_scale_min"]), bool(hook["per_sample"]))
+                  float(hook["rrc_scale_min"]), bool(hook["per_sample"]), emb_noise=float(hook.get("emb_noise", 1.0)))
     return fit_launched(model, tl, vl, cfg, hooks=[h], num_classes=data.num_classes, desc=variant)
 
 
