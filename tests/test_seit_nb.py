@@ -203,7 +203,14 @@ def test_smoke_claims_have_evidence_and_verdicts_over_all_seeds(smoke_results):
     assert "per photo" in ev["seit.storage_under_1pct"]["detail"]
     table = pd.read_csv(folder / "claims.csv").set_index("claim")
     assert set(table.index) == {c.id for c in sheet}
-    assert table["verdict"].isin(["reproduced", "contradicted", "inconclusive", "not_testable_here"]).all()
+    assert table["verdict"].isin(["reproduced", "contradicted", "inconclusive", "failed", "not_testable_here"]).all()
+    # two training steps leave the pixel ViT below the logistic floor of its pixels: that claim is a failed run
+    fl = pd.read_csv(folder / "floors.csv").set_index("model")
+    if (runs_px := pd.read_csv(folder / "ablation_runs.csv").query("variant == 'pixel'"))["top1"].min() < \
+            fl.loc["logistic regression on pixels", "top1"]:
+        assert table.loc["seit.tokens_approach_pixels", "verdict"] == "failed"
+        assert "pixels logistic-regression floor" in table.loc["seit.tokens_approach_pixels", "detail"]
+    assert len(runs_px) == len(seeds)
     assert (table.loc[list(R.CLAIM_ARMS), "n"] == len(seeds)).all()
     assert table.loc["seit.storage_under_1pct", "n"] == 1  # one exact value against the bound, no interval
     assert pd.isna(table.loc["seit.storage_under_1pct", "ci_low"])

@@ -18,7 +18,14 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   is SeiT's recipe: AdamW lr 1.5e-3, wd 0.1, 300 epochs, 8 x 128, warmup 5 / 30, EMA 0.99996, DDP).
 - Claims (issue 12): :func:`run_ablation_seeds` / :func:`seed_summary` (every variant per seed, paired by seed; means,
   t-intervals, paired gains), :func:`photo_storage` (tokens vs JPEG on real photographs at 256 px) and
-  :func:`claims_evidence` (the ``claims.Evidence`` of every testable claim of ``references/seit.yaml``).
+  :func:`claims_evidence` (the ``claims.Evidence`` of every testable claim of ``references/seit.yaml``, with the
+  floors of each arm's input).
+- Run store (issue 20): every (variant, seed) run as one :class:`tokenbook.runs.RunSpec` (:func:`variant_spec`,
+  :func:`ablation_specs`; the token files and f/g named by path and fingerprint), trained by
+  :func:`train_variant_run` and rebuilt by :func:`rebuild_variant`; :func:`run_ablation_seeds` takes the launcher's
+  keywords.
+- Floors (issue 19): :func:`token_floor` (logistic regression on the token embeddings of the same split) beside
+  ``tokenbook.floors``' pixel floors (:func:`arms_beside_floors`).
 
 Size: about 900 lines, over the 800-line guide: the whole driver of one notebook (token data, storage on the default
 data and on real photos, the seeded ablation and its claims, five figures, the release recipe), all sharing
@@ -143,6 +150,9 @@ __all__ = [
     "run_variant", "run_ablation", "ablation_vs_paper", "accuracy_vs_storage", "plot_reconstructions",
     "plot_augmentations", "plot_synonyms", "plot_storage", "parse_variants", "write_tiny_release",
     "build_tokenadapt", "train_default_tokenadapt", "token_device", "release_storage_table", "paper_models_table",
+    "token_images", "token_fingerprint", "module_fingerprint", "save_tokenadapt", "variant_spec", "train_variant_run",
+    "rebuild_variant", "ablation_specs", "AblationHistories", "token_features", "token_floor", "token_floors_table",
+    "floor_rows", "arms_beside_floors",
 ]
 
 #: ablation variants: name -> (input, ColorAdapt, TokenAdapt)
