@@ -47,17 +47,17 @@ def test_padded_tokens_give_the_cpu_scale_grid(tiny):
 
 def test_store_path_equals_kernel_path_and_a_second_launch_trains_nothing(tiny, tmp_path):
     bundle, td, ta, params = tiny
-    k_runs, k_hist = R.run_ablation_seeds(VARIANTS, params, [0], td, bundle, ta)
-    s_runs, s_hist = R.run_ablation_seeds(VARIANTS, params, [0], td, bundle, ta, via_store=True,
-                                          store=str(tmp_path / "runs"))
+    k_runs, k_hist = R.train_ablation(VARIANTS, params, [0], td, bundle, ta)
+    s_runs, s_hist = R.train_ablation(VARIANTS, params, [0], td, bundle, ta, via_store=True,
+                                    store=str(tmp_path / "runs"))
     assert [r.source for r in s_hist.launched] == ["trained"] * 3 and k_hist.launched == []
     cols = ["seed", "variant", "top1", "top5", "params_m", "gmacs", "steps", "gain_vs_seit_pts"]
     pd.testing.assert_frame_equal(k_runs[cols], s_runs[cols])
     for key in k_hist:
         pd.testing.assert_frame_equal(k_hist[key].drop(columns=[c for c in k_hist[key] if "time" in c or c.endswith("_s")]),
                                       s_hist[key].drop(columns=[c for c in s_hist[key] if "time" in c or c.endswith("_s")]))
-    again_runs, again = R.run_ablation_seeds(VARIANTS, params, [0], td, bundle, ta, via_store=True,
-                                             store=str(tmp_path / "runs"))
+    again_runs, again = R.train_ablation(VARIANTS, params, [0], td, bundle, ta, via_store=True,
+                                       store=str(tmp_path / "runs"))
     assert [r.source for r in again.launched] == ["store"] * 3
     pd.testing.assert_frame_equal(s_runs[cols], again_runs[cols])
     # the rebuilt classifier is the trained one: its stored weights give the stored top-1
