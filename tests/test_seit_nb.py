@@ -91,6 +91,15 @@ def test_smoke_tables_show_ours_beside_the_paper(smoke_results):
     ta = pd.read_csv(folder / "tokenadapt.csv").iloc[0]
     assert ta["in_grid"] == 14 and ta["out_grid"] == 12 and 0 <= ta["final_token_acc"] <= 1
 
+    fl = pd.read_csv(folder / "floors.csv").set_index("model")
+    assert {"logistic regression on pixels", "logistic regression on token embeddings"} <= set(fl.index)
+    assert fl.loc["logistic regression on token embeddings", "input"] == "tokens"
+    arms = fl[fl.kind != "floor"]
+    assert len(arms) == 5 and set(arms["input"]) == {"pixels", "tokens"}
+    tok_floor = fl.loc["logistic regression on token embeddings", "top1"]
+    assert arms.loc[arms.input == "tokens", "vs_logistic_floor_pts"].tolist() == \
+        pytest.approx((arms.loc[arms.input == "tokens", "top1"] - tok_floor).tolist())
+
 
 # ------------------------------------------------------------------------------------------------ helpers
 def test_default_tokens_are_written_in_seit_format_and_read_back(idx_dir, tmp_path):
@@ -125,8 +134,27 @@ def test_release_reader_finds_codebook_and_synonyms(tmp_path):
         R.load_release_tokens(root, cache=False)
 
 
-def test_train_config_and_hooks_per_variant():
+def test_cpu_profile_is_the_workbooks_cpu_scale():
+    """issue 19: 10,000 / 2,000 Fashion-MNIST images of 10 classes at 28 px, width-64 depth-6 classifiers that see 16
+    tokens (the pixel ViT's 7 px patches; the token ViT's 4x4 grid after its stride-2 stem on an 8x8 crop of the
+    8x8 ids of the padded 32 px image), 00's recipe, 3 paired seeds, runs through the store in 2 processes."""
+    import timm
+
     p = _params("cpu")
+    assert (p["dataset"], p["train_subset"], p["val_subset"], p["img_size"]) == ("fashion_mnist", 10000, 2000, 28)
+    assert (p["batch_size"], p["lr"], p["weight_decay"], p["warmup_epochs"], p["label_smoothing"]) == \
+        (128, 0.002, 0.05, 1.0, 0.1)
+    assert p["epochs"] >= 15 and p["executor"] == "processes" and len(p["seeds"]) >= 3 and p["fit_floors"]
+    assert R.train_config(p, "pixel").cutmix == 0.0 and R.train_config(p, "pixel").label_smoothing == 0.1
+    px = timm.create_model(p["pixel_model"], num_classes=10, img_size=p["img_size"], device="meta")
+    tk = timm.create_model(p["token_model"], num_classes=10, img_size=p["crop"], device="meta")
+    assert px.patch_embed.num_patches == tk.patch_embed.num_patches == 16
+    assert px.embed_dim == tk.embed_dim == 64 and len(px.blocks) == len(tk.blocks) == 6
+    assert (28 + 2 * p["tokenizer_pad"]) // p["tokenizer_downsample"] == 8 and p["crop"] == 8
+
+
+def test_train_config_and_hooks_per_variant():
+    p = _params("smoke")
     assert R.train_config(p, "pixel").cutmix == 1.0 and R.train_config(p, "pixel").label_smoothing == 0.1
     for v in ("seit", "seit_ca", "seit_ta", "seit_ta_ca"):
         c = R.train_config(p, v)
@@ -138,6 +166,11 @@ def test_train_config_and_hooks_per_variant():
     ta = S.TokenAdapt(in_grid=14, out_grid=12, dim=32, heads=2, dim_head=16)
     assert R.make_hook("seit", cb, 10, 12, None).tokenadapt is None
     assert R.make_hook("seit", cb, 10, 12, None).color.coloradapt_prob == 0
+    assert R.make_hook("seit", cb, 10, 12, None).color.noise.std == 1.0                 # SeiT's N(0, 1)
+    scaled = R.make_hook("seit_ca", cb, 10, 12, None, emb_noise=0.25).color.noise
+    assert (scaled.std, scaled.scale) == (0.25, 0.25)
+    with pytest.raises(ValueError, match="emb_noise"):
+        R.make_hook("seit", cb, 10, 12, None, emb_noise=-1.0)
     assert R.make_hook("seit_ca", cb, 10, 12, None).color.coloradapt_prob == 0.25
     assert R.make_hook("seit_ta", cb, 10, 12, ta).tokenadapt is ta
     assert R.make_hook("seit_ta", cb, 10, 12, ta).color.coloradapt_prob == 0
@@ -170,7 +203,14 @@ def test_smoke_claims_have_evidence_and_verdicts_over_all_seeds(smoke_results):
     assert "per photo" in ev["seit.storage_under_1pct"]["detail"]
     table = pd.read_csv(folder / "claims.csv").set_index("claim")
     assert set(table.index) == {c.id for c in sheet}
-    assert table["verdict"].isin(["reproduced", "contradicted", "inconclusive", "not_testable_here"]).all()
+    assert table["verdict"].isin(["reproduced", "contradicted", "inconclusive", "failed", "not_testable_here"]).all()
+    # two training steps leave the pixel ViT below the logistic floor of its pixels: that claim is a failed run
+    fl = pd.read_csv(folder / "floors.csv").set_index("model")
+    if (runs_px := pd.read_csv(folder / "ablation_runs.csv").query("variant == 'pixel'"))["top1"].min() < \
+            fl.loc["logistic regression on pixels", "top1"]:
+        assert table.loc["seit.tokens_approach_pixels", "verdict"] == "failed"
+        assert "pixels logistic-regression floor" in table.loc["seit.tokens_approach_pixels", "detail"]
+    assert len(runs_px) == len(seeds)
     assert (table.loc[list(R.CLAIM_ARMS), "n"] == len(seeds)).all()
     assert table.loc["seit.storage_under_1pct", "n"] == 1  # one exact value against the bound, no interval
     assert pd.isna(table.loc["seit.storage_under_1pct", "ci_low"])

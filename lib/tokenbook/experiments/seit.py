@@ -16,13 +16,20 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   decoded), :func:`plot_synonyms`, :func:`plot_storage`.
 - :func:`train_config` builds the ``TrainConfig`` of a variant from the notebook parameters (the ``full`` profile
   is SeiT's recipe: AdamW lr 1.5e-3, wd 0.1, 300 epochs, 8 x 128, warmup 5 / 30, EMA 0.99996, DDP).
-- Claims (issue 12): :func:`run_ablation_seeds` / :func:`seed_summary` (every variant per seed, paired by seed; means,
-  t-intervals, paired gains), :func:`photo_storage` (tokens vs JPEG on real photographs at 256 px) and
-  :func:`claims_evidence` (the ``claims.Evidence`` of every testable claim of ``references/seit.yaml``).
+- Seeds (issue 12): :func:`run_ablation_seeds` / :func:`seed_summary` (every variant per seed, paired by seed;
+  means, t-intervals, paired gains) and :func:`photo_storage` (tokens vs JPEG on real photographs at 256 px); the
+  claims' evidence is :func:`claims_evidence` (in seit_results).
+- Run store (issue 20): every (variant, seed) run as one :class:`tokenbook.runs.RunSpec` (:func:`variant_spec`,
+  :func:`ablation_specs`; the token files and f/g named by path and fingerprint), trained by
+  :func:`train_variant_run` with the kernel path's run body (:func:`_fit_variant`) and rebuilt from the stored
+  weights by :func:`rebuild_variant`; :func:`train_ablation` is :func:`run_ablation_seeds` wherever ``executor``
+  says. Floors (issue 19): ``token_floor`` (logistic regression on the token embeddings of the same split) beside
+  ``tokenbook.floors``' pixel floors (``arms_beside_floors``, in seit_results).
 
-Size: about 900 lines, over the 800-line guide: the whole driver of one notebook (token data, storage on the default
-data and on real photos, the seeded ablation and its claims, five figures, the release recipe), all sharing
-:class:`TokenData` and :data:`VARIANTS`; split, the parts would import each other.
+Size: about 1,100 lines, over the 800-line guide: the driver of one notebook (token data, storage, the seeded
+ablation in the kernel and through the run store, the release recipe, the GPU budget's loops), all sharing
+:class:`TokenData`; what the notebook reports about the runs (seed summary, claims, floors, photo storage, figures)
+is in :mod:`tokenbook.experiments.seit_results`, re-exported here.
 """
 from __future__ import annotations
 
@@ -41,20 +48,26 @@ import torch.nn.functional as F
 from tokenbook.data import tokens as T
 from tokenbook.results import display_path
 from tokenbook.methods.token_aug import (
-    TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, color_adapt, embed_ids, load_synonyms,
-    sample_spatial_params, save_synonyms, ReplaceSynonym, SwapCode,
+    TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, embed_ids, load_synonyms, sample_spatial_params,
+    save_synonyms,
 )
-from tokenbook.params import ReleasedParams
+from tokenbook.params import LaunchParams, ReleasedParams
 from tokenbook.params import as_list, param
 # the released checkpoints and the --proof weight file live in seit_released (re-exported)
 from tokenbook.experiments.seit_released import RELEASED, proof_data, released_table  # noqa: F401,E402
+# the variants, the claims' evidence, the floors, the seed summary, photo storage and the figures live in seit_results
+from tokenbook.experiments.seit_results import (  # noqa: F401,E402
+    CLAIM_ARMS, PAPER_LABELS, VARIANTS, arms_beside_floors, claims_commentary, claims_evidence, floor_rows,
+    photo_storage, plot_augmentations, plot_reconstructions, plot_storage, plot_synonyms, sample_photos,
+    seed_summary, token_features, token_floor, token_floors_table,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
+class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launcher fields come from the bases
     """The parameters of notebooks/04_seit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "04_seit"
@@ -76,6 +89,8 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
                               "release")
     token_dir: str = param("", "where the token files go; empty: the tokenbook cache dir, seit/<dataset>-<profile>")
     tokenizer_downsample: int = param(2, "pixels per token side; 2 gives a 14x14 grid on 28 px [1, inf)")
+    tokenizer_pad: int = param(0, "zero pixels added on each side before tokenizing; 2 with downsample 4 gives an 8x8 "
+                                  "grid on 28 px [0, inf)")
     codebook_size: int = param(391,
                                "codebook entries, as the released codebook; ids above 254 use the escape byte [2, "
                                "inf)")
@@ -105,6 +120,8 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     rrc_scale_min: float = param(0.35,
                                  "lower scale of the random resized crop on the embedding map; official 0.08 (0, 1]")
     token_eda: bool = param(True, "Token-EDA per sample: synonym replacement 0.25, block swap 0.25")
+    emb_noise: float = param(1.0, "std of Emb-Noise's channel shift and per-element noise; official 1.0 on ViT-VQGAN's "
+                                  "codebook rows [0, inf)")
     epochs: int = param(1, "training epochs of every variant [1, inf)")
     batch_size: int = param(64, "batch size per device; divisible by 4 for TokenAdapt [1, inf)")
     lr: float = param(0.002, "peak AdamW learning rate (0, inf)")
@@ -129,6 +146,9 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     paper_models: list[str] = param(["deit_small_token_32", "deit_base_token_32", "vit_small_patch16_224", "vit_base_patch16_224"],
                                     "models of the MACs table; empty skips it")
     num_figure_images: int = param(6, "images per figure [1, inf)")
+    fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, a "
+                                   "small CNN, and logistic regression on the token embeddings")
+    floor_cnn_epochs: int = param(5, "epochs of the small-CNN floor [1, inf)")
 
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",
@@ -136,24 +156,12 @@ __all__ = [
     "run_variant", "run_ablation", "ablation_vs_paper", "accuracy_vs_storage", "plot_reconstructions",
     "plot_augmentations", "plot_synonyms", "plot_storage", "parse_variants", "write_tiny_release",
     "build_tokenadapt", "train_default_tokenadapt", "token_device", "release_storage_table", "paper_models_table",
+    "token_images", "AblationHistories", "token_fingerprint", "module_fingerprint", "save_tokenadapt", "variant_spec",
+    "train_variant_run", "rebuild_variant", "ablation_specs", "train_ablation", "token_features", "token_floor",
+    "token_floors_table", "floor_rows", "arms_beside_floors", "CLAIM_ARMS", "claims_evidence", "claims_commentary",
+    "seed_summary", "photo_storage", "sample_photos",
 ]
 
-#: ablation variants: name -> (input, ColorAdapt, TokenAdapt)
-VARIANTS = {
-    "pixel": ("pixels", False, False),
-    "seit": ("tokens", False, False),
-    "seit_ca": ("tokens", True, False),
-    "seit_ta": ("tokens", False, True),
-    "seit_ta_ca": ("tokens", True, True),
-}
-#: our variant -> the row label of the paper's tables (``tokenbook/references/seit.yaml``)
-PAPER_LABELS = {
-    "pixel": "Full pixels",
-    "seit": "SeiT",
-    "seit_ca": "SeiT + ColorAdapt",
-    "seit_ta": "SeiT + TokenAdapt",
-    "seit_ta_ca": "SeiT + TokenAdapt + ColorAdapt",
-}
 
 PathLike = Union[str, os.PathLike]
 
@@ -202,9 +210,19 @@ class TokenData:
                 "root": display_path(self.root)}
 
 
-def _images_uint8(ds, n: Optional[int] = None) -> torch.Tensor:
-    """(N, C, H, W) uint8 images of an ImageDataset (grey stays 1 channel)."""
-    return ds.images_tensor(n)
+def _images_uint8(ds, n: Optional[int] = None, pad: int = 0) -> torch.Tensor:
+    """(N, C, H, W) uint8 images of an ImageDataset (grey stays 1 channel), ``pad`` zero pixels on each side."""
+    x = ds.images_tensor(n)
+    return F.pad(x, (int(pad),) * 4) if pad else x
+
+
+def token_images(ds: Any, pad: int = 0, n: Optional[int] = None) -> torch.Tensor:
+    """The images the tokenizer sees: the first ``n`` of ``ds`` as uint8 (N, C, H, W) with ``pad`` zero pixels on
+    each side (Fashion-MNIST's background is 0, so padding 28 px to 32 adds background; with downsample 4 the
+    token grid is 8x8)."""
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    return _images_uint8(ds, n, pad)
 
 
 def build_default_tokens(
@@ -221,17 +239,19 @@ def build_default_tokens(
     seed: int = 0,
     synonym_top: int = 5,
     device: str = "cpu",
+    pad: int = 0,
 ) -> TokenData:
     """Train the VQ tokenizer on ``bundle.train``, write train/val in SeiT's format under ``root`` and read them back.
 
     Files (release naming): ``{name}-{split}-token.data.bin.gz``, ``...index.npy.gz``, ``{name}-{split}-label.txt``,
     ``codebook.ckpt`` (raw rows, 391 x 32 by default), ``codebook-synonyms.json`` (top-``synonym_top`` cosine
     neighbours; how the release built its list is unknown), ``tokenizer.pt``. The files are rewritten on every call.
+    ``pad``: zero pixels added on each side of every image before training and tokenizing (:func:`token_images`).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    imgs_tr = _images_uint8(bundle.train)
-    imgs_va = _images_uint8(bundle.val)
+    imgs_tr = token_images(bundle.train, pad)
+    imgs_va = token_images(bundle.val, pad)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     tok = T.VQTokenizer(in_chans=imgs_tr.shape[1], image_size=imgs_tr.shape[-1], downsample=downsample,
@@ -388,17 +408,23 @@ def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = T
 
 def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int, tokenadapt: Optional[nn.Module],
               rrc_scale_min: float = 0.08, per_sample: bool = True,
-              coloradapt_eps: float = 1e-5) -> TokenBatchAugment:
+              coloradapt_eps: float = 1e-5, emb_noise: float = 1.0) -> TokenBatchAugment:
     """The batch hook of a token variant: SeiT (Emb-Noise on half of every batch) or Forging Tokens (noise 0.75 /
     ColorAdapt 0.25 per batch; ``noise 1 / ColorAdapt 0`` without ColorAdapt), with the TokenAdapt half if asked.
 
     ``coloradapt_eps``: the official ColorAdapt divides by the std without an epsilon; on the default data a map
     (or the partner's) is often a single code (black background), whose zero std gives NaN, so we add 1e-5.
+
+    ``emb_noise``: the standard deviation of Emb-Noise's channel shift and per-element noise (official 1.0 and 1.0,
+    ``token-noise-scale`` / ``token-noise-std``, on ViT-VQGAN's codebook rows, whose scale is unknown).
     """
     kind, ca, ta = VARIANTS[variant]
     if kind != "tokens":
         raise ValueError(f"{variant} is not a token variant")
-    kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps)
+    if not emb_noise >= 0:
+        raise ValueError(f"emb_noise must be >= 0, got {emb_noise}")
+    kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps,
+              noise_scale=float(emb_noise), noise_std=float(emb_noise))
     if not ca and not ta:
         return TokenBatchAugment.seit(codebook, num_classes, crop, **kw)
     if ta and tokenadapt is None:
@@ -460,6 +486,44 @@ def _model_row(variant: str, model: nn.Module, res: Any, input_size: tuple, stor
             "train_img_s": res.timing["train_img_s"]}
 
 
+def _variant_model(variant: str, params: dict, num_classes: int, img_size: int, code_dim: int) -> tuple[str, dict]:
+    """(timm name, keywords) of a variant's classifier."""
+    dp = float(params.get("drop_path", 0.0))
+    if VARIANTS[variant][0] == "pixels":
+        return params["pixel_model"], {"num_classes": int(num_classes), "img_size": int(img_size), "drop_path_rate": dp}
+    return params["token_model"], {"num_classes": int(num_classes), "img_size": int(params["crop"]),
+                                   "in_chans": int(code_dim), "drop_path_rate": dp}
+
+
+def _fit_variant(variant: str, model_name: str, model_kwargs: dict, cfg: Any, num_workers: int,
+                 bundle: Any = None, data: Optional[TokenData] = None, tokenadapt: Optional[nn.Module] = None,
+                 hook: Optional[dict] = None):
+    """The body of every run of the ablation (kernel path :func:`run_variant` and store trainer
+    :func:`train_variant_run`): the classifier built right after ``seed_everything(cfg.seed)``, loaders seeded with
+    ``cfg.seed`` and ``fit``. Returns the ``FitResult``."""
+    import timm
+
+    import tokenbook.models  # noqa: F401  (registers the pixel and token ViTs)
+    from tokenbook import data as D
+    from tokenbook.repro import seed_everything
+
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    model = timm.create_model(model_name, **model_kwargs)
+    if VARIANTS[variant][0] == "pixels":
+        if bundle is None:
+            raise ValueError("the pixel variant needs the image bundle")
+        tl, vl = D.make_loaders(bundle, cfg.batch_size, num_workers=num_workers, seed=seed)
+        return fit_launched(model, tl, vl, cfg, preprocess=bundle.preprocess, desc=variant)
+    if data is None:
+        raise ValueError(f"{variant} needs token data")
+    model.set_codebook(data.codebook)
+    tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(hook["token_eda"]), num_workers=num_workers)
+    h = make_hook(variant, data.codebook, data.num_classes, int(hook["crop"]), tokenadapt,
+                  float(hook["rrc_scale_min"]), bool(hook["per_sample"]), emb_noise=float(hook.get("emb_noise", 1.0)))
+    return fit_launched(model, tl, vl, cfg, hooks=[h], num_classes=data.num_classes, desc=variant)
+
+
 def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bundle: Any = None,
                 tokenadapt: Optional[nn.Module] = None, storage_bpi: Optional[float] = None, **cfg_overrides: Any):
     """Train one variant with ``fit`` and return ``(summary row, FitResult)``.
@@ -469,39 +533,36 @@ def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bu
     pixel ViT on ``bundle`` (uint8 batches + ``bundle.preprocess``). Token variants: the token ViT with the codebook
     attached (evaluation on centre-cropped ids), Token-EDA in the dataset and the variant's batch hook.
     """
-    import timm
-
-    from tokenbook import data as D
-    from tokenbook.repro import seed_everything
-
     seed = int(params.get("seed", 0))
-    cfg = train_config(params, variant, **cfg_overrides)
-    kind = VARIANTS[variant][0]
-    seed_everything(seed)
-    dp = float(params.get("drop_path", 0.0))
-    if kind == "pixels":
+    cfg = train_config({**params, "seed": seed}, variant, **cfg_overrides)
+    if VARIANTS[variant][0] == "pixels":
         if bundle is None:
             raise ValueError("the pixel variant needs the image bundle")
-        model = timm.create_model(params["pixel_model"], num_classes=bundle.num_classes,
-                                  img_size=bundle.config.img_size, drop_path_rate=dp)
-        tl, vl = D.make_loaders(bundle, cfg.batch_size, num_workers=int(params.get("num_workers", 0)), seed=seed)
-        res = fit_launched(model, tl, vl, cfg, preprocess=bundle.preprocess, desc=variant)
-        size = (bundle.config.channels, bundle.config.img_size, bundle.config.img_size)
+        name, mkw = _variant_model(variant, params, bundle.num_classes, bundle.config.img_size, 0)
+        res = _fit_variant(variant, name, mkw, cfg, int(params.get("num_workers", 0)), bundle=bundle)
     else:
         if data is None:
             raise ValueError(f"{variant} needs token data")
-        crop = int(params["crop"])
-        model = timm.create_model(params["token_model"], num_classes=data.num_classes, img_size=crop,
-                                  in_chans=int(data.codebook.shape[1]), drop_path_rate=dp)
-        model.set_codebook(data.codebook)
-        tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(params.get("token_eda", True)),
-                               num_workers=int(params.get("num_workers", 0)))
-        hook = make_hook(variant, data.codebook, data.num_classes, crop, tokenadapt,
-                         float(params.get("rrc_scale_min", 0.08)), bool(params.get("ta_per_sample", True)))
-        res = fit_launched(model, tl, vl, cfg, hooks=[hook], num_classes=data.num_classes, desc=variant)
-        size = (int(data.codebook.shape[1]), crop, crop)
+        name, mkw = _variant_model(variant, params, data.num_classes, 0, int(data.codebook.shape[1]))
+        res = _fit_variant(variant, name, mkw, cfg, int(params.get("num_workers", 0)), data=data,
+                           tokenadapt=tokenadapt, hook=_hook_settings(params))
+    return _result_row(variant, res, bundle, data, params, storage_bpi), res
+
+
+def _hook_settings(params: dict) -> dict:
+    return {"crop": int(params["crop"]), "rrc_scale_min": float(params.get("rrc_scale_min", 0.08)),
+            "per_sample": bool(params.get("ta_per_sample", True)), "token_eda": bool(params.get("token_eda", True)),
+            "emb_noise": float(params.get("emb_noise", 1.0))}
+
+
+def _result_row(variant: str, res: Any, bundle: Any, data: Optional[TokenData], params: dict,
+                storage_bpi: Optional[float]) -> dict:
+    if VARIANTS[variant][0] == "pixels":
+        size = (bundle.config.channels, bundle.config.img_size, bundle.config.img_size)
+    else:
+        size = (int(data.codebook.shape[1]), int(params["crop"]), int(params["crop"]))
     model = res.model.cpu()
-    return _model_row(variant, model, res, size, float("nan") if storage_bpi is None else storage_bpi), res
+    return _model_row(variant, model, res, size, float("nan") if storage_bpi is None else storage_bpi)
 
 
 def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData], bundle: Any = None,
@@ -512,12 +573,7 @@ def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData
     ``storage`` (from :func:`storage_table`) gives the bytes per image of each input: PNG for pixels (lossless, per
     image), the gzip'd token stream + index for tokens. ``gain_vs_seit_pts`` = top-1 minus the SeiT row's top-1.
     """
-    import pandas as pd
-
-    bpi = {}
-    if storage is not None:
-        s = storage.set_index("format")["bytes_per_image"]
-        bpi = {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}
+    bpi = _bytes_per_image(storage)
     rows, hist = [], {}
     for v in variants:
         row, res = run_variant(v, params, data, bundle, tokenadapt, bpi.get(VARIANTS[v][0]))
@@ -525,10 +581,23 @@ def run_ablation(variants: Sequence[str], params: dict, data: Optional[TokenData
         hist[v] = res.history
         if callback:
             callback(row)
+    return _ablation_frame(rows), hist
+
+
+def _bytes_per_image(storage: Any) -> dict:
+    if storage is None:
+        return {}
+    s = storage.set_index("format")["bytes_per_image"]
+    return {"pixels": float(s["PNG"]), "tokens": float(s["tokens (gzip stream + gzip index)"])}
+
+
+def _ablation_frame(rows: list):
+    import pandas as pd
+
     df = pd.DataFrame(rows)
     base = df.loc[df["variant"] == "seit", "top1"]
     df["gain_vs_seit_pts"] = df["top1"] - float(base.iloc[0]) if len(base) else float("nan")
-    return df, hist
+    return df
 
 
 def ablation_vs_paper(summary: Any):
@@ -582,159 +651,6 @@ def accuracy_vs_storage(summary: Any):
 # ----------------------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------------------
-def _show(ax, img: torch.Tensor, title: str = "") -> None:
-    a = img.detach().float().cpu()
-    a = a[0] if a.shape[0] == 1 else a.permute(1, 2, 0)
-    ax.imshow(a.clamp(0, 1).numpy(), cmap="gray" if a.ndim == 2 else None, vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if title:
-        ax.set_title(title, fontsize=7)
-
-
-def _u8(x: torch.Tensor) -> torch.Tensor:
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-
-
-@torch.no_grad()
-def plot_reconstructions(tokenizer: T.VQTokenizer, images: torch.Tensor, labels: Optional[Sequence[str]] = None):
-    """Rows: original, decoded from tokens, the id grid (colour = id), |error|; one column per image."""
-    import matplotlib.pyplot as plt
-
-    x = _u8(images)
-    ids = T.tokenize_images(tokenizer, x)
-    rec = T.decode_tokens(tokenizer, ids)
-    n = x.shape[0]
-    fig, axes = plt.subplots(4, n, figsize=(1.5 * n, 6.2), squeeze=False)
-    for i in range(n):
-        _show(axes[0, i], x[i], labels[i] if labels else "")
-        _show(axes[1, i], rec[i])
-        axes[2, i].imshow(ids[i].numpy(), cmap="tab20b", vmin=0, vmax=tokenizer.codebook_size - 1)
-        axes[2, i].set_xticks([])
-        axes[2, i].set_yticks([])
-        _show(axes[3, i], (rec[i] - x[i]).abs())
-    for r, t in enumerate(["original", "decoded tokens", "token ids", "|error|"]):
-        axes[r, 0].set_ylabel(t, fontsize=8)
-    fig.suptitle(f"VQ tokenizer: {ids.shape[-2]}x{ids.shape[-1]} ids per image, codebook "
-                 f"{tokenizer.codebook_size}x{tokenizer.code_dim}", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def plot_augmentations(tokenizer: T.VQTokenizer, tokenadapt: nn.Module, codebook: torch.Tensor,
-                       images: torch.Tensor, seed: int = 0, per_sample: bool = True):
-    """The same spatial augmentation in pixel space and in token space through f/g, all decoded to images.
-
-    Columns: original; its tokens decoded; pixel augmentation A(x); tokens of A(x) decoded (TokenAdapt's training
-    target); g(A(f(E[T]))) decoded (token-space augmentation); Emb-Noise and ColorAdapt (partner = reversed batch)
-    on the embedding map, decoded through the nearest code.
-    """
-    import matplotlib.pyplot as plt
-
-    from tokenbook.methods.token_aug import EmbeddingNoise
-
-    gen = torch.Generator().manual_seed(seed)
-    x = _u8(images)
-    ids = T.tokenize_images(tokenizer, x)
-    g_in, m = tokenadapt.in_grid, tokenadapt.out_grid
-    ds = x.shape[-1] // g_in
-    sp = sample_spatial_params(x.shape[0], 2 * g_in, 2 * g_in, per_sample=per_sample, generator=gen)
-    xa = apply_spatial(x, sp, m * ds).clamp(0, 1)
-    ta_target = T.decode_tokens(tokenizer, tokenizer.encode(xa))
-    tokenadapt.eval()
-    emb = embed_ids(ids, codebook)
-    f = tokenadapt.forward_conversion(emb)
-    new_ids = tokenadapt.forward_inversion(apply_spatial(f, sp, 2 * m))
-    ta_out = T.decode_tokens(tokenizer, new_ids)
-
-    def decode_map(e: torch.Tensor) -> torch.Tensor:  # nearest code by cosine, as the tokenizer's lookup
-        cbn = F.normalize(codebook, dim=-1)
-        nid = torch.argmax(F.normalize(e.permute(0, 2, 3, 1), dim=-1) @ cbn.t(), dim=-1)
-        return T.decode_tokens(tokenizer, nid)
-
-    noise = decode_map(EmbeddingNoise(prob=1.0)(emb, gen))
-    ca = decode_map(color_adapt(emb, eps=1e-6))
-    cols = [("original", x), ("tokens, decoded", T.decode_tokens(tokenizer, ids)), ("pixel aug A(x)", xa),
-            ("tokens of A(x)\n(TA target)", ta_target), ("g(A(f(tokens)))\ndecoded", ta_out),
-            ("Emb-Noise\ndecoded", noise), ("ColorAdapt\ndecoded", ca)]
-    n = x.shape[0]
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.5 * n + 0.5), squeeze=False)
-    for c, (title, imgs) in enumerate(cols):
-        for r in range(n):
-            _show(axes[r, c], imgs[r], title if r == 0 else "")
-    agree = float((new_ids == tokenizer.encode(xa)).float().mean())
-    fig.suptitle(f"pixel vs token-space augmentation (same flip/affine/crop); f/g token agreement with the target "
-                 f"{100 * agree:.0f}%", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-@torch.no_grad()
-def plot_synonyms(tokenizer: T.VQTokenizer, synonyms: dict, images: torch.Tensor, probs: Sequence[float] = (0.25, 0.5, 1.0),
-                  seed: int = 0):
-    """Token-EDA decoded: synonym replacement at several per-token probabilities (top-5 neighbours) and a block
-    swap, next to the tokens' own decoding."""
-    import matplotlib.pyplot as plt
-
-    gen = torch.Generator().manual_seed(seed)
-    x = _u8(images)
-    ids = T.tokenize_images(tokenizer, x)
-    k = tokenizer.codebook_size
-    cols = [("original", x), ("tokens, decoded", T.decode_tokens(tokenizer, ids))]
-    for p in probs:
-        rep = ReplaceSynonym(synonyms, top=5, prob=p, num_codes=k)
-        cols.append((f"synonyms p={p:g}", T.decode_tokens(tokenizer, torch.stack([rep(i, gen) for i in ids]))))
-    swap = SwapCode(scale=(0.2, 0.25))
-    cols.append(("block swap", T.decode_tokens(tokenizer, torch.stack([swap(i, gen) for i in ids]))))
-    n = x.shape[0]
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.45 * len(cols), 1.5 * n + 0.4), squeeze=False)
-    for c, (title, imgs) in enumerate(cols):
-        for r in range(n):
-            _show(axes[r, c], imgs[r], title if r == 0 else "")
-    fig.suptitle("Token-EDA on the id grid, decoded (synonyms = 5 nearest codes by cosine)", fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_storage(storage: Any, summary: Any = None):
-    """Bytes per image of each format, the paper's ImageNet storage (GB, log scale), and, with ``summary``, our
-    top-1 against bytes per image."""
-    import matplotlib.pyplot as plt
-
-    from tokenbook import references
-
-    refs = [r for r in references.load("seit") if r.metric == "storage_gb"]
-    ncol = 3 if summary is not None else 2
-    fig, axes = plt.subplots(1, ncol, figsize=(4.6 * ncol, 3.6))
-    s = storage[~storage["format"].str.contains("entropy")]
-    colors = ["tab:orange" if f.startswith("tokens") else "tab:blue" for f in s["format"]]
-    axes[0].barh(s["format"], s["bytes_per_image"], color=colors)
-    axes[0].invert_yaxis()
-    axes[0].set_xlabel("bytes per image")
-    axes[0].set_title("ours: default data", fontsize=9)
-    axes[0].tick_params(axis="y", labelsize=7)
-    axes[1].barh([r.model for r in refs], [r.value for r in refs],
-                 color=["tab:orange" if "SeiT" in r.model else "tab:blue" for r in refs])
-    axes[1].set_xscale("log")
-    axes[1].invert_yaxis()
-    axes[1].set_xlabel("GB, ImageNet-1k train (log)")
-    axes[1].set_title("paper (third-party summary)", fontsize=9)
-    axes[1].tick_params(axis="y", labelsize=7)
-    if summary is not None:
-        ax = axes[2]
-        for _, r in summary.iterrows():
-            ax.scatter(r["storage_bytes_per_image"], r["top1"], color="tab:blue" if r["input"] == "pixels"
-                       else "tab:orange")
-            ax.annotate(r["variant"], (r["storage_bytes_per_image"], r["top1"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_xlim(0, 1.15 * float(summary["storage_bytes_per_image"].max()))
-        ax.set_xlabel("bytes per training image")
-        ax.set_ylabel("val top-1 (%)")
-        ax.set_title("ours: accuracy vs storage", fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
 
 
 def build_tokenadapt(data: TokenData, crop: int, dim: int = 384, heads: int = 6, dim_head: int = 64,
@@ -757,10 +673,11 @@ def token_device(accelerator: str = "auto") -> str:
 
 def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int = 150, batch_size: int = 64,
                              lr: float = 1e-3, dim: int = 384, heads: int = 6, dim_head: int = 64, seed: int = 0,
-                             per_sample: bool = True, mix_prob: float = 0.0, device: str = "cpu"):
+                             per_sample: bool = True, mix_prob: float = 0.0, device: str = "cpu", pad: int = 0):
     """Train f/g on the default data's pixels with :func:`tokenbook.methods.token_aug.train_tokenadapt` (CE of g's code
     logits against the tokens of the pixel-augmented image) on ``device`` (:func:`token_device`); returns
-    ``(TokenAdapt, history DataFrame)`` with TokenAdapt and the tokenizer back on the CPU."""
+    ``(TokenAdapt, history DataFrame)`` with TokenAdapt and the tokenizer back on the CPU. ``pad``: as the tokenizer's
+    (:func:`build_default_tokens`)."""
     import pandas as pd
 
     from tokenbook.methods.token_aug import train_tokenadapt
@@ -769,7 +686,7 @@ def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int
         raise ValueError("training TokenAdapt needs the tokenizer (and pixels); for the release load tokenadapt.ckpt")
     torch.manual_seed(seed)
     ta = build_tokenadapt(data, crop, dim, heads, dim_head)
-    imgs = _images_uint8(bundle.train)
+    imgs = token_images(bundle.train, pad)
     g = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs), batch_size=batch_size, shuffle=True,
                                          drop_last=True, generator=g)
@@ -828,6 +745,15 @@ def paper_models_table(names: Sequence[str], num_classes: int = 1000):
 # ----------------------------------------------------------------------------------------------------------
 # Seeds and claims (issue 12)
 # ----------------------------------------------------------------------------------------------------------
+class AblationHistories(dict):
+    """``{(variant, seed): history DataFrame}`` (a dict) with ``launched``: the :class:`tokenbook.runs.Run` records
+    of the runs that went through the run store (empty in the kernel path)."""
+
+    def __init__(self, *args: Any, launched: Sequence = (), **kw: Any):
+        super().__init__(*args, **kw)
+        self.launched = list(launched)
+
+
 def run_ablation_seeds(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
                        bundle: Any = None, tokenadapt: Optional[nn.Module] = None, storage: Any = None,
                        callback: Optional[Callable[[dict], None]] = None):
@@ -835,10 +761,11 @@ def run_ablation_seeds(variants: Sequence[str], params: dict, seeds: Sequence[in
     ``repro.seed_everything(s)`` (the four token variants share the architecture, so the same initial weights) and
     sees the same batch order (``loader_generator(s)``). The tokenizer and TokenAdapt's f/g are shared (trained once
     by the caller). Returns ``(runs, histories)``: one row per (seed, variant) with a ``seed`` column, and
-    ``{(variant, seed): history DataFrame}``."""
+    ``{(variant, seed): history DataFrame}`` (an :class:`AblationHistories`). In this process, nothing stored; the
+    same runs through the run store: :func:`train_ablation`."""
     import pandas as pd
 
-    frames, hist = [], {}
+    frames, hist = [], AblationHistories()
     for s in seeds:
         df, h = run_ablation(variants, {**params, "seed": int(s)}, data, bundle, tokenadapt, storage,
                              callback=None if callback is None else (lambda r, s=s: callback({**r, "seed": s})))
@@ -848,182 +775,217 @@ def run_ablation_seeds(variants: Sequence[str], params: dict, seeds: Sequence[in
     return pd.concat(frames, ignore_index=True), hist
 
 
-def seed_summary(runs: Any, level: float = 0.95):
-    """One row per variant from :func:`run_ablation_seeds`'s runs: the first seed's descriptive columns, ``top1`` =
-    mean over seeds with its t-interval (``top1_ci_low/high``), the per-seed values (``top1_per_seed``, ``seeds``),
-    and ``gain_vs_seit_pts`` = mean of the paired per-seed differences to SeiT with its interval. With one seed the
-    intervals are NaN."""
+# ----------------------------------------------------------------------------------------------------------
+# the ablation through the workbook's run store (tokenbook.runs): one stored run per (variant, seed)
+# ----------------------------------------------------------------------------------------------------------
+def token_fingerprint(data: TokenData) -> str:
+    """sha256 (16 hex digits) of what a token run reads: the ids and labels of both splits, the codebook and the
+    synonyms. Part of every token run's spec, so new token files (another tokenizer) are other runs."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for ts in (data.train, data.val):
+        h.update(np.ascontiguousarray(np.asarray(ts.ids), dtype=np.uint16).tobytes())
+        h.update(np.asarray(ts.labels, dtype=np.int64).tobytes() if ts.labels is not None else b"-")
+    h.update(data.codebook.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps({str(k): [int(x) for x in v] for k, v in data.synonyms.items()}, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """sha256 (16 hex digits) of a module's state dict (names, shapes and values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode() + str(tuple(v.shape)).encode() + v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _tokenadapt_config(ta: nn.Module) -> dict:
+    """The :class:`tokenbook.models.seit.TokenAdapt` keywords that rebuild ``ta`` (read off its layers)."""
+    from tokenbook.models.seit import _Attention, _FeedForward
+
+    attn = [m for m in ta.conversion_function.modules() if isinstance(m, _Attention)]
+    lin = ta.conversion_function[0]
+    hidden = [m.net[0] for m in ta.conversion_function.modules() if isinstance(m, _FeedForward)]
+    return {"code_dim": int(ta.code_dim), "codebook_size": int(ta.codebook_size), "in_grid": int(ta.in_grid),
+            "out_grid": int(ta.out_grid), "dim": int(lin.out_features), "depth": len(attn), "heads": int(attn[0].heads),
+            "dim_head": int(attn[0].to_qkv.out_features // (3 * attn[0].heads)),
+            "mlp_ratio": float(hidden[0].out_features / lin.out_features) if hidden else 4.0}
+
+
+def save_tokenadapt(ta: nn.Module, path: PathLike) -> dict:
+    """Write f/g's state dict to ``path`` (read back by :func:`tokenbook.models.seit.load_tokenadapt`); returns
+    ``{"path", "sha", "config"}`` for a run spec (the config rebuilds the module, the sha is checked on reading)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in ta.state_dict().items()}, path)
+    return {"path": str(path), "sha": module_fingerprint(ta), "config": _tokenadapt_config(ta)}
+
+
+def variant_spec(variant: str, params: dict, seed: int, data_config: Any, tokens: Optional[dict] = None,
+                 tokenadapt: Optional[dict] = None, num_classes: int = 10):
+    """The :class:`tokenbook.runs.RunSpec` of one (variant, seed) run: the classifier (name and keywords), the data
+    config (pixels), the resolved ``TrainConfig`` of :func:`train_config` (its seed ``seed``), batch and loader
+    workers (:func:`tokenbook.runs.fit_args`), and for a token variant the token files (``tokens``: ``{"root",
+    "name", "sha"}``, :func:`token_fingerprint`), the hook's settings and, for a TokenAdapt variant, f/g
+    (``tokenadapt``: :func:`save_tokenadapt`'s answer)."""
+    from tokenbook.runs import RunSpec, fit_args
+
+    params = {**params, "seed": int(seed)}
+    cfg = train_config(params, variant)
+    kind, _, ta = VARIANTS[variant]
+    extra: dict = {"variant": variant, "seed": int(seed)}
+    code_dim = 0
+    if kind == "tokens":
+        if tokens is None:
+            raise ValueError(f"{variant} needs the token files ({{'root', 'name', 'sha'}})")
+        if ta and tokenadapt is None:
+            raise ValueError(f"{variant} needs TokenAdapt f/g (save_tokenadapt)")
+        code_dim = int(tokens["code_dim"])
+        extra.update(tokens=dict(tokens), tokenadapt=dict(tokenadapt) if ta else None, hook=_hook_settings(params))
+    img = int(data_config.img_size if not isinstance(data_config, dict) else data_config["img_size"])
+    name, mkw = _variant_model(variant, params, num_classes, img, code_dim)
+    args = fit_args(name, mkw, data_config, cfg, cfg.batch_size, int(params.get("num_workers", 0)), **extra)
+    return RunSpec("tokenbook.experiments.seit:train_variant_run", args, label=f"{variant} seed {seed}")
+
+
+def _read_tokens(tokens: dict) -> TokenData:
+    """The token data of a run spec, read back from its files and checked against its fingerprint."""
+    root, name = Path(tokens["root"]), tokens.get("name", "fmnist")
+    syn_path = root / "codebook-synonyms.json"
+    td = TokenData(train=T.read_token_file(T.token_file_paths(root, name, "train")),
+                   val=T.read_token_file(T.token_file_paths(root, name, "val")),
+                   codebook=T.load_codebook(root / "codebook.ckpt"), synonyms=load_synonyms(syn_path),
+                   num_classes=int(tokens["num_classes"]), source=f"token files {display_path(root)}", root=root)
+    sha = token_fingerprint(td)
+    if sha != tokens["sha"]:
+        raise ValueError(f"the token files in {root} changed since this run was specified (fingerprint {sha}, spec "
+                         f"{tokens['sha']}): rebuild the tokens or specify the runs again")
+    return td
+
+
+def _read_tokenadapt(spec: dict) -> nn.Module:
+    from tokenbook.models.seit import TokenAdapt, load_tokenadapt
+
+    ta = load_tokenadapt(spec["path"], module=TokenAdapt(**spec["config"])).eval()
+    if module_fingerprint(ta) != spec["sha"]:
+        raise ValueError(f"{spec['path']} changed since this run was specified: save TokenAdapt again")
+    return ta
+
+
+def train_variant_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, variant: str,
+                      seed: int, num_workers: int = 0, tokens: Optional[dict] = None,
+                      tokenadapt: Optional[dict] = None, hook: Optional[dict] = None):
+    """Trainer of :func:`variant_spec` (in the kernel, a launcher process or a job): the pixel variant loads the
+    pixel data, a token variant reads its token files (and f/g), then :func:`_fit_variant`. Returns a
+    :class:`tokenbook.runs.TrainedRun`."""
+    from tokenbook import data as D
+    from tokenbook.runs import TrainedRun
+    from tokenbook.train import TrainConfig
+
+    cfg = TrainConfig(**{**train, "seed": int(seed), "batch_size": int(batch_size)})
+    if VARIANTS[variant][0] == "pixels":
+        res = _fit_variant(variant, model_name, model_kwargs, cfg, num_workers, bundle=D.load_data(D.DataConfig(**data)))
+    else:
+        td = _read_tokens(tokens)
+        ta = _read_tokenadapt(tokenadapt) if tokenadapt else None
+        res = _fit_variant(variant, model_name, model_kwargs, cfg, num_workers, data=td, tokenadapt=ta, hook=hook)
+    return TrainedRun.from_fit(res)
+
+
+def rebuild_variant(args: dict, out: Any):
+    """The ``FitResult`` of a stored run (``args``: its spec's arguments, ``out``: its TrainedRun): the classifier
+    built as the trainer built it, with the stored weights, on the CPU; a token classifier gets the codebook of its
+    token files (a buffer outside the state dict)."""
+    import timm
+
+    import tokenbook.models  # noqa: F401
+    from tokenbook.train import FitResult, TrainConfig
+
+    model = out.load_into(timm.create_model(args["model_name"], **args["model_kwargs"]))
+    if args.get("tokens"):  # the codebook is a buffer outside the state dict: the run's own codebook file
+        model.set_codebook(T.load_codebook(Path(args["tokens"]["root"]) / "codebook.ckpt"))
+    cfg = TrainConfig(**{k: v for k, v in args["train"].items() if k not in ("checkpoint_dir", "resume")})
+    return FitResult(model=model, ema=None, history=out.history, final=dict(out.final), timing=dict(out.timing),
+                     config=cfg, trainable_params=out.trainable_params)
+
+
+def ablation_specs(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
+                   bundle: Any = None, tokenadapt: Optional[nn.Module] = None) -> list:
+    """``[(variant, seed, RunSpec)]`` of the seeded ablation (:func:`variant_spec`); the token data must have been
+    written to files (:func:`build_default_tokens`: ``data.root``) and TokenAdapt is saved next to them."""
+    tokens = ta = None
+    variants = parse_variants(variants)
+    if any(VARIANTS[v][0] == "tokens" for v in variants):
+        if data is None or data.root is None:
+            raise ValueError("the token variants need token data read from files (build_default_tokens)")
+        names = {p.name.split("-train-token")[0] for p in Path(data.root).glob("*-train-token.data.bin.gz")}
+        name = next(iter(names)) if len(names) == 1 else "fmnist"
+        tokens = {"root": str(Path(data.root).resolve()), "name": name, "sha": token_fingerprint(data),
+                  "num_classes": int(data.num_classes), "code_dim": int(data.codebook.shape[1])}
+        if any(VARIANTS[v][2] for v in variants):
+            if tokenadapt is None:
+                raise ValueError("the TokenAdapt variants need f/g")
+            sha = module_fingerprint(tokenadapt)
+            ta = save_tokenadapt(tokenadapt, Path(data.root) / f"tokenadapt-{sha}.pt")
+    cfg = bundle.config if bundle is not None else None
+    if cfg is None:
+        from tokenbook.data import DataConfig
+
+        cfg = DataConfig(img_size=int(params.get("img_size", 28)))
+    nc = bundle.num_classes if bundle is not None else data.num_classes
+    return [(v, int(s), variant_spec(v, params, int(s), cfg, tokens, ta, nc)) for s in seeds for v in variants]
+
+
+def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
+                   bundle: Any = None, tokenadapt: Optional[nn.Module] = None, storage: Any = None,
+                   callback: Optional[Callable[[dict], None]] = None, executor: str = "kernel",
+                   via_store: Optional[bool] = None, store: Optional[str] = None, workers: Optional[int] = None,
+                   threads: Optional[int] = None, cluster: Optional[str] = None, resources: Optional[dict] = None,
+                   wait: bool = True):
+    """``seit.run_ablation_seeds`` (same arguments, same ``(runs, histories)``) wherever ``executor`` says.
+
+    ``executor="kernel"`` (``via_store`` None or False): ``seit.run_ablation_seeds`` in this process, nothing
+    stored. Any other executor (``processes``, ``torchrun``, ``submitit``; or ``kernel`` with ``via_store=True``):
+    every (variant, seed) run of :func:`ablation_specs` is one entry of the workbook's run store, trained once by
+    :func:`tokenbook.runs.launch` (``store``, ``workers``, ``threads``, ``cluster``, ``resources``, ``wait`` as
+    there) and read back by every later execution; each classifier is rebuilt from its stored weights
+    (:func:`rebuild_variant`) and gives the same rows and histories as the kernel path. ``histories.launched``
+    holds the :class:`tokenbook.runs.Run` records (empty in the kernel path)."""
+    if via_store is None:
+        via_store = executor != "kernel"
+    if not via_store:
+        if executor != "kernel":
+            raise ValueError(f"executor {executor!r} trains through the run store; via_store=False needs 'kernel'")
+        return run_ablation_seeds(variants, params, seeds, data, bundle, tokenadapt, storage, callback)
+    launch = dict(executor=executor, store=store, workers=workers, threads=threads, cluster=cluster,
+                  resources=resources, wait=wait)
     import pandas as pd
 
-    from tokenbook.claims import mean_ci
+    from tokenbook import runs as R
 
-    def ci(x):
-        return mean_ci(x, level) if len(x) >= 2 else (float(np.mean(x)), float("nan"), float("nan"))
-
-    base = runs[runs["variant"] == "seit"].set_index("seed")["top1"] if (runs["variant"] == "seit").any() else None
-    rows = []
-    for v in dict.fromkeys(runs["variant"]):
-        r = runs[runs["variant"] == v].sort_values("seed")
-        top = r["top1"].astype(float).tolist()
-        m, lo, hi = ci(top)
-        row = {**r.iloc[0].drop(labels=["seed", "top1", "gain_vs_seit_pts"], errors="ignore").to_dict(),
-               "top1": m, "top1_ci_low": lo, "top1_ci_high": hi, "n_seeds": len(top),
-               "seeds": ",".join(str(int(s)) for s in r["seed"]),
-               "top1_per_seed": ", ".join(f"{t:.2f}" for t in top),
-               "top5": float(r["top5"].astype(float).mean()), "train_wall_s": float(r["train_wall_s"].sum())}
-        if base is not None and set(r["seed"]) <= set(base.index):
-            g, glo, ghi = ci([t - float(base[s]) for s, t in zip(r["seed"], top)])
-            row.update(gain_vs_seit_pts=g, gain_ci_low=glo, gain_ci_high=ghi)
-        else:
-            row.update(gain_vs_seit_pts=float("nan"), gain_ci_low=float("nan"), gain_ci_high=float("nan"))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _kmeans_vq(patches: torch.Tensor, k: int, iters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means on (N, D) rows (init: k distinct rows drawn with a seeded generator); returns (codebook, ids).
-    Updates are one-hot matmuls (deterministic; no scatter-add)."""
-    g = torch.Generator().manual_seed(seed)
-    x = patches.double()
-    k = min(k, x.shape[0])
-    c = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
-    ids = torch.zeros(x.shape[0], dtype=torch.long)
-    for _ in range(iters):
-        ids = torch.cdist(x, c).argmin(1)
-        oh = F.one_hot(ids, k).double()
-        cnt = oh.sum(0)
-        keep = cnt > 0
-        c[keep] = (oh.t() @ x)[keep] / cnt[keep, None]
-    return c.float(), torch.cdist(x, c.double()).argmin(1)
-
-
-def photo_storage(paths: Optional[Sequence[PathLike]] = None, size: int = 256, grid: int = 32,
-                  codebook_size: int = 391, kmeans_iters: int = 10, seed: int = 0, jpeg_quality: int = 95):
-    """SeiT's token storage against JPEG on real photographs (claim ``seit.storage_under_1pct``), one row per photo.
-
-    ``paths``: JPEG files (default :func:`sample_photos`: scikit-learn's china.jpg and flower.jpg, matplotlib's
-    grace_hopper.jpg). Each photo is resized to ``size`` x ``size`` (SeiT tokenizes ImageNet at 256 px) and cut into
-    a ``grid`` x ``grid`` grid of patches (8 x 8 RGB pixels at 256 / 32); the ids come from a k-means codebook of
-    ``codebook_size`` codes over the patches of all photos, a stand-in for ViT-VQGAN (whose weights are not usable
-    here; it also maps 256 px to 32 x 32 ids from 391 codes). The photo's share of SeiT's files: its escape-coded
-    ids gzip'd on their own (so including a whole gzip header, an over-estimate against one stream for a split)
-    plus its 8-byte int64 offset in the index. Columns: photo, native size, ``jpeg_file_bytes`` (the file as
-    shipped), ``jpeg_resized_bytes`` (PIL re-encode of the 256 px resize at ``jpeg_quality``), ``token_bytes``,
-    ``escape_bytes`` (ids before gzip), ``entropy_bound_bytes`` (grid^2 log2 K / 8), ``max_bytes`` (2 bytes per id
-    + index, no gzip: the format's worst case), ``codes_used``, ``pct_of_jpeg`` (token_bytes / jpeg_file_bytes) and
-    ``pct_of_resized_jpeg``."""
-    import gzip as _gzip
-    import math as _math
-
-    import pandas as pd
-    from PIL import Image
-
-    paths = [Path(p) for p in (paths if paths is not None else sample_photos())]
-    if size % grid:
-        raise ValueError(f"size {size} is not a multiple of the grid {grid}")
-    ps = size // grid
-    arrs, rows = [], []
-    for p in paths:
-        im = Image.open(p).convert("RGB")
-        small = im.resize((size, size), Image.BICUBIC)
-        b = io.BytesIO()
-        small.save(b, format="JPEG", quality=int(jpeg_quality))
-        arrs.append(torch.from_numpy(np.asarray(small, dtype=np.float32) / 255.0))
-        rows.append({"photo": p.name, "native_size": f"{im.size[0]}x{im.size[1]}", "jpeg_file_bytes": p.stat().st_size,
-                     "jpeg_resized_bytes": b.tell()})
-    x = torch.stack(arrs)                                                      # (N, H, W, 3)
-    n = x.shape[0]
-    patches = x.reshape(n, grid, ps, grid, ps, 3).permute(0, 1, 3, 2, 4, 5).reshape(n * grid * grid, -1)
-    _, ids = _kmeans_vq(patches, codebook_size, kmeans_iters, seed)
-    ids = ids.reshape(n, grid, grid).numpy().astype(np.uint16)
-    for r, rid in zip(rows, ids):
-        stream, _ = T.encode_ids(rid[None])
-        tok = len(_gzip.compress(stream, compresslevel=9, mtime=0)) + 8
-        r.update(grid=f"{grid}x{grid}", codebook=codebook_size, codes_used=int(np.unique(rid).size),
-                 escape_bytes=len(stream), token_bytes=tok,
-                 entropy_bound_bytes=grid * grid * _math.log2(codebook_size) / 8, max_bytes=2 * grid * grid + 8)
-        r["pct_of_jpeg"] = 100.0 * tok / r["jpeg_file_bytes"]
-        r["pct_of_resized_jpeg"] = 100.0 * tok / r["jpeg_resized_bytes"]
-    return pd.DataFrame(rows)
-
-
-def sample_photos() -> list[Path]:
-    """Real photographs >= 256 px that installed packages ship: scikit-learn's china.jpg and flower.jpg (640 x 427)
-    and matplotlib's grace_hopper.jpg (512 x 600)."""
-    import matplotlib.cbook
-    import sklearn.datasets
-
-    d = Path(sklearn.datasets.__file__).parent / "images"
-    return [d / "china.jpg", d / "flower.jpg", Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg",
-                                                                                       asfileobj=False))]
-
-
-#: claim id -> (arm a variant, arm b variant) of the empirical ablation claims (``references/seit.yaml``)
-CLAIM_ARMS = {
-    "seit.tokens_approach_pixels": ("pixel", "seit"),
-    "seit.coloradapt_gain": ("seit_ca", "seit"),
-    "seit.tokenadapt_gain": ("seit_ta", "seit"),
-    "seit.both_gain": ("seit_ta_ca", "seit"),
-}
-
-
-def claims_evidence(runs: Any, histories: dict, scale: str, photos: Any = None, report: str = "") -> list:
-    """Evidence for the sheet's testable claims: the four ablation claims paired by seed from ``runs``
-    (:func:`run_ablation_seeds`; claims whose arms did not run are left out, so they show ``failed``), with
-    ``plateau`` from the val top-1 curves of both arms over all seeds; and ``seit.storage_under_1pct`` from
-    :func:`photo_storage` (``value``: the pooled token % of the JPEG files, a bound; the per-photo range in
-    ``detail``)."""
-    from tokenbook import claims as C
-
-    ev = []
-    per_seed: dict = {}
-    for _, r in runs.iterrows():
-        per_seed.setdefault(int(r["seed"]), {})[r["variant"]] = float(r["top1"])
-    for cid, (a, b) in CLAIM_ARMS.items():
-        if not any(a in d and b in d for d in per_seed.values()):
-            continue
-        curves = [list(h["val_top1"]) for (v, s), h in histories.items() if v in (a, b) and "val_top1" in h]
-        ev.append(C.paired_evidence(cid, per_seed, a, b, scale=scale, report=report,
-                                    curves=curves,
-                                    detail=f"a = {a}, b = {b}: top-1 per seed {sorted(per_seed)}"))
-    if photos is not None and len(photos):
-        agg = 100.0 * float(photos["token_bytes"].sum()) / float(photos["jpeg_file_bytes"].sum())
-        agg_r = 100.0 * float(photos["token_bytes"].sum()) / float(photos["jpeg_resized_bytes"].sum())
-        per = ", ".join(f"{p} {v:.2f}%" for p, v in zip(photos["photo"], photos["pct_of_jpeg"]))
-        pct = photos["pct_of_jpeg"].astype(float)
-        ev.append(C.Evidence(
-            claim="seit.storage_under_1pct", value=agg,
-            scale=(f"{len(photos)} real photos ({', '.join(photos['photo'])}) resized to 256 px, 32x32 ids from a "
-                   f"391-code patch k-means VQ (stand-in for ViT-VQGAN), SeiT's escape-coded gzip'd format, vs the "
-                   f"shipped JPEG files; pooled over the photos"),
-            report=report, plateau="n/a (no training)",
-            detail=(f"pooled over {len(photos)} photos: {agg:.2f}% of the JPEG files ({int(photos['token_bytes'].sum())}"
-                    f" token bytes / {int(photos['jpeg_file_bytes'].sum())} JPEG bytes); per photo {pct.min():.2f}-"
-                    f"{pct.max():.2f}% ({per}); {agg_r:.2f}% of JPEG q95 re-encodes at 256 px; token bytes per photo "
-                    f"{', '.join(str(int(t)) for t in photos['token_bytes'])} (format worst case "
-                    f"{int(photos['max_bytes'].iloc[0])})")))
-    return ev
-
-
-def claims_commentary(verdicts: Any, ta_token_acc: Optional[float] = None) -> str:
-    """Markdown lines for the notebook under the verdict table: every contradicted or inconclusive empirical claim
-    with its measured mean and interval; for the TokenAdapt claims, the f/g token accuracy that bounds what the
-    TokenAdapt half-batch can carry (the hook and the augmentations follow naver-ai/tokenadapt ``engine.py``)."""
-    lines = []
-    for _, r in verdicts.iterrows():
-        if r["verdict"] not in ("contradicted", "inconclusive") or r["kind"] != "empirical":
-            continue
-        line = (f"* `{r['claim']}` is **{r['verdict']}** here: mean a − b {r['ours']:+.2f}, 95 % interval "
-                f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}] over n = {int(r['n'])}")
-        if r["claim"] in ("seit.tokenadapt_gain", "seit.both_gain") and ta_token_acc is not None:
-            line += (f". f/g reproduce {100 * ta_token_acc:.0f} % of the tokens of the pixel-augmented image at the "
-                     f"end of their training, so about {100 * (1 - ta_token_acc):.0f} % of the ids of the TokenAdapt "
-                     "half-batch differ from what the pixel augmentation would give")
-            if ta_token_acc < 0.8:
-                line += ("; the hook's order and augmentations match the official engine.py, so we read this as a "
-                         "small-scale effect of an under-trained f/g, not a bug")
-        lines.append(line + ".")
-    return "\n".join(lines) if lines else "No empirical claim is contradicted or inconclusive in this run."
+    plan = ablation_specs(variants, params, seeds, data, bundle, tokenadapt)
+    done = R.launch([spec for _, _, spec in plan], **launch)
+    bpi = _bytes_per_image(storage)
+    frames, hist = [], AblationHistories(launched=done)
+    for s in dict.fromkeys(int(x) for x in seeds):
+        rows = []
+        for (v, sd, spec), run in zip(plan, done):
+            if sd != s:
+                continue
+            res = rebuild_variant(spec.args, run.output)
+            row = _result_row(v, res, bundle, data, params, bpi.get(VARIANTS[v][0]))
+            rows.append(row)
+            hist[(v, s)] = res.history
+            if callback:
+                callback({**row, "seed": s})
+        df = _ablation_frame(rows)
+        df.insert(0, "seed", s)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True), hist
 
 
 # ----------------------------------------------------------------------------------------------------------
