@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from tokenbook import runs as R
+from tokenbook.experiments import baselines as X_base
 from tokenbook.experiments import cross_paper as X
 from tokenbook.experiments import t2t_vit, toe, vittm
 from tokenbook.runner import profile_parameters
@@ -101,14 +102,14 @@ def test_own_specs_without_reuse_use_this_notebooks_split_and_recipe():
     assert set(specs) == {(s, k) for s in (0, 1) for k in ("vit", "vit_toe", "t2t")}
     a = specs[(0, "vit")].args
     # the full-token arm is the workbook's plain classifier run (the same stored run as 00's ViT where they agree)
-    assert specs[(0, "vit")].trainer == "tokenbook.runs:train_classifier"
+    assert specs[(0, "vit")].trainer == "tokenbook.experiments.baselines:train_classifier"
     assert specs[(0, "vit_toe")].trainer == "tokenbook.experiments.toe:train_arm_run"
     assert a["data"]["channels"] == 1 and a["data"]["train_subset"] == p.train_subset and a["train"]["epochs"] == p.epochs
     assert "toe_kwargs" not in a and specs[(0, "vit_toe")].args["toe_kwargs"]["keep_rate"] == [0.5, 0.75, 1.0]
     # an arm and its ToE twin share model, data, recipe and batch; only ToE differs (and the bar, which decides nothing)
     b = specs[(0, "vit_toe")].args
     assert a["model_name"] == b["model_name"] and a["data"] == b["data"] and a["batch_size"] == b["batch_size"]
-    assert R.canonical_model_kwargs(b["model_name"], b["model_kwargs"]) == a["model_kwargs"]
+    assert X_base.canonical_model_kwargs(b["model_name"], b["model_kwargs"]) == a["model_kwargs"]
     assert {k: v for k, v in a["train"].items() if k != "progress"} == \
         {k: v for k, v in b["train"].items() if k != "progress"}
     assert specs[(1, "vit")].args["train"]["seed"] == 1 and specs[(1, "vit_toe")].args["seed"] == 1

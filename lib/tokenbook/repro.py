@@ -8,13 +8,14 @@ state for the results' metadata. The same seed gives identical tables on the sam
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import random
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "set_deterministic", "loader_generator", "worker_init_fn", "repro_settings"]
+__all__ = ["seed_everything", "set_deterministic", "loader_generator", "worker_init_fn", "repro_settings", "cpu_model"]
 
 _STATE: dict = {"seed": None, "deterministic": False}
 
@@ -76,3 +77,23 @@ def seed_from_env(default: int = 0) -> int:
     """``TOKENBOOK_SEED`` from the environment, else ``default``."""
     v: Optional[str] = os.environ.get("TOKENBOOK_SEED")
     return int(v) if v else default
+
+
+def cpu_model() -> dict:
+    """CPU model name and the SIMD instruction sets that decide float kernels (float results differ across CPUs)."""
+    out: dict[str, Any] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        key = key.strip()
+        if key == "model name" and "cpu_model" not in out:
+            out["cpu_model"] = val.strip()
+        elif key in ("flags", "Features") and "cpu_isa" not in out:
+            flags = set(val.split())
+            wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile",
+                      "asimd", "sve", "bf16")
+            out["cpu_isa"] = [f for f in wanted if f in flags]
+    return out

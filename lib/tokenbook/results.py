@@ -27,6 +27,7 @@ import pandas as pd
 
 # the leaf I/O module; re-exported here for the notebooks and older callers
 from .io import NA, PASS_COLUMNS, atomic_write, format_value, formatted, to_markdown  # noqa: F401
+from .repro import cpu_model as _cpu_model  # the float environment's CPU (one definition, in repro)
 
 __all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "run_git_info", "repo_root",
            "to_markdown", "NA", "format_value", "formatted", "style_table", "show_table", "display_path", "swap_in",
@@ -98,26 +99,6 @@ def git_info(root: Optional[Path] = None) -> dict:
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"commit": commit, "dirty": dirty}
-
-
-def _cpu_model() -> dict:
-    """CPU model name and the SIMD instruction sets that decide float kernels (float results differ across CPUs)."""
-    out: dict[str, Any] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        key = key.strip()
-        if key == "model name" and "cpu_model" not in out:
-            out["cpu_model"] = val.strip()
-        elif key in ("flags", "Features") and "cpu_isa" not in out:
-            flags = set(val.split())
-            wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile",
-                      "asimd", "sve", "bf16")
-            out["cpu_isa"] = [f for f in wanted if f in flags]
-    return out
 
 
 def environment_info() -> dict:

@@ -62,8 +62,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 __all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
-           "float_environment", "fit_args", "classifier_spec", "train_classifier",
-           "canonical_model_kwargs", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
+           "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
 
@@ -179,9 +178,9 @@ def float_environment(threads: int, accelerator: str = "auto") -> dict:
 
     if accelerator in ("cuda", "auto", "gpu") and torch.cuda.is_available():
         return {"device": torch.cuda.get_device_name(0), "threads": int(threads)}
-    from .results import _cpu_model
+    from .repro import cpu_model
 
-    return {"device": _cpu_model().get("cpu_model", "cpu"), "threads": int(threads)}
+    return {"device": cpu_model().get("cpu_model", "cpu"), "threads": int(threads)}
 
 
 def fit_args(model_name: str, model_kwargs: dict, data_config: Any, train_config: Any, batch_size: int,
@@ -194,83 +193,6 @@ def fit_args(model_name: str, model_kwargs: dict, data_config: Any, train_config
     as_dict = lambda c: dict(c) if isinstance(c, dict) else dataclasses.asdict(c)  # noqa: E731
     return {"model_name": model_name, "model_kwargs": dict(model_kwargs), "data": as_dict(data_config),
             "train": as_dict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers), **extra}
-
-
-def canonical_model_kwargs(model_name: str, model_kwargs: dict) -> dict:
-    """``model_kwargs`` of ``timm.create_model(model_name, ...)`` without the keywords that say what the model's
-    class would do anyway (the registered entry point's value, else the class's default: ``drop_path_rate=0.0``,
-    ``img_size`` of a model registered at that size), so that two notebooks asking for the same model in two ways
-    name the same run. Built on the meta device (no memory, no random draws)."""
-    import inspect
-
-    import timm
-    import torch
-
-    import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
-
-    with torch.device("meta"):
-        base = timm.create_model(model_name)
-        defaults = inspect.signature(type(base).__init__).parameters
-        return {k: v for k, v in model_kwargs.items() if not _builds_like(model_name, base, k, v, defaults)}
-
-
-def _builds_like(model_name: str, base: Any, k: str, v: Any, defaults: Any) -> bool:
-    """Does the keyword ``k=v`` leave ``model_name`` as its registered default builds it? True for a constructor
-    default of the same value (``drop_path_rate=0.0``), or an architecture keyword that the registered model
-    already has (``img_size=28`` for a 28 px model, ``num_classes`` equal to its head's)."""
-    import inspect
-
-    import timm
-
-    if k == "num_classes":
-        return getattr(base, "num_classes", None) == v
-    if k == "img_size":
-        got = getattr(getattr(base, "patch_embed", None), "img_size", None)
-        want = tuple(v) if isinstance(v, (list, tuple)) else (v, v)
-        return got is not None and tuple(got) == want
-    if k in defaults and defaults[k].default is not inspect.Parameter.empty and defaults[k].default == v:
-        try:  # the entry point may set it otherwise: build with it and compare the architecture
-            other = timm.create_model(model_name, **{k: v})
-        except TypeError:
-            return False
-        return repr(other) == repr(base)
-    return False
-
-
-def classifier_spec(model_name: str, model_kwargs: dict, data_config: Any, train_config: Any, batch_size: int,
-                    num_workers: int = 0, label: str = "") -> RunSpec:
-    """The :class:`RunSpec` of the workbook's plain classifier run (:func:`train_classifier`): one timm model fitted
-    from scratch on one data set. Every notebook that trains the same model with the same recipe, data, batch and
-    seed (``train_config.seed``) asks for it through this function, so the store holds it once: 00's small ViT,
-    01's ViT baseline and 03's full-token arm are one run at the workbook's cpu scale. The model keywords are
-    canonical (:func:`canonical_model_kwargs`), the progress bar is off (it decides nothing)."""
-    import dataclasses
-
-    train = dict(train_config) if isinstance(train_config, dict) else dataclasses.asdict(train_config)
-    train["progress"] = False
-    args = fit_args(model_name, canonical_model_kwargs(model_name, model_kwargs), data_config, train, batch_size,
-                    num_workers)
-    return RunSpec("tokenbook.runs:train_classifier", args, label=label or f"{model_name} seed {train['seed']}")
-
-
-def train_classifier(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int,
-                     num_workers: int = 0) -> TrainedRun:
-    """Trainer of :func:`classifier_spec` (in the kernel, a launcher process or a job), in the order every notebook
-    used: load the data, make the loaders seeded with the run's seed, ``seed_everything(seed)``, build the model,
-    ``fit_launched`` it (a plain ``fit`` on one device). Returns a :class:`TrainedRun`."""
-    import timm
-
-    import tokenbook.models  # noqa: F401
-    from . import data as D
-    from .repro import seed_everything
-    from .train import TrainConfig, fit_launched
-
-    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
-    bundle = D.load_data(dcfg)
-    tl, vl = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
-    seed_everything(tcfg.seed)
-    model = timm.create_model(model_name, **model_kwargs)
-    return TrainedRun.from_fit(fit_launched(model, tl, vl, tcfg, preprocess=bundle.preprocess, desc=model_name))
 
 
 def run_key(spec: RunSpec, threads: int) -> str:

@@ -124,9 +124,10 @@ def run_spec(name: str, model_kwargs: Mapping[str, Any], data_config: Any, train
     """The :class:`tokenbook.runs.RunSpec` of one training run of this notebook (trainer :func:`train_run`): model
     (:func:`canonical_kwargs`), data, recipe (``train_config.seed`` is the run's seed; the progress bar is off, it
     decides nothing), batch and loader workers. A model that is not a ViTTM (the ViT baseline) is the workbook's
-    plain classifier run (:func:`tokenbook.runs.classifier_spec`), the same stored run as 00's small ViT and 03's
+    plain classifier run (:func:`tokenbook.experiments.baselines.classifier_spec`), the same stored run as 00's small ViT and 03's
     full-token arm where model, recipe, data and seed agree."""
-    from tokenbook.runs import RunSpec, classifier_spec, fit_args
+    from tokenbook.experiments.baselines import classifier_spec
+    from tokenbook.runs import RunSpec, fit_args
 
     if not isinstance(create(name, meta=True, **model_kwargs), V.ViTTM):  # the ViT baseline: the workbook's one run
         return classifier_spec(name, dict(model_kwargs), data_config, train_config, batch_size, num_workers, label)
