@@ -21,8 +21,14 @@ def profile_params(profile: str) -> dict:
 def test_profiles_seeds_and_arms(profile, n):
     p = profile_params(profile)
     assert len(parse_seeds(p["seeds"])) == n
-    assert X.parse_arms(p["arms"]) == list(X.ARMS)
-    assert not set(X.parse_classes(p["source_classes"])) & set(X.parse_classes(p["target_classes"]))
+    # every arm, except the cpu profile's token arms (failed runs at 16 tokens; left to the gpu profile)
+    token_arms = {"seit", "seit_ta_ca", "t2t_tokens"}
+    want = [a for a in X.ARMS if profile != "cpu" or a not in token_arms]
+    assert X.parse_arms(p["arms"]) == want
+    # the fine-tuning target is new to the backbone: digits, or Fashion-MNIST classes the source split lacks
+    target = str(p["ft_target"])
+    assert target == "digits" or (target.startswith("fm:") and not set(X.parse_classes(p["source_classes"])) & {
+        int(c) for c in target[3:].split(",")})
     assert p["epochs"] >= 3, "ToE needs its three stages"
 
 
@@ -60,4 +66,7 @@ def test_smoke_comparison_figure_and_claims(smoke_results):
     assert (speed["stage"] == "epoch-weighted").sum() == 3
     assert max(ev["cross_paper.memory_t2t_exact"].a) == 0.0  # exact concatenation on a T2T-ViT backbone
     claims = pd.read_csv(folder / "claims.csv")
-    assert set(claims["claim"]) == ids and not (claims["verdict"] == "failed").any()
+    assert set(claims["claim"]) == ids
+    # two smoke steps learn nothing: a claim may fail only by the failed-run rule (runs below their floor)
+    failed = claims[claims["verdict"] == "failed"]
+    assert failed["detail"].astype(str).str.startswith("failed run").all(), failed[["claim", "detail"]].to_string()

@@ -184,7 +184,9 @@ def test_proof_hooks_write_the_weight_files_once(tmp_path, monkeypatch):
     assert (ta.in_grid, ta.out_grid, ta.codebook_size) == (32, 28, 391)  # the official sizes
     assert seit.proof_data(tmp_path) == []
     # the full ViT-B/32 + 21,843-class head is 400 MB; the same writer on a small ViT
-    monkeypatch.setattr(memory, "PROOF_BACKBONE", ("checkpoints/b.npz", "vit_tiny_patch16_224", 10))
+    from tokenbook.experiments import memory_report  # proof_data and its constant live in the reporting half
+
+    monkeypatch.setattr(memory_report, "PROOF_BACKBONE", ("checkpoints/b.npz", "vit_tiny_patch16_224", 10))
     assert memory.proof_data(tmp_path) == ["checkpoints/b.npz"]
     bb = memory.load_backbone("vit_tiny_patch16_224", 10, checkpoint_file=str(tmp_path / "checkpoints" / "b.npz"),
                               checkpoint_num_classes=10)
