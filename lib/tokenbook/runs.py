@@ -260,15 +260,24 @@ def _train_into_store(location: Path, key: str, spec: RunSpec) -> None:
     shutil.rmtree(checkpoint_dir(location, key), ignore_errors=True)
 
 
-def _worker(location: str, key: str, spec: RunSpec, threads: int) -> float:
-    """Runs in a spawned process or a job: train one run with ``threads`` threads into the store; returns
-    seconds."""
+def _run_rank(location: str, key: str, spec: RunSpec, threads: int, rank: int = 0) -> float:
+    """One process of a run with ``threads`` torch threads; returns seconds. The rule every launcher path shares:
+    rank 0 trains into the store (resuming from the run's checkpoint, dropping it after), any other rank of a
+    DDP run runs the same trainer uncached, so that only one process writes the store."""
     import torch
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    _train_into_store(Path(location), key, spec)
+    if rank == 0:
+        _train_into_store(Path(location), key, spec)
+    else:
+        _execute(key, spec.trainer, _resumable_args(spec, Path(location), key))
     return time.perf_counter() - t0
+
+
+def _worker(location: str, key: str, spec: RunSpec, threads: int) -> float:
+    """Runs in a spawned process or a one-task job: train one run into the store (:func:`_run_rank`, rank 0)."""
+    return _run_rank(location, key, spec, threads)
 
 
 def _torchrun(location: Path, key: str, spec: RunSpec, threads: int, nproc: int) -> float:
@@ -294,19 +303,12 @@ def _torchrun(location: Path, key: str, spec: RunSpec, threads: int, nproc: int)
 
 
 def _rank_main(job_file: str) -> None:
-    """Each torchrun rank: rank 0 trains the run into the store (and drops its checkpoint), the other ranks run the
-    same trainer uncached, so that only one process writes."""
+    """Each torchrun rank: :func:`_run_rank` with the rank torchrun gives it."""
     import pickle
-
-    import torch
 
     with open(job_file, "rb") as f:
         location, key, spec, threads = pickle.load(f)
-    torch.set_num_threads(threads)
-    if int(os.environ.get("RANK", "0")) == 0:
-        _train_into_store(Path(location), key, spec)
-    else:
-        _execute(key, spec.trainer, _resumable_args(spec, Path(location), key))
+    _run_rank(location, key, spec, threads, int(os.environ.get("RANK", "0")))
 
 
 def _nproc(spec: RunSpec, resources: Optional[dict]) -> int:
@@ -368,14 +370,8 @@ class _Job:
     def __call__(self) -> float:
         from submitit import JobEnvironment
 
-        if JobEnvironment().num_tasks > 1 and _export_ddp_env() != 0:
-            import torch
-
-            torch.set_num_threads(self.threads)
-            t0 = time.perf_counter()
-            _execute(self.key, self.spec.trainer, _resumable_args(self.spec, Path(self.location), self.key))
-            return time.perf_counter() - t0
-        return _worker(self.location, self.key, self.spec, self.threads)
+        rank = _export_ddp_env() if JobEnvironment().num_tasks > 1 else 0
+        return _run_rank(self.location, self.key, self.spec, self.threads, rank)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         from submitit.helpers import DelayedSubmission
