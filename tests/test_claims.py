@@ -346,3 +346,51 @@ def test_verdict_summary_is_written_from_the_table():
     assert all(x.startswith("- `") for x in lines)
     empty = C.verdict_table("memory", [])
     assert "no evidence" in C.verdict_summary(empty)
+
+
+def test_seeds_are_planned_by_power_from_a_frozen_pilot(tmp_path):
+    """plan_seeds: the power rule on each paired claim of a pilot evidence file; a claim within the cap grows the
+    run's seeds (the next consecutive integers after the base seeds), one beyond it keeps the base seeds and says
+    why; no pilot leaves the seeds alone; a missing pilot is a clear error; the plan reads only the pilot."""
+    from tokenbook import claims as C
+
+    pilot = tmp_path / "pilot.json"
+    C.write_evidence(tmp_path, [
+        C.Evidence("memory.beats_head", a=[80.0, 81.0, 82.0], b=[70.0, 71.0, 72.5]),      # decided: 2 seeds
+        C.Evidence("memory.beats_head_cls", a=[81.0, 78.0, 82.0], b=[79.0, 79.0, 79.0]),  # sd 2.08, mean 1.33
+        C.Evidence("memory.more_memory_helps", a=[80.0, 75.0, 82.0], b=[79.0, 79.0, 79.0]),  # mean ~0: > 20
+        C.Evidence("memory.source_head_exact", value=0.0)])                               # not paired: skipped
+    C.evidence_file(tmp_path).rename(pilot)
+    need = C.seeds_for(float(np.std([2.0, -1.0, 3.0], ddof=1)), abs(float(np.mean([2.0, -1.0, 3.0]))))
+    assert need is not None and 3 < need < 20
+    seeds, plan = C.plan_seeds([3, 4, 5], pilot, cap=need, paper="memory")
+    assert seeds == [3, 4, 5] + list(range(6, 6 + need - 3))
+    plan = plan.set_index("claim")
+    assert set(plan.index) == {"memory.beats_head", "memory.beats_head_cls", "memory.more_memory_helps"}
+    assert plan.loc["memory.beats_head", "planned"] == 3 and plan.loc["memory.beats_head_cls", "planned"] == need
+    assert plan.loc["memory.more_memory_helps", "needed"] == f"> {C.SEEDS_CAP}"
+    assert "not decidable" in plan.loc["memory.more_memory_helps", "why"]
+    # a cap below what a claim needs keeps the base seeds for it
+    seeds, plan = C.plan_seeds([0, 1, 2], pilot, cap=need - 1, paper="memory")
+    assert seeds == [0, 1, 2] and "over the cap" in plan.set_index("claim").loc["memory.beats_head_cls", "why"]
+    assert C.plan_seeds([0, 1, 2], "", cap=8) [0] == [0, 1, 2] and C.plan_seeds([0, 1, 2], "", cap=8)[1].empty
+    with pytest.raises(C.ClaimError, match="seed pilot"):
+        C.plan_seeds([0, 1], tmp_path / "missing.json", cap=8, paper="memory")
+    # relative paths are taken from the root given
+    assert C.plan_seeds([0, 1, 2], "pilot.json", cap=need, paper="memory", root=tmp_path)[0] == \
+        C.plan_seeds([0, 1, 2], pilot, cap=need, paper="memory")[0]
+
+
+def test_the_cpu_profiles_seeds_are_what_their_pilots_plan():
+    """A profile with a seed pilot trains the seeds the power rule asks of it (05_memory's cpu profile: 4 fresh
+    seeds, none of the pilot's 0-2); fails when the pilot, the rule or the profile changes."""
+    from pathlib import Path
+
+    from tokenbook import claims as C
+    from tokenbook.runner import profile_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    p = profile_parameters(root, "05_memory", "cpu")
+    seeds, plan = C.plan_seeds(p.seeds, p.seed_pilot, p.seed_cap, paper="memory", root=root)
+    assert seeds == [3, 4, 5, 6] and int(plan["planned"].max()) == 4
+    assert not set(seeds) & {0, 1, 2}

@@ -49,7 +49,7 @@ __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "C
            "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
            "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "plateau_window",
            "PLATEAU_FRACTION", "PLATEAU_TOL", "paired_evidence",
-           "seeds_for", "margin_distance", "SEEDS_CAP",
+           "seeds_for", "margin_distance", "SEEDS_CAP", "plan_seeds", "read_evidence_file",
            "verdict_table", "verdict_summary", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
@@ -341,6 +341,63 @@ def seeds_for(sd: float, distance: float, level: float = 0.95, cap: int = SEEDS_
     return None
 
 
+def plan_seeds(seeds: int | Sequence[int], pilot: Optional[str | Path], cap: int, paper: Optional[str] = None,
+               level: float = 0.95, root: Optional[Path] = None) -> tuple[list[int], "Any"]:
+    """Seeds chosen by power before the run (issue 19, item 3): the power rule (:func:`seeds_for`) applied to every
+    paired claim of a frozen pilot, the evidence file of an earlier run of the same arms at the same scale
+    (``claims_evidence.json``'s format; a relative path is taken from the workbook's root ``root``).
+
+    For each claim with at least two paired seeds in the pilot: ``sd`` of its per-seed differences ``a - b``, the
+    pilot mean's distance to the claim's margin (:func:`margin_distance`), and ``needed`` = the seeds the rule says
+    (``None`` when even :data:`SEEDS_CAP` would not do). A claim is *planned* at ``needed`` seeds when that is at
+    most ``cap`` (the budget's limit), else it keeps the base seeds: more seeds would not decide it at this scale,
+    and its row says so. The run then trains the base ``seeds`` extended by the next consecutive integers up to the
+    largest planned count. Returns ``(seeds, plan)`` with ``plan`` a DataFrame, one row per claim (empty without a
+    pilot, and ``seeds`` unchanged). The plan depends only on the pilot file, the base seeds and ``cap``, never
+    on the run it plans, so a rerun asks for the same seeds."""
+    import pandas as pd
+
+    from .io import repo_root
+
+    base = parse_seeds(seeds)
+    cols = ["claim", "pilot seeds", "pilot mean", "pilot sd", "distance to margin", "needed", "planned", "why"]
+    if not pilot:
+        return base, pd.DataFrame(columns=cols)
+    if not isinstance(cap, int) or cap < 2:
+        raise ValueError(f"seed cap must be an integer >= 2, got {cap!r}")
+    path = Path(pilot)
+    if not path.is_absolute():
+        path = (root or repo_root()) / path
+    if not path.is_file():
+        raise ClaimError(f"seed pilot {pilot!r} not found (looked at {path}): give the evidence file of an earlier "
+                         "run of the same arms, or an empty seed_pilot to keep the given seeds")
+    evidence = read_evidence_file(path)
+    sheet = {c.id: c for c in load_claims(paper)} if paper else {}
+    rows = []
+    for cid, e in sorted(evidence.items()):
+        c = sheet.get(cid)
+        if paper and (c is None or not c.has_compare or c.rule != "paired"):
+            continue
+        diffs = [float(x) - float(y) for x, y in zip(e.a, e.b)] if len(e.a) == len(e.b) else []
+        if len(diffs) < 2 or not all(math.isfinite(d) for d in diffs):
+            continue
+        mean, sd = float(np.mean(diffs)), float(np.std(diffs, ddof=1))
+        dist = margin_distance(mean, c.direction, c.margin) if c is not None else abs(mean)
+        need = seeds_for(sd, dist, level)
+        if need is not None and need <= cap:
+            planned, why = max(len(base), need), f"the rule's {need} seeds" + (
+                "" if need > len(base) else f" (the base {len(base)} already do)")
+        else:
+            planned = len(base)
+            why = (f"needs {need} seeds, over the cap of {cap}" if need else f"needs more than {SEEDS_CAP} seeds"
+                   ) + ": not decidable at this scale, kept at the base seeds"
+        rows.append(dict(zip(cols, [cid, len(diffs), mean, sd, dist, need or f"> {SEEDS_CAP}", planned, why])))
+    plan = pd.DataFrame(rows, columns=cols)
+    n = max([len(base), *plan["planned"].tolist()])
+    extra = [s for s in range(max(base) + 1, max(base) + 1 + n) if s not in base][:n - len(base)]
+    return base + extra, plan
+
+
 def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: float = 0.95) -> Verdict:
     """The verdict of one claim from its evidence (None: the experiment did not run: ``failed``)."""
     if claim.not_testable_here:
@@ -565,9 +622,15 @@ def write_evidence(folder: Path, evidence: Iterable[Evidence]) -> Path:
 
 
 def read_evidence(folder: Path) -> dict[str, Evidence]:
+    """The evidence a notebook wrote into ``folder`` (``{}`` when it wrote none)."""
     p = evidence_file(folder)
     if not p.is_file():
         return {}
+    return read_evidence_file(p)
+
+
+def read_evidence_file(p: Path) -> dict[str, Evidence]:
+    """The evidence in one ``claims_evidence.json``-format file, checked."""
     try:
         items = json.loads(p.read_text())
     except ValueError as e:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["NA", "PASS_COLUMNS", "SITE_PROFILE", "site_file", "atomic_write", "atomic_save", "cache_root", "file_mode", "format_value",
+__all__ = ["repo_root", "NA", "PASS_COLUMNS", "SITE_PROFILE", "site_file", "atomic_write", "atomic_save", "cache_root", "file_mode", "format_value",
            "formatted", "to_markdown"]
 
 NA = "n/a"
@@ -55,6 +55,19 @@ def file_mode() -> int:
 def cache_root() -> Path:
     """The workbook's cache folder: ``$TOKENBOOK_CACHE``, else ``~/.cache/tokenbook``."""
     return Path(os.environ.get("TOKENBOOK_CACHE") or Path.home() / ".cache" / "tokenbook").expanduser()
+
+
+def repo_root(start: "Path | None" = None) -> Path:
+    """The workbook's root: ``$TOKENBOOK_ROOT``, else the first parent of ``start`` (or cwd) holding
+    ``run_all.sh`` and ``notebooks/``, else cwd."""
+    env = os.environ.get("TOKENBOOK_ROOT")
+    if env:
+        return Path(env).resolve()
+    p = (start or Path.cwd()).resolve()
+    for d in (p, *p.parents):
+        if (d / "run_all.sh").is_file() and (d / "notebooks").is_dir():
+            return d
+    return p
 
 
 def atomic_save(path: Path, save: "Any") -> Path:

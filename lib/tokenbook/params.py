@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Optional, Sequence
 
-__all__ = ["Params", "ReleasedParams", "LaunchParams", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
+__all__ = ["Params", "ReleasedParams", "SeedPlanParams", "LaunchParams", "ParamsError", "param", "params_class", "module_name", "as_list", "cell_params_class"]
 
 
 class ParamsError(ValueError):
@@ -335,6 +335,19 @@ class ReleasedParams(Params):
                                       "none given", none="")
     released_max_images: int = param(0, "images of the released-checkpoint evaluation, a seeded subset; 0 means all "
                                         "[0, inf)", none=0)
+
+
+@dataclass(frozen=True)
+class SeedPlanParams(Params):
+    """The base of a notebook whose seeds are chosen by power before the run
+    (:func:`tokenbook.claims.plan_seeds`): the base ``seeds`` grow to what the rule asks of a frozen pilot's
+    measured spread, up to ``seed_cap``."""
+
+    seed_pilot: str = param("", "evidence file of an earlier run of the same arms (claims_evidence.json format, "
+                                "relative to the workbook root): its per-seed spread picks the seeds by the power "
+                                "rule, tokenbook.claims.plan_seeds; empty keeps seeds as given", none="")
+    seed_cap: int = param(8, "most seeds the power rule may ask for; a claim that needs more keeps the given seeds "
+                             "[2, inf)")
 
 
 @dataclass(frozen=True)

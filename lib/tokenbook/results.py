@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 # the leaf I/O module; re-exported here for the notebooks and older callers
-from .io import NA, PASS_COLUMNS, atomic_write, format_value, formatted, to_markdown  # noqa: F401
+from .io import NA, PASS_COLUMNS, atomic_write, format_value, formatted, repo_root, to_markdown  # noqa: F401
 from .repro import cpu_model as _cpu_model  # the float environment's CPU (one definition, in repro)
 
 __all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "run_git_info", "repo_root",
@@ -37,19 +37,6 @@ __all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environ
 INTERACTIVE_FOLDER = "interactive"
 PACKAGES = ("torch", "torchvision", "timm", "datasets", "lightning_fabric", "numpy", "pandas", "matplotlib",
             "papermill", "nbconvert", "tokenbook")
-
-
-def repo_root(start: Optional[Path] = None) -> Path:
-    """The workbook's root: ``$TOKENBOOK_ROOT``, else the first parent of ``start`` (or cwd) holding
-    ``run_all.sh`` and ``notebooks/``, else cwd."""
-    env = os.environ.get("TOKENBOOK_ROOT")
-    if env:
-        return Path(env).resolve()
-    p = (start or Path.cwd()).resolve()
-    for d in (p, *p.parents):
-        if (d / "run_all.sh").is_file() and (d / "notebooks").is_dir():
-            return d
-    return p
 
 
 class SavedFile(type(Path())):

@@ -31,7 +31,7 @@ from tokenbook.methods.memory_finetune import finetune_model, set_trainable, tra
 from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_option, build_attention_mask,
                                      concatenate, create_memory_vit, memory_task_params, naive_concatenate,
                                      table1_mask, task_parameter_count)
-from tokenbook.params import LaunchParams
+from tokenbook.params import LaunchParams, SeedPlanParams
 from tokenbook.params import param
 
 from tokenbook.experiments.memory_report import (  # noqa: F401  (the reporting half, re-exported)
@@ -49,7 +49,7 @@ from tokenbook.experiments.memory_report import (  # noqa: F401  (the reporting 
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(LaunchParams):  # the launcher fields (executor, ...) come from the base (tokenbook.params)
+class Params(SeedPlanParams, LaunchParams):  # seed plan and launcher fields: the bases (tokenbook.params)
     """The parameters of notebooks/05_memory.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "05_memory"
@@ -59,7 +59,8 @@ class Params(LaunchParams):  # the launcher fields (executor, ...) come from the
                              "executor": "kernel", "floor_cnn_epochs": 1}
 
     seed: int = param(0, "seed of the source pre-training and of the data subsets [0, inf)")
-    seeds: list[int] = param([0, 1, 2], "fine-tuning seeds: every method runs once per seed, paired by seed")
+    seeds: list[int] = param([0, 1, 2], "fine-tuning seeds: every method runs once per seed, paired by seed; "
+                                        "seed_pilot may add the next ones")
     model_name: str = param("vit_fm_tiny_p4_28", "timm backbone; full profile: vit_base_patch32_224.augreg_in21k")
     patch_size: int = param(7, "patch size override; 0 keeps the model's own [0, inf)")
     img_size: int = param(28, "input side of the backbone [1, inf)")
