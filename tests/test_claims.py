@@ -373,7 +373,12 @@ def test_seeds_are_planned_by_power_from_a_frozen_pilot(tmp_path):
     # a cap below what a claim needs keeps the base seeds for it
     seeds, plan = C.plan_seeds([0, 1, 2], pilot, cap=need - 1, paper="memory")
     assert seeds == [0, 1, 2] and "over the cap" in plan.set_index("claim").loc["memory.beats_head_cls", "why"]
-    assert C.plan_seeds([0, 1, 2], "", cap=8) [0] == [0, 1, 2] and C.plan_seeds([0, 1, 2], "", cap=8)[1].empty
+    assert C.plan_seeds([0, 1, 2], "", cap=8)[0] == [0, 1, 2] and C.plan_seeds([0, 1, 2], "", cap=8)[1].empty
+    # each claim's own arms take the first `planned` of the run's seeds
+    seeds, plan = C.plan_seeds([3, 4, 5], pilot, cap=need, paper="memory")
+    assert C.claim_seeds(plan, seeds, "memory.beats_head_cls") == seeds
+    assert C.claim_seeds(plan, seeds, "memory.more_memory_helps") == [3, 4, 5]
+    assert C.claim_seeds(plan, seeds, "memory.not_in_the_pilot") == seeds
     with pytest.raises(C.ClaimError, match="seed pilot"):
         C.plan_seeds([0, 1], tmp_path / "missing.json", cap=8, paper="memory")
     # relative paths are taken from the root given

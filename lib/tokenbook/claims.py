@@ -49,7 +49,7 @@ __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "C
            "mean_ci", "side_of_margin", "judge", "evidence_file", "write_evidence", "read_evidence",
            "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "plateau_window",
            "PLATEAU_FRACTION", "PLATEAU_TOL", "paired_evidence",
-           "seeds_for", "margin_distance", "SEEDS_CAP", "plan_seeds", "read_evidence_file",
+           "seeds_for", "margin_distance", "SEEDS_CAP", "plan_seeds", "claim_seeds", "read_evidence_file",
            "verdict_table", "verdict_summary", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
@@ -396,6 +396,17 @@ def plan_seeds(seeds: int | Sequence[int], pilot: Optional[str | Path], cap: int
     n = max([len(base), *plan["planned"].tolist()])
     extra = [s for s in range(max(base) + 1, max(base) + 1 + n) if s not in base][:n - len(base)]
     return base + extra, plan
+
+
+def claim_seeds(plan: "Any", seeds: Sequence[int], claim: str) -> list[int]:
+    """The seeds of ``claim``'s own arms under a :func:`plan_seeds` plan: the first ``planned`` of the run's
+    ``seeds`` (all of them when the plan has no row for it, or has none). Arms that only one claim needs then
+    train only that claim's seeds."""
+    seeds = list(seeds)
+    if plan is None or not len(plan) or claim not in set(plan["claim"]):
+        return seeds
+    n = int(plan.loc[plan["claim"] == claim, "planned"].iloc[0])
+    return seeds[:n]
 
 
 def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: float = 0.95) -> Verdict:
