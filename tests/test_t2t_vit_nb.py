@@ -447,8 +447,11 @@ def test_train_variants_reuses_identical_runs_and_same_init(idx_dir):
 def test_imagenet_recipe_by_model_size():
     r14 = t2t.imagenet_recipe("t2t_vit_14")
     assert (r14.lr, r14.weight_decay, r14.epochs, r14.cooldown_epochs, r14.warmup_epochs) == (5e-4, 0.05, 310, 10, 10)
-    assert (r14.mixup, r14.cutmix, r14.label_smoothing, r14.ema_decay, r14.batch_size) == (0.8, 1.0, 0.1, 0.99996,
-                                                                                            512)
+    assert (r14.mixup, r14.cutmix, r14.label_smoothing, r14.ema_decay) == (0.8, 1.0, 0.1, 0.99996)
+    # the paper's total batch 512 as the engine counts it: 64 per device (the loaders' batch) x 8 GPUs, one DDP run
+    assert (r14.batch_size, r14.devices, r14.num_nodes, r14.strategy) == (64, 8, 1, "ddp")
+    rt = t2t.recipe_table().set_index(["recipe", "setting"])["value"]
+    assert rt[("imagenet", "global_batch")] == "512" and rt[("imagenet", "batch_size")] == "64"
     assert (r14.opt, r14.min_lr, r14.warmup_lr) == ("adamw", 1e-5, 1e-6)
     assert (t2t.imagenet_recipe("t2t_vit_7").lr, t2t.imagenet_recipe("t2t_vit_7").weight_decay) == (1e-3, 0.03)
     assert t2t.imagenet_recipe("t2t_vit_t_24").weight_decay == 0.065
@@ -466,9 +469,10 @@ def test_full_profile_is_the_imagenet_recipe():
     model = t2t.imagenet_ablations()[p["train_variants"][0]][0] if p["scale"] == "imagenet" else None
     assert model == "t2t_vit_14"
     ref = t2t.imagenet_recipe(model)
-    for k in ("epochs", "cooldown_epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr",
-              "mixup", "cutmix", "label_smoothing", "ema_decay", "precision"):
+    for k in ("epochs", "cooldown_epochs", "batch_size", "devices", "num_nodes", "strategy", "lr", "weight_decay",
+              "warmup_epochs", "warmup_lr", "min_lr", "mixup", "cutmix", "label_smoothing", "ema_decay", "precision"):
         assert p[k] == getattr(ref, k), k
+    assert p["batch_size"] * p["devices"] * p["num_nodes"] == 512  # the paper's total batch
     for k, v in t2t.IMAGENET_DATA.items():
         assert p[k] == v, k
     assert p["drop_path_rate"] == t2t.IMAGENET_MODEL_KWARGS["drop_path_rate"]
@@ -477,8 +481,34 @@ def test_full_profile_is_the_imagenet_recipe():
     assert gpu["train_subset"] is None and gpu["img_size"] == 32
 
 
+def test_full_profile_is_one_ddp_run_per_variant_over_8_gpus():
+    """The full profile launches each (variant, seed) as one torchrun DDP run of 8 ranks (the paper's 8 GPUs x 64);
+    as a submitit job 8 tasks and 8 GPUs from the recipe. The kernel cannot start its ranks (refused up front), and
+    the proof's overrides make it one CPU process that validates."""
+    from tokenbook import runs
+    from tokenbook.params import ParamsError
+    from tokenbook.runner import RunnerError, proof_overrides
+
+    p = profile_parameters(ROOT, NB, "full")
+    assert p.launch_options() == {"executor": "torchrun"} and (p.devices, p.num_nodes, p.strategy) == (8, 1, "ddp")
+    cfg = p.train_config()
+    assert (cfg.devices, cfg.num_nodes, cfg.strategy, cfg.batch_size) == (8, 1, "ddp", 64)
+    name, kw = t2t.imagenet_ablations(num_classes=1000)[p.train_variants[0]]
+    spec = t2t.variant_spec(name, kw, p.data_config(), cfg, p.batch_size, p.num_workers)
+    assert runs._nproc(spec, None) == 8 and spec.args["batch_size"] == 64
+    assert runs.job_resources(spec) == {"tasks_per_node": 8, "gpus_per_node": 8}
+    for bad in ({"executor": "kernel"}, {"executor": "submitit", "strategy": "ddp_notebook"}):
+        with pytest.raises((RunnerError, ParamsError), match="ranks"):
+            profile_parameters(ROOT, NB, "full", bad)
+    proof = profile_parameters(ROOT, NB, "full", proof_overrides(t2t.Params))
+    assert (proof.devices, proof.strategy, proof.executor) == (1, "auto", "kernel")
+    assert proof.train_config().devices == 1 and proof.train_config().lr == cfg.lr
+
+
 def test_full_profile_runs_one_step_on_a_fake_imagenet_folder(tmp_path):
-    p = _params("full")
+    from tokenbook.runner import proof_overrides
+
+    p = dict(profile_parameters(ROOT, NB, "full", proof_overrides(t2t.Params)))  # one CPU process, as --proof
     root = data.write_folder_fixture(tmp_path / "imagenet", per_class=4, size=40)
     dcfg = data.DataConfig(dataset=f"folder:{root}", img_size=64, channels=p["channels"], preset=p["preset"])
     bundle = data.load_data(dcfg)

@@ -429,6 +429,116 @@ def test_full_profile_pipeline_runs_one_step_on_a_fake_imagenet_folder(tmp_path)
     assert trained["ViTTM-B (depth 1)"] is model and not torch.equal(before, model.memory_embedder.proj.weight)
 
 
+def test_full_profile_launches_both_stages_as_jobs_of_the_recipes_shape():
+    """Issue 20: the full profile's pre-training (IN-21k-P, 2 nodes x 2 GPUs) and fine-tuning (IN-1k, ViTTM-B: 1 node
+    x 2 GPUs) are stored runs launched as SLURM jobs of the recipes' shapes (submitit); the fine-tuning is keyed by
+    the pre-training's key; torchrun (one node) and the kernel are refused up front with what to change, and
+    torchrun with -p num_nodes 1 is accepted; the proof's overrides make one CPU process."""
+    from tokenbook import runs
+    from tokenbook.params import ParamsError
+    from tokenbook.runner import RunnerError, proof_overrides
+
+    p = profile_parameters(ROOT, NB, "full")
+    assert (p.executor, p.strategy, p.devices, p.num_nodes) == ("submitit", "ddp", 2, 0)
+    assert p.launch_options()["executor"] == "submitit" and p.launch_options()["wait"] is True
+    pt_cfg, ft_cfg = X.make_train_config(p, p.pretrain_recipe), X.make_train_config(p, p.recipe)
+    kw = dict(drop_path_rate=p.drop_path_rate, img_size=p.img_size)
+    pt = X.run_spec(p.model_name, {**kw, "drop_path_rate": 0.0, "num_classes": 10450}, X.pretrain_data_config(p),
+                    pt_cfg, p.batch_size, p.num_workers)
+    assert runs.job_resources(pt) == {"nodes": 2, "tasks_per_node": 2, "gpus_per_node": 2}
+    assert pt.args["train"]["strategy"] == "ddp" and pt.args["batch_size"] == 1024  # 4 x 1024 = 4096
+    ref = {"key": "k" * 64, "trainer": pt.trainer, "args": pt.args, "store": ""}
+    ft = X.finetune_spec(ref, p.model_name, {**kw, "num_classes": 1000}, p.data_config(), ft_cfg, p.batch_size)
+    assert runs.job_resources(ft) == {"tasks_per_node": 2, "gpus_per_node": 2} and runs._nproc(ft, None) == 2
+    assert ft.args["pretrained"]["key"] == "k" * 64 and ft.args["model_kwargs"]["drop_path_rate"] == 0.2
+    other = X.finetune_spec({**ref, "key": "j" * 64}, p.model_name, {**kw, "num_classes": 1000}, p.data_config(),
+                            ft_cfg, p.batch_size)
+    assert runs.run_key(other, 1) != runs.run_key(ft, 1)  # another pre-training: another fine-tuning run
+    with pytest.raises((RunnerError, ParamsError), match="'torchrun' starts the ranks of one node.*num_nodes 1"):
+        profile_parameters(ROOT, NB, "full", {"executor": "torchrun"})
+    with pytest.raises((RunnerError, ParamsError), match="ranks"):
+        profile_parameters(ROOT, NB, "full", {"executor": "kernel"})
+    one = profile_parameters(ROOT, NB, "full", {"executor": "torchrun", "num_nodes": 1})
+    assert one.launch_options() == {"executor": "torchrun"}
+    assert [X.make_train_config(one, r).num_nodes for r in (one.pretrain_recipe, one.recipe)] == [1, 1]
+    assert X.launch_problems(dict(one, pretrain_dataset="")) == []
+    proof = profile_parameters(ROOT, NB, "full", proof_overrides(X.Params))
+    assert proof.executor == "kernel" and X.launch_problems(proof) == []
+    assert [X.make_train_config(proof, r).strategy for r in (proof.pretrain_recipe, proof.recipe)] == ["auto"] * 2
+    for profile in ("smoke", "cpu", "gpu"):  # one process per run: nothing to start
+        q = profile_parameters(ROOT, NB, profile)
+        assert X.make_train_config(q, q.recipe).strategy == "auto" and X.launch_problems(q) == []
+
+
+def _state_close(a: dict, b: dict, prefix: str) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if k.startswith(prefix))
+
+
+@pytest.mark.slow
+def test_full_profile_pretrains_and_finetunes_through_the_store_with_torchrun(tmp_path):
+    """The full profile with -p executor torchrun -p num_nodes 1 on the CPU (2 gloo ranks per run, tiny
+    ImageNet-style folders, one optimizer update per run, the models at depth 1): one stored pre-training per model,
+    then one fine-tuning per (model, seed) that starts from the stored pre-trained weights (heads replaced); every
+    run is a 2-rank DDP job; a second execution trains nothing. Then the same with submitit (debug cluster, one
+    process per run)."""
+    from tokenbook import runs
+    from tokenbook.experiments import vittm_runs
+
+    pt_root = data.write_folder_fixture(tmp_path / "in21k", classes=("a", "b", "c", "d"), per_class=4, size=230)
+    ft_root = data.write_folder_fixture(tmp_path / "in1k", classes=("cat", "dog", "fish"), per_class=4, size=230)
+    over = {"executor": "torchrun", "num_nodes": 1, "accelerator": "cpu", "max_steps": 1, "batch_size": 2,
+            "num_workers": 0, "dataset": f"folder:{ft_root}", "pretrain_dataset": f"folder:{pt_root}"}
+    p = profile_parameters(ROOT, NB, "full", over)
+    models = {"ViTTM-B": (p.model_name, dict(depth=1, drop_path_rate=p.drop_path_rate, img_size=p.img_size)),
+              "ViT-B/16": (p.vit_name, dict(depth=1, drop_path_rate=p.drop_path_rate, img_size=p.img_size))}
+    pt_bundle, bundle = data.load_data(X.pretrain_data_config(p)), data.load_data(p.data_config())
+
+    def both_stages(q, store, launched):
+        kw = dict(launched=launched, store=str(store), threads=1, **q.launch_options())
+        refs = X.pretrain_runs(models, pt_bundle, X.make_train_config(q, q.pretrain_recipe), q.batch_size,
+                               q.num_workers, **kw)
+        out = X.train_seeds(models, bundle, q.batch_size, X.make_train_config(q, q.recipe), [0, 1], q.num_workers,
+                            latency=False, pretrained=refs, **kw)
+        return refs, out
+
+    launched: list = []
+    refs, (rows, hist, trained) = both_stages(p, tmp_path / "runs", launched)
+    assert [r.spec.label for r in launched] == ["ViTTM-B pre-training", "ViT-B/16 pre-training"] + [
+        f"{m} fine-tuning seed {s}" for s in (0, 1) for m in models]
+    assert [r.source for r in launched] == ["trained"] * 6 and {r.executor for r in launched} == {"torchrun"}
+    for r in launched:  # each run one DDP job of 2 ranks, cut after one update
+        assert r.output.timing["world_size"] == 2 and r.output.timing["capped_at_step"] == 1, r.spec.label
+        assert (r.spec.args["train"]["devices"], r.spec.args["train"]["strategy"]) == (2, "ddp")
+    assert [r.key for r in launched[:2]] == [refs[m]["key"] for m in models]
+    for r in launched[2:]:
+        assert r.spec.args["pretrained"]["key"] == refs[r.spec.label.split(" fine-tuning")[0]]["key"]
+    assert launched[0].spec.args["model_kwargs"]["num_classes"] == 4
+    assert launched[0].spec.args["model_kwargs"].get("drop_path_rate", 0.0) == 0.0
+    assert launched[0].spec.args["train"]["lr"] == 1.5e-4 and launched[2].spec.args["train"]["lr"] == 2.5e-5
+    assert set(rows["seed"]) == {0, 1} and rows["top1"].notna().all()
+    ttm = trained["ViTTM-B"]
+    assert ttm.num_classes == 3 and ttm.head.weight.shape[0] == 3
+    # the fine-tuning started from the pre-trained weights (one update at a warm-up lr of ~1e-6 moved them little),
+    # not from a new initialisation
+    pre = vittm_runs._stored_pretraining(refs["ViTTM-B"]).state_dict
+    got = {k: v for k, v in ttm.state_dict().items()}
+    assert _state_close({k: got[k] for k in pre if k.startswith("memory_embedder")}, pre, "memory_embedder") < 1e-3
+    fresh = X.create(p.model_name, **models["ViTTM-B"][1], num_classes=4).state_dict()
+    assert _state_close({k: fresh[k] for k in pre if k.startswith("memory_embedder")}, pre, "memory_embedder") > 1e-2
+
+    again: list = []
+    refs2, (rows2, _, _) = both_stages(p, tmp_path / "runs", again)
+    assert [r.source for r in again] == ["store"] * 6 and refs2 == refs
+    pd.testing.assert_frame_equal(rows2[["model", "seed", "top1"]], rows[["model", "seed", "top1"]])
+
+    pytest.importorskip("submitit")
+    one = profile_parameters(ROOT, NB, "full", {**over, "executor": "submitit", "cluster": "debug", "devices": 1})
+    subm: list = []
+    refs3, _ = both_stages(one, tmp_path / "jobs", subm)
+    assert [r.source for r in subm] == ["trained"] * 6 and {r.executor for r in subm} == {"submitit"}
+    assert {r.output.timing["world_size"] for r in subm} == {1} and refs3["ViTTM-B"]["key"] != refs["ViTTM-B"]["key"]
+
+
 def test_profiles_keep_the_paper_configuration():
     for profile in ("smoke", "cpu", "gpu"):
         p = profile_params(profile)

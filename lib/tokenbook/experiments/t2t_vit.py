@@ -51,8 +51,10 @@ class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher 
     """The parameters of notebooks/02_t2t_vit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "02_t2t_vit"
-    #: run_all.sh --proof: two seeds (a paired claim needs two), a CPU batch, runs one after the other in the kernel
-    PROOF: ClassVar[dict] = {"seeds": [0, 1], "batch_size": 4, "num_workers": 0, "executor": "kernel"}
+    #: run_all.sh --proof: two seeds (a paired claim needs two), a CPU batch, one process per run, runs one after the
+    #: other in the kernel
+    PROOF: ClassVar[dict] = {"seeds": [0, 1], "batch_size": 4, "num_workers": 0, "executor": "kernel",
+                             "devices": 1, "num_nodes": 1, "strategy": "auto"}
 
     seed: int = param(0, "seed of the data subsets and of the notebook's other random draws [0, inf)")
     seeds: list[int] = param([0, 1, 2],
@@ -86,7 +88,9 @@ class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher 
                                       "variants to train; t2t_performer and no_t2t are needed by the figures; vit is"
                                       " the plain ViT of similar size")
     epochs: int = param(2, "training epochs, the same budget for every variant [1, inf)")
-    batch_size: int = param(32, "training batch size; small batches give more steps per CPU second [1, inf)")
+    batch_size: int = param(32, "training batch size per device (the loaders' batch); over several devices the "
+                                "global batch is batch_size x devices x num_nodes; small batches give more steps per "
+                                "CPU second [1, inf)")
     lr: float = param(0.001, "peak learning rate of AdamW (0, inf)")
     weight_decay: float = param(0.05, "AdamW weight decay [0, inf)")
     warmup_epochs: float = param(0.3, "linear warmup, in epochs [0, inf)")
@@ -104,6 +108,11 @@ class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher 
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
     accelerator: str = param("auto", "cpu | cuda | auto")
+    devices: int = param(1, "devices per node of each run; over several, one DDP run (the paper: 8 GPUs x 64) [1, "
+                            "inf)")
+    num_nodes: int = param(1, "nodes of each run; over several, executor submitit [1, inf)")
+    strategy: str = param("auto", "strategy of a run over several devices: ddp (ranks started by executor torchrun "
+                                  "or submitit) or ddp_notebook (started from the kernel); auto on one device")
     precision: str = param("32-true", "32-true | bf16-mixed")
     num_figure_images: int = param(3, "images in the attention figure [1, inf)")
     feature_channels: int = param(8, "channels per row of the feature figure [1, inf)")
@@ -690,9 +699,10 @@ def attention_panels(model: nn.Module, x: torch.Tensor) -> tuple[list[list[torch
 # ----------------------------------------------------------------------------------------------------------
 # Recipes
 # ----------------------------------------------------------------------------------------------------------
-#: ImageNet recipe of the official repo (main.py + README, reference sheet section 5); batch 512 in total
+#: ImageNet recipe of the official repo (main.py + README, reference sheet section 5); batch 512 in total: 64 per
+#: device (TrainConfig.batch_size, the loaders' batch) x 8 GPUs, one DDP run
 IMAGENET_RECIPE: dict[str, Any] = dict(
-    epochs=310, cooldown_epochs=10, batch_size=512, opt="adamw", weight_decay=0.05, filter_bias_and_bn=True,
+    epochs=310, cooldown_epochs=10, batch_size=64, devices=8, strategy="ddp", opt="adamw", weight_decay=0.05, filter_bias_and_bn=True,
     sched="cosine", warmup_epochs=10, warmup_lr=1e-6, min_lr=1e-5, mixup=0.8, cutmix=1.0, mixup_prob=1.0,
     mixup_switch_prob=0.5, label_smoothing=0.1, ema_decay=0.99996, clip_grad=None, precision="bf16-mixed")
 #: (lr, weight decay) by model size at total batch 512 (README; issue #25)
@@ -841,8 +851,9 @@ def recipe_table(model_name: str = "t2t_vit_14", transfer_dataset: str = "cifar1
     src_im = "reference sheet section 5 (main.py defaults + README commands; paper section 4.1)"
     src_tr = "reference sheet section 5 (transfer_learning.py + README; paper Table 5)"
     rows = [("imagenet", k, getattr(im, k), src_im) for k in (
-        "epochs", "cooldown_epochs", "batch_size", "opt", "lr", "weight_decay", "warmup_epochs", "warmup_lr",
+        "epochs", "cooldown_epochs", "batch_size", "devices", "strategy", "opt", "lr", "weight_decay", "warmup_epochs", "warmup_lr",
         "min_lr", "mixup", "cutmix", "label_smoothing", "ema_decay", "precision")]
+    rows += [("imagenet", "global_batch", im.batch_size * im.devices * im.num_nodes, src_im)]
     rows += [("imagenet", f"data.{k}", str(v), src_im) for k, v in IMAGENET_DATA.items()]
     rows += [("imagenet", f"model.{k}", v, src_im) for k, v in IMAGENET_MODEL_KWARGS.items()]
     rows += [("imagenet", "augmentation", "RRC 0.08-1, flip, rand-m9-mstd0.5-inc1, random erasing 0.25", src_im)]

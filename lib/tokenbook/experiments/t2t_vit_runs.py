@@ -63,12 +63,12 @@ def _fit_variant(name: str, kw: dict, bundle, cfg, batch_size: int, seed: int, n
 
     import tokenbook.models  # noqa: F401  (registers the workbook's models with timm)
     from tokenbook import data, repro
-    from tokenbook.train import fit
+    from tokenbook.train import fit_launched
 
     repro.seed_everything(seed)
     model = timm.create_model(name, **kw)
     train_loader, val_loader = data.make_loaders(bundle, batch_size, num_workers=num_workers, seed=seed)
-    return fit(model, train_loader, val_loader, cfg, hooks=list(hooks), preprocess=bundle.preprocess,
+    return fit_launched(model, train_loader, val_loader, cfg, hooks=list(hooks), preprocess=bundle.preprocess,
                desc=desc or name)
 
 

@@ -45,13 +45,14 @@ import torch.nn.functional as F
 
 from tokenbook import bench, references
 from tokenbook.experiments.vittm_runs import (  # noqa: F401  (re-exported: the model factory, the run store's parts)
-    _cache_entry, _config_key, _model_latency, _model_row, _tokens, _train_seeds_stored, canonical_kwargs, create,
-    run_spec, store_runs_into_cache, train_run)
+    _RECIPE_OVERRIDES, _cache_entry, _config_key, _model_latency, _model_row, _tokens, _train_seeds_stored,
+    canonical_kwargs, create, finetune_run, finetune_spec, launch_problems, make_train_config, pretrain_data_config,
+    pretrain_runs, run_spec, store_runs_into_cache, train_run)
 from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
-from tokenbook.train import RECIPES, TrainConfig, all_heads, fit, recipe
-from tokenbook.params import ReleasedParams
+from tokenbook.train import TrainConfig, all_heads, fit, recipe
+from tokenbook.params import LaunchParams, ParamsError, ReleasedParams
 from tokenbook.params import param
 
 
@@ -59,14 +60,20 @@ from tokenbook.params import param
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams):  # the released-checkpoint fields come from the base (tokenbook.params)
+class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher fields: the bases (tokenbook.params)
     """The parameters of notebooks/01_vittm.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "01_vittm"
     #: run_all.sh --proof: one CPU process (the recipes' bf16-mixed kept), a CPU batch, the shortest timings
-    PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "batch_size": 4, "num_workers": 0,
-                             "latency_batch": 1, "latency_min_run_time": 0.05, "latency_repeats": 3,
+    PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "batch_size": 4,
+                             "num_workers": 0, "latency_batch": 1, "latency_min_run_time": 0.05, "latency_repeats": 3,
                              "train_latency_batch": 2, "num_figure_images": 2, "executor": "kernel"}
+
+    def __post_init__(self) -> None:  # the launcher's pairing rules on each stage's resolved recipe, too
+        super().__post_init__()
+        problems = launch_problems(self)
+        if problems:
+            raise ParamsError("; ".join(problems))
 
     seed: int = param(0, "seed of the data subsets and of the figures' random inputs [0, inf)")
     seeds: list[int] = param([0, 1, 2],
@@ -86,7 +93,8 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
                                   "stochastic depth of both models; README fine-tune 0.1 for S and 0.2 for B [0, 1)")
     recipe: str = param("", "tokenbook.train.RECIPES name such as vittm_b_ft_in1k; empty uses the values below")
     epochs: int = param(3, "training epochs; with a recipe 0 keeps the recipe value [0, inf)")
-    batch_size: int = param(128, "training batch size per device [1, inf)")
+    batch_size: int = param(128, "training batch size per device; over several devices the global batch is "
+                                 "batch_size x devices x nodes [1, inf)")
     lr: float = param(0.002, "peak learning rate of AdamW, without a recipe (0, inf)")
     weight_decay: float = param(0.05, "AdamW weight decay, without a recipe [0, inf)")
     warmup_epochs: float = param(0.5, "linear warmup in epochs, without a recipe [0, inf)")
@@ -94,17 +102,16 @@ class Params(ReleasedParams):  # the released-checkpoint fields come from the ba
     label_smoothing: float = param(0.0, "label smoothing of both heads' cross-entropy, without a recipe [0, 1)")
     max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
     num_workers: int = param(0, "DataLoader workers [0, inf)")
-    executor: str = param("kernel", "where the runs of section 2 and of the ablations train: kernel (one after the "
-                          "other) or processes (side by side, the cores divided among them); both keep every run in "
-                          "the run store (tokenbook.runs), so a later execution reads it back instead of training it; "
-                          "a pre-training stage trains in the kernel without the store",
-                          choices=("kernel", "processes"))
     accelerator: str = param("auto", "cpu | cuda | auto")
     precision: str = param("32-true", "32-true | bf16-mixed; with a recipe 32-true keeps the recipe value bf16-mixed")
     devices: int = param(1, "devices per node; with a recipe 0 keeps the recipe value [0, inf)")
     num_nodes: int = param(1, "nodes; with a recipe 0 keeps the recipe value [0, inf)")
+    strategy: str = param("auto", "strategy of a run over several devices: ddp (ranks started by executor torchrun "
+                                  "or submitit) or ddp_notebook (started from the kernel); auto means ddp there, one "
+                                  "process on one device")
     pretrain_dataset: str = param("",
-                                  "IN-21k-P style folder or hub id for a pre-training stage before section 2; empty "
+                                  "IN-21k-P style folder or hub id for a pre-training stage before section 2 (one "
+                                  "stored run per model, fine-tuned from the store by section 2's runs); empty "
                                   "skips it")
     pretrain_recipe: str = param("vittm_pt_in21k", "recipe of the pre-training stage")
     pretrain_preset: str = param("vittm_pt", "augmentation preset of the pre-training stage")
@@ -151,7 +158,8 @@ __all__ = [
     "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
     "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table",
     "REFERENCE_ALIASES",
-    "pretrain_then_finetune", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
+    "pretrain_then_finetune", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run",
+    "launch_problems", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
     "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence", "floor_rows",
     "CLAIM_ARM_SETS", "claim_arm_names", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache",
     "ablation_setup", "claim_arm_specs",
@@ -593,38 +601,7 @@ def plot_memory_diagnostics(diag: pd.DataFrame, title: str = ""):
 # ----------------------------------------------------------------------------------------------------------------------
 # Recipes and pitfalls
 # ----------------------------------------------------------------------------------------------------------------------
-#: Notebook parameters that override a recipe when they are set (0 or empty keeps the recipe's value).
-_RECIPE_OVERRIDES = ("epochs", "devices", "num_nodes", "max_steps_per_epoch", "max_steps", "accelerator", "precision")
-
-
-def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overrides) -> TrainConfig:
-    """The notebook's training config. With ``recipe_name`` (a :data:`tokenbook.train.RECIPES` key, e.g.
-    ``vittm_b_ft_in1k``) the paper recipe is used and only these notebook parameters override it when set (non-zero /
-    non-empty / not 'auto' / not '32-true'): epochs, devices, num_nodes, max_steps_per_epoch, accelerator, precision;
-    the seed always
-    comes from the notebook. A DDP strategy becomes ``auto`` on a single device and plain ``ddp`` otherwise (no
-    unused parameters to look for). Without a recipe every TrainConfig field is read from ``params``. ``overrides``
-    win."""
-    if recipe_name:
-        if recipe_name not in RECIPES:
-            raise ValueError(f"unknown recipe {recipe_name!r}; ViTTM recipes: "
-                             f"{sorted(k for k in RECIPES if k.startswith('vittm'))}")
-        kw = {k: params[k] for k in _RECIPE_OVERRIDES if params.get(k) not in (None, 0, "", "auto")
-              and not (k == "precision" and params[k] in ("32-true", "32"))}
-        kw["seed"] = params.get("seed", 0)
-        kw["progress"] = params.get("progress", True)
-        cfg = recipe(recipe_name, **{**kw, **overrides})
-        world = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
-        if cfg.strategy.startswith("ddp") and "strategy" not in overrides:
-            # one process: no DDP (Fabric would otherwise wait for a launcher); several: plain DDP, because no
-            # parameter is left unused here (the official find_unused_parameters only covered its unused tensors)
-            cfg = replace(cfg, strategy="auto" if world == 1 else "ddp")
-        return cfg
-    p = dict(params)
-    for k in ("max_steps_per_epoch", "warmup_steps"):
-        if p.get(k) == 0:
-            p[k] = None
-    return TrainConfig.from_params(p, **overrides)
+# make_train_config and its recipe overrides: tokenbook.experiments.vittm_runs (re-exported above)
 
 
 def recipe_table() -> pd.DataFrame:
@@ -831,7 +808,8 @@ def train_seeds(models: Mapping[str, tuple[str, dict]], bundle, batch_size: int,
                 seeds: Sequence[int], num_workers: int = 0, latency: bool = True, latency_batch: int = 64,
                 latency_device: str = "cpu", min_run_time: float = 1.0,
                 initial: Optional[Mapping[str, nn.Module]] = None, executor: Optional[str] = None,
-                also: Sequence[Any] = (), launched: Optional[list] = None, **launch_kw: Any
+                also: Sequence[Any] = (), launched: Optional[list] = None,
+                pretrained: Optional[Mapping[str, dict]] = None, **launch_kw: Any
                 ) -> tuple[pd.DataFrame, dict[int, dict[str, pd.DataFrame]], dict[str, nn.Module]]:
     """:func:`train_models` once per seed: the seed sets the initialization, the run and the data order (the
     images are the same for every seed, so the models are paired by seed). Latency (independent of the weights) is
@@ -844,15 +822,19 @@ def train_seeds(models: Mapping[str, tuple[str, dict]], bundle, batch_size: int,
     with nothing changed; the same numbers as ``None`` (:func:`train_run` repeats :func:`train_models`' steps). The
     models are rebuilt from the stored weights (CPU, eval mode). ``also``: more run specs launched in the same call
     (e.g. :func:`claim_arm_specs`, so that the processes stay busy); ``launched`` receives the store's records;
-    ``launch_kw`` (``workers``, ``store``) go to the launcher. Pre-trained ``initial`` models are live objects and
-    train here whatever ``executor`` says."""
+    ``launch_kw`` (``workers``, ``store``, submitit's ``cluster``, ``resources``, ``wait``) go to the launcher.
+    ``pretrained`` (label -> :func:`pretrain_runs`' ref): those models are fine-tuned from their stored pre-training,
+    one stored run per seed (:func:`finetune_spec`). Pre-trained ``initial`` models are live objects and train here
+    whatever ``executor`` says."""
     from tokenbook.data import make_loaders
 
     if initial and len(seeds) > 1:
         raise ValueError(f"pre-trained initial models are one training; use one seed, not {list(seeds)}")
+    if pretrained and (executor is None or initial):
+        raise ValueError("stored pre-trainings are fine-tuned through the run store: pass an executor, not initial")
     if executor is not None and not initial:
         return _train_seeds_stored(models, bundle, batch_size, cfg, seeds, num_workers, latency, latency_batch,
-                                   latency_device, min_run_time, executor, also, launched, launch_kw)
+                                   latency_device, min_run_time, executor, also, launched, launch_kw, pretrained)
     frames, hist, first = [], {}, {}
     for i, s in enumerate(seeds):
         tl, vl = make_loaders(bundle, batch_size, num_workers=num_workers, seed=s)

@@ -4,6 +4,11 @@ workbook's run store (:mod:`tokenbook.runs`): one spec per (model, seed) (:func:
 in one form per architecture, :func:`canonical_kwargs`, so that section 2's ViTTM and an ablation arm of the same
 configuration are one run), its trainer (:func:`train_run`, the steps and numbers of training in the kernel),
 section 2's seeds (:func:`_train_seeds_stored`) and the ablations' cache (:func:`store_runs_into_cache`).
+The paper's two stages (the ``full`` profile) are stored runs too: one pre-training per model
+(:func:`pretrain_runs`, the same trainer on the pre-training data), and section 2's runs fine-tune it, one run per
+seed keyed by the pre-training's key (:func:`finetune_spec`, :func:`finetune_run`), so that every executor of the
+launcher (``kernel``, ``processes``, ``torchrun``, ``submitit``) trains both. The notebook's train configs
+(:func:`make_train_config`) and the launcher checks of its parameters (:func:`launch_problems`) live here too.
 Imports nothing of :mod:`~tokenbook.experiments.vittm` (the trainer runs in launcher processes too).
 """
 from __future__ import annotations
@@ -19,9 +24,10 @@ import torch.nn as nn
 from tokenbook import bench
 from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
-from tokenbook.train import TrainConfig, all_heads, fit
+from tokenbook.train import RECIPES, TrainConfig, all_heads, fit_launched, recipe
 
-__all__ = ["create", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache"]
+__all__ = ["create", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache", "make_train_config",
+           "launch_problems", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run"]
 
 
 def create(name: str, meta: bool = False, **kwargs) -> nn.Module:
@@ -150,7 +156,7 @@ def train_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batc
     tl, vl = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
     seed_everything(tcfg.seed)
     model = create(model_name, **model_kwargs)
-    return TrainedRun.from_fit(fit(model, tl, vl, tcfg, preprocess=bundle.preprocess, desc=model_name))
+    return TrainedRun.from_fit(fit_launched(model, tl, vl, tcfg, preprocess=bundle.preprocess, desc=model_name))
 
 
 def _rebuild(name: str, kwargs: Mapping[str, Any], run: Any) -> nn.Module:
@@ -189,17 +195,21 @@ def store_runs_into_cache(cache: dict, base_model: str, jobs: Sequence[tuple[str
 def _train_seeds_stored(models: Mapping[str, tuple[str, dict]], bundle, batch_size: int, cfg: TrainConfig,
                         seeds: Sequence[int], num_workers: int, latency: bool, latency_batch: int,
                         latency_device: str, min_run_time: float, executor: str, also: Sequence[Any],
-                        launched: Optional[list], launch_kw: dict
+                        launched: Optional[list], launch_kw: dict, pretrained: Optional[Mapping[str, dict]] = None
                         ) -> tuple[pd.DataFrame, dict[int, dict[str, pd.DataFrame]], dict[str, nn.Module]]:
     """``train_seeds`` of :mod:`tokenbook.experiments.vittm` through the run store (see there): one spec per (model,
-    seed), launched after ``also``; the rows of ``train_models`` from each run's final metrics and timing, the
-    models rebuilt from the stored weights, latency for the first seed."""
+    seed), launched after ``also``; a model with a ref in ``pretrained`` (:func:`pretrain_runs`) is fine-tuned from
+    it (:func:`finetune_spec`); the rows of ``train_models`` from each run's final metrics and timing, the models
+    rebuilt from the stored weights, latency for the first seed."""
     img = bundle.config.img_size
     plan = []  # (seed, label, name, spec)
     for s in seeds:
         for label, (name, kw) in models.items():
-            spec = run_spec(name, {**kw, "num_classes": bundle.num_classes}, bundle.config, replace(cfg, seed=s),
-                            batch_size, num_workers, label=f"{label} seed {s}")
+            ref, args = (pretrained or {}).get(label), {**kw, "num_classes": bundle.num_classes}
+            spec = (finetune_spec(ref, name, args, bundle.config, replace(cfg, seed=s), batch_size, num_workers,
+                                  label=f"{label} fine-tuning seed {s}") if ref else
+                    run_spec(name, args, bundle.config, replace(cfg, seed=s), batch_size, num_workers,
+                             label=f"{label} seed {s}"))
             plan.append((s, label, name, spec))
     also = list(also)
     every = _launch(also + [q[-1] for q in plan], executor, **launch_kw)  # ``also`` (the claim arms) first
@@ -224,3 +234,160 @@ def _train_seeds_stored(models: Mapping[str, tuple[str, dict]], bundle, batch_si
         if i == 0:
             first = trained
     return pd.concat(frames, ignore_index=True), hist, first
+
+
+# ----------------------------------------------------------------------------------------------------------
+# train configs, the launcher checks of the notebook's parameters, and the paper's two stages as stored runs
+# ----------------------------------------------------------------------------------------------------------
+#: Notebook parameters that override a recipe when they are set (0 or empty keeps the recipe's value).
+_RECIPE_OVERRIDES = ("epochs", "devices", "num_nodes", "max_steps_per_epoch", "max_steps", "accelerator", "precision")
+#: strategies whose ranks Fabric starts itself (from the kernel or a launcher process)
+_OWN_RANKS = ("ddp_notebook", "ddp_fork", "ddp_spawn")
+
+
+def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overrides) -> TrainConfig:
+    """The notebook's training config. With ``recipe_name`` (a :data:`tokenbook.train.RECIPES` key, e.g.
+    ``vittm_b_ft_in1k``) the paper recipe is used and only these notebook parameters override it when set (non-zero /
+    non-empty / not 'auto' / not '32-true'): epochs, devices, num_nodes, max_steps_per_epoch, accelerator, precision;
+    the seed always comes from the notebook. Without a recipe every TrainConfig field is read from ``params``.
+    Strategy: one process (devices x nodes = 1) trains without DDP (Fabric would otherwise wait for a launcher);
+    several train with the ``strategy`` parameter, where it is ``auto`` (or absent) plain ``ddp``, because no
+    parameter is left unused here (the official find_unused_parameters only covered its unused tensors).
+    ``overrides`` win."""
+    if recipe_name:
+        if recipe_name not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe_name!r}; ViTTM recipes: "
+                             f"{sorted(k for k in RECIPES if k.startswith('vittm'))}")
+        kw = {k: params[k] for k in _RECIPE_OVERRIDES if params.get(k) not in (None, 0, "", "auto")
+              and not (k == "precision" and params[k] in ("32-true", "32"))}
+        kw["seed"] = params.get("seed", 0)
+        kw["progress"] = params.get("progress", True)
+        cfg = recipe(recipe_name, **{**kw, **overrides})
+    else:
+        p = dict(params)
+        for k in ("max_steps_per_epoch", "warmup_steps"):
+            if p.get(k) == 0:
+                p[k] = None
+        cfg = TrainConfig.from_params(p, **overrides)
+    if "strategy" in overrides:
+        return cfg
+    world = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+    wanted = str(params.get("strategy") or "auto")
+    if world == 1 and cfg.strategy.startswith("ddp"):
+        return replace(cfg, strategy="auto")
+    if world > 1 and (cfg.strategy.startswith("ddp") or cfg.strategy == "auto"):
+        return replace(cfg, strategy="ddp" if wanted == "auto" else wanted)
+    return cfg
+
+
+def _stages(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(stage, recipe name)`` of the runs the notebook trains under ``params``: the pre-training when
+    ``pretrain_dataset`` is set, then section 2's (fine-tuning) runs."""
+    return ([("pre-training", params.get("pretrain_recipe") or "")] if params.get("pretrain_dataset") else []) + [
+        ("training" if not params.get("pretrain_dataset") else "fine-tuning", params.get("recipe") or "")]
+
+
+def launch_problems(params: Mapping[str, Any]) -> list[str]:
+    """Why ``params`` cannot train their runs where ``executor`` says, one message per stage (empty: they can).
+    Each stage's config is resolved first (:func:`make_train_config`: a recipe's devices and nodes where the
+    parameters say 0), so that a recipe over several nodes is checked as it will run: ``torchrun`` starts the ranks
+    of one node (the IN-21k-P pre-training is 2 nodes x 2 GPUs: ``submitit``, or ``-p num_nodes 1``); ``torchrun``
+    and ``submitit`` need strategy ``ddp`` (each task is a rank); ``kernel`` and ``processes`` need a strategy that
+    starts its ranks itself (``ddp_notebook``). A config that cannot be built is left to the notebook's own error."""
+    ex, out = params.get("executor", "kernel"), []
+    for stage, rname in _stages(params):
+        try:
+            cfg = make_train_config(params, rname)
+        except (ValueError, TypeError):
+            continue
+        devices = cfg.devices if isinstance(cfg.devices, int) else 1
+        if devices * cfg.num_nodes <= 1:
+            continue
+        what = (f"the {stage} runs ({'recipe ' + rname if rname else 'no recipe'}) are {cfg.num_nodes} node(s) x "
+                f"{devices} devices, strategy {cfg.strategy!r}")
+        own = cfg.strategy.startswith(_OWN_RANKS)
+        if ex == "torchrun" and cfg.num_nodes > 1:
+            out.append(f"{what}: executor 'torchrun' starts the ranks of one node; use executor 'submitit' (a "
+                       f"cluster), or -p num_nodes 1 (a global batch of {cfg.batch_size * devices}, not "
+                       f"{cfg.batch_size * devices * cfg.num_nodes})")
+        elif ex in ("torchrun", "submitit") and own:
+            out.append(f"{what}: executor {ex!r} starts the ranks itself; use strategy 'ddp'")
+        elif ex in ("kernel", "processes") and not own:
+            out.append(f"{what}: executor {ex!r} cannot start their ranks; use executor 'torchrun' (this node) or "
+                       "'submitit' (a cluster), or strategy 'ddp_notebook'")
+    return out
+
+
+def pretrain_data_config(params: Mapping[str, Any]) -> Any:
+    """The pre-training stage's data: ``pretrain_dataset`` at ``img_size`` with ``pretrain_preset``."""
+    from tokenbook.data import DataConfig
+
+    return DataConfig(dataset=params["pretrain_dataset"], img_size=params["img_size"],
+                      preset=params["pretrain_preset"])
+
+
+def pretrain_runs(models: Mapping[str, tuple[str, dict]], bundle: Any, cfg: TrainConfig, batch_size: int,
+                  num_workers: int = 0, executor: str = "kernel", launched: Optional[list] = None,
+                  **launch_kw: Any) -> dict[str, dict]:
+    """The README's first stage: each ``label -> (name, kwargs)`` pre-trained on ``bundle`` (IN-21k-P) with ``cfg``
+    (recipe ``vittm_pt_in21k``), drop path 0 (the README's pre-training value; the fine-tuning keeps its own), as
+    one stored run per model (:func:`run_spec`), launched together (``executor`` and ``launch_kw`` as
+    :func:`tokenbook.runs.launch`). Returns label -> the ref that :func:`finetune_spec` names: the run's key,
+    trainer and arguments, and the store."""
+    specs = {label: run_spec(name, {**kw, "drop_path_rate": 0.0, "num_classes": bundle.num_classes}, bundle.config,
+                             cfg, batch_size, num_workers, label=f"{label} pre-training")
+             for label, (name, kw) in models.items()}
+    done = _launch(list(specs.values()), executor, launched, **launch_kw)
+    store = launch_kw.get("store")
+    return {label: {"key": run.key, "trainer": spec.trainer, "args": spec.args, "store": str(store) if store else ""}
+            for (label, spec), run in zip(specs.items(), done)}
+
+
+def finetune_spec(pretrained: Mapping[str, Any], name: str, model_kwargs: Mapping[str, Any], data_config: Any,
+                  train_config: TrainConfig, batch_size: int, num_workers: int = 0, label: str = ""):
+    """The :class:`tokenbook.runs.RunSpec` of one fine-tuning run (trainer :func:`finetune_run`): the arguments of
+    :func:`run_spec` (model with the fine-tuning classes, data, recipe with the run's seed, batch, workers) and the
+    pre-training's ref (:func:`pretrain_runs`), whose key is part of this run's: another pre-training is another
+    fine-tuning."""
+    from tokenbook.runs import RunSpec, fit_args
+
+    ref = {k: pretrained[k] for k in ("key", "trainer", "args", "store")}
+    return RunSpec("tokenbook.experiments.vittm_runs:finetune_run",
+                   fit_args(name, canonical_kwargs(name, model_kwargs), data_config,
+                            replace(train_config, progress=False), batch_size, num_workers, pretrained=ref),
+                   label=label or f"{name} fine-tuning seed {train_config.seed}")
+
+
+def _stored_pretraining(ref: Mapping[str, Any]) -> Any:
+    """The stored output of the pre-training ``ref`` names, read by its key (the key its launch computed, so a job
+    on another node or device reads the same run); an error when the store lacks it (never trained here)."""
+    from tokenbook import runs as R
+
+    location, spec = R.store_dir(ref.get("store") or None), R.RunSpec(ref["trainer"], ref["args"])
+    if not R._in_store(location, ref["key"], spec):
+        raise RuntimeError(f"the pre-training run {ref['key'][:12]} is not in the run store at {location}: launch "
+                           "the pre-training first (pretrain_runs)")
+    return R._cached(location)(ref["key"], spec.trainer, spec.args)
+
+
+def finetune_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, num_workers: int,
+                 pretrained: dict):
+    """Trainer of :func:`finetune_spec` (in the kernel, a launcher process, a torchrun rank or a job): the model
+    built with ``model_kwargs`` and the pre-training's classes after ``seed_everything(seed)``, the stored
+    pre-training's weights loaded strictly, both classifiers replaced for the fine-tuning classes (zero-initialised
+    for a ViTTM, as the official ``--replace-head``), then the fine-tuning data and ``fit``. Returns a
+    :class:`tokenbook.runs.TrainedRun`."""
+    from tokenbook import data as D
+    from tokenbook.runs import TrainedRun
+
+    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
+    pre = _stored_pretraining(pretrained)
+    bundle = D.load_data(dcfg)
+    tl, vl = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
+    seed_everything(tcfg.seed)
+    a = pretrained["args"]  # its classes as built (a head of the registered size is not in canonical keywords)
+    classes = create(a["model_name"], meta=True, **a["model_kwargs"]).num_classes
+    model = pre.load_into(create(model_name, **{**model_kwargs, "num_classes": classes}))
+    model.reset_classifier(model_kwargs["num_classes"])
+    return TrainedRun.from_fit(fit_launched(model, tl, vl, tcfg, preprocess=bundle.preprocess,
+                                            desc=f"{model_name} fine-tuning"))
