@@ -116,6 +116,16 @@ def test_a_run_is_trained_once_and_read_back(store):
     assert list(table["source"]) == ["store", "store", "trained"] and table["key"].str.len().eq(12).all()
 
 
+def test_a_stored_run_is_read_by_its_key_and_never_trained_by_read(store):
+    """runs.read: the output of the run a launch stored, by the key that launch computed (what a job on another
+    machine uses); a key the store lacks is a clear error, and read never trains."""
+    (first,) = runs.launch([_spec(5)], verbose=False)
+    assert runs.read(first.key, _spec(5))["square"] == 25 and len(_calls(store)) == 1
+    with pytest.raises(runs.RunFailedError, match="not in the run store"):
+        runs.read("0" * 64, _spec(6))
+    assert len(_calls(store)) == 1
+
+
 def test_the_key_covers_arguments_code_and_threads(store, monkeypatch):
     k = runs.run_key(_spec(1), threads=2)
     assert runs.run_key(_spec(1), threads=2) == k

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
+__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "read",
            "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
@@ -250,6 +250,17 @@ def _cached(location: Path):
 
 def _in_store(location: Path, key: str, spec: RunSpec) -> bool:
     return _cached(location).check_call_in_cache(key, spec.trainer, spec.args)
+
+
+def read(key: str, spec: RunSpec, store: Optional[str | Path] = None) -> Any:
+    """The stored output of the run ``key`` names (the key its launch computed: a job on another node or device
+    reads the same run, where recomputing the key there would name that machine's float environment).
+    :class:`RunFailedError` when the store lacks it; never trains."""
+    location = store_dir(store)
+    if not _in_store(location, key, spec):
+        raise RunFailedError(f"run {spec.label or spec.trainer} ({key[:12]}) is not in the run store at {location}: "
+                             "launch it first")
+    return _cached(location)(key, spec.trainer, spec.args)
 
 
 def _train_into_store(location: Path, key: str, spec: RunSpec) -> None:

@@ -363,11 +363,10 @@ def _stored_pretraining(ref: Mapping[str, Any]) -> Any:
     on another node or device reads the same run); an error when the store lacks it (never trained here)."""
     from tokenbook import runs as R
 
-    location, spec = R.store_dir(ref.get("store") or None), R.RunSpec(ref["trainer"], ref["args"])
-    if not R._in_store(location, ref["key"], spec):
-        raise RuntimeError(f"the pre-training run {ref['key'][:12]} is not in the run store at {location}: launch "
-                           "the pre-training first (pretrain_runs)")
-    return R._cached(location)(ref["key"], spec.trainer, spec.args)
+    try:
+        return R.read(ref["key"], R.RunSpec(ref["trainer"], ref["args"], label="pre-training"), ref.get("store") or None)
+    except R.RunFailedError as e:
+        raise RuntimeError(f"{e} (pretrain_runs launches the pre-training)") from e
 
 
 def finetune_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, num_workers: int,
