@@ -379,6 +379,8 @@ def test_seeds_are_planned_by_power_from_a_frozen_pilot(tmp_path):
     assert C.claim_seeds(plan, seeds, "memory.beats_head_cls") == seeds
     assert C.claim_seeds(plan, seeds, "memory.more_memory_helps") == [3, 4, 5]
     assert C.claim_seeds(plan, seeds, "memory.not_in_the_pilot") == seeds
+    assert C.claim_seeds(plan, seeds, "memory.more_memory_helps", "memory.beats_head_cls") == seeds
+    assert C.claim_seeds(plan, seeds, "memory.more_memory_helps", "memory.beats_head") == [3, 4, 5]
     with pytest.raises(C.ClaimError, match="seed pilot"):
         C.plan_seeds([0, 1], tmp_path / "missing.json", cap=8, paper="memory")
     # relative paths are taken from the root given
@@ -399,3 +401,20 @@ def test_the_cpu_profiles_seeds_are_what_their_pilots_plan():
     seeds, plan = C.plan_seeds(p.seeds, p.seed_pilot, p.seed_cap, paper="memory", root=root)
     assert seeds == [3, 4, 5, 6] and int(plan["planned"].max()) == 4
     assert not set(seeds) & {0, 1, 2}
+
+
+def test_01s_cpu_profile_plans_seven_seeds_for_section_2_and_three_for_its_claim_arm():
+    """01_vittm's cpu profile: vittm.beats_vit's pilot spread asks for 7 seeds (section 2's ViT and ViTTM), and
+    vittm.no_memory_processing needs more than the cap, so the memory-blocks arm keeps seeds 0-2, which 00, 03 and
+    06 share."""
+    from pathlib import Path
+
+    from tokenbook import claims as C
+    from tokenbook.runner import profile_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    p = profile_parameters(root, "01_vittm", "cpu")
+    seeds, plan = C.plan_seeds(p.seeds, p.seed_pilot, p.seed_cap, paper="vittm", root=root)
+    assert seeds == list(range(7))
+    assert C.claim_seeds(plan, seeds, *p.ablation_claim_ids) == [0, 1, 2]
+    assert "not decidable" in plan.set_index("claim").loc["vittm.no_memory_processing", "why"]

@@ -398,15 +398,17 @@ def plan_seeds(seeds: int | Sequence[int], pilot: Optional[str | Path], cap: int
     return base + extra, plan
 
 
-def claim_seeds(plan: "Any", seeds: Sequence[int], claim: str) -> list[int]:
-    """The seeds of ``claim``'s own arms under a :func:`plan_seeds` plan: the first ``planned`` of the run's
-    ``seeds`` (all of them when the plan has no row for it, or has none). Arms that only one claim needs then
-    train only that claim's seeds."""
+def claim_seeds(plan: "Any", seeds: Sequence[int], *claims: str) -> list[int]:
+    """The seeds of the arms that ``claims`` need under a :func:`plan_seeds` plan: the first ``planned`` of the
+    run's ``seeds`` for the claim that needs the most (all of them when the plan has no row for one of them, or
+    has none). Arms that only these claims need then train only these seeds."""
     seeds = list(seeds)
-    if plan is None or not len(plan) or claim not in set(plan["claim"]):
+    if plan is None or not len(plan) or not claims:
         return seeds
-    n = int(plan.loc[plan["claim"] == claim, "planned"].iloc[0])
-    return seeds[:n]
+    rows = dict(zip(plan["claim"], plan["planned"]))
+    if any(c not in rows for c in claims):
+        return seeds
+    return seeds[:max(int(rows[c]) for c in claims)]
 
 
 def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: float = 0.95) -> Verdict:

@@ -52,7 +52,7 @@ from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
 from tokenbook.train import TrainConfig, all_heads, fit, recipe
-from tokenbook.params import LaunchParams, ParamsError, ReleasedParams
+from tokenbook.params import LaunchParams, ParamsError, ReleasedParams, SeedPlanParams
 from tokenbook.params import param
 
 
@@ -60,7 +60,7 @@ from tokenbook.params import param
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher fields: the bases (tokenbook.params)
+class Params(ReleasedParams, SeedPlanParams, LaunchParams):  # released, seed-plan, launcher fields: bases
     """The parameters of notebooks/01_vittm.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "01_vittm"
@@ -78,7 +78,8 @@ class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher 
     seed: int = param(0, "seed of the data subsets and of the figures' random inputs [0, inf)")
     seeds: list[int] = param([0, 1, 2],
                              "training seeds of section 2 and of the claim arms of section 3 (paired by seed); the "
-                             "first also runs the other ablation settings and drives the figures")
+                             "first also runs the other ablation settings and drives the figures; seed_pilot may add "
+                             "the next ones, and the claim arms train only the seeds their claims need")
     dataset: str = param("fashion_mnist", "fashion_mnist | folder:<path> | hf:<id>")
     data_dir: str = param(
         "", "Fashion-MNIST IDX folder; empty: $TOKENBOOK_FASHION_MNIST, Debian package, then the hub", none="")
