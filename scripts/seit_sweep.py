@@ -27,7 +27,6 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(1)
     from tokenbook.claims import plateau
-    from tokenbook.data import DataConfig
     from tokenbook.experiments import seit
 
     root = Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ def main() -> None:
                         source="sweep", root=tdir)
     tokens = {"root": str(tdir.resolve()), "name": "fmnist", "sha": seit.token_fingerprint(td), "num_classes": 10,
               "code_dim": int(td.codebook.shape[1])}
-    spec = seit.variant_spec(a.variant, p, a.seed, DataConfig(img_size=28), tokens, None, 10)
+    spec = seit.variant_spec(a.variant, p, a.seed, P.data_config(), tokens, None, 10)
     t0 = time.time()
     out = seit.train_variant_run(**spec.args)
     wall = time.time() - t0

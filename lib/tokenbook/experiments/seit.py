@@ -7,11 +7,11 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   data, tokenizes train/val, **writes them in SeiT's on-disk format** and reads them back, so the classifiers train
   on what the reader decodes; it also writes ``codebook.ckpt`` and the synonym JSON as the release names them.
   :func:`load_release_tokens` reads the real ImageNet-1k token release through the same readers.
-- :func:`storage_table` / :func:`storage_vs_paper`: bytes per image for pixels, PNG, JPEG and tokens, next to the
-  paper's ImageNet figures.
+- :func:`storage_table` / :func:`storage_vs_paper` (in seit_results): bytes per image for pixels, PNG, JPEG and
+  tokens, next to the paper's ImageNet figures.
 - :func:`run_variant` / :func:`run_ablation`: the paper's ImageNet-100 ablation (SeiT, + TokenAdapt, + ColorAdapt,
-  + both) plus a pixel ViT, all with ``tokenbook.train.fit`` and the same budget; :func:`ablation_vs_paper` puts the
-  paper's numbers (third-party summary) beside ours.
+  + both) plus a pixel ViT, all with ``tokenbook.train.fit`` and the same budget; :func:`ablation_vs_paper` (in
+  seit_results) puts the paper's numbers (third-party summary) beside ours.
 - Figures: :func:`plot_reconstructions`, :func:`plot_augmentations` (pixel vs token-space augmentation through f/g,
   decoded), :func:`plot_synonyms`, :func:`plot_storage`.
 - :func:`train_config` builds the ``TrainConfig`` of a variant from the notebook parameters (the ``full`` profile
@@ -25,11 +25,17 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   weights by :func:`rebuild_variant`; :func:`train_ablation` is :func:`run_ablation_seeds` wherever ``executor``
   says. Floors (issue 19): ``token_floor`` (logistic regression on the token embeddings of the same split) beside
   ``tokenbook.floors``' pixel floors (``arms_beside_floors``, in seit_results).
+- The tokenizer and TokenAdapt f/g through the run store too (issue 20): :func:`tokenizer_spec` /
+  :func:`train_tokenizer_run` / :func:`stored_tokens` and :func:`tokenadapt_spec` / :func:`train_tokenadapt_run` /
+  :func:`stored_tokenadapt`, keyed by their spec (f/g's names the token files and the tokenizer by fingerprint).
+- The recipe sweep behind the cpu profile (issue 19): :data:`RECIPE_SWEEP` / :func:`recipe_sweep_table` (in
+  seit_results, constants written by ``scripts/seit_sweep.py``).
 
-Size: about 1,100 lines, over the 800-line guide: the driver of one notebook (token data, storage, the seeded
-ablation in the kernel and through the run store, the release recipe, the GPU budget's loops), all sharing
-:class:`TokenData`; what the notebook reports about the runs (seed summary, claims, floors, photo storage, figures)
-is in :mod:`tokenbook.experiments.seit_results`, re-exported here.
+Size: about 1,150 lines, over the 800-line guide: the driver of one notebook (token data, the seeded ablation in
+the kernel and through the run store, the tokenizer and f/g as stored runs, the release recipe, the GPU budget's
+loops), all sharing :class:`TokenData`; what the notebook reports (storage and paper-vs-ours tables, seed summary,
+claims, floors, photo storage, the recipe sweep, figures) is in :mod:`tokenbook.experiments.seit_results`,
+re-exported here.
 """
 from __future__ import annotations
 
@@ -59,7 +65,7 @@ from tokenbook.experiments.seit_results import (  # noqa: F401,E402
     CLAIM_ARMS, PAPER_LABELS, VARIANTS, arms_beside_floors, claims_commentary, claims_evidence, floor_rows,
     photo_storage, plot_augmentations, plot_reconstructions, plot_storage, plot_synonyms, sample_photos,
     seed_summary, token_features, token_floor, token_floors_table, RECIPE_SWEEP, SWEEP_BASE, SWEEP_TOKEN_FLOOR,
-    recipe_sweep_table, storage_table, storage_vs_paper, ablation_vs_paper, accuracy_vs_storage,
+    SWEEP_PIXEL_FLOOR, recipe_sweep_table, storage_table, storage_vs_paper, ablation_vs_paper, accuracy_vs_storage,
     release_storage_table, paper_models_table,
 )
 
@@ -166,7 +172,7 @@ __all__ = [
     "train_variant_run", "rebuild_variant", "ablation_specs", "token_ref", "train_default_tokenizer", "train_ablation",
     "token_features", "token_floor", "token_floors_table", "floor_rows", "arms_beside_floors", "CLAIM_ARMS",
     "claims_evidence", "claims_commentary", "seed_summary", "photo_storage", "sample_photos", "RECIPE_SWEEP",
-    "SWEEP_BASE", "SWEEP_TOKEN_FLOOR", "recipe_sweep_table",
+    "SWEEP_BASE", "SWEEP_TOKEN_FLOOR", "SWEEP_PIXEL_FLOOR", "recipe_sweep_table",
 ]
 
 
@@ -909,9 +915,9 @@ def tokenizer_spec(params: Any, data_config: Any):
 
 
 def train_tokenizer_run(data: dict, accelerator: str = "cpu", **kw: Any) -> dict:
-    """Trainer of :func:`tokenizer_spec`: the pixel data, then
-    :func:`train_default_tokenizer`. Returns ``{"config", "state_dict", "history",
-    "seconds"}`` (the tokenizer's keywords and CPU weights, the logged rows, the training time)."""
+    """Trainer of :func:`tokenizer_spec`: the pixel data, then :func:`train_default_tokenizer`. Returns
+    ``{"config", "state_dict", "history", "seconds"}`` (the tokenizer's keywords and CPU weights, the logged rows,
+    the training time)."""
     import time
 
     from tokenbook import data as D
@@ -946,22 +952,21 @@ def stored_tokens(bundle: Any, root: Any, params: Any, via_store: Optional[bool]
     if not _via_store(params, via_store):
         a = spec.args
         return build_default_tokens(bundle, root, name=name, **{k: a[k] for k in _TOKENIZER_KEYS},
-                                      device=a["accelerator"]), None
+                                    device=a["accelerator"]), None
     run = _launch(spec, store, threads)
     tok = T.VQTokenizer(**run.output["config"])
     tok.load_state_dict(run.output["state_dict"])
     a = spec.args
     td = build_default_tokens(bundle, root, name=name, downsample=a["downsample"], codebook_size=a["codebook_size"],
-                                code_dim=a["code_dim"], hidden=a["hidden"], seed=a["seed"], pad=a["pad"],
-                                tokenizer=tok.eval(), tokenizer_history=run.output["history"])
+                              code_dim=a["code_dim"], hidden=a["hidden"], seed=a["seed"], pad=a["pad"],
+                              tokenizer=tok.eval(), tokenizer_history=run.output["history"])
     return td, run
 
 
 def tokenadapt_spec(params: Any, data_config: Any, data: Any):
     """The :class:`tokenbook.runs.RunSpec` of TokenAdapt f/g's training under ``params`` (``ta_*``, ``crop``,
     ``seed``, ``tokenizer_pad``, ``accelerator``) on the pixels of ``data_config``, with the token files of ``data``
-    (written by :func:`build_default_tokens`) and its ``tokenizer.pt``, both named by
-    path and fingerprint."""
+    (written by :func:`build_default_tokens`) and its ``tokenizer.pt``, both named by path and fingerprint."""
     from tokenbook.runs import RunSpec
 
     if data.tokenizer is None or data.root is None:
@@ -982,8 +987,8 @@ def tokenadapt_spec(params: Any, data_config: Any, data: Any):
 
 def train_tokenadapt_run(data: dict, tokens: dict, tokenizer: dict, accelerator: str = "cpu", **kw: Any) -> dict:
     """Trainer of :func:`tokenadapt_spec`: the pixel data, the token files and the tokenizer (checked against their
-    fingerprints), then :func:`train_default_tokenadapt`. Returns ``{"config",
-    "state_dict", "history", "seconds"}``."""
+    fingerprints), then :func:`train_default_tokenadapt`. Returns ``{"config", "state_dict", "history",
+    "seconds"}``."""
     import time
 
     from tokenbook import data as D
@@ -1006,8 +1011,7 @@ def stored_tokenadapt(data: Any, bundle: Any, params: Any, via_store: Optional[b
                       store: Optional[str] = None, threads: Optional[int] = None):
     """TokenAdapt f/g from the run store (:func:`tokenadapt_spec`, trained in this process when the store lacks it),
     frozen in eval mode. Returns ``(TokenAdapt, history DataFrame, Run)``; ``via_store`` as in
-    :func:`stored_tokens` (without the store: :func:`train_default_tokenadapt` here, Run
-    None)."""
+    :func:`stored_tokens` (without the store: :func:`train_default_tokenadapt` here, Run None)."""
     from tokenbook.models.seit import TokenAdapt
 
     spec = tokenadapt_spec(params, bundle.config, data)
