@@ -85,6 +85,8 @@ def test_smoke_tables_show_ours_beside_the_paper(smoke_results):
     rec = pd.read_csv(folder / "recipe.csv").set_index("variant")
     assert rec.loc["pixel", "cutmix"] == 1.0 and rec.loc["pixel", "label_smoothing"] == 0.1
     assert (rec.loc[["seit", "seit_ta_ca"], ["mixup", "cutmix", "label_smoothing"]] == 0).all().all()
+    sweep = pd.read_csv(folder / "recipe_sweep.csv")           # the cpu recipe's sweep, shown in every profile
+    assert len(sweep) == len(R.RECIPE_SWEEP) and sweep["chosen"].sum() == 1 and sweep["usable"].any()
 
     q = pd.read_csv(folder / "tokenizer_quality.csv").iloc[0]
     assert q["mse"] >= 0 and q["codebook_size"] == 391
