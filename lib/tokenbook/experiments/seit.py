@@ -83,7 +83,7 @@ class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launc
     PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "seeds": [0, 1],
                              "batch_size": 4, "num_workers": 0, "num_figure_images": 2}
 
-    seed: int = param(0, "seed of the data subset, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
+    seed: int = param(0, "seed of the data subset, the tokenizer and TokenAdapt (trained once, not per seed) [0, inf)")
     seeds: list[int] = param([0, 1, 2], "classifier seeds of the ablation, paired by seed (init and batch order)")
     dataset: str = param("fashion_mnist", "pixel data: fashion_mnist, folder:<path> or hf:<id>")
     data_dir: str = param(
