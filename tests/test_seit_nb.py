@@ -85,6 +85,8 @@ def test_smoke_tables_show_ours_beside_the_paper(smoke_results):
     rec = pd.read_csv(folder / "recipe.csv").set_index("variant")
     assert rec.loc["pixel", "cutmix"] == 1.0 and rec.loc["pixel", "label_smoothing"] == 0.1
     assert (rec.loc[["seit", "seit_ta_ca"], ["mixup", "cutmix", "label_smoothing"]] == 0).all().all()
+    sweep = pd.read_csv(folder / "recipe_sweep.csv")           # the cpu recipe's sweep, shown in every profile
+    assert len(sweep) == len(R.RECIPE_SWEEP) and sweep["chosen"].sum() == 1 and sweep["usable"].any()
 
     q = pd.read_csv(folder / "tokenizer_quality.csv").iloc[0]
     assert q["mse"] >= 0 and q["codebook_size"] == 391
@@ -151,6 +153,28 @@ def test_cpu_profile_is_the_workbooks_cpu_scale():
     assert px.patch_embed.num_patches == tk.patch_embed.num_patches == 16
     assert px.embed_dim == tk.embed_dim == 64 and len(px.blocks) == len(tk.blocks) == 6
     assert (28 + 2 * p["tokenizer_pad"]) // p["tokenizer_downsample"] == 8 and p["crop"] == 8
+
+
+def test_cpu_recipe_is_the_sweeps_chosen_row():
+    """issue 19: the cpu profile's recipe is the row the sweep chose (RECIPE_SWEEP, shown by the notebook), a row
+    above the token floor and plateaued; the pixel arm under the same epochs and drop path is above its floor too."""
+    p = _params("cpu")
+    table = R.recipe_sweep_table()
+    chosen = table[table["chosen"]]
+    assert len(chosen) == 1 and bool(chosen["usable"].iloc[0]) and chosen["arm"].iloc[0] == "seit"
+    row = chosen.iloc[0]
+    for k in ("token_eda", "rrc_scale_min", "emb_noise", "token_cutmix", "epochs", "lr", "drop_path"):
+        assert p[k] == row[k], k
+    assert row["vs_floor_pts"] > 0 and row["last20_gain_pts"] < 0.5 and row["floor"] == R.SWEEP_TOKEN_FLOOR
+    px = table[table["arm"].eq("pixel")].iloc[0]
+    assert px["usable"] and (px["epochs"], px["drop_path"]) == (p["epochs"], p["drop_path"])
+    base = table.iloc[0]
+    assert not base["usable"] and base["vs_floor_pts"] < 0          # the recipe before: a failed run
+    h = R.make_hook("seit", torch.randn(391, 32), 10, 8, None, p["rrc_scale_min"], emb_noise=p["emb_noise"],
+                    cutmix=p["token_cutmix"], label_smoothing=p["token_label_smoothing"])
+    assert h.mix is None and h.rrc_scale == (1.0, 1.0) and h.color.noise.std == 0.1 and h.label_smoothing == 0.1
+    t = R._hook_settings(p)
+    assert (t["cutmix"], t["label_smoothing"], t["emb_noise"]) == (0.0, 0.1, 0.1)
 
 
 def test_train_config_and_hooks_per_variant():

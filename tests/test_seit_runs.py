@@ -114,3 +114,26 @@ def test_token_floor_and_floors_in_the_claims(tiny):
     assert table.loc["SeiT (seit)", "vs_logistic_floor_pts"] == pytest.approx(81.5 - 80.0)
     assert table.loc["Full pixels (pixel)", "vs_logistic_floor_pts"] == pytest.approx(84.0 - 84.0)
     assert table.loc["logistic regression on token embeddings", "input"] == "tokens"
+
+
+def test_tokenizer_and_tokenadapt_are_stored_runs(tiny, tmp_path):
+    """issue 20: the tokenizer and TokenAdapt f/g are runs of the store, keyed by their spec: the first call trains
+    them (the same tokens and f/g as the kernel path), a second call reads them, another recipe is another run."""
+    bundle, td, ta, _ = tiny
+    p = {"tokenizer_downsample": 4, "codebook_size": 64, "code_dim": 32, "tokenizer_hidden": 8, "tokenizer_steps": 2,
+         "tokenizer_batch": 16, "tokenizer_lr": 2e-3, "seed": 0, "tokenizer_pad": 2, "accelerator": "cpu", "crop": 8,
+         "ta_steps": 2, "ta_batch": 8, "ta_lr": 1e-3, "ta_dim": 16, "ta_heads": 2, "ta_dim_head": 8,
+         "ta_per_sample": True, "ta_mix_prob": 0.0}
+    store = str(tmp_path / "runs")
+    first, run = R.stored_tokens(bundle, tmp_path / "a", p, via_store=True, store=store)
+    assert run.source == "trained" and R.token_fingerprint(first) == R.token_fingerprint(td)
+    again, run2 = R.stored_tokens(bundle, tmp_path / "b", p, via_store=True, store=store)
+    assert run2.source == "store" and run2.key == run.key
+    assert R.token_fingerprint(again) == R.token_fingerprint(td) and again.tokenizer_history == first.tokenizer_history
+    f1, h1, r1 = R.stored_tokenadapt(again, bundle, p, via_store=True, store=store)
+    assert r1.source == "trained" and R.module_fingerprint(f1) == R.module_fingerprint(ta) and len(h1)
+    f2, _, r2 = R.stored_tokenadapt(again, bundle, p, via_store=True, store=store)
+    assert r2.source == "store" and R.module_fingerprint(f2) == R.module_fingerprint(f1)
+    assert R.tokenadapt_spec(p, bundle.config, again).args["tokens"]["sha"] == R.token_fingerprint(td)
+    assert R.tokenizer_spec({**p, "tokenizer_steps": 3}, bundle.config).canonical() != \
+        R.tokenizer_spec(p, bundle.config).canonical()

@@ -7,11 +7,11 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   data, tokenizes train/val, **writes them in SeiT's on-disk format** and reads them back, so the classifiers train
   on what the reader decodes; it also writes ``codebook.ckpt`` and the synonym JSON as the release names them.
   :func:`load_release_tokens` reads the real ImageNet-1k token release through the same readers.
-- :func:`storage_table` / :func:`storage_vs_paper`: bytes per image for pixels, PNG, JPEG and tokens, next to the
-  paper's ImageNet figures.
+- :func:`storage_table` / :func:`storage_vs_paper` (in seit_results): bytes per image for pixels, PNG, JPEG and
+  tokens, next to the paper's ImageNet figures.
 - :func:`run_variant` / :func:`run_ablation`: the paper's ImageNet-100 ablation (SeiT, + TokenAdapt, + ColorAdapt,
-  + both) plus a pixel ViT, all with ``tokenbook.train.fit`` and the same budget; :func:`ablation_vs_paper` puts the
-  paper's numbers (third-party summary) beside ours.
+  + both) plus a pixel ViT, all with ``tokenbook.train.fit`` and the same budget; :func:`ablation_vs_paper` (in
+  seit_results) puts the paper's numbers (third-party summary) beside ours.
 - Figures: :func:`plot_reconstructions`, :func:`plot_augmentations` (pixel vs token-space augmentation through f/g,
   decoded), :func:`plot_synonyms`, :func:`plot_storage`.
 - :func:`train_config` builds the ``TrainConfig`` of a variant from the notebook parameters (the ``full`` profile
@@ -25,16 +25,21 @@ The notebook is a thin driver; everything it runs lives here (reference sheet ``
   weights by :func:`rebuild_variant`; :func:`train_ablation` is :func:`run_ablation_seeds` wherever ``executor``
   says. Floors (issue 19): ``token_floor`` (logistic regression on the token embeddings of the same split) beside
   ``tokenbook.floors``' pixel floors (``arms_beside_floors``, in seit_results).
+- The tokenizer and TokenAdapt f/g through the run store too (issue 20): :func:`tokenizer_spec` /
+  :func:`train_tokenizer_run` / :func:`stored_tokens` and :func:`tokenadapt_spec` / :func:`train_tokenadapt_run` /
+  :func:`stored_tokenadapt`, keyed by their spec (f/g's names the token files and the tokenizer by fingerprint).
+- The recipe sweep behind the cpu profile (issue 19): :data:`RECIPE_SWEEP` / :func:`recipe_sweep_table` (in
+  seit_results, constants written by ``scripts/seit_sweep.py``).
 
-Size: about 1,100 lines, over the 800-line guide: the driver of one notebook (token data, storage, the seeded
-ablation in the kernel and through the run store, the release recipe, the GPU budget's loops), all sharing
-:class:`TokenData`; what the notebook reports about the runs (seed summary, claims, floors, photo storage, figures)
-is in :mod:`tokenbook.experiments.seit_results`, re-exported here.
+Size: about 1,150 lines, over the 800-line guide: the driver of one notebook (token data, the seeded ablation in
+the kernel and through the run store, the tokenizer and f/g as stored runs, the release recipe, the GPU budget's
+loops), all sharing :class:`TokenData`; what the notebook reports (storage and paper-vs-ours tables, seed summary,
+claims, floors, photo storage, the recipe sweep, figures) is in :mod:`tokenbook.experiments.seit_results`,
+re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +64,9 @@ from tokenbook.experiments.seit_released import RELEASED, proof_data, released_t
 from tokenbook.experiments.seit_results import (  # noqa: F401,E402
     CLAIM_ARMS, PAPER_LABELS, VARIANTS, arms_beside_floors, claims_commentary, claims_evidence, floor_rows,
     photo_storage, plot_augmentations, plot_reconstructions, plot_storage, plot_synonyms, sample_photos,
-    seed_summary, token_features, token_floor, token_floors_table,
+    seed_summary, token_features, token_floor, token_floors_table, RECIPE_SWEEP, SWEEP_BASE, SWEEP_TOKEN_FLOOR,
+    SWEEP_PIXEL_FLOOR, recipe_sweep_table, storage_table, storage_vs_paper, ablation_vs_paper, accuracy_vs_storage,
+    release_storage_table, paper_models_table,
 )
 
 
@@ -76,7 +83,7 @@ class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launc
     PROOF: ClassVar[dict] = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "seeds": [0, 1],
                              "batch_size": 4, "num_workers": 0, "num_figure_images": 2}
 
-    seed: int = param(0, "seed of the data subset, the tokenizer and TokenAdapt (trained once per notebook) [0, inf)")
+    seed: int = param(0, "seed of the data subset, the tokenizer and TokenAdapt (trained once, not per seed) [0, inf)")
     seeds: list[int] = param([0, 1, 2], "classifier seeds of the ablation, paired by seed (init and batch order)")
     dataset: str = param("fashion_mnist", "pixel data: fashion_mnist, folder:<path> or hf:<id>")
     data_dir: str = param(
@@ -134,7 +141,11 @@ class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launc
     min_lr: float = param(1e-05, "final cosine learning rate [0, inf)")
     ema_decay: float = param(0.0, "EMA of the weights; 0 is off; SeiT keeps 0.99996 but evaluates the raw model [0, 1)")
     drop_path: float = param(0.0, "stochastic depth rate; SeiT 0.1 [0, 1)")
-    label_smoothing: float = param(0.1, "label smoothing of the pixel variant; token hooks always use 0.1 [0, 1)")
+    label_smoothing: float = param(0.1, "label smoothing of the pixel variant; the token hooks': token_label_smoothing "
+                                        "[0, 1)")
+    token_cutmix: float = param(1.0, "CutMix alpha of the token hooks' SeiT part (SeiT 1.0); 0 is off (the TokenAdapt "
+                                     "half keeps its Mixup 0.8 / CutMix 1.0) [0, inf)")
+    token_label_smoothing: float = param(0.1, "label smoothing of the token hooks' soft targets (SeiT 0.1) [0, 1)")
     pixel_cutmix: float = param(1.0, "CutMix alpha of the pixel variant, like the token hooks [0, inf)")
     max_steps_per_epoch: int = param(0, "cut epochs short; 0 means full epochs [0, inf)", none=0)
     num_workers: int = param(0, "DataLoader workers [0, inf)")
@@ -156,10 +167,12 @@ __all__ = [
     "run_variant", "run_ablation", "ablation_vs_paper", "accuracy_vs_storage", "plot_reconstructions",
     "plot_augmentations", "plot_synonyms", "plot_storage", "parse_variants", "write_tiny_release",
     "build_tokenadapt", "train_default_tokenadapt", "token_device", "release_storage_table", "paper_models_table",
-    "token_images", "AblationHistories", "token_fingerprint", "module_fingerprint", "save_tokenadapt", "variant_spec",
-    "train_variant_run", "rebuild_variant", "ablation_specs", "train_ablation", "token_features", "token_floor",
-    "token_floors_table", "floor_rows", "arms_beside_floors", "CLAIM_ARMS", "claims_evidence", "claims_commentary",
-    "seed_summary", "photo_storage", "sample_photos",
+    "token_images", "tokenizer_spec", "train_tokenizer_run", "stored_tokens", "tokenadapt_spec",
+    "train_tokenadapt_run", "stored_tokenadapt", "AblationHistories", "token_fingerprint", "module_fingerprint", "save_tokenadapt", "variant_spec",
+    "train_variant_run", "rebuild_variant", "ablation_specs", "token_ref", "train_default_tokenizer", "train_ablation",
+    "token_features", "token_floor", "token_floors_table", "floor_rows", "arms_beside_floors", "CLAIM_ARMS",
+    "claims_evidence", "claims_commentary", "seed_summary", "photo_storage", "sample_photos", "RECIPE_SWEEP",
+    "SWEEP_BASE", "SWEEP_TOKEN_FLOOR", "SWEEP_PIXEL_FLOOR", "recipe_sweep_table",
 ]
 
 
@@ -240,8 +253,12 @@ def build_default_tokens(
     synonym_top: int = 5,
     device: str = "cpu",
     pad: int = 0,
+    tokenizer: Optional[T.VQTokenizer] = None,
+    tokenizer_history: Optional[list] = None,
 ) -> TokenData:
-    """Train the VQ tokenizer on ``bundle.train``, write train/val in SeiT's format under ``root`` and read them back.
+    """Train the VQ tokenizer on ``bundle.train`` (:func:`train_default_tokenizer`; a trained ``tokenizer`` and its
+    ``tokenizer_history`` are used instead, e.g. a stored run's: :func:`stored_tokens`), write train/val in
+    SeiT's format under ``root`` and read them back.
 
     Files (release naming): ``{name}-{split}-token.data.bin.gz``, ``...index.npy.gz``, ``{name}-{split}-label.txt``,
     ``codebook.ckpt`` (raw rows, 391 x 32 by default), ``codebook-synonyms.json`` (top-``synonym_top`` cosine
@@ -252,14 +269,11 @@ def build_default_tokens(
     root.mkdir(parents=True, exist_ok=True)
     imgs_tr = token_images(bundle.train, pad)
     imgs_va = token_images(bundle.val, pad)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    tok = T.VQTokenizer(in_chans=imgs_tr.shape[1], image_size=imgs_tr.shape[-1], downsample=downsample,
-                        codebook_size=codebook_size, code_dim=code_dim, hidden=hidden)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs_tr), batch_size=batch_size,
-                                         shuffle=True, drop_last=len(imgs_tr) >= batch_size, generator=g)
-    hist = T.train_tokenizer(tok, loader, steps=steps, lr=lr, device=device, log_every=max(1, steps // 10))
-    tok = tok.cpu().eval()
+    if tokenizer is None:
+        tok, hist = train_default_tokenizer(bundle, downsample, codebook_size, code_dim, hidden, steps, batch_size,
+                                            lr, seed, device, pad)
+    else:
+        tok, hist = tokenizer.cpu().eval(), list(tokenizer_history or [])
     files = {}
     for split, imgs, labels in (("train", imgs_tr, bundle.train.labels), ("val", imgs_va, bundle.val.labels)):
         ids = T.tokenize_images(tok, imgs).numpy().astype(np.uint16)
@@ -276,6 +290,22 @@ def build_default_tokens(
                      synonyms=load_synonyms(files["synonyms"]), num_classes=bundle.num_classes,
                      source=f"VQ tokenizer trained here on {bundle.source}", root=root, tokenizer=tok,
                      tokenizer_history=hist, files=files)
+
+
+def train_default_tokenizer(bundle: Any, downsample: int = 2, codebook_size: int = 391, code_dim: int = 32,
+                            hidden: int = 32, steps: int = 200, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                            device: str = "cpu", pad: int = 0) -> tuple[T.VQTokenizer, list]:
+    """The VQ tokenizer of :func:`build_default_tokens` trained on ``bundle.train`` (padded by ``pad``), seeded by
+    ``seed``; returns ``(tokenizer on the CPU in eval mode, logged rows)``."""
+    imgs_tr = token_images(bundle.train, pad)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    tok = T.VQTokenizer(in_chans=imgs_tr.shape[1], image_size=imgs_tr.shape[-1], downsample=downsample,
+                        codebook_size=codebook_size, code_dim=code_dim, hidden=hidden)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs_tr), batch_size=batch_size,
+                                         shuffle=True, drop_last=len(imgs_tr) >= batch_size, generator=g)
+    hist = T.train_tokenizer(tok, loader, steps=steps, lr=lr, device=device, log_every=max(1, steps // 10))
+    return tok.cpu().eval(), hist
 
 
 def _subset(ts: T.TokenSet, n: int, seed: int) -> T.TokenSet:
@@ -340,54 +370,6 @@ def write_tiny_release(root: PathLike, n_train: int = 8, n_val: int = 4, num_cla
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Storage
-# ----------------------------------------------------------------------------------------------------------
-def storage_table(images: torch.Tensor, data: TokenData, jpeg_qualities: Sequence[int] = (95, 75, 50, 25, 5)):
-    """Bytes per image of the same images as raw pixels, PNG, JPEG and tokens (plus the real token files' size per
-    training image). ``images`` must be the images whose tokens are ``data.val`` (the first ``len(images)``)."""
-    import pandas as pd
-
-    n = images.shape[0]
-    rows = T.storage_report(images, np.asarray(data.val.ids[:n]), jpeg_qualities=jpeg_qualities,
-                            codebook_size=int(data.codebook.shape[0]))
-    p = data.train.paths
-    if p is not None:
-        sizes = p.sizes()
-        per = sum(sizes.values()) / len(data.train)
-        raw = rows[0]["bytes_per_image"]
-        png = next(r for r in rows if r["format"] == "PNG")["bytes_per_image"]
-        rows.append({"format": "tokens (train split files on disk)", "bytes_per_image": per,
-                     "total_bytes": float(sum(sizes.values())), "n_images": len(data.train),
-                     "pct_of_raw": 100 * per / raw, "pct_of_png": 100 * per / png})
-    df = pd.DataFrame(rows)
-    df.insert(1, "grid", [f"{data.grid[0]}x{data.grid[1]}" if r.startswith("tokens") else "" for r in df["format"]])
-    return df
-
-
-def storage_vs_paper(storage: Any, jpeg_quality: int = 95):
-    """Tokens vs JPEG (the paper's "<1% of JPEG storage") and ImageNet GB, via ``paper_vs_ours``.
-
-    Ours: gzip'd token stream + index per image over JPEG at ``jpeg_quality`` per image, in %. The ImageNet storage
-    rows (GB) are the paper's only (third-party summary); ``ours`` is n/a there.
-    """
-    import pandas as pd
-
-    from tokenbook.results import paper_vs_ours
-
-    s = storage.set_index("format")["bytes_per_image"]
-    tok = float(s["tokens (gzip stream + gzip index)"])
-    jpg = float(s[f"JPEG q{jpeg_quality}"])
-    ours = pd.DataFrame([
-        {"model": "SeiT", "storage_pct_of_jpeg": 100 * tok / jpg, "storage_gb": None},
-        {"model": "Full pixels (JPEG)", "storage_pct_of_jpeg": None, "storage_gb": None},
-        {"model": "JPEG quality 5", "storage_pct_of_jpeg": 100 * float(s["JPEG q5"]) / jpg
-         if "JPEG q5" in s else None, "storage_gb": None},
-    ])
-    df = paper_vs_ours(ours, "seit", metrics=["storage_pct_of_jpeg", "storage_gb"])
-    return df[df["paper"].notna() | df["ours"].notna()].reset_index(drop=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------
 def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = True, synonym_prob: float = 0.25,
@@ -408,7 +390,8 @@ def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = T
 
 def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int, tokenadapt: Optional[nn.Module],
               rrc_scale_min: float = 0.08, per_sample: bool = True,
-              coloradapt_eps: float = 1e-5, emb_noise: float = 1.0) -> TokenBatchAugment:
+              coloradapt_eps: float = 1e-5, emb_noise: float = 1.0, cutmix: float = 1.0,
+              label_smoothing: float = 0.1) -> TokenBatchAugment:
     """The batch hook of a token variant: SeiT (Emb-Noise on half of every batch) or Forging Tokens (noise 0.75 /
     ColorAdapt 0.25 per batch; ``noise 1 / ColorAdapt 0`` without ColorAdapt), with the TokenAdapt half if asked.
 
@@ -417,6 +400,8 @@ def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int,
 
     ``emb_noise``: the standard deviation of Emb-Noise's channel shift and per-element noise (official 1.0 and 1.0,
     ``token-noise-scale`` / ``token-noise-std``, on ViT-VQGAN's codebook rows, whose scale is unknown).
+    ``cutmix``: CutMix alpha of the SeiT part (official 1.0; 0 is off), ``label_smoothing``: of the soft targets
+    (official 0.1); the TokenAdapt half keeps its Mixup 0.8 / CutMix 1.0.
     """
     kind, ca, ta = VARIANTS[variant]
     if kind != "tokens":
@@ -424,7 +409,8 @@ def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int,
     if not emb_noise >= 0:
         raise ValueError(f"emb_noise must be >= 0, got {emb_noise}")
     kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps,
-              noise_scale=float(emb_noise), noise_std=float(emb_noise))
+              noise_scale=float(emb_noise), noise_std=float(emb_noise), cutmix_alpha=float(cutmix),
+              label_smoothing=float(label_smoothing))
     if not ca and not ta:
         return TokenBatchAugment.seit(codebook, num_classes, crop, **kw)
     if ta and tokenadapt is None:
@@ -520,7 +506,8 @@ def _fit_variant(variant: str, model_name: str, model_kwargs: dict, cfg: Any, nu
     model.set_codebook(data.codebook)
     tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(hook["token_eda"]), num_workers=num_workers)
     h = make_hook(variant, data.codebook, data.num_classes, int(hook["crop"]), tokenadapt,
-                  float(hook["rrc_scale_min"]), bool(hook["per_sample"]), emb_noise=float(hook.get("emb_noise", 1.0)))
+                  float(hook["rrc_scale_min"]), bool(hook["per_sample"]), emb_noise=float(hook.get("emb_noise", 1.0)),
+                  cutmix=float(hook.get("cutmix", 1.0)), label_smoothing=float(hook.get("label_smoothing", 0.1)))
     return fit_launched(model, tl, vl, cfg, hooks=[h], num_classes=data.num_classes, desc=variant)
 
 
@@ -552,7 +539,8 @@ def run_variant(variant: str, params: dict, data: Optional[TokenData] = None, bu
 def _hook_settings(params: dict) -> dict:
     return {"crop": int(params["crop"]), "rrc_scale_min": float(params.get("rrc_scale_min", 0.08)),
             "per_sample": bool(params.get("ta_per_sample", True)), "token_eda": bool(params.get("token_eda", True)),
-            "emb_noise": float(params.get("emb_noise", 1.0))}
+            "emb_noise": float(params.get("emb_noise", 1.0)), "cutmix": float(params.get("token_cutmix", 1.0)),
+            "label_smoothing": float(params.get("token_label_smoothing", 0.1))}
 
 
 def _result_row(variant: str, res: Any, bundle: Any, data: Optional[TokenData], params: dict,
@@ -600,59 +588,9 @@ def _ablation_frame(rows: list):
     return df
 
 
-def ablation_vs_paper(summary: Any):
-    """Long paper-vs-ours table: our top-1 and gain over SeiT on the default data, the paper's ImageNet-100 ablation
-    (ViT-S, Table C) and ImageNet-1k (ViT-B, 1.4 GB, Tables A/B) numbers and gains, with their sources.
-
-    Top-1 values on different datasets are never subtracted: each metric row is either ours (paper n/a) or the
-    paper's (ours n/a); only ``gain_vs_seit_pts`` has both, and its ``diff`` is ours minus the paper's gain.
-    """
-    from tokenbook.results import paper_vs_ours
-
-    ours = summary[["model", "top1", "gain_vs_seit_pts"]].copy()
-    ours["top1_in100"] = None
-    ours["top1_in1k"] = None
-    ours["top1_in1k_1.4GB"] = None
-    df = paper_vs_ours(ours, "seit", metrics=["top1", "gain_vs_seit_pts", "top1_in100", "top1_in1k",
-                                              "top1_in1k_1.4GB"])
-    return df[df["paper"].notna() | df["ours"].notna()].reset_index(drop=True)
-
-
-def accuracy_vs_storage(summary: Any):
-    """Wide table, one row per variant: ours (top-1, gain, bytes per image) beside the paper's ImageNet numbers and
-    their source kind. Paper values not in the references are ``None`` (shown n/a)."""
-    import pandas as pd
-
-    from tokenbook import references
-
-    refs = {(r.model, r.metric): r for r in references.load("seit")}
-
-    def ref(model: str, metric: str):
-        r = refs.get((model, metric))
-        return (r.value, f"{r.kind}: {r.source}") if r else (None, "n/a")
-
-    rows = []
-    for _, s in summary.iterrows():
-        m = s["model"]
-        in100, src100 = ref(m, "top1_in100")
-        in1k, src1k = ref(m, "top1_in1k_1.4GB")
-        if in1k is None:
-            in1k, src1k = ref(m, "top1_in1k")
-        gain, srcg = ref(m, "gain_vs_seit_pts")
-        rows.append({"model": m, "input": s["input"], "ours_bytes_per_image": s["storage_bytes_per_image"],
-                     "ours_top1": s["top1"], "ours_gain_vs_seit_pts": s["gain_vs_seit_pts"],
-                     "paper_gain_vs_seit_pts": gain, "gain_diff_pts": (s["gain_vs_seit_pts"] - gain)
-                     if gain is not None and s["gain_vs_seit_pts"] == s["gain_vs_seit_pts"] else None,
-                     "paper_top1_in100_vit_s": in100, "paper_top1_in1k_vit_b": in1k,
-                     "paper_source": "; ".join(sorted({x for x in (src100, src1k, srcg) if x != "n/a"})) or "n/a"})
-    return pd.DataFrame(rows)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Figures
+# TokenAdapt f/g (storage and the paper-vs-ours tables are in seit_results)
 # ----------------------------------------------------------------------------------------------------------
-
-
 def build_tokenadapt(data: TokenData, crop: int, dim: int = 384, heads: int = 6, dim_head: int = 64,
                      depth: int = 1) -> nn.Module:
     """A :class:`tokenbook.models.seit.TokenAdapt` for this token data: in grid = the token grid, out grid = the
@@ -695,51 +633,6 @@ def train_default_tokenadapt(data: TokenData, bundle: Any, crop: int, steps: int
                             generator=torch.Generator().manual_seed(seed + 1), device=device)
     data.tokenizer.cpu()
     return ta.cpu().eval(), pd.DataFrame(hist)
-
-
-def release_storage_table(data: TokenData):
-    """Storage of token files read from disk (no pixels at hand): bytes per record of each split's files, and of
-    the decoded ``uint16`` ids held in memory."""
-    import pandas as pd
-
-    rows = []
-    for split, ts in (("train", data.train), ("val", data.val)):
-        if ts.paths is None:
-            continue
-        sizes = ts.paths.sizes()
-        total = float(sum(sizes.values()))
-        records = int(np.load(io.BytesIO(T._gunzip(ts.paths.index))).size - 1)
-        rows.append({"format": f"tokens ({split} files on disk)", "grid": f"{ts.grid[0]}x{ts.grid[1]}",
-                     "bytes_per_image": total / max(records, 1), "total_bytes": total, "n_images": records})
-        rows.append({"format": f"tokens ({split}, decoded uint16)", "grid": f"{ts.grid[0]}x{ts.grid[1]}",
-                     "bytes_per_image": 2.0 * ts.grid[0] * ts.grid[1], "total_bytes": 2.0 * ts.grid[0] * ts.grid[1]
-                     * records, "n_images": records})
-    return pd.DataFrame(rows)
-
-
-def paper_models_table(names: Sequence[str], num_classes: int = 1000):
-    """Params, MACs and FLOPs (attention counted) of the paper's token ViTs and their pixel counterparts, one forward
-    of one image at the official input (tokens: 32x28x28, pixels: 3x224x224); ``num_patches`` / ``input_side`` are
-    checked against the official code via ``paper_vs_ours``."""
-    import pandas as pd
-    import timm
-
-    from tokenbook.bench import count_macs, count_params
-    from tokenbook.models.seit import TOKEN_MODELS
-    from tokenbook.results import paper_vs_ours
-
-    rows = []
-    for n in names:
-        m = timm.create_model(n, num_classes=num_classes).eval()
-        token = n in TOKEN_MODELS
-        size = (m.in_chans, m.token_img_size, m.token_img_size) if token else (3, 224, 224)
-        mc = count_macs(m, input_size=size)
-        rows.append({"model": n, "input": "tokens" if token else "pixels", "input_shape": "x".join(map(str, size)),
-                     "input_side": size[-1] if token else None, "num_patches": m.patch_embed.num_patches,
-                     "params_m": count_params(m)["total"] / 1e6, "gmacs": mc["gmacs"], "gflops": mc["gflops"]})
-        del m
-    ours = pd.DataFrame(rows)
-    return ours, paper_vs_ours(ours, "seit", metrics=["input_side", "num_patches"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -913,6 +806,15 @@ def rebuild_variant(args: dict, out: Any):
                      config=cfg, trainable_params=out.trainable_params)
 
 
+def token_ref(data: TokenData) -> dict:
+    """How a run spec names token files written by :func:`build_default_tokens`: ``{"root", "name", "sha",
+    "num_classes", "code_dim"}`` (``sha``: :func:`token_fingerprint`, checked when a run reads them back)."""
+    names = {p.name.split("-train-token")[0] for p in Path(data.root).glob("*-train-token.data.bin.gz")}
+    name = next(iter(names)) if len(names) == 1 else "fmnist"
+    return {"root": str(Path(data.root).resolve()), "name": name, "sha": token_fingerprint(data),
+            "num_classes": int(data.num_classes), "code_dim": int(data.codebook.shape[1])}
+
+
 def ablation_specs(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
                    bundle: Any = None, tokenadapt: Optional[nn.Module] = None) -> list:
     """``[(variant, seed, RunSpec)]`` of the seeded ablation (:func:`variant_spec`); the token data must have been
@@ -922,10 +824,7 @@ def ablation_specs(variants: Sequence[str], params: dict, seeds: Sequence[int], 
     if any(VARIANTS[v][0] == "tokens" for v in variants):
         if data is None or data.root is None:
             raise ValueError("the token variants need token data read from files (build_default_tokens)")
-        names = {p.name.split("-train-token")[0] for p in Path(data.root).glob("*-train-token.data.bin.gz")}
-        name = next(iter(names)) if len(names) == 1 else "fmnist"
-        tokens = {"root": str(Path(data.root).resolve()), "name": name, "sha": token_fingerprint(data),
-                  "num_classes": int(data.num_classes), "code_dim": int(data.codebook.shape[1])}
+        tokens = token_ref(data)
         if any(VARIANTS[v][2] for v in variants):
             if tokenadapt is None:
                 raise ValueError("the TokenAdapt variants need f/g")
@@ -986,6 +885,143 @@ def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], 
         df.insert(0, "seed", s)
         frames.append(df)
     return pd.concat(frames, ignore_index=True), hist
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tokenizer and TokenAdapt f/g through the run store (issue 20): keyed by their spec, trained once, read back
+# (the pattern of 05's source pre-training, experiments.memory.pretrain_spec)
+# ----------------------------------------------------------------------------------------------------------
+_TOKENIZER_KEYS = ("downsample", "codebook_size", "code_dim", "hidden", "steps", "batch_size", "lr", "seed", "pad")
+
+
+def _data_dict(data_config: Any) -> dict:
+    return dict(data_config) if isinstance(data_config, dict) else dataclasses.asdict(data_config)
+
+
+def tokenizer_spec(params: Any, data_config: Any):
+    """The :class:`tokenbook.runs.RunSpec` of the notebook's tokenizer training under ``params`` (the notebook's
+    ``tokenizer_*``, ``codebook_size``, ``code_dim``, ``seed`` and ``accelerator``) on the pixel data of
+    ``data_config``."""
+    from tokenbook.runs import RunSpec
+
+    p = params
+    args = {"data": _data_dict(data_config), "downsample": int(p["tokenizer_downsample"]),
+            "codebook_size": int(p["codebook_size"]), "code_dim": int(p["code_dim"]),
+            "hidden": int(p["tokenizer_hidden"]), "steps": int(p["tokenizer_steps"]),
+            "batch_size": int(p["tokenizer_batch"]), "lr": float(p["tokenizer_lr"]), "seed": int(p["seed"]),
+            "pad": int(p["tokenizer_pad"]), "accelerator": token_device(str(p["accelerator"]))}
+    return RunSpec("tokenbook.experiments.seit:train_tokenizer_run", args, label="VQ tokenizer",
+                   resumable=False)
+
+
+def train_tokenizer_run(data: dict, accelerator: str = "cpu", **kw: Any) -> dict:
+    """Trainer of :func:`tokenizer_spec`: the pixel data, then :func:`train_default_tokenizer`. Returns
+    ``{"config", "state_dict", "history", "seconds"}`` (the tokenizer's keywords and CPU weights, the logged rows,
+    the training time)."""
+    import time
+
+    from tokenbook import data as D
+
+    bundle = D.load_data(D.DataConfig(**data))
+    t0 = time.perf_counter()
+    tok, hist = train_default_tokenizer(bundle, device=accelerator, **{k: kw[k] for k in _TOKENIZER_KEYS})
+    sd = {k: v.detach().cpu().clone() for k, v in tok.state_dict().items()}
+    return {"config": dict(tok.config), "state_dict": sd, "history": list(hist), "seconds": time.perf_counter() - t0}
+
+
+def _launch(spec: Any, store: Optional[str], threads: Optional[int]):
+    from tokenbook import runs as R
+
+    return R.launch([spec], executor="kernel", store=store, threads=threads)[0]
+
+
+def _via_store(params: Any, via_store: Optional[bool]) -> bool:
+    return str(params.get("executor", "kernel")) != "kernel" if via_store is None else bool(via_store)
+
+
+def stored_tokens(bundle: Any, root: Any, params: Any, via_store: Optional[bool] = None, store: Optional[str] = None,
+                  threads: Optional[int] = None, name: str = "fmnist"):
+    """The notebook's token data with the tokenizer from the run store (:func:`tokenizer_spec`, trained in this
+    process when the store lacks it): the token files written under ``root`` from the stored weights. Returns
+    ``(TokenData, Run)``; ``TokenData.tokenizer_history`` is the stored training log. ``via_store`` None: the
+    store unless ``params["executor"]`` is ``kernel`` (the ablation's rule, :func:`train_ablation`); without it
+    the tokenizer trains here (:func:`build_default_tokens`) and the Run is None."""
+    from tokenbook.data import tokens as T
+
+    spec = tokenizer_spec(params, bundle.config)
+    if not _via_store(params, via_store):
+        a = spec.args
+        return build_default_tokens(bundle, root, name=name, **{k: a[k] for k in _TOKENIZER_KEYS},
+                                    device=a["accelerator"]), None
+    run = _launch(spec, store, threads)
+    tok = T.VQTokenizer(**run.output["config"])
+    tok.load_state_dict(run.output["state_dict"])
+    a = spec.args
+    td = build_default_tokens(bundle, root, name=name, downsample=a["downsample"], codebook_size=a["codebook_size"],
+                              code_dim=a["code_dim"], hidden=a["hidden"], seed=a["seed"], pad=a["pad"],
+                              tokenizer=tok.eval(), tokenizer_history=run.output["history"])
+    return td, run
+
+
+def tokenadapt_spec(params: Any, data_config: Any, data: Any):
+    """The :class:`tokenbook.runs.RunSpec` of TokenAdapt f/g's training under ``params`` (``ta_*``, ``crop``,
+    ``seed``, ``tokenizer_pad``, ``accelerator``) on the pixels of ``data_config``, with the token files of ``data``
+    (written by :func:`build_default_tokens`) and its ``tokenizer.pt``, both named by path and fingerprint."""
+    from tokenbook.runs import RunSpec
+
+    if data.tokenizer is None or data.root is None:
+        raise ValueError("TokenAdapt's training needs token data written here with its tokenizer "
+                         "(build_default_tokens)")
+    p = params
+    tok_path = Path(data.root) / "tokenizer.pt"
+    args = {"data": _data_dict(data_config), "tokens": token_ref(data),
+            "tokenizer": {"path": str(tok_path.resolve()), "sha": module_fingerprint(data.tokenizer)},
+            "crop": int(p["crop"]), "steps": int(p["ta_steps"]), "batch_size": int(p["ta_batch"]),
+            "lr": float(p["ta_lr"]), "dim": int(p["ta_dim"]), "heads": int(p["ta_heads"]),
+            "dim_head": int(p["ta_dim_head"]), "seed": int(p["seed"]), "per_sample": bool(p["ta_per_sample"]),
+            "mix_prob": float(p["ta_mix_prob"]), "pad": int(p["tokenizer_pad"]),
+            "accelerator": token_device(str(p["accelerator"]))}
+    return RunSpec("tokenbook.experiments.seit:train_tokenadapt_run", args, label="TokenAdapt f/g",
+                   resumable=False)
+
+
+def train_tokenadapt_run(data: dict, tokens: dict, tokenizer: dict, accelerator: str = "cpu", **kw: Any) -> dict:
+    """Trainer of :func:`tokenadapt_spec`: the pixel data, the token files and the tokenizer (checked against their
+    fingerprints), then :func:`train_default_tokenadapt`. Returns ``{"config", "state_dict", "history",
+    "seconds"}``."""
+    import time
+
+    from tokenbook import data as D
+    from tokenbook.data import tokens as T
+
+    bundle = D.load_data(D.DataConfig(**data))
+    td = _read_tokens(tokens)
+    tok = T.load_tokenizer(tokenizer["path"])
+    if module_fingerprint(tok) != tokenizer["sha"]:
+        raise ValueError(f"{tokenizer['path']} changed since this run was specified: write the tokens again")
+    td.tokenizer = tok.eval()
+    t0 = time.perf_counter()
+    ta, hist = train_default_tokenadapt(td, bundle, device=accelerator, **kw)
+    return {"config": _tokenadapt_config(ta), "history": hist,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in ta.state_dict().items()},
+            "seconds": time.perf_counter() - t0}
+
+
+def stored_tokenadapt(data: Any, bundle: Any, params: Any, via_store: Optional[bool] = None,
+                      store: Optional[str] = None, threads: Optional[int] = None):
+    """TokenAdapt f/g from the run store (:func:`tokenadapt_spec`, trained in this process when the store lacks it),
+    frozen in eval mode. Returns ``(TokenAdapt, history DataFrame, Run)``; ``via_store`` as in
+    :func:`stored_tokens` (without the store: :func:`train_default_tokenadapt` here, Run None)."""
+    from tokenbook.models.seit import TokenAdapt
+
+    spec = tokenadapt_spec(params, bundle.config, data)
+    if not _via_store(params, via_store):
+        kw = {k: v for k, v in spec.args.items() if k not in ("data", "tokens", "tokenizer", "accelerator")}
+        return (*train_default_tokenadapt(data, bundle, device=spec.args["accelerator"], **kw), None)
+    run = _launch(spec, store, threads)
+    ta = TokenAdapt(**run.output["config"])
+    ta.load_state_dict(run.output["state_dict"])
+    return ta.eval(), run.output["history"], run
 
 
 # ----------------------------------------------------------------------------------------------------------

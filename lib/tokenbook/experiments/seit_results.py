@@ -9,6 +9,10 @@ re-exports every name here) for its size; imports nothing of that module.
 - Floors (issue 19): :func:`token_floor` (a logistic regression on the token embeddings of the same split, the
   floor of the token variants) beside ``tokenbook.floors``' pixel floors (:func:`arms_beside_floors`).
 - Figures: :func:`plot_reconstructions`, :func:`plot_augmentations`, :func:`plot_synonyms`, :func:`plot_storage`.
+- Tables: :func:`storage_table`, :func:`storage_vs_paper`, :func:`release_storage_table` (bytes per image),
+  :func:`ablation_vs_paper`, :func:`accuracy_vs_storage`, :func:`paper_models_table` (ours beside the paper's).
+- The recipe sweep behind the cpu profile (issue 19): :data:`RECIPE_SWEEP` (constants from
+  ``scripts/seit_sweep.py``) as :func:`recipe_sweep_table`.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ from tokenbook.methods.token_aug import ReplaceSynonym, SwapCode, apply_spatial,
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "CLAIM_ARMS", "seed_summary", "photo_storage", "sample_photos", "claims_evidence",
     "claims_commentary", "token_features", "token_floor", "token_floors_table", "floor_rows", "arms_beside_floors",
-    "plot_reconstructions", "plot_augmentations", "plot_synonyms", "plot_storage",
+    "plot_reconstructions", "plot_augmentations", "plot_synonyms", "plot_storage", "SWEEP_TOKEN_FLOOR",
+    "SWEEP_PIXEL_FLOOR", "SWEEP_BASE", "RECIPE_SWEEP", "recipe_sweep_table", "storage_table", "storage_vs_paper", "ablation_vs_paper",
+    "accuracy_vs_storage", "release_storage_table", "paper_models_table",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -402,6 +408,256 @@ def arms_beside_floors(runs: Any, pixel_floors: Any, token_floors: Any = None):
     ref = df["input"].map({"pixels": px, "tokens": tk if tk is not None else float("nan")})
     df["vs_logistic_floor_pts"] = df["top1"] - ref
     return df
+
+
+# ----------------------------------------------------------------------------------------------------------
+# storage and the paper-vs-ours tables (moved here from experiments.seit for its size)
+# ----------------------------------------------------------------------------------------------------------
+def storage_table(images: torch.Tensor, data: TokenData, jpeg_qualities: Sequence[int] = (95, 75, 50, 25, 5)):
+    """Bytes per image of the same images as raw pixels, PNG, JPEG and tokens (plus the real token files' size per
+    training image). ``images`` must be the images whose tokens are ``data.val`` (the first ``len(images)``)."""
+    import pandas as pd
+
+    n = images.shape[0]
+    rows = T.storage_report(images, np.asarray(data.val.ids[:n]), jpeg_qualities=jpeg_qualities,
+                            codebook_size=int(data.codebook.shape[0]))
+    p = data.train.paths
+    if p is not None:
+        sizes = p.sizes()
+        per = sum(sizes.values()) / len(data.train)
+        raw = rows[0]["bytes_per_image"]
+        png = next(r for r in rows if r["format"] == "PNG")["bytes_per_image"]
+        rows.append({"format": "tokens (train split files on disk)", "bytes_per_image": per,
+                     "total_bytes": float(sum(sizes.values())), "n_images": len(data.train),
+                     "pct_of_raw": 100 * per / raw, "pct_of_png": 100 * per / png})
+    df = pd.DataFrame(rows)
+    df.insert(1, "grid", [f"{data.grid[0]}x{data.grid[1]}" if r.startswith("tokens") else "" for r in df["format"]])
+    return df
+
+
+def storage_vs_paper(storage: Any, jpeg_quality: int = 95):
+    """Tokens vs JPEG (the paper's "<1% of JPEG storage") and ImageNet GB, via ``paper_vs_ours``.
+
+    Ours: gzip'd token stream + index per image over JPEG at ``jpeg_quality`` per image, in %. The ImageNet storage
+    rows (GB) are the paper's only (third-party summary); ``ours`` is n/a there.
+    """
+    import pandas as pd
+
+    from tokenbook.results import paper_vs_ours
+
+    s = storage.set_index("format")["bytes_per_image"]
+    tok = float(s["tokens (gzip stream + gzip index)"])
+    jpg = float(s[f"JPEG q{jpeg_quality}"])
+    ours = pd.DataFrame([
+        {"model": "SeiT", "storage_pct_of_jpeg": 100 * tok / jpg, "storage_gb": None},
+        {"model": "Full pixels (JPEG)", "storage_pct_of_jpeg": None, "storage_gb": None},
+        {"model": "JPEG quality 5", "storage_pct_of_jpeg": 100 * float(s["JPEG q5"]) / jpg
+         if "JPEG q5" in s else None, "storage_gb": None},
+    ])
+    df = paper_vs_ours(ours, "seit", metrics=["storage_pct_of_jpeg", "storage_gb"])
+    return df[df["paper"].notna() | df["ours"].notna()].reset_index(drop=True)
+
+
+def ablation_vs_paper(summary: Any):
+    """Long paper-vs-ours table: our top-1 and gain over SeiT on the default data, the paper's ImageNet-100 ablation
+    (ViT-S, Table C) and ImageNet-1k (ViT-B, 1.4 GB, Tables A/B) numbers and gains, with their sources.
+
+    Top-1 values on different datasets are never subtracted: each metric row is either ours (paper n/a) or the
+    paper's (ours n/a); only ``gain_vs_seit_pts`` has both, and its ``diff`` is ours minus the paper's gain.
+    """
+    from tokenbook.results import paper_vs_ours
+
+    ours = summary[["model", "top1", "gain_vs_seit_pts"]].copy()
+    ours["top1_in100"] = None
+    ours["top1_in1k"] = None
+    ours["top1_in1k_1.4GB"] = None
+    df = paper_vs_ours(ours, "seit", metrics=["top1", "gain_vs_seit_pts", "top1_in100", "top1_in1k",
+                                              "top1_in1k_1.4GB"])
+    return df[df["paper"].notna() | df["ours"].notna()].reset_index(drop=True)
+
+
+def accuracy_vs_storage(summary: Any):
+    """Wide table, one row per variant: ours (top-1, gain, bytes per image) beside the paper's ImageNet numbers and
+    their source kind. Paper values not in the references are ``None`` (shown n/a)."""
+    import pandas as pd
+
+    from tokenbook import references
+
+    refs = {(r.model, r.metric): r for r in references.load("seit")}
+
+    def ref(model: str, metric: str):
+        r = refs.get((model, metric))
+        return (r.value, f"{r.kind}: {r.source}") if r else (None, "n/a")
+
+    rows = []
+    for _, s in summary.iterrows():
+        m = s["model"]
+        in100, src100 = ref(m, "top1_in100")
+        in1k, src1k = ref(m, "top1_in1k_1.4GB")
+        if in1k is None:
+            in1k, src1k = ref(m, "top1_in1k")
+        gain, srcg = ref(m, "gain_vs_seit_pts")
+        rows.append({"model": m, "input": s["input"], "ours_bytes_per_image": s["storage_bytes_per_image"],
+                     "ours_top1": s["top1"], "ours_gain_vs_seit_pts": s["gain_vs_seit_pts"],
+                     "paper_gain_vs_seit_pts": gain, "gain_diff_pts": (s["gain_vs_seit_pts"] - gain)
+                     if gain is not None and s["gain_vs_seit_pts"] == s["gain_vs_seit_pts"] else None,
+                     "paper_top1_in100_vit_s": in100, "paper_top1_in1k_vit_b": in1k,
+                     "paper_source": "; ".join(sorted({x for x in (src100, src1k, srcg) if x != "n/a"})) or "n/a"})
+    return pd.DataFrame(rows)
+
+
+def release_storage_table(data: TokenData):
+    """Storage of token files read from disk (no pixels at hand): bytes per record of each split's files, and of
+    the decoded ``uint16`` ids held in memory."""
+    import pandas as pd
+
+    rows = []
+    for split, ts in (("train", data.train), ("val", data.val)):
+        if ts.paths is None:
+            continue
+        sizes = ts.paths.sizes()
+        total = float(sum(sizes.values()))
+        records = int(np.load(io.BytesIO(T._gunzip(ts.paths.index))).size - 1)
+        rows.append({"format": f"tokens ({split} files on disk)", "grid": f"{ts.grid[0]}x{ts.grid[1]}",
+                     "bytes_per_image": total / max(records, 1), "total_bytes": total, "n_images": records})
+        rows.append({"format": f"tokens ({split}, decoded uint16)", "grid": f"{ts.grid[0]}x{ts.grid[1]}",
+                     "bytes_per_image": 2.0 * ts.grid[0] * ts.grid[1], "total_bytes": 2.0 * ts.grid[0] * ts.grid[1]
+                     * records, "n_images": records})
+    return pd.DataFrame(rows)
+
+
+def paper_models_table(names: Sequence[str], num_classes: int = 1000):
+    """Params, MACs and FLOPs (attention counted) of the paper's token ViTs and their pixel counterparts, one forward
+    of one image at the official input (tokens: 32x28x28, pixels: 3x224x224); ``num_patches`` / ``input_side`` are
+    checked against the official code via ``paper_vs_ours``."""
+    import pandas as pd
+    import timm
+
+    from tokenbook.bench import count_macs, count_params
+    from tokenbook.models.seit import TOKEN_MODELS
+    from tokenbook.results import paper_vs_ours
+
+    rows = []
+    for n in names:
+        m = timm.create_model(n, num_classes=num_classes).eval()
+        token = n in TOKEN_MODELS
+        size = (m.in_chans, m.token_img_size, m.token_img_size) if token else (3, 224, 224)
+        mc = count_macs(m, input_size=size)
+        rows.append({"model": n, "input": "tokens" if token else "pixels", "input_shape": "x".join(map(str, size)),
+                     "input_side": size[-1] if token else None, "num_patches": m.patch_embed.num_patches,
+                     "params_m": count_params(m)["total"] / 1e6, "gmacs": mc["gmacs"], "gflops": mc["gflops"]})
+        del m
+    ours = pd.DataFrame(rows)
+    return ours, paper_vs_ours(ours, "seit", metrics=["input_side", "num_patches"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the recipe sweep behind the cpu profile (issue 19): constants, written down once, shown by the notebook
+# ----------------------------------------------------------------------------------------------------------
+#: the token floor of the sweep's split (logistic regression on the token embeddings, :func:`token_floor`, on the
+#: cpu profile's 10,000 / 2,000 images and its 8x8 ids): what every sweep row is measured against
+SWEEP_TOKEN_FLOOR = 84.45
+#: the pixel floor of the same split (logistic regression on the pixels, ``tokenbook.floors``), the pixel row's floor
+SWEEP_PIXEL_FLOOR = 84.60
+
+#: the hook and recipe of the cpu profile before the sweep (``params/04_seit/cpu.yaml`` at 8d24937) in what the sweep
+#: changed; the rest stayed: batch 128, AdamW wd 0.05, 1 warm-up epoch, cosine to 1e-5, label smoothing 0.1
+SWEEP_BASE = {"token_eda": True, "rrc_scale_min": 0.35, "emb_noise": 0.25, "token_cutmix": 1.0, "epochs": 15,
+              "lr": 0.002, "drop_path": 0.0}
+
+#: the short sweep of the SeiT arm (seed 0, one torch thread on the shared 2-core machine, ``scripts/seit_sweep.py``
+#: through :func:`tokenbook.experiments.seit.train_variant_run`): each row changes ``change`` from
+#: :data:`SWEEP_BASE`; top-1 on the 2,000 validation images after the last epoch, the best epoch, and the plateau
+#: gain of :func:`tokenbook.claims.plateau` (the last value minus the best before the last 20 % of the epochs); the
+#: last row checks the pixel arm (``arm``) under the chosen epochs and drop path
+RECIPE_SWEEP: list[dict] = [
+    {"run": "base", "change": {}, "top1": 74.05, "best": 74.1, "last20": 0.85, "wall_s": 111.0,
+     "note": "the recipe before the sweep: its stored cpu run (seed 0, processes x 1 thread)"},
+    {"run": "eda_off",
+     "change": {"token_eda": False},
+     "top1": 73.0, "best": 73.0, "last20": 0.15, "wall_s": 164.4,
+     "note": "Token-EDA off costs 1.05 pt: kept"},
+    {"run": "rrc_off",
+     "change": {"rrc_scale_min": 1.0},
+     "top1": 82.0, "best": 82.05, "last20": 0.35, "wall_s": 152.5,
+     "note": "the big cost: any crop below the whole 8x8 map resamples a few ids bicubically"},
+    {"run": "noise_0",
+     "change": {"emb_noise": 0.0},
+     "top1": 78.65, "best": 78.65, "last20": 0.45, "wall_s": 159.7,
+     "note": "Emb-Noise 0.25 costs 4.6 pt at our codebook's scale"},
+    {"run": "cutmix_off",
+     "change": {"token_cutmix": 0.0},
+     "top1": 77.55, "best": 77.55, "last20": 0.05, "wall_s": 150.1,
+     "note": "CutMix in the hook costs 3.5 pt at 15 epochs"},
+    {"run": "rrc1_noise0",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.0},
+     "top1": 84.7, "best": 84.7, "last20": 0.8, "wall_s": 186.3,
+     "note": "above the floor, still rising"},
+    {"run": "rrc1_noise0.1",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.1},
+     "top1": 84.0, "best": 84.0, "last20": 1.0, "wall_s": 152.9,
+     "note": "still rising"},
+    {"run": "rrc1_noise0_ep20",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.0, "epochs": 20},
+     "top1": 85.15, "best": 85.4, "last20": 0.8, "wall_s": 179.6,
+     "note": "with CutMix: still rising at 20 epochs"},
+    {"run": "rrc1_noise0_cutmix0",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.0, "token_cutmix": 0.0},
+     "top1": 85.85, "best": 85.85, "last20": 0.6, "wall_s": 103.2,
+     "note": "0.1 pt short of the plateau rule"},
+    {"run": "rrc1_noise0_cutmix0_ep20",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.0, "token_cutmix": 0.0, "epochs": 20},
+     "top1": 84.65, "best": 84.9, "last20": -0.25, "wall_s": 135.8,
+     "note": "plateaued, 0.2 pt above the floor (over-fits)"},
+    {"run": "rrc1_noise0_cutmix0_lr3e-3",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.0, "token_cutmix": 0.0, "lr": 0.003},
+     "top1": 85.2, "best": 85.2, "last20": 0.75, "wall_s": 100.7,
+     "note": "still rising"},
+    {"run": "rrc1_noise0.1_cutmix0_ep20",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.1, "token_cutmix": 0.0, "epochs": 20},
+     "top1": 85.25, "best": 85.25, "last20": 0.45, "wall_s": 133.6,
+     "note": "plateaued, +0.8 pt"},
+    {"run": "rrc1_noise0_cutmix0_ep20_dp0.1",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.0, "token_cutmix": 0.0, "epochs": 20, "drop_path": 0.1},
+     "top1": 85.8, "best": 85.9, "last20": 0.2, "wall_s": 140.1,
+     "note": "plateaued, +1.35 pt, without Emb-Noise"},
+    {"run": "rrc1_noise0.1_cutmix0_ep20_dp0.1",
+     "change": {"rrc_scale_min": 1.0, "emb_noise": 0.1, "token_cutmix": 0.0, "epochs": 20, "drop_path": 0.1},
+     "top1": 85.4, "best": 85.45, "last20": 0.2, "wall_s": 147.7,
+     "note": "chosen: plateaued, +0.95 pt; keeps Token-EDA, Emb-Noise and SeiT's drop path", "chosen": True},
+    {"run": "pixel_ep20_dp0.1", "arm": "pixel",
+     "change": {"epochs": 20, "drop_path": 0.1},
+     "top1": 85.25, "best": 85.3, "last20": 0.2, "wall_s": 130.6,
+     "note": "the pixel arm (00's recipe, no hook) at the chosen epochs and drop path: above its floor"},
+]
+
+
+#: the settings of the token hook and loader (not the pixel arm's)
+_HOOK_KEYS = ("token_eda", "rrc_scale_min", "emb_noise", "token_cutmix")
+
+
+def recipe_sweep_table(token_floor: float = SWEEP_TOKEN_FLOOR, pixel_floor: float = SWEEP_PIXEL_FLOOR):
+    """:data:`RECIPE_SWEEP` as a table: the arm, every setting (the base's value where a row leaves it; the hook's
+    settings do not apply to the pixel arm), final / best top-1, the plateau gain and verdict
+    (:data:`tokenbook.claims.PLATEAU_TOL`), the distance to the logistic floor of the arm's input (``token_floor``,
+    ``pixel_floor``) and whether the row is a usable recipe (above that floor and plateaued)."""
+    import pandas as pd
+
+    from tokenbook.claims import PLATEAU_TOL
+
+    rows = []
+    for r in RECIPE_SWEEP:
+        ch, arm = r["change"], r.get("arm", "seit")
+        floor = token_floor if arm != "pixel" else pixel_floor
+        row = {"run": r["run"], "arm": arm, "change": ", ".join(f"{k}={v}" for k, v in ch.items()) or "(base)",
+               **{k: None if arm == "pixel" and k in _HOOK_KEYS else ch.get(k, v) for k, v in SWEEP_BASE.items()},
+               "top1": r["top1"], "best_top1": r["best"], "last20_gain_pts": r["last20"],
+               "plateaued": r["last20"] < PLATEAU_TOL, "floor": floor, "vs_floor_pts": round(r["top1"] - floor, 2),
+               "wall_s": r["wall_s"], "note": r.get("note", "")}
+        row["usable"] = bool(row["plateaued"] and row["vs_floor_pts"] > 0)
+        row["chosen"] = bool(r.get("chosen", False))
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 #: claim id -> (arm a variant, arm b variant) of the empirical ablation claims (``references/seit.yaml``)

@@ -144,19 +144,14 @@ def run_spec(name: str, model_kwargs: Mapping[str, Any], data_config: Any, train
 
 
 def train_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, num_workers: int = 0):
-    """Trainer of :func:`run_spec` (in the kernel or in a launcher process), the steps of :func:`train_models` and
-    :func:`run_ablation`: load the data, make the loaders seeded with the run's seed, ``seed_everything(seed)``,
-    build the model, ``fit`` it. Returns a :class:`tokenbook.runs.TrainedRun` (weights on the CPU, history, final
-    metrics, timing)."""
-    from tokenbook import data as D
-    from tokenbook.runs import TrainedRun
+    """Trainer of :func:`run_spec` (in the kernel, a launcher process or a job), the steps of :func:`train_models`
+    and :func:`run_ablation`: the workbook's one classifier trainer,
+    :func:`tokenbook.experiments.baselines.train_classifier` (data, loaders seeded with the run's seed,
+    ``seed_everything(seed)``, the model, ``fit_launched``), under this module's trainer name so that the stored
+    ViTTM runs keep their keys. Returns a :class:`tokenbook.runs.TrainedRun`."""
+    from tokenbook.experiments.baselines import train_classifier
 
-    dcfg, tcfg = D.DataConfig(**data), TrainConfig(**train)
-    bundle = D.load_data(dcfg)
-    tl, vl = D.make_loaders(bundle, batch_size, num_workers=num_workers, seed=tcfg.seed)
-    seed_everything(tcfg.seed)
-    model = create(model_name, **model_kwargs)
-    return TrainedRun.from_fit(fit_launched(model, tl, vl, tcfg, preprocess=bundle.preprocess, desc=model_name))
+    return train_classifier(model_name, model_kwargs, data, train, batch_size, num_workers)
 
 
 def _rebuild(name: str, kwargs: Mapping[str, Any], run: Any) -> nn.Module:
