@@ -126,6 +126,26 @@ def test_a_stored_run_is_read_by_its_key_and_never_trained_by_read(store):
     assert len(_calls(store)) == 1
 
 
+def test_a_slurm_run_is_keyed_by_its_job_not_by_the_submitting_machine(monkeypatch):
+    """A SLURM job's key names the job (cluster, partition, GPUs per node from the recipe, accelerator, threads), so
+    a login node and a compute node, whatever their own CPUs or GPUs, ask for the same run; the job's shape and
+    partition are part of it. On this machine (kernel, processes, torchrun, submitit's local/debug clusters) the
+    key keeps naming this machine's float environment."""
+    gpu = runs.RunSpec("test_runs:toy_trainer", {"x": 1, "train": {"devices": 4, "accelerator": "cuda"}})
+    on_slurm = lambda **kw: runs.run_key(gpu, 1, runs.run_environment(gpu, 1, "submitit", "slurm", **kw))  # noqa: E731
+    k = on_slurm()
+    env = runs.run_environment(gpu, 1, "submitit", "slurm")
+    assert env["device"] == "submitit:slurm" and env["gpus_per_node"] == 4 and env["accelerator"] == "cuda"
+    here = runs.run_key(gpu, 1, runs.run_environment(gpu, 1, "kernel"))
+    assert here == runs.run_key(gpu, 1) != k                       # this machine's key, as before
+    assert runs.run_key(gpu, 1, runs.run_environment(gpu, 1, "submitit", "local")) == here
+    monkeypatch.setattr(runs, "float_environment", lambda threads, accelerator="auto": {"device": "another host",
+                                                                                          "threads": threads})
+    assert on_slurm() == k and runs.run_key(gpu, 1) != here        # the submitting machine does not matter
+    assert on_slurm(resources={"slurm_partition": "a100"}) != k    # the partition does
+    assert on_slurm(resources={"gpus_per_node": 8}) != k           # and the job's shape
+
+
 def test_the_key_covers_arguments_code_and_threads(store, monkeypatch):
     k = runs.run_key(_spec(1), threads=2)
     assert runs.run_key(_spec(1), threads=2) == k

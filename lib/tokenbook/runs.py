@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "read",
+__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "read", "run_environment",
            "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
@@ -195,11 +195,37 @@ def fit_args(model_name: str, model_kwargs: dict, data_config: Any, train_config
             "train": as_dict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers), **extra}
 
 
-def run_key(spec: RunSpec, threads: int) -> str:
-    """The store key of ``spec`` trained with ``threads`` torch threads on this machine with this code."""
-    accel = str(spec.args.get("train", {}).get("accelerator", spec.args.get("accelerator", "auto")))
+def _accelerator(spec: RunSpec) -> str:
+    return str(spec.args.get("train", {}).get("accelerator", spec.args.get("accelerator", "auto")))
+
+
+def run_environment(spec: RunSpec, threads: int, executor: str = "kernel", cluster: Optional[str] = None,
+                    resources: Optional[dict] = None) -> dict:
+    """The float environment a run's key names: where it will train. On this machine (kernel, processes,
+    torchrun, and submitit's local and debug clusters) that is this machine's device and threads
+    (:func:`float_environment`). A SLURM job trains on a node the submitting machine does not know, so its key
+    names the job instead: the cluster, the partition, the job's GPUs per node (:func:`job_resources` under
+    ``resources`` and the spec's own), the accelerator and the threads. The same launch from a login node or from a
+    compute node then asks for the same run, and a job computes nothing about its own key (it trains into the key
+    it was given, :func:`read` reads it back)."""
+    if executor == "submitit":
+        import shutil
+
+        cluster = cluster or ("slurm" if shutil.which("sbatch") else "local")
+        if cluster not in ("local", "debug"):
+            res = {**job_resources(spec), **(resources or {}), **spec.resources}
+            return {"device": f"submitit:{cluster}", "partition": str(res.get("slurm_partition", "") or ""),
+                    "gpus_per_node": int(res.get("gpus_per_node", 0) or 0), "accelerator": _accelerator(spec),
+                    "threads": int(threads)}
+    return float_environment(threads, _accelerator(spec))
+
+
+def run_key(spec: RunSpec, threads: int, env: Optional[dict] = None) -> str:
+    """The store key of ``spec`` trained with ``threads`` torch threads with this code, on this machine or in the
+    environment ``env`` (:func:`run_environment`)."""
     payload = json.dumps({"run": json.loads(spec.canonical()), "code": code_version(),
-                          "env": float_environment(threads, accel)}, sort_keys=True)
+                          "env": env if env is not None else float_environment(threads, _accelerator(spec))},
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -463,7 +489,7 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
         missing_n = len({s.canonical() for s in specs})
         workers = max(1, int(workers or min(missing_n, _cores())))
         threads = int(threads or max(1, _cores() // workers))
-    keys = [run_key(s, threads) for s in specs]
+    keys = [run_key(s, threads, run_environment(s, threads, executor, cluster, resources)) for s in specs]
     todo = {}
     for s, k in zip(specs, keys):
         if k not in todo and not _in_store(location, k, s):
