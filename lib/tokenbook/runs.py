@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "read", "run_environment",
+__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "read", "run_environment", "config_dict",
            "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
@@ -183,16 +183,21 @@ def float_environment(threads: int, accelerator: str = "auto") -> dict:
     return {"device": cpu_model().get("cpu_model", "cpu"), "threads": int(threads)}
 
 
+def config_dict(config: Any) -> dict:
+    """A config as a run spec's arguments hold it: a dataclass (``DataConfig``, ``TrainConfig``) as a dict of its
+    fields, a dict copied."""
+    import dataclasses
+
+    return dict(config) if isinstance(config, dict) else dataclasses.asdict(config)
+
+
 def fit_args(model_name: str, model_kwargs: dict, data_config: Any, train_config: Any, batch_size: int,
              num_workers: int = 0, **extra: Any) -> dict:
     """The arguments of a trainer that fits one timm model on one data set (the notebooks' store trainers): model
     name and keywords, the data and train configs as dicts (dataclasses or dicts), batch, loader workers, and any
     ``extra`` argument of that trainer. Everything that decides such a run, in one shape for every notebook."""
-    import dataclasses
-
-    as_dict = lambda c: dict(c) if isinstance(c, dict) else dataclasses.asdict(c)  # noqa: E731
-    return {"model_name": model_name, "model_kwargs": dict(model_kwargs), "data": as_dict(data_config),
-            "train": as_dict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers), **extra}
+    return {"model_name": model_name, "model_kwargs": dict(model_kwargs), "data": config_dict(data_config),
+            "train": config_dict(train_config), "batch_size": int(batch_size), "num_workers": int(num_workers), **extra}
 
 
 def _accelerator(spec: RunSpec) -> str:

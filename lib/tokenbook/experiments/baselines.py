@@ -190,11 +190,9 @@ def classifier_spec(model_name: str, model_kwargs: dict, data_config: Any, train
     seed (``train_config.seed``) asks for it through this function, so the store holds it once: 00's small ViT,
     01's ViT baseline and 03's full-token arm are one run at the workbook's cpu scale. The model keywords are
     canonical (:func:`canonical_model_kwargs`), the progress bar is off (it decides nothing)."""
-    import dataclasses
+    from tokenbook.runs import RunSpec, config_dict, fit_args
 
-    from tokenbook.runs import RunSpec, fit_args
-
-    train = dict(train_config) if isinstance(train_config, dict) else dataclasses.asdict(train_config)
+    train = config_dict(train_config)
     train["progress"] = False
     args = fit_args(model_name, canonical_model_kwargs(model_name, model_kwargs), data_config, train, batch_size,
                     num_workers)

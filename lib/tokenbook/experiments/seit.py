@@ -894,18 +894,14 @@ def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], 
 _TOKENIZER_KEYS = ("downsample", "codebook_size", "code_dim", "hidden", "steps", "batch_size", "lr", "seed", "pad")
 
 
-def _data_dict(data_config: Any) -> dict:
-    return dict(data_config) if isinstance(data_config, dict) else dataclasses.asdict(data_config)
-
-
 def tokenizer_spec(params: Any, data_config: Any):
     """The :class:`tokenbook.runs.RunSpec` of the notebook's tokenizer training under ``params`` (the notebook's
     ``tokenizer_*``, ``codebook_size``, ``code_dim``, ``seed`` and ``accelerator``) on the pixel data of
     ``data_config``."""
-    from tokenbook.runs import RunSpec
+    from tokenbook.runs import RunSpec, config_dict
 
     p = params
-    args = {"data": _data_dict(data_config), "downsample": int(p["tokenizer_downsample"]),
+    args = {"data": config_dict(data_config), "downsample": int(p["tokenizer_downsample"]),
             "codebook_size": int(p["codebook_size"]), "code_dim": int(p["code_dim"]),
             "hidden": int(p["tokenizer_hidden"]), "steps": int(p["tokenizer_steps"]),
             "batch_size": int(p["tokenizer_batch"]), "lr": float(p["tokenizer_lr"]), "seed": int(p["seed"]),
@@ -949,17 +945,14 @@ def stored_tokens(bundle: Any, root: Any, params: Any, via_store: Optional[bool]
     from tokenbook.data import tokens as T
 
     spec = tokenizer_spec(params, bundle.config)
+    kw = {k: spec.args[k] for k in _TOKENIZER_KEYS}  # the training keywords are unused with a trained tokenizer
     if not _via_store(params, via_store):
-        a = spec.args
-        return build_default_tokens(bundle, root, name=name, **{k: a[k] for k in _TOKENIZER_KEYS},
-                                    device=a["accelerator"]), None
+        return build_default_tokens(bundle, root, name=name, device=spec.args["accelerator"], **kw), None
     run = _launch(spec, store, threads)
     tok = T.VQTokenizer(**run.output["config"])
     tok.load_state_dict(run.output["state_dict"])
-    a = spec.args
-    td = build_default_tokens(bundle, root, name=name, downsample=a["downsample"], codebook_size=a["codebook_size"],
-                              code_dim=a["code_dim"], hidden=a["hidden"], seed=a["seed"], pad=a["pad"],
-                              tokenizer=tok.eval(), tokenizer_history=run.output["history"])
+    td = build_default_tokens(bundle, root, name=name, tokenizer=tok.eval(), tokenizer_history=run.output["history"],
+                              **kw)
     return td, run
 
 
@@ -967,14 +960,14 @@ def tokenadapt_spec(params: Any, data_config: Any, data: Any):
     """The :class:`tokenbook.runs.RunSpec` of TokenAdapt f/g's training under ``params`` (``ta_*``, ``crop``,
     ``seed``, ``tokenizer_pad``, ``accelerator``) on the pixels of ``data_config``, with the token files of ``data``
     (written by :func:`build_default_tokens`) and its ``tokenizer.pt``, both named by path and fingerprint."""
-    from tokenbook.runs import RunSpec
+    from tokenbook.runs import RunSpec, config_dict
 
     if data.tokenizer is None or data.root is None:
         raise ValueError("TokenAdapt's training needs token data written here with its tokenizer "
                          "(build_default_tokens)")
     p = params
     tok_path = Path(data.root) / "tokenizer.pt"
-    args = {"data": _data_dict(data_config), "tokens": token_ref(data),
+    args = {"data": config_dict(data_config), "tokens": token_ref(data),
             "tokenizer": {"path": str(tok_path.resolve()), "sha": module_fingerprint(data.tokenizer)},
             "crop": int(p["crop"]), "steps": int(p["ta_steps"]), "batch_size": int(p["ta_batch"]),
             "lr": float(p["ta_lr"]), "dim": int(p["ta_dim"]), "heads": int(p["ta_heads"]),
