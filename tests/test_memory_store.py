@@ -68,7 +68,7 @@ def test_store_path_equals_kernel_path_and_a_second_launch_trains_nothing(idx_di
     pd.testing.assert_frame_equal(via.results, via2.results)
 
 
-def test_fine_tuning_keys_name_the_backbone(idx_dir):
+def test_fine_tuning_keys_name_the_backbone(idx_dir, tmp_path):
     """A changed pre-training (another recipe) gives every fine-tuning run another key: it trains again."""
     src = _source(idx_dir)
     mean, std = (0.5,) * 3, (0.5,) * 3
@@ -77,7 +77,7 @@ def test_fine_tuning_keys_name_the_backbone(idx_dir):
 
     def ref(**kw):
         spec = memory.pretrain_spec("vit_fm_tiny_p7_28", BB, src.config, _pcfg(**kw), 16)
-        return {"kind": "stored", "trainer": spec.trainer, "args": spec.args, "threads": 1, "accelerator": "cpu",
+        return {"kind": "stored", "key": R.run_key(spec, 1), "trainer": spec.trainer, "args": spec.args,
                 "store": ""}
 
     a = memory.finetune_spec(ref(), targ, "memory", 1, tcfg, 0)
@@ -92,6 +92,12 @@ def test_fine_tuning_keys_name_the_backbone(idx_dir):
         memory.load_ref_backbone(ck)
     with pytest.raises(ValueError, match="unknown backbone ref"):
         memory.load_ref_backbone({"kind": "?"})
+    # a stored ref is read by its key and never trained where it is read: a missing pre-training is an error
+    with pytest.raises(RuntimeError, match="is not in the run store.*pretrain_backbone launches"):
+        memory.load_ref_backbone({**ref(), "store": str(tmp_path)})
+    with pytest.raises(ValueError, match="names its pre-training's key"):
+        memory.load_ref_backbone({**ref(), "key": ""})
+    assert not list(tmp_path.rglob("output.pkl"))  # nothing was trained into the store
     with pytest.raises(ValueError, match="needs a ref|trains through the run store"):
         memory.finetune_seeds(memory.Pretrained(torch.nn.Linear(1, 1)), [], [], [], _fcfg(), [0],
                               executor="processes")

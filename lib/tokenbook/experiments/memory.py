@@ -327,8 +327,8 @@ def pretrain_backbone(model_name: str, model_kwargs: dict, bundle: Any, cfg, bat
     done = R.launch([spec], executor=executor, **launch)
     run = done[0]
     model = run.output.load_into(_build_backbone(model_name, model_kwargs, cfg.seed))
-    ref = {"kind": "stored", "trainer": spec.trainer, "args": spec.args, "threads": run.threads,
-           "accelerator": cfg.accelerator, "store": str(launch["store"]) if launch.get("store") else ""}
+    ref = {"kind": "stored", "key": run.key, "trainer": spec.trainer, "args": spec.args,
+           "store": str(launch["store"]) if launch.get("store") else ""}
     return Pretrained(model.eval().requires_grad_(False), run.output.history, dict(run.output.final),
                       dict(run.output.timing), ref, done)
 
@@ -345,7 +345,8 @@ def backbone_ref(model_name: str, num_classes: int, img_size: int = 0, patch_siz
 def load_ref_backbone(ref: dict) -> nn.Module:
     """The frozen backbone a fine-tuning spec names (:func:`backbone_ref` or :func:`pretrain_backbone`'s ``ref``):
     the checkpoint file, or the stored pre-training read from the run store (``ref["store"]``, else the default
-    store; the threads it was trained with are part of its key; trained there when missing)."""
+    store) by the key its launch computed (:func:`tokenbook.runs.read`: a job on another node reads the same run,
+    and a missing one is a clear error, never trained here)."""
     from tokenbook import runs as R
 
     if ref.get("kind") == "checkpoint":
@@ -353,9 +354,13 @@ def load_ref_backbone(ref: dict) -> nn.Module:
                            patch_size=ref["patch_size"], checkpoint_file=ref["checkpoint_file"],
                            checkpoint_num_classes=ref["checkpoint_num_classes"])
     elif ref.get("kind") == "stored":
-        spec = R.RunSpec(ref["trainer"], ref["args"])
-        out = R.launch([spec], executor="kernel", threads=int(ref["threads"]), store=ref.get("store") or None,
-                       verbose=False)[0].output
+        if not ref.get("key"):
+            raise ValueError("a stored backbone ref names its pre-training's key (pretrain_backbone's ref)")
+        try:
+            out = R.read(ref["key"], R.RunSpec(ref["trainer"], ref["args"], label="backbone pre-training"),
+                         ref.get("store") or None)
+        except R.RunFailedError as e:
+            raise RuntimeError(f"{e} (pretrain_backbone launches the pre-training)") from e
         a = ref["args"]
         bb = out.load_into(_build_backbone(a["model_name"], a["model_kwargs"], a["train"]["seed"]))
     else:
