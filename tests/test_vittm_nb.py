@@ -461,6 +461,17 @@ def test_full_profile_launches_both_stages_as_jobs_of_the_recipes_shape():
     one = profile_parameters(ROOT, NB, "full", {"executor": "torchrun", "num_nodes": 1})
     assert one.launch_options() == {"executor": "torchrun"}
     assert [X.make_train_config(one, r).num_nodes for r in (one.pretrain_recipe, one.recipe)] == [1, 1]
+    # one node keeps the recipes' global batches by accumulating gradients (pre-training 2 x 2 x 1024 = 4096)
+    assert [X.make_train_config(one, r).grad_accum for r in (one.pretrain_recipe, one.recipe)] == [2, 1]
+    assert [X.global_batch(X.make_train_config(one, r)) for r in (one.pretrain_recipe, one.recipe)] == [4096, 2048]
+    assert X.global_batch(X.make_train_config(p, p.pretrain_recipe)) == 4096  # the 2-node job itself: no accumulation
+    assert X.make_train_config(p, p.pretrain_recipe).grad_accum == 1
+    half = profile_parameters(ROOT, NB, "full", {"executor": "torchrun", "num_nodes": 1, "keep_global_batch": False})
+    assert X.global_batch(X.make_train_config(half, half.pretrain_recipe)) == 2048  # the user's choice: half
+    small = profile_parameters(ROOT, NB, "full", {"executor": "torchrun", "num_nodes": 1, "batch_size": 64})
+    assert X.make_train_config(small, small.pretrain_recipe).grad_accum == 1  # another per-device batch: as asked
+    assert "the same global batch of 4096, accumulating gradients over 2 steps" in X.launch_problems(
+        dict(p, executor="torchrun"))[0]
     assert X.launch_problems(dict(one, pretrain_dataset="")) == []
     proof = profile_parameters(ROOT, NB, "full", proof_overrides(X.Params))
     assert proof.executor == "kernel" and X.launch_problems(proof) == []

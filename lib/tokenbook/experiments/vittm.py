@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from tokenbook import bench, references
 from tokenbook.experiments.vittm_runs import (  # noqa: F401  (re-exported: the model factory, the run store's parts)
     _RECIPE_OVERRIDES, _cache_entry, _config_key, _model_latency, _model_row, _tokens, _train_seeds_stored,
-    canonical_kwargs, create, finetune_run, finetune_spec, launch_problems, make_train_config, pretrain_data_config,
-    pretrain_runs, run_spec, store_runs_into_cache, train_run)
+    canonical_kwargs, create, finetune_run, finetune_spec, global_batch, launch_problems, make_train_config,
+    pretrain_data_config, pretrain_runs, run_spec, store_runs_into_cache, train_run)
 from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
@@ -110,6 +110,8 @@ class Params(ReleasedParams, SeedPlanParams, LaunchParams):  # released, seed-pl
     strategy: str = param("auto", "strategy of a run over several devices: ddp (ranks started by executor torchrun "
                                   "or submitit) or ddp_notebook (started from the kernel); auto means ddp there, one "
                                   "process on one device")
+    keep_global_batch: bool = param(True, "with a recipe, fewer devices x nodes than it names accumulate gradients "
+                                          "to keep its global batch (and so its learning rate and schedule)")
     pretrain_dataset: str = param("",
                                   "IN-21k-P style folder or hub id for a pre-training stage before section 2 (one "
                                   "stored run per model, fine-tuned from the store by section 2's runs); empty "
@@ -157,7 +159,8 @@ __all__ = [
     "attention_maps", "memory_diagnostics", "ablation_configs",
     "EFFICIENCY_MODELS", "OFFICIAL_PITFALLS", "efficiency_table", "headline_ratios", "compare_with_references",
     "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
-    "plot_memory_diagnostics", "make_train_config", "small_scale_vs_paper", "recipe_table", "pitfalls_table",
+    "plot_memory_diagnostics", "make_train_config", "global_batch", "small_scale_vs_paper", "recipe_table",
+    "pitfalls_table",
     "REFERENCE_ALIASES",
     "pretrain_then_finetune", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run",
     "launch_problems", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
@@ -620,7 +623,7 @@ def recipe_table() -> pd.DataFrame:
     for stage, (rname, preset, dpr) in stages.items():
         cfg = recipe(rname)
         col = {k: getattr(cfg, k) for k in keys}
-        col["effective_batch"] = cfg.batch_size * (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+        col["effective_batch"] = global_batch(cfg)
         pr = PRESETS[preset]
         col.update(recipe=rname, preset=preset, auto_augment=pr.get("auto_augment"), random_erasing=pr.get("re_prob"),
                    rrc_scale=str(pr.get("scale")), drop_path_rate=dpr, img_size=224,

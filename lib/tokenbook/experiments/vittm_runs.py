@@ -27,7 +27,7 @@ from tokenbook.repro import seed_everything
 from tokenbook.train import RECIPES, TrainConfig, all_heads, fit_launched, recipe
 
 __all__ = ["create", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache", "make_train_config",
-           "launch_problems", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run"]
+           "global_batch", "launch_problems", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run"]
 
 
 def create(name: str, meta: bool = False, **kwargs) -> nn.Module:
@@ -244,7 +244,10 @@ def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overri
     """The notebook's training config. With ``recipe_name`` (a :data:`tokenbook.train.RECIPES` key, e.g.
     ``vittm_b_ft_in1k``) the paper recipe is used and only these notebook parameters override it when set (non-zero /
     non-empty / not 'auto' / not '32-true'): epochs, devices, num_nodes, max_steps_per_epoch, accelerator, precision;
-    the seed always comes from the notebook. Without a recipe every TrainConfig field is read from ``params``.
+    the seed always comes from the notebook. Fewer devices x nodes than the recipe names (``-p num_nodes 1`` on one
+    node) keep the recipe's global batch, and so its learning rate and schedule in optimizer steps, by accumulating
+    gradients (``grad_accum`` = the recipe's world over this one, when it divides), unless ``keep_global_batch`` is
+    False or ``overrides`` set the devices, nodes or accumulation themselves. Without a recipe every TrainConfig field is read from ``params``.
     Strategy: one process (devices x nodes = 1) trains without DDP (Fabric would otherwise wait for a launcher);
     several train with the ``strategy`` parameter, where it is ``auto`` (or absent) plain ``ddp``, because no
     parameter is left unused here (the official find_unused_parameters only covered its unused tensors).
@@ -258,6 +261,8 @@ def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overri
         kw["seed"] = params.get("seed", 0)
         kw["progress"] = params.get("progress", True)
         cfg = recipe(recipe_name, **{**kw, **overrides})
+        if params.get("keep_global_batch", True) and not {"grad_accum", "devices", "num_nodes"} & overrides.keys():
+            cfg = _keep_global_batch(cfg, RECIPES[recipe_name], int(params.get("batch_size") or cfg.batch_size))
     else:
         p = dict(params)
         for k in ("max_steps_per_epoch", "warmup_steps"):
@@ -273,6 +278,27 @@ def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overri
     if world > 1 and (cfg.strategy.startswith("ddp") or cfg.strategy == "auto"):
         return replace(cfg, strategy="ddp" if wanted == "auto" else wanted)
     return cfg
+
+
+def _world(devices: Any, num_nodes: Any) -> int:
+    """Ranks of ``devices`` per node x ``num_nodes`` (a device list or 'auto' counts as one device per node)."""
+    return (devices if isinstance(devices, int) else 1) * int(num_nodes or 1)
+
+
+def _keep_global_batch(cfg: TrainConfig, rec: Mapping[str, Any], batch_size: int) -> TrainConfig:
+    """``cfg`` with the gradient accumulation that gives it the global batch of the recipe ``rec`` (per-device batch
+    x devices x nodes x accumulation) when it runs on fewer ranks than the recipe names, at the recipe's per-device
+    batch (``batch_size``: the notebook's), and their ratio divides."""
+    want = _world(rec.get("devices", 1), rec.get("num_nodes", 1)) * int(rec.get("grad_accum", 1))
+    have = _world(cfg.devices, cfg.num_nodes) * cfg.grad_accum
+    if batch_size != rec.get("batch_size", batch_size) or have >= want or want % have:
+        return cfg
+    return replace(cfg, grad_accum=cfg.grad_accum * (want // have))
+
+
+def global_batch(cfg: TrainConfig) -> int:
+    """Images per optimizer step: per-device batch x devices x nodes x gradient accumulation."""
+    return cfg.batch_size * _world(cfg.devices, cfg.num_nodes) * cfg.grad_accum
 
 
 def _stages(params: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -303,8 +329,8 @@ def launch_problems(params: Mapping[str, Any]) -> list[str]:
         own = cfg.strategy.startswith(_OWN_RANKS)
         if ex == "torchrun" and cfg.num_nodes > 1:
             out.append(f"{what}: executor 'torchrun' starts the ranks of one node; use executor 'submitit' (a "
-                       f"cluster), or -p num_nodes 1 (a global batch of {cfg.batch_size * devices}, not "
-                       f"{cfg.batch_size * devices * cfg.num_nodes})")
+                       f"cluster), or -p num_nodes 1 (the same global batch of {global_batch(cfg)}, accumulating "
+                       f"gradients over {cfg.num_nodes * cfg.grad_accum} steps)")
         elif ex in ("torchrun", "submitit") and own:
             out.append(f"{what}: executor {ex!r} starts the ranks itself; use strategy 'ddp'")
         elif ex in ("kernel", "processes") and not own:
