@@ -272,6 +272,6 @@ def test_the_workbook_vit_is_one_stored_run_for_00_01_and_03():
         s3 = toe.arm_spec(p3.model_name, {"num_classes": classes, "img_size": p3.img_size,
                                           "drop_path_rate": p3.drop_path_rate}, None, p3.toe_block_index,
                           p3.data_config(), toe.train_config(p3), p3.batch_size, s, p3.num_workers)
-        assert s0.trainer == s1.trainer == s3.trainer == "tokenbook.experiments.baselines:train_classifier"
+        assert s0.trainer == s1.trainer == s3.trainer == "tokenbook.experiments.baselines_runs:train_classifier"
         assert s0.args == s1.args == s3.args, (s0.args, s1.args, s3.args)
         assert runs.run_key(s0, 1) == runs.run_key(s1, 1) == runs.run_key(s3, 1)

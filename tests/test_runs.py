@@ -153,7 +153,7 @@ def test_the_key_covers_arguments_code_and_threads(store, monkeypatch):
     assert runs.run_key(_spec(1), threads=1) != k                                # the float environment
     assert runs.run_key(runs.RunSpec("test_runs:other", {"x": 1}), threads=2) != k  # the trainer
     assert runs.run_key(runs.RunSpec("test_runs:toy_trainer", {"x": 1}, label="another label"), 2) == k  # not the label
-    monkeypatch.setattr(runs, "_CODE_VERSION", "0" * 16)                        # the code version
+    monkeypatch.setattr(runs, "code_version", lambda module=None, pkg=None: "0" * 16)  # the code version
     assert runs.run_key(_spec(1), threads=2) != k
     # dict order does not matter, JSON-ability does
     assert runs.RunSpec("m:f", {"a": 1, "b": [1, 2]}).canonical() == runs.RunSpec("m:f", {"b": [1, 2], "a": 1}).canonical()
@@ -166,6 +166,73 @@ def test_the_key_covers_arguments_code_and_threads(store, monkeypatch):
 def test_code_version_hashes_the_package_sources():
     v = runs.code_version()
     assert len(v) == 16 and int(v, 16) >= 0 and runs.code_version() == v
+    assert runs.code_version("user_module") == v  # a trainer outside the package: the whole package
+
+
+def _fake_package(root: Path) -> Path:
+    pkg = root / "tokenbook"
+    files = {
+        "__init__.py": "",
+        "a.py": "import os\n\ndef f():\n    from tokenbook import b\n    import tokenbook.models\n",
+        "b.py": "from .sub import helper\n",
+        "sub/__init__.py": "",
+        "sub/helper.py": "X = 1\n",
+        "c.py": "from tokenbook import a\n",  # imports a; a never imports c
+        "models/__init__.py": "import importlib\nfor _n in ('x',):\n    importlib.import_module(f'{__name__}.{_n}')\n",
+        "models/x.py": "",
+        "models/y.py": "",
+        "recipes.yaml": "lr: 1\n",
+    }
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    return pkg
+
+
+def test_code_version_of_a_trainer_follows_its_import_closure(tmp_path, monkeypatch):
+    """A run's key names the code its trainer runs: its module, what that imports anywhere (inside functions too,
+    relative imports resolved), parent packages, every module of a package that imports its modules by name, and the
+    package's YAML; editing any of them changes the version, editing a module the trainer never imports does not."""
+    pkg = _fake_package(tmp_path)
+    got = {p.relative_to(pkg).as_posix() for p in runs.code_closure("tokenbook.a", pkg)}
+    assert got == {"__init__.py", "a.py", "b.py", "sub/__init__.py", "sub/helper.py", "models/__init__.py",
+                   "models/x.py", "models/y.py"}
+    monkeypatch.setattr(runs, "_CODE_VERSIONS", {})
+
+    def version():
+        runs._CODE_VERSIONS.clear()
+        return runs.code_version("tokenbook.a", pkg)
+
+    base = version()
+    (pkg / "c.py").write_text("from tokenbook import a\nY = 2\n")
+    assert version() == base  # not imported by the trainer
+    for rel in ("sub/helper.py", "models/y.py", "recipes.yaml", "a.py"):
+        before = version()
+        (pkg / rel).write_text((pkg / rel).read_text() + "\n# edited\n")
+        assert version() != before, rel
+    assert runs.code_version(None, pkg) != version()  # the whole package is another version
+    with pytest.raises(ValueError, match="not a module"):
+        runs.code_closure("tokenbook.nowhere", pkg)
+
+
+def test_the_workbook_trainers_closures_hold_their_training_code_and_not_the_reports():
+    """Every trainer the notebooks name: its closure holds the training engine, the data, the run store and every
+    model family; the shared classifier run (00, 01, 03, 06) and 02's runs leave out the reports and the ledger,
+    so editing those keeps them in the store."""
+    pkg = Path(runs.__file__).resolve().parent
+    trainers = ["baselines_runs", "vittm_runs", "t2t_vit_runs", "memory", "seit", "toe"]
+    for t in trainers:
+        got = {p.relative_to(pkg).as_posix() for p in runs.code_closure(f"tokenbook.experiments.{t}")}
+        assert {"train.py", "runs.py", "data/__init__.py", f"experiments/{t}.py", "models/__init__.py",
+                "models/vit_small.py", "models/vittm.py", "models/t2t_vit.py"} <= got, t
+    for t in ("baselines_runs", "vittm_runs", "t2t_vit_runs"):
+        got = {p.relative_to(pkg).as_posix() for p in runs.code_closure(f"tokenbook.experiments.{t}")}
+        assert not got & {"report.py", "claims.py", "results.py", "runner.py", "experiments/baselines.py",
+                          "experiments/seit.py"}, t
+    spec = runs.RunSpec("tokenbook.experiments.baselines_runs:train_classifier", {"x": 1})
+    other = runs.RunSpec("tokenbook.experiments.seit:train_variant_run", {"x": 1})
+    assert runs.code_version("tokenbook.experiments.baselines_runs") != runs.code_version("tokenbook.experiments.seit")
+    assert runs.run_key(spec, 1) != runs.run_key(other, 1)
 
 
 def test_a_failed_run_loses_nothing_that_finished_and_resumes(store):

@@ -161,7 +161,7 @@ def floors_table(bundle: Any, train_loader: Any = None, val_loader: Any = None, 
         args = dict(cnn_epochs=int(cnn_epochs), seed=int(seed), accelerator=accelerator,
                     max_steps_per_epoch=max_steps_per_epoch, batch_size=int(batch_size), num_workers=int(num_workers),
                     max_steps=max_steps)
-        key = hashlib.sha256(json.dumps({"data": data_fingerprint(bundle), "args": args, "code": code_version(),
+        key = hashlib.sha256(json.dumps({"data": data_fingerprint(bundle), "args": args, "code": code_version(__name__),
                                          "env": float_environment(torch.get_num_threads(), accelerator)},
                                         sort_keys=True).encode()).hexdigest()
         cached = Memory(str(store_dir() / "floors"), verbose=0).cache(_floors_fit, ignore=["bundle"])

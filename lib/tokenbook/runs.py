@@ -5,13 +5,13 @@ JSON-able keyword arguments and returns a picklable result, typically a :class:`
 name, data and train configs as dicts, seed, ...) and a label for people. The run's **key** is a sha256 of
 
 - the trainer and its arguments (canonical JSON),
-- the code version (:func:`code_version`: every source file of the ``tokenbook`` package and the versions of torch,
-  timm and numpy),
+- the code version (:func:`code_version`: the source files of the trainer's import closure in the ``tokenbook``
+  package, every ``.yaml`` file of it, and the versions of torch, timm and numpy),
 - the float environment that decides the result bit for bit: the device kind (CPU model or GPU name) and the number
   of torch threads the run uses (CPU kernels may reduce in another order with another thread count).
 
-A run is therefore reused exactly where it would come out the same; any change of the code, the recipe, the data,
-the seed or the machine trains it again.
+A run is therefore reused exactly where it would come out the same; any change of the code it runs, the recipe, the
+data, the seed or the machine trains it again.
 
 **Store.** The finished runs live in a :class:`joblib.Memory` cache (a well-kept, content-addressed, process-safe
 on-disk cache; its writes are atomic renames): ``$TOKENBOOK_RUNS``, else ``$TOKENBOOK_CACHE/runs``, else
@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "read", "run_environment", "config_dict",
+__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "code_closure", "read", "run_environment", "config_dict",
            "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
@@ -151,25 +151,102 @@ class Run:
 # ----------------------------------------------------------------------------------------------------------
 # keys
 # ----------------------------------------------------------------------------------------------------------
-_CODE_VERSION: Optional[str] = None
+_CODE_VERSIONS: dict = {}
 
 
-def code_version() -> str:
-    """sha256 (first 16 hex digits) over every ``.py`` and ``.yaml`` file of the installed ``tokenbook`` package
-    (path and bytes) and the versions of torch, timm and numpy. Computed once per process."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
+def _module_file(pkg: Path, name: str) -> Optional[Path]:
+    """The source file of module ``name`` (``tokenbook.x.y``) under the package folder ``pkg``, or None."""
+    base = pkg.joinpath(*name.split(".")[1:])
+    for f in (base / "__init__.py", base.with_suffix(".py")):
+        if f.is_file():
+            return f
+    return None
+
+
+def _imported(pkg: Path, name: str, path: Path) -> set[str]:
+    """The package's modules that the source of ``name`` imports anywhere (module level or inside functions,
+    relative imports resolved, ``from m import sub`` counted as ``m.sub`` where that is a module), their parent
+    packages, and, for a package whose ``__init__`` imports by ``importlib.import_module`` (``tokenbook.models``
+    registers its families so), every module below it."""
+    import ast
+
+    top = pkg.name
+    is_pkg = path.name == "__init__.py"
+    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    found: set[str] = set()
+    dynamic = False
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = (".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                   if node.level else node.module or "")
+            found.update([mod, *(f"{mod}.{a.name}" for a in node.names)])
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            dynamic = True
+    if dynamic and is_pkg:
+        found.update(f"{name}.{q.relative_to(path.parent).with_suffix('').as_posix().replace('/', '.')}"
+                     .removesuffix(".__init__") for q in path.parent.rglob("*.py") if "__pycache__" not in q.parts)
+    out = set()
+    for m in found:
+        parts = m.split(".")
+        if parts[0] != top:
+            continue
+        out.update(q for q in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if _module_file(pkg, q))
+    return out
+
+
+def code_closure(module: str, pkg: Optional[Path] = None) -> list[Path]:
+    """The source files of the ``tokenbook`` package that module ``module`` runs: its own, its parent packages',
+    and, transitively, those of every package module it imports anywhere in its text (:func:`_imported`), sorted.
+    ``pkg``: the package folder (default: the installed ``tokenbook``)."""
+    pkg = Path(pkg) if pkg is not None else Path(__file__).resolve().parent
+    start = _module_file(pkg, module)
+    if start is None:
+        raise ValueError(f"{module!r} is not a module of the package at {pkg}")
+    parts = module.split(".")
+    todo = [q for q in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if _module_file(pkg, q)]
+    seen: dict[str, Path] = {}
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen[m] = _module_file(pkg, m)
+        todo.extend(_imported(pkg, m, seen[m]) - seen.keys())
+    return sorted(seen.values())
+
+
+def code_version(module: Optional[str] = None, pkg: Optional[Path] = None) -> str:
+    """sha256 (first 16 hex digits) of the code that decides a run, and the versions of torch, timm and numpy.
+
+    - ``module`` None: every ``.py`` and ``.yaml`` file of the ``tokenbook`` package (path and bytes).
+    - ``module`` a module of the package (a trainer's, ``"tokenbook.experiments.seit"``): the files of its import
+      closure (:func:`code_closure`) and every ``.yaml`` file of the package (recipes and references are data the
+      code reads by name). Editing a module that the trainer never imports (a report, the ledger, another paper's
+      experiments) leaves its runs' keys as they were, so the store keeps them; editing one it imports, even inside
+      a function, trains them again. Modules that the shared core imports by name for reporting (the runner's
+      notebooks, the GPU budget's loops) are not training code and are not followed.
+    - a module outside the package (a user's trainer): as for None.
+
+    ``pkg``: the package folder (default: the installed ``tokenbook``; for tests). Computed once per process and
+    module."""
+    pkg = Path(pkg) if pkg is not None else Path(__file__).resolve().parent
+    inside = module is not None and module.split(".")[0] == pkg.name and _module_file(pkg, module) is not None
+    memo = (str(pkg), module if inside else None)
+    if memo not in _CODE_VERSIONS:
         import numpy
         import timm
         import torch
 
-        pkg = Path(__file__).resolve().parent
+        files = set(code_closure(module, pkg)) if inside else set()
+        files.update(q for q in pkg.rglob("*") if (q.suffix == ".yaml" or (q.suffix == ".py" and not inside))
+                     and "__pycache__" not in q.parts)
         h = hashlib.sha256()
-        for p in sorted(q for q in pkg.rglob("*") if q.suffix in (".py", ".yaml") and "__pycache__" not in q.parts):
-            h.update(p.relative_to(pkg).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+        for q in sorted(files):
+            h.update(q.relative_to(pkg).as_posix().encode() + b"\0" + q.read_bytes() + b"\0")
         h.update(f"torch {torch.__version__} timm {timm.__version__} numpy {numpy.__version__}".encode())
-        _CODE_VERSION = h.hexdigest()[:16]
-    return _CODE_VERSION
+        _CODE_VERSIONS[memo] = h.hexdigest()[:16]
+    return _CODE_VERSIONS[memo]
 
 
 def float_environment(threads: int, accelerator: str = "auto") -> dict:
@@ -228,7 +305,7 @@ def run_environment(spec: RunSpec, threads: int, executor: str = "kernel", clust
 def run_key(spec: RunSpec, threads: int, env: Optional[dict] = None) -> str:
     """The store key of ``spec`` trained with ``threads`` torch threads with this code, on this machine or in the
     environment ``env`` (:func:`run_environment`)."""
-    payload = json.dumps({"run": json.loads(spec.canonical()), "code": code_version(),
+    payload = json.dumps({"run": json.loads(spec.canonical()), "code": code_version(spec.trainer.split(":")[0]),
                           "env": env if env is not None else float_environment(threads, _accelerator(spec))},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

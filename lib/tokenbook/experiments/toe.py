@@ -586,7 +586,7 @@ def arm_spec(model_name: str, model_kwargs: Optional[dict], toe_kwargs: Optional
              data_config: Any, train_config: Any, batch_size: int, seed: int, num_workers: int = 0, label: str = ""):
     """The :class:`tokenbook.runs.RunSpec` of one arm (``toe_kwargs`` None: full-token) for one seed: model, ToE,
     data, recipe (its ``seed`` set to ``seed``), batch and loader workers, everything that decides the run."""
-    from tokenbook.experiments.baselines import classifier_spec
+    from tokenbook.experiments.baselines_runs import classifier_spec
     from tokenbook.runs import RunSpec, fit_args
 
     train = dataclasses.replace(train_config, seed=int(seed)) if not isinstance(train_config, dict) else \

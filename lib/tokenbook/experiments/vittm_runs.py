@@ -130,9 +130,9 @@ def run_spec(name: str, model_kwargs: Mapping[str, Any], data_config: Any, train
     """The :class:`tokenbook.runs.RunSpec` of one training run of this notebook (trainer :func:`train_run`): model
     (:func:`canonical_kwargs`), data, recipe (``train_config.seed`` is the run's seed; the progress bar is off, it
     decides nothing), batch and loader workers. A model that is not a ViTTM (the ViT baseline) is the workbook's
-    plain classifier run (:func:`tokenbook.experiments.baselines.classifier_spec`), the same stored run as 00's small ViT and 03's
+    plain classifier run (:func:`tokenbook.experiments.baselines_runs.classifier_spec`), the same stored run as 00's small ViT and 03's
     full-token arm where model, recipe, data and seed agree."""
-    from tokenbook.experiments.baselines import classifier_spec
+    from tokenbook.experiments.baselines_runs import classifier_spec
     from tokenbook.runs import RunSpec, fit_args
 
     if not isinstance(create(name, meta=True, **model_kwargs), V.ViTTM):  # the ViT baseline: the workbook's one run
@@ -146,10 +146,10 @@ def run_spec(name: str, model_kwargs: Mapping[str, Any], data_config: Any, train
 def train_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, num_workers: int = 0):
     """Trainer of :func:`run_spec` (in the kernel, a launcher process or a job), the steps of :func:`train_models`
     and :func:`run_ablation`: the workbook's one classifier trainer,
-    :func:`tokenbook.experiments.baselines.train_classifier` (data, loaders seeded with the run's seed,
+    :func:`tokenbook.experiments.baselines_runs.train_classifier` (data, loaders seeded with the run's seed,
     ``seed_everything(seed)``, the model, ``fit_launched``), under this module's trainer name so that the stored
     ViTTM runs keep their keys. Returns a :class:`tokenbook.runs.TrainedRun`."""
-    from tokenbook.experiments.baselines import train_classifier
+    from tokenbook.experiments.baselines_runs import train_classifier
 
     return train_classifier(model_name, model_kwargs, data, train, batch_size, num_workers)
 
