@@ -198,6 +198,10 @@ def test_train_config_and_hooks_per_variant():
     assert R.make_hook("seit_ca", cb, 10, 12, None).color.coloradapt_prob == 0.25
     assert R.make_hook("seit_ta", cb, 10, 12, ta).tokenadapt is ta
     assert R.make_hook("seit_ta", cb, 10, 12, ta).color.coloradapt_prob == 0
+    mixed = R.make_hook("seit_ta", cb, 10, 12, ta).mix_ta  # the TokenAdapt half's Mixup 0.8 / CutMix 1.0 ...
+    assert (mixed.mixup_alpha, mixed.cutmix_alpha) == (0.8, 1.0)
+    assert R.make_hook("seit_ta", cb, 10, 12, ta, ta_mix=False).mix_ta is None  # ... off with ta_mix=False
+    assert R._hook_settings({"crop": 12, "ta_mix": False})["ta_mix"] is False
     with pytest.raises(ValueError, match="TokenAdapt"):
         R.make_hook("seit_ta_ca", cb, 10, 12, None)
     # a batch of single-code maps (black backgrounds) stays finite with the hook's ColorAdapt epsilon

@@ -119,6 +119,8 @@ class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launc
     ta_lr: float = param(0.002, "TokenAdapt AdamW learning rate (0, inf)")
     ta_mix_prob: float = param(0.0, "probability of Mixup or CutMix during TokenAdapt training [0, 1]")
     ta_per_sample: bool = param(True, "per-sample f-space flip and affine; False is the official batch-level draw")
+    ta_mix: bool = param(True, "Mixup 0.8 / CutMix 1.0 in the TokenAdapt half of every batch, as the official; "
+                               "false turns them off")
     variants: list[str] = param(["pixel", "seit", "seit_ca", "seit_ta", "seit_ta_ca"],
                                 "ablation rows, see tokenbook.experiments.seit.VARIANTS")
     pixel_model: str = param("vit_fm_tiny_p4_28", "pixel ViT with the token ViT's width, depth and heads")
@@ -391,7 +393,7 @@ def token_loaders(data: TokenData, batch_size: int, seed: int = 0, eda: bool = T
 def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int, tokenadapt: Optional[nn.Module],
               rrc_scale_min: float = 0.08, per_sample: bool = True,
               coloradapt_eps: float = 1e-5, emb_noise: float = 1.0, cutmix: float = 1.0,
-              label_smoothing: float = 0.1) -> TokenBatchAugment:
+              label_smoothing: float = 0.1, ta_mix: bool = True) -> TokenBatchAugment:
     """The batch hook of a token variant: SeiT (Emb-Noise on half of every batch) or Forging Tokens (noise 0.75 /
     ColorAdapt 0.25 per batch; ``noise 1 / ColorAdapt 0`` without ColorAdapt), with the TokenAdapt half if asked.
 
@@ -401,7 +403,7 @@ def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int,
     ``emb_noise``: the standard deviation of Emb-Noise's channel shift and per-element noise (official 1.0 and 1.0,
     ``token-noise-scale`` / ``token-noise-std``, on ViT-VQGAN's codebook rows, whose scale is unknown).
     ``cutmix``: CutMix alpha of the SeiT part (official 1.0; 0 is off), ``label_smoothing``: of the soft targets
-    (official 0.1); the TokenAdapt half keeps its Mixup 0.8 / CutMix 1.0.
+    (official 0.1); ``ta_mix``: the TokenAdapt half's Mixup 0.8 / CutMix 1.0 (official; False turns them off).
     """
     kind, ca, ta = VARIANTS[variant]
     if kind != "tokens":
@@ -411,6 +413,8 @@ def make_hook(variant: str, codebook: torch.Tensor, num_classes: int, crop: int,
     kw = dict(rrc_scale=(rrc_scale_min, 1.0), per_sample=per_sample, coloradapt_eps=coloradapt_eps,
               noise_scale=float(emb_noise), noise_std=float(emb_noise), cutmix_alpha=float(cutmix),
               label_smoothing=float(label_smoothing))
+    if ta and not ta_mix:
+        kw.update(ta_mixup_alpha=0.0, ta_cutmix_alpha=0.0)
     if not ca and not ta:
         return TokenBatchAugment.seit(codebook, num_classes, crop, **kw)
     if ta and tokenadapt is None:
@@ -507,7 +511,8 @@ def _fit_variant(variant: str, model_name: str, model_kwargs: dict, cfg: Any, nu
     tl, vl = token_loaders(data, cfg.batch_size, seed=seed, eda=bool(hook["token_eda"]), num_workers=num_workers)
     h = make_hook(variant, data.codebook, data.num_classes, int(hook["crop"]), tokenadapt,
                   float(hook["rrc_scale_min"]), bool(hook["per_sample"]), emb_noise=float(hook.get("emb_noise", 1.0)),
-                  cutmix=float(hook.get("cutmix", 1.0)), label_smoothing=float(hook.get("label_smoothing", 0.1)))
+                  cutmix=float(hook.get("cutmix", 1.0)), label_smoothing=float(hook.get("label_smoothing", 0.1)),
+                  ta_mix=bool(hook.get("ta_mix", True)))
     return fit_launched(model, tl, vl, cfg, hooks=[h], num_classes=data.num_classes, desc=variant)
 
 
@@ -540,7 +545,8 @@ def _hook_settings(params: dict) -> dict:
     return {"crop": int(params["crop"]), "rrc_scale_min": float(params.get("rrc_scale_min", 0.08)),
             "per_sample": bool(params.get("ta_per_sample", True)), "token_eda": bool(params.get("token_eda", True)),
             "emb_noise": float(params.get("emb_noise", 1.0)), "cutmix": float(params.get("token_cutmix", 1.0)),
-            "label_smoothing": float(params.get("token_label_smoothing", 0.1))}
+            "label_smoothing": float(params.get("token_label_smoothing", 0.1)),
+            "ta_mix": bool(params.get("ta_mix", True))}
 
 
 def _result_row(variant: str, res: Any, bundle: Any, data: Optional[TokenData], params: dict,
