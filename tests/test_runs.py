@@ -462,3 +462,71 @@ def test_a_multi_device_submitit_job_is_one_ddp_run(store, tmp_path, monkeypatch
     (again,) = runs.launch([spec], executor="submitit", cluster="local", threads=1, store=tmp_path / "job",
                            verbose=False)
     assert again.source == "store"
+
+
+class _FakeSlurmJob:
+    """A SLURM job that never finishes (for the submission-side tests)."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+
+    def done(self) -> bool:
+        return False
+
+
+class _FakeSlurmExecutor:
+    """submitit's AutoExecutor on a SLURM cluster, recording each submission's parameters instead of calling sbatch."""
+
+    submitted: list = []
+
+    def __init__(self, folder: str, cluster=None):
+        self.cluster, self.params = "slurm", {}
+
+    @staticmethod
+    def which() -> str:
+        return "slurm"
+
+    def update_parameters(self, **kw):
+        self.params = dict(kw)
+
+    def submit(self, fn):
+        job = _FakeSlurmJob(str(1000 + len(type(self).submitted)))
+        type(self).submitted.append((dict(self.params), job.job_id))
+        return job
+
+
+@pytest.fixture
+def fake_slurm(monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(_FakeSlurmExecutor, "submitted", [])
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSlurmExecutor)
+    return _FakeSlurmExecutor
+
+
+def test_jobs_submitted_after_others_wait_for_them_on_slurm(store, fake_slurm):
+    """wait=False names the pending jobs and every spec's key, so that runs reading them by key can be submitted at
+    once with after=...: on SLURM their jobs carry --dependency=afterok on those jobs (beside the user's own extra
+    parameters); no other cluster or executor takes after."""
+    first, second = _spec(1), _spec(2)
+    with pytest.raises(runs.RunsPendingError) as info:
+        runs.launch([first], executor="submitit", wait=False, verbose=False)
+    assert info.value.keys == [info.value.pending[0][1]] and len(info.value.keys[0]) == 64
+    assert info.value.job_ids == ["1000"]
+    with pytest.raises(runs.RunsPendingError):
+        runs.launch([second], executor="submitit", wait=False, verbose=False, after=info.value.job_ids,
+                    resources={"slurm_additional_parameters": {"qos": "high"}})
+    params, job_id = fake_slurm.submitted[-1]
+    assert job_id == "1001" and params["slurm_additional_parameters"] == {"qos": "high", "dependency": "afterok:1000"}
+    assert "slurm_additional_parameters" not in fake_slurm.submitted[0][0]
+    with pytest.raises(runs.RunsPendingError):  # taken over on the next launch, not submitted again
+        runs.launch([second], executor="submitit", wait=False, verbose=False, after=["1000"])
+    assert len(fake_slurm.submitted) == 2
+    with pytest.raises(ValueError, match="for executor 'submitit'"):
+        runs.launch([_spec(3)], executor="kernel", after=["1000"], verbose=False)
+    assert not _calls(store)  # nothing ran
+
+
+def test_after_is_refused_where_jobs_cannot_wait_for_each_other(store):
+    pytest.importorskip("submitit")
+    with pytest.raises(ValueError, match="need SLURM's dependencies, and the cluster is 'local'"):
+        runs.launch([_spec(4)], executor="submitit", cluster="local", after=["1000"], verbose=False)

@@ -571,3 +571,38 @@ def test_profiles_keep_the_paper_configuration():
     assert X.create(gpu["model_name"], meta=True).num_process_tokens == 64  # the paper's 64 + 64 tokens at 32 px
     with open(ROOT / "notebooks" / "params" / NB / "full.yaml") as f:
         assert yaml.safe_load(f)["dataset"].startswith("folder:")
+
+
+def test_full_profile_on_slurm_submits_both_stages_in_one_execution(tmp_path, monkeypatch):
+    """Issue 20: with wait_for_jobs false on SLURM, one execution submits the pre-trainings and, at once, the
+    fine-tunings as jobs that wait for them (--dependency=afterok), each fine-tuning keyed by its pre-training's key;
+    the notebook then stops with the pending runs, and the next execution collects both stages."""
+    from test_runs import _FakeSlurmExecutor
+
+    from tokenbook import runs
+
+    submitit = pytest.importorskip("submitit")
+    monkeypatch.setattr(_FakeSlurmExecutor, "submitted", [])
+    monkeypatch.setattr(submitit, "AutoExecutor", _FakeSlurmExecutor)
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "runs"))
+    pt_root = data.write_folder_fixture(tmp_path / "in21k", classes=("a", "b"), per_class=2, size=230)
+    ft_root = data.write_folder_fixture(tmp_path / "in1k", classes=("cat", "dog"), per_class=2, size=230)
+    p = profile_parameters(ROOT, NB, "full", {"wait_for_jobs": False, "accelerator": "cpu",
+                                              "dataset": f"folder:{ft_root}", "pretrain_dataset": f"folder:{pt_root}"})
+    assert p.launch_options()["wait"] is False and p.executor == "submitit"
+    models = {"ViTTM-B": (p.model_name, dict(depth=1, img_size=p.img_size)),
+              "ViT-B/16": (p.vit_name, dict(depth=1, img_size=p.img_size))}
+    pt_bundle, bundle = data.load_data(X.pretrain_data_config(p)), data.load_data(p.data_config())
+    refs = X.pretrain_runs(models, pt_bundle, X.make_train_config(p, p.pretrain_recipe), p.batch_size,
+                           p.num_workers, **p.launch_options())
+    assert isinstance(refs, X.PretrainedRefs) and refs.after == ["1000", "1001"]
+    assert all(len(refs[m]["key"]) == 64 for m in models)
+    with pytest.raises(runs.RunsPendingError) as info:
+        X.train_seeds(models, bundle, p.batch_size, X.make_train_config(p, p.recipe), [0], p.num_workers,
+                      latency=False, pretrained=refs, **p.launch_options())
+    assert len(info.value.pending) == 2
+    (pt_a, _), (pt_b, _), (ft_a, _), (ft_b, _) = _FakeSlurmExecutor.submitted
+    assert "slurm_additional_parameters" not in pt_a and pt_a["nodes"] == 2  # the pre-training: 2 nodes x 2 GPUs
+    for ft in (ft_a, ft_b):  # the fine-tunings wait for both pre-trainings to end well
+        assert ft["slurm_additional_parameters"]["dependency"] == "afterok:1000:1001"
+        assert ft["tasks_per_node"] == 2 and "nodes" not in ft

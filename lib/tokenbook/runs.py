@@ -73,11 +73,19 @@ class RunFailedError(RuntimeError):
 
 class RunsPendingError(RuntimeError):
     """``launch(executor="submitit", wait=False)``: runs are submitted or still running; ``pending`` lists
-    ``(label, key, job_id)``. Launch the same specs again to collect them."""
+    ``(label, key, job_id)``, ``keys`` the key of every spec of the launch in order (finished or not), so that runs
+    which read these by key can be specified and submitted to wait for them (``launch(after=...)``). Launch the
+    same specs again to collect them."""
 
-    def __init__(self, message: str, pending: list):
+    def __init__(self, message: str, pending: list, keys: Sequence[str] = ()):
         super().__init__(message)
         self.pending = pending
+        self.keys = list(keys)
+
+    @property
+    def job_ids(self) -> list[str]:
+        """The scheduler's ids of the jobs still pending."""
+        return [str(j) for _, _, j in self.pending]
 
 
 @dataclass(frozen=True)
@@ -516,8 +524,9 @@ def _pending_job(location: Path, key: str) -> Any:
 
 
 def _submit(location: Path, todo: dict, threads: int, cluster: Optional[str], resources: Optional[dict],
-            verbose: bool) -> dict:
-    """Jobs for the runs of ``todo`` (those an earlier launch submitted are taken over, not submitted again)."""
+            verbose: bool, after: Sequence[str] = ()) -> dict:
+    """Jobs for the runs of ``todo`` (those an earlier launch submitted are taken over, not submitted again); with
+    ``after``, new jobs start only once those jobs have ended well (SLURM ``--dependency=afterok``)."""
     import pickle
 
     import submitit
@@ -531,8 +540,16 @@ def _submit(location: Path, todo: dict, threads: int, cluster: Optional[str], re
         if job is None:
             if executor is None:
                 executor = submitit.AutoExecutor(folder=str(location / "jobs" / "%j"), cluster=cluster)
-            executor.update_parameters(**{"timeout_min": 24 * 60, "name": "tokenbook", **job_resources(s),
-                                          **(resources or {}), **s.resources})
+                if after and executor.cluster != "slurm":
+                    raise ValueError(f"jobs that wait for other jobs ({', '.join(map(str, after))}) need SLURM's "
+                                     f"dependencies, and the cluster is {executor.cluster!r}: wait for the first "
+                                     "jobs instead (wait_for_jobs true)")
+            params = {"timeout_min": 24 * 60, "name": "tokenbook", **job_resources(s), **(resources or {}),
+                      **s.resources}
+            if after:
+                params["slurm_additional_parameters"] = {**params.get("slurm_additional_parameters", {}),
+                                                         "dependency": "afterok:" + ":".join(map(str, after))}
+            executor.update_parameters(**params)
             job = executor.submit(_Job(str(location), k, s, threads))
             _job_record(location, k).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(_job_record(location, k), pickle.dumps(job))
@@ -551,17 +568,21 @@ def _cores() -> int:
 
 def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional[int] = None,
            threads: Optional[int] = None, store: Optional[str | Path] = None, verbose: bool = True,
-           wait: bool = True, cluster: Optional[str] = None, resources: Optional[dict] = None) -> list[Run]:
+           wait: bool = True, cluster: Optional[str] = None, resources: Optional[dict] = None,
+           after: Sequence[str] = ()) -> list[Run]:
     """Every run of ``specs`` from the store, training the missing ones with ``executor`` (see the module text);
     returns one :class:`Run` per spec, in order. ``workers`` (processes): default ``min(missing runs, cores)``;
     ``threads``: torch threads per run (default: the kernel's own for ``kernel`` and ``submitit``, cores // workers
     for ``processes``). Identical specs are trained once. ``submitit`` only: ``cluster`` (None: SLURM when there is
-    one, else local), ``resources`` for every job, and ``wait=False`` (raise :class:`RunsPendingError` instead of
-    waiting for jobs that have not finished)."""
+    one, else local), ``resources`` for every job, ``wait=False`` (raise :class:`RunsPendingError` instead of
+    waiting for jobs that have not finished) and ``after``: job ids the new jobs wait for (SLURM only; runs that
+    read another launch's runs by key, submitted before those have finished)."""
     import torch
 
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if after and executor != "submitit":
+        raise ValueError(f"after (jobs to wait for) is for executor 'submitit', got {executor!r}")
     specs = list(specs)
     location = store_dir(store)
     location.mkdir(parents=True, exist_ok=True)
@@ -604,12 +625,12 @@ def launch(specs: Sequence[RunSpec], executor: str = "kernel", workers: Optional
             except Exception as e:  # the others still run; reported together below
                 errors[k] = e
     elif todo and executor == "submitit":
-        jobs = _submit(location, todo, threads, cluster, resources, verbose)
+        jobs = _submit(location, todo, threads, cluster, resources, verbose, after)
         running = [(todo[k].label or todo[k].trainer, k, j.job_id) for k, j in jobs.items() if not j.done()]
         if not wait and running:
             raise RunsPendingError(f"{len(running)} run(s) submitted or still running (jobs "
                                    f"{', '.join(str(r[2]) for r in running)}); launch them again to collect them",
-                                   running)
+                                   running, keys)
         for k, job in jobs.items():
             try:
                 seconds[k] = job.results()[0]  # task 0's (the only one, or DDP rank 0 of a multi-task job)

@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from tokenbook import bench, references
 from tokenbook.experiments.vittm_runs import (  # noqa: F401  (re-exported: the model factory, the run store's parts)
     _RECIPE_OVERRIDES, _cache_entry, _config_key, _model_latency, _model_row, _tokens, _train_seeds_stored,
-    canonical_kwargs, create, finetune_run, finetune_spec, global_batch, launch_problems, make_train_config,
-    pretrain_data_config, pretrain_runs, run_spec, store_runs_into_cache, train_run)
+    PretrainedRefs, canonical_kwargs, create, finetune_run, finetune_spec, global_batch, launch_problems,
+    make_train_config, pretrain_data_config, pretrain_runs, run_spec, store_runs_into_cache, train_run)
 from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
@@ -162,7 +162,8 @@ __all__ = [
     "plot_memory_diagnostics", "make_train_config", "global_batch", "small_scale_vs_paper", "recipe_table",
     "pitfalls_table",
     "REFERENCE_ALIASES",
-    "pretrain_then_finetune", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run",
+    "pretrain_then_finetune", "pretrain_data_config", "pretrain_runs", "PretrainedRefs", "finetune_spec",
+    "finetune_run",
     "launch_problems", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
     "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence", "floor_rows",
     "CLAIM_ARM_SETS", "claim_arm_names", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache",

@@ -27,7 +27,8 @@ from tokenbook.repro import seed_everything
 from tokenbook.train import RECIPES, TrainConfig, all_heads, fit_launched, recipe
 
 __all__ = ["create", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache", "make_train_config",
-           "global_batch", "launch_problems", "pretrain_data_config", "pretrain_runs", "finetune_spec", "finetune_run"]
+           "global_batch", "launch_problems", "PretrainedRefs", "pretrain_data_config", "pretrain_runs",
+           "finetune_spec", "finetune_run"]
 
 
 def create(name: str, meta: bool = False, **kwargs) -> nn.Module:
@@ -207,7 +208,9 @@ def _train_seeds_stored(models: Mapping[str, tuple[str, dict]], bundle, batch_si
                              label=f"{label} seed {s}"))
             plan.append((s, label, name, spec))
     also = list(also)
-    every = _launch(also + [q[-1] for q in plan], executor, **launch_kw)  # ``also`` (the claim arms) first
+    after = list(getattr(pretrained, "after", []) or [])  # pre-trainings still running: their jobs first
+    every = _launch(also + [q[-1] for q in plan], executor, **launch_kw,  # ``also`` (the claim arms) first
+                    **({"after": after} if after else {}))
     done = every[len(also):]
     if launched is not None:  # section 2's records first: a run that is also a claim arm keeps section 2's label
         launched.extend(done + every[:len(also)])
@@ -347,21 +350,55 @@ def pretrain_data_config(params: Mapping[str, Any]) -> Any:
                       preset=params["pretrain_preset"])
 
 
+class PretrainedRefs(dict):
+    """label -> pre-training ref (:func:`pretrain_runs`), with ``after``: the SLURM jobs of pre-trainings still
+    running, which the fine-tuning jobs must wait for (empty once they have finished)."""
+
+    def __init__(self, refs: Mapping[str, dict], after: Sequence[str] = ()):
+        super().__init__(refs)
+        self.after = list(after)
+
+
+def _chains_jobs(executor: str, launch_kw: Mapping[str, Any]) -> bool:
+    """Do these launch options submit SLURM jobs without waiting (so later jobs can wait for them instead)?"""
+    if executor != "submitit" or launch_kw.get("wait", True):
+        return False
+    import submitit
+
+    return (launch_kw.get("cluster") or submitit.AutoExecutor.which()) == "slurm"
+
+
 def pretrain_runs(models: Mapping[str, tuple[str, dict]], bundle: Any, cfg: TrainConfig, batch_size: int,
                   num_workers: int = 0, executor: str = "kernel", launched: Optional[list] = None,
-                  **launch_kw: Any) -> dict[str, dict]:
+                  **launch_kw: Any) -> PretrainedRefs:
     """The README's first stage: each ``label -> (name, kwargs)`` pre-trained on ``bundle`` (IN-21k-P) with ``cfg``
     (recipe ``vittm_pt_in21k``), drop path 0 (the README's pre-training value; the fine-tuning keeps its own), as
     one stored run per model (:func:`run_spec`), launched together (``executor`` and ``launch_kw`` as
     :func:`tokenbook.runs.launch`). Returns label -> the ref that :func:`finetune_spec` names: the run's key,
-    trainer and arguments, and the store."""
+    trainer and arguments, and the store (a :class:`PretrainedRefs`).
+
+    SLURM without waiting (``executor="submitit"``, ``wait=False``): pre-trainings still running do not stop the
+    notebook here; their refs come back with their jobs in ``after``, and the fine-tuning jobs are submitted at once
+    to start when those end well (:func:`train_seeds` passes them to the launcher), so that two executions of the
+    notebook do it all: one submits both stages, the next collects them. Other clusters raise the launcher's
+    :class:`tokenbook.runs.RunsPendingError` (their jobs cannot wait for each other)."""
+    from tokenbook import runs as R
+
     specs = {label: run_spec(name, {**kw, "drop_path_rate": 0.0, "num_classes": bundle.num_classes}, bundle.config,
                              cfg, batch_size, num_workers, label=f"{label} pre-training")
              for label, (name, kw) in models.items()}
-    done = _launch(list(specs.values()), executor, launched, **launch_kw)
     store = launch_kw.get("store")
-    return {label: {"key": run.key, "trainer": spec.trainer, "args": spec.args, "store": str(store) if store else ""}
-            for (label, spec), run in zip(specs.items(), done)}
+    try:
+        done = _launch(list(specs.values()), executor, launched, **launch_kw)
+    except R.RunsPendingError as e:
+        if not (_chains_jobs(executor, launch_kw) and len(e.keys) == len(specs)):
+            raise
+        keys, after = e.keys, e.job_ids
+    else:
+        keys, after = [run.key for run in done], []
+    return PretrainedRefs({label: {"key": k, "trainer": spec.trainer, "args": spec.args,
+                                   "store": str(store) if store else ""}
+                           for (label, spec), k in zip(specs.items(), keys)}, after)
 
 
 def finetune_spec(pretrained: Mapping[str, Any], name: str, model_kwargs: Mapping[str, Any], data_config: Any,
