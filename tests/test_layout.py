@@ -1,6 +1,7 @@
 """The package layout rule (issue 10): one stem per notebook everywhere, a shared core that never imports the paper
 code, paper code split into models/ (architectures), methods/ (attach to any timm model) and experiments/ (what one
-notebook calls), and no oversized modules. Checked statically from the source tree (no imports executed)."""
+notebook calls), and no oversized modules. Checked statically from the source tree: the modules checked are parsed
+(tokenbook.runs.module_imports, the reader of the run store's code versions), never imported."""
 from __future__ import annotations
 
 import ast
@@ -9,6 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
+
+from tokenbook.runs import module_imports
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "lib" / "tokenbook"
@@ -31,25 +34,8 @@ def _module_name(path: Path) -> str:
 
 def _imports(path: Path) -> set[str]:
     """Every tokenbook module a file imports, at any depth (function-level imports included)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    mod = _module_name(path)
-    pkg = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
-    out: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.split(".")[0] == "tokenbook")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != "tokenbook":
-                continue
-            out.add(target)
-            out.update(f"{target}.{a.name}" for a in node.names)  # `from tokenbook import models`
-    return out
+    found, _ = module_imports(path, _module_name(path))
+    return {m for m in found if m.split(".")[0] == "tokenbook"}
 
 
 def _sources() -> list[Path]:

@@ -61,8 +61,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version", "code_closure", "read", "run_environment", "config_dict",
-           "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
+__all__ = ["RunSpec", "Run", "TrainedRun", "RunFailedError", "RunsPendingError", "store_dir", "code_version",
+           "code_closure", "module_imports", "read", "read_ref", "stored_ref", "submitit_cluster", "run_environment",
+           "config_dict", "float_environment", "fit_args", "job_resources", "run_key", "checkpoint_dir", "launch", "runs_table", "EXECUTORS", "probe_trainer"]
 
 EXECUTORS = ("kernel", "processes", "torchrun", "submitit")
 
@@ -171,19 +172,16 @@ def _module_file(pkg: Path, name: str) -> Optional[Path]:
     return None
 
 
-def _imported(pkg: Path, name: str, path: Path) -> set[str]:
-    """The package's modules that the source of ``name`` imports anywhere (module level or inside functions,
-    relative imports resolved, ``from m import sub`` counted as ``m.sub`` where that is a module), their parent
-    packages, and, for a package whose ``__init__`` imports by ``importlib.import_module`` (``tokenbook.models``
-    registers its families so), every module below it."""
+def module_imports(path: Path, name: str) -> tuple[set[str], bool]:
+    """What the source of module ``name`` (file ``path``) imports anywhere, module level or inside functions: the
+    dotted names, relative imports resolved, ``from m import x`` giving ``m`` and ``m.x`` (x may be a module); and
+    whether it imports by ``importlib.import_module``. Shared by :func:`code_closure` and the layout test."""
     import ast
 
-    top = pkg.name
-    is_pkg = path.name == "__init__.py"
-    here = name.split(".") if is_pkg else name.split(".")[:-1]
+    here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found: set[str] = set()
     dynamic = False
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -192,6 +190,17 @@ def _imported(pkg: Path, name: str, path: Path) -> set[str]:
             found.update([mod, *(f"{mod}.{a.name}" for a in node.names)])
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
             dynamic = True
+    return found, dynamic
+
+
+def _imported(pkg: Path, name: str, path: Path) -> set[str]:
+    """The package's modules that the source of ``name`` imports anywhere (:func:`module_imports`; ``from m import
+    sub`` counted as ``m.sub`` where that is a module), their parent packages, and, for a package whose
+    ``__init__`` imports by ``importlib.import_module`` (``tokenbook.models`` registers its families so), every
+    module below it."""
+    top = pkg.name
+    is_pkg = path.name == "__init__.py"
+    found, dynamic = module_imports(path, name)
     if dynamic and is_pkg:
         found.update(f"{name}.{q.relative_to(path.parent).with_suffix('').as_posix().replace('/', '.')}"
                      .removesuffix(".__init__") for q in path.parent.rglob("*.py") if "__pycache__" not in q.parts)
@@ -289,6 +298,14 @@ def _accelerator(spec: RunSpec) -> str:
     return str(spec.args.get("train", {}).get("accelerator", spec.args.get("accelerator", "auto")))
 
 
+def submitit_cluster(cluster: Optional[str] = None) -> str:
+    """The cluster a submitit launch with ``cluster`` submits to: the one named, else the one submitit's
+    ``AutoExecutor`` picks on this machine (``slurm`` where SLURM is, else ``local``)."""
+    import submitit
+
+    return cluster or submitit.AutoExecutor.which()
+
+
 def run_environment(spec: RunSpec, threads: int, executor: str = "kernel", cluster: Optional[str] = None,
                     resources: Optional[dict] = None) -> dict:
     """The float environment a run's key names: where it will train. On this machine (kernel, processes,
@@ -299,9 +316,7 @@ def run_environment(spec: RunSpec, threads: int, executor: str = "kernel", clust
     compute node then asks for the same run, and a job computes nothing about its own key (it trains into the key
     it was given, :func:`read` reads it back)."""
     if executor == "submitit":
-        import shutil
-
-        cluster = cluster or ("slurm" if shutil.which("sbatch") else "local")
+        cluster = submitit_cluster(cluster)
         if cluster not in ("local", "debug"):
             res = {**job_resources(spec), **(resources or {}), **spec.resources}
             return {"device": f"submitit:{cluster}", "partition": str(res.get("slurm_partition", "") or ""),
@@ -377,6 +392,23 @@ def read(key: str, spec: RunSpec, store: Optional[str | Path] = None) -> Any:
         raise RunFailedError(f"run {spec.label or spec.trainer} ({key[:12]}) is not in the run store at {location}: "
                              "launch it first")
     return _cached(location)(key, spec.trainer, spec.args)
+
+
+def stored_ref(key: str, spec: RunSpec, store: Optional[str | Path] = None) -> dict:
+    """How a run spec names another stored run that its trainer reads (a pre-training): the key its launch
+    computed, its trainer and arguments, and the store (empty: the default). :func:`read_ref` reads it back."""
+    return {"key": key, "trainer": spec.trainer, "args": spec.args, "store": str(store) if store else ""}
+
+
+def read_ref(ref: dict, label: str = "", hint: str = "") -> Any:
+    """The stored output of the run a :func:`stored_ref` names (:func:`read` by its key: never trained here);
+    :class:`RunFailedError` when the store lacks it, ending with ``hint`` (what launches it)."""
+    try:
+        return read(ref["key"], RunSpec(ref["trainer"], ref["args"], label=label), ref.get("store") or None)
+    except RunFailedError as e:
+        if not hint:
+            raise
+        raise RunFailedError(f"{e} ({hint})") from e
 
 
 def _train_into_store(location: Path, key: str, spec: RunSpec) -> None:

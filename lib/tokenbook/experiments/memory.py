@@ -327,8 +327,7 @@ def pretrain_backbone(model_name: str, model_kwargs: dict, bundle: Any, cfg, bat
     done = R.launch([spec], executor=executor, **launch)
     run = done[0]
     model = run.output.load_into(_build_backbone(model_name, model_kwargs, cfg.seed))
-    ref = {"kind": "stored", "key": run.key, "trainer": spec.trainer, "args": spec.args,
-           "store": str(launch["store"]) if launch.get("store") else ""}
+    ref = {"kind": "stored", **R.stored_ref(run.key, spec, launch.get("store"))}
     return Pretrained(model.eval().requires_grad_(False), run.output.history, dict(run.output.final),
                       dict(run.output.timing), ref, done)
 
@@ -356,11 +355,7 @@ def load_ref_backbone(ref: dict) -> nn.Module:
     elif ref.get("kind") == "stored":
         if not ref.get("key"):
             raise ValueError("a stored backbone ref names its pre-training's key (pretrain_backbone's ref)")
-        try:
-            out = R.read(ref["key"], R.RunSpec(ref["trainer"], ref["args"], label="backbone pre-training"),
-                         ref.get("store") or None)
-        except R.RunFailedError as e:
-            raise RuntimeError(f"{e} (pretrain_backbone launches the pre-training)") from e
+        out = R.read_ref(ref, "backbone pre-training", "pretrain_backbone launches the pre-training")
         a = ref["args"]
         bb = out.load_into(_build_backbone(a["model_name"], a["model_kwargs"], a["train"]["seed"]))
     else:

@@ -274,7 +274,7 @@ def make_train_config(params: Mapping[str, Any], recipe_name: str = "", **overri
         cfg = TrainConfig.from_params(p, **overrides)
     if "strategy" in overrides:
         return cfg
-    world = (cfg.devices if isinstance(cfg.devices, int) else 1) * cfg.num_nodes
+    world = _world(cfg.devices, cfg.num_nodes)
     wanted = str(params.get("strategy") or "auto")
     if world == 1 and cfg.strategy.startswith("ddp"):
         return replace(cfg, strategy="auto")
@@ -325,7 +325,7 @@ def launch_problems(params: Mapping[str, Any]) -> list[str]:
         except (ValueError, TypeError):
             continue
         devices = cfg.devices if isinstance(cfg.devices, int) else 1
-        if devices * cfg.num_nodes <= 1:
+        if _world(cfg.devices, cfg.num_nodes) <= 1:
             continue
         what = (f"the {stage} runs ({'recipe ' + rname if rname else 'no recipe'}) are {cfg.num_nodes} node(s) x "
                 f"{devices} devices, strategy {cfg.strategy!r}")
@@ -361,11 +361,10 @@ class PretrainedRefs(dict):
 
 def _chains_jobs(executor: str, launch_kw: Mapping[str, Any]) -> bool:
     """Do these launch options submit SLURM jobs without waiting (so later jobs can wait for them instead)?"""
-    if executor != "submitit" or launch_kw.get("wait", True):
-        return False
-    import submitit
+    from tokenbook.runs import submitit_cluster
 
-    return (launch_kw.get("cluster") or submitit.AutoExecutor.which()) == "slurm"
+    return executor == "submitit" and not launch_kw.get("wait", True) and submitit_cluster(
+        launch_kw.get("cluster")) == "slurm"
 
 
 def pretrain_runs(models: Mapping[str, tuple[str, dict]], bundle: Any, cfg: TrainConfig, batch_size: int,
@@ -387,17 +386,15 @@ def pretrain_runs(models: Mapping[str, tuple[str, dict]], bundle: Any, cfg: Trai
     specs = {label: run_spec(name, {**kw, "drop_path_rate": 0.0, "num_classes": bundle.num_classes}, bundle.config,
                              cfg, batch_size, num_workers, label=f"{label} pre-training")
              for label, (name, kw) in models.items()}
-    store = launch_kw.get("store")
     try:
         done = _launch(list(specs.values()), executor, launched, **launch_kw)
     except R.RunsPendingError as e:
-        if not (_chains_jobs(executor, launch_kw) and len(e.keys) == len(specs)):
+        if not _chains_jobs(executor, launch_kw):
             raise
         keys, after = e.keys, e.job_ids
     else:
         keys, after = [run.key for run in done], []
-    return PretrainedRefs({label: {"key": k, "trainer": spec.trainer, "args": spec.args,
-                                   "store": str(store) if store else ""}
+    return PretrainedRefs({label: R.stored_ref(k, spec, launch_kw.get("store"))
                            for (label, spec), k in zip(specs.items(), keys)}, after)
 
 
@@ -421,10 +418,7 @@ def _stored_pretraining(ref: Mapping[str, Any]) -> Any:
     on another node or device reads the same run); an error when the store lacks it (never trained here)."""
     from tokenbook import runs as R
 
-    try:
-        return R.read(ref["key"], R.RunSpec(ref["trainer"], ref["args"], label="pre-training"), ref.get("store") or None)
-    except R.RunFailedError as e:
-        raise RuntimeError(f"{e} (pretrain_runs launches the pre-training)") from e
+    return R.read_ref(dict(ref), "pre-training", "pretrain_runs launches the pre-training")
 
 
 def finetune_run(model_name: str, model_kwargs: dict, data: dict, train: dict, batch_size: int, num_workers: int,
