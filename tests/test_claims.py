@@ -418,3 +418,35 @@ def test_01s_cpu_profile_plans_seven_seeds_for_section_2_and_three_for_its_claim
     assert seeds == list(range(7))
     assert C.claim_seeds(plan, seeds, *p.ablation_claim_ids) == [0, 1, 2]
     assert "not decidable" in plan.set_index("claim").loc["vittm.no_memory_processing", "why"]
+
+
+def test_arm_seeds_give_each_arm_what_its_claims_need():
+    """An arm trains the seeds of the claim that needs the most of those that use it; an arm no claim uses trains
+    every seed; without a plan every arm trains every seed."""
+    import pandas as pd
+
+    from tokenbook import claims as C
+
+    plan = pd.DataFrame({"claim": ["p.a", "p.b"], "planned": [5, 3]})
+    arms = {"p.a": ("x", "base"), "p.b": ("y", "base")}
+    got = C.arm_seeds(plan, [0, 1, 2, 3, 4], arms, ["base", "x", "y", "z"])
+    assert got == {"base": [0, 1, 2, 3, 4], "x": [0, 1, 2, 3, 4], "y": [0, 1, 2], "z": [0, 1, 2, 3, 4]}
+    assert C.arm_seeds(pd.DataFrame(), [0, 1, 2], arms, ["x", "y"]) == {"x": [0, 1, 2], "y": [0, 1, 2]}
+
+
+def test_04s_cpu_profile_plans_five_seeds_for_the_coloradapt_arms_only():
+    """04_seit's cpu profile: seit.coloradapt_gain's pilot spread asks for 5 seeds, the other claims at most 3, so
+    seit and seit_ca train seeds 0-4 and the pixel and TokenAdapt arms keep seeds 0-2."""
+    from pathlib import Path
+
+    from tokenbook import claims as C
+    from tokenbook.experiments import seit
+    from tokenbook.runner import profile_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    p = profile_parameters(root, "04_seit", "cpu")
+    seeds, plan = C.plan_seeds(p.seeds, p.seed_pilot, p.seed_cap, paper="seit", root=root)
+    assert seeds == [0, 1, 2, 3, 4]
+    got = C.arm_seeds(plan, seeds, seit.CLAIM_ARMS, seit.parse_variants(p.variants))
+    assert got == {"pixel": [0, 1, 2], "seit": [0, 1, 2, 3, 4], "seit_ca": [0, 1, 2, 3, 4],
+                   "seit_ta": [0, 1, 2], "seit_ta_ca": [0, 1, 2]}

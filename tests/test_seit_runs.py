@@ -86,6 +86,25 @@ def test_specs_name_the_token_files_and_refuse_changed_ones(tiny, tmp_path):
         R.ablation_specs(["seit_ta"], params, [0], td, bundle, None)
 
 
+def test_each_arm_trains_its_own_seeds(tiny, tmp_path):
+    """``arm_seeds`` (the power plan's seeds per arm): the specs, the kernel path and the store path train each
+    variant only on its seeds, with the same rows; the summary pairs the gains on the seeds both arms have."""
+    bundle, td, ta, params = tiny
+    own = {"seit": [0, 1], "seit_ta_ca": [0]}
+    plan = R.ablation_specs(["seit", "seit_ta_ca"], params, [0, 1], td, bundle, ta, arm_seeds=own)
+    assert [(v, s) for v, s, _ in plan] == [("seit", 0), ("seit_ta_ca", 0), ("seit", 1)]
+    k_runs, k_hist = R.train_ablation(["seit", "seit_ta_ca"], params, [0, 1], td, bundle, ta, arm_seeds=own)
+    s_runs, s_hist = R.train_ablation(["seit", "seit_ta_ca"], params, [0, 1], td, bundle, ta, via_store=True,
+                                      store=str(tmp_path / "runs"), arm_seeds=own)
+    assert sorted(k_hist) == sorted(s_hist) == [("seit", 0), ("seit", 1), ("seit_ta_ca", 0)]
+    cols = ["seed", "variant", "top1", "gain_vs_seit_pts"]
+    pd.testing.assert_frame_equal(k_runs[cols], s_runs[cols])
+    summary = R.seed_summary(s_runs).set_index("variant")
+    assert summary.loc["seit", "n_seeds"] == 2 and summary.loc["seit_ta_ca", "n_seeds"] == 1
+    with pytest.raises(ValueError, match="outside the run's seeds"):
+        R.ablation_specs(["seit"], params, [0], td, bundle, ta, arm_seeds={"seit": [0, 7]})
+
+
 def test_token_floor_and_floors_in_the_claims(tiny):
     from tokenbook import claims as C
 

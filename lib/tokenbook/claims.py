@@ -411,6 +411,18 @@ def claim_seeds(plan: "Any", seeds: Sequence[int], *claims: str) -> list[int]:
     return seeds[:max(int(rows[c]) for c in claims)]
 
 
+def arm_seeds(plan: "Any", seeds: Sequence[int], claim_arms: dict[str, Sequence[str]],
+              arms: Sequence[str]) -> dict[str, list[int]]:
+    """The seeds each arm trains under a :func:`plan_seeds` plan: ``claim_arms`` maps a claim to the arms it
+    compares, and an arm trains :func:`claim_seeds` of every claim that uses it (the most any of them needs); an arm
+    that no claim uses trains all of ``seeds``. ``{arm: seeds}`` in the order of ``arms``."""
+    out = {}
+    for arm in arms:
+        cids = [c for c, pair in claim_arms.items() if arm in pair]
+        out[arm] = claim_seeds(plan, seeds, *cids) if cids else list(seeds)
+    return out
+
+
 def judge(claim: Claim, evidence: Optional[Evidence], method: str = "t", level: float = 0.95) -> Verdict:
     """The verdict of one claim from its evidence (None: the experiment did not run: ``failed``)."""
     if claim.not_testable_here:

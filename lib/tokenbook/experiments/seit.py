@@ -56,7 +56,7 @@ from tokenbook.methods.token_aug import (
     TokenBatchAugment, TokenEDA, apply_spatial, build_synonyms, embed_ids, load_synonyms, sample_spatial_params,
     save_synonyms,
 )
-from tokenbook.params import LaunchParams, ReleasedParams
+from tokenbook.params import LaunchParams, ReleasedParams, SeedPlanParams
 from tokenbook.params import as_list, param
 # the released checkpoints and the --proof weight file live in seit_released (re-exported)
 from tokenbook.experiments.seit_released import RELEASED, proof_data, released_table  # noqa: F401,E402
@@ -74,7 +74,7 @@ from tokenbook.experiments.seit_results import (  # noqa: F401,E402
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams, LaunchParams):  # the released-checkpoint and launcher fields come from the bases
+class Params(ReleasedParams, SeedPlanParams, LaunchParams):  # released, seed-plan, launcher fields: bases
     """The parameters of notebooks/04_seit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "04_seit"
@@ -653,20 +653,34 @@ class AblationHistories(dict):
         self.launched = list(launched)
 
 
+def _seeds_of(variants: Sequence[str], seeds: Sequence[int], arm_seeds: Optional[dict]) -> list[tuple[int, list]]:
+    """``[(seed, [variants that train it])]`` in seed order: every variant trains every seed, or, with
+    ``arm_seeds`` (``{variant: seeds}``, :func:`tokenbook.claims.arm_seeds`), the seeds listed for it (a variant
+    missing there trains all of ``seeds``). Seeds no variant trains are left out."""
+    variants = parse_variants(variants)
+    pick = {v: [int(s) for s in (arm_seeds or {}).get(v, seeds)] for v in variants}
+    extra = sorted({s for v in variants for s in pick[v]} - {int(s) for s in seeds})
+    if extra:
+        raise ValueError(f"arm_seeds names seeds {extra} outside the run's seeds {list(seeds)}")
+    out = [(int(s), [v for v in variants if int(s) in pick[v]]) for s in dict.fromkeys(int(x) for x in seeds)]
+    return [(s, vs) for s, vs in out if vs]
+
+
 def run_ablation_seeds(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
                        bundle: Any = None, tokenadapt: Optional[nn.Module] = None, storage: Any = None,
-                       callback: Optional[Callable[[dict], None]] = None):
+                       callback: Optional[Callable[[dict], None]] = None, arm_seeds: Optional[dict] = None):
     """:func:`run_ablation` once per seed, paired by seed: for a seed s every variant starts from
     ``repro.seed_everything(s)`` (the four token variants share the architecture, so the same initial weights) and
     sees the same batch order (``loader_generator(s)``). The tokenizer and TokenAdapt's f/g are shared (trained once
     by the caller). Returns ``(runs, histories)``: one row per (seed, variant) with a ``seed`` column, and
-    ``{(variant, seed): history DataFrame}`` (an :class:`AblationHistories`). In this process, nothing stored; the
+    ``{(variant, seed): history DataFrame}`` (an :class:`AblationHistories`). ``arm_seeds`` (``{variant: seeds}``,
+    :func:`tokenbook.claims.arm_seeds`): a variant trains only its own seeds. In this process, nothing stored; the
     same runs through the run store: :func:`train_ablation`."""
     import pandas as pd
 
     frames, hist = [], AblationHistories()
-    for s in seeds:
-        df, h = run_ablation(variants, {**params, "seed": int(s)}, data, bundle, tokenadapt, storage,
+    for s, vs in _seeds_of(variants, seeds, arm_seeds):
+        df, h = run_ablation(vs, {**params, "seed": int(s)}, data, bundle, tokenadapt, storage,
                              callback=None if callback is None else (lambda r, s=s: callback({**r, "seed": s})))
         df.insert(0, "seed", int(s))
         frames.append(df)
@@ -822,9 +836,11 @@ def token_ref(data: TokenData) -> dict:
 
 
 def ablation_specs(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
-                   bundle: Any = None, tokenadapt: Optional[nn.Module] = None) -> list:
-    """``[(variant, seed, RunSpec)]`` of the seeded ablation (:func:`variant_spec`); the token data must have been
-    written to files (:func:`build_default_tokens`: ``data.root``) and TokenAdapt is saved next to them."""
+                   bundle: Any = None, tokenadapt: Optional[nn.Module] = None,
+                   arm_seeds: Optional[dict] = None) -> list:
+    """``[(variant, seed, RunSpec)]`` of the seeded ablation (:func:`variant_spec`), seed by seed (each variant only
+    its own seeds with ``arm_seeds``, as :func:`run_ablation_seeds`); the token data must have been written to
+    files (:func:`build_default_tokens`: ``data.root``) and TokenAdapt is saved next to them."""
     tokens = ta = None
     variants = parse_variants(variants)
     if any(VARIANTS[v][0] == "tokens" for v in variants):
@@ -842,7 +858,8 @@ def ablation_specs(variants: Sequence[str], params: dict, seeds: Sequence[int], 
 
         cfg = DataConfig(img_size=int(params.get("img_size", 28)))
     nc = bundle.num_classes if bundle is not None else data.num_classes
-    return [(v, int(s), variant_spec(v, params, int(s), cfg, tokens, ta, nc)) for s in seeds for v in variants]
+    return [(v, s, variant_spec(v, params, s, cfg, tokens, ta, nc))
+            for s, vs in _seeds_of(variants, seeds, arm_seeds) for v in vs]
 
 
 def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], data: Optional[TokenData],
@@ -850,8 +867,9 @@ def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], 
                    callback: Optional[Callable[[dict], None]] = None, executor: str = "kernel",
                    via_store: Optional[bool] = None, store: Optional[str] = None, workers: Optional[int] = None,
                    threads: Optional[int] = None, cluster: Optional[str] = None, resources: Optional[dict] = None,
-                   wait: bool = True):
-    """``seit.run_ablation_seeds`` (same arguments, same ``(runs, histories)``) wherever ``executor`` says.
+                   wait: bool = True, arm_seeds: Optional[dict] = None):
+    """``seit.run_ablation_seeds`` (same arguments, ``arm_seeds`` included; same ``(runs, histories)``) wherever
+    ``executor`` says.
 
     ``executor="kernel"`` (``via_store`` None or False): ``seit.run_ablation_seeds`` in this process, nothing
     stored. Any other executor (``processes``, ``torchrun``, ``submitit``; or ``kernel`` with ``via_store=True``):
@@ -865,18 +883,18 @@ def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], 
     if not via_store:
         if executor != "kernel":
             raise ValueError(f"executor {executor!r} trains through the run store; via_store=False needs 'kernel'")
-        return run_ablation_seeds(variants, params, seeds, data, bundle, tokenadapt, storage, callback)
+        return run_ablation_seeds(variants, params, seeds, data, bundle, tokenadapt, storage, callback, arm_seeds)
     launch = dict(executor=executor, store=store, workers=workers, threads=threads, cluster=cluster,
                   resources=resources, wait=wait)
     import pandas as pd
 
     from tokenbook import runs as R
 
-    plan = ablation_specs(variants, params, seeds, data, bundle, tokenadapt)
+    plan = ablation_specs(variants, params, seeds, data, bundle, tokenadapt, arm_seeds)
     done = R.launch([spec for _, _, spec in plan], **launch)
     bpi = _bytes_per_image(storage)
     frames, hist = [], AblationHistories(launched=done)
-    for s in dict.fromkeys(int(x) for x in seeds):
+    for s in dict.fromkeys(sd for _, sd, _ in plan):
         rows = []
         for (v, sd, spec), run in zip(plan, done):
             if sd != s:
