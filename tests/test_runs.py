@@ -220,18 +220,25 @@ def test_the_workbook_trainers_closures_hold_their_training_code_and_not_the_rep
     model family; the shared classifier run (00, 01, 03, 06) and 02's runs leave out the reports and the ledger,
     so editing those keeps them in the store."""
     pkg = Path(runs.__file__).resolve().parent
-    trainers = ["baselines_runs", "vittm_runs", "t2t_vit_runs", "memory", "seit", "toe"]
+    trainers = ["baselines_runs", "vittm_runs", "t2t_vit_runs", "memory", "seit_runs", "toe"]
     for t in trainers:
         got = {p.relative_to(pkg).as_posix() for p in runs.code_closure(f"tokenbook.experiments.{t}")}
         assert {"train.py", "runs.py", "data/__init__.py", f"experiments/{t}.py", "models/__init__.py",
                 "models/vit_small.py", "models/vittm.py", "models/t2t_vit.py"} <= got, t
-    for t in ("baselines_runs", "vittm_runs", "t2t_vit_runs"):
+    for t in ("baselines_runs", "vittm_runs", "t2t_vit_runs", "seit_runs"):
         got = {p.relative_to(pkg).as_posix() for p in runs.code_closure(f"tokenbook.experiments.{t}")}
         assert not got & {"report.py", "claims.py", "results.py", "runner.py", "experiments/baselines.py",
-                          "experiments/seit.py"}, t
+                          "experiments/seit.py", "experiments/seit_results.py"}, t
+    # 04's three stored runs name the lean module
+    from tokenbook.data import DataConfig
+    from tokenbook.experiments import seit
+
+    spec = seit.variant_spec("pixel", {**seit.Params().__dict__}, 0, DataConfig())
+    assert spec.trainer == "tokenbook.experiments.seit_runs:train_variant_run"
+    assert seit.tokenizer_spec(seit.Params().__dict__, DataConfig()).trainer.startswith("tokenbook.experiments.seit_runs:")
     spec = runs.RunSpec("tokenbook.experiments.baselines_runs:train_classifier", {"x": 1})
-    other = runs.RunSpec("tokenbook.experiments.seit:train_variant_run", {"x": 1})
-    assert runs.code_version("tokenbook.experiments.baselines_runs") != runs.code_version("tokenbook.experiments.seit")
+    other = runs.RunSpec("tokenbook.experiments.seit_runs:train_variant_run", {"x": 1})
+    assert runs.code_version("tokenbook.experiments.baselines_runs") != runs.code_version("tokenbook.experiments.seit_runs")
     assert runs.run_key(spec, 1) != runs.run_key(other, 1)
 
 

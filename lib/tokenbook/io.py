@@ -159,3 +159,17 @@ def to_markdown(df: pd.DataFrame, caption: str = "") -> str:
     """Markdown for a table, formatted as in the reports (:func:`format_value`), caption above."""
     text = formatted(df).to_markdown(index=False)
     return (f"{caption}\n\n" if caption else "") + text + "\n"
+
+
+def display_path(path: Any, root: "Path | None" = None) -> str:
+    """A path as reports show it: relative to the repository root, else under ``~``, never the machine's absolute
+    path of a home folder."""
+    p = Path(path).expanduser()
+    try:
+        return str(p.resolve().relative_to((root or repo_root()).resolve()))
+    except ValueError:
+        pass
+    try:
+        return "~/" + str(p.resolve().relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(p)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 # the leaf I/O module; re-exported here for the notebooks and older callers
-from .io import NA, PASS_COLUMNS, atomic_write, format_value, formatted, repo_root, to_markdown  # noqa: F401
+from .io import NA, PASS_COLUMNS, atomic_write, display_path, format_value, formatted, repo_root, to_markdown  # noqa: F401
 from .repro import cpu_model as _cpu_model  # the float environment's CPU (one definition, in repro)
 
 __all__ = ["RunContext", "paper_vs_ours", "save_table", "atomic_write", "environment_info", "git_info", "run_git_info", "repo_root",
@@ -182,20 +182,6 @@ def show_table(df: Any, caption: str = "") -> None:
         display(style_table(df, caption))
     else:
         print(to_markdown(df, caption))
-
-
-def display_path(path: Any, root: Optional[Path] = None) -> str:
-    """A path as reports show it: relative to the repository root, else under ``~``, never the machine's absolute
-    path of a home folder."""
-    p = Path(path).expanduser()
-    try:
-        return str(p.resolve().relative_to((root or repo_root()).resolve()))
-    except ValueError:
-        pass
-    try:
-        return "~/" + str(p.resolve().relative_to(Path.home().resolve()))
-    except ValueError:
-        return str(p)
 
 
 def save_table(df: pd.DataFrame, name: str, out_dir: Path, caption: str = "") -> dict:

@@ -39,25 +39,8 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-
-#: ablation variants: name -> (input, ColorAdapt, TokenAdapt)
-VARIANTS = {
-    "pixel": ("pixels", False, False),
-    "seit": ("tokens", False, False),
-    "seit_ca": ("tokens", True, False),
-    "seit_ta": ("tokens", False, True),
-    "seit_ta_ca": ("tokens", True, True),
-}
-
-
-#: our variant -> the row label of the paper's tables (``tokenbook/references/seit.yaml``)
-PAPER_LABELS = {
-    "pixel": "Full pixels",
-    "seit": "SeiT",
-    "seit_ca": "SeiT + ColorAdapt",
-    "seit_ta": "SeiT + TokenAdapt",
-    "seit_ta_ca": "SeiT + TokenAdapt + ColorAdapt",
-}
+# the variants and their paper labels live with the runs (seit_runs), re-exported here
+from tokenbook.experiments.seit_runs import PAPER_LABELS, VARIANTS  # noqa: E402
 
 
 def seed_summary(runs: Any, level: float = 0.95):
