@@ -103,7 +103,7 @@ def test_own_specs_without_reuse_use_this_notebooks_split_and_recipe():
     a = specs[(0, "vit")].args
     # the full-token arm is the workbook's plain classifier run (the same stored run as 00's ViT where they agree)
     assert specs[(0, "vit")].trainer == "tokenbook.experiments.baselines_runs:train_classifier"
-    assert specs[(0, "vit_toe")].trainer == "tokenbook.experiments.toe:train_arm_run"
+    assert specs[(0, "vit_toe")].trainer == "tokenbook.experiments.toe_runs:train_arm_run"
     assert a["data"]["channels"] == 1 and a["data"]["train_subset"] == p.train_subset and a["train"]["epochs"] == p.epochs
     assert "toe_kwargs" not in a and specs[(0, "vit_toe")].args["toe_kwargs"]["keep_rate"] == [0.5, 0.75, 1.0]
     # an arm and its ToE twin share model, data, recipe and batch; only ToE differs (and the bar, which decides nothing)

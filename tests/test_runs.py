@@ -220,15 +220,16 @@ def test_the_workbook_trainers_closures_hold_their_training_code_and_not_the_rep
     model family; the shared classifier run (00, 01, 03, 06) and 02's runs leave out the reports and the ledger,
     so editing those keeps them in the store."""
     pkg = Path(runs.__file__).resolve().parent
-    trainers = ["baselines_runs", "vittm_runs", "t2t_vit_runs", "memory", "seit_runs", "toe"]
+    trainers = ["baselines_runs", "vittm_runs", "t2t_vit_runs", "memory_runs", "seit_runs", "toe_runs"]
     for t in trainers:
         got = {p.relative_to(pkg).as_posix() for p in runs.code_closure(f"tokenbook.experiments.{t}")}
         assert {"train.py", "runs.py", "data/__init__.py", f"experiments/{t}.py", "models/__init__.py",
                 "models/vit_small.py", "models/vittm.py", "models/t2t_vit.py"} <= got, t
-    for t in ("baselines_runs", "vittm_runs", "t2t_vit_runs", "seit_runs"):
+    for t in trainers:
         got = {p.relative_to(pkg).as_posix() for p in runs.code_closure(f"tokenbook.experiments.{t}")}
         assert not got & {"report.py", "claims.py", "results.py", "runner.py", "experiments/baselines.py",
-                          "experiments/seit.py", "experiments/seit_results.py"}, t
+                          "experiments/seit.py", "experiments/seit_results.py", "experiments/toe.py",
+                          "experiments/memory.py", "experiments/memory_report.py", "experiments/cross_paper.py"}, t
     # 04's three stored runs name the lean module
     from tokenbook.data import DataConfig
     from tokenbook.experiments import seit
@@ -236,6 +237,17 @@ def test_the_workbook_trainers_closures_hold_their_training_code_and_not_the_rep
     spec = seit.variant_spec("pixel", {**seit.Params().__dict__}, 0, DataConfig())
     assert spec.trainer == "tokenbook.experiments.seit_runs:train_variant_run"
     assert seit.tokenizer_spec(seit.Params().__dict__, DataConfig()).trainer.startswith("tokenbook.experiments.seit_runs:")
+    # 03's ToE arm and 05's pre-training and fine-tuning runs name theirs
+    from tokenbook.experiments import memory, toe
+    from tokenbook.train import TrainConfig
+
+    spec = toe.arm_spec("vit_fm_tiny_p7_28", {}, {"keep_rate": [0.5]}, 0, DataConfig(), TrainConfig(), 8, 0)
+    assert spec.trainer == "tokenbook.experiments.toe_runs:train_arm_run"
+    assert memory.pretrain_spec("vit_fm_tiny_p7_28", {}, DataConfig(), TrainConfig(), 8).trainer == \
+        "tokenbook.experiments.memory_runs:train_source_run"
+    task = memory.task_args("fm:5,6", 28, 8, 8, [0.5], [0.5])
+    assert memory.finetune_spec({"kind": "stored"}, task, "head", 0, TrainConfig(), 0).trainer == \
+        "tokenbook.experiments.memory_runs:train_finetune_run"
     spec = runs.RunSpec("tokenbook.experiments.baselines_runs:train_classifier", {"x": 1})
     other = runs.RunSpec("tokenbook.experiments.seit_runs:train_variant_run", {"x": 1})
     assert runs.code_version("tokenbook.experiments.baselines_runs") != runs.code_version("tokenbook.experiments.seit_runs")

@@ -408,7 +408,9 @@ def test_train_seeds_pairs_by_seed(idx_dir, monkeypatch):
                                                       train_loader.generator.initial_seed())})
         return real_fit(model, train_loader, val_loader, cfg, **kw)
 
-    monkeypatch.setattr(toe_runs, "_fit", spy)
+    from tokenbook.experiments import toe_runs as arm_runs  # the module whose _fit_arm calls _fit
+
+    monkeypatch.setattr(arm_runs, "_fit", spy)
     out = toe_runs.train_seeds("vit_fm_tiny_p4_32", bundle, 8, cfg, toe_cfg, [0, 1], model_kwargs=mk)
     assert sorted(out) == [0, 1] and all(set(r) == {"full-token", "ToE"} for r in out.values())
     assert [(r["arm"], r["seed"]) for r in seen] == [("full-token", 0), ("ToE", 0), ("full-token", 1), ("ToE", 1)]

@@ -369,7 +369,7 @@ def _stored_model(spec: Any, out: Any) -> nn.Module:
     from tokenbook.experiments import toe as toe_exp
     from tokenbook.experiments import vittm_runs
 
-    if spec.trainer == "tokenbook.experiments.toe:train_arm_run":
+    if spec.trainer == toe_exp.ARM_TRAINER:
         return toe_exp.rebuild_arm(spec.args, out).result.model.cpu()
     return out.load_into(vittm_runs.create(spec.args["model_name"], **spec.args["model_kwargs"])).cpu()
 

@@ -21,18 +21,14 @@ from tokenbook.methods.memory_finetune import finetune_model, set_trainable
 from tokenbook.models.memory import (FINETUNE_MODES, SOURCE, MemoryViT, _check_option, concatenate, memory_task_params,
                                      naive_concatenate, record_attention, table1_mask, task_parameter_count)
 from tokenbook.params import as_list
+# the run-side names live in memory_runs (its trainers must not import this module)
+from tokenbook.experiments.memory_runs import load_backbone, method_label  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------
 #: our method labels, as in the reference file's model names ("ViT-B/32 <method>")
 PAPER_DATASETS = ("SUN-397", "iNaturalist", "CIFAR-100", "Places-365")
 PAPER_BACKBONE = "ViT-B/32"
 _PAPER_SOURCE = "main fine-tuning table (results_from_paper.png, via the CENG502 repo images)"
-
-
-def method_label(mode: str, cells: int = 0) -> str:
-    """``"full"``, ``"head"``, ``"head+cls"`` or ``"memory-<m>"`` (the reference file's naming)."""
-    _check_option("fine-tuning mode", mode, FINETUNE_MODES)
-    return f"memory-{cells}" if mode == "memory" else mode
 
 
 def parse_methods(text: Sequence[str]) -> list[tuple[str, int]]:
@@ -72,36 +68,6 @@ def backbone_norm(backbone: nn.Module, channels: int = 3) -> tuple[tuple, tuple]
     if channels == 1:
         mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
     return mean, std
-
-
-def load_backbone(model_name: str, num_classes: int, img_size: Optional[int] = None, patch_size: int = 0,
-                  checkpoint_file: str = "", checkpoint_num_classes: Optional[int] = None,
-                  **model_kwargs: Any) -> nn.Module:
-    """The backbone to adapt: ``timm.create_model(model_name, ...)``, from ``checkpoint_file`` when given (timm's
-    loader and checkpoint filter: big_vision/ViT ``.npz`` or timm ``.pth``/``.safetensors``). ``num_classes`` is the
-    size of the backbone's own (source) head; other keywords go to ``timm.create_model``."""
-    import timm
-
-    from tokenbook import models  # noqa: F401  (registers the workbook's small ViTs)
-
-    kw: dict[str, Any] = {"num_classes": num_classes or 0, **model_kwargs}
-    if img_size:
-        kw["img_size"] = img_size
-    if patch_size:
-        kw["patch_size"] = patch_size
-    if checkpoint_file:
-        from pathlib import Path
-
-        if not Path(checkpoint_file).is_file():
-            raise FileNotFoundError(f"backbone checkpoint {checkpoint_file} does not exist (for the paper: the "
-                                    "ImageNet-21k ViT-B/32, e.g. big_vision's augreg B/32 .npz)")
-        overlay: dict[str, Any] = {"file": str(checkpoint_file)}
-        if str(checkpoint_file).endswith(".npz"):  # the original JAX format: timm's own reader (model.load_pretrained);
-            overlay["custom_load"] = True          # a local file otherwise resets custom_load and goes to torch.load
-        if checkpoint_num_classes is not None:
-            overlay["num_classes"] = checkpoint_num_classes
-        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
-    return timm.create_model(model_name, **kw)
 
 
 def steps_to_epochs(total_steps: int, n_train: int, batch_size: int, drop_last: bool = True,
