@@ -549,3 +549,23 @@ def test_after_is_refused_where_jobs_cannot_wait_for_each_other(store):
     pytest.importorskip("submitit")
     with pytest.raises(ValueError, match="need SLURM's dependencies, and the cluster is 'local'"):
         runs.launch([_spec(4)], executor="submitit", cluster="local", after=["1000"], verbose=False)
+
+
+def test_every_trainer_path_in_the_library_names_the_module_that_defines_it():
+    """Every ``"tokenbook.<module>:<function>"`` written in the library resolves, and names the module where the
+    function is defined, not one that re-exports it: the run's key hashes that module's closure, and code that tells
+    runs apart by their trainer (06's stored ToE arms) compares these strings. A trainer moved without its path
+    fails here."""
+    import importlib
+    import re
+
+    pkg = Path(runs.__file__).resolve().parent
+    found = set()
+    for path in pkg.rglob("*.py"):
+        found |= set(re.findall(r'"(tokenbook\.[A-Za-z_.]+:[A-Za-z_]+)"', path.read_text()))
+    assert len(found) >= 9, found
+    for target in sorted(found):
+        mod, fn = target.split(":")
+        obj = getattr(importlib.import_module(mod), fn, None)
+        assert callable(obj), f"{target} does not resolve"
+        assert obj.__module__ == mod, f"{target} is defined in {obj.__module__}"
