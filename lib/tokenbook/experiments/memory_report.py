@@ -4,8 +4,9 @@ the target tasks, the seed summaries and claims evidence, the tables beside the 
 extension studies, the figures and the attention read-outs (``memory_attention``, ``class_token_patch_attention``).
 Imports nothing of :mod:`tokenbook.experiments.memory` (which imports this module).
 
-Size: over the 800-line guide: the notebook's tables, studies and figures share their helpers; the training and run
-store half is :mod:`tokenbook.experiments.memory`.
+Size: over the 800-line guide: the notebook's tables, studies and figures share their helpers; the training half is
+:mod:`tokenbook.experiments.memory`, its stored runs :mod:`tokenbook.experiments.memory_runs` (where
+``method_label`` and ``load_backbone`` live, imported here).
 """
 from __future__ import annotations
 

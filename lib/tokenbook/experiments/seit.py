@@ -59,11 +59,10 @@ from tokenbook.experiments.seit_released import RELEASED, proof_data, released_t
 # the token data, the batch hooks, the recipes and the stored runs' specs and trainers live in seit_runs
 # (re-exported): their code version leaves this module and the reports out
 from tokenbook.experiments.seit_runs import (  # noqa: F401,E402
-    TokenData, _CFG_KEYS, _TOKENIZER_KEYS, _fit_variant, _hook_settings, _images_uint8, _read_tokenadapt, _read_tokens,
-    _tokenadapt_config, _variant_model, build_tokenadapt, fit_launched, make_hook, module_fingerprint, rebuild_variant,
-    save_tokenadapt, token_device, token_fingerprint, token_images, token_loaders, token_ref, tokenadapt_spec,
-    tokenizer_spec, train_config, train_default_tokenadapt, train_default_tokenizer, train_tokenadapt_run,
-    train_tokenizer_run, train_variant_run, variant_spec,
+    TokenData, _TOKENIZER_KEYS, _fit_variant, _hook_settings, _read_tokens, _variant_model, build_tokenadapt,
+    fit_launched, make_hook, module_fingerprint, rebuild_variant, save_tokenadapt, token_device, token_fingerprint,
+    token_images, token_loaders, token_ref, tokenadapt_spec, tokenizer_spec, train_config, train_default_tokenadapt,
+    train_default_tokenizer, train_tokenadapt_run, train_tokenizer_run, train_variant_run, variant_spec,
 )
 # the variants, the claims' evidence, the floors, the seed summary, photo storage and the figures live in seit_results
 from tokenbook.experiments.seit_results import (  # noqa: F401,E402

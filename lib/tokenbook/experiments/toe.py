@@ -21,10 +21,10 @@ registered ``toe_deit_*`` models in :mod:`tokenbook.models.toe`.
   IQR), :func:`removable_at_test` (ToE model in ``eval()`` vs. the plain ViT).
 - :func:`plot_token_selection`, :func:`plot_keep_schedule`: the figures.
 
-Size: about 1,150 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace,
-the claims evidence and the run-store trainer) that share the ToERun/overhead structures; the trainer stays here
-because it must run the kernel path's own training body (``_fit_arm``, ``_fit``); split by the notebook's sections if
-it grows.
+Size: about 1,050 lines, over the ~800 guide: one notebook's helpers (tables, timing, figures, the selection trace,
+the claims evidence) that share the ToERun/overhead structures. One arm's training body (``_fit_arm``, ``_fit``), its
+store spec, trainer and rebuild are :mod:`tokenbook.experiments.toe_runs` (re-exported), so that the runs' code
+version leaves this module out; split the rest by the notebook's sections if it grows.
 """
 from __future__ import annotations
 
@@ -278,9 +278,8 @@ def headline_comparison(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 # one arm of one seed, its store spec, trainer and rebuild live in toe_runs (re-exported): their code version
 # leaves this module and the reports out
 from tokenbook.experiments.toe_runs import (  # noqa: E402,F401
-    ToERun, _fit, _fit_arm, arm_spec, build_model, rebuild_arm, train_arm_run,
+    TRAINER as ARM_TRAINER, ToERun, _fit, _fit_arm, arm_spec, build_model, rebuild_arm, train_arm_run,
 )
-from tokenbook.experiments.toe_runs import TRAINER as ARM_TRAINER  # noqa: E402,F401
 
 
 def train_pair(model_name: str, train_loader: Any, val_loader: Any, cfg: Any, toe_kwargs: dict, *,
