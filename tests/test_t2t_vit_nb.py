@@ -608,3 +608,73 @@ def test_launch_options_from_the_parameters():
                                   "slurm_partition": "gpu"}}
     with pytest.raises(ParamsError, match="'executor' = 'ray' is not one of"):
         t2t.Params(executor="ray")
+
+
+def test_train_planned_gives_each_variant_its_seeds_and_the_heldout_top1(idx_dir, tmp_path):
+    """Ragged seeds through the store: each variant trains exactly its seeds, rows and models equal the plain
+    train_seeds runs of the same (variant, seed), deep_narrow stays t2t_performer's run (read back, marked
+    same_run_as) on its own seeds, paired deltas use the seeds both arms have; add_heldout evaluates every model on
+    all held-out images (the same numbers as tokenbook.train.evaluate there)."""
+    from tokenbook import heldout
+    from tokenbook.train import evaluate
+
+    dcfg = data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=64, val_subset=32)
+    bundle = data.load_data(dcfg)
+    v = t2t.fmnist_ablations(28, 1, 10, embed_dim=32, depth=4, num_heads=2)
+    cfg = TrainConfig(epochs=2, max_steps_per_epoch=2, progress=False, accelerator="cpu")
+    quiet = dict(log=lambda *a: None, executor="kernel", store=str(tmp_path / "runs"))
+    keys = ["t2t_performer", "no_t2t", "deep_narrow", "vit"]
+    plan = {"t2t_performer": [0, 1, 2], "no_t2t": [0, 1, 2], "deep_narrow": [0], "vit": [0, 1]}
+    runs = t2t.train_planned(v, bundle, cfg, keys, batch_size=16, arm_seeds=plan, **quiet)
+    s = runs.summary
+    assert runs.seeds == [0, 1, 2]
+    assert {k: sorted(g["seed"]) for k, g in s.groupby("variant")} == plan
+    assert list(s["variant"][s["seed"] == 0]) == keys  # in the order of keys within a seed
+    assert s.loc[s["variant"] == "deep_narrow", "same_run_as"].tolist() == ["t2t_performer"]
+    assert runs.runs[0].models["deep_narrow"] is runs.runs[0].models["t2t_performer"]
+    assert "deep_narrow" not in runs.runs[1].models and "vit" not in runs.runs[2].models
+    assert len(runs.launched) == len({r.key for r in runs.launched}) == 3 + 3 + 2  # no run twice
+    ref = t2t.train_seeds(v, bundle, cfg, ["vit"], batch_size=16, seeds=[0, 1], **quiet)
+    assert {r.source for r in ref.launched} == {"store"}
+    assert ref.summary["top1"].tolist() == s.loc[s["variant"] == "vit", "top1"].tolist()
+    assert [len(c) for c in runs.curves("vit")] == [2, 2]
+    abl = t2t.ablation_table(s)
+    nt = abl.set_index("variant").loc["no_t2t"]
+    diffs = t2t._paired_diffs(s, "no_t2t", "t2t_performer", "top1")
+    assert len(diffs) == 3 and nt["ours_delta_top1"] == round(float(np.mean(diffs)), 2)
+    ev = {e.claim: e for e in t2t.empirical_evidence(runs, "scale")}
+    assert len(ev["t2t_vit.beats_vit"].a) == 2 and "seeds without both arms: [2]" in ev["t2t_vit.beats_vit"].detail
+    assert len(ev["t2t_vit.t2t_module"].a) == 3
+    with pytest.raises(ValueError, match="no seeds for variant"):
+        t2t.train_planned(v, bundle, cfg, keys, batch_size=16, arm_seeds={"vit": [0]}, **quiet)
+
+    ho = heldout.heldout_bundle(dcfg)
+    assert len(ho.val) > len(bundle.val) and len(ho.train) == len(bundle.train)
+    took = t2t.add_heldout(runs, ho)
+    assert len(took) == 3
+    loader = data.make_loaders(ho, 500, device="cpu")[1]
+    m = runs.runs[1].models["no_t2t"]
+    want = evaluate(m, loader, preprocess=ho.preprocess, device=torch.device("cpu"))["top1"]
+    got = s.loc[(s["seed"] == 1) & (s["variant"] == "no_t2t"), heldout.HELDOUT_COLUMN].item()
+    assert got == pytest.approx(want)
+    assert runs.runs[1].summary.set_index("variant").loc["no_t2t", heldout.HELDOUT_COLUMN] == got
+    dn = s.loc[s["variant"] == "deep_narrow", heldout.HELDOUT_COLUMN].item()
+    assert dn == s.loc[(s["seed"] == 0) & (s["variant"] == "t2t_performer"), heldout.HELDOUT_COLUMN].item()
+    ev = {e.claim: e for e in t2t.empirical_evidence(runs, "scale", metric=heldout.HELDOUT_COLUMN)}
+    assert ev["t2t_vit.t2t_module"].a == s.loc[s["variant"] == "t2t_performer", heldout.HELDOUT_COLUMN].tolist()
+
+
+def test_02_cpu_profile_judges_on_the_heldout_split_with_seeds_by_power():
+    from tokenbook import claims
+
+    p = _params("cpu")
+    assert p["judge_heldout"] is True and p["val_subset"] > 0
+    seeds, plan = claims.plan_seeds(p["seeds"], p["seed_pilot"], p["seed_cap"], paper="t2t_vit", root=ROOT)
+    arms = claims.arm_seeds(plan, seeds, t2t.CLAIM_ARMS, p["train_variants"])
+    assert arms == {"t2t_performer": [0, 1, 2, 3, 4, 5], "no_t2t": [0, 1, 2, 3, 4, 5],
+                    "t2t_transformer": [0, 1, 2], "deep_narrow": [0, 1, 2], "shallow_wide": [0, 1, 2],
+                    "vit": [0, 1, 2, 3]}
+    # the other profiles keep their seeds and the validation split
+    for prof in ("smoke", "gpu", "full"):
+        q = _params(prof)
+        assert not q["seed_pilot"] and q["judge_heldout"] is False, prof

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from tokenbook.models import t2t_vit as tv
-from tokenbook.params import LaunchParams, ReleasedParams
+from tokenbook.params import LaunchParams, ReleasedParams, SeedPlanParams
 from tokenbook.params import param
 
 # the runs (in the kernel or through the run store) and the paper's parameter counts live in t2t_vit_runs
@@ -47,7 +47,7 @@ from tokenbook.experiments.t2t_vit_runs import (SeededRuns, TrainedVariants, fro
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher fields: the bases (tokenbook.params)
+class Params(ReleasedParams, LaunchParams, SeedPlanParams):  # released, launcher, seed-plan fields (tokenbook.params)
     """The parameters of notebooks/02_t2t_vit.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "02_t2t_vit"
@@ -107,6 +107,9 @@ class Params(ReleasedParams, LaunchParams):  # released-checkpoint and launcher 
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
+    judge_heldout: bool = param(False, "judge the claims and the floors on every held-out image of the classes "
+                                 "(tokenbook.heldout: each stored model evaluated once more); the curves stay on "
+                                 "val_subset; no effect when val_subset is all")
     accelerator: str = param("auto", "cpu | cuda | auto")
     devices: int = param(1, "devices per node of each run; over several, one DDP run (the paper: 8 GPUs x 64) [1, "
                             "inf)")
@@ -125,7 +128,7 @@ __all__ = [
     "transfer_recipe", "TransferLrHook", "PadCropFlipHook", "prepare_for_transfer", "recipe_table",
     "fmnist_ablations", "imagenet_ablations", "t2t_token_features", "vit_patch_features", "t2t_attention_maps",
     "backbone_attention_maps", "plain_vit_like", "PLAIN_VIT", "SeededRuns", "train_seeds", "variant_spec", "train_variant_run", "mean_by_variant",
-    "seed_summary", "CLAIM_ARMS", "MACS_MAIN", "structural_evidence", "run_scale", "launch_options", "empirical_evidence", "floor_rows", "frozen_tables", "param_counts",
+    "seed_summary", "CLAIM_ARMS", "train_planned", "add_heldout", "MACS_MAIN", "structural_evidence", "run_scale", "launch_options", "empirical_evidence", "floor_rows", "frozen_tables", "param_counts",
 ]
 
 PAPER = "t2t_vit"
@@ -355,7 +358,8 @@ def paper_tables_view(measured: "Any", tables: Optional[Sequence[str]] = None) -
 
 
 def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
-    """Small-scale results beside the paper's Table 7 (ImageNet, T2T-ViT-14 scale).
+    """Small-scale results beside the paper's Table 7 (ImageNet, T2T-ViT-14 scale). With seeds, a variant's top-1
+    is its mean over its seeds, and its delta the mean of its paired deltas (the seeds both arms trained).
 
     One row per variant in ``summary`` (:func:`train_variants`): the paper's model, top-1, its delta to the
     baseline variant (``TABLE7_PAPER``), params, MACs and MACs ratio to the baseline, with the source; ours: the
@@ -412,6 +416,10 @@ def ablation_table(summary: "Any", metric: str = "top1") -> "Any":
         if per_seed is not None:  # paired by seed: the delta's 95 % t-interval over the seeds
             diffs = _paired_diffs(per_seed, key, base, metric)
             ci = _ci(diffs) if not is_base else (None, None, None)
+            if diffs and not is_base:  # the mean of the paired deltas (the arms may train different seeds)
+                d = float(np.mean(diffs))
+                rows[-1][f"ours_delta_{metric}"] = round(d, 2)
+                rows[-1]["same_direction"] = NA if p_delta is None else bool(np.sign(p_delta) == np.sign(d))
             rows[-1].update({"seeds": _seed_list(per_seed), "n_seeds": len(diffs),
                              f"ours_delta_{metric}_ci_low": NA if ci[1] is None else round(ci[1], 2),
                              f"ours_delta_{metric}_ci_high": NA if ci[2] is None else round(ci[2], 2)})
@@ -545,15 +553,18 @@ def launch_options(p: "Params") -> dict:
     return p.launch_options()
 
 
-def run_scale(bundle, cfg, seeds: Sequence[int], batch_size: int) -> str:
-    """What the small-scale runs were, for the ledger's ``scale`` column."""
+def run_scale(bundle, cfg, seeds: Sequence[int], batch_size: int, heldout: str = "") -> str:
+    """What the small-scale runs were, for the ledger's ``scale`` column (``heldout``: where the claims' top-1 comes
+    from, :func:`tokenbook.heldout.describe`; ``seeds``: a list, or the per-variant text of a power plan)."""
     c = bundle.config
     steps = len(bundle.train) // batch_size
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    return (f"{c.dataset} {len(bundle.train)} train / {len(bundle.val)} val images, {c.img_size} px, "
+    return (f"{c.dataset} {len(bundle.train)} train / {len(bundle.val)} val images"
+            + (f" ({heldout})" if heldout else "") + f", {c.img_size} px, "
             f"{c.channels} channel(s), from scratch: {cfg.epochs} epochs x {steps} steps of batch {batch_size}, "
-            f"{cfg.opt} lr {cfg.lr:g}, {cfg.precision}; seeds {','.join(str(s) for s in seeds)}")
+            f"{cfg.opt} lr {cfg.lr:g}, {cfg.precision}; seeds "
+            + (seeds if isinstance(seeds, str) else ','.join(str(s) for s in seeds)))
 
 
 def _arm(per_seed: "Any", key: str) -> str:
@@ -593,6 +604,76 @@ def floor_rows(runs: SeededRuns, metric: str = "top1") -> list[dict]:
                     g["train_wall_s"].tolist())
             for key, g in runs.summary.groupby("variant", sort=False)
             if not g["same_run_as"].astype(str).str.len().gt(0).all()]  # deep_narrow: t2t_performer's runs
+
+
+
+def train_planned(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
+                  arm_seeds: dict[str, Sequence[int]], **kw: Any) -> SeededRuns:
+    """:func:`train_seeds` where each variant trains its own seeds (``arm_seeds``, from
+    :func:`tokenbook.claims.arm_seeds`: what its claims need under the power rule). Variants that share a seed list
+    are launched together, the longest list first; a variant that is the same model as another (``deep_narrow`` =
+    ``t2t_performer``) is launched with it, so that it stays marked ``same_run_as`` and is read from the store, not
+    trained twice. Returns one :class:`SeededRuns` over the union of the seeds: a seed's summary has the variants that
+    train it, so the paired claims use the seeds both arms have. With every list equal this is :func:`train_seeds`."""
+    import pandas as pd
+
+    missing = [k for k in keys if k not in arm_seeds]
+    if missing:
+        raise ValueError(f"no seeds for variant(s) {missing}")
+    own: dict[tuple, list] = {}  # seed list -> the variants that train exactly those seeds
+    for k in keys:
+        own.setdefault(tuple(int(s) for s in arm_seeds[k]), []).append(k)
+    order = sorted(own, key=len, reverse=True)
+    parts = []
+    for g in order:
+        launch = []
+        for k in own[g]:  # an alias brings the earlier variant it repeats (read back from the store)
+            twin = next((o for o in keys[:keys.index(k)] if variants.get(o) == variants.get(k)), None)
+            if twin is not None and twin not in launch and twin not in own[g]:
+                launch.append(twin)
+            launch.append(k)
+        parts.append((own[g], train_seeds(variants, bundle, cfg, launch, batch_size, list(g), **kw)))
+    out = SeededRuns(seeds=sorted({s for g in order for s in g}), summary=None)
+    frames = []
+    for mine, part in parts:
+        frames.append(part.summary[part.summary["variant"].isin(mine)])
+        for s in part.seeds:
+            tvs = out.runs.setdefault(s, TrainedVariants(summary=None))
+            for k in mine:
+                if k in part.runs[s].models:
+                    tvs.histories[k], tvs.models[k] = part.runs[s].histories[k], part.runs[s].models[k]
+                    tvs.results[k] = part.runs[s].results[k]
+        out.launched += [r for r in part.launched if r.key not in {q.key for q in out.launched}]
+    rank = {k: i for i, k in enumerate(keys)}
+    out.summary = (pd.concat(frames, ignore_index=True)
+                   .sort_values(["seed", "variant"], key=lambda c: c.map(rank) if c.name == "variant" else c,
+                                kind="stable").reset_index(drop=True))
+    for s, tvs in out.runs.items():
+        tvs.summary = out.summary[out.summary["seed"] == s].drop(columns="seed").reset_index(drop=True)
+        for k, first in zip(tvs.summary["variant"], tvs.summary["same_run_as"]):
+            if first and first in tvs.models:  # one model object per run, as train_seeds gives
+                tvs.histories[k], tvs.models[k], tvs.results[k] = (tvs.histories[first], tvs.models[first],
+                                                                   tvs.results[first])
+    return out
+
+
+def add_heldout(runs: SeededRuns, heldout_bundle: Any) -> list[float]:
+    """Evaluate every run's model once more on ``heldout_bundle`` (:func:`tokenbook.heldout.heldout_bundle`) and add
+    the column ``heldout_top1`` to ``runs.summary`` and to each seed's summary (aliases share their run's value).
+    Returns the seconds each seed's evaluation took."""
+    import time
+
+    from tokenbook.heldout import HELDOUT_COLUMN, heldout_top1
+
+    took, values = [], {}
+    for s in runs.seeds:
+        t0 = time.perf_counter()
+        values[s] = heldout_top1(runs.runs[s].models, heldout_bundle)
+        took.append(time.perf_counter() - t0)
+        tvs = runs.runs[s]
+        tvs.summary[HELDOUT_COLUMN] = [values[s][k] for k in tvs.summary["variant"]]
+    runs.summary[HELDOUT_COLUMN] = [values[int(s)][k] for s, k in zip(runs.summary["seed"], runs.summary["variant"])]
+    return took
 
 
 # ----------------------------------------------------------------------------------------------------------
