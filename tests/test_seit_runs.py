@@ -156,3 +156,44 @@ def test_tokenizer_and_tokenadapt_are_stored_runs(tiny, tmp_path):
     assert R.tokenadapt_spec(p, bundle.config, again).args["tokens"]["sha"] == R.token_fingerprint(td)
     assert R.tokenizer_spec({**p, "tokenizer_steps": 3}, bundle.config).canonical() != \
         R.tokenizer_spec(p, bundle.config).canonical()
+
+
+def test_heldout_judgement_evaluates_every_stored_run_on_every_heldout_image(tiny, tmp_path):
+    """04's judge_heldout: the held-out split tokenized by the run's own tokenizer (same training ids, every test
+    image), every stored (variant, seed) classifier evaluated once more (the pixel arm on pixels, the token arms on
+    ids), the same numbers as evaluating the rebuilt models by hand; refused without stored runs."""
+    from tokenbook import data, heldout
+    from tokenbook.train import evaluate
+
+    bundle, td, ta, params = tiny
+    ho = heldout.heldout_bundle(bundle.config)
+    ho_td = R.heldout_tokens(td, ho, tmp_path / "ho")
+    assert len(ho_td.val) == len(ho.val) > len(td.val)
+    assert np.array_equal(ho_td.train.ids, td.train.ids) and ho_td.grid == td.grid
+    variants = ["pixel", "seit", "seit_ta"]
+    runs, hist = R.train_ablation(variants, params, [0, 1], td, bundle, ta, via_store=True,
+                                  store=str(tmp_path / "runs"), arm_seeds={"seit_ta": [0]})
+    got = R.add_heldout(runs, hist, ho, ho_td)
+    assert list(got["top1"]) == list(runs["top1"]) and heldout.HELDOUT_COLUMN not in runs
+    rec = {(r.spec.args["variant"], r.spec.args["seed"]): r for r in hist.launched}
+    seit1 = R.rebuild_variant(rec[("seit", 1)].spec.args, rec[("seit", 1)].output).model
+    want = evaluate(seit1, R.token_loaders(ho_td, 64, eda=False)[1], device=torch.device("cpu"))["top1"]
+    row = got[(got["variant"] == "seit") & (got["seed"] == 1)]
+    assert row[heldout.HELDOUT_COLUMN].item() == pytest.approx(want)
+    px0 = R.rebuild_variant(rec[("pixel", 0)].spec.args, rec[("pixel", 0)].output).model
+    loader = data.make_loaders(ho, 64, device="cpu")[1]
+    want = evaluate(px0, loader, preprocess=ho.preprocess, device=torch.device("cpu"))["top1"]
+    row = got[(got["variant"] == "pixel") & (got["seed"] == 0)]
+    assert row[heldout.HELDOUT_COLUMN].item() == pytest.approx(want)
+    k_runs, k_hist = R.train_ablation(["seit"], params, [0], td, bundle, ta)
+    with pytest.raises(ValueError, match="run store"):
+        R.add_heldout(k_runs, k_hist, ho, ho_td)
+
+
+def test_04s_cpu_profile_judges_on_the_heldout_split():
+    from conftest import ROOT
+    from tokenbook.runner import profile_parameters
+
+    assert dict(profile_parameters(ROOT, "04_seit", "cpu"))["judge_heldout"] is True
+    for prof in ("smoke", "gpu", "full"):
+        assert dict(profile_parameters(ROOT, "04_seit", prof))["judge_heldout"] is False, prof

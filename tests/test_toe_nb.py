@@ -578,3 +578,29 @@ def test_verdict_over_seeds_and_the_claims_paragraph():
     assert "plateau: no: at most +2.0 pt" in para
     assert "`toe.removable_at_test` (structural): **failed**" in para
     assert "`toe.imagenet_deit_s` (empirical): **not_testable_here**; needs:" in para
+
+
+def test_judge_heldout_makes_every_runs_final_top1_the_heldout_one(idx_dir, one_thread):
+    """03's judge_heldout: each run's model (ToE: all tokens in eval) evaluated on every held-out image becomes its
+    final top-1, the subset's value kept beside it; the seeds table and the claims read it, the curves do not move;
+    a second call does not lose the subset's number."""
+    from tokenbook import heldout
+    from tokenbook.train import evaluate
+
+    bundle, cfg, toe_cfg, mk = _tiny_toe_setup(idx_dir)
+    runs = toe_runs.train_seeds("vit_fm_tiny_p4_32", bundle, 8, cfg, toe_cfg, [0, 1], model_kwargs=mk)
+    subset = {(s, lab): r.result.final["val_top1"] for s, rr in runs.items() for lab, r in rr.items()}
+    curves = toe_runs.val_curves(runs)
+    ho = heldout.heldout_bundle(bundle.config)
+    got = toe_runs.judge_heldout(runs, ho)
+    loader = data.make_loaders(ho, 64, device="cpu")[1]
+    for (s, lab), v in got.items():
+        final = runs[s][lab].result.final
+        assert final["val_top1"] == v and final["val_subset_top1"] == subset[(s, lab)]
+        m = runs[s][lab].result.model
+        assert v == pytest.approx(evaluate(m, loader, preprocess=ho.preprocess, device=torch.device("cpu"))["top1"])
+    assert toe_runs.val_curves(runs) == curves
+    table = toe_runs.top1_seeds_table(runs).set_index("run")
+    assert table.loc["ToE", "top1_mean"] == pytest.approx((got[(0, "ToE")] + got[(1, "ToE")]) / 2)
+    toe_runs.judge_heldout(runs, ho)
+    assert runs[0]["ToE"].result.final["val_subset_top1"] == subset[(0, "ToE")]

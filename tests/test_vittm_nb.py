@@ -606,3 +606,46 @@ def test_full_profile_on_slurm_submits_both_stages_in_one_execution(tmp_path, mo
     for ft in (ft_a, ft_b):  # the fine-tunings wait for both pre-trainings to end well
         assert ft["slurm_additional_parameters"]["dependency"] == "afterok:1000:1001"
         assert ft["tasks_per_node"] == 2 and "nodes" not in ft
+
+
+def test_judge_heldout_swaps_in_every_stored_runs_heldout_top1(idx_dir, tmp_path, one_thread):
+    """01's judge_heldout: section 2's rows (by run label) and the claim arms' rows (by model config and seed; the
+    arm that is section 2's ViTTM finds its run) get each stored run's top-1 on every held-out image (ViTTM: the
+    memory head as top1), the subset's numbers kept as val_subset_*; a row without a stored run is refused."""
+    from tokenbook import heldout
+    from tokenbook.train import TrainConfig, evaluate
+
+    bundle = data.load_data(data.DataConfig(data_dir=str(idx_dir), train_subset=64, val_subset=32))
+    cfg = TrainConfig(epochs=1, lr=2e-3, max_steps_per_epoch=2, progress=False, accelerator="cpu")
+    models = {"ttm": ("vittm_cpu_m7p7_28", dict(embed_dim=32, depth=1, img_size=28, drop_path_rate=0.0)),
+              "vit": ("vit_fm_tiny_p7_28", dict(depth=1, img_size=28, drop_path_rate=0.0))}
+    store = dict(store=str(tmp_path / "runs"))
+    launched: list = []
+    runs, _, _ = X.train_seeds(models, bundle, 16, cfg, [0, 1], latency=False, executor="kernel",
+                               launched=launched, **store)
+    base = dict(embed_dim=32, depth=1, img_size=28)
+    arms = ["memory_blocks none", "memory_blocks mlp"]
+    arm_runs, _ = X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, [0], arms=arms, executor="kernel",
+                                   launched=launched, **store)
+    ho = heldout.heldout_bundle(bundle.config)
+    jobs = X._claim_jobs(base, 28, bundle.num_classes, [0], arms)
+    r2, a2 = X.judge_heldout(runs, arm_runs, launched, ho, arm_jobs=jobs, base_model="vittm_cpu_m7p7_28")
+    assert list(r2["val_subset_top1"]) == list(runs["top1"]) and list(a2["val_subset_top1_memory"]) == list(
+        arm_runs["top1_memory"])
+    loader = data.make_loaders(ho, 64, device="cpu")[1]
+    by_label = {r.spec.label: r for r in launched}
+    run = by_label["ttm seed 1"]
+    m = X.create(run.spec.args["model_name"], **run.spec.args["model_kwargs"])
+    want = evaluate(run.output.load_into(m), loader, preprocess=ho.preprocess, device=torch.device("cpu"))
+    row = r2[(r2["model"] == "ttm") & (r2["seed"] == 1)].iloc[0]
+    assert row["top1"] == pytest.approx(want["top1_memory"]) and row["top1_process"] == pytest.approx(
+        want["top1_process"])
+    vit = r2[(r2["model"] == "vit") & (r2["seed"] == 0)].iloc[0]
+    run = by_label["vit seed 0"]
+    m = X.create(run.spec.args["model_name"], **run.spec.args["model_kwargs"])
+    assert vit["top1"] == pytest.approx(evaluate(run.output.load_into(m), loader, preprocess=ho.preprocess)["top1"])
+    # memory_blocks none is section 2's ViTTM (seed 0): the same held-out number
+    none0 = a2[(a2["arm"] == "memory_blocks none") & (a2["seed"] == 0)]["top1_memory"].item()
+    assert none0 == r2[(r2["model"] == "ttm") & (r2["seed"] == 0)]["top1_memory"].item()
+    with pytest.raises(ValueError, match="no stored run"):
+        X.judge_heldout(runs, None, [r for r in launched if r.spec.label != "vit seed 1"], ho)

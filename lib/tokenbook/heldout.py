@@ -23,12 +23,12 @@ closure, and a run's key does not change.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["HELDOUT_COLUMN", "heldout_config", "heldout_bundle", "heldout_top1", "describe"]
+__all__ = ["HELDOUT_COLUMN", "heldout_config", "heldout_bundle", "heldout_top1", "evaluate_runs", "describe"]
 
 #: the column of a runs table with the top-1 on every held-out image (%)
 HELDOUT_COLUMN = "heldout_top1"
@@ -72,6 +72,24 @@ def heldout_top1(models: Mapping[str, nn.Module], bundle: Any, batch_size: int =
                 raise KeyError(f"{name}: no {key!r} in the evaluation ({sorted(res)})")
             seen[id(model)] = float(res[key])
         out[name] = seen[id(model)]
+    return out
+
+
+def evaluate_runs(runs: Sequence[Any], bundle: Any, rebuild: Callable[[Any], nn.Module],
+                  batch_size: int = 500) -> dict[str, dict]:
+    """:func:`tokenbook.train.evaluate` on every image of ``bundle.val`` for each distinct stored run of ``runs``
+    (:class:`tokenbook.runs.Run` records, e.g. a notebook's ``launched``; the same key twice is evaluated once), the
+    model built by ``rebuild(run)``. Returns ``{run.key: metrics}`` (``top1``, and ``top1_<head>`` per head of a
+    model with several)."""
+    from .data import make_loaders
+    from .train import evaluate
+
+    _, loader = make_loaders(bundle, batch_size, eval_batch_size=batch_size, device="cpu", drop_last=False)
+    out: dict[str, dict] = {}
+    for run in runs:
+        if run.key not in out:
+            out[run.key] = evaluate(rebuild(run).cpu(), loader, preprocess=bundle.preprocess,
+                                    device=torch.device("cpu"))
     return out
 
 

@@ -166,6 +166,10 @@ class Params(ReleasedParams, SeedPlanParams, LaunchParams):  # released, seed-pl
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, a "
                                    "small CNN, and logistic regression on the token embeddings")
     floor_cnn_epochs: int = param(5, "epochs of the small-CNN floor [1, inf)")
+    judge_heldout: bool = param(False, "judge the claims and the floors on every held-out image of the classes "
+                                       "(tokenbook.heldout: each stored classifier evaluated once more, the held-out "
+                                       "images tokenized by the stored tokenizer); the curves stay on val_subset; "
+                                       "needs the run store (an executor other than kernel)")
 
 __all__ = [
     "VARIANTS", "PAPER_LABELS", "TokenData", "cache_dir", "build_default_tokens", "load_release_tokens",
@@ -178,7 +182,7 @@ __all__ = [
     "train_variant_run", "rebuild_variant", "ablation_specs", "token_ref", "train_default_tokenizer", "train_ablation",
     "token_features", "token_floor", "token_floors_table", "floor_rows", "arms_beside_floors", "CLAIM_ARMS",
     "claims_evidence", "claims_commentary", "seed_summary", "photo_storage", "sample_photos", "RECIPE_SWEEP",
-    "SWEEP_BASE", "SWEEP_TOKEN_FLOOR", "SWEEP_PIXEL_FLOOR", "recipe_sweep_table",
+    "SWEEP_BASE", "SWEEP_TOKEN_FLOOR", "SWEEP_PIXEL_FLOOR", "recipe_sweep_table", "heldout_tokens", "add_heldout",
 ]
 
 
@@ -540,6 +544,52 @@ def train_ablation(variants: Sequence[str], params: dict, seeds: Sequence[int], 
         df.insert(0, "seed", s)
         frames.append(df)
     return pd.concat(frames, ignore_index=True), hist
+
+
+def heldout_tokens(data: TokenData, heldout_bundle: Any, root: Any, name: str = "fmnist") -> TokenData:
+    """The token data of every held-out image (:func:`tokenbook.heldout.heldout_bundle`): the same tokenizer
+    (``data.tokenizer``, e.g. the stored one of :func:`stored_tokens`; its padding follows from its image size)
+    writes the held-out split in SeiT's format under ``root`` (the training split again, as the same ids) and reads
+    it back."""
+    tok = data.tokenizer
+    if tok is None:
+        raise ValueError("held-out tokens need the tokenizer that wrote the run's tokens (token_source 'train')")
+    pad = (int(tok.image_size) - int(heldout_bundle.config.img_size)) // 2
+    return build_default_tokens(heldout_bundle, root, name=name, tokenizer=tok, pad=pad,
+                                tokenizer_history=data.tokenizer_history)
+
+
+def add_heldout(runs: Any, histories: AblationHistories, heldout_bundle: Any, heldout_data: TokenData,
+                batch_size: int = 500) -> Any:
+    """Evaluate every stored (variant, seed) classifier of :func:`train_ablation` (``histories.launched``) once more
+    on every held-out image: a pixel variant on ``heldout_bundle``, a token variant on the ids of
+    :func:`heldout_tokens`; adds the column ``heldout_top1`` to ``runs`` (returned). Needs the store's records (the
+    kernel path keeps no weights)."""
+    from tokenbook.heldout import HELDOUT_COLUMN, heldout_top1
+
+    if not histories.launched:
+        raise ValueError("no stored runs to evaluate: the held-out judgement needs the run store (executor other "
+                         "than kernel)")
+    token_val = token_loaders(heldout_data, batch_size, eda=False, eval_batch_size=batch_size)[1]
+    got: dict = {}
+    for run in histories.launched:
+        args = run.spec.args
+        key = (args["variant"], int(args["seed"]))
+        if key in got:
+            continue
+        model = rebuild_variant(args, run.output).model.eval()
+        if VARIANTS[args["variant"]][0] == "pixels":
+            got[key] = heldout_top1({"m": model}, heldout_bundle, batch_size)["m"]
+        else:
+            from tokenbook.train import evaluate
+
+            got[key] = float(evaluate(model, token_val, device=torch.device("cpu"))["top1"])
+    missing = [(v, int(s)) for v, s in zip(runs["variant"], runs["seed"]) if (v, int(s)) not in got]
+    if missing:
+        raise ValueError(f"no stored run for {missing}")
+    runs = runs.copy()
+    runs[HELDOUT_COLUMN] = [got[(v, int(s))] for v, s in zip(runs["variant"], runs["seed"])]
+    return runs
 
 
 # ----------------------------------------------------------------------------------------------------------

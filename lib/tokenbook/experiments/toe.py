@@ -95,6 +95,9 @@ class Params(LaunchParams):  # the launcher fields come from the base (tokenbook
     fit_floors: bool = param(True, "also fit the reference floors on the same split: logistic regression on pixels, "
                              "a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
+    judge_heldout: bool = param(False, "judge the claims and the floors on every held-out image of the classes "
+                                       "(tokenbook.heldout: each stored model evaluated once more, full tokens); the "
+                                       "curves stay on val_subset; no effect when val_subset is all")
     expansion_step: list[int] = param([0, 100, 200], "stage start epochs of an official_epochs run")
     official_epochs: int = param(300, "run length expansion_step refers to; stages are scaled to epochs [1, inf)")
     keep_rate: list[float] = param([0.5, 0.75, 1.0], "kept fraction of patch tokens per stage")
@@ -113,7 +116,7 @@ __all__ = [
     "MODEL_LABELS", "parse_list", "rates_label", "toe_config", "train_config", "schedule_tables",
     "efficienttrain_table", "reference_comparison", "headline_comparison", "ToERun", "train_pair", "run_summary", "speedup_table",
     "stage_step_table", "overhead_table", "expected_step_speedup", "interleaved_step_speedup",
-    "overhead_repeats_table", "removable_at_test", "floor_rows", "train_seeds", "SeededToERuns", "arm_spec",
+    "overhead_repeats_table", "removable_at_test", "floor_rows", "judge_heldout", "train_seeds", "SeededToERuns", "arm_spec",
     "train_arm_run", "rebuild_arm", "launch_options", "per_seed", "val_curves", "top1_seeds_table",
     "plot_token_selection", "plot_keep_schedule", "verdict",
 ]
@@ -672,6 +675,25 @@ def claims_evidence(*, deit_row: Any, removable: pd.DataFrame, runs_by_seed: dic
     ev.append(claims.paired_evidence("toe.lossless", top1, "ToE", "full-token", scale=scale_train,
                                      curves=val_curves(runs_by_seed), floors=floors))
     return ev
+
+
+def judge_heldout(runs_by_seed: dict[int, dict[str, ToERun]], heldout_bundle: Any) -> dict[tuple, float]:
+    """Evaluate every run's model once more, with all tokens (ToE is removable at test), on every held-out image
+    (:func:`tokenbook.heldout.heldout_bundle`) and make that the run's final top-1: ``result.final["val_top1"]``
+    becomes the held-out top-1 and the validation subset's value moves to ``"val_subset_top1"``, so that the top-1
+    tables, the floors and the claims read the held-out number; the per-epoch curves (and the plateau rule) stay on
+    the subset. Returns ``{(seed, label): held-out top-1}``."""
+    from tokenbook.heldout import heldout_top1
+
+    out = {}
+    for s, r in runs_by_seed.items():
+        got = heldout_top1({lab: run.result.model for lab, run in r.items()}, heldout_bundle)
+        for lab, run in r.items():
+            final = run.result.final
+            if "val_subset_top1" not in final:  # once: a second call keeps the subset's number
+                final["val_subset_top1"] = final.get("val_top1")
+            final["val_top1"] = out[(s, lab)] = got[lab]
+    return out
 
 
 def floor_rows(runs_by_seed: dict[int, dict[str, ToERun]]) -> list[dict]:

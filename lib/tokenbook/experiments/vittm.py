@@ -130,6 +130,9 @@ class Params(ReleasedParams, SeedPlanParams, LaunchParams):  # released, seed-pl
                                  "interleaved repeats of the ViT-B/16 vs ViTTM-B timing of the latency claim (batch "
                                  "latency_batch, even with latency False); 0 skips it [0, inf)")
     train_latency_batch: int = param(64, "batch of the latency of the section 2 models [1, inf)")
+    judge_heldout: bool = param(False, "judge section 2's and the claim arms' top-1, floors and claims on every "
+                                       "held-out image of the classes (tokenbook.heldout: each stored run evaluated "
+                                       "once more); the curves stay on val_subset; needs the run store")
     fit_floors: bool = param(True, "also fit the reference floors on section 2's split and on the ablations' split: "
                                    "logistic regression on pixels, a small CNN")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
@@ -156,7 +159,7 @@ class Params(ReleasedParams, SeedPlanParams, LaunchParams):  # released, seed-pl
     num_figure_images: int = param(3, "images in the figures [1, inf)")
 
 __all__ = [
-    "attention_maps", "memory_diagnostics", "ablation_configs",
+    "attention_maps", "judge_heldout", "memory_diagnostics", "ablation_configs",
     "EFFICIENCY_MODELS", "OFFICIAL_PITFALLS", "efficiency_table", "headline_ratios", "compare_with_references",
     "create", "train_models", "run_ablation", "plot_ablation", "plot_read_write_maps", "plot_head_maps",
     "plot_memory_diagnostics", "make_train_config", "global_batch", "small_scale_vs_paper", "recipe_table",
@@ -909,6 +912,56 @@ def run_claim_arms(base_model: str, base_kwargs: dict, bundle, batch_size: int, 
             frames.append(df)
     curves = {(seed, arms_of[study][setting]): c for (seed, study, setting), c in got.items()}
     return pd.concat(frames, ignore_index=True), curves
+
+
+def judge_heldout(runs: Optional[pd.DataFrame], arm_runs: Optional[pd.DataFrame], launched: Sequence[Any],
+                  heldout_bundle, arm_jobs: Sequence[tuple[str, dict, int]] = (), base_model: str = ""
+                  ) -> tuple[Optional[pd.DataFrame], Optional[pd.DataFrame]]:
+    """Section 2's rows (``runs`` of :func:`train_seeds`, found by their run label) and the claim arms' rows
+    (``arm_runs`` of :func:`run_claim_arms`, found by ``arm_jobs``' model config and seed, :func:`_claim_jobs`)
+    with every stored run (``launched``) evaluated once more on every held-out image: ``top1`` (ViTTM: the memory
+    head), ``top1_memory`` and ``top1_process`` become the held-out values, the subset's move to ``val_subset_*``
+    columns. Returns the two new tables; the curves are untouched."""
+    from tokenbook.experiments.vittm_runs import _rebuild
+    from tokenbook.heldout import evaluate_runs
+
+    def build(run):
+        return _rebuild(run.spec.args["model_name"], run.spec.args["model_kwargs"], run.output)
+
+    label = {r.spec.label: r.key for r in launched}
+    cfg = {}
+    for r in launched:
+        if r.spec.args.get("model_name") == base_model:
+            cfg.setdefault((_config_key(create(base_model, meta=True, **r.spec.args["model_kwargs"])),
+                            int(r.spec.args["train"]["seed"])), r.key)
+    run_keys = [] if runs is None else [label.get(f"{m} seed {s}") for m, s in zip(runs["model"], runs["seed"])]
+    arm_keys = []
+    if arm_runs is not None and len(arm_runs):
+        job = {(a, s): (_config_key(create(base_model, meta=True, **kw)), s) for a, kw, s in arm_jobs}
+        arm_keys = [cfg.get(job.get((a, int(s)))) for a, s in zip(arm_runs["arm"], arm_runs["seed"])]
+    if None in run_keys + arm_keys:
+        raise ValueError(f"no stored run for {(run_keys + arm_keys).count(None)} row(s): the held-out judgement "
+                         "needs every row's run in the store")
+    need = set(run_keys + arm_keys)
+    got = evaluate_runs([r for r in launched if r.key in need], heldout_bundle, build)
+    cols = ["top1", "top1_memory", "top1_process"]
+
+    def swap(df: pd.DataFrame, keys: list) -> pd.DataFrame:
+        df = df.copy()
+        for c in cols:
+            if c in df:
+                df[f"val_subset_{c}"] = df[c]
+                df[c] = [got[k].get(c, got[k]["top1"] if c == "top1" else None) for k in keys]
+        if "top1_memory" in df and "headline_head" in df:  # ViTTM rows: the headline is the memory head
+            df["top1"] = [m if h == "memory" else t for m, t, h in zip(df["top1_memory"], df["top1"],
+                                                                        df["headline_head"])]
+        return df
+
+    if runs is not None:
+        runs = swap(runs, run_keys)
+    if arm_keys:
+        arm_runs = swap(arm_runs, arm_keys)
+    return runs, arm_runs
 
 
 def _claim_jobs(base_kwargs: dict, img_size: int, num_classes: int, seeds: Sequence[int],
