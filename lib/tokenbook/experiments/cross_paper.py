@@ -61,7 +61,7 @@ from tokenbook.params import param
 from tokenbook.experiments.cross_paper_arms import (  # noqa: F401  (the arms, re-exported)
     ARMS,
     Arm, FINETUNE_ROWS, parse_arms, parse_classes, source_data_config, source_bundle, pixel_config, token_params,
-    arm_model, _model_kwargs, toe_kwargs, build_arm_model, _example, training_macs, inference_numbers)
+    arm_model, _model_kwargs, toe_kwargs, build_arm_model, _example, training_macs, inference_numbers, judge_heldout)
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
@@ -102,6 +102,8 @@ class Params(_Params):
     t2t_num_heads: int = param(0, "attention heads of the T2T-ViT arms; 0 means num_heads [0, inf)")
     fit_floors: bool = param(True, "fit the reference floors (logistic regression, small CNN) on the source split")
     floor_cnn_epochs: int = param(10, "epochs of the small-CNN floor [1, inf)")
+    judge_heldout: bool = param(False, "judge the source-split arms, their floors and claims on every held-out image "
+                                       "of the source classes (tokenbook.heldout); curves stay on val_subset")
     train_subset: int = param(
         2048, "training images of the source classes, class-balanced; 0 means all [0, inf)", none=0)
     val_subset: int = param(1000, "validation images of the source classes; 0 means all [0, inf)", none=0)
@@ -161,7 +163,7 @@ __all__ = [
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
     "finetune_config",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
-    "speedup_scale", "TOE_BASES",
+    "speedup_scale", "TOE_BASES", "judge_heldout",
 ]
 
 

@@ -223,3 +223,26 @@ def inference_numbers(model: nn.Module, example: torch.Tensor, params: dict, lat
     return out
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# judged on every held-out image (issue 19): tokenbook.heldout, as 01-04
+# ----------------------------------------------------------------------------------------------------------
+def judge_heldout(runs: dict, heldout_bundle: Any) -> dict:
+    """The arms trained on the source split (``runs`` of ``cross_paper.run_seeds``: ``{(seed, arm): ArmRun}``),
+    each model evaluated once more on every held-out image of the source classes
+    (:func:`tokenbook.heldout.heldout_bundle` of the source split): ``row["top1"]`` becomes that top-1 (the first
+    head, as the stored ``val_top1``), the validation subset's value moves to ``row["val_subset_top1"]``; histories
+    (and the plateau rule) stay on the subset. Token arms are refused (their inputs are ids of the subset only).
+    Returns ``{(seed, arm): held-out top-1}``."""
+    from tokenbook.heldout import heldout_top1
+
+    token = sorted({k for (_, k), r in runs.items() if r.row.get("input") != "pixels"})
+    if token:
+        raise ValueError(f"held-out judgement covers the pixel arms only; token arms {token} ran")
+    out = {}
+    for key, r in runs.items():
+        out[key] = heldout_top1({"m": r.model}, heldout_bundle)["m"]
+        r.row.setdefault("val_subset_top1", r.row["top1"])
+        r.row["top1"] = out[key]
+    return out
