@@ -312,3 +312,21 @@ def test_judge_heldout_swaps_in_each_source_arms_heldout_top1(idx_dir):
     runs[(0, "tok")] = X.ArmRun(arm="tok", seed=0, row={"input": "tokens", "top1": 1.0}, history=None, model=None)
     with pytest.raises(ValueError, match="token arms"):
         X.judge_heldout(runs, ho)
+
+
+def test_judge_heldout_uses_a_stored_arms_own_data_config(idx_dir):
+    """A reused run fed 3 channels (01-03's ViT) is judged on the held-out split of its own data config."""
+    from tokenbook import data, heldout
+    from tokenbook.train import evaluate
+
+    one = data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=32, val_subset=8)
+    three = data.config_dict(data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=3, train_subset=32,
+                                             val_subset=8))
+    torch.manual_seed(0)
+    m = timm.create_model("vit_fm_tiny_p7_28", num_classes=10, depth=1)  # 3 input channels
+    runs = {(0, "vit"): X.ArmRun(arm="vit", seed=0, row={"input": "pixels", "top1": 5.0}, history=None, model=m,
+                                 data=three)}
+    got = X.judge_heldout(runs, heldout.heldout_bundle(one))
+    ho3 = heldout.heldout_bundle(data.DataConfig(**three))
+    want = evaluate(m, data.make_loaders(ho3, 64, device="cpu")[1], preprocess=ho3.preprocess)["top1"]
+    assert got[(0, "vit")] == pytest.approx(want) and runs[(0, "vit")].row["val_subset_top1"] == 5.0

@@ -604,3 +604,17 @@ def test_judge_heldout_makes_every_runs_final_top1_the_heldout_one(idx_dir, one_
     assert table.loc["ToE", "top1_mean"] == pytest.approx((got[(0, "ToE")] + got[(1, "ToE")]) / 2)
     toe_runs.judge_heldout(runs, ho)
     assert runs[0]["ToE"].result.final["val_subset_top1"] == subset[(0, "ToE")]
+
+
+def test_03s_cpu_profile_judges_heldout_with_seeds_by_power():
+    from conftest import ROOT
+    from tokenbook import claims
+    from tokenbook.runner import profile_parameters
+
+    p = dict(profile_parameters(ROOT, "03_toe", "cpu"))
+    assert p["judge_heldout"] is True
+    seeds, plan = claims.plan_seeds(p["seeds"], p["seed_pilot"], p["seed_cap"], paper="toe", root=ROOT)
+    assert seeds == [0, 1, 2, 3] and plan.set_index("claim").loc["toe.lossless", "planned"] == 4
+    for prof in ("smoke", "gpu", "full"):
+        q = dict(profile_parameters(ROOT, "03_toe", prof))
+        assert not q["seed_pilot"] and q["judge_heldout"] is False, prof

@@ -177,6 +177,7 @@ class ArmRun:
     row: dict
     history: Any
     model: nn.Module
+    data: Optional[dict] = None  # a stored run's data config (its own channels), for judge_heldout
 
 
 def run_arm(key: str, seed: int, params: dict, bundle: Any, tokens: Any = None, tokenadapt: Optional[nn.Module] = None,
@@ -408,7 +409,7 @@ def stored_arm(key: str, seed: int, spec: Any, out: Any, params: dict, measure: 
 
         with all_heads(model):
             row.update(inference_numbers(model, _example(arm, params, 2, chans), params, latency))
-    return ArmRun(key, int(seed), row, _headline_history(out.history), model)
+    return ArmRun(key, int(seed), row, _headline_history(out.history), model, data=dict(a["data"]))
 
 
 def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: Any, tokens: Any = None,

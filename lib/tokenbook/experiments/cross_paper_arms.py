@@ -230,19 +230,33 @@ def inference_numbers(model: nn.Module, example: torch.Tensor, params: dict, lat
 # ----------------------------------------------------------------------------------------------------------
 def judge_heldout(runs: dict, heldout_bundle: Any) -> dict:
     """The arms trained on the source split (``runs`` of ``cross_paper.run_seeds``: ``{(seed, arm): ArmRun}``),
-    each model evaluated once more on every held-out image of the source classes
-    (:func:`tokenbook.heldout.heldout_bundle` of the source split): ``row["top1"]`` becomes that top-1 (the first
-    head, as the stored ``val_top1``), the validation subset's value moves to ``row["val_subset_top1"]``; histories
-    (and the plateau rule) stay on the subset. Token arms are refused (their inputs are ids of the subset only).
-    Returns ``{(seed, arm): held-out top-1}``."""
-    from tokenbook.heldout import heldout_top1
+    each model evaluated once more on every held-out image of the source classes: ``heldout_bundle``
+    (:func:`tokenbook.heldout.heldout_bundle` of the source split), or for a stored run with its own data config
+    (``ArmRun.data``: 01-03's runs feed some models 3 channels) the held-out split of that config. ``row["top1"]``
+    becomes that top-1 (the first head, as the stored ``val_top1``), the validation subset's value moves to
+    ``row["val_subset_top1"]``; histories (and the plateau rule) stay on the subset. Token arms are refused (their
+    inputs are ids of the subset only). Returns ``{(seed, arm): held-out top-1}``."""
+    import json
+
+    from tokenbook.data import DataConfig
+    from tokenbook.heldout import heldout_bundle as split_of, heldout_top1
 
     token = sorted({k for (_, k), r in runs.items() if r.row.get("input") != "pixels"})
     if token:
         raise ValueError(f"held-out judgement covers the pixel arms only; token arms {token} ran")
+    bundles: dict = {}
     out = {}
     for key, r in runs.items():
-        out[key] = heldout_top1({"m": r.model}, heldout_bundle)["m"]
+        b = heldout_bundle
+        if r.data is not None:
+            c = json.dumps(r.data, sort_keys=True)
+            if c not in bundles:
+                bundles[c] = split_of(DataConfig(**r.data))
+            b = bundles[c]
+            if len(b.val) != len(heldout_bundle.val):
+                raise ValueError(f"arm {key}: its held-out split has {len(b.val)} images, the source's "
+                                 f"{len(heldout_bundle.val)}: not the same classes")
+        out[key] = heldout_top1({"m": r.model}, b)["m"]
         r.row.setdefault("val_subset_top1", r.row["top1"])
         r.row["top1"] = out[key]
     return out

@@ -42,7 +42,7 @@ import torch.nn as nn
 from tokenbook.methods import toe
 from tokenbook.methods.toe import _forced_stage, find_token_selects
 from tokenbook.results import NA
-from tokenbook.params import LaunchParams
+from tokenbook.params import LaunchParams, SeedPlanParams
 from tokenbook.params import as_list, param
 
 
@@ -50,7 +50,7 @@ from tokenbook.params import as_list, param
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(LaunchParams):  # the launcher fields come from the base (tokenbook.params)
+class Params(LaunchParams, SeedPlanParams):  # launcher and seed-plan fields from the bases (tokenbook.params)
     """The parameters of notebooks/03_toe.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "03_toe"
