@@ -37,3 +37,14 @@ def test_heldout_is_in_no_trainer_closure():
     for mod in ("baselines_runs", "vittm_runs", "t2t_vit_runs", "toe_runs", "seit_runs", "memory_runs"):
         files = {str(p) for p in runs.code_closure(f"tokenbook.experiments.{mod}")}
         assert not any(f.endswith("tokenbook/heldout.py") for f in files), mod
+
+
+def test_bundle_for_follows_the_switch_and_judged_on_names_the_images(idx_dir):
+    cfg = data.DataConfig(data_dir=str(idx_dir), img_size=28, channels=1, train_subset=32, val_subset=8)
+    small = data.load_data(cfg)
+    assert heldout.bundle_for(cfg, False) is None
+    assert heldout.bundle_for(heldout.heldout_config(cfg), True) is None  # already every held-out image
+    ho = heldout.bundle_for(cfg, True)
+    assert len(ho.val) > len(small.val)
+    assert heldout.judged_on(small) == "the 8 validation images"
+    assert heldout.judged_on(small, ho) == f"all {len(ho.val)} held-out images"

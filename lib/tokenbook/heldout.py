@@ -28,7 +28,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["HELDOUT_COLUMN", "heldout_config", "heldout_bundle", "heldout_top1", "evaluate_runs", "describe"]
+__all__ = ["HELDOUT_COLUMN", "heldout_config", "heldout_bundle", "bundle_for", "heldout_top1", "evaluate_runs",
+           "judged_on", "describe"]
 
 #: the column of a runs table with the top-1 on every held-out image (%)
 HELDOUT_COLUMN = "heldout_top1"
@@ -47,6 +48,28 @@ def heldout_bundle(cfg: Any) -> Any:
     return load_data(heldout_config(cfg))
 
 
+def bundle_for(cfg: Any, judge: bool) -> Any:
+    """A notebook's ``judge_heldout`` switch: :func:`heldout_bundle` of ``cfg`` when ``judge`` is set and ``cfg``
+    keeps a ``val_subset``; None otherwise (off, or the validation images are already every held-out image)."""
+    return heldout_bundle(cfg) if judge and cfg.val_subset else None
+
+
+def _val_loader(bundle: Any, batch_size: int):
+    from .data import make_loaders
+
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not len(bundle.val):
+        raise ValueError("the held-out split is empty")
+    return make_loaders(bundle, batch_size, eval_batch_size=batch_size, device="cpu", drop_last=False)[1]
+
+
+def _metrics(model: nn.Module, loader: Any, preprocess: Any) -> dict:
+    from .train import evaluate
+
+    return evaluate(model.cpu(), loader, preprocess=preprocess, device=torch.device("cpu"))
+
+
 @torch.no_grad()
 def heldout_top1(models: Mapping[str, nn.Module], bundle: Any, batch_size: int = 500,
                  head: Optional[str] = None) -> dict[str, float]:
@@ -54,20 +77,13 @@ def heldout_top1(models: Mapping[str, nn.Module], bundle: Any, batch_size: int =
     with the bundle's preprocessing). ``head``: for a model with several output heads, the head's top-1
     (``top1_<head>`` of :func:`tokenbook.train.evaluate`); None takes the first head. A model that is the same object
     as an earlier one is evaluated once."""
-    from .data import make_loaders
-    from .train import evaluate
-
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not len(bundle.val):
-        raise ValueError("the held-out split is empty")
-    _, loader = make_loaders(bundle, batch_size, eval_batch_size=batch_size, device="cpu", drop_last=False)
+    loader = _val_loader(bundle, batch_size)
+    key = f"top1_{head}" if head else "top1"
     out: dict[str, float] = {}
     seen: dict[int, float] = {}
     for name, model in models.items():
         if id(model) not in seen:
-            res = evaluate(model.cpu(), loader, preprocess=bundle.preprocess, device=torch.device("cpu"))
-            key = f"top1_{head}" if head else "top1"
+            res = _metrics(model, loader, bundle.preprocess)
             if key not in res:
                 raise KeyError(f"{name}: no {key!r} in the evaluation ({sorted(res)})")
             seen[id(model)] = float(res[key])
@@ -75,22 +91,29 @@ def heldout_top1(models: Mapping[str, nn.Module], bundle: Any, batch_size: int =
     return out
 
 
-def evaluate_runs(runs: Sequence[Any], bundle: Any, rebuild: Callable[[Any], nn.Module],
-                  batch_size: int = 500) -> dict[str, dict]:
+@torch.no_grad()
+def evaluate_runs(runs: Sequence[Any], bundle: Any, rebuild: Callable[[Any], nn.Module], batch_size: int = 500,
+                  loader: Any = None) -> dict[str, dict]:
     """:func:`tokenbook.train.evaluate` on every image of ``bundle.val`` for each distinct stored run of ``runs``
     (:class:`tokenbook.runs.Run` records, e.g. a notebook's ``launched``; the same key twice is evaluated once), the
-    model built by ``rebuild(run)``. Returns ``{run.key: metrics}`` (``top1``, and ``top1_<head>`` per head of a
-    model with several)."""
-    from .data import make_loaders
-    from .train import evaluate
-
-    _, loader = make_loaders(bundle, batch_size, eval_batch_size=batch_size, device="cpu", drop_last=False)
+    model built by ``rebuild(run)``. ``loader``: other batches of the same held-out images (e.g. their token ids),
+    fed to the models as they are, without the bundle's preprocessing. Returns ``{run.key: metrics}`` (``top1``,
+    and ``top1_<head>`` per head of a model with several)."""
+    pre = None if loader is not None else bundle.preprocess
+    loader = loader if loader is not None else _val_loader(bundle, batch_size)
     out: dict[str, dict] = {}
     for run in runs:
         if run.key not in out:
-            out[run.key] = evaluate(rebuild(run).cpu(), loader, preprocess=bundle.preprocess,
-                                    device=torch.device("cpu"))
+            out[run.key] = _metrics(rebuild(run), loader, pre)
     return out
+
+
+def judged_on(bundle: Any, heldout: Any = None) -> str:
+    """The images a table's top-1 is on, for captions: every held-out image (``heldout``, :func:`bundle_for`), or
+    the validation images of ``bundle``."""
+    if heldout is not None:
+        return f"all {len(heldout.val)} held-out images"
+    return f"the {len(bundle.val)} validation images"
 
 
 def describe(bundle: Any, heldout: Any) -> str:

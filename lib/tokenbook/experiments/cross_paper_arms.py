@@ -1,7 +1,8 @@
 """The arms of ``06_cross_paper``, re-exported by :mod:`tokenbook.experiments.cross_paper` (import them from there):
 what each comparison row is (:class:`Arm`, ``ARMS``, ``FINETUNE_ROWS``), the source split and the pixel and token
 recipes of an arm, its model (timm name and keywords, ToE attached), and how its training and inference are counted
-(MACs with attention, latency). Imports nothing of :mod:`tokenbook.experiments.cross_paper` (which imports this).
+(MACs with attention, latency), and the arms judged on every held-out image (:func:`judge_heldout`). Imports nothing
+of :mod:`tokenbook.experiments.cross_paper` (which imports this).
 """
 from __future__ import annotations
 
@@ -221,8 +222,6 @@ def inference_numbers(model: nn.Module, example: torch.Tensor, params: dict, lat
                                     min_run_time=float(params["latency_min_run_time"]))
         out.update(latency_ms=lat.median_ms, latency_iqr_ms=lat.iqr_ms)
     return out
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -565,25 +565,22 @@ def add_heldout(runs: Any, histories: AblationHistories, heldout_bundle: Any, he
     on every held-out image: a pixel variant on ``heldout_bundle``, a token variant on the ids of
     :func:`heldout_tokens`; adds the column ``heldout_top1`` to ``runs`` (returned). Needs the store's records (the
     kernel path keeps no weights)."""
-    from tokenbook.heldout import HELDOUT_COLUMN, heldout_top1
+    from tokenbook.heldout import HELDOUT_COLUMN, evaluate_runs
 
     if not histories.launched:
         raise ValueError("no stored runs to evaluate: the held-out judgement needs the run store (executor other "
                          "than kernel)")
-    token_val = token_loaders(heldout_data, batch_size, eda=False, eval_batch_size=batch_size)[1]
-    got: dict = {}
-    for run in histories.launched:
-        args = run.spec.args
-        key = (args["variant"], int(args["seed"]))
-        if key in got:
-            continue
-        model = rebuild_variant(args, run.output).model.eval()
-        if VARIANTS[args["variant"]][0] == "pixels":
-            got[key] = heldout_top1({"m": model}, heldout_bundle, batch_size)["m"]
-        else:
-            from tokenbook.train import evaluate
 
-            got[key] = float(evaluate(model, token_val, device=torch.device("cpu"))["top1"])
+    def build(run):
+        return rebuild_variant(run.spec.args, run.output).model
+
+    pixel = [r for r in histories.launched if VARIANTS[r.spec.args["variant"]][0] == "pixels"]
+    token = [r for r in histories.launched if VARIANTS[r.spec.args["variant"]][0] != "pixels"]
+    token_val = token_loaders(heldout_data, batch_size, eda=False, eval_batch_size=batch_size)[1]
+    metrics = {**evaluate_runs(pixel, heldout_bundle, build, batch_size),
+               **evaluate_runs(token, heldout_bundle, build, loader=token_val)}
+    got = {(r.spec.args["variant"], int(r.spec.args["seed"])): float(metrics[r.key]["top1"])
+           for r in histories.launched}
     missing = [(v, int(s)) for v, s in zip(runs["variant"], runs["seed"]) if (v, int(s)) not in got]
     if missing:
         raise ValueError(f"no stored run for {missing}")

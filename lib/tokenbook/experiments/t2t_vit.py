@@ -606,7 +606,6 @@ def floor_rows(runs: SeededRuns, metric: str = "top1") -> list[dict]:
             if not g["same_run_as"].astype(str).str.len().gt(0).all()]  # deep_narrow: t2t_performer's runs
 
 
-
 def train_planned(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequence[str], batch_size: int,
                   arm_seeds: dict[str, Sequence[int]], **kw: Any) -> SeededRuns:
     """:func:`train_seeds` where each variant trains its own seeds (``arm_seeds``, from
@@ -634,7 +633,7 @@ def train_planned(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequ
             launch.append(k)
         parts.append((own[g], train_seeds(variants, bundle, cfg, launch, batch_size, list(g), **kw)))
     out = SeededRuns(seeds=sorted({s for g in order for s in g}), summary=None)
-    frames = []
+    frames, keys_seen = [], set()
     for mine, part in parts:
         frames.append(part.summary[part.summary["variant"].isin(mine)])
         for s in part.seeds:
@@ -643,7 +642,8 @@ def train_planned(variants: dict[str, tuple[str, dict]], bundle, cfg, keys: Sequ
                 if k in part.runs[s].models:
                     tvs.histories[k], tvs.models[k] = part.runs[s].histories[k], part.runs[s].models[k]
                     tvs.results[k] = part.runs[s].results[k]
-        out.launched += [r for r in part.launched if r.key not in {q.key for q in out.launched}]
+        out.launched += [r for r in part.launched if r.key not in keys_seen]  # an alias's twin: once
+        keys_seen.update(r.key for r in part.launched)
     rank = {k: i for i, k in enumerate(keys)}
     out.summary = (pd.concat(frames, ignore_index=True)
                    .sort_values(["seed", "variant"], key=lambda c: c.map(rank) if c.name == "variant" else c,

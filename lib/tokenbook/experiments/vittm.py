@@ -951,7 +951,7 @@ def judge_heldout(runs: Optional[pd.DataFrame], arm_runs: Optional[pd.DataFrame]
         for c in cols:
             if c in df:
                 df[f"val_subset_{c}"] = df[c]
-                df[c] = [got[k].get(c, got[k]["top1"] if c == "top1" else None) for k in keys]
+                df[c] = [got[k].get(c) for k in keys]  # a single-head ViT has no top1_memory
         if "top1_memory" in df and "headline_head" in df:  # ViTTM rows: the headline is the memory head
             df["top1"] = [m if h == "memory" else t for m, t, h in zip(df["top1_memory"], df["top1"],
                                                                         df["headline_head"])]
