@@ -403,21 +403,29 @@ def test_the_cpu_profiles_seeds_are_what_their_pilots_plan():
     assert not set(seeds) & {0, 1, 2}
 
 
-def test_01s_cpu_profile_plans_seven_seeds_for_section_2_and_three_for_its_claim_arm():
-    """01_vittm's cpu profile: vittm.beats_vit's pilot spread asks for 7 seeds (section 2's ViT and ViTTM), and
-    vittm.no_memory_processing needs more than the cap, so the memory-blocks arm keeps seeds 0-2, which 00, 03 and
-    06 share."""
+def test_01s_cpu_profile_plans_eight_seeds_for_section_2_and_the_memory_blocks_arms_only():
+    """01_vittm's cpu profile, planned from the held-out pilot (stop 34's run): vittm.no_memory_processing's spread
+    asks for 8 seeds (the cap), vittm.beats_vit for 5, so section 2 trains seeds 0-7; the memory-blocks arms train
+    0-7, and the head and fusion arms, whose claims the pilot did not run, the 3 base seeds."""
     from pathlib import Path
 
     from tokenbook import claims as C
+    from tokenbook.experiments import vittm
     from tokenbook.runner import profile_parameters
 
     root = Path(__file__).resolve().parents[1]
     p = profile_parameters(root, "01_vittm", "cpu")
     seeds, plan = C.plan_seeds(p.seeds, p.seed_pilot, p.seed_cap, paper="vittm", root=root)
-    assert seeds == list(range(7))
-    assert C.claim_seeds(plan, seeds, *p.ablation_claim_ids) == [0, 1, 2]
-    assert "not decidable" in plan.set_index("claim").loc["vittm.no_memory_processing", "why"]
+    assert seeds == list(range(8))
+    rows = plan.set_index("claim")["planned"].to_dict()
+    assert rows == {"vittm.beats_vit": 5, "vittm.no_memory_processing": 8}
+    got = vittm.claim_arm_seeds(plan, seeds, p.ablation_claim_ids, len(p.seeds))
+    assert got["memory_blocks none"] == got["memory_blocks mlp"] == list(range(8))
+    assert {a: s for a, s in got.items() if not a.startswith("memory_blocks")} == {
+        a: [0, 1, 2] for a in ("lin+residual", "tl+residual", "ca+residual", "la+residual", "lca+residual",
+                               "lin+erase", "lin+add_erase")}
+    assert C.arm_seeds_text(got) == ("lin+residual, tl+residual, ca+residual, la+residual, lca+residual, lin+erase, "
+                                     "lin+add_erase: seeds 0-2; memory_blocks none, memory_blocks mlp: seeds 0-7")
 
 
 def test_arm_seeds_give_each_arm_what_its_claims_need():
@@ -432,6 +440,15 @@ def test_arm_seeds_give_each_arm_what_its_claims_need():
     got = C.arm_seeds(plan, [0, 1, 2, 3, 4], arms, ["base", "x", "y", "z"])
     assert got == {"base": [0, 1, 2, 3, 4], "x": [0, 1, 2, 3, 4], "y": [0, 1, 2], "z": [0, 1, 2, 3, 4]}
     assert C.arm_seeds(pd.DataFrame(), [0, 1, 2], arms, ["x", "y"]) == {"x": [0, 1, 2], "y": [0, 1, 2]}
+    # a claim the pilot has no row for: every seed, or the base number with unplanned=
+    arms["p.new"] = ("w", "base")
+    got = C.arm_seeds(plan, [0, 1, 2, 3, 4], arms, ["base", "w", "y"])
+    assert got == {"base": [0, 1, 2, 3, 4], "w": [0, 1, 2, 3, 4], "y": [0, 1, 2]}
+    got = C.arm_seeds(plan, [0, 1, 2, 3, 4], arms, ["base", "w", "y"], unplanned=2)
+    assert got == {"base": [0, 1, 2, 3, 4], "w": [0, 1], "y": [0, 1, 2]}
+    assert C.seeds_text([0, 1, 2, 3]) == "0-3" and C.seeds_text([0, 2]) == "0, 2" and C.seeds_text([4]) == "4"
+    assert C.seeds_text([0, 1]) == "0, 1" and C.seeds_text([0, 1, 3]) == "0, 1, 3"
+    assert C.arm_seeds_text({"x": [0, 1], "y": [0, 1]}) == "seeds [0, 1]"
 
 
 def test_04s_cpu_profile_plans_five_seeds_for_the_coloradapt_arms_only():

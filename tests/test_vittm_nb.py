@@ -320,12 +320,21 @@ def test_cpu_profile_is_the_cpu_scale():
     assert p.executor == "processes" and list(p.seeds) == [0, 1, 2] and p.fit_floors
     ab_dcfg, ab_cfg, base = X.ablation_setup(p)
     assert ab_dcfg == p.data_config() and replace(ab_cfg, progress=True) == tcfg
-    assert X.claim_arm_names(p.ablation_claim_ids) == ["memory_blocks none", "memory_blocks mlp"]
+    assert X.claim_arm_names(p.ablation_claim_ids) == list(X.CLAIM_ARMS)  # all three claims (stop 35)
     arms = {s.canonical() for s in X.claim_arm_specs(p, 10, p.seeds)}
     s2 = {X.run_spec(p.model_name, dict(drop_path_rate=p.drop_path_rate, embed_dim=p.embed_dim, img_size=p.img_size,
                                         num_classes=10), p.data_config(), replace(tcfg, seed=s), p.batch_size,
                      p.num_workers).canonical() for s in p.seeds}
-    assert s2 < arms and len(arms) == 2 * len(p.seeds)  # lin+residual = section 2's ViTTM; memory_blocks mlp
+    # lin+residual = memory_blocks none = section 2's ViTTM; 7 other arms per seed
+    assert s2 < arms and len(arms) == 8 * len(p.seeds)
+    # ragged: the memory-blocks arms on seeds 0-4, the others on 0-2: one spec per (model, seed)
+    per = {a: ([0, 1, 2, 3, 4] if a.startswith("memory_blocks") else [0, 1, 2]) for a in X.CLAIM_ARMS}
+    specs = X.claim_arm_specs(p, 10, per)
+    labels = [s.label for s in specs]
+    assert "memory_blocks mlp seed 4" in labels and "tl+residual seed 3" not in labels
+    assert len({s.canonical() for s in specs}) == 8 * 3 + 2 * 2
+    with pytest.raises(ValueError, match="no seeds given"):
+        X.claim_arm_specs(p, 10, {"memory_blocks mlp": [0]})
     assert X.claim_arm_specs(profile_parameters(ROOT, NB, "cpu", {"ablation_claims": False}), 10, p.seeds) == []
     with pytest.raises(ValueError, match="unknown ablation claims"):
         X.claim_arm_names(["vittm.beats_vit"])
@@ -625,10 +634,15 @@ def test_judge_heldout_swaps_in_every_stored_runs_heldout_top1(idx_dir, tmp_path
                                launched=launched, **store)
     base = dict(embed_dim=32, depth=1, img_size=28)
     arms = ["memory_blocks none", "memory_blocks mlp"]
-    arm_runs, _ = X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, [0], arms=arms, executor="kernel",
-                                   launched=launched, **store)
+    per = {"memory_blocks none": [0, 1], "memory_blocks mlp": [0]}  # ragged seeds: {arm: seeds}
+    arm_runs, curves = X.run_claim_arms("vittm_cpu_m7p7_28", base, bundle, 16, cfg, per, arms=arms,
+                                        executor="kernel", launched=launched, **store)
+    assert sorted(zip(arm_runs["seed"], arm_runs["arm"])) == sorted(curves) == [
+        (0, "memory_blocks mlp"), (0, "memory_blocks none"), (1, "memory_blocks none")]
     ho = heldout.heldout_bundle(bundle.config)
-    jobs = X._claim_jobs(base, 28, bundle.num_classes, [0], arms)
+    jobs = X._claim_jobs(base, 28, bundle.num_classes, per, arms)
+    assert [(a, s) for a, _, s in jobs] == [("memory_blocks none", 0), ("memory_blocks mlp", 0),
+                                            ("memory_blocks none", 1)]
     r2, a2 = X.judge_heldout(runs, arm_runs, launched, ho, arm_jobs=jobs, base_model="vittm_cpu_m7p7_28")
     assert list(r2["val_subset_top1"]) == list(runs["top1"]) and list(a2["val_subset_top1_memory"]) == list(
         arm_runs["top1_memory"])
@@ -645,7 +659,8 @@ def test_judge_heldout_swaps_in_every_stored_runs_heldout_top1(idx_dir, tmp_path
     m = X.create(run.spec.args["model_name"], **run.spec.args["model_kwargs"])
     assert vit["top1"] == pytest.approx(evaluate(run.output.load_into(m), loader, preprocess=ho.preprocess)["top1"])
     # memory_blocks none is section 2's ViTTM (seed 0): the same held-out number
-    none0 = a2[(a2["arm"] == "memory_blocks none") & (a2["seed"] == 0)]["top1_memory"].item()
-    assert none0 == r2[(r2["model"] == "ttm") & (r2["seed"] == 0)]["top1_memory"].item()
+    for s in (0, 1):
+        none = a2[(a2["arm"] == "memory_blocks none") & (a2["seed"] == s)]["top1_memory"].item()
+        assert none == r2[(r2["model"] == "ttm") & (r2["seed"] == s)]["top1_memory"].item()
     with pytest.raises(ValueError, match="no stored run"):
         X.judge_heldout(runs, None, [r for r in launched if r.spec.label != "vit seed 1"], ho)

@@ -50,6 +50,7 @@ __all__ = ["KINDS", "VERDICTS", "DIRECTIONS", "Claim", "Evidence", "Verdict", "C
            "build_ledger", "LEDGER_COLUMNS", "parse_seeds", "plateau", "plateau_note", "plateau_window",
            "PLATEAU_FRACTION", "PLATEAU_TOL", "paired_evidence",
            "seeds_for", "margin_distance", "SEEDS_CAP", "plan_seeds", "claim_seeds", "read_evidence_file",
+           "seeds_text", "arm_seeds_text",
            "verdict_table", "verdict_summary", "RULES"]
 
 KINDS = ("structural", "empirical", "hardware", "composition")
@@ -398,28 +399,48 @@ def plan_seeds(seeds: int | Sequence[int], pilot: Optional[str | Path], cap: int
     return base + extra, plan
 
 
-def claim_seeds(plan: "Any", seeds: Sequence[int], *claims: str) -> list[int]:
+def claim_seeds(plan: "Any", seeds: Sequence[int], *claims: str, unplanned: Optional[int] = None) -> list[int]:
     """The seeds of the arms that ``claims`` need under a :func:`plan_seeds` plan: the first ``planned`` of the
-    run's ``seeds`` for the claim that needs the most (all of them when the plan has no row for one of them, or
-    has none). Arms that only these claims need then train only these seeds."""
+    run's ``seeds`` for the claim that needs the most (all of them when the plan has none). A claim the plan has no
+    row for (its pilot had no paired seeds of it, e.g. it was not run) counts as needing ``unplanned`` seeds (the
+    base seeds' number), or all of them with ``unplanned=None``. Arms that only these claims need then train only
+    these seeds."""
     seeds = list(seeds)
     if plan is None or not len(plan) or not claims:
         return seeds
     rows = dict(zip(plan["claim"], plan["planned"]))
-    if any(c not in rows for c in claims):
+    if unplanned is None and any(c not in rows for c in claims):
         return seeds
-    return seeds[:max(int(rows[c]) for c in claims)]
+    return seeds[:max(int(rows[c]) if c in rows else int(unplanned) for c in claims)]
+
+
+def seeds_text(seeds: Sequence[int]) -> str:
+    """``[0, 1, 2, 3]`` -> ``"0-3"``; a list with gaps is written out."""
+    s = [int(x) for x in seeds]
+    return f"{s[0]}-{s[-1]}" if len(s) > 2 and s == list(range(s[0], s[-1] + 1)) else ", ".join(map(str, s))
+
+
+def arm_seeds_text(per_arm: dict[str, Sequence[int]]) -> str:
+    """``{arm: seeds}`` (:func:`arm_seeds`) as text, the arms with the same seeds together:
+    ``"a, b: seeds 0-7; c: seeds 0-2"``, or ``"seeds [0, 1, 2]"`` when every arm has the same."""
+    groups: dict[tuple, list[str]] = {}
+    for arm, s in per_arm.items():
+        groups.setdefault(tuple(int(x) for x in s), []).append(arm)
+    if len(groups) == 1:
+        return f"seeds {list(next(iter(groups)))}"
+    return "; ".join(f"{', '.join(arms)}: seeds {seeds_text(s)}" for s, arms in groups.items())
 
 
 def arm_seeds(plan: "Any", seeds: Sequence[int], claim_arms: dict[str, Sequence[str]],
-              arms: Sequence[str]) -> dict[str, list[int]]:
+              arms: Sequence[str], unplanned: Optional[int] = None) -> dict[str, list[int]]:
     """The seeds each arm trains under a :func:`plan_seeds` plan: ``claim_arms`` maps a claim to the arms it
-    compares, and an arm trains :func:`claim_seeds` of every claim that uses it (the most any of them needs); an arm
-    that no claim uses trains all of ``seeds``. ``{arm: seeds}`` in the order of ``arms``."""
+    compares, and an arm trains :func:`claim_seeds` of every claim that uses it (the most any of them needs;
+    ``unplanned`` as there); an arm that no claim uses trains all of ``seeds``. ``{arm: seeds}`` in the order of
+    ``arms``."""
     out = {}
     for arm in arms:
         cids = [c for c, pair in claim_arms.items() if arm in pair]
-        out[arm] = claim_seeds(plan, seeds, *cids) if cids else list(seeds)
+        out[arm] = claim_seeds(plan, seeds, *cids, unplanned=unplanned) if cids else list(seeds)
     return out
 
 

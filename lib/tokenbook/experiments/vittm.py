@@ -25,7 +25,7 @@ notebook stays a thin driver:
   and read back by later executions (:func:`train_seeds`, :func:`run_claim_arms`, :func:`run_ablation` with an
   ``executor``; :func:`ablation_setup`, :func:`claim_arm_specs`). The store's trainer and specs, the model factory
   :func:`create` and the summary rows live in :mod:`tokenbook.experiments.vittm_runs` (re-exported here), which
-  launcher processes import without this module.
+  launcher processes import without this module. The released checkpoint: :mod:`~tokenbook.experiments.vittm_released`.
 
 Size: about 1150 lines, over the 800-line guide: the notebook's five sections and its claims share the same model
 factory, reference loading and ablation runner, and splitting them further would scatter one paper's experiments.
@@ -48,6 +48,7 @@ from tokenbook.experiments.vittm_runs import (  # noqa: F401  (re-exported: the 
     _RECIPE_OVERRIDES, _cache_entry, _config_key, _model_latency, _model_row, _tokens, _train_seeds_stored,
     PretrainedRefs, canonical_kwargs, create, finetune_run, finetune_spec, global_batch, launch_problems,
     make_train_config, pretrain_data_config, pretrain_runs, run_spec, store_runs_into_cache, train_run)
+from tokenbook.experiments.vittm_released import RELEASED, released_table  # noqa: F401  (re-exported)
 from tokenbook.models import vittm as V
 from tokenbook.repro import seed_everything
 from tokenbook.results import NA
@@ -170,7 +171,7 @@ __all__ = [
     "launch_problems", "CLAIM_ARMS", "train_seeds", "seed_means", "run_claim_arms", "plot_claim_arms",
     "interleaved_latency", "efficiency_evidence", "beats_vit_evidence", "ablation_evidence", "floor_rows",
     "CLAIM_ARM_SETS", "claim_arm_names", "canonical_kwargs", "run_spec", "train_run", "store_runs_into_cache",
-    "ablation_setup", "claim_arm_specs",
+    "ablation_setup", "claim_arm_specs", "claim_arm_seeds", "RELEASED", "released_table",
 ]
 
 #: Efficiency-table rows: label (as in the reference file) -> (timm name, kwargs).
@@ -801,6 +802,17 @@ CLAIM_ARM_SETS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
+def claim_arm_seeds(plan: Any, run_seeds: Sequence[int], claim_ids: Iterable[str], base: int) -> dict[str, list[int]]:
+    """``{arm: seeds}`` of the claim arms under a :func:`tokenbook.claims.plan_seeds` plan: an arm trains the seeds
+    of the claim using it that needs the most (:func:`tokenbook.claims.arm_seeds`); a claim the pilot has no paired
+    seeds of trains the ``base`` first seeds."""
+    from tokenbook.claims import arm_seeds
+
+    ids = list(claim_ids)
+    return arm_seeds(plan, run_seeds, {c: (CLAIM_ARM_SETS[c][0], *CLAIM_ARM_SETS[c][1]) for c in ids},
+                     claim_arm_names(ids), unplanned=base)
+
+
 def claim_arm_names(claim_ids: Optional[Iterable[str]] = None) -> list[str]:
     """The arms of :data:`CLAIM_ARMS` that the claims ``claim_ids`` compare (None: every ablation claim), in the
     order of :data:`CLAIM_ARMS`."""
@@ -875,12 +887,13 @@ def seed_means(runs: pd.DataFrame, by: str = "model") -> pd.DataFrame:
 
 
 def run_claim_arms(base_model: str, base_kwargs: dict, bundle, batch_size: int, cfg: TrainConfig,
-                   seeds: Sequence[int], num_workers: int = 0, cache: Optional[dict] = None,
-                   arms: Optional[Sequence[str]] = None, executor: Optional[str] = None,
+                   seeds: Sequence[int] | Mapping[str, Sequence[int]], num_workers: int = 0,
+                   cache: Optional[dict] = None, arms: Optional[Sequence[str]] = None, executor: Optional[str] = None,
                    launched: Optional[list] = None, **launch_kw: Any
                    ) -> tuple[pd.DataFrame, dict[tuple[int, str], list[float]]]:
     """Every arm of :data:`CLAIM_ARMS` (or the subset ``arms``, e.g. :func:`claim_arm_names` of some claims)
-    trained once per seed (seeded loaders, init and run; same images for every seed). Returns the long table, one
+    trained once per seed (seeded loaders, init and run; same images for every seed; ``seeds`` may be ``{arm:
+    seeds}``, :func:`claim_arm_seeds`, for an arm to train only its own). Returns the long table, one
     row per (seed, arm) with the :func:`run_ablation` columns, and the validation curves of the memory head
     ``{(seed, arm): [top-1 per evaluation]}``. Pass the ``cache`` on to :func:`run_ablation` so that the other
     settings of one seed reuse these runs. ``executor`` (``"kernel"`` / ``"processes"``): every (arm, seed) run
@@ -901,15 +914,18 @@ def run_claim_arms(base_model: str, base_kwargs: dict, bundle, batch_size: int, 
         store_runs_into_cache(cache, base_model, _claim_jobs(base_kwargs, bundle.config.img_size, bundle.num_classes,
                                                              seeds, chosen),
                               bundle.config, cfg, batch_size, num_workers, executor, launched=launched, **launch_kw)
+    per = _per_arm_seeds(seeds, chosen)
     frames, got = [], {}
-    for s in seeds:
+    for s in sorted({s for a in chosen for s in per[a]}):
         tl, vl = (None, None) if executor is not None else make_loaders(bundle, batch_size, num_workers=num_workers,
                                                                          seed=s)
         for study, arms_ in arms_of.items():
-            df = run_ablation(study, base_model, base_kwargs, tl, vl, cfg, bundle, labels=list(arms_), seed=s,
-                              cache=cache, curves=got)
-            df.insert(0, "arm", df["setting"].map(arms_))
-            frames.append(df)
+            here = {setting: arm for setting, arm in arms_.items() if s in per[arm]}
+            if here:
+                df = run_ablation(study, base_model, base_kwargs, tl, vl, cfg, bundle, labels=list(here), seed=s,
+                                  cache=cache, curves=got)
+                df.insert(0, "arm", df["setting"].map(here))
+                frames.append(df)
     curves = {(seed, arms_of[study][setting]): c for (seed, study, setting), c in got.items()}
     return pd.concat(frames, ignore_index=True), curves
 
@@ -964,12 +980,21 @@ def judge_heldout(runs: Optional[pd.DataFrame], arm_runs: Optional[pd.DataFrame]
     return runs, arm_runs
 
 
-def _claim_jobs(base_kwargs: dict, img_size: int, num_classes: int, seeds: Sequence[int],
+def _per_arm_seeds(seeds: Sequence[int] | Mapping[str, Sequence[int]], arms: Sequence[str]) -> dict[str, list[int]]:
+    """``{arm: seeds}`` from one seed list for every arm or from a mapping that names every arm."""
+    per = seeds if isinstance(seeds, Mapping) else dict.fromkeys(arms, seeds)
+    if any(a not in per for a in arms):
+        raise ValueError(f"no seeds given for the claim arms {[a for a in arms if a not in per]}")
+    return {a: [int(s) for s in per[a]] for a in arms}
+
+
+def _claim_jobs(base_kwargs: dict, img_size: int, num_classes: int, seeds: Sequence[int] | Mapping[str, Sequence[int]],
                 arms: Sequence[str]) -> list[tuple[str, dict, int]]:
     """``(label, model kwargs, seed)`` of every claim-arm run of :func:`run_claim_arms`, seeds outermost."""
-    return [(f"{arm}", {**base_kwargs, **ablation_configs(study, img_size)[setting], "num_classes": num_classes},
-             int(s))
-            for s in seeds for arm, (study, setting) in CLAIM_ARMS.items() if arm in arms]
+    per = _per_arm_seeds(seeds, [a for a in CLAIM_ARMS if a in arms])
+    return [(f"{arm}", {**base_kwargs, **ablation_configs(study, img_size)[setting], "num_classes": num_classes}, s)
+            for s in sorted({s for v in per.values() for s in v}) for arm, (study, setting) in CLAIM_ARMS.items()
+            if arm in per and s in per[arm]]
 
 
 def plot_claim_arms(summary: pd.DataFrame, title: str = ""):
@@ -1172,26 +1197,3 @@ def gpu_loops(params: Mapping[str, Any]) -> list:
         loops.append(G.not_charged(nb, "latency claim: ViT-B/16 vs ViTTM-B interleaved",
                                    f"2 x {p['latency_repeats']} fp32 forwards at batch {p['latency_batch']}: seconds"))
     return loops
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Released checkpoints vs the paper (issue 20): the README's ViTTM-B-28 weights, evaluated by tokenbook.released
-# ----------------------------------------------------------------------------------------------------------------------
-RELEASED = [dict(
-    model="vittm_base_m28p28_224.official_in1k", file=None, ref="vittm:vittm_b.in1k.top1", paper_name="ViTTM-B",
-    url="https://github.com/pjjajal/EfficientTTMs (README: 'ViTTM-B-28' weights, a Google-Drive link; no file name)",
-    note="the release names no file: pass paths={'vittm_base_m28p28_224.official_in1k': <file>}; ours_top1 is the "
-         "memory head (the official code selects checkpoints by it), heads lists both; which head the abstract's "
-         "82.9 is, and whether the released file is that run, is not stated (reference sheet 1.6, 4)")]
-
-
-def released_table(params: Optional[dict] = None, **kw: Any):
-    """:data:`RELEASED` evaluated on the user's ImageNet val folder (:func:`tokenbook.released.released_table`;
-    arguments from ``params`` by :func:`tokenbook.released.params_kwargs`, ``kw`` win)."""
-    import tokenbook.models  # noqa: F401  (registers ViTTM)
-    from tokenbook import released as R
-
-    return R.released_table(RELEASED, **R.params_kwargs(params, **kw))
-
-
-__all__ += ["RELEASED", "released_table"]
