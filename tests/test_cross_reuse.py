@@ -113,3 +113,45 @@ def test_own_specs_without_reuse_use_this_notebooks_split_and_recipe():
     assert {k: v for k, v in a["train"].items() if k != "progress"} == \
         {k: v for k, v in b["train"].items() if k != "progress"}
     assert specs[(1, "vit")].args["train"]["seed"] == 1 and specs[(1, "vit_toe")].args["seed"] == 1
+
+
+def test_cpu_seed_plan_gives_the_vittm_pair_seven_seeds_and_reuses_01s_vittm_runs():
+    """06's cpu profile plans seeds by power from its frozen pilot (stop 34's run): toe_vittm_lossless needs 7, so
+    vittm and vittm_toe train seeds 0-6 and every other arm 0-2; the vittm runs of the new seeds are 01's section-2
+    runs of the store (same key), only vittm_toe's are new."""
+    from tokenbook import claims as C
+
+    p = profile_parameters(ROOT, "06_cross_paper", "cpu")
+    seeds, plan = C.plan_seeds(p.seeds, p.seed_pilot, p.seed_cap, paper="cross_paper", root=ROOT)
+    assert seeds == list(range(7))
+    per = X.arm_seed_plan(plan, seeds, X.parse_arms(p.arms), len(p.seeds))
+    assert per == {"vit": [0, 1, 2], "vittm": list(range(7)), "t2t": [0, 1, 2], "vit_toe": [0, 1, 2],
+                   "t2t_toe": [0, 1, 2], "vittm_toe": list(range(7))}
+    specs = X.pixel_specs(X.parse_arms(p.arms), seeds, p, 10, "cpu", ROOT, arm_seeds=per)
+    assert set(specs) == {(s, k) for k, ss in per.items() for s in ss}
+    p1 = profile_parameters(ROOT, "01_vittm", "cpu")
+    s1, _ = C.plan_seeds(p1.seeds, p1.seed_pilot, p1.seed_cap, paper="vittm", root=ROOT)
+    assert set(range(7)) <= set(s1)  # 01 trains these seeds of its ViTTM
+    theirs = _notebook_specs()
+    want = theirs[(0, "vittm")]
+    for s in range(3, 7):
+        spec = dataclasses.replace(want, args={**want.args, "train": {**want.args["train"], "seed": s}},
+                                   label=f"{want.args['model_name']} seed {s}")
+        assert R.run_key(specs[(s, "vittm")], 1) == R.run_key(spec, 1)
+
+
+def test_run_seeds_trains_each_arm_its_own_seeds(idx_dir, tmp_path):
+    """run_seeds with arm_seeds: an arm trains only its listed seeds (through the store), and the numbers measured
+    once (MACs) come from each arm's first seed."""
+    p = profile_parameters(ROOT, "06_cross_paper", "smoke").replace(
+        data_dir=str(idx_dir), train_subset=32, val_subset=16, epochs=3, batch_size=16, max_steps=2,
+        reuse_notebook_runs=False, latency=False)
+    bundle = X.source_bundle(p)
+    launched: list = []
+    runs = X.run_seeds(["vit", "vit_toe"], [0, 1], p, bundle, latency=False, launched=launched,
+                       launch={"executor": "kernel", "store": str(tmp_path / "runs")},
+                       arm_seeds={"vit": [0, 1], "vit_toe": [1]})
+    assert sorted(runs) == [(0, "vit"), (1, "vit"), (1, "vit_toe")]
+    assert len({r.key for r in launched}) == 3
+    assert runs[(1, "vit_toe")].row["train_tmacs"] > 0  # measured on its first (and only) seed
+    assert runs[(1, "vit")].row["infer_gmacs"] == runs[(0, "vit")].row["infer_gmacs"]

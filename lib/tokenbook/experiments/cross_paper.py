@@ -56,18 +56,20 @@ from tokenbook import bench
 from tokenbook.claims import Evidence, mean_ci, paired_evidence
 from tokenbook.methods import toe as toe_method
 from tokenbook.params import LaunchParams as _Params
+from tokenbook.params import SeedPlanParams
 from tokenbook.params import param
 
 from tokenbook.experiments.cross_paper_arms import (  # noqa: F401  (the arms, re-exported)
     ARMS,
     Arm, FINETUNE_ROWS, parse_arms, parse_classes, source_data_config, source_bundle, pixel_config, token_params,
-    arm_model, _model_kwargs, toe_kwargs, build_arm_model, _example, training_macs, inference_numbers, judge_heldout)
+    arm_model, _model_kwargs, toe_kwargs, build_arm_model, _example, training_macs, inference_numbers, judge_heldout,
+    CLAIM_ARMS, arm_seed_plan)
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
 # ----------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Params(_Params):
+class Params(_Params, SeedPlanParams):
     """The parameters of notebooks/06_cross_paper.ipynb (its parameters cell is generated from this class)."""
 
     NOTEBOOK: ClassVar[str] = "06_cross_paper"
@@ -163,7 +165,7 @@ __all__ = [
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
     "finetune_config",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
-    "speedup_scale", "TOE_BASES", "judge_heldout",
+    "speedup_scale", "TOE_BASES", "judge_heldout", "CLAIM_ARMS", "arm_seed_plan",
 ]
 
 
@@ -308,8 +310,9 @@ def _check_reuse(recipes: dict, params: dict) -> None:
 
 
 def pixel_specs(arms: Sequence[str], seeds: Sequence[int], params: dict, num_classes: int, profile: str = "",
-                root: Any = None) -> dict[tuple[int, str], Any]:
-    """The :class:`tokenbook.runs.RunSpec` of every pixel arm and seed, ``{(seed, arm): spec}``.
+                root: Any = None, arm_seeds: Optional[dict] = None) -> dict[tuple[int, str], Any]:
+    """The :class:`tokenbook.runs.RunSpec` of every pixel arm and seed, ``{(seed, arm): spec}`` (``arm_seeds``,
+    :func:`arm_seed_plan`: an arm listed there only for its own seeds).
 
     ``reuse_notebook_runs``: ``vit`` / ``vit_toe`` are 03_toe's full-token and ToE arms (:func:`toe.arm_spec`),
     ``t2t`` is 02_t2t_vit's ``t2t_performer`` (:func:`t2t_vit_runs.variant_spec`), ``vittm`` is 01_vittm's ViTTM
@@ -326,6 +329,9 @@ def pixel_specs(arms: Sequence[str], seeds: Sequence[int], params: dict, num_cla
 
     pix = [k for k in arms if ARMS[k].input == "pixels"]
     out: dict[tuple[int, str], Any] = {}
+    if arm_seeds is not None:  # the specs of every seed, then only each arm's own
+        out = pixel_specs(arms, seeds, params, num_classes, profile, root)
+        return {(s, k): v for (s, k), v in out.items() if int(s) in [int(x) for x in arm_seeds.get(k, seeds)]}
     if params.get("reuse_notebook_runs"):
         rec = reused_recipes(profile or str(params.get("profile", "cpu")), num_classes, root)
         _check_reuse(rec, params)
@@ -415,31 +421,34 @@ def stored_arm(key: str, seed: int, spec: Any, out: Any, params: dict, measure: 
 def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: Any, tokens: Any = None,
               tokenadapt: Optional[nn.Module] = None, latency: bool = True,
               callback: Optional[Callable[[dict], None]] = None, launch: Optional[dict] = None,
-              profile: str = "", launched: Optional[list] = None) -> dict[tuple[int, str], ArmRun]:
-    """Every arm for every seed. The pixel arms come from the workbook's run store (:func:`pixel_specs`, one launch
-    of every missing run, ``launch``: :func:`tokenbook.runs.launch` keywords, e.g. ``params.launch_options()``;
-    ``launched`` receives the store's records); the token arms train here, seed-major. MACs, latency and
-    storage-independent numbers are measured on the first seed and copied to the others (they do not depend on it;
-    wall time and top-1 are per seed)."""
+              profile: str = "", launched: Optional[list] = None,
+              arm_seeds: Optional[dict] = None) -> dict[tuple[int, str], ArmRun]:
+    """Every arm for every seed (``arm_seeds``, :func:`arm_seed_plan`: an arm listed there only for its own seeds).
+    The pixel arms come from the workbook's run store (:func:`pixel_specs`, one launch of every missing run,
+    ``launch``: :func:`tokenbook.runs.launch` keywords, e.g. ``params.launch_options()``; ``launched`` receives the
+    store's records); the token arms train here, seed-major. MACs, latency and storage-independent numbers are
+    measured on an arm's first seed and copied to its others (they do not depend on it; wall time and top-1 are per
+    seed)."""
     from tokenbook import runs as R
 
     runs: dict[tuple[int, str], ArmRun] = {}
     first: dict[str, dict] = {}
     measured = ("train_tmacs", "train_gmacs_per_image", "hook_gmacs_per_image", "infer_gmacs", "infer_gflops",
                 "latency_ms", "latency_iqr_ms")
-    specs = pixel_specs(arms, [int(s) for s in seeds], params, bundle.num_classes, profile)
+    specs = pixel_specs(arms, [int(s) for s in seeds], params, bundle.num_classes, profile, arm_seeds=arm_seeds)
+    own = {k: {int(x) for x in (arm_seeds or {}).get(k, seeds)} for k in arms}
     done = dict(zip(specs, R.launch(list(specs.values()), **(launch or {"executor": "kernel"})))) if specs else {}
     if launched is not None:
         launched.extend(done.values())
-    for i, s in enumerate(seeds):
-        for k in arms:
-            lat = latency and not ARMS[k].toe
+    for s in seeds:
+        for k in (k for k in arms if int(s) in own[k]):
+            lat, m = latency and not ARMS[k].toe, k not in first  # measured on the arm's first seed
             if (int(s), k) in done:
                 run = done[(int(s), k)]
-                r = stored_arm(k, int(s), run.spec, run.output, params, measure=i == 0, latency=lat, source=run.source)
+                r = stored_arm(k, int(s), run.spec, run.output, params, measure=m, latency=lat, source=run.source)
             else:
-                r = run_arm(k, int(s), params, bundle, tokens, tokenadapt, measure=i == 0, latency=lat)
-            if i == 0:
+                r = run_arm(k, int(s), params, bundle, tokens, tokenadapt, measure=m, latency=lat)
+            if m:
                 first[k] = {m: r.row.get(m) for m in measured}
             else:
                 r.row.update(first[k])
@@ -758,13 +767,13 @@ def toe_placement_table(params: dict, num_classes: int):
 # ----------------------------------------------------------------------------------------------------------
 # claims
 # ----------------------------------------------------------------------------------------------------------
-def scale_text(params: dict, bundle: Any, target: Any, seeds: Sequence[int]) -> str:
+def scale_text(params: dict, bundle: Any, target: Any, seeds: Sequence[int], seeds_text: str = "") -> str:
     src, tgt = ",".join(str(c) for c in parse_classes(params["source_classes"])), params["ft_target"]
     return (f"Fashion-MNIST classes {src} ({len(bundle.train)} train / {len(bundle.val)} val "
             f"images, 28 px, 1 channel), {params['epochs']} epochs x batch {params['batch_size']}, width "
             f"{params['embed_dim']} x depth {params['depth']}, {params['num_heads']} heads; fine-tuning on held-out "
             f"classes {tgt} ({len(target.bundle.train)} / {len(target.bundle.val)} images, "
-            f"{params['ft_epochs']} epochs); seeds {','.join(str(s) for s in seeds)}")
+            f"{params['ft_epochs']} epochs); " + (seeds_text or f"seeds {','.join(str(s) for s in seeds)}"))
 
 
 def ft_scale_text(params: dict, target: Any, seeds: Sequence[int]) -> str:

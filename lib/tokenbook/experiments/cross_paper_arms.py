@@ -1,7 +1,8 @@
 """The arms of ``06_cross_paper``, re-exported by :mod:`tokenbook.experiments.cross_paper` (import them from there):
 what each comparison row is (:class:`Arm`, ``ARMS``, ``FINETUNE_ROWS``), the source split and the pixel and token
 recipes of an arm, its model (timm name and keywords, ToE attached), and how its training and inference are counted
-(MACs with attention, latency), and the arms judged on every held-out image (:func:`judge_heldout`). Imports nothing
+(MACs with attention, latency), the seeds each arm trains (:data:`CLAIM_ARMS`, :func:`arm_seed_plan`), and the arms
+judged on every held-out image (:func:`judge_heldout`). Imports nothing
 of :mod:`tokenbook.experiments.cross_paper` (which imports this).
 """
 from __future__ import annotations
@@ -48,6 +49,26 @@ ARMS: dict[str, Arm] = {a.key: a for a in (
     Arm("t2t_tokens", "T2T-ViT on SeiT tokens", "composition", "t2t_vit_fm_token_32", input="tokens", family="t2t",
         variant="seit", composition=True),
 )}
+
+#: The arms each paired claim of ``cross_paper.yaml`` compares, for the seed plan (:func:`arm_seed_plan`).
+CLAIM_ARMS: dict[str, tuple[str, ...]] = {
+    "cross_paper.toe_t2t_lossless": ("t2t_toe", "t2t"),
+    "cross_paper.toe_vittm_lossless": ("vittm_toe", "vittm"),
+    "cross_paper.tokens_t2t_cost": ("t2t", "t2t_tokens", "vit", "seit"),
+}
+
+
+def arm_seed_plan(plan: Any, run_seeds: Sequence[int], arms: Sequence[str], base: int) -> dict[str, list[int]]:
+    """``{arm: seeds}`` under a :func:`tokenbook.claims.plan_seeds` plan: an arm that a paired claim compares
+    (:data:`CLAIM_ARMS`) trains the seeds of the claim using it that needs the most (a claim the pilot has no paired
+    seeds of: the ``base`` first seeds, :func:`tokenbook.claims.arm_seeds`); every other arm trains the ``base``
+    first seeds. The fine-tuning rows take the base seeds too (their claims are planned at most at the base)."""
+    from tokenbook.claims import arm_seeds
+
+    got = arm_seeds(plan, run_seeds, CLAIM_ARMS, arms, unplanned=base)
+    used = {a for pair in CLAIM_ARMS.values() for a in pair}
+    return {a: (s if a in used else list(run_seeds)[:base]) for a, s in got.items()}
+
 
 #: fine-tuning rows: (key, label, backbone arm, mode, memory cells)
 FINETUNE_ROWS = (
