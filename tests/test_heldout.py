@@ -15,7 +15,8 @@ def test_heldout_config_keeps_the_training_split_and_takes_every_test_image(idx_
     assert heldout.heldout_config(cfg).val_subset is None and heldout.heldout_config(cfg).train_subset == 64
     assert len(ho.train) == len(small.train) and len(ho.val) > len(small.val)
     assert sorted({int(ho.val[i][1]) for i in range(len(ho.val))}) == [0, 1, 2]  # the run's classes only
-    assert "all " + str(len(ho.val)) in heldout.describe(small, ho)
+    text = heldout.describe(small, ho)
+    assert f"all {len(ho.val):,} held-out images" in text and "(" not in text and ")" not in text
 
 
 def test_heldout_top1_is_evaluate_on_every_image_and_shares_aliases(idx_dir):
@@ -47,4 +48,4 @@ def test_bundle_for_follows_the_switch_and_judged_on_names_the_images(idx_dir):
     ho = heldout.bundle_for(cfg, True)
     assert len(ho.val) > len(small.val)
     assert heldout.judged_on(small) == "the 8 validation images"
-    assert heldout.judged_on(small, ho) == f"all {len(ho.val)} held-out images"
+    assert heldout.judged_on(small, ho) == f"all {len(ho.val):,} held-out images"

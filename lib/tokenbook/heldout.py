@@ -112,11 +112,12 @@ def judged_on(bundle: Any, heldout: Any = None) -> str:
     """The images a table's top-1 is on, for captions: every held-out image (``heldout``, :func:`bundle_for`), or
     the validation images of ``bundle``."""
     if heldout is not None:
-        return f"all {len(heldout.val)} held-out images"
-    return f"the {len(bundle.val)} validation images"
+        return f"all {len(heldout.val):,} held-out images"
+    return f"the {len(bundle.val):,} validation images"
 
 
 def describe(bundle: Any, heldout: Any) -> str:
-    """One phrase for a ``scale`` column: where the claims' top-1 and the curves come from."""
-    return (f"top-1 on all {len(heldout.val)} held-out images (curves on the {len(bundle.val)}-image validation "
-            "subset)")
+    """One phrase for a ``scale`` column: where the claims' top-1 and the curves come from (no parentheses, so
+    that a notebook can put it inside its own)."""
+    return (f"top-1 on all {len(heldout.val):,} held-out images, curves on the {len(bundle.val):,}-image "
+            "validation subset")
