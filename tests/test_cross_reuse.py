@@ -155,3 +155,47 @@ def test_run_seeds_trains_each_arm_its_own_seeds(idx_dir, tmp_path):
     assert len({r.key for r in launched}) == 3
     assert runs[(1, "vit_toe")].row["train_tmacs"] > 0  # measured on its first (and only) seed
     assert runs[(1, "vit")].row["infer_gmacs"] == runs[(0, "vit")].row["infer_gmacs"]
+
+
+def test_token_arms_run_through_the_store_and_are_judged_on_the_heldout_ids(idx_dir, tmp_path, monkeypatch):
+    """06's token arms are runs of the store (04's trainer with 06's models and hook): a second run_seeds reads
+    them back with the same numbers; T2T-ViT on tokens has the T2T-ViT arm's depth and heads; judge_heldout
+    evaluates them on the ids the stored tokenizer writes for every held-out image (as tokenbook.train.evaluate
+    there) and refuses them without those ids."""
+    import torch
+
+    from tokenbook import heldout
+    from tokenbook.train import evaluate
+
+    monkeypatch.setenv("TOKENBOOK_RUNS", str(tmp_path / "runs"))
+    p = profile_parameters(ROOT, "06_cross_paper", "smoke").replace(
+        data_dir=str(idx_dir), train_subset=32, val_subset=16, epochs=1, batch_size=16, max_steps=2,
+        tokenizer_steps=2, tokenizer_downsample=4, tokenizer_pad=2, crop=8, rrc_scale_min=1.0, emb_noise=0.1,
+        token_cutmix=0.0, latency=False, reuse_notebook_runs=False, token_dir=str(tmp_path / "tok"),
+        t2t_depth=3, t2t_num_heads=2, depth=2)
+    bundle = X.source_bundle(p)
+    tokens = X.build_tokens(bundle, p, "smoke")
+    assert tokens.train.ids.shape[-2:] == (8, 8)
+    arms = ["seit", "t2t_tokens"]
+    specs = X.token_specs(arms, [0], p, bundle, tokens)
+    t2t = specs[(0, "t2t_tokens")].args
+    assert t2t["model_kwargs"]["depth"] == 3 and t2t["model_kwargs"]["num_heads"] == 2
+    assert specs[(0, "seit")].args["model_kwargs"]["depth"] == 2 and t2t["hook"] == X.hook_settings(p)
+    launched: list = []
+    runs = X.run_seeds(arms, [0], p, bundle, tokens, latency=False, launched=launched,
+                       launch={"executor": "kernel"})
+    assert {r.source for r in launched} == {"trained"} and runs[(0, "seit")].row["train_tmacs"] > 0
+    again: list = []
+    runs2 = X.run_seeds(arms, [0], p, bundle, tokens, latency=False, launched=again, launch={"executor": "kernel"})
+    assert {r.source for r in again} == {"store"}
+    assert runs2[(0, "t2t_tokens")].row["top1"] == runs[(0, "t2t_tokens")].row["top1"]
+    ho = heldout.heldout_bundle(bundle.config)
+    with pytest.raises(ValueError, match="held-out ids"):
+        X.judge_heldout(runs, ho)
+    loader = X.heldout_token_loader(tokens, ho)
+    assert len(loader.dataset) == len(ho.val)
+    got = X.judge_heldout(runs, ho, loader)
+    for key, r in runs.items():
+        want = evaluate(r.model, loader, device=torch.device("cpu"))["top1"]
+        assert got[key] == pytest.approx(want) and r.row["top1"] == got[key]
+        assert r.row["val_subset_top1"] == runs2[key].row["top1"]

@@ -63,7 +63,9 @@ from tokenbook.experiments.cross_paper_arms import (  # noqa: F401  (the arms, r
     ARMS,
     Arm, FINETUNE_ROWS, parse_arms, parse_classes, source_data_config, source_bundle, pixel_config, token_params,
     arm_model, _model_kwargs, toe_kwargs, build_arm_model, _example, training_macs, inference_numbers, judge_heldout,
-    CLAIM_ARMS, arm_seed_plan)
+    CLAIM_ARMS, arm_seed_plan, ArmRun)
+from tokenbook.experiments.cross_paper_tokens import (  # noqa: F401  (the token arms through the store, re-exported)
+    tokenizer_params, hook_settings, token_specs, stored_token_arm, heldout_token_loader, token_grid)
 
 # ----------------------------------------------------------------------------------------------------------
 # parameters: the notebook's parameters cell is generated from this class (python -m tokenbook.params --sync)
@@ -130,6 +132,13 @@ class Params(_Params, SeedPlanParams):
     tokenizer_steps: int = param(150, "Adam steps of tokenizer training [1, inf)")
     tokenizer_batch: int = param(64, "tokenizer batch size [1, inf)")
     tokenizer_lr: float = param(0.002, "tokenizer learning rate (0, inf)")
+    tokenizer_downsample: int = param(2, "pixels per token id of the VQ tokenizer: 2 gives a 14x14 id map at 28 px, 4 "
+                                         "with tokenizer_pad 2 an 8x8 one (04_seit's cpu scale) [1, inf)")
+    tokenizer_pad: int = param(0, "black pixels added on each side before tokenizing [0, inf)")
+    emb_noise: float = param(1.0, "std of the token arms' Emb-Noise (SeiT: 1.0; 04_seit's cpu sweep: 0.1) [0, inf)")
+    token_cutmix: float = param(1.0, "CutMix alpha of the SeiT part of the token arms' batch hook (SeiT: 1.0; 0 off) "
+                                     "[0, inf)")
+    token_eda: bool = param(True, "Token-EDA (synonym replacement and swaps) in the token arms' loaders")
     token_dir: str = param("", "where the token files go; empty: the tokenbook cache dir, seit/cross_paper-<profile>")
     crop: int = param(12, "token-arm input side in tokens (12 of the 14x14 grid, as in 04_seit) [1, inf)")
     rrc_scale_min: float = param(0.35, "lower scale of the token arms' random resized crop (0, 1]")
@@ -159,86 +168,20 @@ class Params(_Params, SeedPlanParams):
     precision: str = param("32-true", "32-true or bf16-mixed")
 
 __all__ = [
-    "ARMS", "Arm", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model", "run_arm",
+    "ARMS", "Arm", "ArmRun", "parse_arms", "source_bundle", "pixel_config", "token_params", "build_arm_model",
     "run_seeds", "finetune_arms", "pixel_specs", "reused_recipes", "stored_arm", "floor_rows", "arm_model",
     "source_data_config", "notebook_params", "ft_scale_text", "REUSED_FROM", "PARTNER", "comparison_table", "per_seed_table", "pareto_figure", "composition_evidence",
     "scale_text", "toe_placement_table", "findings_markdown", "gpu_budget_estimate", "gpu_loops", "profile_params",
     "finetune_config",
     "load_splits", "prepare_tokens", "TokenPrep", "print_run", "curves_figure", "toe_speedups", "toe_stage_epochs",
-    "speedup_scale", "TOE_BASES", "judge_heldout", "CLAIM_ARMS", "arm_seed_plan",
+    "speedup_scale", "TOE_BASES", "judge_heldout", "CLAIM_ARMS", "arm_seed_plan", "tokenizer_params", "hook_settings",
+    "token_specs", "stored_token_arm", "heldout_token_loader", "token_grid",
 ]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class ArmRun:
-    arm: str
-    seed: int
-    row: dict
-    history: Any
-    model: nn.Module
-    data: Optional[dict] = None  # a stored run's data config (its own channels), for judge_heldout
-
-
-def run_arm(key: str, seed: int, params: dict, bundle: Any, tokens: Any = None, tokenadapt: Optional[nn.Module] = None,
-            measure: bool = True, latency: bool = True) -> ArmRun:
-    """Train one arm with one seed and measure it. ``tokens``: :class:`tokenbook.experiments.seit.TokenData` (token
-    arms); ``tokenadapt``: the trained TokenAdapt f/g (``seit_ta_ca``); ``measure``: count MACs and time inference
-    (the numbers do not depend on the seed, so :func:`run_seeds` measures the first seed only)."""
-    from tokenbook.data import make_loaders
-    from tokenbook.experiments import seit as seit_exp
-    from tokenbook.train import fit_launched
-
-    arm = ARMS[key]
-    num_classes = bundle.num_classes
-    model = build_arm_model(arm, params, num_classes, seed)
-    hooks: list = []
-    if arm.toe:
-        hooks.append(toe_method.ToEStageHook())
-    hook_macs = 0.0
-    if arm.input == "pixels":
-        cfg = pixel_config(params, seed)
-        tl, vl = make_loaders(bundle, cfg.batch_size, seed=seed, num_workers=int(params.get("num_workers", 0)))
-        res = fit_launched(model, tl, vl, cfg, hooks=hooks, preprocess=bundle.preprocess, desc=arm.label)
-        example = bundle.preprocess(next(iter(vl))[0][:2])
-    else:
-        if tokens is None:
-            raise ValueError(f"arm {key!r} trains on tokens: pass the token data (tokenbook.experiments.seit)")
-        tp = token_params(params, seed)
-        cfg = seit_exp.train_config(tp, arm.variant)
-        model.set_codebook(tokens.codebook)
-        tl, vl = seit_exp.token_loaders(tokens, cfg.batch_size, seed=seed,
-                                        num_workers=int(params.get("num_workers", 0)))
-        hook = seit_exp.make_hook(arm.variant, tokens.codebook, num_classes, tp["crop"], tokenadapt,
-                                  tp["rrc_scale_min"])
-        res = fit_launched(model, tl, vl, cfg, hooks=[hook, *hooks], num_classes=num_classes, desc=arm.label)
-        ids = next(iter(vl))[0][:2]
-        example = res.model.cpu().embed_ids(ids)
-        if measure:
-            batch = next(iter(tl))
-            torch.manual_seed(0)
-            with torch.no_grad():
-                hook_macs = bench.count_call_macs(lambda: hook.on_batch(batch)) / len(batch[0])
-    model = res.model.cpu()
-    steps = int(res.timing["steps"])
-    row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
-           "input": arm.input, "seed": int(seed), "top1": res.final.get("val_top1"), "top5": res.final.get("val_top5"),
-           "epochs": int(cfg.epochs), "steps": steps, "batch_size": int(cfg.batch_size),
-           "train_s": res.timing["wall_time_s"], "step_ms": res.timing["step_ms"],
-           "trainable_params": int(res.trainable_params),
-           "params": bench.count_params(model)["total"]}
-    if measure:
-        spe = max(1, steps // int(cfg.epochs))
-        row.update(training_macs(model, arm, params, spe, int(cfg.batch_size)))
-        row.pop("train_gmacs_per_epoch_image")
-        row["hook_gmacs_per_image"] = hook_macs / 1e9
-        row["train_tmacs"] += hook_macs * spe * int(cfg.batch_size) * int(cfg.epochs) / 1e12
-        row.update(inference_numbers(model, example, params, latency))
-    return ArmRun(key, int(seed), row, res.history, model)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # the pixel arms through the workbook's run store: one run per (arm, seed), trained once for the whole workbook
 # ----------------------------------------------------------------------------------------------------------
@@ -423,12 +366,12 @@ def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: A
               callback: Optional[Callable[[dict], None]] = None, launch: Optional[dict] = None,
               profile: str = "", launched: Optional[list] = None,
               arm_seeds: Optional[dict] = None) -> dict[tuple[int, str], ArmRun]:
-    """Every arm for every seed (``arm_seeds``, :func:`arm_seed_plan`: an arm listed there only for its own seeds).
-    The pixel arms come from the workbook's run store (:func:`pixel_specs`, one launch of every missing run,
-    ``launch``: :func:`tokenbook.runs.launch` keywords, e.g. ``params.launch_options()``; ``launched`` receives the
-    store's records); the token arms train here, seed-major. MACs, latency and storage-independent numbers are
-    measured on an arm's first seed and copied to its others (they do not depend on it; wall time and top-1 are per
-    seed)."""
+    """Every arm for every seed (``arm_seeds``, :func:`arm_seed_plan`: an arm listed there only for its own seeds),
+    every run from the workbook's run store: the pixel arms (:func:`pixel_specs`) and the token arms
+    (:func:`token_specs` on ``tokens``, f/g ``tokenadapt``) in one launch of every missing run (``launch``:
+    :func:`tokenbook.runs.launch` keywords, e.g. ``params.launch_options()``; ``launched`` receives the store's
+    records). MACs, latency and storage-independent numbers are measured on an arm's first seed and copied to its
+    others (they do not depend on it; wall time and top-1 are per seed)."""
     from tokenbook import runs as R
 
     runs: dict[tuple[int, str], ArmRun] = {}
@@ -436,6 +379,7 @@ def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: A
     measured = ("train_tmacs", "train_gmacs_per_image", "hook_gmacs_per_image", "infer_gmacs", "infer_gflops",
                 "latency_ms", "latency_iqr_ms")
     specs = pixel_specs(arms, [int(s) for s in seeds], params, bundle.num_classes, profile, arm_seeds=arm_seeds)
+    specs.update(token_specs(arms, seeds, params, bundle, tokens, tokenadapt, arm_seeds))
     own = {k: {int(x) for x in (arm_seeds or {}).get(k, seeds)} for k in arms}
     done = dict(zip(specs, R.launch(list(specs.values()), **(launch or {"executor": "kernel"})))) if specs else {}
     if launched is not None:
@@ -443,11 +387,11 @@ def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: A
     for s in seeds:
         for k in (k for k in arms if int(s) in own[k]):
             lat, m = latency and not ARMS[k].toe, k not in first  # measured on the arm's first seed
-            if (int(s), k) in done:
-                run = done[(int(s), k)]
-                r = stored_arm(k, int(s), run.spec, run.output, params, measure=m, latency=lat, source=run.source)
+            run = done[(int(s), k)]
+            if ARMS[k].input == "tokens":
+                r = stored_token_arm(k, int(s), run, params, tokens, measure=m, latency=lat, tokenadapt=tokenadapt)
             else:
-                r = run_arm(k, int(s), params, bundle, tokens, tokenadapt, measure=m, latency=lat)
+                r = stored_arm(k, int(s), run.spec, run.output, params, measure=m, latency=lat, source=run.source)
             if m:
                 first[k] = {m: r.row.get(m) for m in measured}
             else:
@@ -970,7 +914,10 @@ def recipe_table(params: dict):
             {"arms": "token arms (SeiT, + TokenAdapt/ColorAdapt, T2T-ViT on tokens)", "epochs": p.epochs,
              "batch_size": p.batch_size, "opt": p.opt, "lr": p.lr, "weight_decay": p.weight_decay,
              "warmup_epochs": p.warmup_epochs, "min_lr": p.min_lr,
-             "augmentation": "SeiT batch hook (Emb-Noise / ColorAdapt / TokenAdapt, CutMix, smoothing 0.1), Token-EDA"},
+             "augmentation": f"SeiT batch hook (Emb-Noise std {float(params.get('emb_noise', 1.0)):g} / ColorAdapt / "
+                             f"TokenAdapt, CutMix {float(params.get('token_cutmix', 1.0)):g}, smoothing 0.1), "
+                             f"Token-EDA {'on' if params.get('token_eda', True) else 'off'}, crop "
+                             f"{int(params['crop'])} of the {token_grid(params)}x{token_grid(params)} id map"},
             {"arms": "fine-tuning (memory, full)", "epochs": int(params["ft_epochs"]),
              "batch_size": int(params["ft_batch_size"]), "opt": "sgd (momentum 0.9, clip 1.0)",
              "lr": float(params["ft_lr"]), "weight_decay": 0.0, "warmup_epochs": math.nan, "min_lr": 0.0,
@@ -1029,37 +976,31 @@ def prepare_tokens(arms: Sequence[str], bundle: Any, params: dict, profile: str,
 
 
 def build_tokens(bundle: Any, params: dict, profile: str):
-    """SeiT-format tokens of the source images from a VQ tokenizer trained here (``tokenbook.experiments.seit``);
-    written under ``token_dir`` (default: the cache, ``seit/cross_paper-<profile>``) and read back."""
+    """SeiT-format tokens of the source images from the VQ tokenizer of the run store (04_seit's
+    :func:`tokenbook.experiments.seit.stored_tokens` with :func:`tokenizer_params`: trained once, read back), written
+    under ``token_dir`` (default: the cache, ``seit/cross_paper-<profile>``) and read back."""
     from tokenbook.experiments import seit as seit_exp
 
     root = params.get("token_dir") or str(seit_exp.cache_dir("seit", f"cross_paper-{profile}"))
-    return seit_exp.build_default_tokens(bundle, root, downsample=2, codebook_size=int(params["codebook_size"]),
-                                         code_dim=int(params["code_dim"]), hidden=int(params["tokenizer_hidden"]),
-                                         steps=int(params["tokenizer_steps"]),
-                                         batch_size=int(params["tokenizer_batch"]), lr=float(params["tokenizer_lr"]),
-                                         seed=int(params["seed"]),
-                                         device=seit_exp.token_device(params.get("accelerator", "auto")))
+    return seit_exp.stored_tokens(bundle, root, tokenizer_params(params), via_store=True)[0]
 
 
 def train_tokenadapt(tokens: Any, bundle: Any, params: dict):
-    """TokenAdapt f/g for the ``seit_ta_ca`` arm, trained once (``seed``) as in ``04_seit``; returns (module,
-    history)."""
+    """TokenAdapt f/g for the ``seit_ta_ca`` arm from the run store (04_seit's
+    :func:`tokenbook.experiments.seit.stored_tokenadapt`: trained once with ``seed``); returns (module, history)."""
     from tokenbook.experiments import seit as seit_exp
 
-    return seit_exp.train_default_tokenadapt(tokens, bundle, int(params["crop"]), steps=int(params["ta_steps"]),
-                                             batch_size=int(params["ta_batch"]), lr=float(params["ta_lr"]),
-                                             dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
-                                             dim_head=int(params["ta_dim_head"]), seed=int(params["seed"]),
-                                             device=seit_exp.token_device(params.get("accelerator", "auto")))
+    ta, hist, _ = seit_exp.stored_tokenadapt(tokens, bundle, tokenizer_params(params), via_store=True)
+    return ta, hist
 
 
 # ----------------------------------------------------------------------------------------------------------
 # GPU budget (an estimate: no GPU was at hand when this was written)
 # ----------------------------------------------------------------------------------------------------------
 def _ta_sizes(params: dict) -> dict:
-    """TokenAdapt's constructor arguments under ``params`` (14 x 14 token grid in, ``crop`` out)."""
-    return dict(code_dim=int(params["code_dim"]), codebook_size=int(params["codebook_size"]), in_grid=14,
+    """TokenAdapt's constructor arguments under ``params`` (the token grid, :func:`token_grid`, in; ``crop`` out)."""
+    return dict(code_dim=int(params["code_dim"]), codebook_size=int(params["codebook_size"]),
+                in_grid=token_grid(params),
                 out_grid=int(params["crop"]), dim=int(params["ta_dim"]), heads=int(params["ta_heads"]),
                 dim_head=int(params["ta_dim_head"]))
 
@@ -1069,7 +1010,7 @@ def _token_costable(arm: Arm, params: dict, num_classes: int):
     from tokenbook.experiments.seit import token_costable
 
     return token_costable(build_arm_model(arm, params, num_classes, 0), arm.variant, _ta_sizes(params), num_classes,
-                          int(params["crop"]), float(params["rrc_scale_min"]))
+                          int(params["crop"]), float(params["rrc_scale_min"]), grid=token_grid(params))
 
 
 def gpu_loops(params: dict) -> list:
@@ -1130,7 +1071,8 @@ def gpu_loops(params: dict) -> list:
                             key=("06", key, dims), **G.fit_fields(ft, n_ft, nv_ft, w, seeds)))
     tokens = [k for k in parse_arms(params["arms"]) if ARMS[k].input == "tokens"]
     if tokens:
-        tok = dict(in_chans=1, image_size=28, downsample=2, codebook_size=int(params["codebook_size"]),
+        tok = dict(in_chans=1, image_size=28 + 2 * int(params.get("tokenizer_pad", 0)),
+                   downsample=int(params.get("tokenizer_downsample", 2)), codebook_size=int(params["codebook_size"]),
                    code_dim=int(params["code_dim"]), hidden=int(params["tokenizer_hidden"]))
         loops.append(G.Loop(nb, f"VQ tokenizer training ({params['tokenizer_steps']} steps)",
                             lambda: seit_exp.tokenizer_costable(tok), steps=int(params["tokenizer_steps"]),

@@ -21,6 +21,18 @@ from tokenbook.params import as_list
 
 
 
+@dataclass
+class ArmRun:
+    """One trained (arm, seed): its table row, validation history and model (CPU)."""
+
+    arm: str
+    seed: int
+    row: dict
+    history: Any
+    model: nn.Module
+    data: Optional[dict] = None  # a stored run's data config (its own channels), for judge_heldout
+
+
 @dataclass(frozen=True)
 class Arm:
     """One row of the comparison: how to build and train it."""
@@ -170,6 +182,8 @@ def _model_kwargs(arm: Arm, params: dict, num_classes: int) -> dict:
                 kw["soft_split"] = tv.FMNIST_SOFT_SPLIT_16
     else:
         kw.update(in_chans=int(params["code_dim"]), img_size=int(params["crop"]))
+        if arm.family == "t2t":  # T2T-ViT on tokens: the pixel T2T-ViT arm's depth and heads
+            kw.update(depth=int(params.get("t2t_depth") or L), num_heads=int(params.get("t2t_num_heads") or h))
     return kw
 
 
@@ -248,25 +262,34 @@ def inference_numbers(model: nn.Module, example: torch.Tensor, params: dict, lat
 # ----------------------------------------------------------------------------------------------------------
 # judged on every held-out image (issue 19): tokenbook.heldout, as 01-04
 # ----------------------------------------------------------------------------------------------------------
-def judge_heldout(runs: dict, heldout_bundle: Any) -> dict:
+def judge_heldout(runs: dict, heldout_bundle: Any, token_loader: Any = None) -> dict:
     """The arms trained on the source split (``runs`` of ``cross_paper.run_seeds``: ``{(seed, arm): ArmRun}``),
     each model evaluated once more on every held-out image of the source classes: ``heldout_bundle``
     (:func:`tokenbook.heldout.heldout_bundle` of the source split), or for a stored run with its own data config
     (``ArmRun.data``: 01-03's runs feed some models 3 channels) the held-out split of that config. ``row["top1"]``
     becomes that top-1 (the first head, as the stored ``val_top1``), the validation subset's value moves to
-    ``row["val_subset_top1"]``; histories (and the plateau rule) stay on the subset. Token arms are refused (their
-    inputs are ids of the subset only). Returns ``{(seed, arm): held-out top-1}``."""
+    ``row["val_subset_top1"]``; histories (and the plateau rule) stay on the subset. Token arms read the ids of the
+    same held-out images from ``token_loader`` (``cross_paper.heldout_token_loader``; without it they are refused).
+    Returns ``{(seed, arm): held-out top-1}``."""
     import json
 
     from tokenbook.data import DataConfig
     from tokenbook.heldout import heldout_bundle as split_of, heldout_top1
+    from tokenbook.train import evaluate
 
     token = sorted({k for (_, k), r in runs.items() if r.row.get("input") != "pixels"})
-    if token:
-        raise ValueError(f"held-out judgement covers the pixel arms only; token arms {token} ran")
+    if token and token_loader is None:
+        raise ValueError(f"token arms {token} ran: their held-out judgement needs the held-out ids (token_loader)")
+    if token and len(token_loader.dataset) != len(heldout_bundle.val):
+        raise ValueError(f"{len(token_loader.dataset)} held-out token maps for {len(heldout_bundle.val)} images")
     bundles: dict = {}
     out = {}
     for key, r in runs.items():
+        if r.row.get("input") != "pixels":
+            out[key] = float(evaluate(r.model.eval(), token_loader, device=torch.device("cpu"))["top1"])
+            r.row.setdefault("val_subset_top1", r.row["top1"])
+            r.row["top1"] = out[key]
+            continue
         b = heldout_bundle
         if r.data is not None:
             c = json.dumps(r.data, sort_keys=True)
