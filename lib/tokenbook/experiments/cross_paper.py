@@ -180,10 +180,8 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------------
-# training
-# ----------------------------------------------------------------------------------------------------------
-# ----------------------------------------------------------------------------------------------------------
-# the pixel arms through the workbook's run store: one run per (arm, seed), trained once for the whole workbook
+# training: every arm through the workbook's run store, one run per (arm, seed), trained once for the whole workbook
+# (the pixel arms here, the token arms in cross_paper_tokens)
 # ----------------------------------------------------------------------------------------------------------
 #: the notebook whose run a reused arm is (``reuse_notebook_runs``)
 REUSED_FROM = {"vit": "03_toe", "vit_toe": "03_toe", "t2t": "02_t2t_vit", "vittm": "01_vittm"}
