@@ -126,9 +126,9 @@ def test_cpu_seed_plan_gives_the_vittm_pair_seven_seeds_and_reuses_01s_vittm_run
     assert seeds == list(range(7))
     per = X.arm_seed_plan(plan, seeds, X.parse_arms(p.arms), len(p.seeds))
     assert per == {"vit": [0, 1, 2], "vittm": list(range(7)), "t2t": [0, 1, 2], "vit_toe": [0, 1, 2],
-                   "t2t_toe": [0, 1, 2], "vittm_toe": list(range(7))}
+                   "t2t_toe": [0, 1, 2], "vittm_toe": list(range(7)), "seit": [0, 1, 2], "t2t_tokens": [0, 1, 2]}
     specs = X.pixel_specs(X.parse_arms(p.arms), seeds, p, 10, "cpu", ROOT, arm_seeds=per)
-    assert set(specs) == {(s, k) for k, ss in per.items() for s in ss}
+    assert set(specs) == {(s, k) for k, ss in per.items() for s in ss if X.ARMS[k].input == "pixels"}
     p1 = profile_parameters(ROOT, "01_vittm", "cpu")
     s1, _ = C.plan_seeds(p1.seeds, p1.seed_pilot, p1.seed_cap, paper="vittm", root=ROOT)
     assert set(range(7)) <= set(s1)  # 01 trains these seeds of its ViTTM
