@@ -72,18 +72,20 @@ def _metrics(model: nn.Module, loader: Any, preprocess: Any) -> dict:
 
 @torch.no_grad()
 def heldout_top1(models: Mapping[str, nn.Module], bundle: Any, batch_size: int = 500,
-                 head: Optional[str] = None) -> dict[str, float]:
+                 head: Optional[str] = None, loader: Any = None) -> dict[str, float]:
     """Top-1 (%) of each model on every image of ``bundle.val`` (ordered, in batches of ``batch_size``, on the CPU,
     with the bundle's preprocessing). ``head``: for a model with several output heads, the head's top-1
-    (``top1_<head>`` of :func:`tokenbook.train.evaluate`); None takes the first head. A model that is the same object
-    as an earlier one is evaluated once."""
-    loader = _val_loader(bundle, batch_size)
+    (``top1_<head>`` of :func:`tokenbook.train.evaluate`); None takes the first head. ``loader``: other batches of
+    the same held-out images (e.g. their token ids), fed as they come. A model that is the same object as an
+    earlier one is evaluated once."""
+    pre = None if loader is not None else bundle.preprocess
+    loader = loader if loader is not None else _val_loader(bundle, batch_size)
     key = f"top1_{head}" if head else "top1"
     out: dict[str, float] = {}
     seen: dict[int, float] = {}
     for name, model in models.items():
         if id(model) not in seen:
-            res = _metrics(model, loader, bundle.preprocess)
+            res = _metrics(model, loader, pre)
             if key not in res:
                 raise KeyError(f"{name}: no {key!r} in the evaluation ({sorted(res)})")
             seen[id(model)] = float(res[key])

@@ -63,7 +63,7 @@ from tokenbook.experiments.cross_paper_arms import (  # noqa: F401  (the arms, r
     ARMS,
     Arm, FINETUNE_ROWS, parse_arms, parse_classes, source_data_config, source_bundle, pixel_config, token_params,
     arm_model, _model_kwargs, toe_kwargs, build_arm_model, _example, training_macs, inference_numbers, judge_heldout,
-    CLAIM_ARMS, arm_seed_plan, ArmRun)
+    CLAIM_ARMS, arm_seed_plan, ArmRun, stored_row, training_compute, own_seeds)
 from tokenbook.experiments.cross_paper_tokens import (  # noqa: F401  (the token arms through the store, re-exported)
     tokenizer_params, hook_settings, token_specs, stored_token_arm, heldout_token_loader, token_grid)
 
@@ -270,14 +270,12 @@ def pixel_specs(arms: Sequence[str], seeds: Sequence[int], params: dict, num_cla
 
     pix = [k for k in arms if ARMS[k].input == "pixels"]
     out: dict[tuple[int, str], Any] = {}
-    if arm_seeds is not None:  # the specs of every seed, then only each arm's own
-        out = pixel_specs(arms, seeds, params, num_classes, profile, root)
-        return {(s, k): v for (s, k), v in out.items() if int(s) in [int(x) for x in arm_seeds.get(k, seeds)]}
+    seeds = [int(s) for s in seeds]
     if params.get("reuse_notebook_runs"):
         rec = reused_recipes(profile or str(params.get("profile", "cpu")), num_classes, root)
         _check_reuse(rec, params)
         for s in seeds:
-            for k in pix:
+            for k in (k for k in pix if s in own_seeds(arm_seeds, k, seeds)):
                 lab = f"06 {k} seed {s}"
                 if k in ("vit", "vit_toe"):
                     r = rec["03_toe"]
@@ -305,7 +303,7 @@ def pixel_specs(arms: Sequence[str], seeds: Sequence[int], params: dict, num_cla
         return out
     dcfg = source_data_config(params)
     for s in seeds:
-        for k in pix:
+        for k in (k for k in pix if s in own_seeds(arm_seeds, k, seeds)):
             arm = ARMS[k]
             out[(s, k)] = toe_exp.arm_spec(arm_model(arm, params), _model_kwargs(arm, params, num_classes),
                                            toe_kwargs(params) if arm.toe else None, 0, dcfg, pixel_config(params, s),
@@ -335,23 +333,12 @@ def stored_arm(key: str, seed: int, spec: Any, out: Any, params: dict, measure: 
                source: str = "") -> "ArmRun":
     """An :class:`ArmRun` from a stored pixel-arm run (``out``: its :class:`tokenbook.runs.TrainedRun`); ``measure``:
     count MACs and time inference (first seed only)."""
-    arm = ARMS[key]
+    arm, a = ARMS[key], spec.args
     model = _stored_model(spec, out)
-    a = spec.args
-    final = dict(out.final)
-    top1 = final.get("val_top1", final.get("val_top1_memory"))
-    chans, epochs, batch = int(a["data"]["channels"]), int(a["train"]["epochs"]), int(a["batch_size"])
-    steps = int(out.timing["steps"])
-    row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
-           "input": arm.input, "seed": int(seed), "top1": top1, "top5": final.get("val_top5"), "epochs": epochs,
-           "steps": steps, "batch_size": batch, "train_s": out.timing["wall_time_s"], "step_ms": out.timing["step_ms"],
-           "trainable_params": int(out.trainable_params), "params": bench.count_params(model)["total"],
-           "in_chans": chans, "timm_name": a["model_name"], "store": source, "run_trainer": spec.trainer.split(":")[0]}
+    chans = int(a["data"]["channels"])
+    row = stored_row(key, seed, spec, out, model, source, in_chans=chans)
     if measure:
-        spe = max(1, steps // epochs)
-        row.update(training_macs(model, arm, params, spe, batch, chans=chans, epochs=epochs))
-        row.pop("train_gmacs_per_epoch_image")
-        row["hook_gmacs_per_image"] = 0.0
+        row.update(training_compute(model, arm, params, row, chans=chans))
         from tokenbook.train import all_heads
 
         with all_heads(model):
@@ -378,7 +365,7 @@ def run_seeds(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle: A
                 "latency_ms", "latency_iqr_ms")
     specs = pixel_specs(arms, [int(s) for s in seeds], params, bundle.num_classes, profile, arm_seeds=arm_seeds)
     specs.update(token_specs(arms, seeds, params, bundle, tokens, tokenadapt, arm_seeds))
-    own = {k: {int(x) for x in (arm_seeds or {}).get(k, seeds)} for k in arms}
+    own = {k: own_seeds(arm_seeds, k, seeds) for k in arms}
     done = dict(zip(specs, R.launch(list(specs.values()), **(launch or {"executor": "kernel"})))) if specs else {}
     if launched is not None:
         launched.extend(done.values())

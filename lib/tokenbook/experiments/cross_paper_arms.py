@@ -70,6 +70,11 @@ CLAIM_ARMS: dict[str, tuple[str, ...]] = {
 }
 
 
+def own_seeds(arm_seeds: Optional[dict], arm: str, seeds: Sequence[int]) -> set[int]:
+    """The seeds ``arm`` trains: its own list in ``arm_seeds`` (:func:`arm_seed_plan`), else every one of ``seeds``."""
+    return {int(s) for s in (arm_seeds or {}).get(arm, seeds)}
+
+
 def arm_seed_plan(plan: Any, run_seeds: Sequence[int], arms: Sequence[str], base: int) -> dict[str, list[int]]:
     """``{arm: seeds}`` under a :func:`tokenbook.claims.plan_seeds` plan: an arm that a paired claim compares
     (:data:`CLAIM_ARMS`) trains the seeds of the claim using it that needs the most (a claim the pilot has no paired
@@ -244,6 +249,36 @@ def training_macs(model: nn.Module, arm: Arm, params: dict, steps_per_epoch: int
             "train_gmacs_per_epoch_image": [m / 1e9 for m in per_epoch]}
 
 
+def stored_row(key: str, seed: int, spec: Any, out: Any, model: nn.Module, source: str = "",
+               in_chans: Optional[int] = None) -> dict:
+    """The per-seed table row of a stored run of arm ``key`` (``spec``/``out``: the store's spec and
+    :class:`tokenbook.runs.TrainedRun`; ``model``: the rebuilt classifier), before any measurement."""
+    arm, a = ARMS[key], spec.args
+    final, timing = dict(out.final), dict(out.timing)
+    row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
+           "input": arm.input, "seed": int(seed), "top1": final.get("val_top1", final.get("val_top1_memory")),
+           "top5": final.get("val_top5"), "epochs": int(a["train"]["epochs"]), "steps": int(timing["steps"]),
+           "batch_size": int(a["batch_size"]), "train_s": timing["wall_time_s"], "step_ms": timing["step_ms"],
+           "trainable_params": int(out.trainable_params), "params": bench.count_params(model)["total"]}
+    if in_chans is not None:
+        row["in_chans"] = int(in_chans)
+    row.update(timm_name=a["model_name"], store=source, run_trainer=spec.trainer.split(":")[0])
+    return row
+
+
+def training_compute(model: nn.Module, arm: Arm, params: dict, row: dict, chans: int = 1,
+                     hook_macs: float = 0.0) -> dict:
+    """A stored run's training compute for its ``row`` (:func:`stored_row`): :func:`training_macs` over the run's
+    steps and epochs, plus ``hook_macs`` (a token arm's batch hook, per image) for every image seen."""
+    epochs, batch = int(row["epochs"]), int(row["batch_size"])
+    spe = max(1, int(row["steps"]) // epochs)
+    out = training_macs(model, arm, params, spe, batch, chans=chans, epochs=epochs)
+    out.pop("train_gmacs_per_epoch_image")
+    out["hook_gmacs_per_image"] = hook_macs / 1e9
+    out["train_tmacs"] += hook_macs * spe * batch * epochs / 1e12
+    return out
+
+
 def inference_numbers(model: nn.Module, example: torch.Tensor, params: dict, latency: bool) -> dict:
     """Inference MACs/FLOPs per image (``eval()``, attention counted) and CPU latency of a batch."""
     model = model.cpu().eval()
@@ -275,7 +310,6 @@ def judge_heldout(runs: dict, heldout_bundle: Any, token_loader: Any = None) -> 
 
     from tokenbook.data import DataConfig
     from tokenbook.heldout import heldout_bundle as split_of, heldout_top1
-    from tokenbook.train import evaluate
 
     token = sorted({k for (_, k), r in runs.items() if r.row.get("input") != "pixels"})
     if token and token_loader is None:
@@ -285,13 +319,8 @@ def judge_heldout(runs: dict, heldout_bundle: Any, token_loader: Any = None) -> 
     bundles: dict = {}
     out = {}
     for key, r in runs.items():
-        if r.row.get("input") != "pixels":
-            out[key] = float(evaluate(r.model.eval(), token_loader, device=torch.device("cpu"))["top1"])
-            r.row.setdefault("val_subset_top1", r.row["top1"])
-            r.row["top1"] = out[key]
-            continue
-        b = heldout_bundle
-        if r.data is not None:
+        b, ids = heldout_bundle, token_loader if r.row.get("input") != "pixels" else None
+        if r.data is not None and ids is None:
             c = json.dumps(r.data, sort_keys=True)
             if c not in bundles:
                 bundles[c] = split_of(DataConfig(**r.data))
@@ -299,7 +328,7 @@ def judge_heldout(runs: dict, heldout_bundle: Any, token_loader: Any = None) -> 
             if len(b.val) != len(heldout_bundle.val):
                 raise ValueError(f"arm {key}: its held-out split has {len(b.val)} images, the source's "
                                  f"{len(heldout_bundle.val)}: not the same classes")
-        out[key] = heldout_top1({"m": r.model}, b)["m"]
+        out[key] = heldout_top1({"m": r.model}, b, loader=ids)["m"]
         r.row.setdefault("val_subset_top1", r.row["top1"])
         r.row["top1"] = out[key]
     return out

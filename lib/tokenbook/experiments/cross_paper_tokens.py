@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 
 from tokenbook import bench
-from tokenbook.experiments.cross_paper_arms import (ARMS, ArmRun, _model_kwargs, inference_numbers, token_params,
-                                                    training_macs)
+from tokenbook.experiments.cross_paper_arms import (ARMS, ArmRun, _model_kwargs, inference_numbers, own_seeds,
+                                                    stored_row, token_params, training_compute)
 
 __all__ = ["tokenizer_params", "hook_settings", "token_specs", "stored_token_arm", "heldout_token_loader",
            "token_grid"]
@@ -81,7 +81,7 @@ def token_specs(arms: Sequence[str], seeds: Sequence[int], params: dict, bundle:
     out = {}
     for s in seeds:
         for k in keys:
-            if arm_seeds is not None and int(s) not in [int(x) for x in arm_seeds.get(k, seeds)]:
+            if int(s) not in own_seeds(arm_seeds, k, seeds):
                 continue
             arm = ARMS[k]
             cfg = S.train_config(token_params(params, int(s)), arm.variant)
@@ -103,17 +103,10 @@ def stored_token_arm(key: str, seed: int, run: Any, params: dict, tokens: Any, m
 
     arm, a = ARMS[key], run.spec.args
     model = S.rebuild_variant(a, run.output).model.cpu().eval()
-    final, timing = dict(run.output.final), dict(run.output.timing)
-    epochs, batch, steps = int(a["train"]["epochs"]), int(a["batch_size"]), int(timing["steps"])
-    row = {"arm": key, "model": arm.label, "paper": arm.paper or "baseline", "composition": arm.composition,
-           "input": arm.input, "seed": int(seed), "top1": final.get("val_top1"), "top5": final.get("val_top5"),
-           "epochs": epochs, "steps": steps, "batch_size": batch, "train_s": timing["wall_time_s"],
-           "step_ms": timing["step_ms"], "trainable_params": int(run.output.trainable_params),
-           "params": bench.count_params(model)["total"], "timm_name": a["model_name"], "store": run.source,
-           "run_trainer": run.spec.trainer.split(":")[0]}
+    row = stored_row(key, seed, run.spec, run.output, model, run.source)
     if measure:
         h = a["hook"]
-        tl, vl = S.token_loaders(tokens, batch, seed=int(seed), eda=bool(h["token_eda"]))
+        tl, vl = S.token_loaders(tokens, int(row["batch_size"]), seed=int(seed), eda=bool(h["token_eda"]))
         hook = S.make_hook(arm.variant, tokens.codebook, int(tokens.num_classes), int(h["crop"]), tokenadapt,
                            float(h["rrc_scale_min"]), bool(h["per_sample"]), emb_noise=float(h["emb_noise"]),
                            cutmix=float(h["cutmix"]), label_smoothing=float(h["label_smoothing"]),
@@ -122,11 +115,7 @@ def stored_token_arm(key: str, seed: int, run: Any, params: dict, tokens: Any, m
         torch.manual_seed(0)
         with torch.no_grad():
             hook_macs = bench.count_call_macs(lambda: hook.on_batch(batch_)) / len(batch_[0])
-        spe = max(1, steps // epochs)
-        row.update(training_macs(model, arm, params, spe, batch, epochs=epochs))
-        row.pop("train_gmacs_per_epoch_image")
-        row["hook_gmacs_per_image"] = hook_macs / 1e9
-        row["train_tmacs"] += hook_macs * spe * batch * epochs / 1e12
+        row.update(training_compute(model, arm, params, row, hook_macs=hook_macs))
         with torch.no_grad():
             example = model.embed_ids(next(iter(vl))[0][:2])
         row.update(inference_numbers(model, example, params, latency))
